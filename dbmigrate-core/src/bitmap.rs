@@ -1,0 +1,143 @@
+//! A fixed-size bitmap of guest pages, one bit per 4 KiB page.
+
+/// One bit per page of a RAM region; set bits are pages to (re)send.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PageBitmap {
+    words: Vec<u64>,
+    pages: u64,
+}
+
+impl PageBitmap {
+    /// An empty bitmap covering `pages` pages.
+    pub fn new(pages: u64) -> Self {
+        let words = usize::try_from(pages.div_ceil(64)).expect("page count fits in memory");
+        Self {
+            words: vec![0; words],
+            pages,
+        }
+    }
+
+    /// Number of pages covered (set or not).
+    pub fn len(&self) -> u64 {
+        self.pages
+    }
+
+    /// True if the bitmap covers no pages.
+    pub fn is_empty(&self) -> bool {
+        self.pages == 0
+    }
+
+    /// Marks `page`; out-of-range pages are ignored and reported as `false`.
+    pub fn set(&mut self, page: u64) -> bool {
+        if page >= self.pages {
+            return false;
+        }
+        let (w, b) = Self::split(page);
+        self.words[w] |= 1 << b;
+        true
+    }
+
+    /// Marks pages `start..end` (clamped to the bitmap).
+    pub fn set_range(&mut self, start: u64, end: u64) {
+        let end = end.min(self.pages);
+        let mut page = start;
+        while page < end {
+            let (w, b) = Self::split(page);
+            if b == 0 && end - page >= 64 {
+                self.words[w] = u64::MAX;
+                page += 64;
+            } else {
+                self.words[w] |= 1 << b;
+                page += 1;
+            }
+        }
+    }
+
+    /// Whether `page` is marked.
+    pub fn get(&self, page: u64) -> bool {
+        if page >= self.pages {
+            return false;
+        }
+        let (w, b) = Self::split(page);
+        self.words[w] & (1 << b) != 0
+    }
+
+    /// Clears every bit.
+    pub fn clear(&mut self) {
+        self.words.iter_mut().for_each(|w| *w = 0);
+    }
+
+    /// Number of marked pages.
+    pub fn count(&self) -> u64 {
+        self.words.iter().map(|w| u64::from(w.count_ones())).sum()
+    }
+
+    /// Adds every page marked in `other` (same size) to `self`.
+    pub fn union_with(&mut self, other: &PageBitmap) {
+        debug_assert_eq!(self.pages, other.pages);
+        for (a, b) in self.words.iter_mut().zip(&other.words) {
+            *a |= *b;
+        }
+    }
+
+    /// Iterates the marked pages in ascending order.
+    pub fn iter(&self) -> impl Iterator<Item = u64> + '_ {
+        self.words.iter().enumerate().flat_map(|(i, &word)| {
+            let base = (i as u64) * 64;
+            BitIter(word).map(move |b| base + u64::from(b))
+        })
+    }
+
+    fn split(page: u64) -> (usize, u32) {
+        let w = usize::try_from(page / 64).expect("page index checked against length");
+        #[allow(clippy::cast_possible_truncation)] // modulo 64 always fits
+        let b = (page % 64) as u32;
+        (w, b)
+    }
+}
+
+struct BitIter(u64);
+
+impl Iterator for BitIter {
+    type Item = u32;
+    fn next(&mut self) -> Option<u32> {
+        if self.0 == 0 {
+            return None;
+        }
+        let b = self.0.trailing_zeros();
+        self.0 &= self.0 - 1;
+        Some(b)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn set_get_count_iter() {
+        let mut bm = PageBitmap::new(130);
+        assert!(bm.set(0));
+        assert!(bm.set(64));
+        assert!(bm.set(129));
+        assert!(!bm.set(130), "out of range is refused");
+        assert_eq!(bm.count(), 3);
+        assert_eq!(bm.iter().collect::<Vec<_>>(), vec![0, 64, 129]);
+        assert!(bm.get(64) && !bm.get(65) && !bm.get(1000));
+    }
+
+    #[test]
+    fn ranges_and_union() {
+        let mut a = PageBitmap::new(300);
+        a.set_range(10, 200);
+        assert_eq!(a.count(), 190);
+        a.set_range(250, 10_000);
+        assert_eq!(a.count(), 240);
+        let mut b = PageBitmap::new(300);
+        b.set(5);
+        b.union_with(&a);
+        assert_eq!(b.count(), 241);
+        b.clear();
+        assert_eq!(b.count(), 0);
+    }
+}

@@ -1,0 +1,23 @@
+//! dbmigrate engine: copies the RAM of a running VM from a source host to a
+//! destination host with iterative pre-copy, tracking dirty pages from outside
+//! the VMM. It knows nothing of QEMU or databases: a VMM is a process that
+//! maps a RAM file, a [`dirty::DirtyTracker`] says which pages it wrote, and a
+//! [`precopy::VmControl`] pauses and resumes it.
+
+#![deny(missing_docs)]
+
+pub mod bitmap;
+pub mod dest;
+pub mod dirty;
+pub mod limiter;
+pub mod precopy;
+pub mod protocol;
+pub mod ram;
+pub mod stats;
+mod sys;
+pub mod verify;
+
+/// Size of a guest page as dbmigrate moves it.
+pub const PAGE_SIZE: usize = 4096;
+/// [`PAGE_SIZE`] as u64, for offset arithmetic.
+pub const PAGE_SIZE_U64: u64 = 4096;

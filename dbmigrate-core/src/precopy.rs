@@ -1,0 +1,831 @@
+//! Iterative pre-copy (Clark et al., NSDI'05) driven from the source host.
+//!
+//! The VMM integration drives the stages; this module moves pages and decides:
+//!
+//! 1. [`SourceSession::connect`]: reservation (the destination checks RAM size and is ready);
+//! 2. [`SourceSession::run_live`]: rounds of dirty pages while the VM runs, until [`decide`] says stop;
+//! 3. the caller pauses the VM, then [`SourceSession::final_round`]: stop-and-copy;
+//! 4. [`SourceSession::verify`]: both sides hash RAM, any difference aborts;
+//! 5. the caller moves device state, then [`SourceSession::commit`]: the point of no return.
+//!
+//! Before `commit` every failure leaves the source VM authoritative.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use thiserror::Error;
+use tokio::io::AsyncWriteExt;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+
+use crate::bitmap::PageBitmap;
+use crate::dirty::{DirtyError, DirtyTracker};
+use crate::limiter::RateLimiter;
+use crate::protocol::{
+    self, connection_for_page, BatchBuilder, Hello, Message, PageEncoding, ProtocolError, Welcome,
+};
+use crate::ram::{is_zero, RamError, SourceRam};
+use crate::stats::{mbit_per_s, MigrationStats, RoundStats};
+use crate::verify;
+use crate::{PAGE_SIZE, PAGE_SIZE_U64};
+
+/// Errors of the source side.
+#[derive(Debug, Error)]
+pub enum PrecopyError {
+    /// Could not reach the destination agent.
+    #[error("cannot connect to the destination agent at {addr}: is `dbmigrate receive` running there and reachable?")]
+    Connect {
+        /// Address tried.
+        addr: SocketAddr,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Protocol or transport failure.
+    #[error(transparent)]
+    Protocol(#[from] ProtocolError),
+    /// The destination refused or aborted.
+    #[error("destination agent refused: {reason}")]
+    Refused {
+        /// Its reason.
+        reason: String,
+    },
+    /// The peer sent a message that does not belong here.
+    #[error("destination agent sent {got} while the source expected {expected}")]
+    Unexpected {
+        /// What came.
+        got: &'static str,
+        /// What was expected.
+        expected: &'static str,
+    },
+    /// Dirty tracking failed.
+    #[error("dirty-page tracking failed")]
+    Dirty(#[from] DirtyError),
+    /// RAM access failed.
+    #[error(transparent)]
+    Ram(#[from] RamError),
+    /// A worker task died.
+    #[error("internal worker failed: {0}")]
+    Worker(String),
+    /// The peer stayed silent too long.
+    #[error("destination agent did not answer within {secs} s while {doing}")]
+    Timeout {
+        /// Seconds waited.
+        secs: u64,
+        /// What was awaited.
+        doing: &'static str,
+    },
+}
+
+/// When to stop iterating.
+#[derive(Clone, Debug)]
+pub struct StopPolicy {
+    /// Largest acceptable pause.
+    pub downtime_target: Duration,
+    /// Fixed part of the pause besides the last pages: device state, verification.
+    pub switchover_overhead: Duration,
+    /// Give up iterating after this many rounds.
+    pub max_rounds: u32,
+    /// Give up iterating once this many times the RAM size has been sent.
+    pub max_bytes_factor: f64,
+    /// Give up after this many consecutive rounds in which the dirty set did not shrink.
+    pub stall_rounds: u32,
+}
+
+impl Default for StopPolicy {
+    fn default() -> Self {
+        Self {
+            downtime_target: Duration::from_millis(300),
+            switchover_overhead: Duration::ZERO,
+            max_rounds: 30,
+            max_bytes_factor: 3.0,
+            stall_rounds: 3,
+        }
+    }
+}
+
+/// What one round showed, as input to [`decide`].
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct RoundObservation {
+    /// Bytes sent in the round.
+    pub bytes: u64,
+    /// Pages sent in the round.
+    pub pages: u64,
+    /// Wall time of the round.
+    pub elapsed: Duration,
+    /// Pages dirtied meanwhile (the next round's work).
+    pub dirty_after: u64,
+}
+
+/// Why pre-copy stops iterating.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StopReason {
+    /// The remaining pages fit in the downtime target.
+    Converged,
+    /// The round limit was reached.
+    MaxRounds,
+    /// The byte limit was reached.
+    MaxBytes,
+    /// The writable working set stopped shrinking.
+    NotShrinking,
+}
+
+impl std::fmt::Display for StopReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            StopReason::Converged => "converged",
+            StopReason::MaxRounds => "round limit reached",
+            StopReason::MaxBytes => "byte limit reached",
+            StopReason::NotShrinking => "dirty set stopped shrinking",
+        })
+    }
+}
+
+/// Outcome of [`decide`].
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Decision {
+    /// Run another live round.
+    Continue {
+        /// Pause expected if we stopped now.
+        expected_downtime: Duration,
+    },
+    /// Pause the VM and copy the rest.
+    Stop {
+        /// Why.
+        reason: StopReason,
+        /// Pause expected.
+        expected_downtime: Duration,
+    },
+}
+
+/// Link rate in bytes/s judged from the rounds: the best rate of any round that
+/// moved enough data to measure, else the configured limit, else the last round.
+pub fn link_rate(history: &[RoundObservation], limit: Option<u64>) -> f64 {
+    const MEASURABLE: u64 = 4 << 20;
+    #[allow(clippy::cast_precision_loss)]
+    let rate = |o: &RoundObservation| o.bytes as f64 / o.elapsed.as_secs_f64().max(1e-6);
+    let best = history
+        .iter()
+        .filter(|o| o.bytes >= MEASURABLE)
+        .map(rate)
+        .fold(0.0, f64::max);
+    if best > 0.0 {
+        return best;
+    }
+    #[allow(clippy::cast_precision_loss)]
+    if let Some(l) = limit {
+        return l as f64;
+    }
+    history.last().map(rate).filter(|r| *r > 0.0).unwrap_or(1e9)
+}
+
+/// The stop decision after a round (pure).
+pub fn decide(
+    policy: &StopPolicy,
+    history: &[RoundObservation],
+    ram_bytes: u64,
+    limit: Option<u64>,
+) -> Decision {
+    let Some(last) = history.last() else {
+        return Decision::Continue {
+            expected_downtime: Duration::MAX,
+        };
+    };
+    let rate = link_rate(history, limit);
+    // Pages of the final round are mostly raw: count a full page plus its entry header.
+    #[allow(clippy::cast_precision_loss)]
+    let bytes_left = (last.dirty_after * (PAGE_SIZE_U64 + 13)) as f64;
+    let expected_downtime = Duration::from_secs_f64(bytes_left / rate) + policy.switchover_overhead;
+    let stop = |reason| Decision::Stop {
+        reason,
+        expected_downtime,
+    };
+    if last.dirty_after == 0 || expected_downtime <= policy.downtime_target {
+        return stop(StopReason::Converged);
+    }
+    let rounds = u32::try_from(history.len()).unwrap_or(u32::MAX);
+    if rounds >= policy.max_rounds {
+        return stop(StopReason::MaxRounds);
+    }
+    let sent: u64 = history.iter().map(|o| o.bytes).sum();
+    #[allow(clippy::cast_precision_loss)]
+    if sent as f64 >= policy.max_bytes_factor * ram_bytes as f64 {
+        return stop(StopReason::MaxBytes);
+    }
+    // Latest consecutive rounds whose dirty set did not shrink by at least 5 %.
+    let stalled = history
+        .windows(2)
+        .rev()
+        .take_while(|w| w[1].dirty_after * 100 >= w[0].dirty_after * 95)
+        .count();
+    if policy.stall_rounds > 0 && stalled >= policy.stall_rounds as usize {
+        return stop(StopReason::NotShrinking);
+    }
+    Decision::Continue { expected_downtime }
+}
+
+/// Source-side settings.
+#[derive(Clone, Debug)]
+pub struct SourceConfig {
+    /// Data connections (1..=16).
+    pub connections: u16,
+    /// Bandwidth limit over all connections, bytes/s.
+    pub bandwidth: Option<u64>,
+    /// Compress raw pages with zstd when that makes them smaller.
+    pub compress: bool,
+    /// When to stop iterating.
+    pub policy: StopPolicy,
+    /// Threads hashing RAM at switchover.
+    pub verify_threads: usize,
+    /// Longest wait for any answer of the destination.
+    pub peer_timeout: Duration,
+}
+
+impl Default for SourceConfig {
+    fn default() -> Self {
+        Self {
+            connections: 2,
+            bandwidth: None,
+            compress: false,
+            policy: StopPolicy::default(),
+            verify_threads: 2,
+            peer_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+enum WriterCmd {
+    Frame(Vec<u8>),
+    Barrier(oneshot::Sender<()>),
+}
+
+struct DataConn {
+    tx: mpsc::Sender<WriterCmd>,
+    task: JoinHandle<Result<u64, ProtocolError>>,
+}
+
+/// Result of the switchover check.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VerifyOutcome {
+    /// Chunks that differ (first ones).
+    pub mismatched: Vec<u32>,
+    /// How many differ in all.
+    pub mismatched_total: u32,
+    /// Pages per chunk.
+    pub chunk_pages: u32,
+}
+
+impl VerifyOutcome {
+    /// True when the destination holds the exact RAM.
+    pub fn matched(&self) -> bool {
+        self.mismatched_total == 0
+    }
+}
+
+/// The source end of one migration.
+pub struct SourceSession {
+    ram: Arc<SourceRam>,
+    tracker: Box<dyn DirtyTracker>,
+    cfg: SourceConfig,
+    ctrl_rx: OwnedReadHalf,
+    ctrl_tx: OwnedWriteHalf,
+    data: Vec<DataConn>,
+    limiter: Arc<RateLimiter>,
+    welcome: Welcome,
+    history: Vec<RoundObservation>,
+    pending: PageBitmap,
+    round: u32,
+    /// Statistics so far.
+    pub stats: MigrationStats,
+}
+
+impl SourceSession {
+    /// Connects to the destination agent, announces the RAM and opens the data connections.
+    pub async fn connect(
+        addr: SocketAddr,
+        ram: SourceRam,
+        tracker: Box<dyn DirtyTracker>,
+        cfg: SourceConfig,
+    ) -> Result<Self, PrecopyError> {
+        let conns = cfg.connections.clamp(1, 16);
+        let session = session_id();
+        let hello = |conn_index| {
+            Message::Hello(Hello {
+                version: protocol::PROTOCOL_VERSION,
+                session,
+                ram_bytes: ram.len(),
+                page_size: u32::try_from(PAGE_SIZE).expect("4096"),
+                data_connections: conns,
+                conn_index,
+            })
+        };
+        let ctrl = TcpStream::connect(addr)
+            .await
+            .map_err(|source| PrecopyError::Connect { addr, source })?;
+        ctrl.set_nodelay(true).ok();
+        let (mut ctrl_rx, mut ctrl_tx) = ctrl.into_split();
+        let mut stats = MigrationStats::default();
+        stats.bytes_sent += protocol::write_message(&mut ctrl_tx, &hello(0), "sending Hello").await?;
+        let (msg, n) = timeout(
+            cfg.peer_timeout,
+            "waiting for the destination to reserve RAM",
+            protocol::read_message(&mut ctrl_rx, "waiting for Welcome"),
+        )
+        .await??;
+        stats.bytes_received += n;
+        let welcome = match msg {
+            Message::Welcome(w) => w,
+            Message::Refuse { reason } | Message::Abort { reason } => {
+                return Err(PrecopyError::Refused { reason })
+            }
+            other => {
+                return Err(PrecopyError::Unexpected {
+                    got: other.name(),
+                    expected: "Welcome",
+                })
+            }
+        };
+        let limiter = Arc::new(RateLimiter::new(cfg.bandwidth));
+        let mut data = Vec::new();
+        for i in 1..=conns {
+            let s = TcpStream::connect(addr)
+                .await
+                .map_err(|source| PrecopyError::Connect { addr, source })?;
+            let (_r, mut w) = s.into_split();
+            stats.bytes_sent += protocol::write_message(&mut w, &hello(i), "sending Hello").await?;
+            let (tx, rx) = mpsc::channel(8);
+            let task = tokio::spawn(data_writer(w, rx, limiter.clone()));
+            data.push(DataConn { tx, task });
+        }
+        let pages = ram.pages();
+        Ok(Self {
+            ram: Arc::new(ram),
+            tracker,
+            cfg,
+            ctrl_rx,
+            ctrl_tx,
+            data,
+            limiter,
+            welcome,
+            history: Vec::new(),
+            pending: PageBitmap::new(pages),
+            round: 0,
+            stats,
+        })
+    }
+
+    /// Where the VMM must send device state.
+    pub fn incoming_uri(&self) -> &str {
+        &self.welcome.incoming_uri
+    }
+
+    /// Runs live rounds until the stop decision; `on_round` sees each round and the decision.
+    pub async fn run_live(
+        &mut self,
+        on_round: &mut (dyn FnMut(&RoundStats, &Decision) + Send),
+    ) -> Result<Decision, PrecopyError> {
+        // Arm tracking before reading anything: a write after this point shows
+        // up in the next collect, so no write can fall between rounds.
+        self.tracker.reset()?;
+        self.pending = self.ram.data_pages()?;
+        loop {
+            let to_send = std::mem::replace(&mut self.pending, PageBitmap::new(self.ram.pages()));
+            let round = self.round;
+            // Round 0 skips zero pages: the destination RAM starts as holes.
+            let mut rs = self.send_round(&to_send, round, round == 0).await?;
+            let scan = Instant::now();
+            let dirty = self.tracker.collect(&mut self.pending)?;
+            tracing::debug!(round, dirty, scan_us = u64::try_from(scan.elapsed().as_micros()).unwrap_or(u64::MAX), "collected dirty pages");
+            rs.dirty_after = dirty;
+            self.history.push(RoundObservation {
+                bytes: rs.bytes,
+                pages: rs.pages,
+                elapsed: Duration::from_millis(rs.elapsed_ms),
+                dirty_after: dirty,
+            });
+            let d = decide(&self.cfg.policy, &self.history, self.ram.len(), self.cfg.bandwidth);
+            on_round(&rs, &d);
+            self.stats.rounds.push(rs);
+            self.round += 1;
+            if let Decision::Stop {
+                reason,
+                expected_downtime,
+            } = d
+            {
+                self.stats.stop_reason = Some(reason.to_string());
+                self.stats.expected_downtime_ms =
+                    Some(u64::try_from(expected_downtime.as_millis()).unwrap_or(u64::MAX));
+                return Ok(d);
+            }
+        }
+    }
+
+    /// Stop-and-copy: call with the VM paused. Sends the last dirty pages and ends the streams.
+    pub async fn final_round(&mut self) -> Result<RoundStats, PrecopyError> {
+        // Writes between the last collect and the pause are caught here; with
+        // the VM paused nothing can be written after this collect.
+        self.tracker.collect(&mut self.pending)?;
+        let to_send = std::mem::replace(&mut self.pending, PageBitmap::new(self.ram.pages()));
+        let rs = self.send_round(&to_send, self.round, false).await?;
+        self.round += 1;
+        let data = std::mem::take(&mut self.data);
+        for conn in data {
+            conn.tx
+                .send(WriterCmd::Frame(Message::EndOfStream.encode()))
+                .await
+                .map_err(|_| PrecopyError::Worker("data connection closed".into()))?;
+            drop(conn.tx);
+            let sent = conn
+                .task
+                .await
+                .map_err(|e| PrecopyError::Worker(e.to_string()))??;
+            self.stats.bytes_sent += sent;
+        }
+        self.stats.rounds.push(rs.clone());
+        Ok(rs)
+    }
+
+    /// Hashes RAM (VM paused) and has the destination compare its own.
+    pub async fn verify(&mut self) -> Result<VerifyOutcome, PrecopyError> {
+        let t = Instant::now();
+        let ram = self.ram.clone();
+        let threads = self.cfg.verify_threads;
+        let digests = tokio::task::spawn_blocking(move || -> Result<Vec<u128>, RamError> {
+            let data = ram.data_pages()?;
+            Ok(verify::ram_digests(ram.bytes(), &data, verify::CHUNK_PAGES, threads))
+        })
+        .await
+        .map_err(|e| PrecopyError::Worker(e.to_string()))??;
+        self.stats.bytes_sent += protocol::write_message(
+            &mut self.ctrl_tx,
+            &Message::VerifyRequest {
+                chunk_pages: verify::CHUNK_PAGES,
+                digests,
+            },
+            "sending RAM digests",
+        )
+        .await?;
+        let msg = self.read_ctrl("waiting for the destination's RAM comparison").await?;
+        self.stats.verify_ms = Some(u64::try_from(t.elapsed().as_millis()).unwrap_or(u64::MAX));
+        match msg {
+            Message::VerifyResult {
+                mismatched,
+                mismatched_total,
+            } => {
+                self.stats.ram_verified = Some(mismatched_total == 0);
+                self.stats.mismatched_chunks = mismatched_total;
+                Ok(VerifyOutcome {
+                    mismatched,
+                    mismatched_total,
+                    chunk_pages: verify::CHUNK_PAGES,
+                })
+            }
+            other => Err(self.unexpected(other, "VerifyResult")),
+        }
+    }
+
+    /// Hands the VM over. After this returns Ok the destination runs the VM;
+    /// if it fails, the outcome on the destination is unknown and the source
+    /// must NOT be resumed blindly.
+    pub async fn commit(&mut self) -> Result<(), PrecopyError> {
+        self.stats.bytes_sent +=
+            protocol::write_message(&mut self.ctrl_tx, &Message::Commit, "sending Commit").await?;
+        match self.read_ctrl("waiting for the destination to resume the VM").await? {
+            Message::Activated => Ok(()),
+            other => Err(self.unexpected(other, "Activated")),
+        }
+    }
+
+    /// Tells the destination to give up (best effort) and closes the session.
+    pub async fn abort(mut self, reason: &str) {
+        let msg = Message::Abort {
+            reason: reason.to_string(),
+        };
+        let _ = tokio::time::timeout(
+            Duration::from_secs(2),
+            protocol::write_message(&mut self.ctrl_tx, &msg, "sending Abort"),
+        )
+        .await;
+        let _ = self.ctrl_tx.shutdown().await;
+        for c in self.data {
+            c.task.abort();
+        }
+    }
+
+    /// If a data connection failed, the destination has usually said why on
+    /// the control connection: prefer that reason.
+    pub async fn peer_reason(&mut self) -> Option<String> {
+        match tokio::time::timeout(
+            Duration::from_millis(500),
+            protocol::read_message(&mut self.ctrl_rx, "reading the destination's reason"),
+        )
+        .await
+        {
+            Ok(Ok((Message::Abort { reason } | Message::Refuse { reason }, _))) => Some(reason),
+            _ => None,
+        }
+    }
+
+    async fn read_ctrl(&mut self, doing: &'static str) -> Result<Message, PrecopyError> {
+        let (msg, n) = timeout(
+            self.cfg.peer_timeout,
+            doing,
+            protocol::read_message(&mut self.ctrl_rx, doing),
+        )
+        .await??;
+        self.stats.bytes_received += n;
+        if let Message::Abort { reason } = msg {
+            return Err(PrecopyError::Refused { reason });
+        }
+        Ok(msg)
+    }
+
+    fn unexpected(&self, got: Message, expected: &'static str) -> PrecopyError {
+        PrecopyError::Unexpected {
+            got: got.name(),
+            expected,
+        }
+    }
+
+    async fn send_round(
+        &mut self,
+        pages: &PageBitmap,
+        round: u32,
+        skip_zero: bool,
+    ) -> Result<RoundStats, PrecopyError> {
+        let t = Instant::now();
+        let ram = self.ram.clone();
+        let txs: Vec<_> = self.data.iter().map(|c| c.tx.clone()).collect();
+        let pages = pages.clone();
+        let compress = self.cfg.compress;
+        let producer = tokio::task::spawn_blocking(move || {
+            produce_round(&ram, &pages, round, skip_zero, compress, &txs)
+        });
+        let mut rs = producer
+            .await
+            .map_err(|e| PrecopyError::Worker(e.to_string()))?;
+        if rs.is_none() {
+            return Err(self.writer_error().await);
+        }
+        // Wait until every frame of the round is in the sockets.
+        for c in &self.data {
+            let (tx, rx) = oneshot::channel();
+            if c.tx.send(WriterCmd::Barrier(tx)).await.is_err() || rx.await.is_err() {
+                return Err(self.writer_error().await);
+            }
+        }
+        let mut rs = rs.take().expect("checked above");
+        let elapsed = t.elapsed();
+        rs.elapsed_ms = u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX);
+        rs.rate_mbit = mbit_per_s(rs.bytes, elapsed.as_secs_f64() * 1000.0);
+        let _ = &self.limiter;
+        Ok(rs)
+    }
+
+    /// The error of the first data connection that failed.
+    async fn writer_error(&mut self) -> PrecopyError {
+        let reason = self.peer_reason().await;
+        for c in std::mem::take(&mut self.data) {
+            drop(c.tx);
+            if let Ok(Err(e)) = c.task.await {
+                return match reason {
+                    Some(reason) => PrecopyError::Refused { reason },
+                    None => PrecopyError::Protocol(e),
+                };
+            }
+        }
+        match reason {
+            Some(reason) => PrecopyError::Refused { reason },
+            None => PrecopyError::Worker("a data connection stopped".into()),
+        }
+    }
+}
+
+/// Reads, classifies and batches the pages of one round; returns None if a
+/// connection went away.
+fn produce_round(
+    ram: &SourceRam,
+    pages: &PageBitmap,
+    round: u32,
+    skip_zero: bool,
+    compress: bool,
+    txs: &[mpsc::Sender<WriterCmd>],
+) -> Option<RoundStats> {
+    const BATCH_BYTES: usize = 256 << 10;
+    let conns = u16::try_from(txs.len()).expect("at most 16 connections");
+    let mut builders: Vec<BatchBuilder> = (0..txs.len()).map(|_| BatchBuilder::new(round)).collect();
+    let mut rs = RoundStats {
+        round,
+        ..RoundStats::default()
+    };
+    let mut compressor = if compress {
+        zstd::bulk::Compressor::new(1).ok()
+    } else {
+        None
+    };
+    let mut cbuf = vec![0u8; PAGE_SIZE];
+    for page in pages.iter() {
+        let Ok(data) = ram.page(page) else { continue };
+        rs.pages += 1;
+        let c = usize::from(connection_for_page(page, conns) - 1);
+        if is_zero(data) {
+            rs.zero_pages += 1;
+            if skip_zero {
+                continue;
+            }
+            builders[c].push(page, PageEncoding::Zero, &[]);
+        } else {
+            let packed = compressor
+                .as_mut()
+                .and_then(|z| z.compress_to_buffer(data, &mut cbuf[..]).ok())
+                .filter(|&n| n < PAGE_SIZE * 7 / 8);
+            match packed {
+                Some(n) => {
+                    rs.compressed_pages += 1;
+                    builders[c].push(page, PageEncoding::Zstd, &cbuf[..n]);
+                }
+                None => {
+                    rs.raw_pages += 1;
+                    builders[c].push(page, PageEncoding::Raw, data);
+                }
+            }
+        }
+        if builders[c].encoded_len() >= BATCH_BYTES {
+            let full = std::mem::replace(&mut builders[c], BatchBuilder::new(round));
+            let frame = full.finish();
+            rs.bytes += frame.len() as u64;
+            txs[c].blocking_send(WriterCmd::Frame(frame)).ok()?;
+        }
+    }
+    for (c, b) in builders.into_iter().enumerate() {
+        if b.count() > 0 {
+            let frame = b.finish();
+            rs.bytes += frame.len() as u64;
+            txs[c].blocking_send(WriterCmd::Frame(frame)).ok()?;
+        }
+    }
+    Some(rs)
+}
+
+async fn data_writer(
+    mut w: OwnedWriteHalf,
+    mut rx: mpsc::Receiver<WriterCmd>,
+    limiter: Arc<RateLimiter>,
+) -> Result<u64, ProtocolError> {
+    let mut sent = 0;
+    while let Some(cmd) = rx.recv().await {
+        match cmd {
+            WriterCmd::Frame(f) => {
+                limiter.acquire(f.len()).await;
+                protocol::write_frame(&mut w, &f, "sending pages").await?;
+                sent += f.len() as u64;
+            }
+            WriterCmd::Barrier(done) => {
+                let _ = done.send(());
+            }
+        }
+    }
+    w.shutdown().await.map_err(|source| ProtocolError::Io {
+        doing: "closing a data connection",
+        source,
+    })?;
+    Ok(sent)
+}
+
+async fn timeout<T>(
+    limit: Duration,
+    doing: &'static str,
+    f: impl std::future::Future<Output = T>,
+) -> Result<T, PrecopyError> {
+    tokio::time::timeout(limit, f)
+        .await
+        .map_err(|_| PrecopyError::Timeout {
+            secs: limit.as_secs(),
+            doing,
+        })
+}
+
+fn session_id() -> u64 {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    #[allow(clippy::cast_possible_truncation)] // mixing bits, truncation intended
+    let id = (t as u64) ^ (u64::from(std::process::id()) << 32);
+    id
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MB: u64 = 1 << 20;
+
+    fn obs(bytes: u64, ms: u64, dirty: u64) -> RoundObservation {
+        RoundObservation {
+            bytes,
+            pages: bytes / 4096,
+            elapsed: Duration::from_millis(ms),
+            dirty_after: dirty,
+        }
+    }
+
+    #[test]
+    fn converges_when_the_rest_fits_the_target() {
+        let p = StopPolicy::default();
+        // 800 MB at 100 MB/s, then 4096 dirty pages = 16.8 MB -> ~170 ms.
+        let h = [obs(800 * MB, 8000, 4096)];
+        match decide(&p, &h, 1024 * MB, None) {
+            Decision::Stop {
+                reason: StopReason::Converged,
+                expected_downtime,
+            } => assert!(expected_downtime < Duration::from_millis(200)),
+            d => panic!("{d:?}"),
+        }
+    }
+
+    #[test]
+    fn continues_while_shrinking_and_counts_overhead() {
+        let mut p = StopPolicy::default();
+        let h = [obs(800 * MB, 8000, 20_000)];
+        assert!(matches!(decide(&p, &h, 1024 * MB, None), Decision::Continue { .. }));
+        // A large fixed overhead alone prevents convergence.
+        p.switchover_overhead = Duration::from_millis(400);
+        let h = [obs(800 * MB, 8000, 10)];
+        assert!(matches!(decide(&p, &h, 1024 * MB, None), Decision::Continue { .. }));
+    }
+
+    #[test]
+    fn stops_when_the_working_set_stops_shrinking() {
+        let p = StopPolicy::default();
+        let mut h = vec![obs(800 * MB, 8000, 16_384)];
+        for _ in 0..3 {
+            assert!(matches!(decide(&p, &h, 1024 * MB, None), Decision::Continue { .. }));
+            h.push(obs(67 * MB, 670, 16_384));
+        }
+        match decide(&p, &h, 1024 * MB, None) {
+            Decision::Stop {
+                reason: StopReason::NotShrinking,
+                expected_downtime,
+            } => {
+                // 64 MiB at ~100 MB/s.
+                let ms = expected_downtime.as_millis();
+                assert!((600..750).contains(&ms), "{ms}");
+            }
+            d => panic!("{d:?}"),
+        }
+    }
+
+    #[test]
+    fn round_and_byte_limits() {
+        let p = StopPolicy {
+            max_rounds: 2,
+            stall_rounds: 0,
+            ..StopPolicy::default()
+        };
+        let h = [obs(100 * MB, 1000, 100_000), obs(100 * MB, 1000, 50_000)];
+        assert!(matches!(
+            decide(&p, &h, 1024 * MB, None),
+            Decision::Stop {
+                reason: StopReason::MaxRounds,
+                ..
+            }
+        ));
+        let p = StopPolicy {
+            max_bytes_factor: 0.05,
+            stall_rounds: 0,
+            ..StopPolicy::default()
+        };
+        assert!(matches!(
+            decide(&p, &h[..1], 1024 * MB, None),
+            Decision::Stop {
+                reason: StopReason::MaxBytes,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn link_rate_prefers_measurable_rounds() {
+        let h = [obs(100 * MB, 1000, 0), obs(MB / 2, 1, 0)];
+        let r = link_rate(&h, Some(1));
+        assert!((r - 100.0 * MB as f64).abs() < 1.0);
+        assert_eq!(link_rate(&[obs(MB, 1000, 0)], Some(5000)), 5000.0);
+        assert_eq!(link_rate(&[], None), 1e9);
+    }
+
+    #[test]
+    fn nothing_dirty_means_converged() {
+        let p = StopPolicy::default();
+        assert!(matches!(
+            decide(&p, &[obs(MB, 10, 0)], MB, None),
+            Decision::Stop {
+                reason: StopReason::Converged,
+                ..
+            }
+        ));
+    }
+}

@@ -1,0 +1,321 @@
+//! Views of a VM's RAM file: read-only on the source, writable on the destination.
+//!
+//! Guest RAM lives in a shared file (tmpfs or hugetlbfs) that the VMM maps.
+//! Offsets here are offsets in that file; translating guest-physical
+//! addresses is the VMM integration's job.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::path::{Path, PathBuf};
+
+use thiserror::Error;
+
+use crate::bitmap::PageBitmap;
+use crate::sys;
+use crate::{PAGE_SIZE, PAGE_SIZE_U64};
+
+/// Errors opening or using a RAM file.
+#[derive(Debug, Error)]
+pub enum RamError {
+    /// The file could not be opened.
+    #[error("cannot open RAM file {path}")]
+    Open {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// The file size is not what the VMM says.
+    #[error("RAM file {path} has {actual} bytes, expected {expected}: is this the memory backend of that VM?")]
+    Size {
+        /// The file.
+        path: PathBuf,
+        /// Size on disk.
+        actual: u64,
+        /// Size expected.
+        expected: u64,
+    },
+    /// Mapping or extent lookup failed.
+    #[error("{doing} on RAM file {path} failed")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// What was done.
+        doing: &'static str,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// A page index beyond the RAM.
+    #[error("page {page} is beyond the {pages} pages of RAM")]
+    OutOfRange {
+        /// The page.
+        page: u64,
+        /// RAM pages.
+        pages: u64,
+    },
+}
+
+fn check_size(path: &Path, file: &File, expected: u64) -> Result<usize, RamError> {
+    let actual = file
+        .metadata()
+        .map_err(|source| RamError::Io {
+            path: path.into(),
+            doing: "stat",
+            source,
+        })?
+        .len();
+    if actual != expected || expected % PAGE_SIZE_U64 != 0 || expected == 0 {
+        return Err(RamError::Size {
+            path: path.into(),
+            actual,
+            expected,
+        });
+    }
+    usize::try_from(expected).map_err(|_| RamError::Size {
+        path: path.into(),
+        actual,
+        expected,
+    })
+}
+
+/// Pages of `file` that hold data (the rest are holes that read as zeros).
+fn data_pages(path: &Path, file: &File, len: u64) -> Result<PageBitmap, RamError> {
+    let mut bm = PageBitmap::new(len / PAGE_SIZE_U64);
+    let extents = sys::file::data_extents(file, len).map_err(|source| RamError::Io {
+        path: path.into(),
+        doing: "SEEK_DATA",
+        source,
+    })?;
+    for (s, e) in extents {
+        bm.set_range(s / PAGE_SIZE_U64, e.div_ceil(PAGE_SIZE_U64));
+    }
+    Ok(bm)
+}
+
+/// The source's read-only view of guest RAM.
+pub struct SourceRam {
+    path: PathBuf,
+    file: File,
+    map: memmap2::Mmap,
+}
+
+impl SourceRam {
+    /// Maps `path`, which must be exactly `size` bytes.
+    pub fn open(path: &Path, size: u64) -> Result<Self, RamError> {
+        let file = File::open(path).map_err(|source| RamError::Open {
+            path: path.into(),
+            source,
+        })?;
+        let len = check_size(path, &file, size)?;
+        let map = sys::mmap::map_shared_ro(&file, len).map_err(|source| RamError::Io {
+            path: path.into(),
+            doing: "mmap",
+            source,
+        })?;
+        Ok(Self {
+            path: path.into(),
+            file,
+            map,
+        })
+    }
+
+    /// Number of pages.
+    pub fn pages(&self) -> u64 {
+        self.map.len() as u64 / PAGE_SIZE_U64
+    }
+
+    /// Size in bytes.
+    pub fn len(&self) -> u64 {
+        self.map.len() as u64
+    }
+
+    /// True for an empty RAM (never, once opened).
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+
+    /// The bytes of `page`.
+    pub fn page(&self, page: u64) -> Result<&[u8], RamError> {
+        page_slice(&self.map, page)
+    }
+
+    /// Pages that hold data; never-touched RAM is a hole and is skipped without reading it.
+    pub fn data_pages(&self) -> Result<PageBitmap, RamError> {
+        data_pages(&self.path, &self.file, self.len())
+    }
+
+    /// The whole mapping.
+    pub fn bytes(&self) -> &[u8] {
+        &self.map
+    }
+}
+
+fn page_slice(map: &[u8], page: u64) -> Result<&[u8], RamError> {
+    let pages = map.len() as u64 / PAGE_SIZE_U64;
+    if page >= pages {
+        return Err(RamError::OutOfRange { page, pages });
+    }
+    let start = usize::try_from(page).expect("below pages") * PAGE_SIZE;
+    Ok(&map[start..start + PAGE_SIZE])
+}
+
+/// The destination's writable view of guest RAM.
+pub struct DestRam {
+    path: PathBuf,
+    file: File,
+    map: memmap2::MmapMut,
+}
+
+impl DestRam {
+    /// Maps `path` read-write; it must already be exactly `size` bytes (created by the VMM).
+    pub fn open(path: &Path, size: u64) -> Result<Self, RamError> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .map_err(|source| RamError::Open {
+                path: path.into(),
+                source,
+            })?;
+        let len = check_size(path, &file, size)?;
+        let map = sys::mmap::map_shared_rw(&file, len).map_err(|source| RamError::Io {
+            path: path.into(),
+            doing: "mmap",
+            source,
+        })?;
+        Ok(Self {
+            path: path.into(),
+            file,
+            map,
+        })
+    }
+
+    /// Makes every page read as zero without truncating the file (the VMM has
+    /// it mapped), so that zero pages never need to be sent.
+    pub fn zero_all(&mut self) -> Result<(), RamError> {
+        sys::file::punch_hole(&self.file, 0, self.len()).map_err(|source| RamError::Io {
+            path: self.path.clone(),
+            doing: "punching holes (fallocate)",
+            source,
+        })
+    }
+
+    /// Number of pages.
+    pub fn pages(&self) -> u64 {
+        self.map.len() as u64 / PAGE_SIZE_U64
+    }
+
+    /// Size in bytes.
+    pub fn len(&self) -> u64 {
+        self.map.len() as u64
+    }
+
+    /// True for an empty RAM (never, once opened).
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+
+    /// Mutable bytes of `page`.
+    pub fn page_mut(&mut self, page: u64) -> Result<&mut [u8], RamError> {
+        let pages = self.pages();
+        if page >= pages {
+            return Err(RamError::OutOfRange { page, pages });
+        }
+        let start = usize::try_from(page).expect("below pages") * PAGE_SIZE;
+        Ok(&mut self.map[start..start + PAGE_SIZE])
+    }
+
+    /// The bytes of `page`.
+    pub fn page(&self, page: u64) -> Result<&[u8], RamError> {
+        page_slice(&self.map, page)
+    }
+
+    /// Pages that hold data.
+    pub fn data_pages(&self) -> Result<PageBitmap, RamError> {
+        data_pages(&self.path, &self.file, self.len())
+    }
+
+    /// The whole mapping.
+    pub fn bytes(&self) -> &[u8] {
+        &self.map
+    }
+}
+
+/// True if every byte of `page` is zero.
+pub fn is_zero(page: &[u8]) -> bool {
+    // OR-folding fixed 64-byte blocks lets the compiler vectorise the inner
+    // loop while still stopping at the first non-zero block.
+    let blocks = page.chunks_exact(64);
+    let tail = blocks.remainder();
+    blocks
+        .into_iter()
+        .all(|b| b.iter().fold(0u8, |acc, &x| acc | x) == 0)
+        && tail.iter().all(|&b| b == 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn temp_file(size: u64) -> (PathBuf, File) {
+        let path = std::env::temp_dir().join(format!(
+            "dbmigrate-ram-test-{}-{}",
+            std::process::id(),
+            size
+        ));
+        let f = OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap();
+        f.set_len(size).unwrap();
+        (path, f)
+    }
+
+    #[test]
+    fn zero_detection() {
+        assert!(is_zero(&[0u8; 4096]));
+        let mut p = [0u8; 4096];
+        p[4095] = 1;
+        assert!(!is_zero(&p));
+        p[4095] = 0;
+        p[0] = 1;
+        assert!(!is_zero(&p));
+    }
+
+    #[test]
+    fn size_mismatch_is_a_clear_error() {
+        let (path, _f) = temp_file(8192);
+        let err = SourceRam::open(&path, 4096).err().unwrap();
+        assert!(err.to_string().contains("8192"), "{err}");
+        std::fs::remove_file(path).unwrap();
+    }
+
+    #[test]
+    fn holes_are_skipped_and_writes_land() {
+        let size = 64 * PAGE_SIZE_U64;
+        let (path, mut f) = temp_file(size);
+        use std::io::{Seek, SeekFrom};
+        f.seek(SeekFrom::Start(10 * PAGE_SIZE_U64)).unwrap();
+        f.write_all(&[7u8; PAGE_SIZE]).unwrap();
+        f.sync_all().unwrap();
+        let src = SourceRam::open(&path, size).unwrap();
+        let data = src.data_pages().unwrap();
+        assert!(data.get(10));
+        assert_eq!(src.page(10).unwrap()[0], 7);
+        assert!(src.page(64).is_err());
+
+        let mut dst = DestRam::open(&path, size).unwrap();
+        dst.page_mut(20).unwrap().fill(9);
+        assert_eq!(src.page(20).unwrap()[0], 9, "shared mapping sees the write");
+        dst.zero_all().unwrap();
+        assert!(is_zero(src.page(10).unwrap()));
+        assert_eq!(dst.len(), size);
+        std::fs::remove_file(path).unwrap();
+    }
+}

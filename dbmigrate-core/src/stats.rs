@@ -1,0 +1,109 @@
+//! Migration statistics: typed, printable for logs, serialisable for reports.
+
+use std::fmt;
+
+use serde::Serialize;
+
+/// What one pre-copy round moved.
+#[derive(Clone, Debug, Default, Serialize, PartialEq)]
+pub struct RoundStats {
+    /// Round number (0 = first full pass).
+    pub round: u32,
+    /// Pages considered in the round.
+    pub pages: u64,
+    /// Pages sent as raw 4 KiB.
+    pub raw_pages: u64,
+    /// Pages sent as zero markers (or skipped in round 0 because the destination starts zeroed).
+    pub zero_pages: u64,
+    /// Pages sent zstd-compressed.
+    pub compressed_pages: u64,
+    /// Bytes written to the data connections (frames included).
+    pub bytes: u64,
+    /// Wall time of the round.
+    pub elapsed_ms: u64,
+    /// Pages found dirty after the round (what the next round must send).
+    pub dirty_after: u64,
+    /// Link rate measured over the round, Mbit/s.
+    pub rate_mbit: f64,
+}
+
+impl fmt::Display for RoundStats {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "round {}: {} pages ({} raw, {} zero, {} zstd), {:.1} MiB in {} ms ({:.0} Mbit/s), {} dirty after",
+            self.round,
+            self.pages,
+            self.raw_pages,
+            self.zero_pages,
+            self.compressed_pages,
+            mib(self.bytes),
+            self.elapsed_ms,
+            self.rate_mbit,
+            self.dirty_after
+        )
+    }
+}
+
+/// Totals of one migration.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct MigrationStats {
+    /// Every round, the final stop-and-copy round last.
+    pub rounds: Vec<RoundStats>,
+    /// Why pre-copy stopped iterating.
+    pub stop_reason: Option<String>,
+    /// Downtime predicted when the stop decision was taken.
+    pub expected_downtime_ms: Option<u64>,
+    /// Bytes the source wrote to the destination agent (all connections).
+    pub bytes_sent: u64,
+    /// Bytes the source read from the destination agent.
+    pub bytes_received: u64,
+    /// Time to hash and compare RAM at switchover.
+    pub verify_ms: Option<u64>,
+    /// Whether the RAM digests matched (None: not checked).
+    pub ram_verified: Option<bool>,
+    /// Digest chunks that differed.
+    pub mismatched_chunks: u32,
+}
+
+impl MigrationStats {
+    /// Raw, zero and compressed pages summed over rounds.
+    pub fn page_totals(&self) -> (u64, u64, u64) {
+        self.rounds.iter().fold((0, 0, 0), |(r, z, c), s| {
+            (r + s.raw_pages, z + s.zero_pages, c + s.compressed_pages)
+        })
+    }
+}
+
+impl fmt::Display for MigrationStats {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let (raw, zero, zstd) = self.page_totals();
+        write!(
+            f,
+            "{} rounds, {:.1} MiB sent ({raw} raw, {zero} zero, {zstd} zstd pages), stop: {}, verified: {}",
+            self.rounds.len(),
+            mib(self.bytes_sent),
+            self.stop_reason.as_deref().unwrap_or("-"),
+            match self.ram_verified {
+                Some(true) => "yes",
+                Some(false) => "MISMATCH",
+                None => "not checked",
+            }
+        )
+    }
+}
+
+#[allow(clippy::cast_precision_loss)] // display only
+fn mib(b: u64) -> f64 {
+    b as f64 / (1024.0 * 1024.0)
+}
+
+/// Mbit/s for `bytes` over `ms` milliseconds.
+#[allow(clippy::cast_precision_loss)]
+pub fn mbit_per_s(bytes: u64, ms: f64) -> f64 {
+    if ms <= 0.0 {
+        0.0
+    } else {
+        bytes as f64 * 8.0 / 1e6 / (ms / 1000.0)
+    }
+}

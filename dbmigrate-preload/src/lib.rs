@@ -1,0 +1,142 @@
+//! `libdbmigrate_preload.so`: loaded into QEMU with `LD_PRELOAD`, it watches
+//! QEMU's `mmap` calls and, when QEMU maps the RAM file named by
+//! `DBMIGRATE_TRACK_PATH`, registers that mapping with userfaultfd
+//! asynchronous write-protect. The dbmigrate agent then reads and re-arms the
+//! written-page bits from outside with `PAGEMAP_SCAN` on `/proc/PID/pagemap`.
+//!
+//! Userfaultfd registration must happen inside the process that owns the
+//! mapping, which is why this library exists. It never allocates and never
+//! panics on QEMU's `mmap` path; a failed registration is reported on
+//! stderr and leaves the mapping untouched (the agent then refuses to start).
+
+use std::io::Write;
+use std::os::fd::IntoRawFd;
+
+type Off = libc::off_t;
+
+/// The real mmap, through the raw syscall: resolving the next `mmap` symbol
+/// with dlsym could itself call mmap (via malloc) and recurse into us.
+fn real_mmap(addr: *mut libc::c_void, len: usize, prot: i32, flags: i32, fd: i32, off: Off) -> *mut libc::c_void {
+    // SAFETY: the arguments are passed through unchanged from the caller of
+    // mmap, who is responsible for them exactly as with libc's mmap.
+    let r = unsafe { libc::syscall(libc::SYS_mmap, addr, len, prot, flags, fd, off) };
+    r as *mut libc::c_void
+}
+
+/// Interposes `mmap`.
+///
+/// # Safety
+/// Same contract as `mmap(2)`.
+#[no_mangle]
+pub unsafe extern "C" fn mmap(
+    addr: *mut libc::c_void,
+    len: usize,
+    prot: i32,
+    flags: i32,
+    fd: i32,
+    off: Off,
+) -> *mut libc::c_void {
+    let p = real_mmap(addr, len, prot, flags, fd, off);
+    if p != libc::MAP_FAILED && fd >= 0 && flags & libc::MAP_SHARED != 0 && off == 0 {
+        // Keep errno as mmap left it for the caller.
+        // SAFETY: __errno_location returns the calling thread's errno slot.
+        let saved = unsafe { *libc::__errno_location() };
+        maybe_track(p as u64, len as u64, fd);
+        // SAFETY: as above.
+        unsafe { *libc::__errno_location() = saved };
+    }
+    p
+}
+
+/// Interposes `mmap64` (the same call on 64-bit Linux).
+///
+/// # Safety
+/// Same contract as `mmap(2)`.
+#[no_mangle]
+pub unsafe extern "C" fn mmap64(
+    addr: *mut libc::c_void,
+    len: usize,
+    prot: i32,
+    flags: i32,
+    fd: i32,
+    off: Off,
+) -> *mut libc::c_void {
+    // SAFETY: forwarded with the caller's own contract.
+    unsafe { mmap(addr, len, prot, flags, fd, off) }
+}
+
+/// A path read into a fixed buffer (no allocation on the mmap path).
+struct PathBuf {
+    buf: [u8; 4096],
+    len: usize,
+}
+
+impl PathBuf {
+    fn bytes(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
+}
+
+fn fd_path(fd: i32) -> Option<PathBuf> {
+    let mut link = [0u8; 64];
+    let mut c = std::io::Cursor::new(&mut link[..]);
+    write!(c, "/proc/self/fd/{fd}\0").ok()?;
+    let mut out = PathBuf { buf: [0; 4096], len: 0 };
+    // SAFETY: `link` is NUL-terminated; readlink writes at most the buffer
+    // length into `out.buf`, which we own.
+    let n = unsafe { libc::readlink(link.as_ptr().cast(), out.buf.as_mut_ptr().cast(), out.buf.len()) };
+    out.len = usize::try_from(n).ok().filter(|&n| n < out.buf.len())?;
+    Some(out)
+}
+
+fn wanted_path() -> Option<PathBuf> {
+    // SAFETY: getenv with a NUL-terminated name; the result is read-only and
+    // stays valid as long as nobody calls setenv (QEMU does not for this name).
+    let v = unsafe { libc::getenv(c"DBMIGRATE_TRACK_PATH".as_ptr()) };
+    if v.is_null() {
+        return None;
+    }
+    let mut out = PathBuf { buf: [0; 4096], len: 0 };
+    // SAFETY: realpath writes at most PATH_MAX (4096) bytes into our buffer.
+    let r = unsafe { libc::realpath(v, out.buf.as_mut_ptr().cast()) };
+    if r.is_null() {
+        // The file may not exist yet (QEMU creates it): use the name as given.
+        // SAFETY: `v` is a NUL-terminated string from the environment.
+        let s = unsafe { std::ffi::CStr::from_ptr(v) }.to_bytes();
+        let n = s.len().min(out.buf.len());
+        out.buf[..n].copy_from_slice(&s[..n]);
+        out.len = n;
+    } else {
+        out.len = out.buf.iter().position(|&b| b == 0).unwrap_or(0);
+    }
+    Some(out)
+}
+
+fn say(args: std::fmt::Arguments<'_>) {
+    let mut buf = [0u8; 512];
+    let mut c = std::io::Cursor::new(&mut buf[..]);
+    let _ = c.write_fmt(args);
+    let n = usize::try_from(c.position()).unwrap_or(0);
+    // SAFETY: writes `n` initialised bytes of our buffer to stderr.
+    let _ = unsafe { libc::write(2, buf.as_ptr().cast(), n) };
+}
+
+fn maybe_track(addr: u64, len: u64, fd: i32) {
+    let Some(want) = wanted_path() else { return };
+    let Some(got) = fd_path(fd) else { return };
+    if got.bytes() != want.bytes() {
+        return;
+    }
+    let path = std::str::from_utf8(want.bytes()).unwrap_or("?");
+    match dbmigrate_uffd::register_wp_async(addr, len) {
+        Ok(uffd) => {
+            // Kept open for the life of the process: closing it would end tracking.
+            let raw = uffd.into_raw_fd();
+            say(format_args!(
+                "dbmigrate-preload: tracking {path} at {addr:#x}-{:#x} (uffd fd {raw})\n",
+                addr + len
+            ));
+        }
+        Err(e) => say(format_args!("dbmigrate-preload: cannot write-protect {path}: {e}\n")),
+    }
+}

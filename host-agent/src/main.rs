@@ -1,0 +1,279 @@
+//! `dbmigrate`: live-migrates a running QEMU VM's RAM between hosts, with
+//! QEMU moving only device state (`x-ignore-shared`).
+
+mod progress;
+mod qemu;
+mod qmp;
+mod receive;
+mod report;
+mod source;
+
+use std::io::IsTerminal;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use dbmigrate_core::precopy::{SourceConfig, StopPolicy};
+
+/// Database-aware live migration for QEMU VMs.
+#[derive(Parser)]
+#[command(name = "dbmigrate", version, about)]
+struct Cli {
+    /// Log filter (e.g. `info`, `dbmigrate_core=debug`); also RUST_LOG.
+    #[arg(long, global = true, default_value = "info")]
+    log: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Migrate the VM behind a QMP socket to a destination agent (run on the source host).
+    Migrate {
+        /// QMP socket of the running source QEMU.
+        #[arg(long)]
+        qmp: PathBuf,
+        /// Address of `dbmigrate receive` on the destination host.
+        #[arg(long)]
+        to: SocketAddr,
+        /// Parallel data connections.
+        #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=16))]
+        connections: u16,
+        /// Bandwidth limit over all connections, e.g. `1gbit`, `500mbit`, `100MB` (per second).
+        #[arg(long, value_parser = parse_rate)]
+        bandwidth: Option<u64>,
+        /// Downtime target in milliseconds.
+        #[arg(long, default_value_t = 300)]
+        downtime_ms: u64,
+        /// Stop iterating after this many rounds anyway.
+        #[arg(long, default_value_t = 30)]
+        max_rounds: u32,
+        /// Stop iterating once this multiple of RAM has been sent.
+        #[arg(long, default_value_t = 3.0)]
+        max_bytes_factor: f64,
+        /// Compress pages with zstd (level 1) when it makes them smaller.
+        #[arg(long)]
+        compress: bool,
+        /// Write the JSON report here.
+        #[arg(long)]
+        report: Option<PathBuf>,
+        /// Keep the source QEMU (in `postmigrate`) after success instead of quitting it.
+        #[arg(long)]
+        keep_source: bool,
+        /// Progress display: auto (when stderr is a terminal), always, never.
+        #[arg(long, default_value = "auto", value_parser = ["auto", "always", "never"])]
+        progress: String,
+    },
+    /// Receive a VM into a QEMU started with `-S -incoming defer` (run on the destination host).
+    Receive {
+        /// QMP socket of the waiting destination QEMU.
+        #[arg(long)]
+        qmp: PathBuf,
+        /// Address the source agent connects to.
+        #[arg(long)]
+        listen: SocketAddr,
+        /// Address where the destination QEMU listens for device state.
+        #[arg(long)]
+        incoming: SocketAddr,
+        /// Seconds of silence from the source before giving up.
+        #[arg(long, default_value_t = 60)]
+        timeout: u64,
+        /// Keep the destination QEMU after a failed attempt.
+        #[arg(long)]
+        keep_qemu: bool,
+    },
+    /// Report which dirty-tracking mechanisms this host supports.
+    Check,
+    /// Print the environment to start a source QEMU with, so dbmigrate can track its RAM.
+    Env {
+        /// The RAM backend file QEMU will use (`mem-path=`).
+        #[arg(long)]
+        ram_path: PathBuf,
+    },
+}
+
+/// Parses `1gbit`, `800mbit`, `100MB`, `12345` (bytes/s).
+fn parse_rate(s: &str) -> Result<u64, String> {
+    let t = s.trim().to_ascii_lowercase();
+    let split = t.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("`{s}` is not a rate: use e.g. 1gbit, 500mbit, 100MB"))?;
+    let bytes_per_unit = match unit {
+        "" | "b" => 1.0,
+        "kbit" => 1e3 / 8.0,
+        "mbit" => 1e6 / 8.0,
+        "gbit" => 1e9 / 8.0,
+        "kb" => 1e3,
+        "mb" => 1e6,
+        "gb" => 1e9,
+        "kib" => 1024.0,
+        "mib" => 1024.0 * 1024.0,
+        "gib" => 1024.0 * 1024.0 * 1024.0,
+        _ => return Err(format!("unknown rate unit `{unit}` in `{s}`: use kbit, mbit, gbit, KB, MB, GB, KiB, MiB or GiB")),
+    };
+    let v = n * bytes_per_unit;
+    if !(v.is_finite() && v >= 1.0) {
+        return Err(format!("rate `{s}` is too small"));
+    }
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)] // checked finite and >= 1
+    Ok(v as u64)
+}
+
+fn preload_path() -> Option<PathBuf> {
+    let exe = std::env::current_exe().ok()?;
+    let dir = exe.parent()?;
+    [
+        dir.join("libdbmigrate_preload.so"),
+        dir.join("../lib/dbmigrate/libdbmigrate_preload.so"),
+    ]
+    .into_iter()
+    .find(|p| p.exists())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cli.log));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("dbmigrate: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<ExitCode> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    match cli.command {
+        Command::Migrate {
+            qmp,
+            to,
+            connections,
+            bandwidth,
+            downtime_ms,
+            max_rounds,
+            max_bytes_factor,
+            compress,
+            report,
+            keep_source,
+            progress,
+        } => {
+            if max_bytes_factor.is_nan() || max_bytes_factor <= 0.0 {
+                bail!("--max-bytes-factor must be positive");
+            }
+            let progress = match progress.as_str() {
+                "always" => true,
+                "never" => false,
+                _ => std::io::stderr().is_terminal(),
+            };
+            let config = SourceConfig {
+                connections,
+                bandwidth,
+                compress,
+                policy: StopPolicy {
+                    downtime_target: Duration::from_millis(downtime_ms),
+                    max_rounds: max_rounds.max(1),
+                    max_bytes_factor,
+                    ..StopPolicy::default()
+                },
+                ..SourceConfig::default()
+            };
+            let r = rt.block_on(source::migrate(source::MigrateArgs {
+                qmp,
+                to,
+                config,
+                progress,
+                quit_source: !keep_source,
+            }));
+            let json = serde_json::to_string_pretty(&r).context("encoding the report")?;
+            if let Some(path) = report {
+                std::fs::write(&path, &json)
+                    .with_context(|| format!("writing the report to {}", path.display()))?;
+            }
+            println!("{json}");
+            match (&r.error, r.vm_runs_on.as_str()) {
+                (None, _) => {
+                    eprintln!(
+                        "dbmigrate: VM runs on the destination: total {} ms, downtime {} ms, {} MiB sent, RAM verified",
+                        r.total_ms,
+                        r.downtime_ms,
+                        r.link_bytes >> 20
+                    );
+                    Ok(ExitCode::SUCCESS)
+                }
+                (Some(e), "source") => {
+                    eprintln!("dbmigrate: migration failed, the VM keeps running on the source: {e}");
+                    Ok(ExitCode::from(1))
+                }
+                (Some(e), _) => {
+                    eprintln!("dbmigrate: migration outcome UNKNOWN, source paused: {e}");
+                    Ok(ExitCode::from(3))
+                }
+            }
+        }
+        Command::Receive {
+            qmp,
+            listen,
+            incoming,
+            timeout,
+            keep_qemu,
+        } => {
+            let stats = rt.block_on(receive::receive(receive::ReceiveArgs {
+                qmp,
+                listen,
+                incoming,
+                peer_timeout: Duration::from_secs(timeout.max(1)),
+                keep_qemu,
+            }))?;
+            println!("{}", serde_json::to_string_pretty(&stats)?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Check => {
+            let s = dbmigrate_core::dirty::host_support();
+            println!("{s}");
+            match preload_path() {
+                Some(p) => println!("preload library: {}", p.display()),
+                None => println!("preload library: not found next to this binary (build it with `cargo build -p dbmigrate-preload`)"),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Env { ram_path } => {
+            let lib = preload_path().context(
+                "libdbmigrate_preload.so is not next to the dbmigrate binary: build it with `cargo build --release -p dbmigrate-preload`",
+            )?;
+            println!("LD_PRELOAD={} DBMIGRATE_TRACK_PATH={}", lib.display(), ram_path.display());
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_rate;
+
+    #[test]
+    fn rates() {
+        assert_eq!(parse_rate("1gbit"), Ok(125_000_000));
+        assert_eq!(parse_rate("800Mbit"), Ok(100_000_000));
+        assert_eq!(parse_rate("100MB"), Ok(100_000_000));
+        assert_eq!(parse_rate("1MiB"), Ok(1 << 20));
+        assert_eq!(parse_rate("4096"), Ok(4096));
+        assert!(parse_rate("fast").is_err());
+        assert!(parse_rate("10 parsecs").is_err());
+        assert!(parse_rate("0").is_err());
+    }
+}

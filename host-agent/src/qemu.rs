@@ -1,0 +1,226 @@
+//! What dbmigrate needs to know about and ask of a QEMU: its RAM backend,
+//! guest-physical layout, migration capabilities and device-state migration.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use thiserror::Error;
+
+use crate::qmp::{Qmp, QmpError};
+
+/// How to start QEMU so that dbmigrate can move its RAM.
+pub const RAM_BACKEND_HINT: &str = "start QEMU with `-object memory-backend-file,id=ram0,size=<RAM>,mem-path=/dev/shm/<name>,share=on -machine <type>,memory-backend=ram0`";
+
+/// QEMU-side failures.
+#[derive(Debug, Error)]
+pub enum VmError {
+    /// A QMP command failed.
+    #[error(transparent)]
+    Qmp(#[from] QmpError),
+    /// Guest RAM is not in a shared file.
+    #[error("guest RAM of the QEMU at {qmp} is not usable: {problem}; {RAM_BACKEND_HINT}")]
+    Backend {
+        /// QMP socket.
+        qmp: PathBuf,
+        /// What is wrong.
+        problem: String,
+    },
+    /// Device-state migration failed.
+    #[error("QEMU device-state migration ended `{status}`: {detail}")]
+    Migration {
+        /// Final status.
+        status: String,
+        /// QEMU's error text.
+        detail: String,
+    },
+}
+
+/// The memory backend holding guest RAM.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct RamBackend {
+    /// QOM id (e.g. `ram0`).
+    pub id: String,
+    /// File that holds the RAM.
+    pub mem_path: PathBuf,
+    /// Bytes.
+    pub size: u64,
+}
+
+/// One guest-physical range backed by the RAM file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct GpaRange {
+    /// First guest-physical address.
+    pub gpa: u64,
+    /// Length in bytes.
+    pub len: u64,
+    /// Offset of `gpa` in the RAM file.
+    pub offset: u64,
+}
+
+/// Finds the machine's RAM backend and checks it is a shared file.
+pub async fn ram_backend(qmp: &mut Qmp) -> Result<RamBackend, VmError> {
+    let qmp_socket = qmp.path().to_path_buf();
+    let bad = |problem: String| VmError::Backend {
+        qmp: qmp_socket.clone(),
+        problem,
+    };
+    let mb = qmp
+        .execute(
+            "qom-get",
+            Some(json!({"path": "/machine", "property": "memory-backend"})),
+        )
+        .await;
+    let path = match mb {
+        Ok(Value::String(p)) if !p.is_empty() => p,
+        _ => return Err(bad("the machine has no `memory-backend` property set".into())),
+    };
+    let path = if path.starts_with('/') {
+        path
+    } else {
+        format!("/objects/{path}")
+    };
+    let get = |prop: &'static str| json!({"path": path, "property": prop});
+    let mem_path = match qmp.execute("qom-get", Some(get("mem-path"))).await {
+        Ok(Value::String(p)) => PathBuf::from(p),
+        _ => {
+            return Err(bad(format!(
+                "backend {path} is not a memory-backend-file (no mem-path)"
+            )))
+        }
+    };
+    let share = qmp.execute("qom-get", Some(get("share"))).await?;
+    if share != Value::Bool(true) {
+        return Err(bad(format!("backend {path} has share=off, so the RAM file does not see guest writes")));
+    }
+    let size = qmp
+        .execute("qom-get", Some(get("size")))
+        .await?
+        .as_u64()
+        .ok_or_else(|| bad(format!("backend {path} reports no size")))?;
+    Ok(RamBackend {
+        id: path.rsplit('/').next().unwrap_or(&path).to_string(),
+        mem_path,
+        size,
+    })
+}
+
+/// Guest-physical layout of the backend, read from `info mtree -f`.
+pub async fn gpa_layout(qmp: &mut Qmp, backend_id: &str) -> Result<Vec<GpaRange>, VmError> {
+    let text = qmp
+        .execute(
+            "human-monitor-command",
+            Some(json!({"command-line": "info mtree -f"})),
+        )
+        .await?;
+    Ok(parse_mtree(text.as_str().unwrap_or(""), backend_id))
+}
+
+/// Parses `info mtree -f` lines like
+/// `0000000000100000-000000000fffffff (prio 0, ram): ram0 @0000000000100000`.
+pub fn parse_mtree(text: &str, backend_id: &str) -> Vec<GpaRange> {
+    let mut out: Vec<GpaRange> = Vec::new();
+    for line in text.lines() {
+        let line = line.trim();
+        let Some((range, rest)) = line.split_once(' ') else {
+            continue;
+        };
+        let Some((_, region)) = rest.split_once("): ") else {
+            continue;
+        };
+        if !rest.contains(", ram") {
+            continue;
+        }
+        let mut words = region.split_whitespace();
+        if words.next() != Some(backend_id) {
+            continue;
+        }
+        let offset = words
+            .find_map(|w| w.strip_prefix('@'))
+            .and_then(|h| u64::from_str_radix(h, 16).ok())
+            .unwrap_or(0);
+        let Some((a, b)) = range.split_once('-') else {
+            continue;
+        };
+        let (Ok(a), Ok(b)) = (u64::from_str_radix(a, 16), u64::from_str_radix(b, 16)) else {
+            continue;
+        };
+        if b < a {
+            continue;
+        }
+        let r = GpaRange {
+            gpa: a,
+            len: b - a + 1,
+            offset,
+        };
+        if !out.contains(&r) {
+            out.push(r);
+        }
+    }
+    out.sort_by_key(|r| r.gpa);
+    out
+}
+
+/// Sets a migration capability and returns its previous state.
+pub async fn set_capability(qmp: &mut Qmp, name: &str, on: bool) -> Result<bool, VmError> {
+    let caps = qmp.execute("query-migrate-capabilities", None).await?;
+    let prev = caps
+        .as_array()
+        .and_then(|a| a.iter().find(|c| c["capability"] == name))
+        .and_then(|c| c["state"].as_bool())
+        .unwrap_or(false);
+    if prev != on {
+        qmp.execute(
+            "migrate-set-capabilities",
+            Some(json!({"capabilities": [{"capability": name, "state": on}]})),
+        )
+        .await?;
+    }
+    Ok(prev)
+}
+
+/// Polls `query-migrate` until the migration completes; error on failure or after `limit`.
+pub async fn wait_migration(qmp: &mut Qmp, limit: Duration) -> Result<Value, VmError> {
+    let t = Instant::now();
+    loop {
+        let v = qmp.execute("query-migrate", None).await?;
+        let status = v["status"].as_str().unwrap_or("none").to_string();
+        match status.as_str() {
+            "completed" => return Ok(v),
+            "failed" | "cancelled" => {
+                return Err(VmError::Migration {
+                    status,
+                    detail: v["error-desc"].as_str().unwrap_or("no detail").into(),
+                })
+            }
+            _ => {}
+        }
+        if t.elapsed() > limit {
+            return Err(VmError::Migration {
+                status,
+                detail: format!("not finished after {} s", limit.as_secs()),
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mtree_ranges_of_the_backend() {
+        let text = "FlatView #0\n AS \"memory\", root: system\n Root memory region: system\n  0000000000000000-00000000000bffff (prio 0, ram): ram0\n  00000000000c0000-00000000000dffff (prio 1, rom): pc.rom\n  0000000000100000-000000000fffffff (prio 0, ram): ram0 @0000000000100000\n  0000000100000000-000000013fffffff (prio 0, ram): ram0 @0000000080000000 KVM\n  0000000000000000-00000000000bffff (prio 0, ram): ram0\n  00000000fd000000-00000000fdffffff (prio 1, ram): vga.vram\n";
+        let r = parse_mtree(text, "ram0");
+        assert_eq!(
+            r,
+            vec![
+                GpaRange { gpa: 0, len: 0xc0000, offset: 0 },
+                GpaRange { gpa: 0x100000, len: 0xff00000, offset: 0x100000 },
+                GpaRange { gpa: 0x1_0000_0000, len: 0x4000_0000, offset: 0x8000_0000 },
+            ]
+        );
+        assert!(parse_mtree("garbage\n-\n", "ram0").is_empty());
+    }
+}

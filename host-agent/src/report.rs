@@ -1,0 +1,49 @@
+//! The JSON report written at the end of a migration: one `runs` entry of
+//! the benchmark report format, plus the engine's detailed statistics.
+
+use dbmigrate_core::stats::MigrationStats;
+use serde::Serialize;
+
+/// Pages by class, as in the benchmark report.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct PageCounts {
+    /// Sent as raw (or compressed) pages.
+    pub raw: u64,
+    /// Zero pages (never sent as data).
+    pub zero: u64,
+    /// Rebuilt from shared storage (not in pre-copy without hints).
+    pub rebuilt: u64,
+    /// Rebuild attempts that did not match.
+    pub rebuild_mismatch: u64,
+}
+
+/// Result of one `dbmigrate migrate`.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct MigrationReport {
+    /// `dbmigrate-precopy`.
+    pub method: String,
+    /// True when the destination runs the VM.
+    pub completed: bool,
+    /// Migration start to destination running.
+    pub total_ms: u64,
+    /// VM paused to VM running again.
+    pub downtime_ms: u64,
+    /// Bytes between the agents, both directions (device state not included; see `device_state_bytes`).
+    pub link_bytes: u64,
+    /// Bytes read from shared storage.
+    pub storage_bytes: u64,
+    /// Page counts.
+    pub pages: PageCounts,
+    /// Full-RAM digests matched at switchover.
+    pub ram_verified: Option<bool>,
+    /// Bytes QEMU sent for device state.
+    pub device_state_bytes: u64,
+    /// Dirty tracker used.
+    pub tracker: String,
+    /// Error that stopped the migration, if any.
+    pub error: Option<String>,
+    /// Where the VM runs after the attempt: `source` or `destination` or `unknown`.
+    pub vm_runs_on: String,
+    /// Engine details.
+    pub stats: MigrationStats,
+}

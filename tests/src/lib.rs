@@ -1,0 +1,483 @@
+//! Test bed shared by the integration tests and the benchmarks: two hosts as
+//! network namespaces joined by a `tc`-shaped veth pair, the dirtier guest,
+//! QEMU processes inside the namespaces, and a small synchronous QMP client.
+//!
+//! Everything is created by the test itself and removed on drop.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde_json::{json, Value};
+
+/// Repository root.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ sits in the repository")
+        .to_path_buf()
+}
+
+/// Directory with the built `dbmigrate` binary and preload library: the
+/// profile directory of the running test or bench executable, or
+/// `DBMIGRATE_BIN_DIR`.
+pub fn bin_dir() -> Result<PathBuf> {
+    if let Ok(d) = std::env::var("DBMIGRATE_BIN_DIR") {
+        return Ok(PathBuf::from(d));
+    }
+    let exe = std::env::current_exe()?;
+    for dir in exe.ancestors().skip(1) {
+        if dir.join("dbmigrate").exists() && dir.join("libdbmigrate_preload.so").exists() {
+            return Ok(dir.to_path_buf());
+        }
+    }
+    bail!(
+        "dbmigrate and libdbmigrate_preload.so not found above {}: run `cargo build --release --workspace` first (the README's test command does)",
+        exe.display()
+    )
+}
+
+/// Fails unless running as root (namespaces, tc and QEMU's RAM tracking need it).
+pub fn require_root() -> Result<()> {
+    // SAFETY-free: geteuid via libc is safe to call but libc marks it unsafe.
+    if std::fs::read_to_string("/proc/self/status")?
+        .lines()
+        .find(|l| l.starts_with("Uid:"))
+        .and_then(|l| l.split_whitespace().nth(2))
+        != Some("0")
+    {
+        bail!("this test needs root (network namespaces, tc, /proc/PID/pagemap of QEMU): run it as root");
+    }
+    Ok(())
+}
+
+/// Runs a command, failing with its stderr.
+pub fn sh(cmd: &[&str]) -> Result<Output> {
+    let out = Command::new(cmd[0])
+        .args(&cmd[1..])
+        .output()
+        .with_context(|| format!("running {cmd:?} (is it installed?)"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(out)
+}
+
+/// Guest kernel and initramfs of the dirtier guest.
+#[derive(Clone, Debug)]
+pub struct GuestImage {
+    /// Kernel.
+    pub kernel: PathBuf,
+    /// Initramfs with busybox and the dirtier.
+    pub initrd: PathBuf,
+}
+
+/// Builds (or finds in the cache) the dirtier guest.
+pub fn dirtier_guest() -> Result<GuestImage> {
+    let script = repo_root().join("guest/build-dirtier-guest.sh");
+    let out = Command::new("bash")
+        .arg(&script)
+        .stderr(Stdio::inherit())
+        .output()
+        .with_context(|| format!("running {}", script.display()))?;
+    if !out.status.success() {
+        bail!("{} failed", script.display());
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let dir = PathBuf::from(text.lines().last().unwrap_or("").trim());
+    let img = GuestImage {
+        kernel: dir.join("vmlinuz"),
+        initrd: dir.join("initramfs.cpio.gz"),
+    };
+    if !img.kernel.exists() || !img.initrd.exists() {
+        bail!("guest build did not produce {} and {}", img.kernel.display(), img.initrd.display());
+    }
+    Ok(img)
+}
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+/// Two hosts (`src`, `dst`) as network namespaces with a shaped veth link.
+pub struct Testbed {
+    /// Short unique tag.
+    pub tag: String,
+    /// Source namespace.
+    pub src_ns: String,
+    /// Destination namespace.
+    pub dst_ns: String,
+    /// Source address on the migration link.
+    pub src_ip: String,
+    /// Destination address on the migration link.
+    pub dst_ip: String,
+    /// Source veth interface name.
+    pub src_if: String,
+    /// Destination veth interface name.
+    pub dst_if: String,
+    /// Scratch directory for sockets, logs and reports.
+    pub dir: PathBuf,
+}
+
+impl Testbed {
+    /// Creates the namespaces and the link, shaped to `link_mbit` with tbf.
+    pub fn new(link_mbit: u32) -> Result<Self> {
+        require_root()?;
+        let n = (std::process::id() % 200) + NEXT.fetch_add(1, Ordering::SeqCst) * 7 % 50;
+        let n = n % 250;
+        let tag = format!("dbm{n}");
+        let tb = Self {
+            src_ns: format!("{tag}s"),
+            dst_ns: format!("{tag}d"),
+            src_ip: format!("10.77.{n}.1"),
+            dst_ip: format!("10.77.{n}.2"),
+            src_if: format!("{tag}a"),
+            dst_if: format!("{tag}b"),
+            dir: std::env::temp_dir().join(format!("dbmigrate-{tag}-{}", std::process::id())),
+            tag,
+        };
+        tb.teardown_quiet();
+        std::fs::create_dir_all(&tb.dir)?;
+        sh(&["ip", "netns", "add", &tb.src_ns])?;
+        sh(&["ip", "netns", "add", &tb.dst_ns])?;
+        sh(&["ip", "link", "add", &tb.src_if, "type", "veth", "peer", "name", &tb.dst_if])?;
+        sh(&["ip", "link", "set", &tb.src_if, "netns", &tb.src_ns])?;
+        sh(&["ip", "link", "set", &tb.dst_if, "netns", &tb.dst_ns])?;
+        for (ns, dev, ip) in [
+            (&tb.src_ns, &tb.src_if, &tb.src_ip),
+            (&tb.dst_ns, &tb.dst_if, &tb.dst_ip),
+        ] {
+            let cidr = format!("{ip}/24");
+            sh(&["ip", "-n", ns, "addr", "add", &cidr, "dev", dev])?;
+            sh(&["ip", "-n", ns, "link", "set", dev, "up"])?;
+            sh(&["ip", "-n", ns, "link", "set", "lo", "up"])?;
+            let rate = format!("{link_mbit}mbit");
+            sh(&[
+                "ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", dev, "root", "tbf", "rate",
+                &rate, "burst", "256kb", "latency", "50ms",
+            ])?;
+        }
+        Ok(tb)
+    }
+
+    /// Bytes sent plus received on the source end of the link.
+    pub fn link_bytes(&self) -> Result<u64> {
+        let read = |f: &str| -> Result<u64> {
+            let p = format!("/sys/class/net/{}/statistics/{f}", self.src_if);
+            let out = sh(&["ip", "netns", "exec", &self.src_ns, "cat", &p])?;
+            Ok(String::from_utf8_lossy(&out.stdout).trim().parse()?)
+        };
+        Ok(read("tx_bytes")? + read("rx_bytes")?)
+    }
+
+    /// A command that runs inside namespace `ns`.
+    pub fn in_ns(&self, ns: &str, program: &Path) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", ns]).arg(program);
+        c
+    }
+
+    fn teardown_quiet(&self) {
+        for ns in [&self.src_ns, &self.dst_ns] {
+            // Processes left in the namespace would keep it alive.
+            if let Ok(out) = Command::new("ip").args(["netns", "pids", ns]).output() {
+                for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+                    let _ = Command::new("kill").args(["-9", pid]).status();
+                }
+            }
+            let _ = Command::new("ip").args(["netns", "del", ns]).stderr(Stdio::null()).status();
+        }
+    }
+}
+
+impl Drop for Testbed {
+    fn drop(&mut self) {
+        self.teardown_quiet();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Options of a dirtier VM.
+#[derive(Clone, Debug)]
+pub struct VmOptions {
+    /// RAM size in MiB.
+    pub ram_mib: u64,
+    /// Working set the guest keeps rewriting, MiB.
+    pub ws_mib: u64,
+    /// Percent of free RAM the guest fills.
+    pub fill_pct: u64,
+    /// Load the dbmigrate preload library (needed on a dbmigrate source).
+    pub preload: bool,
+    /// Start as a migration target (`-S -incoming defer`).
+    pub incoming: bool,
+    /// Extra QEMU arguments.
+    pub extra: Vec<String>,
+}
+
+impl Default for VmOptions {
+    fn default() -> Self {
+        Self {
+            ram_mib: 512,
+            ws_mib: 16,
+            fill_pct: 80,
+            preload: true,
+            incoming: false,
+            extra: Vec::new(),
+        }
+    }
+}
+
+/// A QEMU process inside a namespace.
+pub struct Vm {
+    /// Name used for files.
+    pub name: String,
+    /// QMP socket.
+    pub qmp: PathBuf,
+    /// Serial console log.
+    pub serial: PathBuf,
+    /// RAM backend file.
+    pub ram: PathBuf,
+    child: Child,
+}
+
+impl Vm {
+    /// Starts the dirtier guest (or an incoming shell for it) in `ns`.
+    pub fn start(tb: &Testbed, ns: &str, name: &str, img: &GuestImage, o: &VmOptions) -> Result<Self> {
+        let qmp = tb.dir.join(format!("{name}.qmp"));
+        let serial = tb.dir.join(format!("{name}.serial"));
+        let ram = PathBuf::from(format!("/dev/shm/{}-{name}", tb.tag));
+        let _ = std::fs::remove_file(&ram);
+        let mut c = tb.in_ns(ns, Path::new("qemu-system-x86_64"));
+        c.args(["-name", name, "-accel", "tcg,thread=single", "-cpu", "max", "-smp", "1"])
+            .args(["-m", &format!("{}M", o.ram_mib)])
+            .args([
+                "-object",
+                &format!(
+                    "memory-backend-file,id=ram0,size={}M,mem-path={},share=on",
+                    o.ram_mib,
+                    ram.display()
+                ),
+            ])
+            .args(["-machine", "pc,memory-backend=ram0", "-nodefaults", "-display", "none"])
+            .args(["-serial", &format!("file:{}", serial.display())])
+            .args(["-qmp", &format!("unix:{},server=on,wait=off", qmp.display())])
+            .arg("-kernel")
+            .arg(&img.kernel)
+            .arg("-initrd")
+            .arg(&img.initrd)
+            .args([
+                "-append",
+                &format!(
+                    "console=ttyS0 quiet dirtier.ws_mib={} dirtier.fill_pct={}",
+                    o.ws_mib, o.fill_pct
+                ),
+            ])
+            .args(&o.extra);
+        if o.incoming {
+            c.args(["-S", "-incoming", "defer"]);
+        }
+        if o.preload {
+            let dir = bin_dir()?;
+            c.env("LD_PRELOAD", dir.join("libdbmigrate_preload.so"))
+                .env("DBMIGRATE_TRACK_PATH", &ram);
+        }
+        let log = std::fs::File::create(tb.dir.join(format!("{name}.qemu.log")))?;
+        c.stdout(Stdio::null()).stderr(log.try_clone()?);
+        let child = c.spawn().context("starting qemu-system-x86_64 (is qemu-system-x86 installed?)")?;
+        let vm = Self {
+            name: name.into(),
+            qmp,
+            serial,
+            ram,
+            child,
+        };
+        let t = Instant::now();
+        while !vm.qmp.exists() {
+            if t.elapsed() > Duration::from_secs(20) {
+                bail!("QEMU {name} did not open its QMP socket: {}", vm.qemu_log(tb));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(vm)
+    }
+
+    /// QEMU's own stderr.
+    pub fn qemu_log(&self, tb: &Testbed) -> String {
+        std::fs::read_to_string(tb.dir.join(format!("{}.qemu.log", self.name))).unwrap_or_default()
+    }
+
+    /// Serial console text so far.
+    pub fn console(&self) -> String {
+        std::fs::read_to_string(&self.serial).unwrap_or_default()
+    }
+
+    /// Waits until the console has a line containing `needle`.
+    pub fn wait_console(&self, needle: &str, limit: Duration) -> Result<()> {
+        let t = Instant::now();
+        while t.elapsed() < limit {
+            if self.console().contains(needle) {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        bail!("{}: no `{needle}` on the console after {:?}; console tail:\n{}", self.name, limit, tail(&self.console(), 15))
+    }
+
+    /// Heartbeats printed so far.
+    pub fn heartbeats(&self) -> Vec<Heartbeat> {
+        self.console().lines().filter_map(Heartbeat::parse).collect()
+    }
+
+    /// Waits for a heartbeat matching `pred`.
+    pub fn wait_heartbeat(&self, limit: Duration, pred: impl Fn(&Heartbeat) -> bool) -> Result<Heartbeat> {
+        let t = Instant::now();
+        while t.elapsed() < limit {
+            if let Some(h) = self.heartbeats().into_iter().rev().find(|h| pred(h)) {
+                return Ok(h);
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        bail!("{}: no matching heartbeat after {:?}; console tail:\n{}", self.name, limit, tail(&self.console(), 15))
+    }
+
+    /// Whether the QEMU process has exited.
+    pub fn exited(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(Some(_)))
+    }
+
+    /// Waits for the process to exit.
+    pub fn wait_exit(&mut self, limit: Duration) -> bool {
+        let t = Instant::now();
+        while t.elapsed() < limit {
+            if self.exited() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        false
+    }
+
+    /// A QMP connection.
+    pub fn qmp(&self) -> Result<SyncQmp> {
+        SyncQmp::connect(&self.qmp)
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.ram);
+    }
+}
+
+fn tail(s: &str, n: usize) -> String {
+    let lines: Vec<_> = s.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// One `DIRTIER HB` line.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Heartbeat {
+    /// Sequence number.
+    pub seq: u64,
+    /// Guest uptime.
+    pub uptime_ms: u64,
+    /// Completed verification passes over all memory.
+    pub passes: u64,
+    /// Pages that failed verification so far.
+    pub errors: u64,
+    /// Page rewrites so far.
+    pub rewrites: u64,
+}
+
+impl Heartbeat {
+    /// Parses `DIRTIER HB seq=1 uptime_ms=2 passes=3 errors=0 rewrites=5`.
+    pub fn parse(line: &str) -> Option<Self> {
+        let rest = line.trim().strip_prefix("DIRTIER HB ")?;
+        let kv: HashMap<&str, u64> = rest
+            .split_whitespace()
+            .filter_map(|w| w.split_once('='))
+            .filter_map(|(k, v)| Some((k, v.parse().ok()?)))
+            .collect();
+        Some(Self {
+            seq: *kv.get("seq")?,
+            uptime_ms: *kv.get("uptime_ms")?,
+            passes: *kv.get("passes")?,
+            errors: *kv.get("errors")?,
+            rewrites: *kv.get("rewrites")?,
+        })
+    }
+}
+
+/// Minimal blocking QMP client for tests and benchmarks.
+pub struct SyncQmp {
+    rx: BufReader<UnixStream>,
+    tx: UnixStream,
+}
+
+impl SyncQmp {
+    /// Connects and negotiates capabilities.
+    pub fn connect(path: &Path) -> Result<Self> {
+        let s = UnixStream::connect(path).with_context(|| format!("connecting to {}", path.display()))?;
+        s.set_read_timeout(Some(Duration::from_secs(60)))?;
+        let mut q = Self {
+            rx: BufReader::new(s.try_clone()?),
+            tx: s,
+        };
+        q.read()?;
+        q.cmd("qmp_capabilities", json!({}))?;
+        Ok(q)
+    }
+
+    fn read(&mut self) -> Result<Value> {
+        loop {
+            let mut line = String::new();
+            if self.rx.read_line(&mut line)? == 0 {
+                bail!("QMP closed");
+            }
+            let v: Value = serde_json::from_str(&line)?;
+            if v.get("event").is_none() {
+                return Ok(v);
+            }
+        }
+    }
+
+    /// Runs a command; error if QEMU returns one.
+    pub fn cmd(&mut self, execute: &str, arguments: Value) -> Result<Value> {
+        writeln!(self.tx, "{}", json!({"execute": execute, "arguments": arguments}))?;
+        let v = self.read()?;
+        if let Some(e) = v.get("error") {
+            return Err(anyhow!("QMP {execute}: {e}"));
+        }
+        Ok(v["return"].clone())
+    }
+
+    /// `query-status` status string.
+    pub fn status(&mut self) -> Result<String> {
+        Ok(self.cmd("query-status", json!({}))?["status"]
+            .as_str()
+            .unwrap_or("?")
+            .to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn heartbeat_lines() {
+        let h = Heartbeat::parse("DIRTIER HB seq=12 uptime_ms=3400 passes=2 errors=0 rewrites=99").unwrap();
+        assert_eq!(h.seq, 12);
+        assert_eq!(h.passes, 2);
+        assert!(Heartbeat::parse("DIRTIER READY pages=3").is_none());
+        assert!(Heartbeat::parse("DIRTIER HB seq=x").is_none());
+    }
+}
