@@ -293,7 +293,6 @@ pub struct SourceSession {
     ctrl_rx: OwnedReadHalf,
     ctrl_tx: OwnedWriteHalf,
     data: Vec<DataConn>,
-    limiter: Arc<RateLimiter>,
     welcome: Welcome,
     history: Vec<RoundObservation>,
     pending: PageBitmap,
@@ -322,9 +321,7 @@ impl SourceSession {
                 conn_index,
             })
         };
-        let ctrl = TcpStream::connect(addr)
-            .await
-            .map_err(|source| PrecopyError::Connect { addr, source })?;
+        let ctrl = connect_retrying(addr, cfg.peer_timeout.min(Duration::from_secs(10))).await?;
         ctrl.set_nodelay(true).ok();
         let (mut ctrl_rx, mut ctrl_tx) = ctrl.into_split();
         let mut stats = MigrationStats::default();
@@ -368,7 +365,6 @@ impl SourceSession {
             ctrl_rx,
             ctrl_tx,
             data,
-            limiter,
             welcome,
             history: Vec::new(),
             pending: PageBitmap::new(pages),
@@ -581,7 +577,6 @@ impl SourceSession {
         let elapsed = t.elapsed();
         rs.elapsed_ms = u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX);
         rs.rate_mbit = mbit_per_s(rs.bytes, elapsed.as_secs_f64() * 1000.0);
-        let _ = &self.limiter;
         Ok(rs)
     }
 
@@ -693,6 +688,21 @@ async fn data_writer(
         source,
     })?;
     Ok(sent)
+}
+
+/// Connects, retrying while the destination agent is not listening yet
+/// (both agents are often started at the same moment).
+async fn connect_retrying(addr: SocketAddr, patience: Duration) -> Result<TcpStream, PrecopyError> {
+    let t = Instant::now();
+    loop {
+        match TcpStream::connect(addr).await {
+            Ok(s) => return Ok(s),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused && t.elapsed() < patience => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(source) => return Err(PrecopyError::Connect { addr, source }),
+        }
+    }
 }
 
 async fn timeout<T>(

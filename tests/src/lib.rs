@@ -216,6 +216,8 @@ pub struct VmOptions {
     pub preload: bool,
     /// Start as a migration target (`-S -incoming defer`).
     pub incoming: bool,
+    /// RAM backend mapped shared (dbmigrate needs it; false to test the refusal).
+    pub share: bool,
     /// Extra QEMU arguments.
     pub extra: Vec<String>,
 }
@@ -228,6 +230,7 @@ impl Default for VmOptions {
             fill_pct: 80,
             preload: true,
             incoming: false,
+            share: true,
             extra: Vec::new(),
         }
     }
@@ -259,9 +262,10 @@ impl Vm {
             .args([
                 "-object",
                 &format!(
-                    "memory-backend-file,id=ram0,size={}M,mem-path={},share=on",
+                    "memory-backend-file,id=ram0,size={}M,mem-path={},share={}",
                     o.ram_mib,
-                    ram.display()
+                    ram.display(),
+                    if o.share { "on" } else { "off" }
                 ),
             ])
             .args(["-machine", "pc,memory-backend=ram0", "-nodefaults", "-display", "none"])

@@ -1,0 +1,366 @@
+//! `bench compare`: migrates the same guest over the same shaped link with
+//! QEMU's own pre-copy, QEMU's own post-copy and dbmigrate, in one run, and
+//! writes a report in the format of `shared/bench-report.md`.
+//!
+//! Every method gets a freshly booted guest that has filled its memory and
+//! finished one verification pass; after each migration the guest must finish
+//! another full verification pass on the destination, and the errors it
+//! finds are reported (`workload.errors`).
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use dbmigrate_testbed::{bin_dir, dirtier_guest, GuestImage, Testbed, Vm, VmOptions};
+use serde::Serialize;
+use serde_json::{json, Value};
+
+#[derive(Parser)]
+#[command(name = "bench", about = "dbmigrate benchmarks")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Compare migration methods on the dirtier guest.
+    Compare {
+        /// Scenario name (report `scenario`, default file name).
+        #[arg(long)]
+        scenario: Option<String>,
+        /// Guest RAM in MiB.
+        #[arg(long, default_value_t = 1024)]
+        ram_mib: u64,
+        /// Working set the guest keeps rewriting, MiB.
+        #[arg(long, default_value_t = 16)]
+        ws_mib: u64,
+        /// Percent of free guest RAM the guest fills.
+        #[arg(long, default_value_t = 80)]
+        fill_pct: u64,
+        /// Migration link shaping, Mbit/s.
+        #[arg(long, default_value_t = 1000)]
+        link_mbit: u32,
+        /// Downtime target for every method, ms.
+        #[arg(long, default_value_t = 300)]
+        downtime_ms: u64,
+        /// Give up on a method after this many seconds (reported as not completed).
+        #[arg(long, default_value_t = 60)]
+        timeout_s: u64,
+        /// Methods, comma separated.
+        #[arg(long, default_value = "qemu-precopy,qemu-postcopy,dbmigrate-precopy", value_delimiter = ',')]
+        methods: Vec<String>,
+        /// Report path (default bench/results/<scenario>.json).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+}
+
+#[derive(Serialize, Default, Clone)]
+struct Pages {
+    raw: u64,
+    zero: u64,
+    rebuilt: u64,
+    rebuild_mismatch: u64,
+}
+
+#[derive(Serialize, Default, Clone)]
+struct Workload {
+    errors: Option<u64>,
+    tps_before: Option<f64>,
+    tps_during: Option<f64>,
+    p99_ms_during: Option<f64>,
+}
+
+#[derive(Serialize, Default, Clone)]
+struct Run {
+    method: String,
+    completed: bool,
+    total_ms: Option<u64>,
+    downtime_ms: Option<u64>,
+    link_bytes: u64,
+    storage_bytes: u64,
+    pages: Pages,
+    ram_verified: Option<bool>,
+    workload: Workload,
+    /// Guest's own verdict: full passes over its memory on the destination with no error.
+    guest_verified_after: Option<bool>,
+    /// Method-specific details (rounds, stop reason, QEMU's counters).
+    detail: Value,
+}
+
+#[derive(Serialize)]
+struct Report {
+    scenario: String,
+    link_mbit: u32,
+    storage_mbit: Option<u32>,
+    vm: Value,
+    runs: Vec<Run>,
+}
+
+struct Setup<'a> {
+    tb: &'a Testbed,
+    img: &'a GuestImage,
+    ram_mib: u64,
+    ws_mib: u64,
+    fill_pct: u64,
+    link_mbit: u32,
+    downtime_ms: u64,
+    timeout: Duration,
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Cmd::Compare {
+            scenario,
+            ram_mib,
+            ws_mib,
+            fill_pct,
+            link_mbit,
+            downtime_ms,
+            timeout_s,
+            methods,
+            out,
+        } => {
+            let scenario = scenario.unwrap_or_else(|| format!("dirtier-ws{ws_mib}"));
+            for m in &methods {
+                if !["qemu-precopy", "qemu-postcopy", "dbmigrate-precopy"].contains(&m.as_str()) {
+                    bail!("unknown method `{m}`: use qemu-precopy, qemu-postcopy, dbmigrate-precopy");
+                }
+            }
+            let img = dirtier_guest()?;
+            let tb = Testbed::new(link_mbit)?;
+            let setup = Setup {
+                tb: &tb,
+                img: &img,
+                ram_mib,
+                ws_mib,
+                fill_pct,
+                link_mbit,
+                downtime_ms,
+                timeout: Duration::from_secs(timeout_s),
+            };
+            let mut runs = Vec::new();
+            for m in &methods {
+                eprintln!("== {scenario}: {m}");
+                let run = run_method(&setup, m).with_context(|| format!("method {m}"))?;
+                eprintln!(
+                    "   completed={} total_ms={:?} downtime_ms={:?} link_MB={} guest_ok={:?}",
+                    run.completed,
+                    run.total_ms,
+                    run.downtime_ms,
+                    run.link_bytes / 1_000_000,
+                    run.guest_verified_after
+                );
+                runs.push(run);
+            }
+            let report = Report {
+                scenario: scenario.clone(),
+                link_mbit,
+                storage_mbit: None,
+                vm: json!({"ram_mib": ram_mib, "vcpus": 1, "workload": format!("dirtier ws={ws_mib}MiB fill={fill_pct}%")}),
+                runs,
+            };
+            let path = out.unwrap_or_else(|| {
+                dbmigrate_testbed::repo_root().join(format!("bench/results/{scenario}.json"))
+            });
+            std::fs::write(&path, serde_json::to_string_pretty(&report)? + "\n")
+                .with_context(|| format!("writing {}", path.display()))?;
+            print_table(&report);
+            eprintln!("report: {}", path.display());
+            Ok(())
+        }
+    }
+}
+
+fn print_table(r: &Report) {
+    println!("\n{} — {} MiB guest, {} Mbit/s link\n", r.scenario, r.vm["ram_mib"], r.link_mbit);
+    println!("| method | completed | total (ms) | downtime (ms) | link MB | RAM verified | guest check after |");
+    println!("|---|---|---|---|---|---|---|");
+    let opt = |v: Option<u64>| v.map_or("-".to_string(), |v| v.to_string());
+    for run in &r.runs {
+        println!(
+            "| {} | {} | {} | {} | {} | {} | {} |",
+            run.method,
+            run.completed,
+            opt(run.total_ms),
+            opt(run.downtime_ms),
+            run.link_bytes / 1_000_000,
+            run.ram_verified.map_or("n/a".into(), |b| b.to_string()),
+            run.guest_verified_after.map_or("n/a".into(), |b| if b { "clean".to_string() } else { "ERRORS".to_string() })
+        );
+    }
+}
+
+fn start_vms(s: &Setup<'_>, preload: bool, dst_incoming_extra: &[&str]) -> Result<(Vm, Vm)> {
+    let src = Vm::start(
+        s.tb,
+        &s.tb.src_ns,
+        "src",
+        s.img,
+        &VmOptions {
+            ram_mib: s.ram_mib,
+            ws_mib: s.ws_mib,
+            fill_pct: s.fill_pct,
+            preload,
+            ..VmOptions::default()
+        },
+    )?;
+    src.wait_console("DIRTIER READY", Duration::from_secs(300))?;
+    src.wait_heartbeat(Duration::from_secs(300), |h| h.passes >= 1)?;
+    let dst = Vm::start(
+        s.tb,
+        &s.tb.dst_ns,
+        "dst",
+        s.img,
+        &VmOptions {
+            ram_mib: s.ram_mib,
+            ws_mib: s.ws_mib,
+            fill_pct: s.fill_pct,
+            preload: false,
+            incoming: true,
+            extra: dst_incoming_extra.iter().map(|s| s.to_string()).collect(),
+            ..VmOptions::default()
+        },
+    )?;
+    Ok((src, dst))
+}
+
+/// After a completed migration: the guest on `dst` must complete two more
+/// full verification passes; returns whether it found no error.
+fn guest_check(src: &Vm, dst: &Vm) -> Option<bool> {
+    let last = src.heartbeats().last().cloned()?;
+    let h = dst
+        .wait_heartbeat(Duration::from_secs(240), |h| h.seq > last.seq && h.passes >= last.passes + 2)
+        .ok()?;
+    Some(h.errors == 0 && !dst.console().contains("DIRTIER ERROR"))
+}
+
+fn run_method(s: &Setup<'_>, method: &str) -> Result<Run> {
+    let mut run = Run {
+        method: method.into(),
+        ..Run::default()
+    };
+    match method {
+        "dbmigrate-precopy" => {
+            let (src, dst) = start_vms(s, true, &[])?;
+            let before = s.tb.link_bytes()?;
+            let bin = bin_dir()?.join("dbmigrate");
+            let mut recv = s
+                .tb
+                .in_ns(&s.tb.dst_ns, &bin)
+                .args(["receive", "--qmp"])
+                .arg(&dst.qmp)
+                .args(["--listen", &format!("{}:7000", s.tb.dst_ip)])
+                .args(["--incoming", &format!("{}:7001", s.tb.dst_ip)])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()?;
+            let report_path = s.tb.dir.join("dbmigrate-report.json");
+            let out = s
+                .tb
+                .in_ns(&s.tb.src_ns, &bin)
+                .args(["migrate", "--qmp"])
+                .arg(&src.qmp)
+                .args(["--to", &format!("{}:7000", s.tb.dst_ip)])
+                .args(["--downtime-ms", &s.downtime_ms.to_string(), "--progress", "never"])
+                .arg("--report")
+                .arg(&report_path)
+                .stdout(Stdio::null())
+                .stderr(Stdio::inherit())
+                .output()?;
+            let _ = recv.wait();
+            run.link_bytes = s.tb.link_bytes()? - before;
+            let r: Value = serde_json::from_str(&std::fs::read_to_string(&report_path)?)?;
+            run.completed = out.status.success() && r["completed"] == json!(true);
+            run.total_ms = r["total_ms"].as_u64();
+            run.downtime_ms = r["downtime_ms"].as_u64().filter(|_| run.completed);
+            run.ram_verified = r["ram_verified"].as_bool();
+            run.pages.raw = r["pages"]["raw"].as_u64().unwrap_or(0);
+            run.pages.zero = r["pages"]["zero"].as_u64().unwrap_or(0);
+            run.detail = json!({
+                "stop_reason": r["stats"]["stop_reason"],
+                "expected_downtime_ms": r["stats"]["expected_downtime_ms"],
+                "verify_ms": r["stats"]["verify_ms"],
+                "rounds": r["stats"]["rounds"],
+                "device_state_bytes": r["device_state_bytes"],
+                "error": r["error"],
+            });
+            if run.completed {
+                run.guest_verified_after = guest_check(&src, &dst);
+                run.workload.errors = run.guest_verified_after.map(|ok| u64::from(!ok));
+            }
+        }
+        "qemu-precopy" | "qemu-postcopy" => {
+            let postcopy = method == "qemu-postcopy";
+            let (src, dst) = start_vms(s, false, &[])?;
+            let mut sq = src.qmp()?;
+            let mut dq = dst.qmp()?;
+            let caps = if postcopy {
+                json!([{"capability": "postcopy-ram", "state": true}])
+            } else {
+                json!([])
+            };
+            if postcopy {
+                sq.cmd("migrate-set-capabilities", json!({"capabilities": caps}))?;
+                dq.cmd("migrate-set-capabilities", json!({"capabilities": caps}))?;
+            }
+            // QEMU 7.2 limits itself to 32 MiB/s by default: lift the limit so
+            // that only the shaped link limits it, like dbmigrate.
+            sq.cmd(
+                "migrate-set-parameters",
+                json!({"max-bandwidth": u64::from(s.link_mbit) * 1_000_000 / 8 * 4, "downtime-limit": s.downtime_ms}),
+            )?;
+            let uri = format!("tcp:{}:7001", s.tb.dst_ip);
+            dq.cmd("migrate-incoming", json!({"uri": uri}))?;
+            let before = s.tb.link_bytes()?;
+            let t = Instant::now();
+            sq.cmd("migrate", json!({"uri": uri}))?;
+            let mut started_postcopy = false;
+            let info = loop {
+                let v = sq.cmd("query-migrate", json!({}))?;
+                let st = v["status"].as_str().unwrap_or("").to_string();
+                if st == "completed" || st == "failed" {
+                    break v;
+                }
+                if postcopy && !started_postcopy && v["ram"]["dirty-sync-count"].as_u64().unwrap_or(0) >= 2 {
+                    // Switch after the first full pass, as post-copy is normally used.
+                    sq.cmd("migrate-start-postcopy", json!({}))?;
+                    started_postcopy = true;
+                }
+                if t.elapsed() > s.timeout && !(postcopy && started_postcopy) {
+                    let _ = sq.cmd("migrate_cancel", json!({}));
+                    break v;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            };
+            run.link_bytes = s.tb.link_bytes()? - before;
+            run.completed = info["status"] == json!("completed");
+            if run.completed {
+                // Destination must be running (post-copy) or resumable (pre-copy autostarts without -S; we used -S).
+                let st = dq.status()?;
+                if st != "running" {
+                    dq.cmd("cont", json!({}))?;
+                }
+                run.total_ms = info["total-time"].as_u64();
+                run.downtime_ms = info["downtime"].as_u64();
+                run.guest_verified_after = guest_check(&src, &dst);
+                run.workload.errors = run.guest_verified_after.map(|ok| u64::from(!ok));
+            }
+            run.pages.raw = info["ram"]["normal"].as_u64().unwrap_or(0);
+            run.pages.zero = info["ram"]["duplicate"].as_u64().unwrap_or(0);
+            run.detail = json!({
+                "status": info["status"],
+                "expected_downtime_ms": info["expected-downtime"],
+                "dirty_sync_count": info["ram"]["dirty-sync-count"],
+                "ram_transferred": info["ram"]["transferred"],
+                "elapsed_ms_when_stopped": u64::try_from(t.elapsed().as_millis()).unwrap_or(u64::MAX),
+            });
+        }
+        other => bail!("unknown method {other}"),
+    }
+    Ok(run)
+}

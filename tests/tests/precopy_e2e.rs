@@ -1,0 +1,207 @@
+//! End-to-end pre-copy with real QEMU guests in two network namespaces joined
+//! by a 1 Gbit/s shaped veth link. Needs root; builds the guest image if it
+//! is not cached. Run one at a time (`--test-threads=1`): the machine has two cores.
+
+use std::process::{Child, Command, Output, Stdio};
+use std::time::Duration;
+
+use anyhow::{ensure, Context, Result};
+use dbmigrate_testbed::{bin_dir, dirtier_guest, Testbed, Vm, VmOptions};
+use serde_json::{json, Value};
+
+const LINK_MBIT: u32 = 1000;
+
+fn receive(tb: &Testbed, dst: &Vm) -> Result<Child> {
+    let bin = bin_dir()?.join("dbmigrate");
+    let log = std::fs::File::create(tb.dir.join("receive.log"))?;
+    tb.in_ns(&tb.dst_ns, &bin)
+        .args(["receive", "--qmp"])
+        .arg(&dst.qmp)
+        .args(["--listen", &format!("{}:7000", tb.dst_ip)])
+        .args(["--incoming", &format!("{}:7001", tb.dst_ip)])
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .context("starting dbmigrate receive")
+}
+
+fn migrate(tb: &Testbed, src: &Vm, extra: &[&str]) -> Result<(Output, Value)> {
+    let bin = bin_dir()?.join("dbmigrate");
+    let report = tb.dir.join("report.json");
+    let out = tb
+        .in_ns(&tb.src_ns, &bin)
+        .args(["migrate", "--qmp"])
+        .arg(&src.qmp)
+        .args(["--to", &format!("{}:7000", tb.dst_ip)])
+        .arg("--report")
+        .arg(&report)
+        .args(extra)
+        .output()
+        .context("running dbmigrate migrate")?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    eprintln!("--- dbmigrate migrate stderr ---\n{stderr}");
+    assert!(!stderr.contains("panicked"), "the agent panicked");
+    let v: Value = serde_json::from_str(&std::fs::read_to_string(&report).context("reading the report")?)?;
+    Ok((out, v))
+}
+
+fn start_pair(tb: &Testbed, ws_mib: u64) -> Result<(Vm, Vm)> {
+    let img = dirtier_guest()?;
+    let src = Vm::start(tb, &tb.src_ns, "src", &img, &VmOptions { ws_mib, ..VmOptions::default() })?;
+    src.wait_console("DIRTIER READY", Duration::from_secs(240))?;
+    // One full verification pass on the source first: the baseline is sound.
+    src.wait_heartbeat(Duration::from_secs(120), |h| h.passes >= 1 && h.errors == 0)?;
+    let dst = Vm::start(
+        tb,
+        &tb.dst_ns,
+        "dst",
+        &img,
+        &VmOptions {
+            ws_mib,
+            incoming: true,
+            preload: false,
+            ..VmOptions::default()
+        },
+    )?;
+    Ok((src, dst))
+}
+
+#[test]
+fn precopy_moves_a_running_guest_byte_exact() -> Result<()> {
+    let tb = Testbed::new(LINK_MBIT)?;
+    let (mut src, dst) = start_pair(&tb, 16)?;
+    let mut recv = receive(&tb, &dst)?;
+    let (out, report) = migrate(&tb, &src, &[])?;
+    let recv_status = recv.wait()?;
+    let recv_log = std::fs::read_to_string(tb.dir.join("receive.log")).unwrap_or_default();
+    eprintln!("--- dbmigrate receive stderr ---\n{recv_log}");
+    ensure!(out.status.success(), "migrate failed: {report}");
+    ensure!(recv_status.success(), "receive failed");
+    assert_eq!(report["completed"], json!(true));
+    assert_eq!(report["ram_verified"], json!(true), "RAM digests must match at switchover");
+    assert_eq!(report["vm_runs_on"], json!("destination"));
+    assert!(report["pages"]["raw"].as_u64().unwrap_or(0) > 10_000, "most of RAM went as raw pages");
+    assert!(report["stats"]["rounds"].as_array().map_or(0, Vec::len) >= 2, "live rounds plus stop-and-copy");
+
+    // The source QEMU is gone once the destination runs.
+    assert!(src.wait_exit(Duration::from_secs(20)), "source QEMU still running");
+    let mut q = dst.qmp()?;
+    assert_eq!(q.status()?, "running");
+
+    // The guest carries on at the destination and re-verifies all its memory there.
+    let last_src = src.heartbeats().last().cloned().context("no source heartbeat")?;
+    let after = dst.wait_heartbeat(Duration::from_secs(180), |h| {
+        h.seq > last_src.seq && h.passes >= last_src.passes + 2
+    })?;
+    assert_eq!(after.errors, 0, "guest found corrupted memory after migration: {after:?}\n{}", dst.console());
+    assert!(!dst.console().contains("DIRTIER ERROR"), "{}", dst.console());
+    Ok(())
+}
+
+#[test]
+fn killed_destination_agent_leaves_the_source_running_intact() -> Result<()> {
+    let tb = Testbed::new(LINK_MBIT)?;
+    let (src, _dst) = start_pair(&tb, 16)?;
+    let mut recv = receive(&tb, &_dst)?;
+    // Slow the first pass down so the kill lands in the middle of it.
+    let killer = {
+        let pid = recv.id();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_secs(4));
+            let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+        })
+    };
+    let (out, report) = migrate(&tb, &src, &["--bandwidth", "200mbit"])?;
+    killer.join().expect("killer thread");
+    let _ = recv.wait();
+    assert_eq!(out.status.code(), Some(1), "migrate must fail with the VM on the source: {report}");
+    assert_eq!(report["vm_runs_on"], json!("source"));
+    assert_eq!(report["completed"], json!(false));
+    let err = report["error"].as_str().unwrap_or_default();
+    assert!(!err.is_empty(), "the report says why");
+
+    let mut q = src.qmp()?;
+    assert_eq!(q.status()?, "running", "source VM must keep running");
+    let caps = q.cmd("query-migrate-capabilities", json!({}))?;
+    let ignore_shared = caps
+        .as_array()
+        .and_then(|a| a.iter().find(|c| c["capability"] == "x-ignore-shared"))
+        .map(|c| c["state"].clone());
+    assert_eq!(ignore_shared, Some(json!(false)), "x-ignore-shared restored");
+
+    // The guest keeps running on the source and its memory verifies clean.
+    let at_kill = src.heartbeats().last().cloned().context("no heartbeat")?;
+    let later = src.wait_heartbeat(Duration::from_secs(120), |h| h.passes >= at_kill.passes + 1)?;
+    assert_eq!(later.errors, 0, "{}", src.console());
+    Ok(())
+}
+
+#[test]
+fn clear_errors_for_bad_input() -> Result<()> {
+    let bin = bin_dir()?.join("dbmigrate");
+    // Missing QMP socket.
+    let out = Command::new(&bin)
+        .args(["migrate", "--qmp", "/nonexistent/qmp.sock", "--to", "127.0.0.1:9"])
+        .output()?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(err.contains("cannot connect to the QMP socket"), "{err}");
+    assert!(!err.contains("panicked"));
+    // Bad flag values are refused by the parser with the reason.
+    let out = Command::new(&bin)
+        .args(["migrate", "--qmp", "x", "--to", "127.0.0.1:9", "--bandwidth", "fast"])
+        .output()?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("not a rate"), "{err}");
+    let out = Command::new(&bin).args(["migrate", "--qmp", "x", "--to", "nowhere"]).output()?;
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("invalid"));
+    Ok(())
+}
+
+#[test]
+fn qemu_without_preload_is_refused_and_keeps_running() -> Result<()> {
+    let tb = Testbed::new(LINK_MBIT)?;
+    let img = dirtier_guest()?;
+    let src = Vm::start(
+        &tb,
+        &tb.src_ns,
+        "src",
+        &img,
+        &VmOptions {
+            preload: false,
+            ..VmOptions::default()
+        },
+    )?;
+    let mut q = src.qmp()?;
+    assert_eq!(q.status()?, "running");
+    let (out, report) = migrate(&tb, &src, &[])?;
+    assert_eq!(out.status.code(), Some(1));
+    let err = report["error"].as_str().unwrap_or_default();
+    assert!(err.contains("LD_PRELOAD"), "error must name the fix: {err}");
+    assert_eq!(q.status()?, "running");
+    Ok(())
+}
+
+#[test]
+fn ram_backend_that_is_not_shared_is_refused() -> Result<()> {
+    let tb = Testbed::new(LINK_MBIT)?;
+    let img = dirtier_guest()?;
+    let src = Vm::start(
+        &tb,
+        &tb.src_ns,
+        "src",
+        &img,
+        &VmOptions {
+            share: false,
+            ..VmOptions::default()
+        },
+    )?;
+    let (out, report) = migrate(&tb, &src, &[])?;
+    assert_eq!(out.status.code(), Some(1));
+    let err = report["error"].as_str().unwrap_or_default();
+    assert!(err.contains("share=off") && err.contains("share=on"), "error must name the fix: {err}");
+    assert_eq!(src.qmp()?.status()?, "running");
+    Ok(())
+}
