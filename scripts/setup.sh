@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Installs what dbmigrate's tests, demo and benchmarks need on a fresh Debian 12
+# machine (run as root), and builds the test guest into the cache
+# (${DBMIGRATE_CACHE:-~/.cache/dbmigrate}). Safe to run again: it only does
+# what is missing.
+set -euo pipefail
+
+need=()
+have() { command -v "$1" >/dev/null 2>&1; }
+have qemu-system-x86_64 || need+=(qemu-system-x86)
+have qemu-img || need+=(qemu-utils)
+have busybox || [ -x /bin/busybox ] || need+=(busybox-static)
+have ip || need+=(iproute2)
+have tc || need+=(iproute2)
+have cpio || need+=(cpio)
+have gcc || need+=(gcc libc6-dev)
+[ -e /usr/include/stdio.h ] || need+=(libc6-dev)
+
+if [ "$(id -u)" != 0 ]; then
+  echo "setup.sh: run as root (network namespaces, tc and QEMU's page tracking need it)" >&2
+  exit 1
+fi
+if [ ${#need[@]} -gt 0 ]; then
+  echo "setup.sh: installing ${need[*]}" >&2
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >&2
+fi
+if ! have cargo; then
+  echo "setup.sh: cargo is missing: install a Rust toolchain (1.85 or newer)" >&2
+  exit 1
+fi
+# The kernel must offer userfaultfd write-protect (Linux 6.7+) or soft-dirty.
+bash "$(dirname "$0")/../guest/build-dirtier-guest.sh" >/dev/null
+echo "setup.sh: ready" >&2
