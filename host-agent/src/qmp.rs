@@ -40,6 +40,15 @@ pub enum QmpError {
         /// What was done.
         doing: String,
     },
+    /// QEMU accepted the connection but never greeted: it serves one QMP
+    /// client at a time and another one holds the socket.
+    #[error("QEMU at {path} did not greet within {secs} s: another client is probably connected to that QMP socket (QEMU serves one at a time); disconnect it or give QEMU a second `-qmp` socket for dbmigrate")]
+    Busy {
+        /// Socket path.
+        path: PathBuf,
+        /// Seconds waited.
+        secs: u64,
+    },
     /// Not QMP.
     #[error("{path} did not speak QMP: {detail}")]
     NotQmp {
@@ -99,7 +108,13 @@ impl Qmp {
             tx: w,
             pid,
         };
-        let greeting = q.read_json("reading the QMP greeting").await?;
+        const GREETING_WAIT: Duration = Duration::from_secs(10);
+        let greeting = tokio::time::timeout(GREETING_WAIT, q.read_json("reading the QMP greeting"))
+            .await
+            .map_err(|_| QmpError::Busy {
+                path: path.into(),
+                secs: GREETING_WAIT.as_secs(),
+            })??;
         if greeting.get("QMP").is_none() {
             return Err(QmpError::NotQmp {
                 path: path.into(),

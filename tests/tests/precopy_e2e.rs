@@ -174,13 +174,20 @@ fn qemu_without_preload_is_refused_and_keeps_running() -> Result<()> {
             ..VmOptions::default()
         },
     )?;
-    let mut q = src.qmp()?;
-    assert_eq!(q.status()?, "running");
+    // QEMU serves one QMP client at a time: while we hold the socket the
+    // agent must say so instead of hanging.
+    let mut held = src.qmp()?;
+    assert_eq!(held.status()?, "running");
+    let (out, report) = migrate(&tb, &src, &[])?;
+    assert_eq!(out.status.code(), Some(1));
+    let err = report["error"].as_str().unwrap_or_default();
+    assert!(err.contains("another client"), "{err}");
+    drop(held);
     let (out, report) = migrate(&tb, &src, &[])?;
     assert_eq!(out.status.code(), Some(1));
     let err = report["error"].as_str().unwrap_or_default();
     assert!(err.contains("LD_PRELOAD"), "error must name the fix: {err}");
-    assert_eq!(q.status()?, "running");
+    assert_eq!(src.qmp()?.status()?, "running");
     Ok(())
 }
 
