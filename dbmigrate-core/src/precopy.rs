@@ -297,6 +297,7 @@ pub struct SourceSession {
     history: Vec<RoundObservation>,
     pending: PageBitmap,
     round: u32,
+    digests: Option<Vec<u128>>,
     /// Statistics so far.
     pub stats: MigrationStats,
 }
@@ -369,6 +370,7 @@ impl SourceSession {
             history: Vec::new(),
             pending: PageBitmap::new(pages),
             round: 0,
+            digests: None,
             stats,
         })
     }
@@ -425,6 +427,15 @@ impl SourceSession {
         // the VM paused nothing can be written after this collect.
         self.tracker.collect(&mut self.pending)?;
         let to_send = std::mem::replace(&mut self.pending, PageBitmap::new(self.ram.pages()));
+        // RAM no longer changes: hash it while the last pages are on the wire,
+        // so verification adds only the destination's hashing to the downtime.
+        let t = Instant::now();
+        let ram = self.ram.clone();
+        let threads = self.cfg.verify_threads;
+        let hashing = tokio::task::spawn_blocking(move || -> Result<Vec<u128>, RamError> {
+            let data = ram.data_pages()?;
+            Ok(verify::ram_digests(ram.bytes(), &data, verify::CHUNK_PAGES, threads))
+        });
         let rs = self.send_round(&to_send, self.round, false).await?;
         self.round += 1;
         let data = std::mem::take(&mut self.data);
@@ -441,20 +452,22 @@ impl SourceSession {
             self.stats.bytes_sent += sent;
         }
         self.stats.rounds.push(rs.clone());
+        let digests = hashing
+            .await
+            .map_err(|e| PrecopyError::Worker(e.to_string()))??;
+        tracing::debug!(hash_ms = u64::try_from(t.elapsed().as_millis()).unwrap_or(u64::MAX), "source RAM hashed");
+        self.digests = Some(digests);
         Ok(rs)
     }
 
-    /// Hashes RAM (VM paused) and has the destination compare its own.
+    /// Has the destination compare its RAM with the digests taken in
+    /// [`SourceSession::final_round`] (VM paused).
     pub async fn verify(&mut self) -> Result<VerifyOutcome, PrecopyError> {
         let t = Instant::now();
-        let ram = self.ram.clone();
-        let threads = self.cfg.verify_threads;
-        let digests = tokio::task::spawn_blocking(move || -> Result<Vec<u128>, RamError> {
-            let data = ram.data_pages()?;
-            Ok(verify::ram_digests(ram.bytes(), &data, verify::CHUNK_PAGES, threads))
-        })
-        .await
-        .map_err(|e| PrecopyError::Worker(e.to_string()))??;
+        let digests = self
+            .digests
+            .take()
+            .ok_or_else(|| PrecopyError::Worker("verify called before final_round".into()))?;
         self.stats.bytes_sent += protocol::write_message(
             &mut self.ctrl_tx,
             &Message::VerifyRequest {

@@ -255,7 +255,10 @@ impl Vm {
         let qmp = tb.dir.join(format!("{name}.qmp"));
         let serial = tb.dir.join(format!("{name}.serial"));
         let ram = PathBuf::from(format!("/dev/shm/{}-{name}", tb.tag));
-        let _ = std::fs::remove_file(&ram);
+        // A previous VM of the same name may have left these behind.
+        for stale in [&ram, &qmp, &serial] {
+            let _ = std::fs::remove_file(stale);
+        }
         let mut c = tb.in_ns(ns, Path::new("qemu-system-x86_64"));
         c.args(["-name", name, "-accel", "tcg,thread=single", "-cpu", "max", "-smp", "1"])
             .args(["-m", &format!("{}M", o.ram_mib)])
