@@ -50,7 +50,11 @@ enum Cmd {
         #[arg(long, default_value_t = 60)]
         timeout_s: u64,
         /// Methods, comma separated.
-        #[arg(long, default_value = "qemu-precopy,qemu-postcopy,dbmigrate-precopy", value_delimiter = ',')]
+        #[arg(
+            long,
+            default_value = "qemu-precopy,qemu-postcopy,dbmigrate-precopy",
+            value_delimiter = ','
+        )]
         methods: Vec<String>,
         /// Report path (default bench/results/<scenario>.json).
         #[arg(long)]
@@ -128,7 +132,9 @@ fn main() -> Result<()> {
             let scenario = scenario.unwrap_or_else(|| format!("dirtier-ws{ws_mib}"));
             for m in &methods {
                 if !["qemu-precopy", "qemu-postcopy", "dbmigrate-precopy"].contains(&m.as_str()) {
-                    bail!("unknown method `{m}`: use qemu-precopy, qemu-postcopy, dbmigrate-precopy");
+                    bail!(
+                        "unknown method `{m}`: use qemu-precopy, qemu-postcopy, dbmigrate-precopy"
+                    );
                 }
             }
             let img = dirtier_guest()?;
@@ -177,7 +183,10 @@ fn main() -> Result<()> {
 }
 
 fn print_table(r: &Report) {
-    println!("\n{} — {} MiB guest, {} Mbit/s link\n", r.scenario, r.vm["ram_mib"], r.link_mbit);
+    println!(
+        "\n{} — {} MiB guest, {} Mbit/s link\n",
+        r.scenario, r.vm["ram_mib"], r.link_mbit
+    );
     println!("| method | completed | total (ms) | downtime (ms) | link MB | RAM verified | guest check after |");
     println!("|---|---|---|---|---|---|---|");
     let opt = |v: Option<u64>| v.map_or("-".to_string(), |v| v.to_string());
@@ -190,7 +199,11 @@ fn print_table(r: &Report) {
             opt(run.downtime_ms),
             run.link_bytes / 1_000_000,
             run.ram_verified.map_or("n/a".into(), |b| b.to_string()),
-            run.guest_verified_after.map_or("n/a".into(), |b| if b { "clean".to_string() } else { "ERRORS".to_string() })
+            run.guest_verified_after.map_or("n/a".into(), |b| if b {
+                "clean".to_string()
+            } else {
+                "ERRORS".to_string()
+            })
         );
     }
 }
@@ -234,7 +247,9 @@ fn start_vms(s: &Setup<'_>, preload: bool, dst_incoming_extra: &[&str]) -> Resul
 fn guest_check(src: &Vm, dst: &Vm) -> Option<bool> {
     let last = src.heartbeats().last().cloned()?;
     let h = dst
-        .wait_heartbeat(Duration::from_secs(240), |h| h.seq > last.seq && h.passes >= last.passes + 2)
+        .wait_heartbeat(Duration::from_secs(240), |h| {
+            h.seq > last.seq && h.passes >= last.passes + 2
+        })
         .ok()?;
     Some(h.errors == 0 && !dst.console().contains("DIRTIER ERROR"))
 }
@@ -249,29 +264,32 @@ fn run_method(s: &Setup<'_>, method: &str) -> Result<Run> {
             let (src, dst) = start_vms(s, true, &[])?;
             let before = s.tb.link_bytes()?;
             let bin = bin_dir()?.join("dbmigrate");
-            let mut recv = s
-                .tb
-                .in_ns(&s.tb.dst_ns, &bin)
-                .args(["receive", "--qmp"])
-                .arg(&dst.qmp)
-                .args(["--listen", &format!("{}:7000", s.tb.dst_ip)])
-                .args(["--incoming", &format!("{}:7001", s.tb.dst_ip)])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()?;
+            let mut recv =
+                s.tb.in_ns(&s.tb.dst_ns, &bin)
+                    .args(["receive", "--qmp"])
+                    .arg(&dst.qmp)
+                    .args(["--listen", &format!("{}:7000", s.tb.dst_ip)])
+                    .args(["--incoming", &format!("{}:7001", s.tb.dst_ip)])
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()?;
             let report_path = s.tb.dir.join("dbmigrate-report.json");
-            let out = s
-                .tb
-                .in_ns(&s.tb.src_ns, &bin)
-                .args(["migrate", "--qmp"])
-                .arg(&src.qmp)
-                .args(["--to", &format!("{}:7000", s.tb.dst_ip)])
-                .args(["--downtime-ms", &s.downtime_ms.to_string(), "--progress", "never"])
-                .arg("--report")
-                .arg(&report_path)
-                .stdout(Stdio::null())
-                .stderr(Stdio::inherit())
-                .output()?;
+            let out =
+                s.tb.in_ns(&s.tb.src_ns, &bin)
+                    .args(["migrate", "--qmp"])
+                    .arg(&src.qmp)
+                    .args(["--to", &format!("{}:7000", s.tb.dst_ip)])
+                    .args([
+                        "--downtime-ms",
+                        &s.downtime_ms.to_string(),
+                        "--progress",
+                        "never",
+                    ])
+                    .arg("--report")
+                    .arg(&report_path)
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::inherit())
+                    .output()?;
             let _ = recv.wait();
             run.link_bytes = s.tb.link_bytes()? - before;
             let r: Value = serde_json::from_str(&std::fs::read_to_string(&report_path)?)?;
@@ -326,7 +344,10 @@ fn run_method(s: &Setup<'_>, method: &str) -> Result<Run> {
                 if st == "completed" || st == "failed" {
                     break v;
                 }
-                if postcopy && !started_postcopy && v["ram"]["dirty-sync-count"].as_u64().unwrap_or(0) >= 2 {
+                if postcopy
+                    && !started_postcopy
+                    && v["ram"]["dirty-sync-count"].as_u64().unwrap_or(0) >= 2
+                {
                     // Switch after the first full pass, as post-copy is normally used.
                     sq.cmd("migrate-start-postcopy", json!({}))?;
                     started_postcopy = true;

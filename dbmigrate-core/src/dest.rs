@@ -125,14 +125,27 @@ pub async fn accept(
             hello.ram_bytes, ram_bytes
         ))
     } else if hello.page_size as usize != PAGE_SIZE {
-        Some(format!("page size {} is not supported (only {PAGE_SIZE})", hello.page_size))
+        Some(format!(
+            "page size {} is not supported (only {PAGE_SIZE})",
+            hello.page_size
+        ))
     } else if !(1..=16).contains(&hello.data_connections) {
-        Some(format!("{} data connections requested, 1 to 16 allowed", hello.data_connections))
+        Some(format!(
+            "{} data connections requested, 1 to 16 allowed",
+            hello.data_connections
+        ))
     } else {
         None
     };
     if let Some(reason) = problem {
-        let _ = protocol::write_message(&mut ctrl_tx, &Message::Refuse { reason: reason.clone() }, "refusing").await;
+        let _ = protocol::write_message(
+            &mut ctrl_tx,
+            &Message::Refuse {
+                reason: reason.clone(),
+            },
+            "refusing",
+        )
+        .await;
         return Err(DestError::Refused { reason });
     }
     protocol::write_message(
@@ -146,9 +159,13 @@ pub async fn accept(
     .await?;
     let mut slots: Vec<Option<TcpStream>> = (0..hello.data_connections).map(|_| None).collect();
     while slots.iter().any(Option::is_none) {
-        let (mut s, _) = within(peer_timeout, "waiting for data connections", listener.accept())
-            .await?
-            .map_err(DestError::Accept)?;
+        let (mut s, _) = within(
+            peer_timeout,
+            "waiting for data connections",
+            listener.accept(),
+        )
+        .await?
+        .map_err(DestError::Accept)?;
         let (msg, _) = within(
             peer_timeout,
             "waiting for a data Hello",
@@ -201,19 +218,20 @@ impl DestSession {
         drop(tx);
         // The RAM has one owner thread: ordering per page is the arrival order
         // on its connection, and pages never cross connections.
-        let applier = tokio::task::spawn_blocking(move || -> Result<(DestRam, [u64; 3]), DestError> {
-            let mut ram = ram;
-            let mut counts = [0u64; 3];
-            let mut dctx = zstd::bulk::Decompressor::new()
-                .map_err(|e| DestError::Worker(format!("zstd: {e}")))?;
-            while let Some(batch) = rx.blocking_recv() {
-                for e in batch.pages {
-                    apply(&mut ram, &e, &mut dctx)?;
-                    counts[e.encoding as usize] += 1;
+        let applier =
+            tokio::task::spawn_blocking(move || -> Result<(DestRam, [u64; 3]), DestError> {
+                let mut ram = ram;
+                let mut counts = [0u64; 3];
+                let mut dctx = zstd::bulk::Decompressor::new()
+                    .map_err(|e| DestError::Worker(format!("zstd: {e}")))?;
+                while let Some(batch) = rx.blocking_recv() {
+                    for e in batch.pages {
+                        apply(&mut ram, &e, &mut dctx)?;
+                        counts[e.encoding as usize] += 1;
+                    }
                 }
-            }
-            Ok((ram, counts))
-        });
+                Ok((ram, counts))
+            });
         let wait_data = async {
             let mut bytes = 0;
             for r in readers {
@@ -221,17 +239,23 @@ impl DestSession {
             }
             Ok::<u64, DestError>(bytes)
         };
-        // The control connection stays quiet during pre-copy: anything on it
-        // now is an abort (or a dead source).
+        // The control connection stays quiet during pre-copy except for an
+        // abort (or a dead source) and the digests, which the source may send
+        // before the last pages have arrived on the data connections.
+        tokio::pin!(wait_data);
+        let mut early_request = None;
         let bytes = tokio::select! {
-            r = wait_data => r?,
+            r = &mut wait_data => r?,
             m = protocol::read_message(&mut self.ctrl_rx, "watching the control connection") => {
-                return Err(match m {
-                    Ok((Message::Abort { reason }, _)) => DestError::SourceAborted { reason },
-                    Ok((Message::VerifyRequest { .. }, _)) => DestError::Unexpected { got: "VerifyRequest", expected: "the end of the page streams" },
-                    Ok((other, _)) => DestError::Unexpected { got: other.name(), expected: "pages" },
-                    Err(e) => e.into(),
-                });
+                match m {
+                    Ok((req @ Message::VerifyRequest { .. }, _)) => {
+                        early_request = Some(req);
+                        wait_data.await?
+                    }
+                    Ok((Message::Abort { reason }, _)) => return Err(DestError::SourceAborted { reason }),
+                    Ok((other, _)) => return Err(DestError::Unexpected { got: other.name(), expected: "pages" }),
+                    Err(e) => return Err(e.into()),
+                }
             }
         };
         let (ram, counts) = applier
@@ -242,8 +266,18 @@ impl DestSession {
         self.stats.zero_pages = counts[PageEncoding::Zero as usize];
         self.stats.compressed_pages = counts[PageEncoding::Zstd as usize];
 
-        let msg = self.read_ctrl("waiting for the source's RAM digests").await?;
-        let Message::VerifyRequest { chunk_pages, digests } = msg else {
+        let msg = match early_request {
+            Some(m) => m,
+            None => {
+                self.read_ctrl("waiting for the source's RAM digests")
+                    .await?
+            }
+        };
+        let Message::VerifyRequest {
+            chunk_pages,
+            digests,
+        } = msg
+        else {
             return Err(DestError::Unexpected {
                 got: msg.name(),
                 expected: "VerifyRequest",
@@ -267,7 +301,10 @@ impl DestSession {
         self.stats.verify_ms = u64::try_from(t.elapsed().as_millis()).unwrap_or(u64::MAX);
         let bad = verify::mismatched_chunks(&ours, &digests);
         let total = u32::try_from(bad.len()).unwrap_or(u32::MAX);
-        let listed = bad.into_iter().take(protocol::MAX_REPORTED_MISMATCHES).collect();
+        let listed = bad
+            .into_iter()
+            .take(protocol::MAX_REPORTED_MISMATCHES)
+            .collect();
         protocol::write_message(
             &mut self.ctrl_tx,
             &Message::VerifyResult {
@@ -293,7 +330,8 @@ impl DestSession {
 
     /// Tells the source the VM runs here now.
     pub async fn activated(&mut self) -> Result<(), DestError> {
-        protocol::write_message(&mut self.ctrl_tx, &Message::Activated, "sending Activated").await?;
+        protocol::write_message(&mut self.ctrl_tx, &Message::Activated, "sending Activated")
+            .await?;
         Ok(())
     }
 
@@ -313,7 +351,12 @@ impl DestSession {
     }
 
     async fn read_ctrl(&mut self, doing: &'static str) -> Result<Message, DestError> {
-        let (msg, _) = within(self.peer_timeout, doing, protocol::read_message(&mut self.ctrl_rx, doing)).await??;
+        let (msg, _) = within(
+            self.peer_timeout,
+            doing,
+            protocol::read_message(&mut self.ctrl_rx, doing),
+        )
+        .await??;
         if let Message::Abort { reason } = msg {
             return Err(DestError::SourceAborted { reason });
         }
@@ -384,10 +427,12 @@ async fn within<T>(
     doing: &'static str,
     f: impl std::future::Future<Output = T>,
 ) -> Result<T, DestError> {
-    tokio::time::timeout(limit, f).await.map_err(|_| DestError::Timeout {
-        secs: limit.as_secs(),
-        doing,
-    })
+    tokio::time::timeout(limit, f)
+        .await
+        .map_err(|_| DestError::Timeout {
+            secs: limit.as_secs(),
+            doing,
+        })
 }
 
 /// Shared handle type for callers that keep the RAM around.

@@ -47,7 +47,8 @@ impl RateLimiter {
             let mut b = self.state.lock().expect("limiter lock is never poisoned");
             let now = Instant::now();
             let burst = rate * 0.05;
-            b.tokens = (b.tokens + now.duration_since(b.last).as_secs_f64() * rate).min(burst.max(want));
+            b.tokens =
+                (b.tokens + now.duration_since(b.last).as_secs_f64() * rate).min(burst.max(want));
             b.last = now;
             let w = wait_for(b.tokens, want, rate);
             // Take the tokens now (possibly going negative) so concurrent
@@ -80,6 +81,10 @@ mod tests {
             l.acquire(256 << 10).await;
         }
         // 5 MiB at 10 MiB/s: at least ~0.45 s (the initial burst is 50 ms).
-        assert!(t.elapsed() >= Duration::from_millis(400), "{:?}", t.elapsed());
+        assert!(
+            t.elapsed() >= Duration::from_millis(400),
+            "{:?}",
+            t.elapsed()
+        );
     }
 }

@@ -326,7 +326,8 @@ impl SourceSession {
         ctrl.set_nodelay(true).ok();
         let (mut ctrl_rx, mut ctrl_tx) = ctrl.into_split();
         let mut stats = MigrationStats::default();
-        stats.bytes_sent += protocol::write_message(&mut ctrl_tx, &hello(0), "sending Hello").await?;
+        stats.bytes_sent +=
+            protocol::write_message(&mut ctrl_tx, &hello(0), "sending Hello").await?;
         let (msg, n) = timeout(
             cfg.peer_timeout,
             "waiting for the destination to reserve RAM",
@@ -396,7 +397,12 @@ impl SourceSession {
             let mut rs = self.send_round(&to_send, round, round == 0).await?;
             let scan = Instant::now();
             let dirty = self.tracker.collect(&mut self.pending)?;
-            tracing::debug!(round, dirty, scan_us = u64::try_from(scan.elapsed().as_micros()).unwrap_or(u64::MAX), "collected dirty pages");
+            tracing::debug!(
+                round,
+                dirty,
+                scan_us = u64::try_from(scan.elapsed().as_micros()).unwrap_or(u64::MAX),
+                "collected dirty pages"
+            );
             rs.dirty_after = dirty;
             self.history.push(RoundObservation {
                 bytes: rs.bytes,
@@ -404,7 +410,12 @@ impl SourceSession {
                 elapsed: Duration::from_millis(rs.elapsed_ms),
                 dirty_after: dirty,
             });
-            let d = decide(&self.cfg.policy, &self.history, self.ram.len(), self.cfg.bandwidth);
+            let d = decide(
+                &self.cfg.policy,
+                &self.history,
+                self.ram.len(),
+                self.cfg.bandwidth,
+            );
             on_round(&rs, &d);
             self.stats.rounds.push(rs);
             self.round += 1;
@@ -434,7 +445,12 @@ impl SourceSession {
         let threads = self.cfg.verify_threads;
         let hashing = tokio::task::spawn_blocking(move || -> Result<Vec<u128>, RamError> {
             let data = ram.data_pages()?;
-            Ok(verify::ram_digests(ram.bytes(), &data, verify::CHUNK_PAGES, threads))
+            Ok(verify::ram_digests(
+                ram.bytes(),
+                &data,
+                verify::CHUNK_PAGES,
+                threads,
+            ))
         });
         let rs = self.send_round(&to_send, self.round, false).await?;
         self.round += 1;
@@ -455,7 +471,10 @@ impl SourceSession {
         let digests = hashing
             .await
             .map_err(|e| PrecopyError::Worker(e.to_string()))??;
-        tracing::debug!(hash_ms = u64::try_from(t.elapsed().as_millis()).unwrap_or(u64::MAX), "source RAM hashed");
+        tracing::debug!(
+            hash_ms = u64::try_from(t.elapsed().as_millis()).unwrap_or(u64::MAX),
+            "source RAM hashed"
+        );
         self.digests = Some(digests);
         Ok(rs)
     }
@@ -477,7 +496,9 @@ impl SourceSession {
             "sending RAM digests",
         )
         .await?;
-        let msg = self.read_ctrl("waiting for the destination's RAM comparison").await?;
+        let msg = self
+            .read_ctrl("waiting for the destination's RAM comparison")
+            .await?;
         self.stats.verify_ms = Some(u64::try_from(t.elapsed().as_millis()).unwrap_or(u64::MAX));
         match msg {
             Message::VerifyResult {
@@ -502,7 +523,10 @@ impl SourceSession {
     pub async fn commit(&mut self) -> Result<(), PrecopyError> {
         self.stats.bytes_sent +=
             protocol::write_message(&mut self.ctrl_tx, &Message::Commit, "sending Commit").await?;
-        match self.read_ctrl("waiting for the destination to resume the VM").await? {
+        match self
+            .read_ctrl("waiting for the destination to resume the VM")
+            .await?
+        {
             Message::Activated => Ok(()),
             other => Err(self.unexpected(other, "Activated")),
         }
@@ -624,7 +648,8 @@ fn produce_round(
 ) -> Option<RoundStats> {
     const BATCH_BYTES: usize = 256 << 10;
     let conns = u16::try_from(txs.len()).expect("at most 16 connections");
-    let mut builders: Vec<BatchBuilder> = (0..txs.len()).map(|_| BatchBuilder::new(round)).collect();
+    let mut builders: Vec<BatchBuilder> =
+        (0..txs.len()).map(|_| BatchBuilder::new(round)).collect();
     let mut rs = RoundStats {
         round,
         ..RoundStats::default()
@@ -710,7 +735,9 @@ async fn connect_retrying(addr: SocketAddr, patience: Duration) -> Result<TcpStr
     loop {
         match TcpStream::connect(addr).await {
             Ok(s) => return Ok(s),
-            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused && t.elapsed() < patience => {
+            Err(e)
+                if e.kind() == std::io::ErrorKind::ConnectionRefused && t.elapsed() < patience =>
+            {
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
             Err(source) => return Err(PrecopyError::Connect { addr, source }),
@@ -774,11 +801,17 @@ mod tests {
     fn continues_while_shrinking_and_counts_overhead() {
         let mut p = StopPolicy::default();
         let h = [obs(800 * MB, 8000, 20_000)];
-        assert!(matches!(decide(&p, &h, 1024 * MB, None), Decision::Continue { .. }));
+        assert!(matches!(
+            decide(&p, &h, 1024 * MB, None),
+            Decision::Continue { .. }
+        ));
         // A large fixed overhead alone prevents convergence.
         p.switchover_overhead = Duration::from_millis(400);
         let h = [obs(800 * MB, 8000, 10)];
-        assert!(matches!(decide(&p, &h, 1024 * MB, None), Decision::Continue { .. }));
+        assert!(matches!(
+            decide(&p, &h, 1024 * MB, None),
+            Decision::Continue { .. }
+        ));
     }
 
     #[test]
@@ -786,7 +819,10 @@ mod tests {
         let p = StopPolicy::default();
         let mut h = vec![obs(800 * MB, 8000, 16_384)];
         for _ in 0..3 {
-            assert!(matches!(decide(&p, &h, 1024 * MB, None), Decision::Continue { .. }));
+            assert!(matches!(
+                decide(&p, &h, 1024 * MB, None),
+                Decision::Continue { .. }
+            ));
             h.push(obs(67 * MB, 670, 16_384));
         }
         match decide(&p, &h, 1024 * MB, None) {

@@ -342,8 +342,12 @@ impl Message {
                     incoming_uri: r.string()?,
                 })
             }
-            K_REFUSE => Message::Refuse { reason: r.string()? },
-            K_ABORT => Message::Abort { reason: r.string()? },
+            K_REFUSE => Message::Refuse {
+                reason: r.string()?,
+            },
+            K_ABORT => Message::Abort {
+                reason: r.string()?,
+            },
             K_PAGE_BATCH => {
                 let round = r.u32()?;
                 let count = r.u32()? as usize;
@@ -364,7 +368,9 @@ impl Message {
                         PageEncoding::Zstd => len > 0 && len <= PAGE_SIZE,
                     };
                     if !ok {
-                        return Err(r.bad(format!("page {page}: {len} bytes is not valid for {encoding:?}")));
+                        return Err(r.bad(format!(
+                            "page {page}: {len} bytes is not valid for {encoding:?}"
+                        )));
                     }
                     pages.push(PageEntry {
                         page,
@@ -396,7 +402,9 @@ impl Message {
                 let mismatched_total = r.u32()?;
                 let n = r.len(4)?;
                 if n > MAX_REPORTED_MISMATCHES {
-                    return Err(r.bad(format!("{n} mismatches listed, limit {MAX_REPORTED_MISMATCHES}")));
+                    return Err(r.bad(format!(
+                        "{n} mismatches listed, limit {MAX_REPORTED_MISMATCHES}"
+                    )));
                 }
                 let mut mismatched = Vec::with_capacity(n);
                 for _ in 0..n {
@@ -492,7 +500,11 @@ fn frame(kind: u16, payload: Vec<u8>) -> Vec<u8> {
 }
 
 fn put_len(p: &mut Vec<u8>, n: usize) {
-    p.extend_from_slice(&u32::try_from(n).expect("message lists are small").to_le_bytes());
+    p.extend_from_slice(
+        &u32::try_from(n)
+            .expect("message lists are small")
+            .to_le_bytes(),
+    );
 }
 
 fn put_str(p: &mut Vec<u8>, s: &str) {
@@ -526,7 +538,10 @@ impl<'a> Reader<'a> {
         Ok(a)
     }
     fn arr<const N: usize>(&mut self) -> Result<[u8; N], ProtocolError> {
-        Ok(self.bytes(N)?.try_into().expect("length checked by bytes()"))
+        Ok(self
+            .bytes(N)?
+            .try_into()
+            .expect("length checked by bytes()"))
     }
     fn u8(&mut self) -> Result<u8, ProtocolError> {
         Ok(self.arr::<1>()?[0])
@@ -547,7 +562,10 @@ impl<'a> Reader<'a> {
     fn len(&mut self, elem: usize) -> Result<usize, ProtocolError> {
         let n = self.u32()? as usize;
         if n > self.buf.len() / elem {
-            return Err(self.bad(format!("{n} elements announced, {} bytes left", self.buf.len())));
+            return Err(self.bad(format!(
+                "{n} elements announced, {} bytes left",
+                self.buf.len()
+            )));
         }
         Ok(n)
     }
@@ -723,11 +741,20 @@ mod tests {
     #[test]
     fn header_checks() {
         let mut h = [0u8; HEADER_LEN];
-        assert!(matches!(parse_header(&h), Err(ProtocolError::BadMagic { .. })));
+        assert!(matches!(
+            parse_header(&h),
+            Err(ProtocolError::BadMagic { .. })
+        ));
         write_header(&mut h, K_COMMIT, MAX_PAYLOAD + 1);
-        assert!(matches!(parse_header(&h), Err(ProtocolError::TooLong { .. })));
+        assert!(matches!(
+            parse_header(&h),
+            Err(ProtocolError::TooLong { .. })
+        ));
         write_header(&mut h, 999, 0);
-        assert!(matches!(parse_header(&h), Err(ProtocolError::UnknownKind { kind: 999 })));
+        assert!(matches!(
+            parse_header(&h),
+            Err(ProtocolError::UnknownKind { kind: 999 })
+        ));
     }
 
     #[test]

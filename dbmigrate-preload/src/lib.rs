@@ -16,7 +16,14 @@ type Off = libc::off_t;
 
 /// The real mmap, through the raw syscall: resolving the next `mmap` symbol
 /// with dlsym could itself call mmap (via malloc) and recurse into us.
-fn real_mmap(addr: *mut libc::c_void, len: usize, prot: i32, flags: i32, fd: i32, off: Off) -> *mut libc::c_void {
+fn real_mmap(
+    addr: *mut libc::c_void,
+    len: usize,
+    prot: i32,
+    flags: i32,
+    fd: i32,
+    off: Off,
+) -> *mut libc::c_void {
     // SAFETY: the arguments are passed through unchanged from the caller of
     // mmap, who is responsible for them exactly as with libc's mmap.
     let r = unsafe { libc::syscall(libc::SYS_mmap, addr, len, prot, flags, fd, off) };
@@ -81,10 +88,19 @@ fn fd_path(fd: i32) -> Option<PathBuf> {
     let mut link = [0u8; 64];
     let mut c = std::io::Cursor::new(&mut link[..]);
     write!(c, "/proc/self/fd/{fd}\0").ok()?;
-    let mut out = PathBuf { buf: [0; 4096], len: 0 };
+    let mut out = PathBuf {
+        buf: [0; 4096],
+        len: 0,
+    };
     // SAFETY: `link` is NUL-terminated; readlink writes at most the buffer
     // length into `out.buf`, which we own.
-    let n = unsafe { libc::readlink(link.as_ptr().cast(), out.buf.as_mut_ptr().cast(), out.buf.len()) };
+    let n = unsafe {
+        libc::readlink(
+            link.as_ptr().cast(),
+            out.buf.as_mut_ptr().cast(),
+            out.buf.len(),
+        )
+    };
     out.len = usize::try_from(n).ok().filter(|&n| n < out.buf.len())?;
     Some(out)
 }
@@ -96,7 +112,10 @@ fn wanted_path() -> Option<PathBuf> {
     if v.is_null() {
         return None;
     }
-    let mut out = PathBuf { buf: [0; 4096], len: 0 };
+    let mut out = PathBuf {
+        buf: [0; 4096],
+        len: 0,
+    };
     // SAFETY: realpath writes at most PATH_MAX (4096) bytes into our buffer.
     let r = unsafe { libc::realpath(v, out.buf.as_mut_ptr().cast()) };
     if r.is_null() {
@@ -137,6 +156,8 @@ fn maybe_track(addr: u64, len: u64, fd: i32) {
                 addr + len
             ));
         }
-        Err(e) => say(format_args!("dbmigrate-preload: cannot write-protect {path}: {e}\n")),
+        Err(e) => say(format_args!(
+            "dbmigrate-preload: cannot write-protect {path}: {e}\n"
+        )),
     }
 }

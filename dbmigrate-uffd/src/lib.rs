@@ -145,7 +145,9 @@ pub fn register_wp_async(addr: u64, len: u64) -> Result<OwnedFd, RegisterError> 
     let uffd = unsafe { OwnedFd::from_raw_fd(raw) };
     let mut api = UffdioApi {
         api: UFFD_API,
-        features: UFFD_FEATURE_WP_ASYNC | UFFD_FEATURE_WP_UNPOPULATED | UFFD_FEATURE_WP_HUGETLBFS_SHMEM,
+        features: UFFD_FEATURE_WP_ASYNC
+            | UFFD_FEATURE_WP_UNPOPULATED
+            | UFFD_FEATURE_WP_HUGETLBFS_SHMEM,
         ioctls: 0,
     };
     // SAFETY: UFFDIO_API reads and writes a `struct uffdio_api` we own.
@@ -158,7 +160,13 @@ pub fn register_wp_async(addr: u64, len: u64) -> Result<OwnedFd, RegisterError> 
     };
     // SAFETY: UFFDIO_REGISTER reads and writes a `struct uffdio_register` we own;
     // it only changes how faults in the caller's range are handled.
-    let r = unsafe { libc::ioctl(uffd.as_raw_fd(), UFFDIO_REGISTER, &mut reg as *mut UffdioRegister) };
+    let r = unsafe {
+        libc::ioctl(
+            uffd.as_raw_fd(),
+            UFFDIO_REGISTER,
+            &mut reg as *mut UffdioRegister,
+        )
+    };
     step("UFFDIO_REGISTER", libc::c_long::from(r), ())?;
     let mut wp = UffdioWriteprotect {
         range: UffdioRange { start: addr, len },
@@ -166,7 +174,13 @@ pub fn register_wp_async(addr: u64, len: u64) -> Result<OwnedFd, RegisterError> 
     };
     // SAFETY: UFFDIO_WRITEPROTECT reads a `struct uffdio_writeprotect` we own;
     // with WP_ASYNC, later writes are resolved by the kernel, never blocked.
-    let r = unsafe { libc::ioctl(uffd.as_raw_fd(), UFFDIO_WRITEPROTECT, &mut wp as *mut UffdioWriteprotect) };
+    let r = unsafe {
+        libc::ioctl(
+            uffd.as_raw_fd(),
+            UFFDIO_WRITEPROTECT,
+            &mut wp as *mut UffdioWriteprotect,
+        )
+    };
     step("UFFDIO_WRITEPROTECT", libc::c_long::from(r), ())?;
     Ok(uffd)
 }
@@ -198,7 +212,13 @@ pub fn pagemap_scan(
     };
     // SAFETY: PAGEMAP_SCAN reads `arg` and writes at most `vec_len` regions
     // into `out`, which we own mutably for the duration of the call.
-    let r = unsafe { libc::ioctl(pagemap.as_raw_fd(), PAGEMAP_SCAN, &mut arg as *mut PmScanArg) };
+    let r = unsafe {
+        libc::ioctl(
+            pagemap.as_raw_fd(),
+            PAGEMAP_SCAN,
+            &mut arg as *mut PmScanArg,
+        )
+    };
     if r < 0 {
         return Err(io::Error::last_os_error());
     }

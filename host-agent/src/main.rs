@@ -98,7 +98,9 @@ enum Command {
 /// Parses `1gbit`, `800mbit`, `100MB`, `12345` (bytes/s).
 fn parse_rate(s: &str) -> Result<u64, String> {
     let t = s.trim().to_ascii_lowercase();
-    let split = t.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(t.len());
+    let split = t
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
     let n: f64 = num
         .parse()
@@ -216,7 +218,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     Ok(ExitCode::SUCCESS)
                 }
                 (Some(e), "source") => {
-                    eprintln!("dbmigrate: migration failed, the VM keeps running on the source: {e}");
+                    eprintln!(
+                        "dbmigrate: migration failed, the VM keeps running on the source: {e}"
+                    );
                     Ok(ExitCode::from(1))
                 }
                 (Some(e), _) => {
@@ -255,7 +259,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let lib = preload_path().context(
                 "libdbmigrate_preload.so is not next to the dbmigrate binary: build it with `cargo build --release -p dbmigrate-preload`",
             )?;
-            println!("LD_PRELOAD={} DBMIGRATE_TRACK_PATH={}", lib.display(), ram_path.display());
+            println!(
+                "LD_PRELOAD={} DBMIGRATE_TRACK_PATH={}",
+                lib.display(),
+                ram_path.display()
+            );
             Ok(ExitCode::SUCCESS)
         }
     }

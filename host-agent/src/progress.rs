@@ -32,9 +32,10 @@ impl Progress {
     pub fn round(&self, r: &RoundStats, d: &Decision) {
         let remaining_mib = (r.dirty_after * 4096) >> 20;
         let eta = match d {
-            Decision::Continue { expected_downtime } | Decision::Stop { expected_downtime, .. } => {
-                expected_downtime.as_millis()
-            }
+            Decision::Continue { expected_downtime }
+            | Decision::Stop {
+                expected_downtime, ..
+            } => expected_downtime.as_millis(),
         };
         self.bar.set_message(format!(
             "round {} done: {} MiB in {} ms at {:.0} Mbit/s | {} MiB dirty left of {} MiB RAM | downtime if stopped now ~{} ms",

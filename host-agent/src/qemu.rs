@@ -73,7 +73,11 @@ pub async fn ram_backend(qmp: &mut Qmp) -> Result<RamBackend, VmError> {
         .await;
     let path = match mb {
         Ok(Value::String(p)) if !p.is_empty() => p,
-        _ => return Err(bad("the machine has no `memory-backend` property set".into())),
+        _ => {
+            return Err(bad(
+                "the machine has no `memory-backend` property set".into()
+            ))
+        }
     };
     let path = if path.starts_with('/') {
         path
@@ -91,7 +95,9 @@ pub async fn ram_backend(qmp: &mut Qmp) -> Result<RamBackend, VmError> {
     };
     let share = qmp.execute("qom-get", Some(get("share"))).await?;
     if share != Value::Bool(true) {
-        return Err(bad(format!("backend {path} has share=off, so the RAM file does not see guest writes")));
+        return Err(bad(format!(
+            "backend {path} has share=off, so the RAM file does not see guest writes"
+        )));
     }
     let size = qmp
         .execute("qom-get", Some(get("size")))
@@ -216,9 +222,21 @@ mod tests {
         assert_eq!(
             r,
             vec![
-                GpaRange { gpa: 0, len: 0xc0000, offset: 0 },
-                GpaRange { gpa: 0x100000, len: 0xff00000, offset: 0x100000 },
-                GpaRange { gpa: 0x1_0000_0000, len: 0x4000_0000, offset: 0x8000_0000 },
+                GpaRange {
+                    gpa: 0,
+                    len: 0xc0000,
+                    offset: 0
+                },
+                GpaRange {
+                    gpa: 0x100000,
+                    len: 0xff00000,
+                    offset: 0x100000
+                },
+                GpaRange {
+                    gpa: 0x1_0000_0000,
+                    len: 0x4000_0000,
+                    offset: 0x8000_0000
+                },
             ]
         );
         assert!(parse_mtree("garbage\n-\n", "ram0").is_empty());

@@ -168,7 +168,8 @@ impl Qmp {
 
     /// Runs a command and returns its `return` value (default 30 s limit).
     pub async fn execute(&mut self, command: &str, args: Option<Value>) -> Result<Value, QmpError> {
-        self.execute_within(command, args, Duration::from_secs(30)).await
+        self.execute_within(command, args, Duration::from_secs(30))
+            .await
     }
 
     /// Runs a command with a time limit.

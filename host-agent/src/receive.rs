@@ -90,12 +90,20 @@ async fn session(
         }
     };
     drop(ram);
-    tracing::info!(ms = u64::try_from(t.elapsed().as_millis()).unwrap_or(u64::MAX), raw = s.stats.raw_pages, zero = s.stats.zero_pages,
-        verify_ms = s.stats.verify_ms, matched, "RAM received");
+    tracing::info!(
+        ms = u64::try_from(t.elapsed().as_millis()).unwrap_or(u64::MAX),
+        raw = s.stats.raw_pages,
+        zero = s.stats.zero_pages,
+        verify_ms = s.stats.verify_ms,
+        matched,
+        "RAM received"
+    );
     if !matched {
         bail!("RAM differs from the source at switchover; the source keeps the VM");
     }
-    s.wait_commit().await.context("waiting for the source to commit")?;
+    s.wait_commit()
+        .await
+        .context("waiting for the source to commit")?;
     // QEMU has loaded device state by now (the source waited for its
     // migration to complete before committing); confirm before resuming.
     let mut status = String::new();
@@ -123,12 +131,15 @@ async fn session(
         }
         "running" => {}
         other => {
-            let reason = format!("destination QEMU is `{other}` after device state, cannot resume it");
+            let reason =
+                format!("destination QEMU is `{other}` after device state, cannot resume it");
             s.abort(&reason).await;
             bail!(reason);
         }
     }
-    s.activated().await.context("confirming activation to the source")?;
+    s.activated()
+        .await
+        .context("confirming activation to the source")?;
     tracing::info!("VM resumed on the destination");
     Ok(s.stats.clone())
 }

@@ -53,7 +53,10 @@ pub async fn migrate(args: MigrateArgs) -> MigrationReport {
     let mut qmp = match Qmp::connect(&args.qmp).await {
         Ok(q) => q,
         Err(e) => {
-            report.error = Some(format!("{:#}", anyhow!(e).context("connecting to the source QEMU")));
+            report.error = Some(format!(
+                "{:#}",
+                anyhow!(e).context("connecting to the source QEMU")
+            ));
             return report;
         }
     };
@@ -73,7 +76,9 @@ pub async fn migrate(args: MigrateArgs) -> MigrationReport {
             report.error = Some(format!("{e:#}"));
             if !committed {
                 if let Err(undo_err) = roll_back(&mut qmp, &undo).await {
-                    report.error = Some(format!("{e:#}; ALSO FAILED TO RESUME THE SOURCE: {undo_err:#}"));
+                    report.error = Some(format!(
+                        "{e:#}; ALSO FAILED TO RESUME THE SOURCE: {undo_err:#}"
+                    ));
                     report.vm_runs_on = "unknown".into();
                 }
             }
@@ -89,7 +94,10 @@ async fn roll_back(qmp: &mut Qmp, undo: &Undo) -> Result<()> {
         let _ = qmp.execute("migrate_cancel", None).await;
         for _ in 0..200 {
             let v = qmp.execute("query-migrate", None).await?;
-            if !matches!(v["status"].as_str(), Some("active" | "cancelling" | "device" | "setup")) {
+            if !matches!(
+                v["status"].as_str(),
+                Some("active" | "cancelling" | "device" | "setup")
+            ) {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
@@ -126,12 +134,17 @@ async fn run(
     let pid = qmp
         .pid()
         .context("could not learn QEMU's pid from its QMP socket (SO_PEERCRED)")?;
-    let range = dirty::find_mapping(pid, &backend.mem_path)
-        .with_context(|| format!("finding {} in QEMU's address space", backend.mem_path.display()))?;
+    let range = dirty::find_mapping(pid, &backend.mem_path).with_context(|| {
+        format!(
+            "finding {} in QEMU's address space",
+            backend.mem_path.display()
+        )
+    })?;
     let tracker = dirty::open_tracker(range).context("starting dirty-page tracking")?;
     report.tracker = format!("{:?}", tracker.kind());
     tracing::info!(tracker = ?tracker.kind(), pid, "dirty tracking ready");
-    let ram = SourceRam::open(&backend.mem_path, backend.size).context("mapping the source RAM file")?;
+    let ram =
+        SourceRam::open(&backend.mem_path, backend.size).context("mapping the source RAM file")?;
 
     undo.ignore_shared_was = Some(qemu::set_capability(qmp, "x-ignore-shared", true).await?);
 
@@ -173,18 +186,38 @@ async fn drive(
         tracing::info!(round = r.round, pages = r.pages, raw = r.raw_pages, zero = r.zero_pages,
             bytes = r.bytes, ms = r.elapsed_ms, mbit = r.rate_mbit, dirty_after = r.dirty_after, decision = ?d, "pre-copy round");
     };
-    let decision = session.run_live(&mut on_round).await.context("live pre-copy")?;
-    if let Decision::Stop { reason, expected_downtime } = decision {
-        progress.note(&format!("stop-and-copy ({reason}), expected downtime {} ms", expected_downtime.as_millis()));
+    let decision = session
+        .run_live(&mut on_round)
+        .await
+        .context("live pre-copy")?;
+    if let Decision::Stop {
+        reason,
+        expected_downtime,
+    } = decision
+    {
+        progress.note(&format!(
+            "stop-and-copy ({reason}), expected downtime {} ms",
+            expected_downtime.as_millis()
+        ));
         tracing::info!(%reason, expected_downtime_ms = ms(expected_downtime), "stopping the VM");
     }
 
     let paused_at = Instant::now();
-    qmp.execute("stop", None).await.context("pausing the source VM")?;
+    qmp.execute("stop", None)
+        .await
+        .context("pausing the source VM")?;
     undo.paused_by_us = true;
     let last = session.final_round().await.context("stop-and-copy")?;
-    tracing::info!(pages = last.pages, bytes = last.bytes, ms = last.elapsed_ms, "final round sent");
-    let outcome = session.verify().await.context("comparing RAM at switchover")?;
+    tracing::info!(
+        pages = last.pages,
+        bytes = last.bytes,
+        ms = last.elapsed_ms,
+        "final round sent"
+    );
+    let outcome = session
+        .verify()
+        .await
+        .context("comparing RAM at switchover")?;
     if !outcome.matched() {
         bail!(
             "RAM differs at switchover in {} chunk(s) of {} pages (first: {:?}): the destination is discarded and the source resumes",

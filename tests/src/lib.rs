@@ -98,7 +98,11 @@ pub fn dirtier_guest() -> Result<GuestImage> {
         initrd: dir.join("initramfs.cpio.gz"),
     };
     if !img.kernel.exists() || !img.initrd.exists() {
-        bail!("guest build did not produce {} and {}", img.kernel.display(), img.initrd.display());
+        bail!(
+            "guest build did not produce {} and {}",
+            img.kernel.display(),
+            img.initrd.display()
+        );
     }
     Ok(img)
 }
@@ -146,7 +150,9 @@ impl Testbed {
         std::fs::create_dir_all(&tb.dir)?;
         sh(&["ip", "netns", "add", &tb.src_ns])?;
         sh(&["ip", "netns", "add", &tb.dst_ns])?;
-        sh(&["ip", "link", "add", &tb.src_if, "type", "veth", "peer", "name", &tb.dst_if])?;
+        sh(&[
+            "ip", "link", "add", &tb.src_if, "type", "veth", "peer", "name", &tb.dst_if,
+        ])?;
         sh(&["ip", "link", "set", &tb.src_if, "netns", &tb.src_ns])?;
         sh(&["ip", "link", "set", &tb.dst_if, "netns", &tb.dst_ns])?;
         for (ns, dev, ip) in [
@@ -191,7 +197,10 @@ impl Testbed {
                     let _ = Command::new("kill").args(["-9", pid]).status();
                 }
             }
-            let _ = Command::new("ip").args(["netns", "del", ns]).stderr(Stdio::null()).status();
+            let _ = Command::new("ip")
+                .args(["netns", "del", ns])
+                .stderr(Stdio::null())
+                .status();
         }
     }
 }
@@ -251,7 +260,13 @@ pub struct Vm {
 
 impl Vm {
     /// Starts the dirtier guest (or an incoming shell for it) in `ns`.
-    pub fn start(tb: &Testbed, ns: &str, name: &str, img: &GuestImage, o: &VmOptions) -> Result<Self> {
+    pub fn start(
+        tb: &Testbed,
+        ns: &str,
+        name: &str,
+        img: &GuestImage,
+        o: &VmOptions,
+    ) -> Result<Self> {
         let qmp = tb.dir.join(format!("{name}.qmp"));
         let serial = tb.dir.join(format!("{name}.serial"));
         let ram = PathBuf::from(format!("/dev/shm/{}-{name}", tb.tag));
@@ -260,32 +275,50 @@ impl Vm {
             let _ = std::fs::remove_file(stale);
         }
         let mut c = tb.in_ns(ns, Path::new("qemu-system-x86_64"));
-        c.args(["-name", name, "-accel", "tcg,thread=single", "-cpu", "max", "-smp", "1"])
-            .args(["-m", &format!("{}M", o.ram_mib)])
-            .args([
-                "-object",
-                &format!(
-                    "memory-backend-file,id=ram0,size={}M,mem-path={},share={}",
-                    o.ram_mib,
-                    ram.display(),
-                    if o.share { "on" } else { "off" }
-                ),
-            ])
-            .args(["-machine", "pc,memory-backend=ram0", "-nodefaults", "-display", "none"])
-            .args(["-serial", &format!("file:{}", serial.display())])
-            .args(["-qmp", &format!("unix:{},server=on,wait=off", qmp.display())])
-            .arg("-kernel")
-            .arg(&img.kernel)
-            .arg("-initrd")
-            .arg(&img.initrd)
-            .args([
-                "-append",
-                &format!(
-                    "console=ttyS0 quiet dirtier.ws_mib={} dirtier.fill_pct={}",
-                    o.ws_mib, o.fill_pct
-                ),
-            ])
-            .args(&o.extra);
+        c.args([
+            "-name",
+            name,
+            "-accel",
+            "tcg,thread=single",
+            "-cpu",
+            "max",
+            "-smp",
+            "1",
+        ])
+        .args(["-m", &format!("{}M", o.ram_mib)])
+        .args([
+            "-object",
+            &format!(
+                "memory-backend-file,id=ram0,size={}M,mem-path={},share={}",
+                o.ram_mib,
+                ram.display(),
+                if o.share { "on" } else { "off" }
+            ),
+        ])
+        .args([
+            "-machine",
+            "pc,memory-backend=ram0",
+            "-nodefaults",
+            "-display",
+            "none",
+        ])
+        .args(["-serial", &format!("file:{}", serial.display())])
+        .args([
+            "-qmp",
+            &format!("unix:{},server=on,wait=off", qmp.display()),
+        ])
+        .arg("-kernel")
+        .arg(&img.kernel)
+        .arg("-initrd")
+        .arg(&img.initrd)
+        .args([
+            "-append",
+            &format!(
+                "console=ttyS0 quiet dirtier.ws_mib={} dirtier.fill_pct={}",
+                o.ws_mib, o.fill_pct
+            ),
+        ])
+        .args(&o.extra);
         if o.incoming {
             c.args(["-S", "-incoming", "defer"]);
         }
@@ -296,7 +329,9 @@ impl Vm {
         }
         let log = std::fs::File::create(tb.dir.join(format!("{name}.qemu.log")))?;
         c.stdout(Stdio::null()).stderr(log.try_clone()?);
-        let child = c.spawn().context("starting qemu-system-x86_64 (is qemu-system-x86 installed?)")?;
+        let child = c
+            .spawn()
+            .context("starting qemu-system-x86_64 (is qemu-system-x86 installed?)")?;
         let vm = Self {
             name: name.into(),
             qmp,
@@ -307,7 +342,10 @@ impl Vm {
         let t = Instant::now();
         while !vm.qmp.exists() {
             if t.elapsed() > Duration::from_secs(20) {
-                bail!("QEMU {name} did not open its QMP socket: {}", vm.qemu_log(tb));
+                bail!(
+                    "QEMU {name} did not open its QMP socket: {}",
+                    vm.qemu_log(tb)
+                );
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -333,16 +371,28 @@ impl Vm {
             }
             std::thread::sleep(Duration::from_millis(200));
         }
-        bail!("{}: no `{needle}` on the console after {:?}; console tail:\n{}", self.name, limit, tail(&self.console(), 15))
+        bail!(
+            "{}: no `{needle}` on the console after {:?}; console tail:\n{}",
+            self.name,
+            limit,
+            tail(&self.console(), 15)
+        )
     }
 
     /// Heartbeats printed so far.
     pub fn heartbeats(&self) -> Vec<Heartbeat> {
-        self.console().lines().filter_map(Heartbeat::parse).collect()
+        self.console()
+            .lines()
+            .filter_map(Heartbeat::parse)
+            .collect()
     }
 
     /// Waits for a heartbeat matching `pred`.
-    pub fn wait_heartbeat(&self, limit: Duration, pred: impl Fn(&Heartbeat) -> bool) -> Result<Heartbeat> {
+    pub fn wait_heartbeat(
+        &self,
+        limit: Duration,
+        pred: impl Fn(&Heartbeat) -> bool,
+    ) -> Result<Heartbeat> {
         let t = Instant::now();
         while t.elapsed() < limit {
             if let Some(h) = self.heartbeats().into_iter().rev().find(|h| pred(h)) {
@@ -350,7 +400,12 @@ impl Vm {
             }
             std::thread::sleep(Duration::from_millis(200));
         }
-        bail!("{}: no matching heartbeat after {:?}; console tail:\n{}", self.name, limit, tail(&self.console(), 15))
+        bail!(
+            "{}: no matching heartbeat after {:?}; console tail:\n{}",
+            self.name,
+            limit,
+            tail(&self.console(), 15)
+        )
     }
 
     /// Whether the QEMU process has exited.
@@ -432,7 +487,8 @@ pub struct SyncQmp {
 impl SyncQmp {
     /// Connects and negotiates capabilities.
     pub fn connect(path: &Path) -> Result<Self> {
-        let s = UnixStream::connect(path).with_context(|| format!("connecting to {}", path.display()))?;
+        let s = UnixStream::connect(path)
+            .with_context(|| format!("connecting to {}", path.display()))?;
         s.set_read_timeout(Some(Duration::from_secs(60)))?;
         let mut q = Self {
             rx: BufReader::new(s.try_clone()?),
@@ -458,7 +514,11 @@ impl SyncQmp {
 
     /// Runs a command; error if QEMU returns one.
     pub fn cmd(&mut self, execute: &str, arguments: Value) -> Result<Value> {
-        writeln!(self.tx, "{}", json!({"execute": execute, "arguments": arguments}))?;
+        writeln!(
+            self.tx,
+            "{}",
+            json!({"execute": execute, "arguments": arguments})
+        )?;
         let v = self.read()?;
         if let Some(e) = v.get("error") {
             return Err(anyhow!("QMP {execute}: {e}"));
@@ -481,7 +541,8 @@ mod tests {
 
     #[test]
     fn heartbeat_lines() {
-        let h = Heartbeat::parse("DIRTIER HB seq=12 uptime_ms=3400 passes=2 errors=0 rewrites=99").unwrap();
+        let h = Heartbeat::parse("DIRTIER HB seq=12 uptime_ms=3400 passes=2 errors=0 rewrites=99")
+            .unwrap();
         assert_eq!(h.seq, 12);
         assert_eq!(h.passes, 2);
         assert!(Heartbeat::parse("DIRTIER READY pages=3").is_none());

@@ -41,13 +41,23 @@ fn migrate(tb: &Testbed, src: &Vm, extra: &[&str]) -> Result<(Output, Value)> {
     let stderr = String::from_utf8_lossy(&out.stderr);
     eprintln!("--- dbmigrate migrate stderr ---\n{stderr}");
     assert!(!stderr.contains("panicked"), "the agent panicked");
-    let v: Value = serde_json::from_str(&std::fs::read_to_string(&report).context("reading the report")?)?;
+    let v: Value =
+        serde_json::from_str(&std::fs::read_to_string(&report).context("reading the report")?)?;
     Ok((out, v))
 }
 
 fn start_pair(tb: &Testbed, ws_mib: u64) -> Result<(Vm, Vm)> {
     let img = dirtier_guest()?;
-    let src = Vm::start(tb, &tb.src_ns, "src", &img, &VmOptions { ws_mib, ..VmOptions::default() })?;
+    let src = Vm::start(
+        tb,
+        &tb.src_ns,
+        "src",
+        &img,
+        &VmOptions {
+            ws_mib,
+            ..VmOptions::default()
+        },
+    )?;
     src.wait_console("DIRTIER READY", Duration::from_secs(240))?;
     // One full verification pass on the source first: the baseline is sound.
     src.wait_heartbeat(Duration::from_secs(120), |h| h.passes >= 1 && h.errors == 0)?;
@@ -78,23 +88,49 @@ fn precopy_moves_a_running_guest_byte_exact() -> Result<()> {
     ensure!(out.status.success(), "migrate failed: {report}");
     ensure!(recv_status.success(), "receive failed");
     assert_eq!(report["completed"], json!(true));
-    assert_eq!(report["ram_verified"], json!(true), "RAM digests must match at switchover");
+    assert_eq!(
+        report["ram_verified"],
+        json!(true),
+        "RAM digests must match at switchover"
+    );
     assert_eq!(report["vm_runs_on"], json!("destination"));
-    assert!(report["pages"]["raw"].as_u64().unwrap_or(0) > 10_000, "most of RAM went as raw pages");
-    assert!(report["stats"]["rounds"].as_array().map_or(0, Vec::len) >= 2, "live rounds plus stop-and-copy");
+    assert!(
+        report["pages"]["raw"].as_u64().unwrap_or(0) > 10_000,
+        "most of RAM went as raw pages"
+    );
+    assert!(
+        report["stats"]["rounds"].as_array().map_or(0, Vec::len) >= 2,
+        "live rounds plus stop-and-copy"
+    );
 
     // The source QEMU is gone once the destination runs.
-    assert!(src.wait_exit(Duration::from_secs(20)), "source QEMU still running");
+    assert!(
+        src.wait_exit(Duration::from_secs(20)),
+        "source QEMU still running"
+    );
     let mut q = dst.qmp()?;
     assert_eq!(q.status()?, "running");
 
     // The guest carries on at the destination and re-verifies all its memory there.
-    let last_src = src.heartbeats().last().cloned().context("no source heartbeat")?;
+    let last_src = src
+        .heartbeats()
+        .last()
+        .cloned()
+        .context("no source heartbeat")?;
     let after = dst.wait_heartbeat(Duration::from_secs(180), |h| {
         h.seq > last_src.seq && h.passes >= last_src.passes + 2
     })?;
-    assert_eq!(after.errors, 0, "guest found corrupted memory after migration: {after:?}\n{}", dst.console());
-    assert!(!dst.console().contains("DIRTIER ERROR"), "{}", dst.console());
+    assert_eq!(
+        after.errors,
+        0,
+        "guest found corrupted memory after migration: {after:?}\n{}",
+        dst.console()
+    );
+    assert!(
+        !dst.console().contains("DIRTIER ERROR"),
+        "{}",
+        dst.console()
+    );
     Ok(())
 }
 
@@ -114,7 +150,11 @@ fn killed_destination_agent_leaves_the_source_running_intact() -> Result<()> {
     let (out, report) = migrate(&tb, &src, &["--bandwidth", "200mbit"])?;
     killer.join().expect("killer thread");
     let _ = recv.wait();
-    assert_eq!(out.status.code(), Some(1), "migrate must fail with the VM on the source: {report}");
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "migrate must fail with the VM on the source: {report}"
+    );
     assert_eq!(report["vm_runs_on"], json!("source"));
     assert_eq!(report["completed"], json!(false));
     let err = report["error"].as_str().unwrap_or_default();
@@ -127,7 +167,11 @@ fn killed_destination_agent_leaves_the_source_running_intact() -> Result<()> {
         .as_array()
         .and_then(|a| a.iter().find(|c| c["capability"] == "x-ignore-shared"))
         .map(|c| c["state"].clone());
-    assert_eq!(ignore_shared, Some(json!(false)), "x-ignore-shared restored");
+    assert_eq!(
+        ignore_shared,
+        Some(json!(false)),
+        "x-ignore-shared restored"
+    );
 
     // The guest keeps running on the source and its memory verifies clean.
     let at_kill = src.heartbeats().last().cloned().context("no heartbeat")?;
@@ -141,7 +185,13 @@ fn clear_errors_for_bad_input() -> Result<()> {
     let bin = bin_dir()?.join("dbmigrate");
     // Missing QMP socket.
     let out = Command::new(&bin)
-        .args(["migrate", "--qmp", "/nonexistent/qmp.sock", "--to", "127.0.0.1:9"])
+        .args([
+            "migrate",
+            "--qmp",
+            "/nonexistent/qmp.sock",
+            "--to",
+            "127.0.0.1:9",
+        ])
         .output()?;
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1));
@@ -149,12 +199,22 @@ fn clear_errors_for_bad_input() -> Result<()> {
     assert!(!err.contains("panicked"));
     // Bad flag values are refused by the parser with the reason.
     let out = Command::new(&bin)
-        .args(["migrate", "--qmp", "x", "--to", "127.0.0.1:9", "--bandwidth", "fast"])
+        .args([
+            "migrate",
+            "--qmp",
+            "x",
+            "--to",
+            "127.0.0.1:9",
+            "--bandwidth",
+            "fast",
+        ])
         .output()?;
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(err.contains("not a rate"), "{err}");
-    let out = Command::new(&bin).args(["migrate", "--qmp", "x", "--to", "nowhere"]).output()?;
+    let out = Command::new(&bin)
+        .args(["migrate", "--qmp", "x", "--to", "nowhere"])
+        .output()?;
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("invalid"));
     Ok(())
@@ -208,7 +268,10 @@ fn ram_backend_that_is_not_shared_is_refused() -> Result<()> {
     let (out, report) = migrate(&tb, &src, &[])?;
     assert_eq!(out.status.code(), Some(1));
     let err = report["error"].as_str().unwrap_or_default();
-    assert!(err.contains("share=off") && err.contains("share=on"), "error must name the fix: {err}");
+    assert!(
+        err.contains("share=off") && err.contains("share=on"),
+        "error must name the fix: {err}"
+    );
     assert_eq!(src.qmp()?.status()?, "running");
     Ok(())
 }

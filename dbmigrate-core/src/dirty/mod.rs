@@ -68,7 +68,9 @@ pub enum DirtyError {
         source: std::io::Error,
     },
     /// The RAM file is not mapped by that process.
-    #[error("process {pid} has no mapping of {path}: is this the QEMU that uses that memory backend?")]
+    #[error(
+        "process {pid} has no mapping of {path}: is this the QEMU that uses that memory backend?"
+    )]
     NoMapping {
         /// Process.
         pid: u32,
@@ -171,10 +173,12 @@ pub fn open_tracker(range: TrackedRange) -> Result<Box<dyn DirtyTracker>, DirtyE
 
 /// Finds `path` in `/proc/PID/maps`: the address range where it is mapped from offset 0.
 pub fn find_mapping(pid: u32, path: &Path) -> Result<TrackedRange, DirtyError> {
-    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).map_err(|source| DirtyError::Proc {
-        pid,
-        doing: "read /proc/PID/maps",
-        source,
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).map_err(|source| {
+        DirtyError::Proc {
+            pid,
+            doing: "read /proc/PID/maps",
+            source,
+        }
     })?;
     let want = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
     parse_maps(&maps, &want)
@@ -200,7 +204,9 @@ fn parse_maps(maps: &str, path: &Path) -> Option<(u64, u64)> {
         if p.trim_start() != want {
             continue;
         }
-        let Some((a, b)) = range.split_once('-') else { continue };
+        let Some((a, b)) = range.split_once('-') else {
+            continue;
+        };
         let (Ok(a), Ok(b), Ok(off)) = (
             u64::from_str_radix(a, 16),
             u64::from_str_radix(b, 16),

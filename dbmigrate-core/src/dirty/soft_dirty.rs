@@ -28,10 +28,12 @@ impl SoftDirtyTracker {
     /// Opens the tracker if this kernel has working soft-dirty bits.
     pub fn open(range: TrackedRange) -> Result<Self, DirtyError> {
         self_test()?;
-        let pagemap = File::open(format!("/proc/{}/pagemap", range.pid)).map_err(|source| DirtyError::Proc {
-            pid: range.pid,
-            doing: "open /proc/PID/pagemap",
-            source,
+        let pagemap = File::open(format!("/proc/{}/pagemap", range.pid)).map_err(|source| {
+            DirtyError::Proc {
+                pid: range.pid,
+                doing: "open /proc/PID/pagemap",
+                source,
+            }
         })?;
         Ok(Self {
             range,
@@ -44,7 +46,10 @@ impl SoftDirtyTracker {
         clear_refs(self.range.pid)
     }
 
-    fn frozen<T>(&mut self, f: impl FnOnce(&mut Self) -> Result<T, DirtyError>) -> Result<T, DirtyError> {
+    fn frozen<T>(
+        &mut self,
+        f: impl FnOnce(&mut Self) -> Result<T, DirtyError>,
+    ) -> Result<T, DirtyError> {
         let pid = self.range.pid;
         sys::process::freeze(pid).map_err(|source| DirtyError::Proc {
             pid,
@@ -86,7 +91,13 @@ fn mark_soft_dirty(entries: &[u8], dirty: &mut PageBitmap) -> u64 {
     n
 }
 
-fn read_entries(pagemap: &File, pid: u32, start: u64, end: u64, buf: &mut Vec<u8>) -> Result<(), DirtyError> {
+fn read_entries(
+    pagemap: &File,
+    pid: u32,
+    start: u64,
+    end: u64,
+    buf: &mut Vec<u8>,
+) -> Result<(), DirtyError> {
     let pages = usize::try_from((end - start) / 4096).expect("range fits in memory");
     buf.resize(pages * 8, 0);
     pagemap
@@ -110,7 +121,13 @@ impl DirtyTracker for SoftDirtyTracker {
     fn collect(&mut self, dirty: &mut PageBitmap) -> Result<u64, DirtyError> {
         self.frozen(|t| {
             let mut buf = std::mem::take(&mut t.buf);
-            read_entries(&t.pagemap, t.range.pid, t.range.start, t.range.end, &mut buf)?;
+            read_entries(
+                &t.pagemap,
+                t.range.pid,
+                t.range.start,
+                t.range.end,
+                &mut buf,
+            )?;
             t.clear_refs()?;
             let n = mark_soft_dirty(&buf, dirty);
             t.buf = buf;
@@ -166,7 +183,11 @@ mod tests {
     fn support_detection_is_consistent() {
         // On a kernel with soft-dirty the self-test passes; without it, opening fails clearly.
         let supported = self_test().is_ok();
-        let r = SoftDirtyTracker::open(TrackedRange { pid: std::process::id(), start: 0, end: 4096 });
+        let r = SoftDirtyTracker::open(TrackedRange {
+            pid: std::process::id(),
+            start: 0,
+            end: 4096,
+        });
         assert_eq!(r.is_ok(), supported);
         if let Err(e) = r {
             assert!(e.to_string().contains("soft-dirty"), "{e}");

@@ -19,10 +19,12 @@ pub struct UffdWpTracker {
 impl UffdWpTracker {
     /// Opens `/proc/PID/pagemap` and checks that the range is registered.
     pub fn open(range: TrackedRange) -> Result<Self, DirtyError> {
-        let pagemap = File::open(format!("/proc/{}/pagemap", range.pid)).map_err(|source| DirtyError::Proc {
-            pid: range.pid,
-            doing: "open /proc/PID/pagemap",
-            source,
+        let pagemap = File::open(format!("/proc/{}/pagemap", range.pid)).map_err(|source| {
+            DirtyError::Proc {
+                pid: range.pid,
+                doing: "open /proc/PID/pagemap",
+                source,
+            }
         })?;
         let pages = (range.end - range.start) / 4096;
         let mut t = Self {
@@ -41,14 +43,17 @@ impl UffdWpTracker {
         let mut pos = self.range.start;
         let mut total = 0;
         while pos < self.range.end {
-            let (n, walk_end) = pagemap_scan(&self.pagemap, pos, self.range.end, flags, &mut self.regions)
-                .map_err(|source| match source.raw_os_error() {
-                    Some(libc::EPERM) => DirtyError::NotRegistered { pid: self.range.pid },
-                    _ => DirtyError::Scan {
-                        pid: self.range.pid,
-                        source,
-                    },
-                })?;
+            let (n, walk_end) =
+                pagemap_scan(&self.pagemap, pos, self.range.end, flags, &mut self.regions)
+                    .map_err(|source| match source.raw_os_error() {
+                        Some(libc::EPERM) => DirtyError::NotRegistered {
+                            pid: self.range.pid,
+                        },
+                        _ => DirtyError::Scan {
+                            pid: self.range.pid,
+                            source,
+                        },
+                    })?;
             let target = match dirty.as_deref_mut() {
                 Some(d) => d,
                 None => &mut self.scratch,
@@ -94,10 +99,11 @@ pub(super) fn self_test() -> Result<(), DirtyError> {
         doing: "map test memory",
         source,
     })?;
-    let _uffd = dbmigrate_uffd::register_wp_async(mem.addr(), mem.len()).map_err(|e| DirtyError::Scan {
-        pid,
-        source: e.error,
-    })?;
+    let _uffd =
+        dbmigrate_uffd::register_wp_async(mem.addr(), mem.len()).map_err(|e| DirtyError::Scan {
+            pid,
+            source: e.error,
+        })?;
     let range = TrackedRange {
         pid,
         start: mem.addr(),

@@ -19,7 +19,9 @@ fn seek(file: &File, offset: u64, whence: libc::c_int) -> io::Result<Option<u64>
         }
         return Err(e);
     }
-    Ok(Some(u64::try_from(r).expect("lseek returned a non-negative offset")))
+    Ok(Some(
+        u64::try_from(r).expect("lseek returned a non-negative offset"),
+    ))
 }
 
 /// Byte ranges of `file` (up to `len`) that hold data; holes read as zeros.

@@ -62,7 +62,10 @@ impl TestMapping {
 
     /// Writes one byte into `page` (volatile, so it really happens).
     pub(crate) fn write_page(&self, page: usize) {
-        assert!(page * crate::PAGE_SIZE < self.len, "test page inside the mapping");
+        assert!(
+            page * crate::PAGE_SIZE < self.len,
+            "test page inside the mapping"
+        );
         // SAFETY: the address is inside our live mapping (checked above).
         unsafe {
             std::ptr::write_volatile(self.ptr.cast::<u8>().add(page * crate::PAGE_SIZE), 0x5a);

@@ -1,6 +1,6 @@
 //! The only place with `unsafe`: thin wrappers over syscalls and mappings.
 //! Each block carries a `// SAFETY:` comment.
 
-pub(crate) mod mmap;
 pub(crate) mod file;
+pub(crate) mod mmap;
 pub(crate) mod process;

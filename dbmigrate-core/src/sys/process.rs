@@ -31,7 +31,10 @@ pub(crate) fn freeze(pid: u32) -> io::Result<()> {
         }
         if std::time::Instant::now() > deadline {
             let _ = thaw(pid);
-            return Err(io::Error::new(io::ErrorKind::TimedOut, "threads did not stop within 1 s"));
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "threads did not stop within 1 s",
+            ));
         }
         std::thread::yield_now();
     }

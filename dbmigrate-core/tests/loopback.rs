@@ -1,0 +1,236 @@
+//! Engine-level tests over loopback TCP with RAM files in /dev/shm: a fast
+//! complement to the QEMU end-to-end tests in `tests/`. The "VM" here is a
+//! thread writing into the source RAM file; a scripted tracker reports the
+//! pages it wrote (the real trackers are tested against QEMU).
+
+use std::fs::OpenOptions;
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use dbmigrate_core::bitmap::PageBitmap;
+use dbmigrate_core::dest;
+use dbmigrate_core::dirty::{DirtyError, DirtyTracker, TrackerKind};
+use dbmigrate_core::precopy::{Decision, PrecopyError, SourceConfig, SourceSession};
+use dbmigrate_core::protocol::{self, BatchBuilder, Hello, Message, PageEncoding};
+use dbmigrate_core::ram::{DestRam, SourceRam};
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+
+const PAGES: u64 = 2048; // 8 MiB
+
+/// Reports the pages the writer thread recorded since the last call.
+struct Scripted(Arc<Mutex<Vec<u64>>>);
+
+impl DirtyTracker for Scripted {
+    fn kind(&self) -> TrackerKind {
+        TrackerKind::UffdWp
+    }
+    fn reset(&mut self) -> Result<(), DirtyError> {
+        self.0.lock().unwrap().clear();
+        Ok(())
+    }
+    fn collect(&mut self, dirty: &mut PageBitmap) -> Result<u64, DirtyError> {
+        let pages: Vec<u64> = std::mem::take(&mut *self.0.lock().unwrap());
+        for &p in &pages {
+            dirty.set(p);
+        }
+        Ok(pages.len() as u64)
+    }
+}
+
+fn ram_file(tag: &str) -> PathBuf {
+    let p = PathBuf::from(format!(
+        "/dev/shm/dbmigrate-loopback-{}-{tag}",
+        std::process::id()
+    ));
+    let f = OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .read(true)
+        .write(true)
+        .open(&p)
+        .unwrap();
+    f.set_len(PAGES * 4096).unwrap();
+    p
+}
+
+fn page_bytes(seed: u64) -> Vec<u8> {
+    let mut s = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..4096)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            s.to_le_bytes()[0]
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn source_and_destination_agree_byte_for_byte_under_writes() {
+    let src_path = ram_file("src");
+    let dst_path = ram_file("dst");
+    let src_file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&src_path)
+        .unwrap();
+    // Most pages hold data, every 7th stays a hole (zero), page 5 is data that is all zero.
+    for p in 0..PAGES {
+        if p % 7 != 0 {
+            src_file.write_all_at(&page_bytes(p), p * 4096).unwrap();
+        }
+    }
+    src_file.write_all_at(&[0u8; 4096], 5 * 4096).unwrap();
+    // Stale content at the destination must not survive.
+    let dst_file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&dst_path)
+        .unwrap();
+    dst_file.write_all_at(&[0xee; 4096], 7 * 4096).unwrap();
+
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let dst_path2 = dst_path.clone();
+    let receiver = tokio::spawn(async move {
+        let mut ram = DestRam::open(&dst_path2, PAGES * 4096).unwrap();
+        ram.zero_all().unwrap();
+        let mut s = dest::accept(
+            &listener,
+            PAGES * 4096,
+            "tcp:127.0.0.1:1",
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
+        let (_ram, matched) = s.receive(ram).await.unwrap();
+        assert!(matched);
+        s.wait_commit().await.unwrap();
+        s.activated().await.unwrap();
+        s.stats.clone()
+    });
+
+    // The "guest": keeps rewriting a working set of 64 pages until paused.
+    let written = Arc::new(Mutex::new(Vec::new()));
+    let paused = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let written = written.clone();
+        let paused = paused.clone();
+        let f = src_file.try_clone().unwrap();
+        std::thread::spawn(move || {
+            let mut gen = 1000u64;
+            while !paused.load(Ordering::SeqCst) {
+                for p in 100..164u64 {
+                    gen += 1;
+                    f.write_all_at(&page_bytes(gen), p * 4096).unwrap();
+                    written.lock().unwrap().push(p);
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        })
+    };
+
+    let ram = SourceRam::open(&src_path, PAGES * 4096).unwrap();
+    let cfg = SourceConfig {
+        connections: 3,
+        compress: true,
+        ..SourceConfig::default()
+    };
+    let mut s = SourceSession::connect(addr, ram, Box::new(Scripted(written.clone())), cfg)
+        .await
+        .unwrap();
+    let d = s.run_live(&mut |_, _| {}).await.unwrap();
+    assert!(matches!(d, Decision::Stop { .. }));
+    paused.store(true, Ordering::SeqCst);
+    writer.join().unwrap();
+    s.final_round().await.unwrap();
+    let v = s.verify().await.unwrap();
+    assert!(v.matched(), "{v:?}");
+    s.commit().await.unwrap();
+    let stats = receiver.await.unwrap();
+    assert!(stats.raw_pages + stats.compressed_pages > 0);
+
+    let a = std::fs::read(&src_path).unwrap();
+    let b = std::fs::read(&dst_path).unwrap();
+    assert!(a == b, "destination RAM differs from the source");
+    std::fs::remove_file(src_path).unwrap();
+    std::fs::remove_file(dst_path).unwrap();
+}
+
+#[tokio::test]
+async fn destination_refuses_a_page_beyond_ram_and_says_why() {
+    let dst_path = ram_file("oob");
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let p2 = dst_path.clone();
+    let receiver = tokio::spawn(async move {
+        let ram = DestRam::open(&p2, PAGES * 4096).unwrap();
+        let mut s = dest::accept(&listener, PAGES * 4096, "tcp:x", Duration::from_secs(10))
+            .await
+            .unwrap();
+        let err = s.receive(ram).await.err().expect("must refuse");
+        s.abort(&err.to_string()).await;
+        err.to_string()
+    });
+    let hello = |i| {
+        Message::Hello(Hello {
+            version: protocol::PROTOCOL_VERSION,
+            session: 7,
+            ram_bytes: PAGES * 4096,
+            page_size: 4096,
+            data_connections: 1,
+            conn_index: i,
+        })
+    };
+    let mut ctrl = TcpStream::connect(addr).await.unwrap();
+    protocol::write_message(&mut ctrl, &hello(0), "t")
+        .await
+        .unwrap();
+    let (m, _) = protocol::read_message(&mut ctrl, "t").await.unwrap();
+    assert!(matches!(m, Message::Welcome(_)));
+    let mut data = TcpStream::connect(addr).await.unwrap();
+    protocol::write_message(&mut data, &hello(1), "t")
+        .await
+        .unwrap();
+    let mut b = BatchBuilder::new(0);
+    b.push(PAGES + 10, PageEncoding::Zero, &[]);
+    data.write_all(&b.finish()).await.unwrap();
+    let err = receiver.await.unwrap();
+    assert!(err.contains("beyond"), "{err}");
+    let (m, _) = protocol::read_message(&mut ctrl, "t").await.unwrap();
+    assert!(matches!(m, Message::Abort { reason } if reason.contains("beyond")));
+    std::fs::remove_file(dst_path).unwrap();
+}
+
+#[tokio::test]
+async fn source_fails_cleanly_on_garbage_from_the_destination() {
+    let src_path = ram_file("garbage");
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (mut ctrl, _) = listener.accept().await.unwrap();
+        let _ = protocol::read_message(&mut ctrl, "t").await.unwrap();
+        // Not a dbmigrate frame at all.
+        ctrl.write_all(b"HTTP/1.1 400 Bad Request\r\n\r\n")
+            .await
+            .unwrap();
+    });
+    let ram = SourceRam::open(&src_path, PAGES * 4096).unwrap();
+    let r = SourceSession::connect(
+        addr,
+        ram,
+        Box::new(Scripted(Arc::default())),
+        SourceConfig::default(),
+    )
+    .await;
+    match r {
+        Err(PrecopyError::Protocol(e)) => assert!(e.to_string().contains("magic"), "{e}"),
+        Err(e) => panic!("unexpected error {e}"),
+        Ok(_) => panic!("garbage accepted"),
+    }
+    std::fs::remove_file(src_path).unwrap();
+}
