@@ -37,6 +37,14 @@ impl PageBitmap {
         true
     }
 
+    /// Unmarks `page` (out-of-range pages are ignored).
+    pub fn unset(&mut self, page: u64) {
+        if page < self.pages {
+            let (w, b) = Self::split(page);
+            self.words[w] &= !(1 << b);
+        }
+    }
+
     /// Marks pages `start..end` (clamped to the bitmap).
     pub fn set_range(&mut self, start: u64, end: u64) {
         let end = end.min(self.pages);

@@ -4,7 +4,6 @@
 //! Every page index, length and count from the source is checked: a page
 //! beyond the RAM aborts the session with a reason sent back to the source.
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use thiserror::Error;
@@ -195,6 +194,14 @@ pub async fn accept(
     })
 }
 
+/// What the RAM owner thread hands back once every stream ended.
+struct Applied {
+    ram: DestRam,
+    counts: [u64; 3],
+    digests: Vec<u128>,
+    final_hash: Duration,
+}
+
 /// Pages decoded by a connection reader, applied in order by the RAM owner.
 struct ApplyBatch {
     pages: Vec<PageEntry>,
@@ -217,21 +224,47 @@ impl DestSession {
             .collect();
         drop(tx);
         // The RAM has one owner thread: ordering per page is the arrival order
-        // on its connection, and pages never cross connections.
-        let applier =
-            tokio::task::spawn_blocking(move || -> Result<(DestRam, [u64; 3]), DestError> {
-                let mut ram = ram;
-                let mut counts = [0u64; 3];
-                let mut dctx = zstd::bulk::Decompressor::new()
-                    .map_err(|e| DestError::Worker(format!("zstd: {e}")))?;
-                while let Some(batch) = rx.blocking_recv() {
-                    for e in batch.pages {
-                        apply(&mut ram, &e, &mut dctx)?;
-                        counts[e.encoding as usize] += 1;
+        // on its connection, and pages never cross connections. Being the only
+        // writer, it also keeps the switchover digests up to date, hashing
+        // chunks whenever no page is waiting.
+        let applier = tokio::task::spawn_blocking(move || -> Result<Applied, DestError> {
+            let mut ram = ram;
+            // The VM has not run here: every page reads as zero until written,
+            // which lets the source skip zero pages and the digests start known.
+            ram.zero_all()?;
+            let mut digests = verify::IncrementalDigests::new(pages, verify::CHUNK_PAGES);
+            let mut counts = [0u64; 3];
+            let mut dctx = zstd::bulk::Decompressor::new()
+                .map_err(|e| DestError::Worker(format!("zstd: {e}")))?;
+            loop {
+                let batch = match rx.try_recv() {
+                    Ok(b) => b,
+                    Err(mpsc::error::TryRecvError::Empty) => {
+                        if digests.hash_one(ram.bytes()) {
+                            continue;
+                        }
+                        match rx.blocking_recv() {
+                            Some(b) => b,
+                            None => break,
+                        }
                     }
+                    Err(mpsc::error::TryRecvError::Disconnected) => break,
+                };
+                for e in batch.pages {
+                    apply(&mut ram, &e, &mut dctx)?;
+                    digests.written(e.page);
+                    counts[e.encoding as usize] += 1;
                 }
-                Ok((ram, counts))
-            });
+            }
+            let t = Instant::now();
+            let digests = digests.finish(ram.bytes());
+            Ok(Applied {
+                ram,
+                counts,
+                digests,
+                final_hash: t.elapsed(),
+            })
+        });
         let wait_data = async {
             let mut bytes = 0;
             for r in readers {
@@ -258,7 +291,12 @@ impl DestSession {
                 }
             }
         };
-        let (ram, counts) = applier
+        let Applied {
+            ram,
+            counts,
+            digests: ours,
+            final_hash,
+        } = applier
             .await
             .map_err(|e| DestError::Worker(e.to_string()))??;
         self.stats.bytes_received = bytes;
@@ -290,15 +328,13 @@ impl DestSession {
                 digests.len()
             )));
         }
-        let t = Instant::now();
-        let (ram, ours) = tokio::task::spawn_blocking(move || -> Result<_, RamError> {
-            let data = ram.data_pages()?;
-            let d = verify::ram_digests(ram.bytes(), &data, chunk_pages, 2);
-            Ok((ram, d))
-        })
-        .await
-        .map_err(|e| DestError::Worker(e.to_string()))??;
-        self.stats.verify_ms = u64::try_from(t.elapsed().as_millis()).unwrap_or(u64::MAX);
+        if chunk_pages != verify::CHUNK_PAGES {
+            return Err(DestError::BadPage(format!(
+                "digests over chunks of {chunk_pages} pages; this agent compares chunks of {}",
+                verify::CHUNK_PAGES
+            )));
+        }
+        self.stats.verify_ms = u64::try_from(final_hash.as_millis()).unwrap_or(u64::MAX);
         let bad = verify::mismatched_chunks(&ours, &digests);
         let total = u32::try_from(bad.len()).unwrap_or(u32::MAX);
         let listed = bad
@@ -434,6 +470,3 @@ async fn within<T>(
             doing,
         })
 }
-
-/// Shared handle type for callers that keep the RAM around.
-pub type SharedDestRam = Arc<DestRam>;

@@ -53,6 +53,79 @@ pub fn ram_digests(ram: &[u8], data: &PageBitmap, chunk_pages: u32, threads: usi
     out
 }
 
+/// Digests of a RAM that starts all zero and is written only through this
+/// tracker's owner (the destination's single RAM writer): chunks are
+/// re-hashed only after a page in them was written, so the hashing can run
+/// in the idle time between arriving pages and the switchover only has to
+/// hash what the last round touched.
+pub struct IncrementalDigests {
+    chunk_pages: u64,
+    pages: u64,
+    digests: Vec<u128>,
+    stale: PageBitmap,
+    written: PageBitmap,
+    next_stale: u64,
+}
+
+impl IncrementalDigests {
+    /// Digests of `pages` zero pages in chunks of `chunk_pages`.
+    pub fn new(pages: u64, chunk_pages: u32) -> Self {
+        let cp = u64::from(chunk_pages.max(1));
+        let chunks = pages.div_ceil(cp);
+        let nothing = PageBitmap::new(pages);
+        let zero_ram: &[u8] = &[];
+        let digests = (0..chunks)
+            .map(|c| chunk_digest(zero_ram, &nothing, c * cp, ((c + 1) * cp).min(pages)))
+            .collect();
+        Self {
+            chunk_pages: cp,
+            pages,
+            digests,
+            stale: PageBitmap::new(chunks),
+            written: PageBitmap::new(pages),
+            next_stale: 0,
+        }
+    }
+
+    /// Records that `page` was written (its chunk must be hashed again).
+    pub fn written(&mut self, page: u64) {
+        if self.written.set(page) {
+            self.stale.set(page / self.chunk_pages);
+        }
+    }
+
+    /// Hashes one stale chunk of `ram`; false when none is stale.
+    pub fn hash_one(&mut self, ram: &[u8]) -> bool {
+        let chunks = self.stale.len();
+        for _ in 0..2 {
+            if let Some(c) = (self.next_stale..chunks).find(|&c| self.stale.get(c)) {
+                self.rehash(ram, c);
+                self.next_stale = c + 1;
+                return true;
+            }
+            self.next_stale = 0;
+        }
+        false
+    }
+
+    fn rehash(&mut self, ram: &[u8], c: u64) {
+        let first = c * self.chunk_pages;
+        let last = (first + self.chunk_pages).min(self.pages);
+        self.digests[usize::try_from(c).expect("chunk index fits")] =
+            chunk_digest(ram, &self.written, first, last);
+        self.stale.unset(c);
+    }
+
+    /// Hashes what is still stale and returns all digests.
+    pub fn finish(mut self, ram: &[u8]) -> Vec<u128> {
+        let stale: Vec<u64> = self.stale.iter().collect();
+        for c in stale {
+            self.rehash(ram, c);
+        }
+        self.digests
+    }
+}
+
 /// Indexes of chunks whose digests differ (a length difference counts every extra chunk).
 pub fn mismatched_chunks(ours: &[u128], theirs: &[u128]) -> Vec<u32> {
     let n = ours.len().max(theirs.len());
@@ -65,6 +138,25 @@ pub fn mismatched_chunks(ours: &[u128], theirs: &[u128]) -> Vec<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn incremental_digests_equal_a_full_hash() {
+        let pages = 1300u64;
+        let mut ram = vec![0u8; usize::try_from(pages).unwrap() * PAGE_SIZE];
+        let mut inc = IncrementalDigests::new(pages, CHUNK_PAGES);
+        let mut all = PageBitmap::new(pages);
+        all.set_range(0, pages);
+        assert_eq!(inc.digests, ram_digests(&ram, &all, CHUNK_PAGES, 1));
+        for (i, p) in [3u64, 600, 1299, 600].into_iter().enumerate() {
+            ram[usize::try_from(p).unwrap() * PAGE_SIZE + i] = 0x77;
+            inc.written(p);
+            // Hash in between, as the destination does when idle; a later
+            // write to the same chunk must make it stale again.
+            inc.hash_one(&ram);
+        }
+        inc.written(pages + 5); // out of range: ignored
+        assert_eq!(inc.finish(&ram), ram_digests(&ram, &all, CHUNK_PAGES, 2));
+    }
 
     #[test]
     fn holes_hash_like_zero_pages_and_changes_are_found() {

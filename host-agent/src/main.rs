@@ -95,6 +95,29 @@ enum Command {
     },
 }
 
+/// Resolves when the operator interrupts (Ctrl-C) or terminates the agent, so
+/// that the failure path can put the VM back before exiting.
+pub async fn interrupted() -> &'static str {
+    use tokio::signal::unix::{signal, SignalKind};
+    // A handler that cannot be installed must never look like a signal.
+    let int = async {
+        match signal(SignalKind::interrupt()) {
+            Ok(mut s) => s.recv().await,
+            Err(_) => std::future::pending().await,
+        }
+    };
+    let term = async {
+        match signal(SignalKind::terminate()) {
+            Ok(mut s) => s.recv().await,
+            Err(_) => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        _ = int => "Ctrl-C (SIGINT)",
+        _ = term => "SIGTERM",
+    }
+}
+
 /// Parses `1gbit`, `800mbit`, `100MB`, `12345` (bytes/s).
 fn parse_rate(s: &str) -> Result<u64, String> {
     let t = s.trim().to_ascii_lowercase();

@@ -46,11 +46,8 @@ pub async fn receive(args: ReceiveArgs) -> Result<dest::DestStats> {
     qmp.execute("migrate-incoming", Some(json!({"uri": uri})))
         .await
         .context("making the destination QEMU listen for device state")?;
-    let mut ram = DestRam::open(&backend.mem_path, backend.size)
+    let ram = DestRam::open(&backend.mem_path, backend.size)
         .context("mapping the destination RAM file")?;
-    // The VM has not run here: make every page read as zero so that the
-    // source can skip zero pages in its first pass.
-    ram.zero_all()?;
     let listener = TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("listening on {} (is another agent using it?)", args.listen))?;
@@ -58,7 +55,7 @@ pub async fn receive(args: ReceiveArgs) -> Result<dest::DestStats> {
 
     let result = tokio::select! {
         r = session(&args, &mut qmp, &listener, ram, backend.size, &uri) => r,
-        _ = tokio::signal::ctrl_c() => Err(anyhow!("interrupted (Ctrl-C / SIGINT) before the VM was resumed here")),
+        s = crate::interrupted() => Err(anyhow!("interrupted by {s} before the VM was resumed here")),
     };
     if let Err(e) = &result {
         if !args.keep_qemu && !matches!(qmp.status().await.as_deref(), Ok("running")) {

@@ -38,6 +38,8 @@ pub struct MigrationReport {
     pub ram_verified: Option<bool>,
     /// Bytes QEMU sent for device state.
     pub device_state_bytes: u64,
+    /// Guest-physical ranges backed by the RAM file, as QEMU reported them.
+    pub gpa_layout: Vec<crate::qemu::GpaRange>,
     /// Dirty tracker used.
     pub tracker: String,
     /// Error that stopped the migration, if any.

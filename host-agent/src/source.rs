@@ -64,7 +64,7 @@ pub async fn migrate(args: MigrateArgs) -> MigrationReport {
     let start = Instant::now();
     let outcome = tokio::select! {
         r = run(&args, &mut qmp, &mut undo, &mut report, start) => r,
-        _ = tokio::signal::ctrl_c() => Err(anyhow!("interrupted (Ctrl-C / SIGINT) before the destination committed")),
+        s = crate::interrupted() => Err(anyhow!("interrupted by {s}")),
     };
     match outcome {
         Ok(()) => {
@@ -75,7 +75,15 @@ pub async fn migrate(args: MigrateArgs) -> MigrationReport {
             let committed = report.vm_runs_on != "source";
             report.error = Some(format!("{e:#}"));
             if !committed {
-                if let Err(undo_err) = roll_back(&mut qmp, &undo).await {
+                // The failed step may have left a QMP command half-answered
+                // (Ctrl-C in the middle of one): roll back on a fresh connection.
+                drop(qmp);
+                let fresh = Qmp::connect(&args.qmp).await;
+                let undone = match fresh {
+                    Ok(mut q) => roll_back(&mut q, &undo).await,
+                    Err(e) => Err(anyhow!(e).context("reconnecting to the source QEMU")),
+                };
+                if let Err(undo_err) = undone {
                     report.error = Some(format!(
                         "{e:#}; ALSO FAILED TO RESUME THE SOURCE: {undo_err:#}"
                     ));
@@ -131,6 +139,7 @@ async fn run(
     let backend = qemu::ram_backend(qmp).await?;
     let layout = qemu::gpa_layout(qmp, &backend.id).await?;
     tracing::info!(path = %backend.mem_path.display(), size = backend.size, ranges = layout.len(), "source RAM backend");
+    report.gpa_layout = layout;
     let pid = qmp
         .pid()
         .context("could not learn QEMU's pid from its QMP socket (SO_PEERCRED)")?;

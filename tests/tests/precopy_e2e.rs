@@ -175,8 +175,58 @@ fn killed_destination_agent_leaves_the_source_running_intact() -> Result<()> {
 
     // The guest keeps running on the source and its memory verifies clean.
     let at_kill = src.heartbeats().last().cloned().context("no heartbeat")?;
-    let later = src.wait_heartbeat(Duration::from_secs(120), |h| h.passes >= at_kill.passes + 1)?;
+    let later = src.wait_heartbeat(Duration::from_secs(120), |h| h.passes >= at_kill.passes + 2)?;
     assert_eq!(later.errors, 0, "{}", src.console());
+    Ok(())
+}
+
+#[test]
+fn interrupted_migration_resumes_the_source() -> Result<()> {
+    let tb = Testbed::new(LINK_MBIT)?;
+    let (src, dst) = start_pair(&tb, 16)?;
+    let mut recv = receive(&tb, &dst)?;
+    let bin = bin_dir()?.join("dbmigrate");
+    let report = tb.dir.join("report.json");
+    let migrate = tb
+        .in_ns(&tb.src_ns, &bin)
+        .args(["migrate", "--qmp"])
+        .arg(&src.qmp)
+        .args([
+            "--to",
+            &format!("{}:7000", tb.dst_ip),
+            "--bandwidth",
+            "200mbit",
+        ])
+        .arg("--report")
+        .arg(&report)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    std::thread::sleep(Duration::from_secs(3));
+    // What an operator's Ctrl-C sends.
+    Command::new("kill")
+        .args(["-INT", &migrate.id().to_string()])
+        .status()?;
+    let out = migrate.wait_with_output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(!stderr.contains("panicked"));
+    let r: Value = serde_json::from_str(&std::fs::read_to_string(&report)?)?;
+    assert_eq!(r["vm_runs_on"], json!("source"));
+    assert!(
+        r["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("interrupted"),
+        "{r}"
+    );
+    // The destination agent learns of the abort and gives up too.
+    let recv_status = recv.wait()?;
+    assert!(!recv_status.success());
+    assert_eq!(src.qmp()?.status()?, "running");
+    let at = src.heartbeats().last().cloned().context("no heartbeat")?;
+    let later = src.wait_heartbeat(Duration::from_secs(120), |h| h.passes >= at.passes + 2)?;
+    assert_eq!(later.errors, 0);
     Ok(())
 }
 
