@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
-use dbmigrate_testbed::{bin_dir, dirtier_guest, GuestImage, Testbed, Vm, VmOptions};
+use dbmigrate_testbed::{dirtier_guest, GuestImage, Testbed, Vm, VmOptions};
 use serde::Serialize;
 use serde_json::{json, Value};
 
@@ -263,30 +263,20 @@ fn run_method(s: &Setup<'_>, method: &str) -> Result<Run> {
         "dbmigrate-precopy" => {
             let (src, dst) = start_vms(s, true, &[])?;
             let before = s.tb.link_bytes()?;
-            let bin = bin_dir()?.join("dbmigrate");
             let mut recv =
-                s.tb.in_ns(&s.tb.dst_ns, &bin)
-                    .args(["receive", "--qmp"])
-                    .arg(&dst.qmp)
-                    .args(["--listen", &format!("{}:7000", s.tb.dst_ip)])
-                    .args(["--incoming", &format!("{}:7001", s.tb.dst_ip)])
+                s.tb.receive_cmd(&dst)?
                     .stdout(Stdio::null())
                     .stderr(Stdio::null())
                     .spawn()?;
             let report_path = s.tb.dir.join("dbmigrate-report.json");
             let out =
-                s.tb.in_ns(&s.tb.src_ns, &bin)
-                    .args(["migrate", "--qmp"])
-                    .arg(&src.qmp)
-                    .args(["--to", &format!("{}:7000", s.tb.dst_ip)])
+                s.tb.migrate_cmd(&src, &report_path)?
                     .args([
                         "--downtime-ms",
                         &s.downtime_ms.to_string(),
                         "--progress",
                         "never",
                     ])
-                    .arg("--report")
-                    .arg(&report_path)
                     .stdout(Stdio::null())
                     .stderr(Stdio::inherit())
                     .output()?;

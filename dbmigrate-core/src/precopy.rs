@@ -102,7 +102,9 @@ impl Default for StopPolicy {
             switchover_overhead: Duration::ZERO,
             max_rounds: 30,
             max_bytes_factor: 3.0,
-            stall_rounds: 3,
+            // Two rounds in which the dirty set did not shrink: the writable
+            // working set is reached, and more rounds only resend it.
+            stall_rounds: 2,
         }
     }
 }
@@ -818,7 +820,7 @@ mod tests {
     fn stops_when_the_working_set_stops_shrinking() {
         let p = StopPolicy::default();
         let mut h = vec![obs(800 * MB, 8000, 16_384)];
-        for _ in 0..3 {
+        for _ in 0..p.stall_rounds {
             assert!(matches!(
                 decide(&p, &h, 1024 * MB, None),
                 Decision::Continue { .. }

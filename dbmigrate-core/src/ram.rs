@@ -94,33 +94,40 @@ fn data_pages(path: &Path, file: &File, len: u64) -> Result<PageBitmap, RamError
     Ok(bm)
 }
 
-/// The source's read-only view of guest RAM.
-pub struct SourceRam {
+/// A mapped RAM file; [`SourceRam`] maps it read-only, [`DestRam`] read-write.
+pub struct Ram<M> {
     path: PathBuf,
     file: File,
-    map: memmap2::Mmap,
+    map: M,
 }
 
-impl SourceRam {
-    /// Maps `path`, which must be exactly `size` bytes.
-    pub fn open(path: &Path, size: u64) -> Result<Self, RamError> {
-        let file = File::open(path).map_err(|source| RamError::Open {
-            path: path.into(),
-            source,
-        })?;
-        let len = check_size(path, &file, size)?;
-        let map = sys::mmap::map_shared_ro(&file, len).map_err(|source| RamError::Io {
-            path: path.into(),
-            doing: "mmap",
-            source,
-        })?;
-        Ok(Self {
-            path: path.into(),
-            file,
-            map,
-        })
-    }
+/// The source's read-only view of guest RAM.
+pub type SourceRam = Ram<memmap2::Mmap>;
+/// The destination's writable view of guest RAM.
+pub type DestRam = Ram<memmap2::MmapMut>;
 
+fn open_checked(path: &Path, write: bool, size: u64) -> Result<(File, usize), RamError> {
+    let file = OpenOptions::new()
+        .read(true)
+        .write(write)
+        .open(path)
+        .map_err(|source| RamError::Open {
+            path: path.into(),
+            source,
+        })?;
+    let len = check_size(path, &file, size)?;
+    Ok((file, len))
+}
+
+fn mmap_error(path: &Path) -> impl FnOnce(io::Error) -> RamError + '_ {
+    move |source| RamError::Io {
+        path: path.into(),
+        doing: "mmap",
+        source,
+    }
+}
+
+impl<M: std::ops::Deref<Target = [u8]>> Ram<M> {
     /// Number of pages.
     pub fn pages(&self) -> u64 {
         self.map.len() as u64 / PAGE_SIZE_U64
@@ -138,7 +145,12 @@ impl SourceRam {
 
     /// The bytes of `page`.
     pub fn page(&self, page: u64) -> Result<&[u8], RamError> {
-        page_slice(&self.map, page)
+        let pages = self.pages();
+        if page >= pages {
+            return Err(RamError::OutOfRange { page, pages });
+        }
+        let start = usize::try_from(page).expect("below pages") * PAGE_SIZE;
+        Ok(&self.map[start..start + PAGE_SIZE])
     }
 
     /// Pages that hold data; never-touched RAM is a hole and is skipped without reading it.
@@ -152,39 +164,24 @@ impl SourceRam {
     }
 }
 
-fn page_slice(map: &[u8], page: u64) -> Result<&[u8], RamError> {
-    let pages = map.len() as u64 / PAGE_SIZE_U64;
-    if page >= pages {
-        return Err(RamError::OutOfRange { page, pages });
+impl Ram<memmap2::Mmap> {
+    /// Maps `path` read-only; it must be exactly `size` bytes.
+    pub fn open(path: &Path, size: u64) -> Result<Self, RamError> {
+        let (file, len) = open_checked(path, false, size)?;
+        let map = sys::mmap::map_shared_ro(&file, len).map_err(mmap_error(path))?;
+        Ok(Self {
+            path: path.into(),
+            file,
+            map,
+        })
     }
-    let start = usize::try_from(page).expect("below pages") * PAGE_SIZE;
-    Ok(&map[start..start + PAGE_SIZE])
 }
 
-/// The destination's writable view of guest RAM.
-pub struct DestRam {
-    path: PathBuf,
-    file: File,
-    map: memmap2::MmapMut,
-}
-
-impl DestRam {
+impl Ram<memmap2::MmapMut> {
     /// Maps `path` read-write; it must already be exactly `size` bytes (created by the VMM).
     pub fn open(path: &Path, size: u64) -> Result<Self, RamError> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(path)
-            .map_err(|source| RamError::Open {
-                path: path.into(),
-                source,
-            })?;
-        let len = check_size(path, &file, size)?;
-        let map = sys::mmap::map_shared_rw(&file, len).map_err(|source| RamError::Io {
-            path: path.into(),
-            doing: "mmap",
-            source,
-        })?;
+        let (file, len) = open_checked(path, true, size)?;
+        let map = sys::mmap::map_shared_rw(&file, len).map_err(mmap_error(path))?;
         Ok(Self {
             path: path.into(),
             file,
@@ -202,21 +199,6 @@ impl DestRam {
         })
     }
 
-    /// Number of pages.
-    pub fn pages(&self) -> u64 {
-        self.map.len() as u64 / PAGE_SIZE_U64
-    }
-
-    /// Size in bytes.
-    pub fn len(&self) -> u64 {
-        self.map.len() as u64
-    }
-
-    /// True for an empty RAM (never, once opened).
-    pub fn is_empty(&self) -> bool {
-        self.map.is_empty()
-    }
-
     /// Mutable bytes of `page`.
     pub fn page_mut(&mut self, page: u64) -> Result<&mut [u8], RamError> {
         let pages = self.pages();
@@ -225,21 +207,6 @@ impl DestRam {
         }
         let start = usize::try_from(page).expect("below pages") * PAGE_SIZE;
         Ok(&mut self.map[start..start + PAGE_SIZE])
-    }
-
-    /// The bytes of `page`.
-    pub fn page(&self, page: u64) -> Result<&[u8], RamError> {
-        page_slice(&self.map, page)
-    }
-
-    /// Pages that hold data.
-    pub fn data_pages(&self) -> Result<PageBitmap, RamError> {
-        data_pages(&self.path, &self.file, self.len())
-    }
-
-    /// The whole mapping.
-    pub fn bytes(&self) -> &[u8] {
-        &self.map
     }
 }
 

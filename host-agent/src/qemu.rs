@@ -207,7 +207,7 @@ pub async fn wait_migration(qmp: &mut Qmp, limit: Duration) -> Result<Value, VmE
                 detail: format!("not finished after {} s", limit.as_secs()),
             });
         }
-        tokio::time::sleep(Duration::from_millis(5)).await;
+        tokio::time::sleep(Duration::from_millis(2)).await;
     }
 }
 

@@ -104,7 +104,8 @@ async fn session(
     // QEMU has loaded device state by now (the source waited for its
     // migration to complete before committing); confirm before resuming.
     let mut status = String::new();
-    for _ in 0..600 {
+    // Polled tightly: this wait is part of the downtime.
+    for _ in 0..5000 {
         status = match qmp.status().await {
             Ok(st) => st,
             Err(e) => {
@@ -116,7 +117,7 @@ async fn session(
         if status != "inmigrate" {
             break;
         }
-        tokio::time::sleep(Duration::from_millis(10)).await;
+        tokio::time::sleep(Duration::from_millis(2)).await;
     }
     match status.as_str() {
         "paused" | "prelaunch" => {

@@ -189,6 +189,27 @@ impl Testbed {
         c
     }
 
+    /// `dbmigrate receive` for `dst`, in the destination namespace, on ports 7000 (agent) and 7001 (QEMU).
+    pub fn receive_cmd(&self, dst: &Vm) -> Result<Command> {
+        let mut c = self.in_ns(&self.dst_ns, &bin_dir()?.join("dbmigrate"));
+        c.args(["receive", "--qmp"])
+            .arg(&dst.qmp)
+            .args(["--listen", &format!("{}:7000", self.dst_ip)])
+            .args(["--incoming", &format!("{}:7001", self.dst_ip)]);
+        Ok(c)
+    }
+
+    /// `dbmigrate migrate` of `src` to the destination agent, writing its report to `report`.
+    pub fn migrate_cmd(&self, src: &Vm, report: &Path) -> Result<Command> {
+        let mut c = self.in_ns(&self.src_ns, &bin_dir()?.join("dbmigrate"));
+        c.args(["migrate", "--qmp"])
+            .arg(&src.qmp)
+            .args(["--to", &format!("{}:7000", self.dst_ip)])
+            .arg("--report")
+            .arg(report);
+        Ok(c)
+    }
+
     fn teardown_quiet(&self) {
         for ns in [&self.src_ns, &self.dst_ns] {
             // Processes left in the namespace would keep it alive.

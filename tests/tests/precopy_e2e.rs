@@ -12,13 +12,8 @@ use serde_json::{json, Value};
 const LINK_MBIT: u32 = 1000;
 
 fn receive(tb: &Testbed, dst: &Vm) -> Result<Child> {
-    let bin = bin_dir()?.join("dbmigrate");
     let log = std::fs::File::create(tb.dir.join("receive.log"))?;
-    tb.in_ns(&tb.dst_ns, &bin)
-        .args(["receive", "--qmp"])
-        .arg(&dst.qmp)
-        .args(["--listen", &format!("{}:7000", tb.dst_ip)])
-        .args(["--incoming", &format!("{}:7001", tb.dst_ip)])
+    tb.receive_cmd(dst)?
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()
@@ -26,15 +21,9 @@ fn receive(tb: &Testbed, dst: &Vm) -> Result<Child> {
 }
 
 fn migrate(tb: &Testbed, src: &Vm, extra: &[&str]) -> Result<(Output, Value)> {
-    let bin = bin_dir()?.join("dbmigrate");
     let report = tb.dir.join("report.json");
     let out = tb
-        .in_ns(&tb.src_ns, &bin)
-        .args(["migrate", "--qmp"])
-        .arg(&src.qmp)
-        .args(["--to", &format!("{}:7000", tb.dst_ip)])
-        .arg("--report")
-        .arg(&report)
+        .migrate_cmd(src, &report)?
         .args(extra)
         .output()
         .context("running dbmigrate migrate")?;
@@ -185,20 +174,10 @@ fn interrupted_migration_resumes_the_source() -> Result<()> {
     let tb = Testbed::new(LINK_MBIT)?;
     let (src, dst) = start_pair(&tb, 16)?;
     let mut recv = receive(&tb, &dst)?;
-    let bin = bin_dir()?.join("dbmigrate");
     let report = tb.dir.join("report.json");
     let migrate = tb
-        .in_ns(&tb.src_ns, &bin)
-        .args(["migrate", "--qmp"])
-        .arg(&src.qmp)
-        .args([
-            "--to",
-            &format!("{}:7000", tb.dst_ip),
-            "--bandwidth",
-            "200mbit",
-        ])
-        .arg("--report")
-        .arg(&report)
+        .migrate_cmd(&src, &report)?
+        .args(["--bandwidth", "200mbit"])
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()?;
@@ -270,16 +249,17 @@ fn clear_errors_for_bad_input() -> Result<()> {
     Ok(())
 }
 
+/// A source VM alone (no guest readiness needed: the agent refuses it first).
+fn lone_source(tb: &Testbed, opts: VmOptions) -> Result<Vm> {
+    Vm::start(tb, &tb.src_ns, "src", &dirtier_guest()?, &opts)
+}
+
 #[test]
 fn qemu_without_preload_is_refused_and_keeps_running() -> Result<()> {
     let tb = Testbed::new(LINK_MBIT)?;
-    let img = dirtier_guest()?;
-    let src = Vm::start(
+    let src = lone_source(
         &tb,
-        &tb.src_ns,
-        "src",
-        &img,
-        &VmOptions {
+        VmOptions {
             preload: false,
             ..VmOptions::default()
         },
@@ -304,13 +284,9 @@ fn qemu_without_preload_is_refused_and_keeps_running() -> Result<()> {
 #[test]
 fn ram_backend_that_is_not_shared_is_refused() -> Result<()> {
     let tb = Testbed::new(LINK_MBIT)?;
-    let img = dirtier_guest()?;
-    let src = Vm::start(
+    let src = lone_source(
         &tb,
-        &tb.src_ns,
-        "src",
-        &img,
-        &VmOptions {
+        VmOptions {
             share: false,
             ..VmOptions::default()
         },
