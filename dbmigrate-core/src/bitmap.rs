@@ -75,6 +75,11 @@ impl PageBitmap {
         self.words.iter_mut().for_each(|w| *w = 0);
     }
 
+    /// True when no page is marked.
+    pub fn is_clear(&self) -> bool {
+        self.words.iter().all(|&w| w == 0)
+    }
+
     /// Number of marked pages.
     pub fn count(&self) -> u64 {
         self.words.iter().map(|w| u64::from(w.count_ones())).sum()

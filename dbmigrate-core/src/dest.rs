@@ -4,16 +4,19 @@
 //! Every page index, length and count from the source is checked: a page
 //! beyond the RAM aborts the session with a reason sent back to the source.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use thiserror::Error;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
-use tokio::task::JoinHandle;
+use xxhash_rust::xxh3::xxh3_128;
 
 use crate::protocol::{self, Hello, Message, PageEncoding, PageEntry, ProtocolError, Welcome};
 use crate::ram::{DestRam, RamError};
+use crate::rebuild::{self, RefRequest, Storage};
 use crate::verify;
 use crate::PAGE_SIZE;
 
@@ -76,6 +79,14 @@ pub struct DestStats {
     pub compressed_pages: u64,
     /// Bytes received on data connections.
     pub bytes_received: u64,
+    /// Pages rebuilt from shared storage (reference matched).
+    pub rebuilt_pages: u64,
+    /// References whose storage content did not match (page asked for).
+    pub rebuild_mismatch: u64,
+    /// References refused as invalid (unknown disk, misaligned, out of range, no storage).
+    pub rejected_refs: u64,
+    /// Bytes read from shared storage.
+    pub storage_bytes: u64,
     /// Time spent hashing at switchover.
     pub verify_ms: u64,
 }
@@ -197,14 +208,220 @@ pub async fn accept(
 /// What the RAM owner thread hands back once every stream ended.
 struct Applied {
     ram: DestRam,
-    counts: [u64; 3],
     digests: Vec<u128>,
     final_hash: Duration,
+    stats: DestStats,
 }
 
-/// Pages decoded by a connection reader, applied in order by the RAM owner.
-struct ApplyBatch {
-    pages: Vec<PageEntry>,
+/// Inputs of the RAM owner thread.
+enum ApplyInput {
+    /// Pages from a data connection, in arrival order.
+    Batch(Vec<PageEntry>),
+    /// A data connection finished a round.
+    Drain { round: u32 },
+    /// A data connection ended after this many bytes.
+    End { bytes: u64 },
+    /// A data connection failed.
+    Failed(DestError),
+    /// A storage read for a reference finished: the page if it matched.
+    Resolved {
+        page: u64,
+        version: u32,
+        data: Option<Vec<u8>>,
+    },
+}
+
+/// Reads references from shared storage, several pages per read where the
+/// disk offsets are consecutive, and hands the verified pages back.
+fn storage_worker(
+    storage: Arc<dyn Storage>,
+    requests: Arc<Mutex<std::sync::mpsc::Receiver<RefRequest>>>,
+    results: mpsc::Sender<ApplyInput>,
+    bytes: Arc<AtomicU64>,
+) {
+    const GATHER: usize = 64;
+    const MAX_RUN: usize = 32;
+    loop {
+        let batch = {
+            let Ok(rx) = requests.lock() else { return };
+            let Ok(first) = rx.recv() else { return };
+            let mut v = vec![first];
+            while v.len() < GATHER {
+                match rx.try_recv() {
+                    Ok(r) => v.push(r),
+                    Err(_) => break,
+                }
+            }
+            v
+        };
+        for run in rebuild::coalesce(batch, MAX_RUN) {
+            let mut buf = vec![0u8; run.len() * PAGE_SIZE];
+            let read = storage.read_at(run[0].hint.disk, run[0].hint.offset, &mut buf);
+            if let Err(e) = &read {
+                tracing::warn!(error = %e, "shared storage read failed; asking the source for the pages");
+            }
+            bytes.fetch_add(buf.len() as u64, Ordering::Relaxed);
+            for (r, page) in run.iter().zip(buf.chunks_exact(PAGE_SIZE)) {
+                let data = (read.is_ok() && xxh3_128(page) == r.hash).then(|| page.to_vec());
+                let done = ApplyInput::Resolved {
+                    page: r.page,
+                    version: r.version,
+                    data,
+                };
+                if results.blocking_send(done).is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// The RAM owner: applies pages in arrival order, sends references to the
+/// storage readers, answers drains, and keeps the switchover digests.
+struct Applier {
+    ram: DestRam,
+    conns: usize,
+    version: Vec<u32>,
+    digests: verify::IncrementalDigests,
+    dctx: zstd::bulk::Decompressor<'static>,
+    disk_sizes: Vec<u64>,
+    refs: Option<std::sync::mpsc::Sender<RefRequest>>,
+    outstanding: u64,
+    need: Vec<u64>,
+    stats: DestStats,
+}
+
+impl Applier {
+    fn entry(&mut self, e: PageEntry) -> Result<(), DestError> {
+        let idx = usize::try_from(e.page).expect("page checked against RAM size by the reader");
+        // Every message about a page supersedes the earlier ones, including a
+        // storage read still in flight: it will find the version moved on.
+        self.version[idx] = self.version[idx].wrapping_add(1);
+        match e.encoding {
+            PageEncoding::Reference => {
+                let (hint, hash) = protocol::decode_reference(&e.data)
+                    .ok_or_else(|| DestError::BadPage(format!("page {}: bad reference", e.page)))?;
+                let valid = rebuild::check_hint(hint, &self.disk_sizes);
+                match (&self.refs, valid) {
+                    (Some(tx), Ok(())) => {
+                        let req = RefRequest {
+                            page: e.page,
+                            version: self.version[idx],
+                            hint,
+                            hash,
+                        };
+                        tx.send(req)
+                            .map_err(|_| DestError::Worker("storage readers stopped".into()))?;
+                        self.outstanding += 1;
+                    }
+                    _ => {
+                        self.stats.rejected_refs += 1;
+                        self.need.push(e.page);
+                    }
+                }
+            }
+            enc => {
+                apply(&mut self.ram, &e, &mut self.dctx)?;
+                self.digests.written(e.page);
+                match enc {
+                    PageEncoding::Raw => self.stats.raw_pages += 1,
+                    PageEncoding::Zero => self.stats.zero_pages += 1,
+                    _ => self.stats.compressed_pages += 1,
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn resolved(
+        &mut self,
+        page: u64,
+        version: u32,
+        data: Option<Vec<u8>>,
+    ) -> Result<(), DestError> {
+        self.outstanding -= 1;
+        let idx = usize::try_from(page).expect("page checked when the reference arrived");
+        if self.version[idx] != version {
+            return Ok(()); // a newer message about this page already decided it
+        }
+        match data {
+            Some(d) => {
+                self.ram.page_mut(page)?.copy_from_slice(&d);
+                self.digests.written(page);
+                self.stats.rebuilt_pages += 1;
+            }
+            None => {
+                self.stats.rebuild_mismatch += 1;
+                self.need.push(page);
+            }
+        }
+        Ok(())
+    }
+
+    fn run(
+        mut self,
+        mut rx: mpsc::Receiver<ApplyInput>,
+        drained: mpsc::UnboundedSender<Message>,
+    ) -> Result<Applied, DestError> {
+        let (mut ended, mut drains, mut bytes) = (0usize, 0usize, 0u64);
+        let mut drain_round = 0;
+        while ended < self.conns || self.outstanding > 0 {
+            let input = match rx.try_recv() {
+                Ok(i) => i,
+                Err(mpsc::error::TryRecvError::Empty) => {
+                    // Idle: bring the switchover digests up to date.
+                    if self.digests.hash_one(self.ram.bytes()) {
+                        continue;
+                    }
+                    rx.blocking_recv()
+                        .ok_or_else(|| DestError::Worker("page inputs closed early".into()))?
+                }
+                Err(mpsc::error::TryRecvError::Disconnected) => {
+                    return Err(DestError::Worker("page inputs closed early".into()))
+                }
+            };
+            match input {
+                ApplyInput::Batch(pages) => {
+                    for e in pages {
+                        self.entry(e)?;
+                    }
+                }
+                ApplyInput::Drain { round } => {
+                    drains += 1;
+                    drain_round = round;
+                }
+                ApplyInput::End { bytes: b } => {
+                    ended += 1;
+                    bytes += b;
+                }
+                ApplyInput::Failed(e) => return Err(e),
+                ApplyInput::Resolved {
+                    page,
+                    version,
+                    data,
+                } => self.resolved(page, version, data)?,
+            }
+            if drains == self.conns && self.outstanding == 0 {
+                drains = 0;
+                let n = self.need.len().min(protocol::MAX_NEED);
+                let need: Vec<u64> = self.need.drain(..n).collect();
+                let _ = drained.send(Message::Drained {
+                    round: drain_round,
+                    need,
+                });
+            }
+        }
+        self.refs = None; // lets the storage readers finish
+        self.stats.bytes_received = bytes;
+        let t = Instant::now();
+        let digests = self.digests.finish(self.ram.bytes());
+        Ok(Applied {
+            ram: self.ram,
+            digests,
+            final_hash: t.elapsed(),
+            stats: self.stats,
+        })
+    }
 }
 
 impl DestSession {
@@ -213,96 +430,96 @@ impl DestSession {
         &self.hello
     }
 
-    /// Receives pages until every data connection ended, then answers the
-    /// source's digest comparison. Returns the RAM and whether it matched.
-    pub async fn receive(&mut self, ram: DestRam) -> Result<(DestRam, bool), DestError> {
+    /// Receives pages until every data connection ended, rebuilding
+    /// referenced pages from `storage`, then answers the source's digest
+    /// comparison. Returns the RAM and whether it matched.
+    pub async fn receive(
+        &mut self,
+        ram: DestRam,
+        storage: Option<Arc<dyn Storage>>,
+    ) -> Result<(DestRam, bool), DestError> {
         let pages = ram.pages();
-        let (tx, mut rx) = mpsc::channel::<ApplyBatch>(16);
-        let readers: Vec<JoinHandle<Result<u64, DestError>>> = std::mem::take(&mut self.data)
-            .into_iter()
-            .map(|s| tokio::spawn(read_pages(s, tx.clone(), pages)))
-            .collect();
+        let conns = self.data.len();
+        let (tx, rx) = mpsc::channel::<ApplyInput>(64);
+        for s in std::mem::take(&mut self.data) {
+            tokio::spawn(read_pages(s, tx.clone(), pages));
+        }
+        let storage_bytes = Arc::new(AtomicU64::new(0));
+        let (refs, disk_sizes) = match &storage {
+            Some(st) => {
+                let (req_tx, req_rx) = std::sync::mpsc::channel::<RefRequest>();
+                let req_rx = Arc::new(Mutex::new(req_rx));
+                for _ in 0..4 {
+                    let (st, req_rx, tx, b) = (
+                        st.clone(),
+                        req_rx.clone(),
+                        tx.clone(),
+                        storage_bytes.clone(),
+                    );
+                    std::thread::spawn(move || storage_worker(st, req_rx, tx, b));
+                }
+                (Some(req_tx), st.disk_sizes().to_vec())
+            }
+            None => (None, Vec::new()),
+        };
         drop(tx);
+        let (drained_tx, mut drained_rx) = mpsc::unbounded_channel();
+        let applier = Applier {
+            ram,
+            conns,
+            version: vec![0; usize::try_from(pages).expect("RAM pages fit in memory")],
+            digests: verify::IncrementalDigests::new(pages, verify::CHUNK_PAGES),
+            dctx: zstd::bulk::Decompressor::new()
+                .map_err(|e| DestError::Worker(format!("zstd: {e}")))?,
+            disk_sizes,
+            refs,
+            outstanding: 0,
+            need: Vec::new(),
+            stats: DestStats::default(),
+        };
         // The RAM has one owner thread: ordering per page is the arrival order
-        // on its connection, and pages never cross connections. Being the only
-        // writer, it also keeps the switchover digests up to date, hashing
-        // chunks whenever no page is waiting.
-        let applier = tokio::task::spawn_blocking(move || -> Result<Applied, DestError> {
-            let mut ram = ram;
+        // on its connection, and pages never cross connections.
+        let mut applier = tokio::task::spawn_blocking(move || {
+            let mut a = applier;
             // The VM has not run here: every page reads as zero until written,
             // which lets the source skip zero pages and the digests start known.
-            ram.zero_all()?;
-            let mut digests = verify::IncrementalDigests::new(pages, verify::CHUNK_PAGES);
-            let mut counts = [0u64; 3];
-            let mut dctx = zstd::bulk::Decompressor::new()
-                .map_err(|e| DestError::Worker(format!("zstd: {e}")))?;
-            loop {
-                let batch = match rx.try_recv() {
-                    Ok(b) => b,
-                    Err(mpsc::error::TryRecvError::Empty) => {
-                        if digests.hash_one(ram.bytes()) {
-                            continue;
-                        }
-                        match rx.blocking_recv() {
-                            Some(b) => b,
-                            None => break,
-                        }
-                    }
-                    Err(mpsc::error::TryRecvError::Disconnected) => break,
-                };
-                for e in batch.pages {
-                    apply(&mut ram, &e, &mut dctx)?;
-                    digests.written(e.page);
-                    counts[e.encoding as usize] += 1;
-                }
-            }
-            let t = Instant::now();
-            let digests = digests.finish(ram.bytes());
-            Ok(Applied {
-                ram,
-                counts,
-                digests,
-                final_hash: t.elapsed(),
-            })
+            a.ram.zero_all()?;
+            a.run(rx, drained_tx)
         });
-        let wait_data = async {
-            let mut bytes = 0;
-            for r in readers {
-                bytes += r.await.map_err(|e| DestError::Worker(e.to_string()))??;
-            }
-            Ok::<u64, DestError>(bytes)
-        };
-        // The control connection stays quiet during pre-copy except for an
-        // abort (or a dead source) and the digests, which the source may send
-        // before the last pages have arrived on the data connections.
-        tokio::pin!(wait_data);
+        // Besides forwarding drain answers, the control connection carries
+        // only an abort (or EOF from a dead source) and the digests, which may
+        // come before the last pages have been applied.
         let mut early_request = None;
-        let bytes = tokio::select! {
-            r = &mut wait_data => r?,
-            m = protocol::read_message(&mut self.ctrl_rx, "watching the control connection") => {
-                match m {
-                    Ok((req @ Message::VerifyRequest { .. }, _)) => {
-                        early_request = Some(req);
-                        wait_data.await?
+        let applied = loop {
+            tokio::select! {
+                biased;
+                Some(m) = drained_rx.recv() => {
+                    protocol::write_message(&mut self.ctrl_tx, &m, "answering a drain").await?;
+                }
+                r = &mut applier => break r.map_err(|e| DestError::Worker(e.to_string()))??,
+                m = protocol::read_message(&mut self.ctrl_rx, "watching the control connection"), if early_request.is_none() => {
+                    match m {
+                        Ok((req @ Message::VerifyRequest { .. }, _)) => early_request = Some(req),
+                        Ok((Message::Abort { reason }, _)) => return Err(DestError::SourceAborted { reason }),
+                        Ok((other, _)) => return Err(DestError::Unexpected { got: other.name(), expected: "pages" }),
+                        Err(e) => return Err(e.into()),
                     }
-                    Ok((Message::Abort { reason }, _)) => return Err(DestError::SourceAborted { reason }),
-                    Ok((other, _)) => return Err(DestError::Unexpected { got: other.name(), expected: "pages" }),
-                    Err(e) => return Err(e.into()),
                 }
             }
         };
+        while let Ok(m) = drained_rx.try_recv() {
+            protocol::write_message(&mut self.ctrl_tx, &m, "answering a drain").await?;
+        }
         let Applied {
             ram,
-            counts,
             digests: ours,
             final_hash,
-        } = applier
-            .await
-            .map_err(|e| DestError::Worker(e.to_string()))??;
-        self.stats.bytes_received = bytes;
-        self.stats.raw_pages = counts[PageEncoding::Raw as usize];
-        self.stats.zero_pages = counts[PageEncoding::Zero as usize];
-        self.stats.compressed_pages = counts[PageEncoding::Zstd as usize];
+            stats,
+        } = applied;
+        self.stats = DestStats {
+            storage_bytes: storage_bytes.load(Ordering::Relaxed),
+            ..stats
+        };
 
         let msg = match early_request {
             Some(m) => m,
@@ -411,6 +628,12 @@ fn apply(
     match e.encoding {
         PageEncoding::Raw => dst.copy_from_slice(&e.data),
         PageEncoding::Zero => dst.fill(0),
+        PageEncoding::Reference => {
+            return Err(DestError::BadPage(format!(
+                "page {}: a reference cannot be applied directly",
+                e.page
+            )))
+        }
         PageEncoding::Zstd => {
             let n = dctx
                 .decompress_to_buffer(&e.data, dst)
@@ -426,16 +649,24 @@ fn apply(
     Ok(())
 }
 
-async fn read_pages(
+async fn read_pages(s: TcpStream, tx: mpsc::Sender<ApplyInput>, pages: u64) {
+    let last = match read_stream(s, &tx, pages).await {
+        Ok(bytes) => ApplyInput::End { bytes },
+        Err(e) => ApplyInput::Failed(e),
+    };
+    let _ = tx.send(last).await;
+}
+
+async fn read_stream(
     mut s: TcpStream,
-    tx: mpsc::Sender<ApplyBatch>,
+    tx: &mpsc::Sender<ApplyInput>,
     pages: u64,
 ) -> Result<u64, DestError> {
     let mut bytes = 0;
     loop {
         let (msg, n) = protocol::read_message(&mut s, "receiving pages").await?;
         bytes += n;
-        match msg {
+        let input = match msg {
             Message::PageBatch { pages: entries, .. } => {
                 if let Some(bad) = entries.iter().find(|e| e.page >= pages) {
                     return Err(DestError::BadPage(format!(
@@ -443,17 +674,19 @@ async fn read_pages(
                         bad.page
                     )));
                 }
-                if tx.send(ApplyBatch { pages: entries }).await.is_err() {
-                    return Err(DestError::Worker("RAM writer stopped".into()));
-                }
+                ApplyInput::Batch(entries)
             }
+            Message::Drain { round } => ApplyInput::Drain { round },
             Message::EndOfStream => return Ok(bytes),
             other => {
                 return Err(DestError::Unexpected {
                     got: other.name(),
-                    expected: "PageBatch or EndOfStream",
+                    expected: "PageBatch, Drain or EndOfStream",
                 })
             }
+        };
+        if tx.send(input).await.is_err() {
+            return Err(DestError::Worker("RAM writer stopped".into()));
         }
     }
 }

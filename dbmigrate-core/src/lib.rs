@@ -13,6 +13,7 @@ pub mod limiter;
 pub mod precopy;
 pub mod protocol;
 pub mod ram;
+pub mod rebuild;
 pub mod stats;
 mod sys;
 pub mod verify;

@@ -20,6 +20,7 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
+use xxhash_rust::xxh3::xxh3_128;
 
 use crate::bitmap::PageBitmap;
 use crate::dirty::{DirtyError, DirtyTracker};
@@ -28,6 +29,7 @@ use crate::protocol::{
     self, connection_for_page, BatchBuilder, Hello, Message, PageEncoding, ProtocolError, Welcome,
 };
 use crate::ram::{is_zero, RamError, SourceRam};
+use crate::rebuild::{check_hint, HintSource};
 use crate::stats::{mbit_per_s, MigrationStats, RoundStats};
 use crate::verify;
 use crate::{PAGE_SIZE, PAGE_SIZE_U64};
@@ -244,6 +246,10 @@ pub struct SourceConfig {
     pub verify_threads: usize,
     /// Longest wait for any answer of the destination.
     pub peer_timeout: Duration,
+    /// Where pages may be rebuilt from shared storage (untrusted; each hint is checked).
+    pub hints: Option<Arc<dyn HintSource>>,
+    /// Sizes of the VM's disks, by the index hints use.
+    pub disk_sizes: Vec<u64>,
 }
 
 impl Default for SourceConfig {
@@ -255,6 +261,8 @@ impl Default for SourceConfig {
             policy: StopPolicy::default(),
             verify_threads: 2,
             peer_timeout: Duration::from_secs(60),
+            hints: None,
+            disk_sizes: Vec::new(),
         }
     }
 }
@@ -298,6 +306,8 @@ pub struct SourceSession {
     welcome: Welcome,
     history: Vec<RoundObservation>,
     pending: PageBitmap,
+    /// Pages the destination could not rebuild: always sent raw from now on.
+    no_ref: PageBitmap,
     round: u32,
     digests: Option<Vec<u128>>,
     /// Statistics so far.
@@ -372,6 +382,7 @@ impl SourceSession {
             welcome,
             history: Vec::new(),
             pending: PageBitmap::new(pages),
+            no_ref: PageBitmap::new(pages),
             round: 0,
             digests: None,
             stats,
@@ -405,6 +416,8 @@ impl SourceSession {
                 scan_us = u64::try_from(scan.elapsed().as_micros()).unwrap_or(u64::MAX),
                 "collected dirty pages"
             );
+            // Dirty pages plus pages the destination could not rebuild.
+            let dirty = self.pending.count();
             rs.dirty_after = dirty;
             self.history.push(RoundObservation {
                 bytes: rs.bytes,
@@ -454,8 +467,29 @@ impl SourceSession {
                 threads,
             ))
         });
-        let rs = self.send_round(&to_send, self.round, false).await?;
+        let mut rs = self.send_round(&to_send, self.round, false).await?;
         self.round += 1;
+        // Pages whose reference did not match storage go raw until none is
+        // left (the second pass has no references, so it ends there).
+        for _ in 0..3 {
+            if self.pending.is_clear() {
+                break;
+            }
+            let need = std::mem::replace(&mut self.pending, PageBitmap::new(self.ram.pages()));
+            let more = self.send_round(&need, self.round, false).await?;
+            self.round += 1;
+            rs.pages += more.pages;
+            rs.raw_pages += more.raw_pages;
+            rs.zero_pages += more.zero_pages;
+            rs.compressed_pages += more.compressed_pages;
+            rs.bytes += more.bytes;
+            rs.elapsed_ms += more.elapsed_ms;
+        }
+        if !self.pending.is_clear() {
+            return Err(PrecopyError::Worker(
+                "the destination keeps asking for pages after they were sent raw".into(),
+            ));
+        }
         let data = std::mem::take(&mut self.data);
         for conn in data {
             conn.tx
@@ -594,25 +628,54 @@ impl SourceSession {
         let t = Instant::now();
         let ram = self.ram.clone();
         let txs: Vec<_> = self.data.iter().map(|c| c.tx.clone()).collect();
-        let pages = pages.clone();
-        let compress = self.cfg.compress;
-        let producer = tokio::task::spawn_blocking(move || {
-            produce_round(&ram, &pages, round, skip_zero, compress, &txs)
-        });
+        let job = RoundJob {
+            pages: pages.clone(),
+            round,
+            skip_zero,
+            compress: self.cfg.compress,
+            hints: self.cfg.hints.clone(),
+            disk_sizes: self.cfg.disk_sizes.clone(),
+            no_ref: self.no_ref.clone(),
+        };
+        let producer = tokio::task::spawn_blocking(move || produce_round(&ram, &job, &txs));
         let mut rs = producer
             .await
             .map_err(|e| PrecopyError::Worker(e.to_string()))?;
         if rs.is_none() {
             return Err(self.writer_error().await);
         }
-        // Wait until every frame of the round is in the sockets.
+        // End the round on every connection and wait for the destination to
+        // have applied it, storage reads included.
+        let drain = Message::Drain { round }.encode();
         for c in &self.data {
             let (tx, rx) = oneshot::channel();
-            if c.tx.send(WriterCmd::Barrier(tx)).await.is_err() || rx.await.is_err() {
+            if c.tx.send(WriterCmd::Frame(drain.clone())).await.is_err()
+                || c.tx.send(WriterCmd::Barrier(tx)).await.is_err()
+                || rx.await.is_err()
+            {
                 return Err(self.writer_error().await);
             }
         }
         let mut rs = rs.take().expect("checked above");
+        match self
+            .read_ctrl("waiting for the destination to apply the round")
+            .await?
+        {
+            Message::Drained { round: r, need } if r == round => {
+                rs.rebuild_mismatch = need.len() as u64;
+                for p in need {
+                    if p >= self.ram.pages() {
+                        return Err(PrecopyError::Unexpected {
+                            got: "a request for a page beyond RAM",
+                            expected: "pages of this VM",
+                        });
+                    }
+                    self.pending.set(p);
+                    self.no_ref.set(p);
+                }
+            }
+            other => return Err(self.unexpected(other, "Drained for this round")),
+        }
         let elapsed = t.elapsed();
         rs.elapsed_ms = u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX);
         rs.rate_mbit = mbit_per_s(rs.bytes, elapsed.as_secs_f64() * 1000.0);
@@ -638,16 +701,26 @@ impl SourceSession {
     }
 }
 
+/// What one round sends and how.
+struct RoundJob {
+    pages: PageBitmap,
+    round: u32,
+    /// Round 0 skips zero pages: the destination RAM starts as holes.
+    skip_zero: bool,
+    compress: bool,
+    hints: Option<Arc<dyn HintSource>>,
+    disk_sizes: Vec<u64>,
+    no_ref: PageBitmap,
+}
+
 /// Reads, classifies and batches the pages of one round; returns None if a
 /// connection went away.
 fn produce_round(
     ram: &SourceRam,
-    pages: &PageBitmap,
-    round: u32,
-    skip_zero: bool,
-    compress: bool,
+    job: &RoundJob,
     txs: &[mpsc::Sender<WriterCmd>],
 ) -> Option<RoundStats> {
+    let round = job.round;
     const BATCH_BYTES: usize = 256 << 10;
     let conns = u16::try_from(txs.len()).expect("at most 16 connections");
     let mut builders: Vec<BatchBuilder> =
@@ -656,22 +729,44 @@ fn produce_round(
         round,
         ..RoundStats::default()
     };
-    let mut compressor = if compress {
+    let mut compressor = if job.compress {
         zstd::bulk::Compressor::new(1).ok()
     } else {
         None
     };
     let mut cbuf = vec![0u8; PAGE_SIZE];
-    for page in pages.iter() {
+    for page in job.pages.iter() {
         let Ok(data) = ram.page(page) else { continue };
         rs.pages += 1;
         let c = usize::from(connection_for_page(page, conns) - 1);
         if is_zero(data) {
             rs.zero_pages += 1;
-            if skip_zero {
+            if job.skip_zero {
                 continue;
             }
             builders[c].push(page, PageEncoding::Zero, &[]);
+        } else if let Some(hint) = job
+            .hints
+            .as_ref()
+            .filter(|_| !job.no_ref.get(page))
+            .and_then(|h| h.hint(page))
+            .filter(|&h| match check_hint(h, &job.disk_sizes) {
+                Ok(()) => true,
+                Err(_) => {
+                    rs.rejected_hints += 1;
+                    false
+                }
+            })
+        {
+            // The hash is of the RAM content now: if the guest changes the page
+            // later, dirty tracking sends it again; if storage differs, the
+            // destination asks for the page.
+            rs.ref_pages += 1;
+            builders[c].push(
+                page,
+                PageEncoding::Reference,
+                &protocol::encode_reference(hint, xxh3_128(data)),
+            );
         } else {
             let packed = compressor
                 .as_mut()

@@ -16,8 +16,13 @@
 //!   | Hello{version, ram, conn 0}  ------------> |  control
 //!   | <--------------------- Welcome{incoming uri} |  (RAM reserved, QEMU waiting)
 //!   | Hello{conn 1..N} ------------------------> |  data
-//!   | PageBatch{round, pages} ... (data conns) -> |  applied in arrival order
-//!   |            ... rounds until the stop decision; VM paused ...
+//!   | PageBatch{round, pages} ... (data conns) -> |  applied in arrival order;
+//!   |                                             |  references read from storage
+//!   | Drain{round} (each data conn) -----------> |
+//!   | <----------------- Drained{round, need} (control): pages whose reference
+//!   |                    did not match storage; they go raw in the next round
+//!   |            ... rounds until the stop decision; VM paused;
+//!   |            final round and Drain until nothing is needed ...
 //!   | EndOfStream (each data conn) ------------> |
 //!   | VerifyRequest{chunk digests} ------------> |  control
 //!   | <--------------------- VerifyResult{bad chunks}
@@ -36,6 +41,7 @@ use std::io;
 use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
+use crate::rebuild::Hint;
 use crate::PAGE_SIZE;
 
 /// First four bytes of every frame: "DMG1" little-endian.
@@ -113,6 +119,29 @@ pub enum PageEncoding {
     Zero = 1,
     /// zstd frame that decompresses to exactly 4096 bytes.
     Zstd = 2,
+    /// A reference to shared storage: see [`encode_reference`].
+    Reference = 3,
+}
+
+/// Bytes of a [`PageEncoding::Reference`] entry: disk u16, offset u64, xxh3-128 u128.
+pub const REFERENCE_LEN: usize = 26;
+
+/// Encodes a reference entry's data.
+pub fn encode_reference(hint: Hint, hash: u128) -> [u8; REFERENCE_LEN] {
+    let mut b = [0u8; REFERENCE_LEN];
+    b[0..2].copy_from_slice(&hint.disk.to_le_bytes());
+    b[2..10].copy_from_slice(&hint.offset.to_le_bytes());
+    b[10..26].copy_from_slice(&hash.to_le_bytes());
+    b
+}
+
+/// Decodes a reference entry's data (length checked by the frame decoder).
+pub fn decode_reference(data: &[u8]) -> Option<(Hint, u128)> {
+    let b: &[u8; REFERENCE_LEN] = data.try_into().ok()?;
+    let disk = u16::from_le_bytes([b[0], b[1]]);
+    let offset = u64::from_le_bytes(b[2..10].try_into().ok()?);
+    let hash = u128::from_le_bytes(b[10..26].try_into().ok()?);
+    Some((Hint { disk, offset }, hash))
 }
 
 impl PageEncoding {
@@ -121,6 +150,7 @@ impl PageEncoding {
             0 => Some(Self::Raw),
             1 => Some(Self::Zero),
             2 => Some(Self::Zstd),
+            3 => Some(Self::Reference),
             _ => None,
         }
     }
@@ -198,6 +228,21 @@ pub enum Message {
         /// Total number of differing chunks.
         mismatched_total: u32,
     },
+    /// End of a round on a data connection: the destination answers with
+    /// [`Message::Drained`] once every connection's marker arrived and every
+    /// reference of the round is resolved.
+    Drain {
+        /// The round.
+        round: u32,
+    },
+    /// Destination has applied the round; `need` are pages whose reference
+    /// did not match storage and must be sent as they are.
+    Drained {
+        /// The round.
+        round: u32,
+        /// Pages to send raw (at most [`MAX_NEED`]; the rest follow in the next answer).
+        need: Vec<u64>,
+    },
     /// Source hands the VM over: the destination may resume it.
     Commit,
     /// Destination resumed the VM.
@@ -208,6 +253,9 @@ pub enum Message {
         reason: String,
     },
 }
+
+/// Most pages asked for in one [`Message::Drained`].
+pub const MAX_NEED: usize = 1 << 18;
 
 /// Most mismatching chunks listed in a [`Message::VerifyResult`].
 pub const MAX_REPORTED_MISMATCHES: usize = 1024;
@@ -222,6 +270,8 @@ const K_VERIFY_RES: u16 = 7;
 const K_COMMIT: u16 = 8;
 const K_ACTIVATED: u16 = 9;
 const K_ABORT: u16 = 10;
+const K_DRAIN: u16 = 11;
+const K_DRAINED: u16 = 12;
 
 /// Data connection (1-based) that carries `page` when `conns` data connections exist.
 pub fn connection_for_page(page: u64, conns: u16) -> u16 {
@@ -244,6 +294,8 @@ impl Message {
             Message::Commit => "Commit",
             Message::Activated => "Activated",
             Message::Abort { .. } => "Abort",
+            Message::Drain { .. } => "Drain",
+            Message::Drained { .. } => "Drained",
         }
     }
 
@@ -259,6 +311,8 @@ impl Message {
             Message::Commit => K_COMMIT,
             Message::Activated => K_ACTIVATED,
             Message::Abort { .. } => K_ABORT,
+            Message::Drain { .. } => K_DRAIN,
+            Message::Drained { .. } => K_DRAINED,
         }
     }
 
@@ -287,6 +341,14 @@ impl Message {
                 return b.finish();
             }
             Message::EndOfStream | Message::Commit | Message::Activated => {}
+            Message::Drain { round } => p.extend_from_slice(&round.to_le_bytes()),
+            Message::Drained { round, need } => {
+                p.extend_from_slice(&round.to_le_bytes());
+                put_len(&mut p, need.len());
+                for n in need {
+                    p.extend_from_slice(&n.to_le_bytes());
+                }
+            }
             Message::VerifyRequest {
                 chunk_pages,
                 digests,
@@ -366,6 +428,7 @@ impl Message {
                         PageEncoding::Raw => len == PAGE_SIZE,
                         PageEncoding::Zero => len == 0,
                         PageEncoding::Zstd => len > 0 && len <= PAGE_SIZE,
+                        PageEncoding::Reference => len == REFERENCE_LEN,
                     };
                     if !ok {
                         return Err(r.bad(format!(
@@ -381,6 +444,19 @@ impl Message {
                 Message::PageBatch { round, pages }
             }
             K_END => Message::EndOfStream,
+            K_DRAIN => Message::Drain { round: r.u32()? },
+            K_DRAINED => {
+                let round = r.u32()?;
+                let n = r.len(8)?;
+                if n > MAX_NEED {
+                    return Err(r.bad(format!("{n} pages asked for, limit {MAX_NEED}")));
+                }
+                let mut need = Vec::with_capacity(n);
+                for _ in 0..n {
+                    need.push(r.u64()?);
+                }
+                Message::Drained { round, need }
+            }
             K_COMMIT => Message::Commit,
             K_ACTIVATED => Message::Activated,
             K_VERIFY_REQ => {
@@ -481,6 +557,8 @@ fn kind_name(kind: u16) -> Result<&'static str, ProtocolError> {
         K_COMMIT => "Commit",
         K_ACTIVATED => "Activated",
         K_ABORT => "Abort",
+        K_DRAIN => "Drain",
+        K_DRAINED => "Drained",
         _ => return Err(ProtocolError::UnknownKind { kind }),
     })
 }
@@ -681,7 +759,24 @@ mod tests {
                         encoding: PageEncoding::Zstd,
                         data: vec![1, 2, 3],
                     },
+                    PageEntry {
+                        page: 12,
+                        encoding: PageEncoding::Reference,
+                        data: encode_reference(
+                            Hint {
+                                disk: 1,
+                                offset: 8192,
+                            },
+                            0xfeed,
+                        )
+                        .to_vec(),
+                    },
                 ],
+            },
+            Message::Drain { round: 4 },
+            Message::Drained {
+                round: 4,
+                need: vec![1, 99],
             },
             Message::EndOfStream,
             Message::VerifyRequest {

@@ -17,6 +17,12 @@ pub struct RoundStats {
     pub zero_pages: u64,
     /// Pages sent zstd-compressed.
     pub compressed_pages: u64,
+    /// Pages sent as references to shared storage.
+    pub ref_pages: u64,
+    /// Hints refused (unknown disk, misaligned, out of range); those pages went raw.
+    pub rejected_hints: u64,
+    /// References the destination could not match with storage (sent raw afterwards).
+    pub rebuild_mismatch: u64,
     /// Bytes written to the data connections (frames included).
     pub bytes: u64,
     /// Wall time of the round.
@@ -31,12 +37,13 @@ impl fmt::Display for RoundStats {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "round {}: {} pages ({} raw, {} zero, {} zstd), {:.1} MiB in {} ms ({:.0} Mbit/s), {} dirty after",
+            "round {}: {} pages ({} raw, {} zero, {} zstd, {} ref), {:.1} MiB in {} ms ({:.0} Mbit/s), {} dirty after",
             self.round,
             self.pages,
             self.raw_pages,
             self.zero_pages,
             self.compressed_pages,
+            self.ref_pages,
             mib(self.bytes),
             self.elapsed_ms,
             self.rate_mbit,

@@ -107,7 +107,7 @@ async fn source_and_destination_agree_byte_for_byte_under_writes() {
         )
         .await
         .unwrap();
-        let (_ram, matched) = s.receive(ram).await.unwrap();
+        let (_ram, matched) = s.receive(ram, None).await.unwrap();
         assert!(matched);
         s.wait_commit().await.unwrap();
         s.activated().await.unwrap();
@@ -172,7 +172,7 @@ async fn destination_refuses_a_page_beyond_ram_and_says_why() {
         let mut s = dest::accept(&listener, PAGES * 4096, "tcp:x", Duration::from_secs(10))
             .await
             .unwrap();
-        let err = s.receive(ram).await.err().expect("must refuse");
+        let err = s.receive(ram, None).await.err().expect("must refuse");
         s.abort(&err.to_string()).await;
         err.to_string()
     });
@@ -233,4 +233,132 @@ async fn source_fails_cleanly_on_garbage_from_the_destination() {
         Ok(_) => panic!("garbage accepted"),
     }
     std::fs::remove_file(src_path).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rebuild_from_storage_is_byte_exact_whatever_the_hints_say() {
+    use dbmigrate_core::rebuild::{FileStorage, Hint, HintTable, Storage};
+
+    let src_path = ram_file("rb-src");
+    let dst_path = ram_file("rb-dst");
+    let disk_path = PathBuf::from(format!(
+        "/dev/shm/dbmigrate-loopback-{}-disk",
+        std::process::id()
+    ));
+    let src_file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&src_path)
+        .unwrap();
+    let disk = OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .read(true)
+        .write(true)
+        .open(&disk_path)
+        .unwrap();
+    let disk_base = 1 << 20;
+    disk.set_len(disk_base + PAGES * 4096).unwrap();
+    let mut hints = HintTable::new();
+    for p in 0..PAGES {
+        src_file.write_all_at(&page_bytes(p), p * 4096).unwrap();
+        // The disk holds a copy of every page at disk_base + p * 4096.
+        disk.write_all_at(&page_bytes(p), disk_base + p * 4096)
+            .unwrap();
+        let hint = match p {
+            // Correct hints (including the working set, whose pages then change).
+            0..=1199 => Hint {
+                disk: 0,
+                offset: disk_base + p * 4096,
+            },
+            // Wrong offsets: storage holds another page there.
+            1200..=1299 => Hint {
+                disk: 0,
+                offset: disk_base + (p + 1) * 4096,
+            },
+            // Misaligned, foreign disk, beyond the end: refused at the source.
+            1300..=1309 => Hint {
+                disk: 0,
+                offset: disk_base + p * 4096 + 512,
+            },
+            1310..=1319 => Hint { disk: 3, offset: 0 },
+            1320..=1329 => Hint {
+                disk: 0,
+                offset: disk_base + PAGES * 4096,
+            },
+            _ => continue,
+        };
+        hints.insert(p, hint);
+    }
+    let storage: Arc<dyn Storage> = Arc::new(FileStorage::open(&[disk_path.as_path()]).unwrap());
+    let disk_sizes = storage.disk_sizes().to_vec();
+
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let dst2 = dst_path.clone();
+    let receiver = tokio::spawn(async move {
+        let ram = DestRam::open(&dst2, PAGES * 4096).unwrap();
+        let mut s = dest::accept(&listener, PAGES * 4096, "tcp:x", Duration::from_secs(10))
+            .await
+            .unwrap();
+        let (_ram, matched) = s.receive(ram, Some(storage)).await.unwrap();
+        assert!(matched);
+        s.wait_commit().await.unwrap();
+        s.activated().await.unwrap();
+        s.stats.clone()
+    });
+
+    // The guest rewrites hinted pages 100..164: the disk copy is stale for them.
+    let written = Arc::new(Mutex::new(Vec::new()));
+    let paused = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (written, paused) = (written.clone(), paused.clone());
+        let f = src_file.try_clone().unwrap();
+        std::thread::spawn(move || {
+            let mut gen = 50_000u64;
+            while !paused.load(Ordering::SeqCst) {
+                for p in 100..164u64 {
+                    gen += 1;
+                    f.write_all_at(&page_bytes(gen), p * 4096).unwrap();
+                    written.lock().unwrap().push(p);
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        })
+    };
+    let cfg = SourceConfig {
+        connections: 2,
+        hints: Some(Arc::new(hints)),
+        disk_sizes,
+        ..SourceConfig::default()
+    };
+    let ram = SourceRam::open(&src_path, PAGES * 4096).unwrap();
+    let mut s = SourceSession::connect(addr, ram, Box::new(Scripted(written.clone())), cfg)
+        .await
+        .unwrap();
+    s.run_live(&mut |_, _| {}).await.unwrap();
+    paused.store(true, Ordering::SeqCst);
+    writer.join().unwrap();
+    s.final_round().await.unwrap();
+    assert!(s.verify().await.unwrap().matched());
+    s.commit().await.unwrap();
+    let d = receiver.await.unwrap();
+
+    let refs: u64 = s.stats.rounds.iter().map(|r| r.ref_pages).sum();
+    let rejected: u64 = s.stats.rounds.iter().map(|r| r.rejected_hints).sum();
+    let mismatched: u64 = s.stats.rounds.iter().map(|r| r.rebuild_mismatch).sum();
+    assert!(refs >= 1300, "references sent: {refs}");
+    assert!(rejected >= 30, "hints refused at the source: {rejected}");
+    assert!(d.rebuilt_pages >= 1100, "rebuilt: {d:?}");
+    assert!(
+        d.rebuild_mismatch >= 100 && mismatched >= 100,
+        "wrong offsets must be caught: {d:?}"
+    );
+    assert!(d.storage_bytes >= 1300 * 4096);
+    let a = std::fs::read(&src_path).unwrap();
+    let b = std::fs::read(&dst_path).unwrap();
+    assert!(a == b, "destination RAM differs from the source");
+    for p in [src_path, dst_path, disk_path] {
+        std::fs::remove_file(p).unwrap();
+    }
 }

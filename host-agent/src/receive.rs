@@ -79,7 +79,7 @@ async fn session(
         .await
         .context("accepting the source agent")?;
     let t = Instant::now();
-    let (ram, matched) = match s.receive(ram).await {
+    let (ram, matched) = match s.receive(ram, None).await {
         Ok(r) => r,
         Err(e) => {
             s.abort(&e.to_string()).await;

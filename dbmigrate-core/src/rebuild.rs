@@ -1,0 +1,330 @@
+//! Rebuilding pages from shared storage instead of sending them.
+//!
+//! A hint says that a guest page should equal 4 KiB of one of the VM's disks.
+//! Hints are untrusted: the source checks them ([`check_hint`]) and sends,
+//! instead of the page, a reference (disk, offset, xxh3-128 of the RAM
+//! content); the destination reads storage, hashes, and writes the page only
+//! if the hash matches, otherwise it asks for the real page. A wrong hint can
+//! slow a migration, never corrupt one.
+
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use thiserror::Error;
+
+use crate::PAGE_SIZE_U64;
+
+/// Where a page's content may be found on shared storage.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Hint {
+    /// Index of the VM's disk (as the agents both number them).
+    pub disk: u16,
+    /// Byte offset on that disk.
+    pub offset: u64,
+}
+
+/// Why a hint was not followed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Error)]
+pub enum HintReject {
+    /// The disk is not one of this VM's.
+    #[error("disk {disk} is not one of the VM's {disks} disks")]
+    ForeignDisk {
+        /// The disk named.
+        disk: u16,
+        /// How many the VM has.
+        disks: usize,
+    },
+    /// Not on a page boundary.
+    #[error("offset {offset:#x} is not 4 KiB aligned")]
+    Misaligned {
+        /// The offset.
+        offset: u64,
+    },
+    /// Past the end of the disk.
+    #[error("offset {offset:#x} + 4 KiB is beyond the disk's {size} bytes")]
+    OutOfRange {
+        /// The offset.
+        offset: u64,
+        /// Disk size.
+        size: u64,
+    },
+}
+
+/// Accepts a hint only if it names one of `disk_sizes` and a whole aligned page inside it.
+pub fn check_hint(h: Hint, disk_sizes: &[u64]) -> Result<(), HintReject> {
+    let size = *disk_sizes
+        .get(usize::from(h.disk))
+        .ok_or(HintReject::ForeignDisk {
+            disk: h.disk,
+            disks: disk_sizes.len(),
+        })?;
+    if h.offset % PAGE_SIZE_U64 != 0 {
+        return Err(HintReject::Misaligned { offset: h.offset });
+    }
+    if h.offset
+        .checked_add(PAGE_SIZE_U64)
+        .is_none_or(|end| end > size)
+    {
+        return Err(HintReject::OutOfRange {
+            offset: h.offset,
+            size,
+        });
+    }
+    Ok(())
+}
+
+/// Hints for the source, per page of the RAM file.
+pub trait HintSource: Send + Sync + std::fmt::Debug {
+    /// The hint for `page`, if any.
+    fn hint(&self, page: u64) -> Option<Hint>;
+}
+
+/// A table of hints indexed by page.
+#[derive(Clone, Debug, Default)]
+pub struct HintTable {
+    hints: std::collections::HashMap<u64, Hint>,
+}
+
+impl HintTable {
+    /// An empty table.
+    pub fn new() -> Self {
+        Self::default()
+    }
+    /// Sets the hint of `page`.
+    pub fn insert(&mut self, page: u64, hint: Hint) {
+        self.hints.insert(page, hint);
+    }
+    /// Number of hinted pages.
+    pub fn len(&self) -> usize {
+        self.hints.len()
+    }
+    /// True when no page is hinted.
+    pub fn is_empty(&self) -> bool {
+        self.hints.is_empty()
+    }
+}
+
+impl HintSource for HintTable {
+    fn hint(&self, page: u64) -> Option<Hint> {
+        self.hints.get(&page).copied()
+    }
+}
+
+/// Storage errors.
+#[derive(Debug, Error)]
+pub enum StorageError {
+    /// A disk could not be opened.
+    #[error("cannot open shared disk {path}")]
+    Open {
+        /// The disk.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// A read failed.
+    #[error("reading {len} bytes at {offset:#x} of disk {disk} failed")]
+    Read {
+        /// Disk index.
+        disk: u16,
+        /// Offset.
+        offset: u64,
+        /// Length.
+        len: usize,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// Read access to the VM's disks on shared storage (destination side).
+pub trait Storage: Send + Sync {
+    /// Sizes of the disks, by index.
+    fn disk_sizes(&self) -> &[u64];
+    /// Fills `buf` from `offset` of `disk`.
+    fn read_at(&self, disk: u16, offset: u64, buf: &mut [u8]) -> Result<(), StorageError>;
+}
+
+/// Disks as files or block devices of this host (an NBD-attached device, an image on a shared mount).
+pub struct FileStorage {
+    files: Vec<File>,
+    sizes: Vec<u64>,
+}
+
+impl FileStorage {
+    /// Opens each path read-only.
+    pub fn open(paths: &[&Path]) -> Result<Self, StorageError> {
+        let mut files = Vec::new();
+        let mut sizes = Vec::new();
+        for p in paths {
+            let f = File::open(p).map_err(|source| StorageError::Open {
+                path: p.to_path_buf(),
+                source,
+            })?;
+            // Block devices report size 0 in metadata; seeking to the end works for both.
+            let size = {
+                use std::io::Seek;
+                let mut g = &f;
+                g.seek(io::SeekFrom::End(0))
+                    .map_err(|source| StorageError::Open {
+                        path: p.to_path_buf(),
+                        source,
+                    })?
+            };
+            files.push(f);
+            sizes.push(size);
+        }
+        Ok(Self { files, sizes })
+    }
+}
+
+impl Storage for FileStorage {
+    fn disk_sizes(&self) -> &[u64] {
+        &self.sizes
+    }
+
+    fn read_at(&self, disk: u16, offset: u64, buf: &mut [u8]) -> Result<(), StorageError> {
+        let f = self
+            .files
+            .get(usize::from(disk))
+            .ok_or_else(|| StorageError::Read {
+                disk,
+                offset,
+                len: buf.len(),
+                source: io::Error::new(io::ErrorKind::NotFound, "no such disk"),
+            })?;
+        f.read_exact_at(buf, offset)
+            .map_err(|source| StorageError::Read {
+                disk,
+                offset,
+                len: buf.len(),
+                source,
+            })
+    }
+}
+
+/// One reference the destination must resolve.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RefRequest {
+    /// RAM page.
+    pub page: u64,
+    /// The page's message version when the reference arrived.
+    pub version: u32,
+    /// Where to read.
+    pub hint: Hint,
+    /// Expected xxh3-128 of the page.
+    pub hash: u128,
+}
+
+/// Groups requests into runs of consecutive pages on the same disk, so that
+/// one read serves many pages (sorted by disk and offset). Pure.
+pub fn coalesce(mut reqs: Vec<RefRequest>, max_run: usize) -> Vec<Vec<RefRequest>> {
+    reqs.sort_by_key(|r| (r.hint.disk, r.hint.offset));
+    let mut runs: Vec<Vec<RefRequest>> = Vec::new();
+    for r in reqs {
+        match runs.last_mut() {
+            Some(run)
+                if run.len() < max_run.max(1)
+                    && run.last().is_some_and(|l| {
+                        l.hint.disk == r.hint.disk && l.hint.offset + PAGE_SIZE_U64 == r.hint.offset
+                    }) =>
+            {
+                run.push(r);
+            }
+            _ => runs.push(vec![r]),
+        }
+    }
+    runs
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hints_are_checked() {
+        let disks = [1 << 20, 8192];
+        assert_eq!(
+            check_hint(
+                Hint {
+                    disk: 0,
+                    offset: 4096
+                },
+                &disks
+            ),
+            Ok(())
+        );
+        assert_eq!(
+            check_hint(
+                Hint {
+                    disk: 1,
+                    offset: 4096
+                },
+                &disks
+            ),
+            Ok(())
+        );
+        assert!(matches!(
+            check_hint(
+                Hint {
+                    disk: 1,
+                    offset: 8192
+                },
+                &disks
+            ),
+            Err(HintReject::OutOfRange { .. })
+        ));
+        assert!(matches!(
+            check_hint(
+                Hint {
+                    disk: 0,
+                    offset: 100
+                },
+                &disks
+            ),
+            Err(HintReject::Misaligned { .. })
+        ));
+        assert!(matches!(
+            check_hint(Hint { disk: 2, offset: 0 }, &disks),
+            Err(HintReject::ForeignDisk { .. })
+        ));
+        assert!(matches!(
+            check_hint(
+                Hint {
+                    disk: 0,
+                    offset: u64::MAX - 4095
+                },
+                &disks
+            ),
+            Err(HintReject::OutOfRange { .. })
+        ));
+    }
+
+    #[test]
+    fn coalescing_merges_adjacent_pages_only() {
+        let r = |page, disk, offset| RefRequest {
+            page,
+            version: 1,
+            hint: Hint { disk, offset },
+            hash: 0,
+        };
+        let runs = coalesce(
+            vec![
+                r(1, 0, 8192),
+                r(2, 0, 4096),
+                r(3, 1, 12288),
+                r(4, 0, 0),
+                r(5, 0, 20480),
+            ],
+            16,
+        );
+        let shape: Vec<Vec<u64>> = runs
+            .iter()
+            .map(|run| run.iter().map(|x| x.page).collect())
+            .collect();
+        assert_eq!(shape, vec![vec![4, 2, 1], vec![5], vec![3]]);
+        assert_eq!(coalesce(vec![r(1, 0, 0), r(2, 0, 4096)], 1).len(), 2);
+    }
+}
