@@ -328,3 +328,135 @@ mod tests {
         assert_eq!(coalesce(vec![r(1, 0, 0), r(2, 0, 4096)], 1).len(), 2);
     }
 }
+
+/// One hint as the guest agent exports it: a guest-physical page that should
+/// equal 4 KiB of a VM disk, with the InnoDB identity of the page it came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GuestHint {
+    /// Guest-physical address of the 4 KiB page.
+    pub gpa: u64,
+    /// Disk index (0 = the guest's first virtio disk).
+    pub disk: u16,
+    /// True if the server reported the page clean (flushed).
+    pub clean: bool,
+    /// Byte offset on the disk.
+    pub disk_offset: u64,
+    /// InnoDB space id.
+    pub space: u32,
+    /// InnoDB page number.
+    pub page_no: u32,
+    /// LSN in the page header.
+    pub lsn: u64,
+}
+
+/// Magic of a hint set: "DBMH".
+pub const HINTS_MAGIC: u32 = u32::from_le_bytes(*b"DBMH");
+/// Version of the hint set format.
+pub const HINTS_VERSION: u16 = 1;
+/// Bytes per encoded [`GuestHint`].
+pub const HINT_RECORD_LEN: usize = 40;
+/// Most hints one set may carry (64 GiB of guest pages).
+pub const MAX_HINTS: usize = 1 << 24;
+
+/// Why a hint set was refused.
+#[derive(Clone, Debug, PartialEq, Eq, Error)]
+pub enum HintFormatError {
+    /// Too short for its header.
+    #[error("hint set of {0} bytes is shorter than its 16-byte header")]
+    Short(usize),
+    /// Wrong magic.
+    #[error("not a dbmigrate hint set (magic {0:#010x})")]
+    Magic(u32),
+    /// Unknown version.
+    #[error("hint set version {0} is not supported (this agent reads version {HINTS_VERSION}): update the guest agent")]
+    Version(u16),
+    /// Count and length disagree or exceed the limit.
+    #[error("hint set announces {count} hints in {bytes} bytes (limit {MAX_HINTS})")]
+    Count {
+        /// Announced count.
+        count: u64,
+        /// Bytes present.
+        bytes: usize,
+    },
+}
+
+/// Encodes hints: 16-byte header {magic, version, reserved, count, reserved} then 40-byte records, little-endian.
+pub fn encode_hints(hints: &[GuestHint]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(16 + hints.len() * HINT_RECORD_LEN);
+    out.extend_from_slice(&HINTS_MAGIC.to_le_bytes());
+    out.extend_from_slice(&HINTS_VERSION.to_le_bytes());
+    out.extend_from_slice(&0u16.to_le_bytes());
+    out.extend_from_slice(&u32::try_from(hints.len()).unwrap_or(u32::MAX).to_le_bytes());
+    out.extend_from_slice(&0u32.to_le_bytes());
+    for h in hints {
+        out.extend_from_slice(&h.gpa.to_le_bytes());
+        out.extend_from_slice(&h.disk.to_le_bytes());
+        out.extend_from_slice(&u16::from(h.clean).to_le_bytes());
+        out.extend_from_slice(&h.space.to_le_bytes());
+        out.extend_from_slice(&h.disk_offset.to_le_bytes());
+        out.extend_from_slice(&h.page_no.to_le_bytes());
+        out.extend_from_slice(&0u32.to_le_bytes());
+        out.extend_from_slice(&h.lsn.to_le_bytes());
+    }
+    out
+}
+
+/// Decodes a hint set from an untrusted guest, checking every length first.
+pub fn decode_hints(b: &[u8]) -> Result<Vec<GuestHint>, HintFormatError> {
+    if b.len() < 16 {
+        return Err(HintFormatError::Short(b.len()));
+    }
+    let u16_at = |i: usize| u16::from_le_bytes([b[i], b[i + 1]]);
+    let u32_at = |i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
+    let magic = u32_at(0);
+    if magic != HINTS_MAGIC {
+        return Err(HintFormatError::Magic(magic));
+    }
+    let version = u16_at(4);
+    if version != HINTS_VERSION {
+        return Err(HintFormatError::Version(version));
+    }
+    let count = u64::from(u32_at(8));
+    let body = b.len() - 16;
+    if count > MAX_HINTS as u64 || count * HINT_RECORD_LEN as u64 != body as u64 {
+        return Err(HintFormatError::Count { count, bytes: b.len() });
+    }
+    Ok(b[16..]
+        .chunks_exact(HINT_RECORD_LEN)
+        .map(|r| GuestHint {
+                gpa: u64::from_le_bytes(r[0..8].try_into().expect("8 bytes")),
+                disk: u16::from_le_bytes([r[8], r[9]]),
+                clean: u16::from_le_bytes([r[10], r[11]]) & 1 == 1,
+                space: u32::from_le_bytes(r[12..16].try_into().expect("4 bytes")),
+                disk_offset: u64::from_le_bytes(r[16..24].try_into().expect("8 bytes")),
+                page_no: u32::from_le_bytes(r[24..28].try_into().expect("4 bytes")),
+                lsn: u64::from_le_bytes(r[32..40].try_into().expect("8 bytes")),
+        })
+        .collect())
+}
+
+#[cfg(test)]
+mod format_tests {
+    use super::*;
+
+    #[test]
+    fn hint_sets_round_trip_and_reject_garbage() {
+        let h = vec![
+            GuestHint { gpa: 0x1000, disk: 0, clean: true, disk_offset: 0x20000, space: 5, page_no: 8, lsn: 77 },
+            GuestHint { gpa: 0x7fff_f000, disk: 1, clean: false, disk_offset: 0, space: 0, page_no: 0, lsn: u64::MAX },
+        ];
+        let b = encode_hints(&h);
+        assert_eq!(decode_hints(&b).unwrap(), h);
+        assert!(matches!(decode_hints(&b[..b.len() - 1]), Err(HintFormatError::Count { .. })));
+        assert!(matches!(decode_hints(&b[..10]), Err(HintFormatError::Short(10))));
+        let mut bad = b.clone();
+        bad[0] ^= 1;
+        assert!(matches!(decode_hints(&bad), Err(HintFormatError::Magic(_))));
+        let mut bad = b.clone();
+        bad[4] = 9;
+        assert!(matches!(decode_hints(&bad), Err(HintFormatError::Version(9))));
+        let mut bad = b;
+        bad[8..12].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(matches!(decode_hints(&bad), Err(HintFormatError::Count { .. })));
+    }
+}

@@ -43,8 +43,17 @@ pub unsafe extern "C" fn mmap(
     fd: i32,
     off: Off,
 ) -> *mut libc::c_void {
+    // On failure the syscall wrapper has set errno and returned -1, which is
+    // MAP_FAILED: the caller sees exactly what libc's mmap would report.
     let p = real_mmap(addr, len, prot, flags, fd, off);
-    if p != libc::MAP_FAILED && fd >= 0 && flags & libc::MAP_SHARED != 0 && off == 0 {
+    // Any shared file mapping may be QEMU's RAM (QEMU 7.2 maps the backend
+    // file from offset 0, usually MAP_FIXED over an anonymous PROT_NONE
+    // reservation, so the size and address tell nothing; the path does).
+    if p != libc::MAP_FAILED
+        && fd >= 0
+        && flags & libc::MAP_SHARED != 0
+        && flags & libc::MAP_ANONYMOUS == 0
+    {
         // Keep errno as mmap left it for the caller.
         // SAFETY: __errno_location returns the calling thread's errno slot.
         let saved = unsafe { *libc::__errno_location() };
@@ -132,7 +141,8 @@ fn wanted_path() -> Option<PathBuf> {
 }
 
 fn say(args: std::fmt::Arguments<'_>) {
-    let mut buf = [0u8; 512];
+    // Room for a PATH_MAX path plus the message; longer output is cut short.
+    let mut buf = [0u8; 4096 + 256];
     let mut c = std::io::Cursor::new(&mut buf[..]);
     let _ = c.write_fmt(args);
     let n = usize::try_from(c.position()).unwrap_or(0);
@@ -147,13 +157,17 @@ fn maybe_track(addr: u64, len: u64, fd: i32) {
         return;
     }
     let path = std::str::from_utf8(want.bytes()).unwrap_or("?");
+    // mmap accepts any length and maps whole pages; userfaultfd wants them whole.
+    // SAFETY: sysconf only reads a system constant.
+    let page = u64::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096);
+    let len = len.div_ceil(page.max(1)).saturating_mul(page.max(1));
     match dbmigrate_uffd::register_wp_async(addr, len) {
         Ok(uffd) => {
             // Kept open for the life of the process: closing it would end tracking.
             let raw = uffd.into_raw_fd();
             say(format_args!(
                 "dbmigrate-preload: tracking {path} at {addr:#x}-{:#x} (uffd fd {raw})\n",
-                addr + len
+                addr.wrapping_add(len)
             ));
         }
         Err(e) => say(format_args!(

@@ -101,7 +101,7 @@ pub enum DirtyError {
         end: u64,
     },
     /// The host kernel lacks soft-dirty tracking.
-    #[error("this kernel has no soft-dirty tracking (CONFIG_MEM_SOFT_DIRTY)")]
+    #[error("this kernel has no soft-dirty tracking: use a kernel built with CONFIG_MEM_SOFT_DIRTY, or Linux 6.7+ with the preload library (userfaultfd write-protect)")]
     SoftDirtyUnsupported,
     /// No mechanism works.
     #[error("no dirty-page tracking works for process {pid}: userfaultfd-wp: {uffd}; soft-dirty: {soft}")]
@@ -118,8 +118,12 @@ pub enum DirtyError {
 /// Which tracking mechanisms this host supports, found by trying them on our own memory.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct HostSupport {
-    /// userfaultfd async write-protect with PAGEMAP_SCAN works.
+    /// userfaultfd async write-protect with PAGEMAP_SCAN works: a write to a
+    /// registered page of our own is reported exactly, and only once.
     pub uffd_wp_async: bool,
+    /// The `PAGEMAP_SCAN` ioctl exists (Linux 6.7+), whether or not
+    /// userfaultfd write-protect works with it.
+    pub pagemap_scan: bool,
     /// Soft-dirty bits work.
     pub soft_dirty: bool,
 }
@@ -129,7 +133,8 @@ impl std::fmt::Display for HostSupport {
         let yn = |b| if b { "yes" } else { "no" };
         write!(
             f,
-            "dirty tracking: userfaultfd async write-protect + PAGEMAP_SCAN: {}; soft-dirty: {}; dbmigrate will use {}",
+            "dirty tracking: PAGEMAP_SCAN: {}; userfaultfd async write-protect: {}; soft-dirty: {}; dbmigrate will use {}",
+            yn(self.pagemap_scan),
             yn(self.uffd_wp_async),
             yn(self.soft_dirty),
             if self.uffd_wp_async {
@@ -143,30 +148,38 @@ impl std::fmt::Display for HostSupport {
     }
 }
 
-/// Tries each mechanism on memory of this process.
+/// Tries each mechanism on memory of this process: a small shared mapping is
+/// registered (or soft-dirty bits cleared), one page written, and the tracker
+/// must report exactly that page.
 pub fn host_support() -> HostSupport {
     HostSupport {
         uffd_wp_async: uffd_wp::self_test().is_ok(),
+        pagemap_scan: uffd_wp::pagemap_scan_works(),
         soft_dirty: soft_dirty::self_test().is_ok(),
     }
 }
 
-/// Opens the best tracker for `range`: userfaultfd write-protect, else soft-dirty.
+/// Opens the best tracker for `range`: userfaultfd write-protect, else
+/// soft-dirty. When neither works the error carries what each attempt said
+/// (for a QEMU started without the preload library on a 6.7+ kernel, the
+/// userfaultfd part names the fix).
 pub fn open_tracker(range: TrackedRange) -> Result<Box<dyn DirtyTracker>, DirtyError> {
     let uffd = match UffdWpTracker::open(range) {
         Ok(t) => return Ok(Box::new(t)),
         Err(e) => e,
     };
     match SoftDirtyTracker::open(range) {
-        Ok(t) => Ok(Box::new(t)),
-        Err(soft) => Err(match uffd {
-            // The one actionable message when the kernel supports uffd-wp.
-            e @ DirtyError::NotRegistered { .. } => e,
-            e => DirtyError::NoTracker {
-                pid: range.pid,
-                uffd: e.to_string(),
-                soft: soft.to_string(),
-            },
+        Ok(t) => {
+            tracing::warn!(
+                pid = range.pid,
+                "using soft-dirty tracking (the process is stopped for a few ms per round): {uffd}"
+            );
+            Ok(Box::new(t))
+        }
+        Err(soft) => Err(DirtyError::NoTracker {
+            pid: range.pid,
+            uffd: uffd.to_string(),
+            soft: soft.to_string(),
         }),
     }
 }
@@ -263,6 +276,84 @@ mod tests {
             Some((0x7f10_0000_0000, 0x7f10_0040_0000))
         );
         assert_eq!(parse_maps(maps, Path::new("/dev/shm/none")), None);
+    }
+
+    #[test]
+    fn maps_parsing_needs_offset_zero_and_contiguity() {
+        // QEMU's layout: an anonymous reservation, then the file mapped over
+        // part of it; a VMA with a gap or a wrong offset ends the run.
+        let maps = "\
+7f0000000000-7f0000200000 ---p 00000000 00:00 0 
+7f0000200000-7f0000400000 rw-s 00200000 00:1a 9 /dev/shm/ram
+7f0000400000-7f0000600000 rw-s 00000000 00:1a 9 /dev/shm/ram
+7f0000600000-7f0000800000 rw-s 00200000 00:1a 9 /dev/shm/ram
+7f0000900000-7f0000a00000 rw-s 00400000 00:1a 9 /dev/shm/ram
+7f0000a00000-7f0000b00000 rw-s 00700000 00:1a 9 /dev/shm/ram
+";
+        assert_eq!(
+            parse_maps(maps, Path::new("/dev/shm/ram")),
+            Some((0x7f00_0040_0000, 0x7f00_0080_0000))
+        );
+        // A prefix of the path, or the file once deleted, is not the file.
+        let maps = "\
+7f0000000000-7f0000200000 rw-s 00000000 00:1a 9 /dev/shm/ram2
+7f0000200000-7f0000400000 rw-s 00000000 00:1a 9 /dev/shm/ram (deleted)
+";
+        assert_eq!(parse_maps(maps, Path::new("/dev/shm/ram")), None);
+        // Garbage lines are skipped.
+        assert_eq!(parse_maps("nonsense\n\nzz-yy rw-s 0 0 0 /x\n", Path::new("/x")), None);
+    }
+
+    #[test]
+    fn empty_and_inverted_regions() {
+        let range = TrackedRange {
+            pid: 1,
+            start: 0x10000,
+            end: 0x20000,
+        };
+        let mut bm = PageBitmap::new(16);
+        let empty = [PageRegion {
+            start: 0x13000,
+            end: 0x13000,
+            categories: 2,
+        }];
+        assert_eq!(mark_regions(&range, &empty, &mut bm).unwrap(), 0);
+        assert!(bm.is_clear());
+        let inverted = [PageRegion {
+            start: 0x14000,
+            end: 0x13000,
+            categories: 2,
+        }];
+        assert!(matches!(
+            mark_regions(&range, &inverted, &mut bm),
+            Err(DirtyError::OutOfRange { .. })
+        ));
+        let below = [PageRegion {
+            start: 0xf000,
+            end: 0x11000,
+            categories: 2,
+        }];
+        assert!(mark_regions(&range, &below, &mut bm).is_err());
+        // Whole range, unaligned end rounds up to the page it touches.
+        let all = [PageRegion {
+            start: 0x10000,
+            end: 0x1f800,
+            categories: 2,
+        }];
+        assert_eq!(mark_regions(&range, &all, &mut bm).unwrap(), 16);
+        assert_eq!(bm.count(), 16);
+    }
+
+    #[test]
+    fn host_support_display_names_the_choice() {
+        let s = HostSupport {
+            uffd_wp_async: true,
+            pagemap_scan: true,
+            soft_dirty: false,
+        };
+        let text = s.to_string();
+        assert!(text.contains("soft-dirty: no"), "{text}");
+        assert!(text.contains("will use userfaultfd"), "{text}");
     }
 
     #[test]

@@ -1,11 +1,25 @@
 //! Soft-dirty tracking: `/proc/PID/clear_refs` + pagemap bit 55.
 //!
-//! Reading the bits and clearing them are two separate calls, and a write
-//! that lands between them would be cleared without ever being reported.
-//! There is no order of the two that closes that gap, so the process is
-//! frozen (SIGSTOP, as CRIU does for its pre-dumps) for the read-and-clear,
-//! which takes a few milliseconds; page contents are copied afterwards with
-//! the process running again.
+//! Reading the bits and clearing them are two separate calls, and no order
+//! of the two is lossless while the process runs:
+//! - read, then clear: a write between the two sets a bit that the clear
+//!   erases unreported; if that page was clean at the read, its new content
+//!   is never sent;
+//! - clear, then read: the same for writes between the previous round's
+//!   read and this clear.
+//!
+//! Reading again or carrying bits into the next round cannot bring back a
+//! bit that `clear_refs` erased, and the final round running with the VM
+//! paused only makes the *last* collect exact. So the process is frozen
+//! (SIGSTOP, as CRIU does for its pre-dumps) for the read-and-clear, which
+//! takes a few milliseconds; page contents are copied afterwards with the
+//! process running again, which is safe because every write after the clear
+//! sets the bit again. If the agent dies inside that window the process
+//! stays stopped (`kill -CONT PID` resumes it).
+//!
+//! Known limit: a shmem page written and then reclaimed to swap loses its
+//! soft-dirty bit with its page-table entry; the switchover digest check
+//! catches the resulting difference.
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;

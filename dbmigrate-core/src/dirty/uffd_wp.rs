@@ -120,5 +120,26 @@ pub(super) fn self_test() -> Result<(), DirtyError> {
             source: std::io::Error::other("self-test write was not reported exactly"),
         });
     }
+    // The collect re-protected the page: nothing is left to report.
+    bm.clear();
+    if t.collect(&mut bm)? != 0 || !bm.is_clear() {
+        return Err(DirtyError::Scan {
+            pid,
+            source: std::io::Error::other("self-test write was reported twice"),
+        });
+    }
     Ok(())
+}
+
+/// Whether the kernel knows `PAGEMAP_SCAN` at all (a plain scan of a few
+/// pages of our own, without write-protect flags).
+pub(super) fn pagemap_scan_works() -> bool {
+    let Ok(mem) = sys::mmap::TestMapping::new(4) else {
+        return false;
+    };
+    let Ok(pagemap) = File::open("/proc/self/pagemap") else {
+        return false;
+    };
+    let mut out = [PageRegion::default(); 4];
+    pagemap_scan(&pagemap, mem.addr(), mem.addr() + mem.len(), 0, &mut out).is_ok()
 }

@@ -1,0 +1,107 @@
+//! From a tablespace file offset to a byte offset on one of the VM's disks.
+
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use crate::sys::{self, Extent};
+
+/// Extent flags whose bytes are not plainly where `physical` says:
+/// unknown, delayed allocation, encoded, encrypted, not aligned, inline,
+/// tail-packed, unwritten (preallocated, reads as zero).
+const UNSAFE_FLAGS: u32 = 0x2 | 0x4 | 0x8 | 0x80 | 0x100 | 0x200 | 0x400 | 0x800;
+
+/// Where `len` bytes at `file_offset` live on the device, if they lie inside
+/// one plain extent (pure).
+pub fn map_range(extents: &[Extent], file_offset: u64, len: u64) -> Option<u64> {
+    let e = extents
+        .iter()
+        .find(|e| e.logical <= file_offset && file_offset < e.logical.saturating_add(e.length))?;
+    if e.flags & UNSAFE_FLAGS != 0 || file_offset + len > e.logical + e.length {
+        return None;
+    }
+    e.physical.checked_add(file_offset - e.logical)
+}
+
+/// The VM's disks, by index, as block devices inside the guest.
+pub struct Disks {
+    devs: Vec<(PathBuf, u64)>,
+}
+
+/// A tablespace file placed on a disk.
+pub struct Placed {
+    /// Disk index.
+    pub disk: u16,
+    /// Offset of the file system on that disk (partition start).
+    pub base: u64,
+    /// The file's extents.
+    pub extents: Vec<Extent>,
+}
+
+impl Disks {
+    /// Stats each device path (e.g. `/dev/vda`).
+    pub fn new(paths: &[PathBuf]) -> io::Result<Self> {
+        let devs = paths
+            .iter()
+            .map(|p| Ok((p.clone(), std::fs::metadata(p)?.rdev())))
+            .collect::<io::Result<_>>()?;
+        Ok(Self { devs })
+    }
+
+    /// Finds which disk holds `file` (directly or on a partition) and its extents.
+    /// None when the file is on no disk of the VM (never hinted).
+    pub fn place(&self, file: &Path) -> io::Result<Option<Placed>> {
+        let f = File::open(file)?;
+        let dev = f.metadata()?.dev();
+        let Some((disk, base)) = self.locate(dev) else {
+            return Ok(None);
+        };
+        Ok(Some(Placed {
+            disk,
+            base,
+            extents: sys::extents(&f)?,
+        }))
+    }
+
+    fn locate(&self, dev: u64) -> Option<(u16, u64)> {
+        let (maj, min) = (libc::major(dev), libc::minor(dev));
+        for (i, (_, rdev)) in self.devs.iter().enumerate() {
+            let disk = u16::try_from(i).ok()?;
+            if *rdev == dev {
+                return Some((disk, 0));
+            }
+            // A partition: /sys/dev/block/M:m/start (sectors) under its parent disk.
+            let sys = PathBuf::from(format!("/sys/dev/block/{maj}:{min}"));
+            let parent = std::fs::read_to_string(sys.join("../dev")).ok()?;
+            let (pmaj, pmin) = (libc::major(*rdev), libc::minor(*rdev));
+            if parent.trim() == format!("{pmaj}:{pmin}") {
+                let start: u64 = std::fs::read_to_string(sys.join("start")).ok()?.trim().parse().ok()?;
+                return Some((disk, start * 512));
+            }
+        }
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges_map_inside_plain_extents_only() {
+        let ex = [
+            Extent { logical: 0, physical: 1 << 20, length: 16384, flags: 0 },
+            Extent { logical: 16384, physical: 8 << 20, length: 32768, flags: 0 },
+            Extent { logical: 49152, physical: 9 << 20, length: 16384, flags: 0x800 },
+        ];
+        assert_eq!(map_range(&ex, 4096, 4096), Some((1 << 20) + 4096));
+        assert_eq!(map_range(&ex, 20480, 4096), Some((8 << 20) + 4096));
+        // Straddles two extents.
+        assert_eq!(map_range(&ex, 12288, 8192), None);
+        // Unwritten extent.
+        assert_eq!(map_range(&ex, 49152, 4096), None);
+        // Beyond the file.
+        assert_eq!(map_range(&ex, 1 << 30, 4096), None);
+    }
+}

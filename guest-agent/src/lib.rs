@@ -1,0 +1,215 @@
+//! dbmigrate guest agent: inside the VM, finds the buffer-pool frames of a
+//! running MariaDB/MySQL server that are byte-identical to pages on the VM's
+//! disk, and exports hints (guest-physical page -> disk offset) for the
+//! host agents, which rebuild those pages from shared storage instead of
+//! sending them. Hints are cross-checked here (FIL header and trailer, the
+//! server's own list of clean pages) but the host verifies every page by
+//! hash anyway: a wrong hint costs a resend, never correctness.
+
+#![deny(missing_docs)]
+
+pub mod disk;
+pub mod innodb;
+pub mod procmem;
+mod sys;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use dbmigrate_core::rebuild::GuestHint;
+use mysql_async::prelude::Queryable;
+use serde::Serialize;
+use thiserror::Error;
+
+/// Agent failures, each saying what to check.
+#[derive(Debug, Error)]
+pub enum AgentError {
+    /// The SQL side failed.
+    #[error("query to the database server failed ({what}): check the socket, user and that the server runs InnoDB")]
+    Sql {
+        /// Which query.
+        what: &'static str,
+        /// Why.
+        #[source]
+        source: mysql_async::Error,
+    },
+    /// No server process was found.
+    #[error("no mariadbd or mysqld process found: is the server running in this VM?")]
+    NoServer,
+    /// /proc access failed.
+    #[error("cannot {doing} of process {pid}: the agent must run as root")]
+    Proc {
+        /// Process.
+        pid: u32,
+        /// What.
+        doing: &'static str,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A disk device could not be opened.
+    #[error("cannot stat disk device {path}")]
+    Disk {
+        /// Device.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Counters of one collection, for logs and tests.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct CollectStats {
+    /// Frames examined (present in memory).
+    pub frames: u64,
+    /// Frames whose header and trailer read as an InnoDB page.
+    pub valid_headers: u64,
+    /// Valid-looking frames the server does not list as a buffered page.
+    pub not_listed: u64,
+    /// Pages the server reports dirty.
+    pub dirty: u64,
+    /// Pages whose file is unknown or on no VM disk.
+    pub no_disk: u64,
+    /// 4 KiB pieces that do not sit in one plain extent.
+    pub unmapped: u64,
+    /// Hints exported.
+    pub hints: u64,
+}
+
+/// Hints plus, for checking, where each hinted 4 KiB is in the server's memory.
+pub struct Collected {
+    /// The hints.
+    pub hints: Vec<GuestHint>,
+    /// Virtual address in the server of each hint's 4 KiB (same order).
+    pub vaddrs: Vec<u64>,
+    /// Counters.
+    pub stats: CollectStats,
+}
+
+/// Where to look.
+pub struct Config {
+    /// The VM's disks as block devices, by hint disk index.
+    pub disks: Vec<PathBuf>,
+    /// The server's pid (found by name if None).
+    pub pid: Option<u32>,
+}
+
+const BUFFER_PAGES_SQL: &str = include_str!("../../sql/buffer_pages.sql");
+const TABLESPACES_SQL: &str = include_str!("../../sql/tablespaces.sql");
+const SERVER_SQL: &str = include_str!("../../sql/server.sql");
+
+/// Collects hints for every clean buffer-pool frame of the server.
+pub async fn collect(conn: &mut mysql_async::Conn, cfg: &Config) -> Result<Collected, AgentError> {
+    let sql = |what| move |source| AgentError::Sql { what, source };
+    let (page_size, datadir, pool): (u64, String, u64) = conn
+        .query_first(SERVER_SQL)
+        .await
+        .map_err(sql("server settings"))?
+        .ok_or_else(|| AgentError::Sql {
+            what: "server settings",
+            source: mysql_async::Error::Other("no row".into()),
+        })?;
+    let pages: Vec<(u32, u32, u64, u64)> = conn.query(BUFFER_PAGES_SQL).await.map_err(sql("buffer pool pages"))?;
+    let listed: HashMap<(u32, u32), bool> = pages
+        .into_iter()
+        .map(|(space, page, oldest, _newest)| ((space, page), oldest != 0))
+        .collect();
+    let spaces: Vec<(u32, String)> = conn.query(TABLESPACES_SQL).await.map_err(sql("tablespaces"))?;
+    let files: HashMap<u32, PathBuf> = spaces
+        .into_iter()
+        .map(|(space, name)| {
+            let p = match name.strip_prefix("./") {
+                Some(rel) => Path::new(&datadir).join(rel),
+                None => PathBuf::from(name),
+            };
+            (space, p)
+        })
+        .collect();
+    let pid = match cfg.pid {
+        Some(p) => p,
+        None => procmem::find_server()
+            .map_err(|source| AgentError::Proc { pid: 0, doing: "list processes", source })?
+            .ok_or(AgentError::NoServer)?,
+    };
+    let disks = disk::Disks::new(&cfg.disks).map_err(|source| AgentError::Disk {
+        path: cfg.disks.first().cloned().unwrap_or_default(),
+        source,
+    })?;
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps"))
+        .map_err(|source| AgentError::Proc { pid, doing: "read the maps", source })?;
+    let mem = procmem::ProcMem::open(pid).map_err(|source| AgentError::Proc { pid, doing: "open memory", source })?;
+    let candidates = procmem::anon_rw_mappings(&maps, pool.min(16 << 20));
+
+    let mut out = Collected {
+        hints: Vec::new(),
+        vaddrs: Vec::new(),
+        stats: CollectStats::default(),
+    };
+    let mut placed: HashMap<u32, Option<disk::Placed>> = HashMap::new();
+    let frame_len = usize::try_from(page_size).unwrap_or(16384).max(4096);
+    let sub_pages = frame_len / 4096;
+    const WINDOW: u64 = 1 << 20;
+    let mut buf = vec![0u8; usize::try_from(WINDOW).expect("1 MiB")];
+    for (start, end) in candidates {
+        let mut at = start.next_multiple_of(page_size);
+        while at + page_size <= end {
+            let len = (end - at).min(WINDOW) / page_size * page_size;
+            let n = usize::try_from(len).expect("at most a window");
+            let Ok(pfns) = mem.frames(at, n / 4096) else { break };
+            // Skip windows with nothing resident without reading them.
+            if pfns.iter().all(Option::is_none) || mem.read(at, &mut buf[..n]).is_err() {
+                at += len;
+                continue;
+            }
+            for (f, frame) in buf[..n].chunks_exact(frame_len).enumerate() {
+                let fp = &pfns[f * sub_pages..(f + 1) * sub_pages];
+                if fp.iter().any(Option::is_none) {
+                    continue;
+                }
+                out.stats.frames += 1;
+                let Some(h) = innodb::parse(frame) else { continue };
+                out.stats.valid_headers += 1;
+                match listed.get(&(h.space, h.page)) {
+                    None => {
+                        out.stats.not_listed += 1;
+                        continue;
+                    }
+                    Some(true) => {
+                        out.stats.dirty += 1;
+                        continue;
+                    }
+                    Some(false) => {}
+                }
+                let place = placed.entry(h.space).or_insert_with(|| {
+                    files.get(&h.space).and_then(|f| disks.place(f).ok().flatten())
+                });
+                let Some(place) = place else {
+                    out.stats.no_disk += 1;
+                    continue;
+                };
+                let vaddr = at + (f * frame_len) as u64;
+                for (i, pfn) in fp.iter().enumerate() {
+                    let file_off = u64::from(h.page) * page_size + (i * 4096) as u64;
+                    let Some(dev_off) = disk::map_range(&place.extents, file_off, 4096) else {
+                        out.stats.unmapped += 1;
+                        continue;
+                    };
+                    out.hints.push(GuestHint {
+                        gpa: pfn.expect("checked present") * 4096,
+                        disk: place.disk,
+                        clean: true,
+                        disk_offset: place.base + dev_off,
+                        space: h.space,
+                        page_no: h.page,
+                        lsn: h.lsn,
+                    });
+                    out.vaddrs.push(vaddr + (i * 4096) as u64);
+                }
+            }
+            at += len;
+        }
+    }
+    out.stats.hints = out.hints.len() as u64;
+    Ok(out)
+}

@@ -1,0 +1,72 @@
+//! The FIEMAP ioctl: where a file's bytes sit on its block device.
+
+use std::fs::File;
+use std::io;
+use std::os::fd::AsRawFd;
+
+/// `FS_IOC_FIEMAP = _IOWR('f', 11, struct fiemap)`.
+const FS_IOC_FIEMAP: libc::c_ulong = 0xC020_660B;
+/// Flush dirty data first so delayed allocations get real blocks.
+const FIEMAP_FLAG_SYNC: u32 = 1;
+/// The extent is the file's last.
+pub const FIEMAP_EXTENT_LAST: u32 = 0x1;
+const HEADER_WORDS: usize = 4; // struct fiemap: 32 bytes before the extents
+const EXTENT_WORDS: usize = 7; // struct fiemap_extent: 56 bytes
+const BATCH: usize = 256;
+
+/// One mapped extent of a file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Extent {
+    /// Offset in the file.
+    pub logical: u64,
+    /// Offset on the device.
+    pub physical: u64,
+    /// Length in bytes.
+    pub length: u64,
+    /// `FIEMAP_EXTENT_*` flags.
+    pub flags: u32,
+}
+
+/// All extents of `file`, in file order.
+pub fn extents(file: &File) -> io::Result<Vec<Extent>> {
+    let mut out = Vec::new();
+    let mut start = 0u64;
+    loop {
+        // u64 words keep the buffer aligned for the kernel's struct layout.
+        let mut buf = vec![0u64; HEADER_WORDS + BATCH * EXTENT_WORDS];
+        buf[0] = start; // fm_start
+        buf[1] = u64::MAX - start; // fm_length
+        // fm_flags (low half) | fm_mapped_extents (high half, output)
+        buf[2] = u64::from(FIEMAP_FLAG_SYNC);
+        // fm_extent_count (low half) | fm_reserved
+        buf[3] = BATCH as u64;
+        // SAFETY: FS_IOC_FIEMAP reads the header and writes at most
+        // fm_extent_count extents into the buffer that follows it, which is
+        // sized for exactly that many; the buffer outlives the call.
+        let r = unsafe { libc::ioctl(file.as_raw_fd(), FS_IOC_FIEMAP, buf.as_mut_ptr()) };
+        if r < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        #[allow(clippy::cast_possible_truncation)] // the high half of word 2 is a u32 field
+        let mapped = ((buf[2] >> 32) as usize).min(BATCH);
+        if mapped == 0 {
+            return Ok(out);
+        }
+        for i in 0..mapped {
+            let e = &buf[HEADER_WORDS + i * EXTENT_WORDS..HEADER_WORDS + (i + 1) * EXTENT_WORDS];
+            #[allow(clippy::cast_possible_truncation)] // fe_flags is the low u32 of word 5
+            let flags = e[5] as u32;
+            let ext = Extent {
+                logical: e[0],
+                physical: e[1],
+                length: e[2],
+                flags,
+            };
+            out.push(ext);
+            if flags & FIEMAP_EXTENT_LAST != 0 {
+                return Ok(out);
+            }
+            start = ext.logical.saturating_add(ext.length);
+        }
+    }
+}
