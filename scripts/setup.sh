@@ -15,6 +15,9 @@ have tc || need+=(iproute2)
 have cpio || need+=(cpio)
 have gcc || need+=(gcc libc6-dev)
 [ -e /usr/include/stdio.h ] || need+=(libc6-dev)
+have mariadbd || [ -x /usr/sbin/mariadbd ] || need+=(mariadb-server)
+have mkfs.ext4 || [ -x /sbin/mkfs.ext4 ] || need+=(e2fsprogs)
+have losetup || need+=(mount)
 
 if [ "$(id -u)" != 0 ]; then
   echo "setup.sh: run as root (network namespaces, tc and QEMU's page tracking need it)" >&2

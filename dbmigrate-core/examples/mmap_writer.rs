@@ -20,8 +20,10 @@ const PAGE: usize = 4096;
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    let (Some(path), Some(pages)) = (args.get(1), args.get(2).and_then(|p| p.parse::<usize>().ok()))
-    else {
+    let (Some(path), Some(pages)) = (
+        args.get(1),
+        args.get(2).and_then(|p| p.parse::<usize>().ok()),
+    ) else {
         eprintln!("usage: mmap_writer PATH PAGES");
         std::process::exit(2);
     };

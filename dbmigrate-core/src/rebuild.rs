@@ -419,18 +419,21 @@ pub fn decode_hints(b: &[u8]) -> Result<Vec<GuestHint>, HintFormatError> {
     let count = u64::from(u32_at(8));
     let body = b.len() - 16;
     if count > MAX_HINTS as u64 || count * HINT_RECORD_LEN as u64 != body as u64 {
-        return Err(HintFormatError::Count { count, bytes: b.len() });
+        return Err(HintFormatError::Count {
+            count,
+            bytes: b.len(),
+        });
     }
     Ok(b[16..]
         .chunks_exact(HINT_RECORD_LEN)
         .map(|r| GuestHint {
-                gpa: u64::from_le_bytes(r[0..8].try_into().expect("8 bytes")),
-                disk: u16::from_le_bytes([r[8], r[9]]),
-                clean: u16::from_le_bytes([r[10], r[11]]) & 1 == 1,
-                space: u32::from_le_bytes(r[12..16].try_into().expect("4 bytes")),
-                disk_offset: u64::from_le_bytes(r[16..24].try_into().expect("8 bytes")),
-                page_no: u32::from_le_bytes(r[24..28].try_into().expect("4 bytes")),
-                lsn: u64::from_le_bytes(r[32..40].try_into().expect("8 bytes")),
+            gpa: u64::from_le_bytes(r[0..8].try_into().expect("8 bytes")),
+            disk: u16::from_le_bytes([r[8], r[9]]),
+            clean: u16::from_le_bytes([r[10], r[11]]) & 1 == 1,
+            space: u32::from_le_bytes(r[12..16].try_into().expect("4 bytes")),
+            disk_offset: u64::from_le_bytes(r[16..24].try_into().expect("8 bytes")),
+            page_no: u32::from_le_bytes(r[24..28].try_into().expect("4 bytes")),
+            lsn: u64::from_le_bytes(r[32..40].try_into().expect("8 bytes")),
         })
         .collect())
 }
@@ -442,21 +445,49 @@ mod format_tests {
     #[test]
     fn hint_sets_round_trip_and_reject_garbage() {
         let h = vec![
-            GuestHint { gpa: 0x1000, disk: 0, clean: true, disk_offset: 0x20000, space: 5, page_no: 8, lsn: 77 },
-            GuestHint { gpa: 0x7fff_f000, disk: 1, clean: false, disk_offset: 0, space: 0, page_no: 0, lsn: u64::MAX },
+            GuestHint {
+                gpa: 0x1000,
+                disk: 0,
+                clean: true,
+                disk_offset: 0x20000,
+                space: 5,
+                page_no: 8,
+                lsn: 77,
+            },
+            GuestHint {
+                gpa: 0x7fff_f000,
+                disk: 1,
+                clean: false,
+                disk_offset: 0,
+                space: 0,
+                page_no: 0,
+                lsn: u64::MAX,
+            },
         ];
         let b = encode_hints(&h);
         assert_eq!(decode_hints(&b).unwrap(), h);
-        assert!(matches!(decode_hints(&b[..b.len() - 1]), Err(HintFormatError::Count { .. })));
-        assert!(matches!(decode_hints(&b[..10]), Err(HintFormatError::Short(10))));
+        assert!(matches!(
+            decode_hints(&b[..b.len() - 1]),
+            Err(HintFormatError::Count { .. })
+        ));
+        assert!(matches!(
+            decode_hints(&b[..10]),
+            Err(HintFormatError::Short(10))
+        ));
         let mut bad = b.clone();
         bad[0] ^= 1;
         assert!(matches!(decode_hints(&bad), Err(HintFormatError::Magic(_))));
         let mut bad = b.clone();
         bad[4] = 9;
-        assert!(matches!(decode_hints(&bad), Err(HintFormatError::Version(9))));
+        assert!(matches!(
+            decode_hints(&bad),
+            Err(HintFormatError::Version(9))
+        ));
         let mut bad = b;
         bad[8..12].copy_from_slice(&u32::MAX.to_le_bytes());
-        assert!(matches!(decode_hints(&bad), Err(HintFormatError::Count { .. })));
+        assert!(matches!(
+            decode_hints(&bad),
+            Err(HintFormatError::Count { .. })
+        ));
     }
 }

@@ -41,11 +41,15 @@ pub struct Placed {
 
 impl Disks {
     /// Stats each device path (e.g. `/dev/vda`).
-    pub fn new(paths: &[PathBuf]) -> io::Result<Self> {
+    /// On failure, returns the device that could not be examined.
+    pub fn new(paths: &[PathBuf]) -> Result<Self, (PathBuf, io::Error)> {
         let devs = paths
             .iter()
-            .map(|p| Ok((p.clone(), std::fs::metadata(p)?.rdev())))
-            .collect::<io::Result<_>>()?;
+            .map(|p| match std::fs::metadata(p) {
+                Ok(m) => Ok((p.clone(), m.rdev())),
+                Err(e) => Err((p.clone(), e)),
+            })
+            .collect::<Result<_, _>>()?;
         Ok(Self { devs })
     }
 
@@ -76,7 +80,11 @@ impl Disks {
             let parent = std::fs::read_to_string(sys.join("../dev")).ok()?;
             let (pmaj, pmin) = (libc::major(*rdev), libc::minor(*rdev));
             if parent.trim() == format!("{pmaj}:{pmin}") {
-                let start: u64 = std::fs::read_to_string(sys.join("start")).ok()?.trim().parse().ok()?;
+                let start: u64 = std::fs::read_to_string(sys.join("start"))
+                    .ok()?
+                    .trim()
+                    .parse()
+                    .ok()?;
                 return Some((disk, start * 512));
             }
         }
@@ -91,9 +99,24 @@ mod tests {
     #[test]
     fn ranges_map_inside_plain_extents_only() {
         let ex = [
-            Extent { logical: 0, physical: 1 << 20, length: 16384, flags: 0 },
-            Extent { logical: 16384, physical: 8 << 20, length: 32768, flags: 0 },
-            Extent { logical: 49152, physical: 9 << 20, length: 16384, flags: 0x800 },
+            Extent {
+                logical: 0,
+                physical: 1 << 20,
+                length: 16384,
+                flags: 0,
+            },
+            Extent {
+                logical: 16384,
+                physical: 8 << 20,
+                length: 32768,
+                flags: 0,
+            },
+            Extent {
+                logical: 49152,
+                physical: 9 << 20,
+                length: 16384,
+                flags: 0x800,
+            },
         ];
         assert_eq!(map_range(&ex, 4096, 4096), Some((1 << 20) + 4096));
         assert_eq!(map_range(&ex, 20480, 4096), Some((8 << 20) + 4096));

@@ -42,8 +42,10 @@ pub fn parse(frame: &[u8]) -> Option<FilHeader> {
         return None;
     }
     let low = be32(frame, 20);
-    let classic = be32(frame, n - 4) == low;
-    let full_crc32 = be32(frame, n - 8) == low && crc32c::crc32c(&frame[..n - 4]) == be32(frame, n - 4);
+    // A zero low half matches any zeroed trailer: too weak to count.
+    let classic = low != 0 && be32(frame, n - 4) == low;
+    let full_crc32 =
+        be32(frame, n - 8) == low && crc32c::crc32c(&frame[..n - 4]) == be32(frame, n - 4);
     if !(classic || full_crc32) {
         return None;
     }
@@ -82,7 +84,10 @@ mod tests {
     fn parses_both_trailer_formats() {
         for fc in [false, true] {
             let h = parse(&page(5, 42, 0x1_0000_2345, fc)).unwrap();
-            assert_eq!((h.space, h.page, h.lsn, h.page_type), (5, 42, 0x1_0000_2345, 17855));
+            assert_eq!(
+                (h.space, h.page, h.lsn, h.page_type),
+                (5, 42, 0x1_0000_2345, 17855)
+            );
         }
     }
 

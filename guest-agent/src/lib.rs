@@ -48,7 +48,7 @@ pub enum AgentError {
         source: std::io::Error,
     },
     /// A disk device could not be opened.
-    #[error("cannot stat disk device {path}")]
+    #[error("cannot stat disk device {path}: name the VM's disks with --disk (e.g. /dev/vda)")]
     Disk {
         /// Device.
         path: PathBuf,
@@ -73,6 +73,8 @@ pub struct CollectStats {
     pub no_disk: u64,
     /// 4 KiB pieces that do not sit in one plain extent.
     pub unmapped: u64,
+    /// Frames dropped because another frame claimed the same page.
+    pub ambiguous: u64,
     /// Hints exported.
     pub hints: u64,
 }
@@ -110,12 +112,18 @@ pub async fn collect(conn: &mut mysql_async::Conn, cfg: &Config) -> Result<Colle
             what: "server settings",
             source: mysql_async::Error::Other("no row".into()),
         })?;
-    let pages: Vec<(u32, u32, u64, u64)> = conn.query(BUFFER_PAGES_SQL).await.map_err(sql("buffer pool pages"))?;
+    let pages: Vec<(u32, u32, u64, u64)> = conn
+        .query(BUFFER_PAGES_SQL)
+        .await
+        .map_err(sql("buffer pool pages"))?;
     let listed: HashMap<(u32, u32), bool> = pages
         .into_iter()
         .map(|(space, page, oldest, _newest)| ((space, page), oldest != 0))
         .collect();
-    let spaces: Vec<(u32, String)> = conn.query(TABLESPACES_SQL).await.map_err(sql("tablespaces"))?;
+    let spaces: Vec<(u32, String)> = conn
+        .query(TABLESPACES_SQL)
+        .await
+        .map_err(sql("tablespaces"))?;
     let files: HashMap<u32, PathBuf> = spaces
         .into_iter()
         .map(|(space, name)| {
@@ -129,16 +137,27 @@ pub async fn collect(conn: &mut mysql_async::Conn, cfg: &Config) -> Result<Colle
     let pid = match cfg.pid {
         Some(p) => p,
         None => procmem::find_server()
-            .map_err(|source| AgentError::Proc { pid: 0, doing: "list processes", source })?
+            .map_err(|source| AgentError::Proc {
+                pid: 0,
+                doing: "list processes",
+                source,
+            })?
             .ok_or(AgentError::NoServer)?,
     };
-    let disks = disk::Disks::new(&cfg.disks).map_err(|source| AgentError::Disk {
-        path: cfg.disks.first().cloned().unwrap_or_default(),
+    let disks =
+        disk::Disks::new(&cfg.disks).map_err(|(path, source)| AgentError::Disk { path, source })?;
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).map_err(|source| {
+        AgentError::Proc {
+            pid,
+            doing: "read the maps",
+            source,
+        }
+    })?;
+    let mem = procmem::ProcMem::open(pid).map_err(|source| AgentError::Proc {
+        pid,
+        doing: "open memory",
         source,
     })?;
-    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps"))
-        .map_err(|source| AgentError::Proc { pid, doing: "read the maps", source })?;
-    let mem = procmem::ProcMem::open(pid).map_err(|source| AgentError::Proc { pid, doing: "open memory", source })?;
     let candidates = procmem::anon_rw_mappings(&maps, pool.min(16 << 20));
 
     let mut out = Collected {
@@ -147,6 +166,10 @@ pub async fn collect(conn: &mut mysql_async::Conn, cfg: &Config) -> Result<Colle
         stats: CollectStats::default(),
     };
     let mut placed: HashMap<u32, Option<disk::Placed>> = HashMap::new();
+    // Frames that claim each page, and which page each hint came from: a page
+    // claimed by two frames (one of them stale or not a page at all) is not hinted.
+    let mut claims: HashMap<(u32, u32), u32> = HashMap::new();
+    let mut owner: Vec<(u32, u32)> = Vec::new();
     let frame_len = usize::try_from(page_size).unwrap_or(16384).max(4096);
     let sub_pages = frame_len / 4096;
     const WINDOW: u64 = 1 << 20;
@@ -156,7 +179,9 @@ pub async fn collect(conn: &mut mysql_async::Conn, cfg: &Config) -> Result<Colle
         while at + page_size <= end {
             let len = (end - at).min(WINDOW) / page_size * page_size;
             let n = usize::try_from(len).expect("at most a window");
-            let Ok(pfns) = mem.frames(at, n / 4096) else { break };
+            let Ok(pfns) = mem.frames(at, n / 4096) else {
+                break;
+            };
             // Skip windows with nothing resident without reading them.
             if pfns.iter().all(Option::is_none) || mem.read(at, &mut buf[..n]).is_err() {
                 at += len;
@@ -168,7 +193,9 @@ pub async fn collect(conn: &mut mysql_async::Conn, cfg: &Config) -> Result<Colle
                     continue;
                 }
                 out.stats.frames += 1;
-                let Some(h) = innodb::parse(frame) else { continue };
+                let Some(h) = innodb::parse(frame) else {
+                    continue;
+                };
                 out.stats.valid_headers += 1;
                 match listed.get(&(h.space, h.page)) {
                     None => {
@@ -182,12 +209,15 @@ pub async fn collect(conn: &mut mysql_async::Conn, cfg: &Config) -> Result<Colle
                     Some(false) => {}
                 }
                 let place = placed.entry(h.space).or_insert_with(|| {
-                    files.get(&h.space).and_then(|f| disks.place(f).ok().flatten())
+                    files
+                        .get(&h.space)
+                        .and_then(|f| disks.place(f).ok().flatten())
                 });
                 let Some(place) = place else {
                     out.stats.no_disk += 1;
                     continue;
                 };
+                *claims.entry((h.space, h.page)).or_default() += 1;
                 let vaddr = at + (f * frame_len) as u64;
                 for (i, pfn) in fp.iter().enumerate() {
                     let file_off = u64::from(h.page) * page_size + (i * 4096) as u64;
@@ -205,10 +235,23 @@ pub async fn collect(conn: &mut mysql_async::Conn, cfg: &Config) -> Result<Colle
                         lsn: h.lsn,
                     });
                     out.vaddrs.push(vaddr + (i * 4096) as u64);
+                    owner.push((h.space, h.page));
                 }
             }
             at += len;
         }
+    }
+    out.stats.ambiguous = claims
+        .values()
+        .filter(|&&n| n > 1)
+        .map(|&n| u64::from(n))
+        .sum();
+    if out.stats.ambiguous > 0 {
+        let keep: Vec<bool> = owner.iter().map(|k| claims.get(k) == Some(&1)).collect();
+        let mut it = keep.iter();
+        out.hints.retain(|_| *it.next().unwrap_or(&false));
+        let mut it = keep.iter();
+        out.vaddrs.retain(|_| *it.next().unwrap_or(&false));
     }
     out.stats.hints = out.hints.len() as u64;
     Ok(out)

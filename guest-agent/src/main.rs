@@ -40,7 +40,9 @@ enum Command {
 }
 
 fn main() {
-    tracing_subscriber::fmt().with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .init();
     if let Err(e) = run(Cli::parse()) {
         eprintln!("dbmigrate-guest-agent: error: {e:#}");
         std::process::exit(1);
@@ -86,7 +88,9 @@ fn run(cli: Cli) -> Result<()> {
     };
     match out {
         Some(p) => std::fs::write(&p, bytes).with_context(|| format!("writing {}", p.display()))?,
-        None => std::io::stdout().write_all(&bytes).context("writing hints")?,
+        None => std::io::stdout()
+            .write_all(&bytes)
+            .context("writing hints")?,
     }
     Ok(())
 }

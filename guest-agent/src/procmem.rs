@@ -31,7 +31,10 @@ pub fn anon_rw_mappings(maps: &str, min_len: u64) -> Vec<(u64, u64)> {
                 return None;
             }
             let (a, b) = range.split_once('-')?;
-            let (a, b) = (u64::from_str_radix(a, 16).ok()?, u64::from_str_radix(b, 16).ok()?);
+            let (a, b) = (
+                u64::from_str_radix(a, 16).ok()?,
+                u64::from_str_radix(b, 16).ok()?,
+            );
             (b > a && b - a >= min_len).then_some((a, b))
         })
         .collect()
@@ -86,6 +89,9 @@ mod tests {
 7f2000000000-7f2008000000 rw-s 00000000 00:05 9 /dev/shm/x
 7f3000000000-7f3008000000 ---p 00000000 00:00 0 
 ";
-        assert_eq!(anon_rw_mappings(maps, 1 << 20), vec![(0x7f00_0000_0000, 0x7f00_0600_0000)]);
+        assert_eq!(
+            anon_rw_mappings(maps, 1 << 20),
+            vec![(0x7f00_0000_0000, 0x7f00_0600_0000)]
+        );
     }
 }

@@ -36,7 +36,7 @@ pub fn extents(file: &File) -> io::Result<Vec<Extent>> {
         let mut buf = vec![0u64; HEADER_WORDS + BATCH * EXTENT_WORDS];
         buf[0] = start; // fm_start
         buf[1] = u64::MAX - start; // fm_length
-        // fm_flags (low half) | fm_mapped_extents (high half, output)
+                                   // fm_flags (low half) | fm_mapped_extents (high half, output)
         buf[2] = u64::from(FIEMAP_FLAG_SYNC);
         // fm_extent_count (low half) | fm_reserved
         buf[3] = BATCH as u64;

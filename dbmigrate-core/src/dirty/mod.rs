@@ -301,7 +301,10 @@ mod tests {
 ";
         assert_eq!(parse_maps(maps, Path::new("/dev/shm/ram")), None);
         // Garbage lines are skipped.
-        assert_eq!(parse_maps("nonsense\n\nzz-yy rw-s 0 0 0 /x\n", Path::new("/x")), None);
+        assert_eq!(
+            parse_maps("nonsense\n\nzz-yy rw-s 0 0 0 /x\n", Path::new("/x")),
+            None
+        );
     }
 
     #[test]
