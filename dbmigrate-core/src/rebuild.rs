@@ -380,14 +380,15 @@ pub enum HintFormatError {
     },
 }
 
-/// Encodes hints: 16-byte header {magic, version, reserved, count, reserved} then 40-byte records, little-endian.
-pub fn encode_hints(hints: &[GuestHint]) -> Vec<u8> {
+/// Encodes hints: 16-byte header {magic, version, reserved, count, tag} then
+/// 40-byte records, little-endian. The tag echoes the request the set answers.
+pub fn encode_hints(hints: &[GuestHint], tag: u32) -> Vec<u8> {
     let mut out = Vec::with_capacity(16 + hints.len() * HINT_RECORD_LEN);
     out.extend_from_slice(&HINTS_MAGIC.to_le_bytes());
     out.extend_from_slice(&HINTS_VERSION.to_le_bytes());
     out.extend_from_slice(&0u16.to_le_bytes());
     out.extend_from_slice(&u32::try_from(hints.len()).unwrap_or(u32::MAX).to_le_bytes());
-    out.extend_from_slice(&0u32.to_le_bytes());
+    out.extend_from_slice(&tag.to_le_bytes());
     for h in hints {
         out.extend_from_slice(&h.gpa.to_le_bytes());
         out.extend_from_slice(&h.disk.to_le_bytes());
@@ -401,26 +402,117 @@ pub fn encode_hints(hints: &[GuestHint]) -> Vec<u8> {
     out
 }
 
-/// Decodes a hint set from an untrusted guest, checking every length first.
-pub fn decode_hints(b: &[u8]) -> Result<Vec<GuestHint>, HintFormatError> {
-    if b.len() < 16 {
+/// Magic of a request for hints (host to guest, 8 bytes: magic, tag): "DBMQ".
+pub const HINT_REQUEST_MAGIC: u32 = u32::from_le_bytes(*b"DBMQ");
+/// Magic of an error answer (guest to host): "DBME", same 16-byte header
+/// layout as a hint set, with the message length where the count is.
+pub const HINT_ERROR_MAGIC: u32 = u32::from_le_bytes(*b"DBME");
+/// Longest error message a guest may send.
+pub const MAX_HINT_ERROR_LEN: usize = 4096;
+
+/// A request for a fresh hint set, tagged so that a late answer to an
+/// earlier request can be told apart.
+pub fn encode_hint_request(tag: u32) -> [u8; 8] {
+    let mut b = [0u8; 8];
+    b[..4].copy_from_slice(&HINT_REQUEST_MAGIC.to_le_bytes());
+    b[4..].copy_from_slice(&tag.to_le_bytes());
+    b
+}
+
+/// The tag of a request, or None if `b` is not one.
+pub fn parse_hint_request(b: &[u8; 8]) -> Option<u32> {
+    (b[..4] == HINT_REQUEST_MAGIC.to_le_bytes())
+        .then(|| u32::from_le_bytes([b[4], b[5], b[6], b[7]]))
+}
+
+/// An error answer: the guest could not collect hints.
+pub fn encode_hint_error(tag: u32, msg: &str) -> Vec<u8> {
+    let mut end = msg.len().min(MAX_HINT_ERROR_LEN);
+    while !msg.is_char_boundary(end) {
+        end -= 1;
+    }
+    let m = &msg.as_bytes()[..end];
+    let mut out = Vec::with_capacity(HINTS_HEADER_LEN + m.len());
+    out.extend_from_slice(&HINT_ERROR_MAGIC.to_le_bytes());
+    out.extend_from_slice(&HINTS_VERSION.to_le_bytes());
+    out.extend_from_slice(&0u16.to_le_bytes());
+    out.extend_from_slice(&u32::try_from(m.len()).unwrap_or(0).to_le_bytes());
+    out.extend_from_slice(&tag.to_le_bytes());
+    out.extend_from_slice(m);
+    out
+}
+
+/// What a 16-byte answer header announces.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HintAnswer {
+    /// A hint set with this many record bytes following.
+    Hints {
+        /// Bytes of records that follow.
+        body: usize,
+        /// Request tag.
+        tag: u32,
+    },
+    /// An error message of this many bytes follows.
+    Error {
+        /// Bytes of message that follow.
+        len: usize,
+        /// Request tag.
+        tag: u32,
+    },
+}
+
+/// Parses the header of a guest's answer, bounding what follows.
+pub fn parse_answer_header(b: &[u8]) -> Result<HintAnswer, HintFormatError> {
+    if b.len() >= HINTS_HEADER_LEN && b[..4] == HINT_ERROR_MAGIC.to_le_bytes() {
+        let len = u32::from_le_bytes([b[8], b[9], b[10], b[11]]) as usize;
+        if len > MAX_HINT_ERROR_LEN {
+            return Err(HintFormatError::Count {
+                count: len as u64,
+                bytes: b.len(),
+            });
+        }
+        return Ok(HintAnswer::Error {
+            len,
+            tag: u32::from_le_bytes([b[12], b[13], b[14], b[15]]),
+        });
+    }
+    let (body, tag) = hint_set_header(b)?;
+    Ok(HintAnswer::Hints { body, tag })
+}
+
+/// Bytes of a hint set's header.
+pub const HINTS_HEADER_LEN: usize = 16;
+
+/// Checks a hint set's 16-byte header and returns (record bytes that follow, tag).
+pub fn hint_set_header(b: &[u8]) -> Result<(usize, u32), HintFormatError> {
+    if b.len() < HINTS_HEADER_LEN {
         return Err(HintFormatError::Short(b.len()));
     }
-    let u16_at = |i: usize| u16::from_le_bytes([b[i], b[i + 1]]);
     let u32_at = |i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
     let magic = u32_at(0);
     if magic != HINTS_MAGIC {
         return Err(HintFormatError::Magic(magic));
     }
-    let version = u16_at(4);
+    let version = u16::from_le_bytes([b[4], b[5]]);
     if version != HINTS_VERSION {
         return Err(HintFormatError::Version(version));
     }
-    let count = u64::from(u32_at(8));
-    let body = b.len() - 16;
-    if count > MAX_HINTS as u64 || count * HINT_RECORD_LEN as u64 != body as u64 {
+    let count = u32_at(8);
+    if count as usize > MAX_HINTS {
         return Err(HintFormatError::Count {
-            count,
+            count: u64::from(count),
+            bytes: b.len(),
+        });
+    }
+    Ok((count as usize * HINT_RECORD_LEN, u32_at(12)))
+}
+
+/// Decodes a hint set from an untrusted guest, checking every length first.
+pub fn decode_hints(b: &[u8]) -> Result<Vec<GuestHint>, HintFormatError> {
+    let (body, _tag) = hint_set_header(b)?;
+    if body != b.len() - HINTS_HEADER_LEN {
+        return Err(HintFormatError::Count {
+            count: (body / HINT_RECORD_LEN) as u64,
             bytes: b.len(),
         });
     }
@@ -464,8 +556,32 @@ mod format_tests {
                 lsn: u64::MAX,
             },
         ];
-        let b = encode_hints(&h);
+        let b = encode_hints(&h, 7);
         assert_eq!(decode_hints(&b).unwrap(), h);
+        assert_eq!(hint_set_header(&b).unwrap(), (80, 7));
+        assert_eq!(
+            parse_answer_header(&b).unwrap(),
+            HintAnswer::Hints { body: 80, tag: 7 }
+        );
+        let e = encode_hint_error(9, "no server");
+        assert_eq!(
+            parse_answer_header(&e).unwrap(),
+            HintAnswer::Error { len: 9, tag: 9 }
+        );
+        assert_eq!(parse_hint_request(&encode_hint_request(5)), Some(5));
+        assert_eq!(parse_hint_request(b"DBMX\0\0\0\0"), None);
+        assert_eq!(hint_set_header(&b).unwrap(), (80, 7));
+        assert_eq!(
+            parse_answer_header(&b).unwrap(),
+            HintAnswer::Hints { body: 80, tag: 7 }
+        );
+        let e = encode_hint_error(9, "no server");
+        assert_eq!(
+            parse_answer_header(&e).unwrap(),
+            HintAnswer::Error { len: 9, tag: 9 }
+        );
+        assert_eq!(parse_hint_request(&encode_hint_request(5)), Some(5));
+        assert_eq!(parse_hint_request(b"DBMX\0\0\0\0"), None);
         assert!(matches!(
             decode_hints(&b[..b.len() - 1]),
             Err(HintFormatError::Count { .. })

@@ -216,7 +216,7 @@ async fn clean_frames_match_the_disk_at_their_exported_offsets() {
     gpas.dedup();
     assert_eq!(gpas.len(), c.hints.len());
     // The format round-trips.
-    let enc = dbmigrate_core::rebuild::encode_hints(&c.hints);
+    let enc = dbmigrate_core::rebuild::encode_hints(&c.hints, 0);
     assert_eq!(
         dbmigrate_core::rebuild::decode_hints(&enc).unwrap(),
         c.hints

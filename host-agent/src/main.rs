@@ -1,6 +1,8 @@
 //! `dbmigrate`: live-migrates a running QEMU VM's RAM between hosts, with
 //! QEMU moving only device state (`x-ignore-shared`).
 
+mod hints;
+mod nbd;
 mod progress;
 mod qemu;
 mod qmp;
@@ -66,6 +68,14 @@ enum Command {
         /// Progress display: auto (when stderr is a terminal), always, never.
         #[arg(long, default_value = "auto", value_parser = ["auto", "always", "never"])]
         progress: String,
+        /// Unix socket of the VM's virtio-serial port `org.dbmigrate.hints`
+        /// (QEMU `-chardev socket,path=...`): rebuild clean InnoDB buffer-pool
+        /// pages from shared storage using the guest agent's hints.
+        #[arg(long)]
+        guest_hints: Option<PathBuf>,
+        /// How often to refresh the hints during pre-copy, in milliseconds.
+        #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(50..=600_000))]
+        hints_refresh_ms: u64,
     },
     /// Receive a VM into a QEMU started with `-S -incoming defer` (run on the destination host).
     Receive {
@@ -84,6 +94,11 @@ enum Command {
         /// Keep the destination QEMU after a failed attempt.
         #[arg(long)]
         keep_qemu: bool,
+        /// The VM's disks on shared storage, in the guest's order (first =
+        /// disk 0), for rebuilding pages: `nbd://HOST:PORT[/EXPORT]`, or a
+        /// file or block device path. Repeat for several disks.
+        #[arg(long = "storage")]
+        storage: Vec<String>,
     },
     /// Report which dirty-tracking mechanisms this host supports.
     Check,
@@ -149,6 +164,28 @@ fn parse_rate(s: &str) -> Result<u64, String> {
     Ok(v as u64)
 }
 
+/// Opens the destination's view of the VM's disks: all NBD or all local paths.
+fn open_storage(
+    specs: &[String],
+) -> Result<Option<std::sync::Arc<dyn dbmigrate_core::rebuild::Storage>>> {
+    if specs.is_empty() {
+        return Ok(None);
+    }
+    if u16::try_from(specs.len()).is_err() {
+        bail!("too many --storage disks ({})", specs.len());
+    }
+    if specs.iter().all(|s| s.starts_with("nbd://")) {
+        let s = nbd::NbdStorage::open(specs).context("opening shared storage over NBD")?;
+        return Ok(Some(std::sync::Arc::new(s)));
+    }
+    if specs.iter().any(|s| s.contains("://")) {
+        bail!("--storage takes nbd://HOST:PORT[/EXPORT] addresses or local paths, not a mix of both or another scheme");
+    }
+    let paths: Vec<&std::path::Path> = specs.iter().map(std::path::Path::new).collect();
+    let s = dbmigrate_core::rebuild::FileStorage::open(&paths).context("opening shared storage")?;
+    Ok(Some(std::sync::Arc::new(s)))
+}
+
 fn preload_path() -> Option<PathBuf> {
     let exe = std::env::current_exe().ok()?;
     let dir = exe.parent()?;
@@ -196,6 +233,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
             report,
             keep_source,
             progress,
+            guest_hints,
+            hints_refresh_ms,
         } => {
             if max_bytes_factor.is_nan() || max_bytes_factor <= 0.0 {
                 bail!("--max-bytes-factor must be positive");
@@ -223,6 +262,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 config,
                 progress,
                 quit_source: !keep_source,
+                guest_hints,
+                hints_refresh: Duration::from_millis(hints_refresh_ms),
             }));
             let json = serde_json::to_string_pretty(&r).context("encoding the report")?;
             if let Some(path) = report {
@@ -258,13 +299,16 @@ fn run(cli: Cli) -> Result<ExitCode> {
             incoming,
             timeout,
             keep_qemu,
+            storage,
         } => {
+            let storage = open_storage(&storage)?;
             let stats = rt.block_on(receive::receive(receive::ReceiveArgs {
                 qmp,
                 listen,
                 incoming,
                 peer_timeout: Duration::from_secs(timeout.max(1)),
                 keep_qemu,
+                storage,
             }))?;
             println!("{}", serde_json::to_string_pretty(&stats)?);
             Ok(ExitCode::SUCCESS)

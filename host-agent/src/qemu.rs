@@ -58,6 +58,25 @@ pub struct GpaRange {
     pub offset: u64,
 }
 
+/// Sizes of the VM's disks with a medium, in QEMU's order (for `-drive
+/// if=virtio` that is the guest's vda, vdb, ...), skipping CD-ROMs.
+pub async fn disk_sizes(qmp: &mut Qmp) -> Result<Vec<u64>, VmError> {
+    let blocks = qmp.execute("query-block", None).await?;
+    Ok(parse_disk_sizes(&blocks))
+}
+
+/// The pure part of [`disk_sizes`].
+pub fn parse_disk_sizes(blocks: &Value) -> Vec<u64> {
+    blocks
+        .as_array()
+        .map(|a| a.as_slice())
+        .unwrap_or_default()
+        .iter()
+        .filter(|b| !b["removable"].as_bool().unwrap_or(false))
+        .filter_map(|b| b["inserted"]["image"]["virtual-size"].as_u64())
+        .collect()
+}
+
 /// Finds the machine's RAM backend and checks it is a shared file.
 pub async fn ram_backend(qmp: &mut Qmp) -> Result<RamBackend, VmError> {
     let qmp_socket = qmp.path().to_path_buf();
@@ -213,6 +232,18 @@ pub async fn wait_migration(qmp: &mut Qmp, limit: Duration) -> Result<Value, VmE
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn disk_sizes_skip_cdroms_and_empty_drives() {
+        let v = serde_json::json!([
+            {"device": "virtio0", "removable": false, "inserted": {"image": {"virtual-size": 8589934592u64}}},
+            {"device": "ide1-cd0", "removable": true, "inserted": {"image": {"virtual-size": 1000}}},
+            {"device": "floppy0", "removable": true},
+            {"device": "virtio1", "removable": false, "inserted": {"image": {"virtual-size": 4096}}}
+        ]);
+        assert_eq!(super::parse_disk_sizes(&v), vec![8589934592, 4096]);
+        assert!(super::parse_disk_sizes(&serde_json::json!({"bad": 1})).is_empty());
+    }
+
     use super::*;
 
     #[test]

@@ -29,6 +29,8 @@ pub struct ReceiveArgs {
     pub peer_timeout: Duration,
     /// Keep the destination QEMU after a failed attempt (default: quit it).
     pub keep_qemu: bool,
+    /// The VM's disks, for rebuilding pages from references.
+    pub storage: Option<std::sync::Arc<dyn dbmigrate_core::rebuild::Storage>>,
 }
 
 /// Receives one VM. Ok when it runs here.
@@ -79,7 +81,7 @@ async fn session(
         .await
         .context("accepting the source agent")?;
     let t = Instant::now();
-    let (ram, matched) = match s.receive(ram, None).await {
+    let (ram, matched) = match s.receive(ram, args.storage.clone()).await {
         Ok(r) => r,
         Err(e) => {
             s.abort(&e.to_string()).await;

@@ -46,6 +46,36 @@ pub struct MigrationReport {
     pub error: Option<String>,
     /// Where the VM runs after the attempt: `source` or `destination` or `unknown`.
     pub vm_runs_on: String,
+    /// Guest hints, when rebuild was on.
+    pub hints: Option<HintReport>,
     /// Engine details.
     pub stats: MigrationStats,
+}
+
+/// What the guest agent's hints amounted to.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct HintReport {
+    /// Hint sets received.
+    pub refreshes: u64,
+    /// Hinted pages in the newest set.
+    pub last_count: u64,
+    /// Hints dropped on arrival (outside RAM, foreign disk, not clean).
+    pub dropped: u64,
+    /// Requests that failed.
+    pub failures: u64,
+    /// Time the newest set took, ms.
+    pub last_fetch_ms: u64,
+}
+
+impl From<&crate::hints::HintCounters> for HintReport {
+    fn from(c: &crate::hints::HintCounters) -> Self {
+        use std::sync::atomic::Ordering::Relaxed;
+        Self {
+            refreshes: c.refreshes.load(Relaxed),
+            last_count: c.last_count.load(Relaxed),
+            dropped: c.dropped.load(Relaxed),
+            failures: c.failures.load(Relaxed),
+            last_fetch_ms: c.last_fetch_ms.load(Relaxed),
+        }
+    }
 }

@@ -33,6 +33,10 @@ pub struct MigrateArgs {
     pub progress: bool,
     /// Quit the source QEMU once the destination runs.
     pub quit_source: bool,
+    /// Socket of the guest agent's virtio-serial port, to rebuild pages from shared storage.
+    pub guest_hints: Option<PathBuf>,
+    /// How often hints are refreshed.
+    pub hints_refresh: Duration,
 }
 
 /// Where the migration stands, for the cleanup path.
@@ -155,19 +159,70 @@ async fn run(
     let ram =
         SourceRam::open(&backend.mem_path, backend.size).context("mapping the source RAM file")?;
 
+    let mut config = args.config.clone();
+    let mut live_hints = None;
+    if let Some(path) = &args.guest_hints {
+        let disks = qemu::disk_sizes(qmp).await?;
+        if disks.is_empty() {
+            bail!("--guest-hints needs the VM's disks, but QEMU reports no disk with a medium");
+        }
+        let (path, layout, every, n) = (
+            path.clone(),
+            report.gpa_layout.clone(),
+            args.hints_refresh,
+            disks.len(),
+        );
+        let live = tokio::task::spawn_blocking(move || {
+            crate::hints::LiveHints::start(&path, layout, n, every)
+        })
+        .await
+        .context("starting the hint channel")?
+        .context("getting the first hints from the guest agent")?;
+        tracing::info!(
+            hints = live.counters.last_count.load(std::sync::atomic::Ordering::Relaxed),
+            fetch_ms = live.counters.last_fetch_ms.load(std::sync::atomic::Ordering::Relaxed),
+            disks = ?disks,
+            "guest hints ready"
+        );
+        config.hints = Some(live.clone());
+        config.disk_sizes = disks;
+        live_hints = Some(live);
+    }
+
     undo.ignore_shared_was = Some(qemu::set_capability(qmp, "x-ignore-shared", true).await?);
 
-    let mut session = SourceSession::connect(args.to, ram, tracker, args.config.clone())
+    let session = SourceSession::connect(args.to, ram, tracker, config)
         .await
-        .context("reserving the destination")?;
+        .context("reserving the destination");
+    let mut session = match session {
+        Ok(s) => s,
+        Err(e) => {
+            if let Some(l) = &live_hints {
+                l.stop();
+            }
+            return Err(e);
+        }
+    };
 
     let result = drive(args, qmp, undo, report, start, backend.size, &mut session).await;
+    if let Some(l) = &live_hints {
+        l.stop();
+        report.hints = Some(crate::report::HintReport::from(&l.counters));
+    }
     report.stats = session.stats.clone();
     let (raw, zero, zstd) = session.stats.page_totals();
+    let refs: u64 = session.stats.rounds.iter().map(|r| r.ref_pages).sum();
+    let mismatch: u64 = session
+        .stats
+        .rounds
+        .iter()
+        .map(|r| r.rebuild_mismatch)
+        .sum();
     report.pages = PageCounts {
         raw: raw + zstd,
         zero,
-        ..PageCounts::default()
+        rebuilt: refs.saturating_sub(mismatch),
+        rebuild_mismatch: mismatch,
     };
     report.ram_verified = session.stats.ram_verified;
     report.link_bytes = session.stats.bytes_sent + session.stats.bytes_received;

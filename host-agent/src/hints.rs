@@ -1,0 +1,352 @@
+//! Hints from the guest agent, over the virtio-serial port QEMU exposes as a
+//! unix socket (`-chardev socket,path=...,server=on,wait=off -device
+//! virtserialport,chardev=...,name=org.dbmigrate.hints`). Everything the
+//! guest sends is untrusted: sizes are bounded before anything is read, and
+//! each hint is checked again by the engine before it is followed.
+
+use std::io::{self, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use dbmigrate_core::rebuild::{
+    decode_hints, encode_hint_request, parse_answer_header, GuestHint, Hint, HintAnswer,
+    HintSource, HINTS_HEADER_LEN,
+};
+use thiserror::Error;
+
+use crate::qemu::GpaRange;
+
+/// Failures of the hint channel.
+#[derive(Debug, Error)]
+pub enum HintChannelError {
+    /// The socket could not be used.
+    #[error("guest hint channel {path}: {doing}")]
+    Io {
+        /// Socket.
+        path: PathBuf,
+        /// What was being done.
+        doing: &'static str,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// The guest answered with garbage.
+    #[error("guest hint channel {path}: malformed answer: {problem}")]
+    Malformed {
+        /// Socket.
+        path: PathBuf,
+        /// What.
+        problem: String,
+    },
+    /// The guest agent reported an error.
+    #[error("guest agent could not collect hints: {0}")]
+    Guest(String),
+}
+
+/// A connection to the guest agent.
+pub struct HintChannel {
+    path: PathBuf,
+    stream: UnixStream,
+    tag: u32,
+}
+
+impl HintChannel {
+    /// Connects to QEMU's end of the port.
+    pub fn connect(path: &Path) -> Result<Self, HintChannelError> {
+        let stream = UnixStream::connect(path).map_err(|source| HintChannelError::Io {
+            path: path.into(),
+            doing: "connecting (is QEMU started with a virtserialport named org.dbmigrate.hints on this chardev socket?)",
+            source,
+        })?;
+        Ok(Self {
+            path: path.into(),
+            stream,
+            tag: 0,
+        })
+    }
+
+    /// Asks for a fresh hint set and waits up to `timeout` for it. Answers to
+    /// earlier requests that arrive late are skipped.
+    pub fn fetch(&mut self, timeout: Duration) -> Result<Vec<GuestHint>, HintChannelError> {
+        self.tag = self.tag.wrapping_add(1);
+        let io = |doing| {
+            let path = self.path.clone();
+            move |source| HintChannelError::Io {
+                path,
+                doing,
+                source,
+            }
+        };
+        self.stream
+            .write_all(&encode_hint_request(self.tag))
+            .map_err(io("sending a request"))?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            let mut head = [0u8; HINTS_HEADER_LEN];
+            self.read_until(&mut head, deadline)?;
+            let answer = parse_answer_header(&head).map_err(|e| HintChannelError::Malformed {
+                path: self.path.clone(),
+                problem: e.to_string(),
+            })?;
+            match answer {
+                HintAnswer::Error { len, tag } => {
+                    let mut msg = vec![0u8; len];
+                    self.read_until(&mut msg, deadline)?;
+                    if tag == self.tag {
+                        return Err(HintChannelError::Guest(
+                            String::from_utf8_lossy(&msg).into_owned(),
+                        ));
+                    }
+                }
+                HintAnswer::Hints { body, tag } => {
+                    let mut set = vec![0u8; HINTS_HEADER_LEN + body];
+                    set[..HINTS_HEADER_LEN].copy_from_slice(&head);
+                    self.read_until(&mut set[HINTS_HEADER_LEN..], deadline)?;
+                    if tag == self.tag {
+                        return decode_hints(&set).map_err(|e| HintChannelError::Malformed {
+                            path: self.path.clone(),
+                            problem: e.to_string(),
+                        });
+                    }
+                }
+            }
+        }
+    }
+
+    fn read_until(&mut self, buf: &mut [u8], deadline: Instant) -> Result<(), HintChannelError> {
+        let mut done = 0;
+        while done < buf.len() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(HintChannelError::Io {
+                    path: self.path.clone(),
+                    doing: "waiting for the guest agent's answer (is dbmigrate-guest-agent serve running in the guest?)",
+                    source: io::ErrorKind::TimedOut.into(),
+                });
+            }
+            self.stream
+                .set_read_timeout(Some(left))
+                .map_err(|source| HintChannelError::Io {
+                    path: self.path.clone(),
+                    doing: "setting a timeout",
+                    source,
+                })?;
+            match self.stream.read(&mut buf[done..]) {
+                Ok(0) => {
+                    return Err(HintChannelError::Io {
+                        path: self.path.clone(),
+                        doing: "reading (QEMU closed the channel)",
+                        source: io::ErrorKind::UnexpectedEof.into(),
+                    })
+                }
+                Ok(n) => done += n,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock
+                            | io::ErrorKind::TimedOut
+                            | io::ErrorKind::Interrupted
+                    ) => {}
+                Err(source) => {
+                    return Err(HintChannelError::Io {
+                        path: self.path.clone(),
+                        doing: "reading",
+                        source,
+                    })
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Turns guest hints into a page → hint table of the RAM file (pure): guest
+/// addresses go through the GPA layout QEMU reported; hints outside it, not
+/// page aligned, or on a disk the VM lacks are dropped and counted.
+pub fn to_table(
+    hints: &[GuestHint],
+    layout: &[GpaRange],
+    disks: usize,
+) -> (std::collections::HashMap<u64, Hint>, u64) {
+    let mut table = std::collections::HashMap::with_capacity(hints.len());
+    let mut dropped = 0;
+    for h in hints {
+        let offset = layout
+            .iter()
+            .find(|r| h.gpa >= r.gpa && h.gpa - r.gpa < r.len)
+            .map(|r| r.offset + (h.gpa - r.gpa));
+        match offset {
+            Some(off) if off % 4096 == 0 && usize::from(h.disk) < disks && h.clean => {
+                table.insert(
+                    off / 4096,
+                    Hint {
+                        disk: h.disk,
+                        offset: h.disk_offset,
+                    },
+                );
+            }
+            _ => dropped += 1,
+        }
+    }
+    (table, dropped)
+}
+
+/// Counters of the refresher, for the report.
+#[derive(Debug, Default)]
+pub struct HintCounters {
+    /// Hint sets received.
+    pub refreshes: AtomicU64,
+    /// Hints in the newest set.
+    pub last_count: AtomicU64,
+    /// Hints dropped on arrival (outside RAM, foreign disk, not clean).
+    pub dropped: AtomicU64,
+    /// Failed requests.
+    pub failures: AtomicU64,
+    /// Milliseconds the newest set took to arrive.
+    pub last_fetch_ms: AtomicU64,
+}
+
+/// The newest hint table, refreshed in the background while pre-copy runs.
+#[derive(Debug, Default)]
+pub struct LiveHints {
+    table: RwLock<std::collections::HashMap<u64, Hint>>,
+    /// Counters.
+    pub counters: HintCounters,
+    stop: AtomicBool,
+}
+
+impl HintSource for LiveHints {
+    fn hint(&self, page: u64) -> Option<Hint> {
+        self.table.read().ok()?.get(&page).copied()
+    }
+}
+
+impl LiveHints {
+    /// Fetches one set now (so the first round already has hints), then keeps
+    /// refreshing every `every` on a thread until [`LiveHints::stop`].
+    pub fn start(
+        path: &Path,
+        layout: Vec<GpaRange>,
+        disks: usize,
+        every: Duration,
+    ) -> Result<Arc<Self>, HintChannelError> {
+        let mut ch = HintChannel::connect(path)?;
+        let live = Arc::new(Self::default());
+        live.refresh(&mut ch, &layout, disks, Duration::from_secs(30))?;
+        let bg = live.clone();
+        std::thread::Builder::new()
+            .name("hint-refresh".into())
+            .spawn(move || {
+                while !bg.stop.load(Ordering::Relaxed) {
+                    std::thread::sleep(every);
+                    if bg.stop.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    if let Err(e) = bg.refresh(&mut ch, &layout, disks, Duration::from_secs(30)) {
+                        bg.counters.failures.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(
+                            "hint refresh failed (pages go raw until the next one): {e}"
+                        );
+                        // A failed read may leave half an answer in the stream.
+                        match HintChannel::connect(&bg_path(&ch)) {
+                            Ok(c) => ch = c,
+                            Err(_) => break,
+                        }
+                    }
+                }
+            })
+            .map_err(|source| HintChannelError::Io {
+                path: path.into(),
+                doing: "starting the refresh thread",
+                source,
+            })?;
+        Ok(live)
+    }
+
+    fn refresh(
+        &self,
+        ch: &mut HintChannel,
+        layout: &[GpaRange],
+        disks: usize,
+        timeout: Duration,
+    ) -> Result<(), HintChannelError> {
+        let t = Instant::now();
+        let hints = ch.fetch(timeout)?;
+        let (table, dropped) = to_table(&hints, layout, disks);
+        let c = &self.counters;
+        c.last_fetch_ms.store(
+            u64::try_from(t.elapsed().as_millis()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
+        c.refreshes.fetch_add(1, Ordering::Relaxed);
+        c.last_count.store(table.len() as u64, Ordering::Relaxed);
+        c.dropped.fetch_add(dropped, Ordering::Relaxed);
+        tracing::debug!(
+            hints = table.len(),
+            dropped,
+            ms = u64::try_from(t.elapsed().as_millis()).unwrap_or(u64::MAX),
+            "hints refreshed"
+        );
+        if let Ok(mut t) = self.table.write() {
+            *t = table;
+        }
+        Ok(())
+    }
+
+    /// Stops refreshing (the table stays as it is).
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+fn bg_path(ch: &HintChannel) -> PathBuf {
+    ch.path.clone()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn gh(gpa: u64, disk: u16, clean: bool) -> GuestHint {
+        GuestHint {
+            gpa,
+            disk,
+            clean,
+            disk_offset: 0x10000,
+            space: 1,
+            page_no: 2,
+            lsn: 3,
+        }
+    }
+
+    #[test]
+    fn layout_maps_and_drops() {
+        let layout = [
+            GpaRange {
+                gpa: 0,
+                len: 0xa0000,
+                offset: 0,
+            },
+            GpaRange {
+                gpa: 0x1_0000_0000,
+                len: 0x4000_0000,
+                offset: 0xc000_0000,
+            },
+        ];
+        let hints = [
+            gh(0x1000, 0, true),
+            gh(0x1_0000_2000, 0, true),
+            gh(0xb0000, 0, true), // a hole in the layout
+            gh(0x3000, 1, true),  // foreign disk
+            gh(0x4000, 0, false), // dirty
+            gh(0x5001, 0, true),  // misaligned
+        ];
+        let (t, dropped) = to_table(&hints, &layout, 1);
+        assert_eq!(dropped, 4);
+        assert_eq!(t.get(&1).map(|h| h.offset), Some(0x10000));
+        assert!(t.contains_key(&((0xc000_0000 + 0x2000) / 4096)));
+    }
+}

@@ -1,0 +1,405 @@
+//! A small NBD client (fixed newstyle handshake, `NBD_OPT_GO`, simple
+//! replies, reads only): how the destination agent reads the VM's disks from
+//! the same `qemu-nbd` server the QEMUs use. One connection per concurrent
+//! reader, kept in a pool; every length from the server is bounded.
+
+use std::io::{self, Read, Write};
+use std::net::{TcpStream, ToSocketAddrs};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use dbmigrate_core::rebuild::{Storage, StorageError};
+use thiserror::Error;
+
+const NBDMAGIC: u64 = 0x4e42_444d_4147_4943; // "NBDMAGIC"
+const IHAVEOPT: u64 = 0x4948_4156_454f_5054; // "IHAVEOPT"
+const OPT_REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
+const REQUEST_MAGIC: u32 = 0x2560_9513;
+const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
+const FLAG_FIXED_NEWSTYLE: u16 = 1;
+const FLAG_NO_ZEROES: u16 = 2;
+const OPT_GO: u32 = 7;
+const REP_ACK: u32 = 1;
+const REP_INFO: u32 = 3;
+const INFO_EXPORT: u16 = 0;
+const CMD_READ: u16 = 0;
+const CMD_DISC: u16 = 2;
+/// Longest option reply we accept (info replies are a few bytes).
+const MAX_OPT_REPLY: u32 = 64 * 1024;
+/// Longest read we issue (servers may refuse more than 32 MiB).
+const MAX_READ: usize = 8 << 20;
+const IO_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// NBD failures.
+#[derive(Debug, Error)]
+pub enum NbdError {
+    /// The address is not `nbd://host:port[/export]`.
+    #[error("`{0}` is not an NBD address: use nbd://HOST:PORT or nbd://HOST:PORT/EXPORT")]
+    Url(String),
+    /// Connecting or talking failed.
+    #[error("NBD server {addr}: {doing}")]
+    Io {
+        /// Server.
+        addr: String,
+        /// What was being done.
+        doing: &'static str,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// The server said something we do not accept.
+    #[error("NBD server {addr} {problem}")]
+    Protocol {
+        /// Server.
+        addr: String,
+        /// What.
+        problem: String,
+    },
+}
+
+/// Splits `nbd://host:port[/export]`.
+pub fn parse_url(url: &str) -> Result<(String, String), NbdError> {
+    let rest = url
+        .strip_prefix("nbd://")
+        .ok_or_else(|| NbdError::Url(url.into()))?;
+    let (addr, export) = rest.split_once('/').unwrap_or((rest, ""));
+    if addr.is_empty() || !addr.contains(':') {
+        return Err(NbdError::Url(url.into()));
+    }
+    Ok((addr.to_string(), export.to_string()))
+}
+
+struct Conn {
+    s: TcpStream,
+    next_handle: u64,
+}
+
+/// One export of an NBD server.
+pub struct NbdDisk {
+    addr: String,
+    export: String,
+    size: u64,
+    pool: Mutex<Vec<Conn>>,
+}
+
+impl NbdDisk {
+    /// Connects once (to learn the size) and keeps the connection.
+    pub fn open(url: &str) -> Result<Self, NbdError> {
+        let (addr, export) = parse_url(url)?;
+        let (conn, size) = handshake(&addr, &export)?;
+        Ok(Self {
+            addr,
+            export,
+            size,
+            pool: Mutex::new(vec![conn]),
+        })
+    }
+
+    /// Export size in bytes.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Reads `buf.len()` bytes at `offset`.
+    pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), NbdError> {
+        let end = offset.checked_add(buf.len() as u64);
+        if end.is_none_or(|e| e > self.size) {
+            return Err(NbdError::Protocol {
+                addr: self.addr.clone(),
+                problem: format!(
+                    "export is {} bytes; refusing a read of {} at {offset:#x}",
+                    self.size,
+                    buf.len()
+                ),
+            });
+        }
+        let taken = self.pool.lock().map(|mut p| p.pop()).unwrap_or(None);
+        let mut conn = match taken {
+            Some(c) => c,
+            None => handshake(&self.addr, &self.export)?.0,
+        };
+        let mut done = 0;
+        while done < buf.len() {
+            let n = (buf.len() - done).min(MAX_READ);
+            // A failed connection is dropped, not returned to the pool.
+            self.read_one(&mut conn, offset + done as u64, &mut buf[done..done + n])?;
+            done += n;
+        }
+        if let Ok(mut p) = self.pool.lock() {
+            p.push(conn);
+        }
+        Ok(())
+    }
+
+    fn read_one(&self, c: &mut Conn, offset: u64, buf: &mut [u8]) -> Result<(), NbdError> {
+        let io = |doing| {
+            let addr = self.addr.clone();
+            move |source| NbdError::Io {
+                addr,
+                doing,
+                source,
+            }
+        };
+        let handle = c.next_handle;
+        c.next_handle += 1;
+        let mut req = Vec::with_capacity(28);
+        req.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
+        req.extend_from_slice(&0u16.to_be_bytes());
+        req.extend_from_slice(&CMD_READ.to_be_bytes());
+        req.extend_from_slice(&handle.to_be_bytes());
+        req.extend_from_slice(&offset.to_be_bytes());
+        req.extend_from_slice(&u32::try_from(buf.len()).unwrap_or(u32::MAX).to_be_bytes());
+        c.s.write_all(&req).map_err(io("sending a read request"))?;
+        let mut rep = [0u8; 16];
+        c.s.read_exact(&mut rep).map_err(io("reading a reply"))?;
+        let magic = u32::from_be_bytes(rep[0..4].try_into().expect("4 bytes"));
+        let error = u32::from_be_bytes(rep[4..8].try_into().expect("4 bytes"));
+        let got = u64::from_be_bytes(rep[8..16].try_into().expect("8 bytes"));
+        if magic != SIMPLE_REPLY_MAGIC || got != handle {
+            return Err(NbdError::Protocol {
+                addr: self.addr.clone(),
+                problem: format!(
+                    "sent a reply with magic {magic:#x} for handle {got} (expected {handle})"
+                ),
+            });
+        }
+        if error != 0 {
+            return Err(NbdError::Io {
+                addr: self.addr.clone(),
+                doing: "reading",
+                source: io::Error::from_raw_os_error(i32::try_from(error).unwrap_or(libc::EIO)),
+            });
+        }
+        c.s.read_exact(buf).map_err(io("reading data"))
+    }
+}
+
+impl Drop for NbdDisk {
+    fn drop(&mut self) {
+        if let Ok(mut p) = self.pool.lock() {
+            for mut c in p.drain(..) {
+                let mut req = Vec::with_capacity(28);
+                req.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
+                req.extend_from_slice(&0u16.to_be_bytes());
+                req.extend_from_slice(&CMD_DISC.to_be_bytes());
+                req.extend_from_slice(&[0u8; 20]);
+                let _ = c.s.write_all(&req);
+            }
+        }
+    }
+}
+
+fn handshake(addr: &str, export: &str) -> Result<(Conn, u64), NbdError> {
+    let io = |doing| {
+        let addr = addr.to_string();
+        move |source| NbdError::Io {
+            addr,
+            doing,
+            source,
+        }
+    };
+    let proto = |problem: String| NbdError::Protocol {
+        addr: addr.to_string(),
+        problem,
+    };
+    let sa = addr
+        .to_socket_addrs()
+        .map_err(io("resolving"))?
+        .next()
+        .ok_or_else(|| proto("has no address".into()))?;
+    let mut s = TcpStream::connect_timeout(&sa, IO_TIMEOUT).map_err(io("connecting"))?;
+    s.set_read_timeout(Some(IO_TIMEOUT))
+        .map_err(io("setting a timeout"))?;
+    s.set_write_timeout(Some(IO_TIMEOUT))
+        .map_err(io("setting a timeout"))?;
+    let _ = s.set_nodelay(true);
+    let mut hello = [0u8; 18];
+    s.read_exact(&mut hello)
+        .map_err(io("reading the greeting"))?;
+    let magic = u64::from_be_bytes(hello[0..8].try_into().expect("8 bytes"));
+    let opt = u64::from_be_bytes(hello[8..16].try_into().expect("8 bytes"));
+    let flags = u16::from_be_bytes([hello[16], hello[17]]);
+    if magic != NBDMAGIC || opt != IHAVEOPT {
+        return Err(proto(
+            "is not a newstyle NBD server (old qemu-nbd? start it without --oldstyle)".into(),
+        ));
+    }
+    if flags & FLAG_FIXED_NEWSTYLE == 0 {
+        return Err(proto("does not offer fixed newstyle negotiation".into()));
+    }
+    let client_flags = u32::from(flags & (FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES));
+    let name = export.as_bytes();
+    let mut o = Vec::new();
+    o.extend_from_slice(&client_flags.to_be_bytes());
+    o.extend_from_slice(&IHAVEOPT.to_be_bytes());
+    o.extend_from_slice(&OPT_GO.to_be_bytes());
+    o.extend_from_slice(
+        &u32::try_from(4 + name.len() + 2)
+            .unwrap_or(u32::MAX)
+            .to_be_bytes(),
+    );
+    o.extend_from_slice(&u32::try_from(name.len()).unwrap_or(u32::MAX).to_be_bytes());
+    o.extend_from_slice(name);
+    o.extend_from_slice(&0u16.to_be_bytes());
+    s.write_all(&o).map_err(io("sending NBD_OPT_GO"))?;
+    let mut size = None;
+    loop {
+        let mut h = [0u8; 20];
+        s.read_exact(&mut h)
+            .map_err(io("reading an option reply"))?;
+        let magic = u64::from_be_bytes(h[0..8].try_into().expect("8 bytes"));
+        let rtype = u32::from_be_bytes(h[12..16].try_into().expect("4 bytes"));
+        let len = u32::from_be_bytes(h[16..20].try_into().expect("4 bytes"));
+        if magic != OPT_REPLY_MAGIC || len > MAX_OPT_REPLY {
+            return Err(proto(format!(
+                "sent a bad option reply (magic {magic:#x}, {len} bytes)"
+            )));
+        }
+        let mut data = vec![0u8; len as usize];
+        s.read_exact(&mut data)
+            .map_err(io("reading an option reply"))?;
+        match rtype {
+            REP_ACK => break,
+            REP_INFO
+                if data.len() >= 12 && u16::from_be_bytes([data[0], data[1]]) == INFO_EXPORT =>
+            {
+                size = Some(u64::from_be_bytes(data[2..10].try_into().expect("8 bytes")));
+            }
+            t if t & 0x8000_0000 != 0 => {
+                let msg = String::from_utf8_lossy(&data);
+                return Err(proto(format!(
+                    "refused export `{export}` (error {:#x}{}{msg}): check the export name",
+                    t,
+                    if msg.is_empty() { "" } else { ": " }
+                )));
+            }
+            _ => {}
+        }
+    }
+    let size = size.ok_or_else(|| proto("did not say the export size".into()))?;
+    Ok((Conn { s, next_handle: 1 }, size))
+}
+
+/// The VM's disks, read over NBD, as the engine's storage.
+pub struct NbdStorage {
+    disks: Vec<NbdDisk>,
+    sizes: Vec<u64>,
+}
+
+impl NbdStorage {
+    /// Opens each `nbd://` address (disk index = position).
+    pub fn open(urls: &[String]) -> Result<Self, NbdError> {
+        let disks = urls
+            .iter()
+            .map(|u| NbdDisk::open(u))
+            .collect::<Result<Vec<_>, _>>()?;
+        let sizes = disks.iter().map(NbdDisk::size).collect();
+        Ok(Self { disks, sizes })
+    }
+}
+
+impl Storage for NbdStorage {
+    fn disk_sizes(&self) -> &[u64] {
+        &self.sizes
+    }
+
+    fn read_at(&self, disk: u16, offset: u64, buf: &mut [u8]) -> Result<(), StorageError> {
+        let len = buf.len();
+        let d = self
+            .disks
+            .get(usize::from(disk))
+            .ok_or_else(|| StorageError::Read {
+                disk,
+                offset,
+                len,
+                source: io::Error::new(io::ErrorKind::NotFound, "no such disk"),
+            })?;
+        d.read_at(offset, buf).map_err(|e| StorageError::Read {
+            disk,
+            offset,
+            len,
+            source: io::Error::other(e.to_string()),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls() {
+        assert_eq!(
+            parse_url("nbd://10.0.0.1:10809").unwrap(),
+            ("10.0.0.1:10809".into(), String::new())
+        );
+        assert_eq!(
+            parse_url("nbd://h:1/disk0").unwrap(),
+            ("h:1".into(), "disk0".into())
+        );
+        assert!(parse_url("10.0.0.1:10809").is_err());
+        assert!(parse_url("nbd://nohost").is_err());
+        assert!(parse_url("nbd:///x").is_err());
+    }
+
+    /// Against a real qemu-nbd (installed by scripts/setup.sh with qemu-utils).
+    #[test]
+    fn reads_from_a_real_qemu_nbd() {
+        use std::os::unix::fs::FileExt;
+        let dir = std::env::temp_dir().join(format!("dbm-nbd-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let img = dir.join("disk.img");
+        let f = std::fs::File::create(&img).unwrap();
+        f.set_len(64 << 20).unwrap();
+        let pattern: Vec<u8> = (0..(1u32 << 20)).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+        f.write_all_at(&pattern, 5 << 20).unwrap();
+        drop(f);
+        let port = 20_000 + (std::process::id() % 20_000) as u16;
+        let mut child = std::process::Command::new("qemu-nbd")
+            .args(["--read-only", "--persistent", "--shared=8", "-f", "raw", "-b", "127.0.0.1", "-p"])
+            .arg(port.to_string())
+            .arg(&img)
+            .spawn()
+            .expect("qemu-nbd (install qemu-utils)");
+        let url = format!("nbd://127.0.0.1:{port}");
+        let mut disk = None;
+        for _ in 0..100 {
+            match NbdDisk::open(&url) {
+                Ok(d) => {
+                    disk = Some(d);
+                    break;
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(50)),
+            }
+        }
+        let disk = disk.expect("connecting to qemu-nbd");
+        assert_eq!(disk.size(), 64 << 20);
+        let mut buf = vec![0u8; 1 << 20];
+        disk.read_at(5 << 20, &mut buf).unwrap();
+        assert!(buf == pattern);
+        // Concurrent readers get their own connections.
+        std::thread::scope(|s| {
+            for t in 0..4u64 {
+                let disk = &disk;
+                let pattern = &pattern;
+                s.spawn(move || {
+                    let mut b = vec![0u8; 4096];
+                    for i in 0..50u64 {
+                        let off = ((t * 50 + i) * 4096) % (1 << 20);
+                        disk.read_at((5 << 20) + off, &mut b).unwrap();
+                        assert!(b[..] == pattern[off as usize..off as usize + 4096]);
+                    }
+                });
+            }
+        });
+        // Out of range reads are refused before anything is sent.
+        assert!(disk.read_at((64 << 20) - 100, &mut buf).is_err());
+        // A wrong export name is a clear error.
+        let e = NbdDisk::open(&format!("{url}/nope")).err().unwrap().to_string();
+        assert!(e.contains("export"), "{e}");
+        drop(disk);
+        let _ = child.kill();
+        let _ = child.wait();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
