@@ -351,12 +351,23 @@ mod tests {
         let img = dir.join("disk.img");
         let f = std::fs::File::create(&img).unwrap();
         f.set_len(64 << 20).unwrap();
-        let pattern: Vec<u8> = (0..(1u32 << 20)).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+        let pattern: Vec<u8> = (0..(1u32 << 20))
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13).to_le_bytes()[0])
+            .collect();
         f.write_all_at(&pattern, 5 << 20).unwrap();
         drop(f);
         let port = 20_000 + (std::process::id() % 20_000) as u16;
         let mut child = std::process::Command::new("qemu-nbd")
-            .args(["--read-only", "--persistent", "--shared=8", "-f", "raw", "-b", "127.0.0.1", "-p"])
+            .args([
+                "--read-only",
+                "--persistent",
+                "--shared=8",
+                "-f",
+                "raw",
+                "-b",
+                "127.0.0.1",
+                "-p",
+            ])
             .arg(port.to_string())
             .arg(&img)
             .spawn()
@@ -395,7 +406,10 @@ mod tests {
         // Out of range reads are refused before anything is sent.
         assert!(disk.read_at((64 << 20) - 100, &mut buf).is_err());
         // A wrong export name is a clear error.
-        let e = NbdDisk::open(&format!("{url}/nope")).err().unwrap().to_string();
+        let e = NbdDisk::open(&format!("{url}/nope"))
+            .err()
+            .unwrap()
+            .to_string();
         assert!(e.contains("export"), "{e}");
         drop(disk);
         let _ = child.kill();

@@ -211,7 +211,8 @@ impl Testbed {
     }
 
     fn teardown_quiet(&self) {
-        for ns in [&self.src_ns, &self.dst_ns] {
+        let extra = [format!("{}t", self.tag), format!("{}c", self.tag)];
+        for ns in [&self.src_ns, &self.dst_ns, &extra[0], &extra[1]] {
             // Processes left in the namespace would keep it alive.
             if let Ok(out) = Command::new("ip").args(["netns", "pids", ns]).output() {
                 for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
@@ -250,6 +251,10 @@ pub struct VmOptions {
     pub share: bool,
     /// Extra QEMU arguments.
     pub extra: Vec<String>,
+    /// Kernel command line instead of the dirtier's.
+    pub append: Option<String>,
+    /// Virtual CPUs.
+    pub smp: u32,
 }
 
 impl Default for VmOptions {
@@ -262,6 +267,8 @@ impl Default for VmOptions {
             incoming: false,
             share: true,
             extra: Vec::new(),
+            append: None,
+            smp: 1,
         }
     }
 }
@@ -296,50 +303,44 @@ impl Vm {
             let _ = std::fs::remove_file(stale);
         }
         let mut c = tb.in_ns(ns, Path::new("qemu-system-x86_64"));
-        c.args([
-            "-name",
-            name,
-            "-accel",
-            "tcg,thread=single",
-            "-cpu",
-            "max",
-            "-smp",
-            "1",
-        ])
-        .args(["-m", &format!("{}M", o.ram_mib)])
-        .args([
-            "-object",
-            &format!(
-                "memory-backend-file,id=ram0,size={}M,mem-path={},share={}",
-                o.ram_mib,
-                ram.display(),
-                if o.share { "on" } else { "off" }
-            ),
-        ])
-        .args([
-            "-machine",
-            "pc,memory-backend=ram0",
-            "-nodefaults",
-            "-display",
-            "none",
-        ])
-        .args(["-serial", &format!("file:{}", serial.display())])
-        .args([
-            "-qmp",
-            &format!("unix:{},server=on,wait=off", qmp.display()),
-        ])
-        .arg("-kernel")
-        .arg(&img.kernel)
-        .arg("-initrd")
-        .arg(&img.initrd)
-        .args([
-            "-append",
-            &format!(
-                "console=ttyS0 quiet dirtier.ws_mib={} dirtier.fill_pct={}",
-                o.ws_mib, o.fill_pct
-            ),
-        ])
-        .args(&o.extra);
+        c.args(["-name", name, "-accel", "tcg,thread=single", "-cpu", "max"])
+            .args(["-smp", &o.smp.to_string()])
+            .args(["-m", &format!("{}M", o.ram_mib)])
+            .args([
+                "-object",
+                &format!(
+                    "memory-backend-file,id=ram0,size={}M,mem-path={},share={}",
+                    o.ram_mib,
+                    ram.display(),
+                    if o.share { "on" } else { "off" }
+                ),
+            ])
+            .args([
+                "-machine",
+                "pc,memory-backend=ram0",
+                "-nodefaults",
+                "-display",
+                "none",
+            ])
+            .args(["-serial", &format!("file:{}", serial.display())])
+            .args([
+                "-qmp",
+                &format!("unix:{},server=on,wait=off", qmp.display()),
+            ])
+            .arg("-kernel")
+            .arg(&img.kernel)
+            .arg("-initrd")
+            .arg(&img.initrd)
+            .args([
+                "-append",
+                &o.append.clone().unwrap_or_else(|| {
+                    format!(
+                        "console=ttyS0 quiet dirtier.ws_mib={} dirtier.fill_pct={}",
+                        o.ws_mib, o.fill_pct
+                    )
+                }),
+            ])
+            .args(&o.extra);
         if o.incoming {
             c.args(["-S", "-incoming", "defer"]);
         }
@@ -568,5 +569,337 @@ mod tests {
         assert_eq!(h.passes, 2);
         assert!(Heartbeat::parse("DIRTIER READY pages=3").is_none());
         assert!(Heartbeat::parse("DIRTIER HB seq=x").is_none());
+    }
+}
+
+/// The MariaDB guest: kernel, base initramfs, and the disk image with the data set.
+#[derive(Clone, Debug)]
+pub struct MariadbGuest {
+    /// Kernel.
+    pub kernel: PathBuf,
+    /// Initramfs (without the guest agent).
+    pub initrd: PathBuf,
+    /// Prepared disk image (copied per run; never used directly).
+    pub image: PathBuf,
+    /// sysbench tables.
+    pub tables: u32,
+    /// Rows per table.
+    pub rows: u32,
+}
+
+/// Builds (or finds in the cache) the MariaDB guest with a sysbench data set.
+pub fn mariadb_guest(tables: u32, rows: u32) -> Result<MariadbGuest> {
+    let script = repo_root().join("guest/prepare-mariadb-data.sh");
+    let out = Command::new("bash")
+        .arg(&script)
+        .args(["--tables", &tables.to_string(), "--rows", &rows.to_string()])
+        .stderr(Stdio::inherit())
+        .output()
+        .with_context(|| format!("running {}", script.display()))?;
+    if !out.status.success() {
+        bail!("{} failed", script.display());
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let image = PathBuf::from(text.lines().last().unwrap_or("").trim());
+    let dir = image
+        .parent()
+        .context("image path has a directory")?
+        .to_path_buf();
+    Ok(MariadbGuest {
+        kernel: dir.join("vmlinuz"),
+        initrd: dir.join("initramfs.cpio.gz"),
+        image,
+        tables,
+        rows,
+    })
+}
+
+/// The database test bed: the two hosts of a [`Testbed`], plus a storage host
+/// (`stor`, serving the VM disk with qemu-nbd over its own shaped links to
+/// both hosts) and a client host (`cli`) bridged to a tap device on each
+/// host, so that client connections follow the VM.
+pub struct DbBed {
+    /// Source and destination.
+    pub tb: Testbed,
+    /// Storage namespace.
+    pub stor_ns: String,
+    /// Client namespace.
+    pub cli_ns: String,
+    /// NBD address of the disk as the source host reaches it.
+    pub nbd_from_src: String,
+    /// NBD address of the disk as the destination host reaches it.
+    pub nbd_from_dst: String,
+    /// The VM's address on the client bridge.
+    pub vm_ip: String,
+    /// This run's copy of the disk image.
+    pub disk: PathBuf,
+    /// Initramfs with this build's guest agent appended.
+    pub initrd: PathBuf,
+    nbd: Child,
+}
+
+impl DbBed {
+    /// Makes the hosts, links (migration `link_mbit`, storage `storage_mbit`),
+    /// bridges, and serves a fresh copy of `guest`'s disk.
+    pub fn new(guest: &MariadbGuest, link_mbit: u32, storage_mbit: u32) -> Result<Self> {
+        let tb = Testbed::new(link_mbit)?;
+        let tag = tb.tag.clone();
+        let n: u32 = tag.trim_start_matches("dbm").parse().unwrap_or(0);
+        let stor_ns = format!("{tag}t");
+        let cli_ns = format!("{tag}c");
+        sh(&["ip", "netns", "add", &stor_ns])?;
+        sh(&["ip", "netns", "add", &cli_ns])?;
+        sh(&["ip", "-n", &stor_ns, "link", "set", "lo", "up"])?;
+        sh(&["ip", "-n", &cli_ns, "link", "set", "lo", "up"])?;
+        // Storage links: src <-> stor (10.80.n.0/24), dst <-> stor (10.81.n.0/24).
+        for (host, net, a, b) in [
+            (&tb.src_ns, 80, format!("{tag}sa"), format!("{tag}sb")),
+            (&tb.dst_ns, 81, format!("{tag}da"), format!("{tag}db")),
+        ] {
+            sh(&["ip", "link", "add", &a, "type", "veth", "peer", "name", &b])?;
+            sh(&["ip", "link", "set", &a, "netns", host])?;
+            sh(&["ip", "link", "set", &b, "netns", &stor_ns])?;
+            for (ns, dev, ip) in [
+                (host, &a, format!("10.{net}.{n}.1/24")),
+                (&stor_ns, &b, format!("10.{net}.{n}.2/24")),
+            ] {
+                sh(&["ip", "-n", ns, "addr", "add", &ip, "dev", dev])?;
+                sh(&["ip", "-n", ns, "link", "set", dev, "up"])?;
+                let rate = format!("{storage_mbit}mbit");
+                sh(&[
+                    "ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", dev, "root", "tbf",
+                    "rate", &rate, "burst", "256kb", "latency", "50ms",
+                ])?;
+            }
+        }
+        // Client bridge: cli has br0 (10.78.n.100); each host has br0 joining
+        // a tap for its QEMU and a veth to the client's bridge.
+        sh(&["ip", "-n", &cli_ns, "link", "add", "br0", "type", "bridge"])?;
+        sh(&[
+            "ip",
+            "-n",
+            &cli_ns,
+            "addr",
+            "add",
+            &format!("10.78.{n}.100/24"),
+            "dev",
+            "br0",
+        ])?;
+        sh(&["ip", "-n", &cli_ns, "link", "set", "br0", "up"])?;
+        for (host, a, b) in [
+            (&tb.src_ns, format!("{tag}ca"), format!("{tag}cb")),
+            (&tb.dst_ns, format!("{tag}ea"), format!("{tag}eb")),
+        ] {
+            sh(&["ip", "link", "add", &a, "type", "veth", "peer", "name", &b])?;
+            sh(&["ip", "link", "set", &a, "netns", host])?;
+            sh(&["ip", "link", "set", &b, "netns", &cli_ns])?;
+            sh(&[
+                "ip", "-n", &cli_ns, "link", "set", &b, "master", "br0", "up",
+            ])?;
+            sh(&["ip", "-n", host, "link", "add", "br0", "type", "bridge"])?;
+            sh(&[
+                "ip", "-n", host, "tuntap", "add", "dev", "tap0", "mode", "tap",
+            ])?;
+            sh(&[
+                "ip", "-n", host, "link", "set", "tap0", "master", "br0", "up",
+            ])?;
+            sh(&["ip", "-n", host, "link", "set", &a, "master", "br0", "up"])?;
+            sh(&["ip", "-n", host, "link", "set", "br0", "up"])?;
+        }
+        // This run's disk and initramfs (the base one plus this build's agent).
+        let disk = tb.dir.join("disk.img");
+        sh(&[
+            "cp",
+            "--sparse=always",
+            &guest.image.to_string_lossy(),
+            &disk.to_string_lossy(),
+        ])?;
+        let initrd = tb.dir.join("initramfs.img");
+        let agent_dir = tb.dir.join("agent-cpio");
+        std::fs::create_dir_all(&agent_dir)?;
+        std::fs::copy(
+            bin_dir()?.join("dbmigrate-guest-agent"),
+            agent_dir.join("dbmigrate-guest-agent"),
+        )
+        .context("copying dbmigrate-guest-agent (build the workspace first)")?;
+        let cpio = Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "cd {} && echo dbmigrate-guest-agent | cpio -o -H newc --quiet | gzip -1 > ../agent.cpio.gz && cat {} ../agent.cpio.gz > {}",
+                agent_dir.display(),
+                guest.initrd.display(),
+                initrd.display()
+            ))
+            .status()?;
+        if !cpio.success() {
+            bail!("building the initramfs with the guest agent failed (is cpio installed?)");
+        }
+        let log = std::fs::File::create(tb.dir.join("qemu-nbd.log"))?;
+        let nbd = tb
+            .in_ns(&stor_ns, Path::new("qemu-nbd"))
+            .args([
+                "--persistent",
+                "--shared=32",
+                "-f",
+                "raw",
+                "-b",
+                "0.0.0.0",
+                "-p",
+                "10809",
+            ])
+            .arg(&disk)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .context("starting qemu-nbd (install qemu-utils)")?;
+        let bed = Self {
+            nbd_from_src: format!("nbd://10.80.{n}.2:10809"),
+            nbd_from_dst: format!("nbd://10.81.{n}.2:10809"),
+            vm_ip: format!("10.78.{n}.10"),
+            stor_ns,
+            cli_ns,
+            disk,
+            initrd,
+            nbd,
+            tb,
+        };
+        let t = Instant::now();
+        loop {
+            let probe = sh(&[
+                "ip",
+                "netns",
+                "exec",
+                &bed.tb.src_ns,
+                "bash",
+                "-c",
+                &format!("exec 3<>/dev/tcp/10.80.{n}.2/10809"),
+            ]);
+            if probe.is_ok() {
+                break;
+            }
+            if t.elapsed() > Duration::from_secs(10) {
+                bail!(
+                    "qemu-nbd did not start: {}",
+                    std::fs::read_to_string(bed.tb.dir.join("qemu-nbd.log")).unwrap_or_default()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Ok(bed)
+    }
+
+    /// Starts the MariaDB VM on the source (or, with `incoming`, the waiting
+    /// destination QEMU) with `ram_mib` of RAM and a `pool` buffer pool.
+    pub fn start_vm(
+        &self,
+        guest: &MariadbGuest,
+        on_src: bool,
+        incoming: bool,
+        ram_mib: u64,
+        pool: &str,
+    ) -> Result<Vm> {
+        let (ns, name, nbd) = if on_src {
+            (&self.tb.src_ns, "db-src", &self.nbd_from_src)
+        } else {
+            (&self.tb.dst_ns, "db-dst", &self.nbd_from_dst)
+        };
+        let hints = self.hints_socket(name);
+        let _ = std::fs::remove_file(&hints);
+        let extra: Vec<String> = [
+            "-drive",
+            &format!("file={nbd},format=raw,if=virtio,cache=none"),
+            "-netdev",
+            "tap,id=n0,ifname=tap0,script=no,downscript=no",
+            "-device",
+            "virtio-net-pci,netdev=n0,mac=52:54:00:db:00:10",
+            "-device",
+            "virtio-serial-pci",
+            "-chardev",
+            &format!("socket,id=h0,path={},server=on,wait=off", hints.display()),
+            "-device",
+            "virtserialport,chardev=h0,name=org.dbmigrate.hints",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let img = GuestImage {
+            kernel: guest.kernel.clone(),
+            initrd: self.initrd.clone(),
+        };
+        let o = VmOptions {
+            ram_mib,
+            preload: on_src,
+            incoming,
+            extra,
+            append: Some(format!(
+                "console=ttyS0 quiet dbm.ip={}/24 dbm.pool={pool}",
+                self.vm_ip
+            )),
+            smp: 1,
+            ..VmOptions::default()
+        };
+        Vm::start(&self.tb, ns, name, &img, &o)
+    }
+
+    /// The unix socket of a VM's hint port.
+    pub fn hints_socket(&self, vm_name: &str) -> PathBuf {
+        self.tb.dir.join(format!("{vm_name}.hints"))
+    }
+
+    /// A command run in the client namespace.
+    pub fn client(&self, program: &str) -> Command {
+        self.tb.in_ns(&self.cli_ns, Path::new(program))
+    }
+
+    /// sysbench `oltp_read_write` against the VM for `secs` seconds.
+    pub fn sysbench(&self, guest: &MariadbGuest, threads: u32, secs: u32) -> Command {
+        let mut c = self.client("sysbench");
+        c.args(["oltp_read_write", "--db-driver=mysql"])
+            .arg(format!("--mysql-host={}", self.vm_ip))
+            .args([
+                "--mysql-user=sbtest",
+                "--mysql-password=sbtest",
+                "--mysql-db=sbtest",
+            ])
+            .arg(format!("--tables={}", guest.tables))
+            .arg(format!("--table-size={}", guest.rows))
+            .arg(format!("--threads={threads}"))
+            .arg(format!("--time={secs}"))
+            .args(["--report-interval=1", "--percentile=99", "run"]);
+        c
+    }
+
+    /// Runs SQL in the VM from the client host (as the sysbench user).
+    pub fn sql(&self, query: &str) -> Result<String> {
+        let out = self
+            .client("mariadb")
+            .args([
+                "-N",
+                "-B",
+                "-h",
+                &self.vm_ip,
+                "-u",
+                "sbtest",
+                "-psbtest",
+                "sbtest",
+                "-e",
+                query,
+            ])
+            .output()
+            .context("running the mariadb client (install mariadb-client)")?;
+        if !out.status.success() {
+            bail!(
+                "SQL `{query}` failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+}
+
+impl Drop for DbBed {
+    fn drop(&mut self) {
+        let _ = self.nbd.kill();
+        let _ = self.nbd.wait();
     }
 }
