@@ -142,3 +142,145 @@ fn mariadb_under_sysbench_migrates_with_rebuild_from_shared_storage() {
     check_tables(&bed);
     drop(dst);
 }
+
+/// Stands between QEMU's hint socket and the host agent like a broken or
+/// hostile guest agent: shifts a third of the offsets, adds hints for pages
+/// that hold something else, and adds hints no host may follow.
+fn corrupting_relay(qemu_socket: &Path, listen: &Path) -> std::thread::JoinHandle<()> {
+    use dbmigrate_core::rebuild::{
+        decode_hints, encode_hints, parse_answer_header, HintAnswer, HINTS_HEADER_LEN,
+    };
+    use std::io::{Read, Write};
+    let _ = std::fs::remove_file(listen);
+    let listener = std::os::unix::net::UnixListener::bind(listen).unwrap();
+    let qemu_socket = qemu_socket.to_path_buf();
+    std::thread::spawn(move || {
+        let Ok((mut host, _)) = listener.accept() else {
+            return;
+        };
+        let mut guest = std::os::unix::net::UnixStream::connect(&qemu_socket).unwrap();
+        loop {
+            let mut req = [0u8; 8];
+            if host.read_exact(&mut req).is_err() || guest.write_all(&req).is_err() {
+                return;
+            }
+            let mut head = [0u8; HINTS_HEADER_LEN];
+            if guest.read_exact(&mut head).is_err() {
+                return;
+            }
+            let (body, tag) = match parse_answer_header(&head).unwrap() {
+                HintAnswer::Hints { body, tag } => (body, tag),
+                HintAnswer::Error { len, .. } => (len, u32::MAX),
+            };
+            let mut rest = vec![0u8; body];
+            guest.read_exact(&mut rest).unwrap();
+            if tag == u32::MAX {
+                let _ = host.write_all(&head).and_then(|_| host.write_all(&rest));
+                continue;
+            }
+            let mut set = head.to_vec();
+            set.extend_from_slice(&rest);
+            let mut hints = decode_hints(&set).unwrap();
+            let real = hints.clone();
+            for (i, h) in hints.iter_mut().enumerate() {
+                if i % 3 == 0 {
+                    h.disk_offset += 16384;
+                }
+            }
+            // Valid-looking hints for pages that are not those blocks.
+            for (i, h) in real.iter().enumerate().take(2000) {
+                let mut w = *h;
+                w.gpa = (4096 * 977 * (i as u64 + 1)) % (1 << 30);
+                hints.push(w);
+            }
+            // Hints no host may follow: off the disk, misaligned, foreign disk.
+            // (Spread over many pages: a 4 KiB piece of a buffer-pool page
+            // can be all zeros, and zero pages never need a hint.)
+            for (i, h) in real.iter().enumerate().skip(1).step_by(7).take(90) {
+                let mut w = *h;
+                match i % 3 {
+                    0 => w.disk_offset = 1 << 50,
+                    1 => w.disk_offset += 100,
+                    _ => w.disk = 7,
+                }
+                hints.push(w);
+            }
+            if host.write_all(&encode_hints(&hints, tag)).is_err() {
+                return;
+            }
+        }
+    })
+}
+
+#[test]
+fn wrong_and_hostile_hints_cost_resends_never_correctness() {
+    let guest = mariadb_guest(TABLES, ROWS).unwrap();
+    let bed = DbBed::new(&guest, 1000, 1000).unwrap();
+    let (mut src, dst) = boot(&bed, &guest);
+    let dir = bed.tb.dir.clone();
+    let relay_path = dir.join("relay.hints");
+    let _relay = corrupting_relay(&bed.hints_socket("db-src"), &relay_path);
+
+    let mut recv = bed.tb.receive_cmd(&dst).unwrap();
+    recv.args(["--storage", &bed.nbd_from_dst]);
+    let recv = spawn_logged(recv, &dir.join("receive.log"));
+    let sb_log = dir.join("sysbench.log");
+    let mut sysbench = spawn_logged(bed.sysbench(&guest, 2, 40), &sb_log);
+    std::thread::sleep(Duration::from_secs(8));
+    let report_path = dir.join("report.json");
+    let mut mig = bed.tb.migrate_cmd(&src, &report_path).unwrap();
+    mig.args(["--guest-hints"])
+        .arg(&relay_path)
+        .args(["--progress", "never"]);
+    let out = mig.output().unwrap();
+    let recv_out = recv.wait_with_output().unwrap();
+    let recv_log = std::fs::read_to_string(dir.join("receive.log")).unwrap_or_default();
+    assert!(
+        out.status.success(),
+        "migrate failed: {}\nreceive: {recv_log}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(recv_out.status.success(), "receive failed: {recv_log}");
+    let report: Value = serde_json::from_slice(&std::fs::read(&report_path).unwrap()).unwrap();
+    eprintln!("pages {}, hints {}", report["pages"], report["hints"]);
+    // Byte-exact anyway: full-RAM digests matched at switchover.
+    assert_eq!(report["ram_verified"], Value::Bool(true), "{report:#}");
+    let mismatches = report["pages"]["rebuild_mismatch"].as_u64().unwrap();
+    assert!(
+        mismatches >= 500,
+        "wrong hints were not caught as mismatches: {report:#}"
+    );
+    let rejected: u64 = report["stats"]["rounds"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["rejected_hints"].as_u64().unwrap_or(0))
+        .sum();
+    // Off-disk and misaligned hints are rejected when their page is sent,
+    // foreign-disk ones as soon as they arrive.
+    let dropped = report["hints"]["dropped"].as_u64().unwrap();
+    assert!(
+        rejected >= 10,
+        "off-disk or misaligned hints were followed: {report:#}"
+    );
+    assert!(
+        dropped >= 20,
+        "foreign-disk hints were not dropped: {report:#}"
+    );
+    // The right ones still rebuilt pages.
+    assert!(
+        report["pages"]["rebuilt"].as_u64().unwrap() > 100,
+        "{report:#}"
+    );
+    assert!(
+        src.wait_exit(Duration::from_secs(20)),
+        "source QEMU still running"
+    );
+    let status = sysbench.wait().unwrap();
+    let log = std::fs::read_to_string(&sb_log).unwrap();
+    let (errors, finished) = sysbench_result(&log);
+    assert!(status.success() && finished, "sysbench failed:\n{log}");
+    assert_eq!(errors, Some(0), "sysbench saw errors:\n{log}");
+    check_tables(&bed);
+    drop(dst);
+}
