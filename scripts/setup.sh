@@ -18,6 +18,11 @@ have gcc || need+=(gcc libc6-dev)
 have mariadbd || [ -x /usr/sbin/mariadbd ] || need+=(mariadb-server)
 have mkfs.ext4 || [ -x /sbin/mkfs.ext4 ] || need+=(e2fsprogs)
 have losetup || need+=(mount)
+have qemu-nbd || need+=(qemu-utils)
+have sysbench || need+=(sysbench)
+have mmdebstrap || need+=(mmdebstrap)
+have mariadb || need+=(mariadb-client)
+have xz || need+=(xz-utils)
 
 if [ "$(id -u)" != 0 ]; then
   echo "setup.sh: run as root (network namespaces, tc and QEMU's page tracking need it)" >&2
@@ -34,4 +39,6 @@ if ! have cargo; then
 fi
 # The kernel must offer userfaultfd write-protect (Linux 6.7+) or soft-dirty.
 bash "$(dirname "$0")/../guest/build-dirtier-guest.sh" >/dev/null
+# The MariaDB guest and the small data set its tests use.
+bash "$(dirname "$0")/../guest/prepare-mariadb-data.sh" --tables 4 --rows 10000 >/dev/null
 echo "setup.sh: ready" >&2

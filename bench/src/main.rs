@@ -7,6 +7,8 @@
 //! another full verification pass on the destination, and the errors it
 //! finds are reported (`workload.errors`).
 
+mod db;
+
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -46,6 +48,52 @@ enum Cmd {
         /// Downtime target for every method, ms.
         #[arg(long, default_value_t = 300)]
         downtime_ms: u64,
+        /// Give up on a method after this many seconds (reported as not completed).
+        #[arg(long, default_value_t = 60)]
+        timeout_s: u64,
+        /// Methods, comma separated.
+        #[arg(
+            long,
+            default_value = "qemu-precopy,qemu-postcopy,dbmigrate-precopy",
+            value_delimiter = ','
+        )]
+        methods: Vec<String>,
+        /// Report path (default bench/results/<scenario>.json).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Compare migration methods on the MariaDB VM under sysbench oltp_read_write.
+    CompareDb {
+        /// Scenario name (report `scenario`, default file name).
+        #[arg(long, default_value = "mariadb-sysbench")]
+        scenario: String,
+        /// Guest RAM in MiB.
+        #[arg(long, default_value_t = 2048)]
+        ram_mib: u64,
+        /// InnoDB buffer pool size (the data set should exceed it).
+        #[arg(long, default_value = "1280M")]
+        pool: String,
+        /// sysbench tables.
+        #[arg(long, default_value_t = 8)]
+        tables: u32,
+        /// Rows per table.
+        #[arg(long, default_value_t = 800_000)]
+        rows: u32,
+        /// sysbench threads.
+        #[arg(long, default_value_t = 2)]
+        threads: u32,
+        /// Migration link shaping, Mbit/s.
+        #[arg(long, default_value_t = 1000)]
+        link_mbit: u32,
+        /// Shared-storage links shaping, Mbit/s.
+        #[arg(long, default_value_t = 10_000)]
+        storage_mbit: u32,
+        /// Downtime target for every method, ms.
+        #[arg(long, default_value_t = 300)]
+        downtime_ms: u64,
+        /// Seconds of load before the migration starts.
+        #[arg(long, default_value_t = 15)]
+        warmup_s: u64,
         /// Give up on a method after this many seconds (reported as not completed).
         #[arg(long, default_value_t = 60)]
         timeout_s: u64,
@@ -118,6 +166,38 @@ struct Setup<'a> {
 fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
+        Cmd::CompareDb {
+            scenario,
+            ram_mib,
+            pool,
+            tables,
+            rows,
+            threads,
+            link_mbit,
+            storage_mbit,
+            downtime_ms,
+            warmup_s,
+            timeout_s,
+            methods,
+            out,
+        } => compare_db(
+            scenario,
+            db::DbSetup {
+                ram_mib,
+                pool,
+                tables,
+                rows,
+                threads,
+                link_mbit,
+                storage_mbit,
+                downtime_ms,
+                warmup_s,
+                timeout: Duration::from_secs(timeout_s),
+                after_s: 10,
+            },
+            methods,
+            out,
+        ),
         Cmd::Compare {
             scenario,
             ram_mib,
@@ -178,6 +258,75 @@ fn main() -> Result<()> {
             print_table(&report);
             eprintln!("report: {}", path.display());
             Ok(())
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn compare_db(
+    scenario: String,
+    setup: db::DbSetup,
+    methods: Vec<String>,
+    out: Option<PathBuf>,
+) -> Result<()> {
+    for m in &methods {
+        if !["qemu-precopy", "qemu-postcopy", "dbmigrate-precopy"].contains(&m.as_str()) {
+            bail!("unknown method `{m}`: use qemu-precopy, qemu-postcopy, dbmigrate-precopy");
+        }
+    }
+    let (runs, guest) = db::compare(&setup, &methods)?;
+    let report = Report {
+        scenario: scenario.clone(),
+        link_mbit: setup.link_mbit,
+        storage_mbit: Some(setup.storage_mbit),
+        vm: json!({
+            "ram_mib": setup.ram_mib,
+            "vcpus": 1,
+            "workload": format!(
+                "MariaDB, buffer pool {}, sysbench oltp_read_write {} tables x {} rows, {} threads",
+                setup.pool, guest.tables, guest.rows, setup.threads
+            ),
+        }),
+        runs,
+    };
+    let path = out.unwrap_or_else(|| dbmigrate_testbed::repo_root().join(format!("bench/results/{scenario}.json")));
+    std::fs::write(&path, serde_json::to_string_pretty(&report)? + "\n")
+        .with_context(|| format!("writing {}", path.display()))?;
+    print_db_table(&report);
+    eprintln!("report: {}", path.display());
+    Ok(())
+}
+
+fn print_db_table(r: &Report) {
+    println!(
+        "\n{} — {} MiB guest, {} Mbit/s migration link, {:?} Mbit/s storage links\n",
+        r.scenario, r.vm["ram_mib"], r.link_mbit, r.storage_mbit
+    );
+    println!("| method | completed | total (ms) | downtime (ms) | link MB | storage MB | rebuilt pages | mismatches | tps before | tps during | p99 during (ms) | sysbench errors | tables after |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    let opt = |v: Option<u64>| v.map_or("-".to_string(), |v| v.to_string());
+    let f = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.1}"));
+    for run in &r.runs {
+        println!(
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            run.method,
+            run.completed,
+            opt(run.total_ms),
+            opt(run.downtime_ms),
+            run.link_bytes / 1_000_000,
+            run.storage_bytes / 1_000_000,
+            run.pages.rebuilt,
+            run.pages.rebuild_mismatch,
+            f(run.workload.tps_before),
+            f(run.workload.tps_during),
+            f(run.workload.p99_ms_during),
+            opt(run.workload.errors),
+            run.guest_verified_after.map_or("n/a".into(), |b| if b { "OK".to_string() } else { "CORRUPT".to_string() })
+        );
+    }
+    for run in &r.runs {
+        if let Some(b) = run.detail["physical_bound_ms"].as_f64() {
+            println!("\nphysical bound for {} (design §6): {b:.0} ms", run.method);
         }
     }
 }

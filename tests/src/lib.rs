@@ -798,6 +798,20 @@ impl DbBed {
         ram_mib: u64,
         pool: &str,
     ) -> Result<Vm> {
+        self.start_vm_with(guest, on_src, incoming, ram_mib, pool, on_src)
+    }
+
+    /// [`DbBed::start_vm`], choosing whether QEMU loads the preload library
+    /// (QEMU's own migration does not need it).
+    pub fn start_vm_with(
+        &self,
+        guest: &MariadbGuest,
+        on_src: bool,
+        incoming: bool,
+        ram_mib: u64,
+        pool: &str,
+        preload: bool,
+    ) -> Result<Vm> {
         let (ns, name, nbd) = if on_src {
             (&self.tb.src_ns, "db-src", &self.nbd_from_src)
         } else {
@@ -828,7 +842,7 @@ impl DbBed {
         };
         let o = VmOptions {
             ram_mib,
-            preload: on_src,
+            preload,
             incoming,
             extra,
             append: Some(format!(
