@@ -77,6 +77,10 @@ pub struct CollectStats {
     pub ambiguous: u64,
     /// Hints exported.
     pub hints: u64,
+    /// Time spent in SQL, ms.
+    pub sql_ms: u64,
+    /// Time spent scanning the buffer pool and mapping files, ms.
+    pub scan_ms: u64,
 }
 
 /// Hints plus, for checking, where each hinted 4 KiB is in the server's memory.
@@ -104,6 +108,7 @@ const SERVER_SQL: &str = include_str!("../../sql/server.sql");
 /// Collects hints for every clean buffer-pool frame of the server.
 pub async fn collect(conn: &mut mysql_async::Conn, cfg: &Config) -> Result<Collected, AgentError> {
     let sql = |what| move |source| AgentError::Sql { what, source };
+    let sql_started = std::time::Instant::now();
     let (page_size, datadir, pool): (u64, String, u64) = conn
         .query_first(SERVER_SQL)
         .await
@@ -134,6 +139,7 @@ pub async fn collect(conn: &mut mysql_async::Conn, cfg: &Config) -> Result<Colle
             (space, p)
         })
         .collect();
+    let sql_ms = u64::try_from(sql_started.elapsed().as_millis()).unwrap_or(u64::MAX);
     let pid = match cfg.pid {
         Some(p) => p,
         None => procmem::find_server()
@@ -172,28 +178,39 @@ pub async fn collect(conn: &mut mysql_async::Conn, cfg: &Config) -> Result<Colle
     let mut owner: Vec<(u32, u32)> = Vec::new();
     let frame_len = usize::try_from(page_size).unwrap_or(16384).max(4096);
     let sub_pages = frame_len / 4096;
-    const WINDOW: u64 = 1 << 20;
-    let mut buf = vec![0u8; usize::try_from(WINDOW).expect("1 MiB")];
+    // Pagemap first: only frames resident in full are read, and of those
+    // only the header and trailer, in batches (a whole 1 GiB pool is a few
+    // MB of reads instead of 1 GiB).
+    const WINDOW: u64 = 64 << 20;
+    let piece = innodb::HEAD_LEN + innodb::TAIL_LEN;
+    let scan_started = std::time::Instant::now();
     for (start, end) in candidates {
         let mut at = start.next_multiple_of(page_size);
         while at + page_size <= end {
             let len = (end - at).min(WINDOW) / page_size * page_size;
             let n = usize::try_from(len).expect("at most a window");
-            let Ok(pfns) = mem.frames(at, n / 4096) else {
-                break;
-            };
-            // Skip windows with nothing resident without reading them.
-            if pfns.iter().all(Option::is_none) || mem.read(at, &mut buf[..n]).is_err() {
-                at += len;
-                continue;
+            let Ok(pfns) = mem.frames(at, n / 4096) else { break };
+            let mut idx = Vec::new();
+            let mut pieces = Vec::new();
+            for f in 0..n / frame_len {
+                if pfns[f * sub_pages..(f + 1) * sub_pages].iter().all(Option::is_some) {
+                    let base = at + (f * frame_len) as u64;
+                    idx.push(f);
+                    pieces.push((base, innodb::HEAD_LEN));
+                    pieces.push((base + (frame_len - innodb::TAIL_LEN) as u64, innodb::TAIL_LEN));
+                }
             }
-            for (f, frame) in buf[..n].chunks_exact(frame_len).enumerate() {
-                let fp = &pfns[f * sub_pages..(f + 1) * sub_pages];
-                if fp.iter().any(Option::is_none) {
+            out.stats.frames += idx.len() as u64;
+            let mut buf = vec![0u8; idx.len() * piece];
+            let ok = sys::read_pieces(pid, &pieces, &mut buf)
+                .map_err(|source| AgentError::Proc { pid, doing: "read the buffer pool", source })?;
+            for (k, &f) in idx.iter().enumerate() {
+                if !(ok[2 * k] && ok[2 * k + 1]) {
                     continue;
                 }
-                out.stats.frames += 1;
-                let Some(h) = innodb::parse(frame) else {
+                let o = k * piece;
+                let Some(h) = innodb::parse_parts(&buf[o..o + innodb::HEAD_LEN], &buf[o + innodb::HEAD_LEN..o + piece])
+                else {
                     continue;
                 };
                 out.stats.valid_headers += 1;
@@ -209,9 +226,7 @@ pub async fn collect(conn: &mut mysql_async::Conn, cfg: &Config) -> Result<Colle
                     Some(false) => {}
                 }
                 let place = placed.entry(h.space).or_insert_with(|| {
-                    files
-                        .get(&h.space)
-                        .and_then(|f| disks.place(f).ok().flatten())
+                    files.get(&h.space).and_then(|f| disks.place(f).ok().flatten())
                 });
                 let Some(place) = place else {
                     out.stats.no_disk += 1;
@@ -219,14 +234,16 @@ pub async fn collect(conn: &mut mysql_async::Conn, cfg: &Config) -> Result<Colle
                 };
                 *claims.entry((h.space, h.page)).or_default() += 1;
                 let vaddr = at + (f * frame_len) as u64;
+                let fp = &pfns[f * sub_pages..(f + 1) * sub_pages];
                 for (i, pfn) in fp.iter().enumerate() {
                     let file_off = u64::from(h.page) * page_size + (i * 4096) as u64;
                     let Some(dev_off) = disk::map_range(&place.extents, file_off, 4096) else {
                         out.stats.unmapped += 1;
                         continue;
                     };
+                    let Some(pfn) = pfn else { continue };
                     out.hints.push(GuestHint {
-                        gpa: pfn.expect("checked present") * 4096,
+                        gpa: pfn * 4096,
                         disk: place.disk,
                         clean: true,
                         disk_offset: place.base + dev_off,
@@ -241,6 +258,8 @@ pub async fn collect(conn: &mut mysql_async::Conn, cfg: &Config) -> Result<Colle
             at += len;
         }
     }
+    out.stats.scan_ms = u64::try_from(scan_started.elapsed().as_millis()).unwrap_or(u64::MAX);
+    out.stats.sql_ms = sql_ms;
     out.stats.ambiguous = claims
         .values()
         .filter(|&&n| n > 1)

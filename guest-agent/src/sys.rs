@@ -70,3 +70,71 @@ pub fn extents(file: &File) -> io::Result<Vec<Extent>> {
         }
     }
 }
+
+/// Most pieces per `process_vm_readv` call (the kernel's `UIO_MAXIOV`).
+const MAX_IOV: usize = 1024;
+
+/// Reads `pieces` (remote address, length) of process `pid` into `out`, one
+/// after another, in as few system calls as possible. Returns, per piece,
+/// whether it was read (a piece the process unmapped meanwhile is not).
+pub fn read_pieces(pid: u32, pieces: &[(u64, usize)], out: &mut [u8]) -> io::Result<Vec<bool>> {
+    let total: usize = pieces.iter().map(|p| p.1).sum();
+    if out.len() < total {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "output buffer too small"));
+    }
+    let pid = libc::pid_t::try_from(pid).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    let mut ok = vec![false; pieces.len()];
+    let mut i = 0;
+    let mut at = 0;
+    while i < pieces.len() {
+        let n = (pieces.len() - i).min(MAX_IOV);
+        let mut local = Vec::with_capacity(n);
+        let mut remote = Vec::with_capacity(n);
+        let mut off = at;
+        for &(addr, len) in &pieces[i..i + n] {
+            let addr = usize::try_from(addr).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+            local.push(libc::iovec {
+                iov_base: out[off..].as_mut_ptr().cast(),
+                iov_len: len,
+            });
+            remote.push(libc::iovec {
+                iov_base: addr as *mut libc::c_void,
+                iov_len: len,
+            });
+            off += len;
+        }
+        // SAFETY: every local iovec points into `out` (bounds checked by the
+        // slicing above and the total length check) and stays valid for the
+        // call; the remote iovecs are only addresses in the other process,
+        // which the kernel checks; n <= UIO_MAXIOV.
+        let r = unsafe {
+            libc::process_vm_readv(pid, local.as_ptr(), n as libc::c_ulong, remote.as_ptr(), n as libc::c_ulong, 0)
+        };
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::EFAULT) {
+                // The first piece is unreadable: skip it and go on.
+                at += pieces[i].1;
+                i += 1;
+                continue;
+            }
+            return Err(e);
+        }
+        // Pieces are filled in order; a short read stops at an unreadable one.
+        let mut got = usize::try_from(r).unwrap_or(0);
+        let mut done = 0;
+        while done < n && got >= pieces[i + done].1 {
+            got -= pieces[i + done].1;
+            ok[i + done] = true;
+            at += pieces[i + done].1;
+            done += 1;
+        }
+        if done < n {
+            // Skip the piece that stopped the read.
+            at += pieces[i + done].1;
+            done += 1;
+        }
+        i += done;
+    }
+    Ok(ok)
+}
