@@ -57,8 +57,9 @@ for d in /sys/class/virtio-ports/*; do
   [ -e "$d/name" ] && [ "$(cat "$d/name")" = org.dbmigrate.hints ] && port=/dev/${d##*/}
 done
 if [ -x /run/dbmigrate/dbmigrate-guest-agent ] && [ -n "$port" ]; then
+  # Collection summaries (DBM-AGENT lines) on the console, logs in /run.
   /run/dbmigrate/dbmigrate-guest-agent serve --port "$port" --disk /dev/vda \
-    >/run/dbmigrate/agent.log 2>&1 &
+    >/dev/console 2>/run/dbmigrate/agent.log &
   echo "DBM-READY agent $port"
 else
   echo "DBM-NOAGENT (port '$port')"

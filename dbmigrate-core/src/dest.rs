@@ -239,8 +239,10 @@ fn storage_worker(
     results: mpsc::Sender<ApplyInput>,
     bytes: Arc<AtomicU64>,
 ) {
-    const GATHER: usize = 64;
-    const MAX_RUN: usize = 32;
+    // Large gathers let sorting find long runs: a warm buffer pool holds
+    // most pages of a table, which sit next to each other on disk.
+    const GATHER: usize = 2048;
+    const MAX_RUN: usize = 256;
     loop {
         let batch = {
             let Ok(rx) = requests.lock() else { return };

@@ -11,7 +11,7 @@
 pub mod disk;
 pub mod innodb;
 pub mod procmem;
-mod sys;
+pub mod sys;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -105,8 +105,26 @@ const BUFFER_PAGES_SQL: &str = include_str!("../../sql/buffer_pages.sql");
 const TABLESPACES_SQL: &str = include_str!("../../sql/tablespaces.sql");
 const SERVER_SQL: &str = include_str!("../../sql/server.sql");
 
-/// Collects hints for every clean buffer-pool frame of the server.
-pub async fn collect(conn: &mut mysql_async::Conn, cfg: &Config) -> Result<Collected, AgentError> {
+/// What the server says about its buffer pool and files: the SQL half of a
+/// collection. It may be older than the scan that uses it: a page loaded
+/// since is just not hinted, and a page modified since fails the header
+/// check or, at worst, the host's hash check.
+#[derive(Clone, Debug, Default)]
+pub struct ServerSnapshot {
+    /// `innodb_page_size`.
+    pub page_size: u64,
+    /// `innodb_buffer_pool_size`.
+    pub pool: u64,
+    /// Buffered pages and whether each is dirty.
+    pub listed: HashMap<(u32, u32), bool>,
+    /// File of each tablespace.
+    pub files: HashMap<u32, PathBuf>,
+    /// Time the queries took, ms.
+    pub sql_ms: u64,
+}
+
+/// Runs the queries in `sql/`.
+pub async fn query_server(conn: &mut mysql_async::Conn) -> Result<ServerSnapshot, AgentError> {
     let sql = |what| move |source| AgentError::Sql { what, source };
     let sql_started = std::time::Instant::now();
     let (page_size, datadir, pool): (u64, String, u64) = conn
@@ -139,7 +157,25 @@ pub async fn collect(conn: &mut mysql_async::Conn, cfg: &Config) -> Result<Colle
             (space, p)
         })
         .collect();
-    let sql_ms = u64::try_from(sql_started.elapsed().as_millis()).unwrap_or(u64::MAX);
+    Ok(ServerSnapshot {
+        page_size,
+        pool,
+        listed,
+        files,
+        sql_ms: u64::try_from(sql_started.elapsed().as_millis()).unwrap_or(u64::MAX),
+    })
+}
+
+/// Collects hints for every clean buffer-pool frame of the server.
+pub async fn collect(conn: &mut mysql_async::Conn, cfg: &Config) -> Result<Collected, AgentError> {
+    let snap = query_server(conn).await?;
+    scan(&snap, cfg)
+}
+
+/// The memory half of a collection: frames of the server's buffer pool
+/// checked against `snap`, mapped to disk and guest-physical pages.
+pub fn scan(snap: &ServerSnapshot, cfg: &Config) -> Result<Collected, AgentError> {
+    let (page_size, pool, listed, files, sql_ms) = (snap.page_size, snap.pool, &snap.listed, &snap.files, snap.sql_ms);
     let pid = match cfg.pid {
         Some(p) => p,
         None => procmem::find_server()

@@ -54,6 +54,16 @@ enum Command {
         /// Server pid (default: the process named mariadbd or mysqld).
         #[arg(long)]
         pid: Option<u32>,
+        /// Seconds between two background collections (answers are immediate,
+        /// from the newest one).
+        #[arg(long, default_value_t = 5.0)]
+        refresh_s: f64,
+        /// Seconds between two readings of the server's buffer-pool list.
+        #[arg(long, default_value_t = 60.0)]
+        sql_refresh_s: f64,
+        /// Nice value of the collector thread (it yields to the database).
+        #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(i32).range(0..=19))]
+        nice: i32,
     },
 }
 
@@ -87,13 +97,26 @@ fn run(cli: Cli) -> Result<()> {
             user,
             disks,
             pid,
+            refresh_s,
+            sql_refresh_s,
+            nice,
         } => {
-            return rt.block_on(serve(
+            let secs = |v: f64, flag: &str| {
+                if v.is_finite() && (0.1..=86_400.0).contains(&v) {
+                    Ok(std::time::Duration::from_secs_f64(v))
+                } else {
+                    Err(anyhow::anyhow!("{flag} must be between 0.1 and 86400 seconds"))
+                }
+            };
+            return serve(
                 port,
                 socket,
                 user,
                 guest_agent::Config { disks, pid },
-            ))
+                secs(refresh_s, "--refresh-s")?,
+                secs(sql_refresh_s, "--sql-refresh-s")?,
+                nice,
+            );
         }
     };
     let collected = rt.block_on(async {
@@ -138,33 +161,120 @@ async fn connect(socket: &std::path::Path, user: &str) -> Result<mysql_async::Co
         .with_context(|| format!("connecting to the server at {}", socket.display()))
 }
 
-/// Serves hint requests: each 8-byte request (magic, tag) gets one answer, a
-/// hint set or an error, tagged alike. The port reads as end-of-file while no
-/// host agent is connected, so reads are retried after a pause.
-async fn serve(
+/// The newest hint set the collector made, or why it could not make one.
+#[derive(Default)]
+struct Latest {
+    set: Option<std::sync::Arc<Vec<u8>>>,
+    error: Option<String>,
+}
+
+/// Collects hints in the background, at low priority, every `refresh`; the
+/// server's view (the SQL half) is renewed every `sql_refresh`. Runs on its
+/// own thread so that answering the host never waits for a collection.
+fn collector(
+    shared: std::sync::Arc<(std::sync::Mutex<Latest>, std::sync::Condvar)>,
+    socket: PathBuf,
+    user: String,
+    cfg: guest_agent::Config,
+    refresh: std::time::Duration,
+    sql_refresh: std::time::Duration,
+    nice: i32,
+) {
+    use dbmigrate_core::rebuild::encode_hints;
+    if let Err(e) = guest_agent::sys::nice_this_thread(nice) {
+        tracing::warn!("cannot lower the collector's priority: {e}");
+    }
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            let (m, c) = &*shared;
+            if let Ok(mut l) = m.lock() {
+                l.error = Some(format!("cannot start the collector: {e}"));
+            }
+            c.notify_all();
+            return;
+        }
+    };
+    let mut conn: Option<mysql_async::Conn> = None;
+    let mut snap: Option<(std::time::Instant, guest_agent::ServerSnapshot)> = None;
+    loop {
+        let started = std::time::Instant::now();
+        let result = rt.block_on(async {
+            if snap.as_ref().is_none_or(|(t, _)| t.elapsed() >= sql_refresh) {
+                if conn.is_none() {
+                    conn = Some(connect(&socket, &user).await?);
+                }
+                let c = conn.as_mut().expect("connected above");
+                match guest_agent::query_server(c).await {
+                    Ok(s) => snap = Some((std::time::Instant::now(), s)),
+                    Err(e) => {
+                        conn = None;
+                        return Err(anyhow::Error::new(e));
+                    }
+                }
+            }
+            let s = &snap.as_ref().expect("queried above").1;
+            Ok(guest_agent::scan(s, &cfg)?)
+        });
+        let (m, c) = &*shared;
+        match result {
+            Ok(col) => {
+                let ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+                tracing::info!(ms, stats = ?col.stats, "hints collected");
+                println!("DBM-AGENT collected ms={ms} {}", serde_json::to_string(&col.stats).unwrap_or_default());
+                let set = std::sync::Arc::new(encode_hints(&col.hints, 0));
+                if let Ok(mut l) = m.lock() {
+                    l.set = Some(set);
+                    l.error = None;
+                }
+            }
+            Err(e) => {
+                tracing::warn!("collecting hints failed: {e:#}");
+                if let Ok(mut l) = m.lock() {
+                    l.error = Some(format!("{e:#}"));
+                }
+            }
+        }
+        c.notify_all();
+        std::thread::sleep(refresh);
+    }
+}
+
+/// Serves hint requests: each 8-byte request (magic, tag) is answered at
+/// once with the newest hint set (or the reason there is none), tagged
+/// alike. The port reads as end-of-file while no host agent is connected, so
+/// reads are retried after a pause.
+#[allow(clippy::too_many_arguments)]
+fn serve(
     port: PathBuf,
     socket: PathBuf,
     user: String,
     cfg: guest_agent::Config,
+    refresh: std::time::Duration,
+    sql_refresh: std::time::Duration,
+    nice: i32,
 ) -> Result<()> {
-    use dbmigrate_core::rebuild::{encode_hint_error, encode_hints, parse_hint_request};
+    use dbmigrate_core::rebuild::{encode_hint_error, parse_hint_request};
     use std::io::Read;
     let mut dev = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .open(&port)
         .with_context(|| format!("opening the virtio-serial port {}", port.display()))?;
+    let shared = std::sync::Arc::new((std::sync::Mutex::new(Latest::default()), std::sync::Condvar::new()));
+    let bg = shared.clone();
+    std::thread::Builder::new()
+        .name("collector".into())
+        .spawn(move || collector(bg, socket, user, cfg, refresh, sql_refresh, nice))
+        .context("starting the collector thread")?;
     tracing::info!(port = %port.display(), "serving hint requests");
-    let mut conn: Option<mysql_async::Conn> = None;
     let mut req = [0u8; 8];
     let mut have = 0;
     loop {
-        let n = dev
-            .read(&mut req[have..])
-            .context("reading the virtio-serial port")?;
+        let n = dev.read(&mut req[have..]).context("reading the virtio-serial port")?;
         if n == 0 {
             have = 0;
-            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            std::thread::sleep(std::time::Duration::from_millis(200));
             continue;
         }
         have += n;
@@ -176,33 +286,26 @@ async fn serve(
             tracing::warn!("ignoring a malformed request");
             continue;
         };
-        let started = std::time::Instant::now();
-        if conn.is_none() {
-            conn = connect(&socket, &user)
-                .await
-                .map_err(|e| tracing::warn!("{e:#}"))
-                .ok();
+        // Before the first collection finishes, wait for it (bounded).
+        let (m, c) = &*shared;
+        let mut l = m.lock().map_err(|_| anyhow::anyhow!("collector state poisoned"))?;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+        while l.set.is_none() && l.error.is_none() && std::time::Instant::now() < deadline {
+            l = c
+                .wait_timeout(l, std::time::Duration::from_millis(500))
+                .map_err(|_| anyhow::anyhow!("collector state poisoned"))?
+                .0;
         }
-        let answer = match conn.as_mut() {
-            None => encode_hint_error(
-                tag,
-                &format!(
-                    "cannot connect to the database server at {}",
-                    socket.display()
-                ),
-            ),
-            Some(c) => match guest_agent::collect(c, &cfg).await {
-                Ok(col) => {
-                    tracing::info!(tag, ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX), stats = ?col.stats, "hints collected");
-                    encode_hints(&col.hints, tag)
-                }
-                Err(e) => {
-                    conn = None;
-                    encode_hint_error(tag, &format!("{e:#}"))
-                }
-            },
+        let answer = match (&l.set, &l.error) {
+            (Some(set), _) => {
+                let mut b = set.as_ref().clone();
+                b[12..16].copy_from_slice(&tag.to_le_bytes());
+                b
+            }
+            (None, Some(e)) => encode_hint_error(tag, e),
+            (None, None) => encode_hint_error(tag, "the first collection is still running"),
         };
-        dev.write_all(&answer)
-            .context("writing to the virtio-serial port")?;
+        drop(l);
+        dev.write_all(&answer).context("writing to the virtio-serial port")?;
     }
 }

@@ -74,7 +74,7 @@ enum Command {
         #[arg(long)]
         guest_hints: Option<PathBuf>,
         /// How often to refresh the hints during pre-copy, in milliseconds.
-        #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(50..=600_000))]
+        #[arg(long, default_value_t = 5000, value_parser = clap::value_parser!(u64).range(50..=600_000))]
         hints_refresh_ms: u64,
     },
     /// Receive a VM into a QEMU started with `-S -incoming defer` (run on the destination host).
