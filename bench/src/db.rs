@@ -68,11 +68,22 @@ pub fn parse_errors(log: &str) -> Option<u64> {
 /// Throughput before and during `[from, to)` seconds, and the highest per-second p99 during it (pure).
 pub fn window(secs: &[Second], from: f64, to: f64) -> (Option<f64>, Option<f64>, Option<f64>) {
     let mean = |v: Vec<f64>| (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64);
-    let before = mean(secs.iter().filter(|s| s.t <= from && s.t > from - 10.0).map(|s| s.tps).collect());
+    let before = mean(
+        secs.iter()
+            .filter(|s| s.t <= from && s.t > from - 10.0)
+            .map(|s| s.tps)
+            .collect(),
+    );
     // A second that overlaps the window counts as during.
-    let during: Vec<&Second> = secs.iter().filter(|s| s.t > from && s.t < to + 1.0).collect();
+    let during: Vec<&Second> = secs
+        .iter()
+        .filter(|s| s.t > from && s.t < to + 1.0)
+        .collect();
     let tps = mean(during.iter().map(|s| s.tps).collect());
-    let p99 = during.iter().map(|s| s.p99_ms).fold(None, |m: Option<f64>, v| Some(m.map_or(v, |m| m.max(v))));
+    let p99 = during
+        .iter()
+        .map(|s| s.p99_ms)
+        .fold(None, |m: Option<f64>, v| Some(m.map_or(v, |m| m.max(v))));
     (before, tps, p99)
 }
 
@@ -129,7 +140,10 @@ fn run_one(s: &DbSetup, guest: &MariadbGuest, bed: &DbBed, method: &str) -> Resu
     let dir = bed.tb.dir.clone();
     let sb_log = dir.join("sysbench.log");
     let sb_secs = s.warmup_s + s.timeout.as_secs() + s.after_s;
-    let mut sysbench = spawn_to(bed.sysbench(guest, s.threads, u32::try_from(sb_secs).unwrap_or(600)), &sb_log)?;
+    let mut sysbench = spawn_to(
+        bed.sysbench(guest, s.threads, u32::try_from(sb_secs).unwrap_or(600)),
+        &sb_log,
+    )?;
     let sb_start = Instant::now();
     std::thread::sleep(Duration::from_secs(s.warmup_s));
     let mig_from = sb_start.elapsed().as_secs_f64();
@@ -138,12 +152,21 @@ fn run_one(s: &DbSetup, guest: &MariadbGuest, bed: &DbBed, method: &str) -> Resu
         let recv_log = dir.join("receive.log");
         let mut recv = bed.tb.receive_cmd(&dst)?;
         recv.args(["--storage", &bed.nbd_from_dst]);
-        let recv = recv.stdout(Stdio::piped()).stderr(std::fs::File::create(&recv_log)?).spawn()?;
+        let recv = recv
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&recv_log)?)
+            .spawn()?;
         let report_path = dir.join("dbmigrate-report.json");
         let out = bed
             .tb
             .migrate_cmd(&src, &report_path)?
-            .args(["--downtime-ms", &s.downtime_ms.to_string(), "--progress", "never", "--guest-hints"])
+            .args([
+                "--downtime-ms",
+                &s.downtime_ms.to_string(),
+                "--progress",
+                "never",
+                "--guest-hints",
+            ])
             .arg(bed.hints_socket("db-src"))
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
@@ -170,7 +193,8 @@ fn run_one(s: &DbSetup, guest: &MariadbGuest, bed: &DbBed, method: &str) -> Resu
         let rebuildable = first["ref_pages"].as_u64().unwrap_or(0) * 4096;
         let link_bps = f64::from(s.link_mbit) * 1e6 / 8.0;
         let stor_bps = f64::from(s.storage_mbit) * 1e6 / 8.0;
-        let bound_ms = (nonrebuildable as f64 / link_bps).max(rebuildable as f64 / stor_bps) * 1000.0;
+        let bound_ms =
+            (nonrebuildable as f64 / link_bps).max(rebuildable as f64 / stor_bps) * 1000.0;
         run.detail = json!({
             "physical_bound_ms": bound_ms.round(),
             "nonrebuildable_first_pass_bytes": nonrebuildable,
@@ -237,19 +261,35 @@ fn run_one(s: &DbSetup, guest: &MariadbGuest, bed: &DbBed, method: &str) -> Resu
         });
     }
     let mig_to = sb_start.elapsed().as_secs_f64();
+    let agent: Vec<String> = src
+        .console()
+        .lines()
+        .filter(|l| l.contains("DBM-AGENT"))
+        .map(str::to_string)
+        .collect();
+    if let Some(d) = run.detail.as_object_mut() {
+        d.insert("guest_agent".into(), json!(agent));
+    }
     let status = sysbench.wait()?;
     let log = std::fs::read_to_string(&sb_log).unwrap_or_default();
     let secs = parse_seconds(&log);
     let (tps_before, tps_during, p99) = window(&secs, mig_from, mig_to);
     let errors = parse_errors(&log);
     run.workload = Workload {
-        errors: if status.success() { errors } else { Some(errors.unwrap_or(0).max(1)) },
+        errors: if status.success() {
+            errors
+        } else {
+            Some(errors.unwrap_or(0).max(1))
+        },
         tps_before,
         tps_during,
         p99_ms_during: p99,
     };
     if !status.success() {
-        eprintln!("   sysbench failed: {}", log.lines().rev().take(5).collect::<Vec<_>>().join(" | "));
+        eprintln!(
+            "   sysbench failed: {}",
+            log.lines().rev().take(5).collect::<Vec<_>>().join(" | ")
+        );
     }
     // After the run the tables must still be consistent on the destination.
     if run.completed {
@@ -287,7 +327,14 @@ mod tests {
 ";
         let s = parse_seconds(log);
         assert_eq!(s.len(), 4);
-        assert_eq!(s[0], Second { t: 1.0, tps: 27.96, p99_ms: 110.66 });
+        assert_eq!(
+            s[0],
+            Second {
+                t: 1.0,
+                tps: 27.96,
+                p99_ms: 110.66
+            }
+        );
         assert_eq!(parse_errors(log), Some(3));
         let (b, d, p) = window(&s, 2.0, 3.5);
         assert_eq!(b, Some((27.96 + 30.0) / 2.0));

@@ -289,7 +289,9 @@ fn compare_db(
         }),
         runs,
     };
-    let path = out.unwrap_or_else(|| dbmigrate_testbed::repo_root().join(format!("bench/results/{scenario}.json")));
+    let path = out.unwrap_or_else(|| {
+        dbmigrate_testbed::repo_root().join(format!("bench/results/{scenario}.json"))
+    });
     std::fs::write(&path, serde_json::to_string_pretty(&report)? + "\n")
         .with_context(|| format!("writing {}", path.display()))?;
     print_db_table(&report);
@@ -321,7 +323,11 @@ fn print_db_table(r: &Report) {
             f(run.workload.tps_during),
             f(run.workload.p99_ms_during),
             opt(run.workload.errors),
-            run.guest_verified_after.map_or("n/a".into(), |b| if b { "OK".to_string() } else { "CORRUPT".to_string() })
+            run.guest_verified_after.map_or("n/a".into(), |b| if b {
+                "OK".to_string()
+            } else {
+                "CORRUPT".to_string()
+            })
         );
     }
     for run in &r.runs {

@@ -29,7 +29,7 @@ use crate::protocol::{
     self, connection_for_page, BatchBuilder, Hello, Message, PageEncoding, ProtocolError, Welcome,
 };
 use crate::ram::{is_zero, RamError, SourceRam};
-use crate::rebuild::{check_hint, HintSource};
+use crate::rebuild::{check_hint, Hint, HintSource};
 use crate::stats::{mbit_per_s, MigrationStats, RoundStats};
 use crate::verify;
 use crate::{PAGE_SIZE, PAGE_SIZE_U64};
@@ -735,7 +735,63 @@ fn produce_round(
         None
     };
     let mut cbuf = vec![0u8; PAGE_SIZE];
+    // References first, in disk order: the destination then has the whole
+    // rebuild to do from the start, in parallel with the raw pages, and finds
+    // long runs of consecutive blocks to read at once. (Within a round each
+    // page is sent once, so the order between pages is free.)
+    let mut referenced = None;
+    if let Some(hints) = job.hints.as_ref() {
+        let mut refs: Vec<(Hint, u64, u128)> = Vec::new();
+        let mut done = PageBitmap::new(job.pages.len());
+        for page in job.pages.iter() {
+            if job.no_ref.get(page) {
+                continue;
+            }
+            let Some(hint) = hints.hint(page) else {
+                continue;
+            };
+            // Zero pages and rejected hints are left to the main pass.
+            if check_hint(hint, &job.disk_sizes).is_err() {
+                continue;
+            }
+            let Ok(data) = ram.page(page) else { continue };
+            if is_zero(data) {
+                continue;
+            }
+            refs.push((hint, page, xxh3_128(data)));
+            done.set(page);
+        }
+        refs.sort_unstable_by_key(|r| (r.0.disk, r.0.offset));
+        for (hint, page, hash) in refs {
+            rs.pages += 1;
+            rs.ref_pages += 1;
+            let c = usize::from(connection_for_page(page, conns) - 1);
+            builders[c].push(
+                page,
+                PageEncoding::Reference,
+                &protocol::encode_reference(hint, hash),
+            );
+            if builders[c].encoded_len() >= BATCH_BYTES {
+                let full = std::mem::replace(&mut builders[c], BatchBuilder::new(round));
+                let frame = full.finish();
+                rs.bytes += frame.len() as u64;
+                txs[c].blocking_send(WriterCmd::Frame(frame)).ok()?;
+            }
+        }
+        // Flush so that the references leave before the raw pages.
+        for (c, b) in builders.iter_mut().enumerate() {
+            if b.count() > 0 {
+                let frame = std::mem::replace(b, BatchBuilder::new(round)).finish();
+                rs.bytes += frame.len() as u64;
+                txs[c].blocking_send(WriterCmd::Frame(frame)).ok()?;
+            }
+        }
+        referenced = Some(done);
+    }
     for page in job.pages.iter() {
+        if referenced.as_ref().is_some_and(|d| d.get(page)) {
+            continue;
+        }
         let Ok(data) = ram.page(page) else { continue };
         rs.pages += 1;
         let c = usize::from(connection_for_page(page, conns) - 1);

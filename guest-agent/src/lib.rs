@@ -94,6 +94,7 @@ pub struct Collected {
 }
 
 /// Where to look.
+#[derive(Clone, Debug)]
 pub struct Config {
     /// The VM's disks as block devices, by hint disk index.
     pub disks: Vec<PathBuf>,
@@ -169,13 +170,25 @@ pub async fn query_server(conn: &mut mysql_async::Conn) -> Result<ServerSnapshot
 /// Collects hints for every clean buffer-pool frame of the server.
 pub async fn collect(conn: &mut mysql_async::Conn, cfg: &Config) -> Result<Collected, AgentError> {
     let snap = query_server(conn).await?;
-    scan(&snap, cfg)
+    scan(&snap, cfg, true)
 }
 
 /// The memory half of a collection: frames of the server's buffer pool
-/// checked against `snap`, mapped to disk and guest-physical pages.
-pub fn scan(snap: &ServerSnapshot, cfg: &Config) -> Result<Collected, AgentError> {
-    let (page_size, pool, listed, files, sql_ms) = (snap.page_size, snap.pool, &snap.listed, &snap.files, snap.sql_ms);
+/// checked against `snap`, mapped to disk and guest-physical pages. Pages
+/// `snap` calls dirty are never exported; with `only_listed` (a snapshot
+/// taken just now), neither are frames it does not list (stale copies).
+pub fn scan(
+    snap: &ServerSnapshot,
+    cfg: &Config,
+    only_listed: bool,
+) -> Result<Collected, AgentError> {
+    let (page_size, pool, listed, files, sql_ms) = (
+        snap.page_size,
+        snap.pool,
+        &snap.listed,
+        &snap.files,
+        snap.sql_ms,
+    );
     let pid = match cfg.pid {
         Some(p) => p,
         None => procmem::find_server()
@@ -225,36 +238,51 @@ pub fn scan(snap: &ServerSnapshot, cfg: &Config) -> Result<Collected, AgentError
         while at + page_size <= end {
             let len = (end - at).min(WINDOW) / page_size * page_size;
             let n = usize::try_from(len).expect("at most a window");
-            let Ok(pfns) = mem.frames(at, n / 4096) else { break };
+            let Ok(pfns) = mem.frames(at, n / 4096) else {
+                break;
+            };
             let mut idx = Vec::new();
             let mut pieces = Vec::new();
             for f in 0..n / frame_len {
-                if pfns[f * sub_pages..(f + 1) * sub_pages].iter().all(Option::is_some) {
+                if pfns[f * sub_pages..(f + 1) * sub_pages]
+                    .iter()
+                    .all(Option::is_some)
+                {
                     let base = at + (f * frame_len) as u64;
                     idx.push(f);
                     pieces.push((base, innodb::HEAD_LEN));
-                    pieces.push((base + (frame_len - innodb::TAIL_LEN) as u64, innodb::TAIL_LEN));
+                    pieces.push((
+                        base + (frame_len - innodb::TAIL_LEN) as u64,
+                        innodb::TAIL_LEN,
+                    ));
                 }
             }
             out.stats.frames += idx.len() as u64;
             let mut buf = vec![0u8; idx.len() * piece];
-            let ok = sys::read_pieces(pid, &pieces, &mut buf)
-                .map_err(|source| AgentError::Proc { pid, doing: "read the buffer pool", source })?;
+            let ok =
+                sys::read_pieces(pid, &pieces, &mut buf).map_err(|source| AgentError::Proc {
+                    pid,
+                    doing: "read the buffer pool",
+                    source,
+                })?;
             for (k, &f) in idx.iter().enumerate() {
                 if !(ok[2 * k] && ok[2 * k + 1]) {
                     continue;
                 }
                 let o = k * piece;
-                let Some(h) = innodb::parse_parts(&buf[o..o + innodb::HEAD_LEN], &buf[o + innodb::HEAD_LEN..o + piece])
-                else {
+                let Some(h) = innodb::parse_parts(
+                    &buf[o..o + innodb::HEAD_LEN],
+                    &buf[o + innodb::HEAD_LEN..o + piece],
+                ) else {
                     continue;
                 };
                 out.stats.valid_headers += 1;
                 match listed.get(&(h.space, h.page)) {
-                    None => {
+                    None if only_listed => {
                         out.stats.not_listed += 1;
                         continue;
                     }
+                    None => out.stats.not_listed += 1,
                     Some(true) => {
                         out.stats.dirty += 1;
                         continue;
@@ -262,7 +290,9 @@ pub fn scan(snap: &ServerSnapshot, cfg: &Config) -> Result<Collected, AgentError
                     Some(false) => {}
                 }
                 let place = placed.entry(h.space).or_insert_with(|| {
-                    files.get(&h.space).and_then(|f| disks.place(f).ok().flatten())
+                    files
+                        .get(&h.space)
+                        .and_then(|f| disks.place(f).ok().flatten())
                 });
                 let Some(place) = place else {
                     out.stats.no_disk += 1;

@@ -54,9 +54,10 @@ enum Command {
         /// Server pid (default: the process named mariadbd or mysqld).
         #[arg(long)]
         pid: Option<u32>,
-        /// Seconds between two background collections (answers are immediate,
-        /// from the newest one).
-        #[arg(long, default_value_t = 5.0)]
+        /// Collect in the background every this many seconds and answer at
+        /// once from the newest set; 0 collects when asked (no cost between
+        /// migrations, but the host waits for the collection).
+        #[arg(long, default_value_t = 0.0)]
         refresh_s: f64,
         /// Seconds between two readings of the server's buffer-pool list.
         #[arg(long, default_value_t = 60.0)]
@@ -102,10 +103,14 @@ fn run(cli: Cli) -> Result<()> {
             nice,
         } => {
             let secs = |v: f64, flag: &str| {
-                if v.is_finite() && (0.1..=86_400.0).contains(&v) {
+                if v == 0.0 && flag == "--refresh-s" {
+                    Ok(std::time::Duration::ZERO)
+                } else if v.is_finite() && (0.1..=86_400.0).contains(&v) {
                     Ok(std::time::Duration::from_secs_f64(v))
                 } else {
-                    Err(anyhow::anyhow!("{flag} must be between 0.1 and 86400 seconds"))
+                    Err(anyhow::anyhow!(
+                        "{flag} must be between 0.1 and 86400 seconds"
+                    ))
                 }
             };
             return serve(
@@ -161,6 +166,24 @@ async fn connect(socket: &std::path::Path, user: &str) -> Result<mysql_async::Co
         .with_context(|| format!("connecting to the server at {}", socket.display()))
 }
 
+async fn take_snapshot(
+    conn: &mut Option<mysql_async::Conn>,
+    socket: &std::path::Path,
+    user: &str,
+) -> Result<(std::time::Instant, guest_agent::ServerSnapshot)> {
+    if conn.is_none() {
+        *conn = Some(connect(socket, user).await?);
+    }
+    let c = conn.as_mut().expect("connected above");
+    match guest_agent::query_server(c).await {
+        Ok(s) => Ok((std::time::Instant::now(), s)),
+        Err(e) => {
+            *conn = None;
+            Err(anyhow::Error::new(e))
+        }
+    }
+}
+
 /// The newest hint set the collector made, or why it could not make one.
 #[derive(Default)]
 struct Latest {
@@ -184,7 +207,10 @@ fn collector(
     if let Err(e) = guest_agent::sys::nice_this_thread(nice) {
         tracing::warn!("cannot lower the collector's priority: {e}");
     }
-    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             let (m, c) = &*shared;
@@ -200,7 +226,10 @@ fn collector(
     loop {
         let started = std::time::Instant::now();
         let result = rt.block_on(async {
-            if snap.as_ref().is_none_or(|(t, _)| t.elapsed() >= sql_refresh) {
+            if snap
+                .as_ref()
+                .is_none_or(|(t, _)| t.elapsed() >= sql_refresh)
+            {
                 if conn.is_none() {
                     conn = Some(connect(&socket, &user).await?);
                 }
@@ -213,15 +242,22 @@ fn collector(
                     }
                 }
             }
-            let s = &snap.as_ref().expect("queried above").1;
-            Ok(guest_agent::scan(s, &cfg)?)
+            let (t, s) = snap.as_ref().expect("queried above");
+            Ok(guest_agent::scan(
+                s,
+                &cfg,
+                t.elapsed() < std::time::Duration::from_secs(1),
+            )?)
         });
         let (m, c) = &*shared;
         match result {
             Ok(col) => {
                 let ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
                 tracing::info!(ms, stats = ?col.stats, "hints collected");
-                println!("DBM-AGENT collected ms={ms} {}", serde_json::to_string(&col.stats).unwrap_or_default());
+                println!(
+                    "DBM-AGENT collected ms={ms} {}",
+                    serde_json::to_string(&col.stats).unwrap_or_default()
+                );
                 let set = std::sync::Arc::new(encode_hints(&col.hints, 0));
                 if let Ok(mut l) = m.lock() {
                     l.set = Some(set);
@@ -261,17 +297,40 @@ fn serve(
         .write(true)
         .open(&port)
         .with_context(|| format!("opening the virtio-serial port {}", port.display()))?;
-    let shared = std::sync::Arc::new((std::sync::Mutex::new(Latest::default()), std::sync::Condvar::new()));
-    let bg = shared.clone();
-    std::thread::Builder::new()
-        .name("collector".into())
-        .spawn(move || collector(bg, socket, user, cfg, refresh, sql_refresh, nice))
-        .context("starting the collector thread")?;
+    let shared = std::sync::Arc::new((
+        std::sync::Mutex::new(Latest::default()),
+        std::sync::Condvar::new(),
+    ));
+    let on_demand = refresh.is_zero();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    let mut conn: Option<mysql_async::Conn> = None;
+    let mut snap = None;
+    if on_demand {
+        // Ready before the first request, so that it waits only for a scan.
+        match rt.block_on(take_snapshot(&mut conn, &socket, &user)) {
+            Ok(s) => snap = Some(s),
+            Err(e) => {
+                tracing::warn!("reading the server's view failed (retried on request): {e:#}")
+            }
+        }
+    } else {
+        let bg = shared.clone();
+        let (socket, user, cfg) = (socket.clone(), user.clone(), cfg.clone());
+        std::thread::Builder::new()
+            .name("collector".into())
+            .spawn(move || collector(bg, socket, user, cfg, refresh, sql_refresh, nice))
+            .context("starting the collector thread")?;
+    }
     tracing::info!(port = %port.display(), "serving hint requests");
     let mut req = [0u8; 8];
     let mut have = 0;
     loop {
-        let n = dev.read(&mut req[have..]).context("reading the virtio-serial port")?;
+        let n = dev
+            .read(&mut req[have..])
+            .context("reading the virtio-serial port")?;
         if n == 0 {
             have = 0;
             std::thread::sleep(std::time::Duration::from_millis(200));
@@ -286,9 +345,46 @@ fn serve(
             tracing::warn!("ignoring a malformed request");
             continue;
         };
+        if on_demand {
+            // The scan answers now, with the server's view from after the
+            // previous answer (or from startup); the view is renewed after
+            // answering, so the SQL never delays an answer.
+            let started = std::time::Instant::now();
+            let answer = rt.block_on(async {
+                if snap.is_none() {
+                    snap = Some(take_snapshot(&mut conn, &socket, &user).await?);
+                }
+                let (t, s) = snap.as_ref().expect("taken above");
+                anyhow::Ok(guest_agent::scan(
+                    s,
+                    &cfg,
+                    t.elapsed() < std::time::Duration::from_secs(1),
+                )?)
+            });
+            let answer = match answer {
+                Ok(col) => {
+                    let ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+                    println!(
+                        "DBM-AGENT collected ms={ms} {}",
+                        serde_json::to_string(&col.stats).unwrap_or_default()
+                    );
+                    dbmigrate_core::rebuild::encode_hints(&col.hints, tag)
+                }
+                Err(e) => encode_hint_error(tag, &format!("{e:#}")),
+            };
+            dev.write_all(&answer)
+                .context("writing to the virtio-serial port")?;
+            match rt.block_on(take_snapshot(&mut conn, &socket, &user)) {
+                Ok(s) => snap = Some(s),
+                Err(e) => tracing::warn!("renewing the server's view failed: {e:#}"),
+            }
+            continue;
+        }
         // Before the first collection finishes, wait for it (bounded).
         let (m, c) = &*shared;
-        let mut l = m.lock().map_err(|_| anyhow::anyhow!("collector state poisoned"))?;
+        let mut l = m
+            .lock()
+            .map_err(|_| anyhow::anyhow!("collector state poisoned"))?;
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
         while l.set.is_none() && l.error.is_none() && std::time::Instant::now() < deadline {
             l = c
@@ -306,6 +402,7 @@ fn serve(
             (None, None) => encode_hint_error(tag, "the first collection is still running"),
         };
         drop(l);
-        dev.write_all(&answer).context("writing to the virtio-serial port")?;
+        dev.write_all(&answer)
+            .context("writing to the virtio-serial port")?;
     }
 }

@@ -80,9 +80,13 @@ const MAX_IOV: usize = 1024;
 pub fn read_pieces(pid: u32, pieces: &[(u64, usize)], out: &mut [u8]) -> io::Result<Vec<bool>> {
     let total: usize = pieces.iter().map(|p| p.1).sum();
     if out.len() < total {
-        return Err(io::Error::new(io::ErrorKind::InvalidInput, "output buffer too small"));
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "output buffer too small",
+        ));
     }
-    let pid = libc::pid_t::try_from(pid).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    let pid =
+        libc::pid_t::try_from(pid).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
     let mut ok = vec![false; pieces.len()];
     let mut i = 0;
     let mut at = 0;
@@ -92,7 +96,8 @@ pub fn read_pieces(pid: u32, pieces: &[(u64, usize)], out: &mut [u8]) -> io::Res
         let mut remote = Vec::with_capacity(n);
         let mut off = at;
         for &(addr, len) in &pieces[i..i + n] {
-            let addr = usize::try_from(addr).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+            let addr =
+                usize::try_from(addr).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
             local.push(libc::iovec {
                 iov_base: out[off..].as_mut_ptr().cast(),
                 iov_len: len,
@@ -108,7 +113,14 @@ pub fn read_pieces(pid: u32, pieces: &[(u64, usize)], out: &mut [u8]) -> io::Res
         // call; the remote iovecs are only addresses in the other process,
         // which the kernel checks; n <= UIO_MAXIOV.
         let r = unsafe {
-            libc::process_vm_readv(pid, local.as_ptr(), n as libc::c_ulong, remote.as_ptr(), n as libc::c_ulong, 0)
+            libc::process_vm_readv(
+                pid,
+                local.as_ptr(),
+                n as libc::c_ulong,
+                remote.as_ptr(),
+                n as libc::c_ulong,
+                0,
+            )
         };
         if r < 0 {
             let e = io::Error::last_os_error();
@@ -145,7 +157,8 @@ pub fn read_pieces(pid: u32, pieces: &[(u64, usize)], out: &mut [u8]) -> io::Res
 pub fn nice_this_thread(nice: i32) -> io::Result<()> {
     // SAFETY: gettid has no preconditions and cannot fail.
     let tid = unsafe { libc::gettid() };
-    let tid = libc::id_t::try_from(tid).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    let tid =
+        libc::id_t::try_from(tid).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
     // SAFETY: plain syscall on our own thread id with integer arguments.
     let r = unsafe { libc::setpriority(libc::PRIO_PROCESS, tid, nice) };
     if r < 0 {

@@ -666,9 +666,11 @@ impl DbBed {
                 sh(&["ip", "-n", ns, "addr", "add", &ip, "dev", dev])?;
                 sh(&["ip", "-n", ns, "link", "set", dev, "up"])?;
                 let rate = format!("{storage_mbit}mbit");
+                // tbf needs a burst of about 10 ms of traffic to reach fast rates.
+                let burst = format!("{}b", (u64::from(storage_mbit) * 1_250).max(262_144));
                 sh(&[
                     "ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", dev, "root", "tbf",
-                    "rate", &rate, "burst", "256kb", "latency", "50ms",
+                    "rate", &rate, "burst", &burst, "latency", "50ms",
                 ])?;
             }
         }
