@@ -223,11 +223,11 @@ enum ApplyInput {
     End { bytes: u64 },
     /// A data connection failed.
     Failed(DestError),
-    /// A storage read for a reference finished: the page if it matched.
+    /// A storage read of a run of references finished: per page (page,
+    /// version, whether it matched), and the pages read, in the same order.
     Resolved {
-        page: u64,
-        version: u32,
-        data: Option<Vec<u8>>,
+        pages: Vec<(u64, u32, bool)>,
+        data: Vec<u8>,
     },
 }
 
@@ -263,16 +263,17 @@ fn storage_worker(
                 tracing::warn!(error = %e, "shared storage read failed; asking the source for the pages");
             }
             bytes.fetch_add(buf.len() as u64, Ordering::Relaxed);
-            for (r, page) in run.iter().zip(buf.chunks_exact(PAGE_SIZE)) {
-                let data = (read.is_ok() && xxh3_128(page) == r.hash).then(|| page.to_vec());
-                let done = ApplyInput::Resolved {
-                    page: r.page,
-                    version: r.version,
-                    data,
-                };
-                if results.blocking_send(done).is_err() {
-                    return;
-                }
+            // One message per run, not per page: the applier is woken once.
+            let pages = run
+                .iter()
+                .zip(buf.chunks_exact(PAGE_SIZE))
+                .map(|(r, page)| (r.page, r.version, read.is_ok() && xxh3_128(page) == r.hash))
+                .collect();
+            if results
+                .blocking_send(ApplyInput::Resolved { pages, data: buf })
+                .is_err()
+            {
+                return;
             }
         }
     }
@@ -335,12 +336,7 @@ impl Applier {
         Ok(())
     }
 
-    fn resolved(
-        &mut self,
-        page: u64,
-        version: u32,
-        data: Option<Vec<u8>>,
-    ) -> Result<(), DestError> {
+    fn resolved(&mut self, page: u64, version: u32, data: Option<&[u8]>) -> Result<(), DestError> {
         self.outstanding -= 1;
         let idx = usize::try_from(page).expect("page checked when the reference arrived");
         if self.version[idx] != version {
@@ -348,7 +344,7 @@ impl Applier {
         }
         match data {
             Some(d) => {
-                self.ram.page_mut(page)?.copy_from_slice(&d);
+                self.ram.page_mut(page)?.copy_from_slice(d);
                 self.digests.written(page);
                 self.stats.rebuilt_pages += 1;
             }
@@ -371,8 +367,10 @@ impl Applier {
             let input = match rx.try_recv() {
                 Ok(i) => i,
                 Err(mpsc::error::TryRecvError::Empty) => {
-                    // Idle: bring the switchover digests up to date.
-                    if self.digests.hash_one(self.ram.bytes()) {
+                    // Idle: bring the switchover digests up to date. Not while
+                    // storage reads are pending: their pages land all over RAM
+                    // and would make the same chunks be hashed again and again.
+                    if self.outstanding == 0 && self.digests.hash_one(self.ram.bytes()) {
                         continue;
                     }
                     rx.blocking_recv()
@@ -397,11 +395,13 @@ impl Applier {
                     bytes += b;
                 }
                 ApplyInput::Failed(e) => return Err(e),
-                ApplyInput::Resolved {
-                    page,
-                    version,
-                    data,
-                } => self.resolved(page, version, data)?,
+                ApplyInput::Resolved { pages, data } => {
+                    for ((page, version, ok), d) in
+                        pages.into_iter().zip(data.chunks_exact(PAGE_SIZE))
+                    {
+                        self.resolved(page, version, ok.then_some(d))?;
+                    }
+                }
             }
             if drains == self.conns && self.outstanding == 0 {
                 drains = 0;

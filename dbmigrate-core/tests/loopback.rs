@@ -362,3 +362,93 @@ async fn rebuild_from_storage_is_byte_exact_whatever_the_hints_say() {
         std::fs::remove_file(p).unwrap();
     }
 }
+
+/// Manual: rebuild throughput of the engine alone, 1 GiB of RAM, 3/4 of it
+/// hinted in shuffled disk order, storage a file in /dev/shm
+/// (`cargo test --release -p dbmigrate-core --test loopback rebuild_throughput -- --ignored --nocapture`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn rebuild_throughput() {
+    use dbmigrate_core::rebuild::{FileStorage, Hint, HintTable, Storage};
+    const N: u64 = 262_144;
+    let path = |t: &str| PathBuf::from(format!("/dev/shm/dbm-tp-{}-{t}", std::process::id()));
+    let (src_path, dst_path, disk_path) = (path("src"), path("dst"), path("disk"));
+    for p in [&src_path, &dst_path, &disk_path] {
+        let f = OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .write(true)
+            .open(p)
+            .unwrap();
+        f.set_len(N * 4096).unwrap();
+    }
+    let src = OpenOptions::new().write(true).open(&src_path).unwrap();
+    let disk = OpenOptions::new().write(true).open(&disk_path).unwrap();
+    let mut hints = HintTable::new();
+    for p in 0..N {
+        let data = page_bytes(p);
+        src.write_all_at(&data, p * 4096).unwrap();
+        if p % 4 != 0 {
+            // A fixed shuffle of 16 KiB groups, like buffer-pool frames.
+            let group = (p / 4).wrapping_mul(2_654_435_761) % (N / 4);
+            let off = group * 16384 + (p % 4) * 4096;
+            disk.write_all_at(&data, off).unwrap();
+            hints.insert(
+                p,
+                Hint {
+                    disk: 0,
+                    offset: off,
+                },
+            );
+        }
+    }
+    let storage: Arc<dyn Storage> = Arc::new(FileStorage::open(&[disk_path.as_path()]).unwrap());
+    let disk_sizes = storage.disk_sizes().to_vec();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let dst2 = dst_path.clone();
+    let receiver = tokio::spawn(async move {
+        let ram = DestRam::open(&dst2, N * 4096).unwrap();
+        let mut s = dest::accept(&listener, N * 4096, "tcp:x", Duration::from_secs(30))
+            .await
+            .unwrap();
+        let (_ram, matched) = s.receive(ram, Some(storage)).await.unwrap();
+        assert!(matched);
+        s.wait_commit().await.unwrap();
+        s.activated().await.unwrap();
+        s.stats.clone()
+    });
+    let cfg = SourceConfig {
+        connections: 2,
+        hints: Some(Arc::new(hints)),
+        disk_sizes,
+        ..SourceConfig::default()
+    };
+    let t = std::time::Instant::now();
+    let ram = SourceRam::open(&src_path, N * 4096).unwrap();
+    let mut s = SourceSession::connect(
+        addr,
+        ram,
+        Box::new(Scripted(Arc::new(Mutex::new(Vec::new())))),
+        cfg,
+    )
+    .await
+    .unwrap();
+    s.run_live(&mut |_, _| {}).await.unwrap();
+    s.final_round().await.unwrap();
+    assert!(s.verify().await.unwrap().matched());
+    s.commit().await.unwrap();
+    let d = receiver.await.unwrap();
+    eprintln!(
+        "1 GiB, 3/4 rebuilt: {:?}; rounds: {:?}; dest {d:?}",
+        t.elapsed(),
+        s.stats
+            .rounds
+            .iter()
+            .map(|r| r.elapsed_ms)
+            .collect::<Vec<_>>()
+    );
+    for p in [src_path, dst_path, disk_path] {
+        std::fs::remove_file(p).unwrap();
+    }
+}

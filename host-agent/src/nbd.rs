@@ -417,3 +417,55 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
+
+#[cfg(test)]
+mod throughput {
+    /// Manual: NBD read throughput from a real qemu-nbd over loopback
+    /// (`DBM_NBD_IMAGE=<file> cargo test --release -p host-agent nbd_throughput -- --ignored --nocapture`).
+    #[test]
+    #[ignore]
+    fn nbd_throughput() {
+        let img = std::env::var("DBM_NBD_IMAGE").expect("DBM_NBD_IMAGE");
+        let mut child = std::process::Command::new("qemu-nbd")
+            .args([
+                "--read-only",
+                "--persistent",
+                "--shared=8",
+                "-f",
+                "raw",
+                "-b",
+                "127.0.0.1",
+                "-p",
+                "10899",
+            ])
+            .arg(&img)
+            .spawn()
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        let d = super::NbdDisk::open("nbd://127.0.0.1:10899").unwrap();
+        for (size, threads) in [(16384usize, 4u64), (1 << 20, 1), (1 << 20, 4)] {
+            let t = std::time::Instant::now();
+            let total: u64 = 1 << 30;
+            std::thread::scope(|s| {
+                for k in 0..threads {
+                    let d = &d;
+                    s.spawn(move || {
+                        let mut buf = vec![0u8; size];
+                        let mut off = k * size as u64;
+                        while off < total {
+                            d.read_at(off, &mut buf).unwrap();
+                            off += threads * size as u64;
+                        }
+                    });
+                }
+            });
+            let secs = t.elapsed().as_secs_f64();
+            eprintln!(
+                "{size} B x {threads} threads: {:.0} MB/s",
+                total as f64 / secs / 1e6
+            );
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
