@@ -65,10 +65,11 @@ until [ -S "$WORK/dst.qmp" ]; do sleep 0.2; done
 
 ip netns exec $DST "$BIN/dbmigrate" receive --qmp "$WORK/dst.qmp" --listen 10.78.0.2:7000 --incoming 10.78.0.2:7001 \
   >"$WORK/receive.json" 2>"$WORK/receive.log" &
+recv_pid=$!
 echo "== migrating"
 ip netns exec $SRC "$BIN/dbmigrate" migrate --qmp "$WORK/src.qmp" --to 10.78.0.2:7000 --progress always \
   --report "$WORK/report.json" >/dev/null
-wait %2 2>/dev/null || true
+wait "$recv_pid" 2>/dev/null || true
 
 echo "== after migration: the guest runs on the destination and keeps verifying its memory"
 last=$(grep -c "DIRTIER HB" "$WORK/src.serial")
