@@ -209,39 +209,16 @@ fn run_one(s: &DbSetup, guest: &MariadbGuest, bed: &DbBed, method: &str) -> Resu
             "guest_pool": pool_line,
         });
     } else {
-        let postcopy = method == "qemu-postcopy";
-        let mut sq = src.qmp()?;
         let mut dq = dst.qmp()?;
-        if postcopy {
-            let caps = json!([{"capability": "postcopy-ram", "state": true}]);
-            sq.cmd("migrate-set-capabilities", json!({"capabilities": caps}))?;
-            dq.cmd("migrate-set-capabilities", json!({"capabilities": caps}))?;
-        }
-        sq.cmd(
-            "migrate-set-parameters",
-            json!({"max-bandwidth": u64::from(s.link_mbit) * 1_000_000 / 8 * 4, "downtime-limit": s.downtime_ms}),
+        let info = crate::qemu_migrate(
+            &mut src.qmp()?,
+            &mut dq,
+            &format!("tcp:{}:7001", bed.tb.dst_ip),
+            method == "qemu-postcopy",
+            s.link_mbit,
+            s.downtime_ms,
+            s.timeout,
         )?;
-        let uri = format!("tcp:{}:7001", bed.tb.dst_ip);
-        dq.cmd("migrate-incoming", json!({"uri": uri}))?;
-        let t = Instant::now();
-        sq.cmd("migrate", json!({"uri": uri}))?;
-        let mut switched = false;
-        let info = loop {
-            let v = sq.cmd("query-migrate", json!({}))?;
-            let st = v["status"].as_str().unwrap_or("").to_string();
-            if st == "completed" || st == "failed" {
-                break v;
-            }
-            if postcopy && !switched && v["ram"]["dirty-sync-count"].as_u64().unwrap_or(0) >= 2 {
-                sq.cmd("migrate-start-postcopy", json!({}))?;
-                switched = true;
-            }
-            if t.elapsed() > s.timeout && !(postcopy && switched) {
-                let _ = sq.cmd("migrate_cancel", json!({}));
-                break v;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        };
         run.link_bytes = bed.tb.link_bytes()? - before;
         run.completed = info["status"] == json!("completed");
         if run.completed {

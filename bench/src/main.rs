@@ -409,6 +409,52 @@ fn guest_check(src: &Vm, dst: &Vm) -> Option<bool> {
     Some(h.errors == 0 && !dst.console().contains("DIRTIER ERROR"))
 }
 
+/// QEMU's own migration from `sq` to `dq` (waiting with `-incoming defer`):
+/// pre-copy, or post-copy switched on after the first full pass, as it is
+/// normally used. QEMU 7.2 limits itself to 32 MiB/s by default: the limit is
+/// lifted so that only the shaped link limits it, like dbmigrate. Gives up
+/// (cancels) after `timeout` unless post-copy has started. Returns the last
+/// `query-migrate` answer.
+fn qemu_migrate(
+    sq: &mut dbmigrate_testbed::SyncQmp,
+    dq: &mut dbmigrate_testbed::SyncQmp,
+    uri: &str,
+    postcopy: bool,
+    link_mbit: u32,
+    downtime_ms: u64,
+    timeout: Duration,
+) -> Result<Value> {
+    if postcopy {
+        let caps = json!([{"capability": "postcopy-ram", "state": true}]);
+        sq.cmd("migrate-set-capabilities", json!({"capabilities": caps}))?;
+        dq.cmd("migrate-set-capabilities", json!({"capabilities": caps}))?;
+    }
+    sq.cmd(
+        "migrate-set-parameters",
+        json!({"max-bandwidth": u64::from(link_mbit) * 1_000_000 / 8 * 4, "downtime-limit": downtime_ms}),
+    )?;
+    dq.cmd("migrate-incoming", json!({"uri": uri}))?;
+    let t = Instant::now();
+    sq.cmd("migrate", json!({"uri": uri}))?;
+    let mut switched = false;
+    loop {
+        let v = sq.cmd("query-migrate", json!({}))?;
+        let st = v["status"].as_str().unwrap_or("");
+        if st == "completed" || st == "failed" {
+            return Ok(v);
+        }
+        if postcopy && !switched && v["ram"]["dirty-sync-count"].as_u64().unwrap_or(0) >= 2 {
+            sq.cmd("migrate-start-postcopy", json!({}))?;
+            switched = true;
+        }
+        if t.elapsed() > timeout && !(postcopy && switched) {
+            let _ = sq.cmd("migrate_cancel", json!({}));
+            return Ok(v);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 fn run_method(s: &Setup<'_>, method: &str) -> Result<Run> {
     let mut run = Run {
         method: method.into(),
@@ -458,51 +504,19 @@ fn run_method(s: &Setup<'_>, method: &str) -> Result<Run> {
             }
         }
         "qemu-precopy" | "qemu-postcopy" => {
-            let postcopy = method == "qemu-postcopy";
             let (src, dst) = start_vms(s, false, &[])?;
-            let mut sq = src.qmp()?;
             let mut dq = dst.qmp()?;
-            let caps = if postcopy {
-                json!([{"capability": "postcopy-ram", "state": true}])
-            } else {
-                json!([])
-            };
-            if postcopy {
-                sq.cmd("migrate-set-capabilities", json!({"capabilities": caps}))?;
-                dq.cmd("migrate-set-capabilities", json!({"capabilities": caps}))?;
-            }
-            // QEMU 7.2 limits itself to 32 MiB/s by default: lift the limit so
-            // that only the shaped link limits it, like dbmigrate.
-            sq.cmd(
-                "migrate-set-parameters",
-                json!({"max-bandwidth": u64::from(s.link_mbit) * 1_000_000 / 8 * 4, "downtime-limit": s.downtime_ms}),
-            )?;
-            let uri = format!("tcp:{}:7001", s.tb.dst_ip);
-            dq.cmd("migrate-incoming", json!({"uri": uri}))?;
             let before = s.tb.link_bytes()?;
             let t = Instant::now();
-            sq.cmd("migrate", json!({"uri": uri}))?;
-            let mut started_postcopy = false;
-            let info = loop {
-                let v = sq.cmd("query-migrate", json!({}))?;
-                let st = v["status"].as_str().unwrap_or("").to_string();
-                if st == "completed" || st == "failed" {
-                    break v;
-                }
-                if postcopy
-                    && !started_postcopy
-                    && v["ram"]["dirty-sync-count"].as_u64().unwrap_or(0) >= 2
-                {
-                    // Switch after the first full pass, as post-copy is normally used.
-                    sq.cmd("migrate-start-postcopy", json!({}))?;
-                    started_postcopy = true;
-                }
-                if t.elapsed() > s.timeout && !(postcopy && started_postcopy) {
-                    let _ = sq.cmd("migrate_cancel", json!({}));
-                    break v;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            };
+            let info = qemu_migrate(
+                &mut src.qmp()?,
+                &mut dq,
+                &format!("tcp:{}:7001", s.tb.dst_ip),
+                method == "qemu-postcopy",
+                s.link_mbit,
+                s.downtime_ms,
+                s.timeout,
+            )?;
             run.link_bytes = s.tb.link_bytes()? - before;
             run.completed = info["status"] == json!("completed");
             if run.completed {

@@ -14,22 +14,29 @@ struct Cli {
     command: Command,
 }
 
+/// Where the database server and the VM's disks are.
+#[derive(clap::Args)]
+struct ServerArgs {
+    /// Server socket.
+    #[arg(long, default_value = "/run/mysqld/mysqld.sock")]
+    socket: PathBuf,
+    /// SQL user (root authenticates by socket on Debian).
+    #[arg(long, default_value = "root")]
+    user: String,
+    /// The VM's disks in hint order (first = disk 0).
+    #[arg(long = "disk", default_value = "/dev/vda")]
+    disks: Vec<PathBuf>,
+    /// Server pid (default: the process named mariadbd or mysqld).
+    #[arg(long)]
+    pid: Option<u32>,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Collect hints once and write them (binary hint set, or JSON lines with --json).
     Export {
-        /// Server socket.
-        #[arg(long, default_value = "/run/mysqld/mysqld.sock")]
-        socket: PathBuf,
-        /// SQL user (root authenticates by socket on Debian).
-        #[arg(long, default_value = "root")]
-        user: String,
-        /// The VM's disks in hint order (first = disk 0).
-        #[arg(long = "disk", default_value = "/dev/vda")]
-        disks: Vec<PathBuf>,
-        /// Server pid (default: the process named mariadbd or mysqld).
-        #[arg(long)]
-        pid: Option<u32>,
+        #[command(flatten)]
+        server: ServerArgs,
         /// Output file (default: standard output).
         #[arg(long)]
         out: Option<PathBuf>,
@@ -42,18 +49,8 @@ enum Command {
         /// The virtio-serial port (e.g. /dev/vport1p1, named org.dbmigrate.hints).
         #[arg(long)]
         port: PathBuf,
-        /// Server socket.
-        #[arg(long, default_value = "/run/mysqld/mysqld.sock")]
-        socket: PathBuf,
-        /// SQL user (root authenticates by socket on Debian).
-        #[arg(long, default_value = "root")]
-        user: String,
-        /// The VM's disks in hint order (first = disk 0).
-        #[arg(long = "disk", default_value = "/dev/vda")]
-        disks: Vec<PathBuf>,
-        /// Server pid (default: the process named mariadbd or mysqld).
-        #[arg(long)]
-        pid: Option<u32>,
+        #[command(flatten)]
+        server: ServerArgs,
         /// Collect in the background every this many seconds and answer at
         /// once from the newest set; 0 collects when asked (no cost between
         /// migrations, but the host waits for the collection).
@@ -84,20 +81,23 @@ fn run(cli: Cli) -> Result<()> {
         .build()
         .context("starting the runtime")?;
     let (socket, user, disks, pid, out, json) = match cli.command {
-        Command::Export {
-            socket,
-            user,
-            disks,
-            pid,
+        Command::Export { server, out, json } => (
+            server.socket,
+            server.user,
+            server.disks,
+            server.pid,
             out,
             json,
-        } => (socket, user, disks, pid, out, json),
+        ),
         Command::Serve {
             port,
-            socket,
-            user,
-            disks,
-            pid,
+            server:
+                ServerArgs {
+                    socket,
+                    user,
+                    disks,
+                    pid,
+                },
             refresh_s,
             sql_refresh_s,
             nice,
