@@ -220,16 +220,7 @@ fn run_one(s: &DbSetup, guest: &MariadbGuest, bed: &DbBed, method: &str) -> Resu
             s.timeout,
         )?;
         run.link_bytes = bed.tb.link_bytes()? - before;
-        run.completed = info["status"] == json!("completed");
-        if run.completed {
-            if dq.status()? != "running" {
-                dq.cmd("cont", json!({}))?;
-            }
-            run.total_ms = info["total-time"].as_u64();
-            run.downtime_ms = info["downtime"].as_u64();
-        }
-        run.pages.raw = info["ram"]["normal"].as_u64().unwrap_or(0);
-        run.pages.zero = info["ram"]["duplicate"].as_u64().unwrap_or(0);
+        crate::record_qemu_result(&mut run, &info);
         run.detail = json!({
             "status": info["status"],
             "dirty_sync_count": info["ram"]["dirty-sync-count"],

@@ -210,13 +210,7 @@ fn main() -> Result<()> {
             out,
         } => {
             let scenario = scenario.unwrap_or_else(|| format!("dirtier-ws{ws_mib}"));
-            for m in &methods {
-                if !["qemu-precopy", "qemu-postcopy", "dbmigrate-precopy"].contains(&m.as_str()) {
-                    bail!(
-                        "unknown method `{m}`: use qemu-precopy, qemu-postcopy, dbmigrate-precopy"
-                    );
-                }
-            }
+            check_methods(&methods)?;
             let img = dirtier_guest()?;
             let tb = Testbed::new(link_mbit)?;
             let setup = Setup {
@@ -269,11 +263,7 @@ fn compare_db(
     methods: Vec<String>,
     out: Option<PathBuf>,
 ) -> Result<()> {
-    for m in &methods {
-        if !["qemu-precopy", "qemu-postcopy", "dbmigrate-precopy"].contains(&m.as_str()) {
-            bail!("unknown method `{m}`: use qemu-precopy, qemu-postcopy, dbmigrate-precopy");
-        }
-    }
+    check_methods(&methods)?;
     let (runs, guest) = db::compare(&setup, &methods)?;
     let report = Report {
         scenario: scenario.clone(),
@@ -296,6 +286,18 @@ fn compare_db(
         .with_context(|| format!("writing {}", path.display()))?;
     print_db_table(&report);
     eprintln!("report: {}", path.display());
+    Ok(())
+}
+
+/// The methods `bench` can run.
+const METHODS: [&str; 3] = ["qemu-precopy", "qemu-postcopy", "dbmigrate-precopy"];
+
+fn check_methods(methods: &[String]) -> Result<()> {
+    for m in methods {
+        if !METHODS.contains(&m.as_str()) {
+            bail!("unknown method `{m}`: use {}", METHODS.join(", "));
+        }
+    }
     Ok(())
 }
 
@@ -414,7 +416,7 @@ fn guest_check(src: &Vm, dst: &Vm) -> Option<bool> {
 /// normally used. QEMU 7.2 limits itself to 32 MiB/s by default: the limit is
 /// lifted so that only the shaped link limits it, like dbmigrate. Gives up
 /// (cancels) after `timeout` unless post-copy has started. Returns the last
-/// `query-migrate` answer.
+/// `query-migrate` answer, with the destination resumed if it completed.
 fn qemu_migrate(
     sq: &mut dbmigrate_testbed::SyncQmp,
     dq: &mut dbmigrate_testbed::SyncQmp,
@@ -440,7 +442,15 @@ fn qemu_migrate(
     loop {
         let v = sq.cmd("query-migrate", json!({}))?;
         let st = v["status"].as_str().unwrap_or("");
-        if st == "completed" || st == "failed" {
+        if st == "completed" {
+            // The destination waits paused (-S) after pre-copy; post-copy
+            // already runs it.
+            if dq.status()? != "running" {
+                dq.cmd("cont", json!({}))?;
+            }
+            return Ok(v);
+        }
+        if st == "failed" {
             return Ok(v);
         }
         if postcopy && !switched && v["ram"]["dirty-sync-count"].as_u64().unwrap_or(0) >= 2 {
@@ -453,6 +463,17 @@ fn qemu_migrate(
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// Fills `run` from QEMU's last `query-migrate` answer.
+fn record_qemu_result(run: &mut Run, info: &Value) {
+    run.completed = info["status"] == json!("completed");
+    if run.completed {
+        run.total_ms = info["total-time"].as_u64();
+        run.downtime_ms = info["downtime"].as_u64();
+    }
+    run.pages.raw = info["ram"]["normal"].as_u64().unwrap_or(0);
+    run.pages.zero = info["ram"]["duplicate"].as_u64().unwrap_or(0);
 }
 
 fn run_method(s: &Setup<'_>, method: &str) -> Result<Run> {
@@ -518,20 +539,11 @@ fn run_method(s: &Setup<'_>, method: &str) -> Result<Run> {
                 s.timeout,
             )?;
             run.link_bytes = s.tb.link_bytes()? - before;
-            run.completed = info["status"] == json!("completed");
+            record_qemu_result(&mut run, &info);
             if run.completed {
-                // Destination must be running (post-copy) or resumable (pre-copy autostarts without -S; we used -S).
-                let st = dq.status()?;
-                if st != "running" {
-                    dq.cmd("cont", json!({}))?;
-                }
-                run.total_ms = info["total-time"].as_u64();
-                run.downtime_ms = info["downtime"].as_u64();
                 run.guest_verified_after = guest_check(&src, &dst);
                 run.workload.errors = run.guest_verified_after.map(|ok| u64::from(!ok));
             }
-            run.pages.raw = info["ram"]["normal"].as_u64().unwrap_or(0);
-            run.pages.zero = info["ram"]["duplicate"].as_u64().unwrap_or(0);
             run.detail = json!({
                 "status": info["status"],
                 "expected_downtime_ms": info["expected-downtime"],

@@ -772,18 +772,13 @@ fn produce_round(
                 &protocol::encode_reference(hint, hash),
             );
             if builders[c].encoded_len() >= BATCH_BYTES {
-                let full = std::mem::replace(&mut builders[c], BatchBuilder::new(round));
-                let frame = full.finish();
-                rs.bytes += frame.len() as u64;
-                txs[c].blocking_send(WriterCmd::Frame(frame)).ok()?;
+                send_batch(&mut builders[c], round, &txs[c], &mut rs.bytes)?;
             }
         }
         // Flush so that the references leave before the raw pages.
-        for (c, b) in builders.iter_mut().enumerate() {
+        for (b, tx) in builders.iter_mut().zip(txs) {
             if b.count() > 0 {
-                let frame = std::mem::replace(b, BatchBuilder::new(round)).finish();
-                rs.bytes += frame.len() as u64;
-                txs[c].blocking_send(WriterCmd::Frame(frame)).ok()?;
+                send_batch(b, round, tx, &mut rs.bytes)?;
             }
         }
         referenced = Some(done);
@@ -840,20 +835,28 @@ fn produce_round(
             }
         }
         if builders[c].encoded_len() >= BATCH_BYTES {
-            let full = std::mem::replace(&mut builders[c], BatchBuilder::new(round));
-            let frame = full.finish();
-            rs.bytes += frame.len() as u64;
-            txs[c].blocking_send(WriterCmd::Frame(frame)).ok()?;
+            send_batch(&mut builders[c], round, &txs[c], &mut rs.bytes)?;
         }
     }
-    for (c, b) in builders.into_iter().enumerate() {
+    for (b, tx) in builders.iter_mut().zip(txs) {
         if b.count() > 0 {
-            let frame = b.finish();
-            rs.bytes += frame.len() as u64;
-            txs[c].blocking_send(WriterCmd::Frame(frame)).ok()?;
+            send_batch(b, round, tx, &mut rs.bytes)?;
         }
     }
     Some(rs)
+}
+
+/// Sends what `b` holds as one frame and starts a new batch; None if the
+/// connection went away.
+fn send_batch(
+    b: &mut BatchBuilder,
+    round: u32,
+    tx: &mpsc::Sender<WriterCmd>,
+    bytes: &mut u64,
+) -> Option<()> {
+    let frame = std::mem::replace(b, BatchBuilder::new(round)).finish();
+    *bytes += frame.len() as u64;
+    tx.blocking_send(WriterCmd::Frame(frame)).ok()
 }
 
 async fn data_writer(

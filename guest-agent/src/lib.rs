@@ -210,7 +210,7 @@ pub fn scan(
     })?;
     let mem = procmem::ProcMem::open(pid).map_err(|source| AgentError::Proc {
         pid,
-        doing: "open memory",
+        doing: "open the pagemap",
         source,
     })?;
     let candidates = procmem::anon_rw_mappings(&maps, pool.min(16 << 20));

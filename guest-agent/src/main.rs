@@ -166,6 +166,25 @@ async fn connect(socket: &std::path::Path, user: &str) -> Result<mysql_async::Co
         .with_context(|| format!("connecting to the server at {}", socket.display()))
 }
 
+/// Scans with `snap` (its "listed" filter applies only if it was taken just
+/// now) and reports the collection: a log record, and a `DBM-AGENT` line on
+/// standard output for whoever watches the guest's console.
+fn scan_reported(
+    snap: &(std::time::Instant, guest_agent::ServerSnapshot),
+    cfg: &guest_agent::Config,
+    started: std::time::Instant,
+) -> Result<guest_agent::Collected> {
+    let (taken, s) = snap;
+    let col = guest_agent::scan(s, cfg, taken.elapsed() < std::time::Duration::from_secs(1))?;
+    let ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+    tracing::info!(ms, stats = ?col.stats, "hints collected");
+    println!(
+        "DBM-AGENT collected ms={ms} {}",
+        serde_json::to_string(&col.stats).unwrap_or_default()
+    );
+    Ok(col)
+}
+
 async fn take_snapshot(
     conn: &mut Option<mysql_async::Conn>,
     socket: &std::path::Path,
@@ -230,34 +249,13 @@ fn collector(
                 .as_ref()
                 .is_none_or(|(t, _)| t.elapsed() >= sql_refresh)
             {
-                if conn.is_none() {
-                    conn = Some(connect(&socket, &user).await?);
-                }
-                let c = conn.as_mut().expect("connected above");
-                match guest_agent::query_server(c).await {
-                    Ok(s) => snap = Some((std::time::Instant::now(), s)),
-                    Err(e) => {
-                        conn = None;
-                        return Err(anyhow::Error::new(e));
-                    }
-                }
+                snap = Some(take_snapshot(&mut conn, &socket, &user).await?);
             }
-            let (t, s) = snap.as_ref().expect("queried above");
-            Ok(guest_agent::scan(
-                s,
-                &cfg,
-                t.elapsed() < std::time::Duration::from_secs(1),
-            )?)
+            scan_reported(snap.as_ref().expect("taken above"), &cfg, started)
         });
         let (m, c) = &*shared;
         match result {
             Ok(col) => {
-                let ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
-                tracing::info!(ms, stats = ?col.stats, "hints collected");
-                println!(
-                    "DBM-AGENT collected ms={ms} {}",
-                    serde_json::to_string(&col.stats).unwrap_or_default()
-                );
                 let set = std::sync::Arc::new(encode_hints(&col.hints, 0));
                 if let Ok(mut l) = m.lock() {
                     l.set = Some(set);
@@ -354,22 +352,10 @@ fn serve(
                 if snap.is_none() {
                     snap = Some(take_snapshot(&mut conn, &socket, &user).await?);
                 }
-                let (t, s) = snap.as_ref().expect("taken above");
-                anyhow::Ok(guest_agent::scan(
-                    s,
-                    &cfg,
-                    t.elapsed() < std::time::Duration::from_secs(1),
-                )?)
+                scan_reported(snap.as_ref().expect("taken above"), &cfg, started)
             });
             let answer = match answer {
-                Ok(col) => {
-                    let ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
-                    println!(
-                        "DBM-AGENT collected ms={ms} {}",
-                        serde_json::to_string(&col.stats).unwrap_or_default()
-                    );
-                    dbmigrate_core::rebuild::encode_hints(&col.hints, tag)
-                }
+                Ok(col) => dbmigrate_core::rebuild::encode_hints(&col.hints, tag),
                 Err(e) => encode_hint_error(tag, &format!("{e:#}")),
             };
             dev.write_all(&answer)

@@ -40,24 +40,18 @@ pub fn anon_rw_mappings(maps: &str, min_len: u64) -> Vec<(u64, u64)> {
         .collect()
 }
 
-/// `/proc/PID/mem` and `/proc/PID/pagemap` of one process.
+/// `/proc/PID/pagemap` of one process (its memory is read with
+/// `process_vm_readv`, see `sys::read_pieces`).
 pub struct ProcMem {
-    mem: File,
     pagemap: File,
 }
 
 impl ProcMem {
-    /// Opens both files (needs root or ptrace access).
+    /// Opens the pagemap (needs root for the frame numbers).
     pub fn open(pid: u32) -> io::Result<Self> {
         Ok(Self {
-            mem: File::open(format!("/proc/{pid}/mem"))?,
             pagemap: File::open(format!("/proc/{pid}/pagemap"))?,
         })
-    }
-
-    /// Reads `buf.len()` bytes at virtual address `addr`.
-    pub fn read(&self, addr: u64, buf: &mut [u8]) -> io::Result<()> {
-        self.mem.read_exact_at(buf, addr)
     }
 
     /// Physical page number of each 4 KiB page from `addr`; None where not present.

@@ -251,7 +251,7 @@ impl LiveHints {
                             "hint refresh failed (pages go raw until the next one): {e}"
                         );
                         // A failed read may leave half an answer in the stream.
-                        match HintChannel::connect(&bg_path(&ch)) {
+                        match HintChannel::connect(&ch.path) {
                             Ok(c) => ch = c,
                             Err(_) => break,
                         }
@@ -300,10 +300,6 @@ impl LiveHints {
     pub fn stop(&self) {
         self.stop.store(true, Ordering::Relaxed);
     }
-}
-
-fn bg_path(ch: &HintChannel) -> PathBuf {
-    ch.path.clone()
 }
 
 #[cfg(test)]

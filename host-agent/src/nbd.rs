@@ -357,33 +357,8 @@ mod tests {
         f.write_all_at(&pattern, 5 << 20).unwrap();
         drop(f);
         let port = 20_000 + (std::process::id() % 20_000) as u16;
-        let mut child = std::process::Command::new("qemu-nbd")
-            .args([
-                "--read-only",
-                "--persistent",
-                "--shared=8",
-                "-f",
-                "raw",
-                "-b",
-                "127.0.0.1",
-                "-p",
-            ])
-            .arg(port.to_string())
-            .arg(&img)
-            .spawn()
-            .expect("qemu-nbd (install qemu-utils)");
+        let (mut child, disk) = serve_read_only(&img, port);
         let url = format!("nbd://127.0.0.1:{port}");
-        let mut disk = None;
-        for _ in 0..100 {
-            match NbdDisk::open(&url) {
-                Ok(d) => {
-                    disk = Some(d);
-                    break;
-                }
-                Err(_) => std::thread::sleep(Duration::from_millis(50)),
-            }
-        }
-        let disk = disk.expect("connecting to qemu-nbd");
         assert_eq!(disk.size(), 64 << 20);
         let mut buf = vec![0u8; 1 << 20];
         disk.read_at(5 << 20, &mut buf).unwrap();
@@ -416,16 +391,10 @@ mod tests {
         let _ = child.wait();
         let _ = std::fs::remove_dir_all(&dir);
     }
-}
 
-#[cfg(test)]
-mod throughput {
-    /// Manual: NBD read throughput from a real qemu-nbd over loopback
-    /// (`DBM_NBD_IMAGE=<file> cargo test --release -p host-agent nbd_throughput -- --ignored --nocapture`).
-    #[test]
-    #[ignore]
-    fn nbd_throughput() {
-        let img = std::env::var("DBM_NBD_IMAGE").expect("DBM_NBD_IMAGE");
+    /// qemu-nbd serving `img` read-only on 127.0.0.1:`port`, and a client
+    /// connected to it once it listens.
+    fn serve_read_only(img: &std::path::Path, port: u16) -> (std::process::Child, NbdDisk) {
         let mut child = std::process::Command::new("qemu-nbd")
             .args([
                 "--read-only",
@@ -436,13 +405,30 @@ mod throughput {
                 "-b",
                 "127.0.0.1",
                 "-p",
-                "10899",
             ])
-            .arg(&img)
+            .arg(port.to_string())
+            .arg(img)
             .spawn()
-            .unwrap();
-        std::thread::sleep(std::time::Duration::from_millis(500));
-        let d = super::NbdDisk::open("nbd://127.0.0.1:10899").unwrap();
+            .expect("qemu-nbd (install qemu-utils)");
+        let url = format!("nbd://127.0.0.1:{port}");
+        for _ in 0..100 {
+            if let Ok(d) = NbdDisk::open(&url) {
+                return (child, d);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("qemu-nbd did not listen on {url}");
+    }
+
+    /// Manual: NBD read throughput from a real qemu-nbd over loopback
+    /// (`DBM_NBD_IMAGE=<file> cargo test --release -p host-agent nbd_throughput -- --ignored --nocapture`).
+    #[test]
+    #[ignore]
+    fn nbd_throughput() {
+        let img = std::env::var("DBM_NBD_IMAGE").expect("DBM_NBD_IMAGE");
+        let (mut child, d) = serve_read_only(std::path::Path::new(&img), 10899);
         for (size, threads) in [(16384usize, 4u64), (1 << 20, 1), (1 << 20, 4)] {
             let t = std::time::Instant::now();
             let total: u64 = 1 << 30;

@@ -80,11 +80,13 @@ pub struct GuestImage {
     pub initrd: PathBuf,
 }
 
-/// Builds (or finds in the cache) the dirtier guest.
-pub fn dirtier_guest() -> Result<GuestImage> {
-    let script = repo_root().join("guest/build-dirtier-guest.sh");
+/// Runs a guest build script of the repository; the last line of its
+/// output is where the artifacts are.
+fn guest_script(script: &str, args: &[&str]) -> Result<PathBuf> {
+    let script = repo_root().join(script);
     let out = Command::new("bash")
         .arg(&script)
+        .args(args)
         .stderr(Stdio::inherit())
         .output()
         .with_context(|| format!("running {}", script.display()))?;
@@ -92,7 +94,12 @@ pub fn dirtier_guest() -> Result<GuestImage> {
         bail!("{} failed", script.display());
     }
     let text = String::from_utf8_lossy(&out.stdout);
-    let dir = PathBuf::from(text.lines().last().unwrap_or("").trim());
+    Ok(PathBuf::from(text.lines().last().unwrap_or("").trim()))
+}
+
+/// Builds (or finds in the cache) the dirtier guest.
+pub fn dirtier_guest() -> Result<GuestImage> {
+    let dir = guest_script("guest/build-dirtier-guest.sh", &[])?;
     let img = GuestImage {
         kernel: dir.join("vmlinuz"),
         initrd: dir.join("initramfs.cpio.gz"),
@@ -589,18 +596,11 @@ pub struct MariadbGuest {
 
 /// Builds (or finds in the cache) the MariaDB guest with a sysbench data set.
 pub fn mariadb_guest(tables: u32, rows: u32) -> Result<MariadbGuest> {
-    let script = repo_root().join("guest/prepare-mariadb-data.sh");
-    let out = Command::new("bash")
-        .arg(&script)
-        .args(["--tables", &tables.to_string(), "--rows", &rows.to_string()])
-        .stderr(Stdio::inherit())
-        .output()
-        .with_context(|| format!("running {}", script.display()))?;
-    if !out.status.success() {
-        bail!("{} failed", script.display());
-    }
-    let text = String::from_utf8_lossy(&out.stdout);
-    let image = PathBuf::from(text.lines().last().unwrap_or("").trim());
+    let (tables_s, rows_s) = (tables.to_string(), rows.to_string());
+    let image = guest_script(
+        "guest/prepare-mariadb-data.sh",
+        &["--tables", &tables_s, "--rows", &rows_s],
+    )?;
     let dir = image
         .parent()
         .context("image path has a directory")?
