@@ -344,7 +344,7 @@ impl Applier {
         }
         match data {
             Some(d) => {
-                self.ram.page_mut(page)?.copy_from_slice(d);
+                self.ram.write_pages(page, d)?;
                 self.digests.written(page);
                 self.stats.rebuilt_pages += 1;
             }
@@ -624,21 +624,19 @@ fn apply(
     e: &PageEntry,
     dctx: &mut zstd::bulk::Decompressor<'_>,
 ) -> Result<(), DestError> {
-    let dst = ram
-        .page_mut(e.page)
-        .map_err(|err| DestError::BadPage(err.to_string()))?;
+    let bad = |err: crate::ram::RamError| DestError::BadPage(err.to_string());
     match e.encoding {
-        PageEncoding::Raw => dst.copy_from_slice(&e.data),
-        PageEncoding::Zero => dst.fill(0),
-        PageEncoding::Reference => {
-            return Err(DestError::BadPage(format!(
-                "page {}: a reference cannot be applied directly",
-                e.page
-            )))
-        }
+        PageEncoding::Raw => ram.write_pages(e.page, &e.data).map_err(bad),
+        // A hole reads as zero and costs no memory.
+        PageEncoding::Zero => ram.zero_pages(e.page, 1).map_err(bad),
+        PageEncoding::Reference => Err(DestError::BadPage(format!(
+            "page {}: a reference cannot be applied directly",
+            e.page
+        ))),
         PageEncoding::Zstd => {
+            let mut page = [0u8; PAGE_SIZE];
             let n = dctx
-                .decompress_to_buffer(&e.data, dst)
+                .decompress_to_buffer(&e.data, &mut page[..])
                 .map_err(|err| DestError::BadPage(format!("page {}: zstd: {err}", e.page)))?;
             if n != PAGE_SIZE {
                 return Err(DestError::BadPage(format!(
@@ -646,9 +644,9 @@ fn apply(
                     e.page
                 )));
             }
+            ram.write_pages(e.page, &page).map_err(bad)
         }
     }
-    Ok(())
 }
 
 async fn read_pages(s: TcpStream, tx: mpsc::Sender<ApplyInput>, pages: u64) {

@@ -199,14 +199,40 @@ impl Ram<memmap2::MmapMut> {
         })
     }
 
-    /// Mutable bytes of `page`.
-    pub fn page_mut(&mut self, page: u64) -> Result<&mut [u8], RamError> {
+    /// Makes `count` pages from `page` read as zero by punching them out.
+    pub fn zero_pages(&mut self, page: u64, count: u64) -> Result<(), RamError> {
         let pages = self.pages();
-        if page >= pages {
+        if page.checked_add(count).is_none_or(|end| end > pages) {
             return Err(RamError::OutOfRange { page, pages });
         }
-        let start = usize::try_from(page).expect("below pages") * PAGE_SIZE;
-        Ok(&mut self.map[start..start + PAGE_SIZE])
+        sys::file::punch_hole(&self.file, page * PAGE_SIZE_U64, count * PAGE_SIZE_U64).map_err(
+            |source| RamError::Io {
+                path: self.path.clone(),
+                doing: "punching a zero page (fallocate)",
+                source,
+            },
+        )
+    }
+
+    /// Writes whole pages starting at `page` through the file, not the
+    /// mapping: a full-page write to a tmpfs hole allocates the page without
+    /// zeroing it first, where a store through the mapping faults, zeroes the
+    /// page and then copies (measured: zeroing was 15 % of the destination's
+    /// CPU during a rebuild).
+    pub fn write_pages(&mut self, page: u64, data: &[u8]) -> Result<(), RamError> {
+        let pages = self.pages();
+        let count = (data.len() / PAGE_SIZE) as u64;
+        if data.len() % PAGE_SIZE != 0 || page.checked_add(count).is_none_or(|end| end > pages) {
+            return Err(RamError::OutOfRange { page, pages });
+        }
+        use std::os::unix::fs::FileExt;
+        self.file
+            .write_all_at(data, page * PAGE_SIZE_U64)
+            .map_err(|source| RamError::Io {
+                path: self.path.clone(),
+                doing: "writing pages",
+                source,
+            })
     }
 }
 
@@ -278,7 +304,12 @@ mod tests {
         assert!(src.page(64).is_err());
 
         let mut dst = DestRam::open(&path, size).unwrap();
-        dst.page_mut(20).unwrap().fill(9);
+        dst.write_pages(20, &[9u8; PAGE_SIZE]).unwrap();
+        assert!(dst.write_pages(size / PAGE_SIZE_U64, &[0u8; PAGE_SIZE]).is_err());
+        dst.zero_pages(20, 1).unwrap();
+        assert!(is_zero(src.page(20).unwrap()));
+        dst.write_pages(20, &[9u8; PAGE_SIZE]).unwrap();
+        assert!(dst.write_pages(0, &[0u8; 100]).is_err());
         assert_eq!(src.page(20).unwrap()[0], 9, "shared mapping sees the write");
         dst.zero_all().unwrap();
         assert!(is_zero(src.page(10).unwrap()));
