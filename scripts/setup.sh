@@ -28,11 +28,22 @@ if [ "$(id -u)" != 0 ]; then
   echo "setup.sh: run as root (network namespaces, tc and QEMU's page tracking need it)" >&2
   exit 1
 fi
+# qemu-system-x86 and qemu-utils must come from the same QEMU release: a
+# qemu-utils from elsewhere (seen: a backported 10.0 on a machine image) is
+# removed by apt when Debian's qemu-system-x86 arrives, so install them together.
+case " ${need[*]} " in *" qemu-system-x86 "*) need+=(qemu-utils) ;; esac
 if [ ${#need[@]} -gt 0 ]; then
+  mapfile -t need < <(printf '%s\n' "${need[@]}" | sort -u)
   echo "setup.sh: installing ${need[*]}" >&2
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >&2
 fi
+for cmd in qemu-system-x86_64 qemu-img qemu-nbd sysbench mariadb mmdebstrap; do
+  if ! have "$cmd"; then
+    echo "setup.sh: $cmd is still missing after installing packages; install it by hand (apt-get install qemu-utils qemu-system-x86 sysbench mariadb-client mmdebstrap) and run setup.sh again" >&2
+    exit 1
+  fi
+done
 if ! have cargo; then
   echo "setup.sh: cargo is missing: install a Rust toolchain (1.85 or newer)" >&2
   exit 1
