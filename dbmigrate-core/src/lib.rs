@@ -9,6 +9,7 @@
 pub mod bitmap;
 pub mod dest;
 pub mod dirty;
+pub mod layout;
 pub mod limiter;
 pub mod precopy;
 pub mod protocol;

@@ -305,7 +305,9 @@ mod tests {
 
         let mut dst = DestRam::open(&path, size).unwrap();
         dst.write_pages(20, &[9u8; PAGE_SIZE]).unwrap();
-        assert!(dst.write_pages(size / PAGE_SIZE_U64, &[0u8; PAGE_SIZE]).is_err());
+        assert!(dst
+            .write_pages(size / PAGE_SIZE_U64, &[0u8; PAGE_SIZE])
+            .is_err());
         dst.zero_pages(20, 1).unwrap();
         assert!(is_zero(src.page(20).unwrap()));
         dst.write_pages(20, &[9u8; PAGE_SIZE]).unwrap();

@@ -419,10 +419,31 @@ pub fn encode_hint_request(tag: u32) -> [u8; 8] {
     b
 }
 
-/// The tag of a request, or None if `b` is not one.
+/// The tag of a request for hints, or None if `b` is not one.
 pub fn parse_hint_request(b: &[u8; 8]) -> Option<u32> {
-    (b[..4] == HINT_REQUEST_MAGIC.to_le_bytes())
-        .then(|| u32::from_le_bytes([b[4], b[5], b[6], b[7]]))
+    match parse_guest_request(b) {
+        Some(GuestRequest::Hints(tag)) => Some(tag),
+        _ => None,
+    }
+}
+
+/// What the host asks the guest agent for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GuestRequest {
+    /// A hint set (the guest finds the pages).
+    Hints(u32),
+    /// The file layout (the host finds the pages).
+    Layout(u32),
+}
+
+/// Parses an 8-byte request {magic, tag}; None if the magic is unknown.
+pub fn parse_guest_request(b: &[u8; 8]) -> Option<GuestRequest> {
+    let tag = u32::from_le_bytes([b[4], b[5], b[6], b[7]]);
+    match u32::from_le_bytes([b[0], b[1], b[2], b[3]]) {
+        HINT_REQUEST_MAGIC => Some(GuestRequest::Hints(tag)),
+        crate::layout::LAYOUT_REQUEST_MAGIC => Some(GuestRequest::Layout(tag)),
+        _ => None,
+    }
 }
 
 /// An error answer: the guest could not collect hints.
@@ -452,6 +473,13 @@ pub enum HintAnswer {
         /// Request tag.
         tag: u32,
     },
+    /// A file layout with this many body bytes following.
+    Layout {
+        /// Bytes of body that follow.
+        body: usize,
+        /// Request tag.
+        tag: u32,
+    },
     /// An error message of this many bytes follows.
     Error {
         /// Bytes of message that follow.
@@ -475,6 +503,10 @@ pub fn parse_answer_header(b: &[u8]) -> Result<HintAnswer, HintFormatError> {
             len,
             tag: u32::from_le_bytes([b[12], b[13], b[14], b[15]]),
         });
+    }
+    if b.len() >= HINTS_HEADER_LEN && b[..4] == crate::layout::LAYOUT_MAGIC.to_le_bytes() {
+        let (body, tag) = crate::layout::layout_header(b)?;
+        return Ok(HintAnswer::Layout { body, tag });
     }
     let (body, tag) = hint_set_header(b)?;
     Ok(HintAnswer::Hints { body, tag })

@@ -9,7 +9,6 @@
 #![deny(missing_docs)]
 
 pub mod disk;
-pub mod innodb;
 pub mod procmem;
 pub mod sys;
 
@@ -17,6 +16,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use dbmigrate_core::rebuild::GuestHint;
+use dbmigrate_innodb as innodb;
 use mysql_async::prelude::Queryable;
 use serde::Serialize;
 use thiserror::Error;
@@ -124,10 +124,12 @@ pub struct ServerSnapshot {
     pub sql_ms: u64,
 }
 
-/// Runs the queries in `sql/`.
-pub async fn query_server(conn: &mut mysql_async::Conn) -> Result<ServerSnapshot, AgentError> {
+/// The server's page size, pool size and file of each tablespace: the cheap
+/// queries (no buffer-pool listing).
+async fn server_files(
+    conn: &mut mysql_async::Conn,
+) -> Result<(u64, u64, HashMap<u32, PathBuf>), AgentError> {
     let sql = |what| move |source| AgentError::Sql { what, source };
-    let sql_started = std::time::Instant::now();
     let (page_size, datadir, pool): (u64, String, u64) = conn
         .query_first(SERVER_SQL)
         .await
@@ -136,19 +138,11 @@ pub async fn query_server(conn: &mut mysql_async::Conn) -> Result<ServerSnapshot
             what: "server settings",
             source: mysql_async::Error::Other("no row".into()),
         })?;
-    let pages: Vec<(u32, u32, u64, u64)> = conn
-        .query(BUFFER_PAGES_SQL)
-        .await
-        .map_err(sql("buffer pool pages"))?;
-    let listed: HashMap<(u32, u32), bool> = pages
-        .into_iter()
-        .map(|(space, page, oldest, _newest)| ((space, page), oldest != 0))
-        .collect();
     let spaces: Vec<(u32, String)> = conn
         .query(TABLESPACES_SQL)
         .await
         .map_err(sql("tablespaces"))?;
-    let files: HashMap<u32, PathBuf> = spaces
+    let files = spaces
         .into_iter()
         .map(|(space, name)| {
             let p = match name.strip_prefix("./") {
@@ -158,6 +152,24 @@ pub async fn query_server(conn: &mut mysql_async::Conn) -> Result<ServerSnapshot
             (space, p)
         })
         .collect();
+    Ok((page_size, pool, files))
+}
+
+/// Runs the queries in `sql/`.
+pub async fn query_server(conn: &mut mysql_async::Conn) -> Result<ServerSnapshot, AgentError> {
+    let sql_started = std::time::Instant::now();
+    let (page_size, pool, files) = server_files(conn).await?;
+    let pages: Vec<(u32, u32, u64, u64)> =
+        conn.query(BUFFER_PAGES_SQL)
+            .await
+            .map_err(|source| AgentError::Sql {
+                what: "buffer pool pages",
+                source,
+            })?;
+    let listed: HashMap<(u32, u32), bool> = pages
+        .into_iter()
+        .map(|(space, page, oldest, _newest)| ((space, page), oldest != 0))
+        .collect();
     Ok(ServerSnapshot {
         page_size,
         pool,
@@ -165,6 +177,40 @@ pub async fn query_server(conn: &mut mysql_async::Conn) -> Result<ServerSnapshot
         files,
         sql_ms: u64::try_from(sql_started.elapsed().as_millis()).unwrap_or(u64::MAX),
     })
+}
+
+/// Where every tablespace file lies on the VM's disks: the cheap answer, for
+/// a host that finds the frames in guest RAM itself. Files on no VM disk and
+/// the temporary tablespace are left out; only plain extents are listed
+/// (unwritten or encoded ones do not hold the page's bytes).
+pub async fn layout(
+    conn: &mut mysql_async::Conn,
+    cfg: &Config,
+) -> Result<dbmigrate_core::layout::LayoutSet, AgentError> {
+    use dbmigrate_core::layout::{FileLayout, LayoutSet};
+    let (page_size, _pool, files) = server_files(conn).await?;
+    let disks =
+        disk::Disks::new(&cfg.disks).map_err(|(path, source)| AgentError::Disk { path, source })?;
+    let mut out = LayoutSet {
+        page_size: u32::try_from(page_size).unwrap_or(0),
+        files: Vec::new(),
+    };
+    for (space, file) in files {
+        if space == innodb::TEMP_SPACE {
+            continue;
+        }
+        // A file that vanished or sits on no VM disk is just not described.
+        let Ok(Some(place)) = disks.place(&file) else {
+            continue;
+        };
+        out.files.push(FileLayout {
+            id: space,
+            disk: place.disk,
+            extents: disk::plain_extents(&place),
+        });
+    }
+    out.files.sort_by_key(|f| f.id);
+    Ok(out)
 }
 
 /// Collects hints for every clean buffer-pool frame of the server.

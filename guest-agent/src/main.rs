@@ -203,6 +203,45 @@ async fn take_snapshot(
     }
 }
 
+/// The file layout, encoded as the answer to request `tag` (or the reason
+/// there is none). Cheap: two small queries and FIEMAP of each file, so it is
+/// made fresh for every request.
+async fn answer_layout(
+    conn: &mut Option<mysql_async::Conn>,
+    socket: &std::path::Path,
+    user: &str,
+    cfg: &guest_agent::Config,
+    tag: u32,
+) -> Vec<u8> {
+    let started = std::time::Instant::now();
+    let result = async {
+        if conn.is_none() {
+            *conn = Some(connect(socket, user).await?);
+        }
+        let c = conn.as_mut().expect("connected above");
+        guest_agent::layout(c, cfg)
+            .await
+            .map_err(anyhow::Error::new)
+    }
+    .await;
+    match result {
+        Ok(set) => {
+            let extents: usize = set.files.iter().map(|f| f.extents.len()).sum();
+            let ms = started.elapsed().as_millis();
+            tracing::info!(files = set.files.len(), extents, ms, "layout answered");
+            println!(
+                "DBM-AGENT layout ms={ms} files={} extents={extents}",
+                set.files.len()
+            );
+            dbmigrate_core::layout::encode_layout(&set, tag)
+        }
+        Err(e) => {
+            *conn = None;
+            dbmigrate_core::rebuild::encode_hint_error(tag, &format!("{e:#}"))
+        }
+    }
+}
+
 /// The newest hint set the collector made, or why it could not make one.
 #[derive(Default)]
 struct Latest {
@@ -288,7 +327,7 @@ fn serve(
     sql_refresh: std::time::Duration,
     nice: i32,
 ) -> Result<()> {
-    use dbmigrate_core::rebuild::{encode_hint_error, parse_hint_request};
+    use dbmigrate_core::rebuild::{encode_hint_error, parse_guest_request, GuestRequest};
     use std::io::Read;
     let mut dev = std::fs::OpenOptions::new()
         .read(true)
@@ -339,9 +378,18 @@ fn serve(
             continue;
         }
         have = 0;
-        let Some(tag) = parse_hint_request(&req) else {
-            tracing::warn!("ignoring a malformed request");
-            continue;
+        let tag = match parse_guest_request(&req) {
+            Some(GuestRequest::Hints(tag)) => tag,
+            Some(GuestRequest::Layout(tag)) => {
+                let answer = rt.block_on(answer_layout(&mut conn, &socket, &user, &cfg, tag));
+                dev.write_all(&answer)
+                    .context("writing to the virtio-serial port")?;
+                continue;
+            }
+            None => {
+                tracing::warn!("ignoring a malformed request");
+                continue;
+            }
         };
         if on_demand {
             // The scan answers now, with the server's view from after the

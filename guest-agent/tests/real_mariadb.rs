@@ -301,3 +301,58 @@ async fn no_server_and_bad_disk_are_clear_errors() {
     );
     conn.disconnect().await.unwrap();
 }
+
+#[tokio::test(flavor = "current_thread")]
+async fn file_layout_places_every_page_where_the_disk_holds_it() {
+    let s = Server::start("layout");
+    let mut conn = s.conn().await;
+    fill(&mut conn, 20_000).await;
+    wait_clean(&mut conn).await;
+    let cfg = guest_agent::Config {
+        disks: vec![PathBuf::from(&s.loopdev)],
+        pid: Some(s.pid()),
+    };
+    let layout = guest_agent::layout(&mut conn, &cfg).await.expect("layout");
+    assert_eq!(layout.page_size, 16384);
+    let spaces: Vec<(u32, String)> = conn
+        .query("SELECT SPACE, FILENAME FROM information_schema.INNODB_SYS_TABLESPACES")
+        .await
+        .unwrap();
+    // Every tablespace on the disk is described, the temporary one is not.
+    for (space, name) in &spaces {
+        let described = layout.files.iter().any(|f| f.id == *space);
+        assert_eq!(
+            described,
+            !name.ends_with("ibtmp1"),
+            "space {space} ({name}) in the layout: {described}"
+        );
+    }
+    run(&mut Command::new("sync"));
+    let image = std::fs::File::open(&s.image).unwrap();
+    let datadir = s.mnt.join("data");
+    let (mut a, mut b) = (vec![0u8; 4096], vec![0u8; 4096]);
+    let mut checked = 0;
+    for f in &layout.files {
+        let name = &spaces.iter().find(|(id, _)| *id == f.id).unwrap().1;
+        let path = datadir.join(name.trim_start_matches("./"));
+        let file = std::fs::File::open(&path).unwrap();
+        let len = file.metadata().unwrap().len();
+        for off in (0..len).step_by(4096) {
+            let Some(disk_off) = f.locate(off, 4096) else {
+                continue;
+            };
+            file.read_exact_at(&mut a, off).unwrap();
+            image.read_exact_at(&mut b, disk_off).unwrap();
+            assert!(
+                a == b,
+                "{} at {off}: disk offset {disk_off} differs",
+                path.display()
+            );
+            checked += 1;
+        }
+    }
+    assert!(checked > 1000, "only {checked} blocks were placed");
+    let enc = dbmigrate_core::layout::encode_layout(&layout, 1);
+    assert_eq!(dbmigrate_core::layout::decode_layout(&enc).unwrap(), layout);
+    conn.disconnect().await.unwrap();
+}

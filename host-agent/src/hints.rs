@@ -11,12 +11,15 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
+use dbmigrate_core::layout::{decode_layout, encode_layout_request, LayoutSet};
+use dbmigrate_core::ram::SourceRam;
 use dbmigrate_core::rebuild::{
     decode_hints, encode_hint_request, parse_answer_header, GuestHint, Hint, HintAnswer,
     HintSource, HINTS_HEADER_LEN,
 };
 use thiserror::Error;
 
+use crate::framescan::ScanStats;
 use crate::qemu::GpaRange;
 
 /// Failures of the hint channel.
@@ -47,6 +50,12 @@ pub enum HintChannelError {
 }
 
 /// A connection to the guest agent.
+/// A whole answer, header included.
+enum Answer {
+    Hints(Vec<u8>),
+    Layout(Vec<u8>),
+}
+
 pub struct HintChannel {
     path: PathBuf,
     stream: UnixStream,
@@ -70,28 +79,53 @@ impl HintChannel {
 
     /// Asks for a fresh hint set and waits up to `timeout` for it. Answers to
     /// earlier requests that arrive late are skipped.
+    /// Asks for a hint set (the guest finds the pages).
     pub fn fetch(&mut self, timeout: Duration) -> Result<Vec<GuestHint>, HintChannelError> {
         self.tag = self.tag.wrapping_add(1);
-        let io = |doing| {
-            let path = self.path.clone();
-            move |source| HintChannelError::Io {
-                path,
-                doing,
-                source,
-            }
-        };
+        let req = encode_hint_request(self.tag);
+        match self.ask(&req, timeout)? {
+            Answer::Hints(set) => decode_hints(&set).map_err(|e| self.malformed(e.to_string())),
+            Answer::Layout(_) => Err(self.malformed("a layout where hints were asked for".into())),
+        }
+    }
+
+    /// Asks for the file layout (the host finds the pages).
+    pub fn fetch_layout(&mut self, timeout: Duration) -> Result<LayoutSet, HintChannelError> {
+        self.tag = self.tag.wrapping_add(1);
+        let req = encode_layout_request(self.tag);
+        match self.ask(&req, timeout)? {
+            Answer::Layout(b) => decode_layout(&b).map_err(|e| self.malformed(e.to_string())),
+            Answer::Hints(_) => Err(self.malformed(
+                "hints where the layout was asked for (is the guest agent older than the host agent?)"
+                    .into(),
+            )),
+        }
+    }
+
+    fn malformed(&self, problem: String) -> HintChannelError {
+        HintChannelError::Malformed {
+            path: self.path.clone(),
+            problem,
+        }
+    }
+
+    /// Sends `req` and returns the answer carrying the current tag (answers to
+    /// earlier requests that arrive late are skipped), header included.
+    fn ask(&mut self, req: &[u8; 8], timeout: Duration) -> Result<Answer, HintChannelError> {
+        let path = self.path.clone();
         self.stream
-            .write_all(&encode_hint_request(self.tag))
-            .map_err(io("sending a request"))?;
+            .write_all(req)
+            .map_err(|source| HintChannelError::Io {
+                path,
+                doing: "sending a request",
+                source,
+            })?;
         let deadline = Instant::now() + timeout;
         loop {
             let mut head = [0u8; HINTS_HEADER_LEN];
             self.read_until(&mut head, deadline)?;
-            let answer = parse_answer_header(&head).map_err(|e| HintChannelError::Malformed {
-                path: self.path.clone(),
-                problem: e.to_string(),
-            })?;
-            match answer {
+            let answer = parse_answer_header(&head).map_err(|e| self.malformed(e.to_string()))?;
+            let (body, tag) = match answer {
                 HintAnswer::Error { len, tag } => {
                     let mut msg = vec![0u8; len];
                     self.read_until(&mut msg, deadline)?;
@@ -100,18 +134,18 @@ impl HintChannel {
                             String::from_utf8_lossy(&msg).into_owned(),
                         ));
                     }
+                    continue;
                 }
-                HintAnswer::Hints { body, tag } => {
-                    let mut set = vec![0u8; HINTS_HEADER_LEN + body];
-                    set[..HINTS_HEADER_LEN].copy_from_slice(&head);
-                    self.read_until(&mut set[HINTS_HEADER_LEN..], deadline)?;
-                    if tag == self.tag {
-                        return decode_hints(&set).map_err(|e| HintChannelError::Malformed {
-                            path: self.path.clone(),
-                            problem: e.to_string(),
-                        });
-                    }
-                }
+                HintAnswer::Hints { body, tag } | HintAnswer::Layout { body, tag } => (body, tag),
+            };
+            let mut set = vec![0u8; HINTS_HEADER_LEN + body];
+            set[..HINTS_HEADER_LEN].copy_from_slice(&head);
+            self.read_until(&mut set[HINTS_HEADER_LEN..], deadline)?;
+            if tag == self.tag {
+                return Ok(match answer {
+                    HintAnswer::Layout { .. } => Answer::Layout(set),
+                    _ => Answer::Hints(set),
+                });
             }
         }
     }
@@ -215,7 +249,18 @@ pub struct LiveHints {
     table: RwLock<std::collections::HashMap<u64, Hint>>,
     /// Counters.
     pub counters: HintCounters,
+    /// What the newest host-side scan found (host mode only).
+    pub last_scan: std::sync::Mutex<Option<ScanStats>>,
     stop: AtomicBool,
+}
+
+/// Who finds the buffer-pool pages.
+pub enum Finder {
+    /// The guest agent scans the server's memory and sends hints.
+    Guest,
+    /// The guest agent sends the file layout; this host scans guest RAM
+    /// (`ram`, the RAM file mapped read-only) at native speed.
+    Host(SourceRam),
 }
 
 impl HintSource for LiveHints {
@@ -232,10 +277,11 @@ impl LiveHints {
         layout: Vec<GpaRange>,
         disks: usize,
         every: Duration,
+        finder: Finder,
     ) -> Result<Arc<Self>, HintChannelError> {
         let mut ch = HintChannel::connect(path)?;
         let live = Arc::new(Self::default());
-        live.refresh(&mut ch, &layout, disks, Duration::from_secs(30))?;
+        live.refresh(&mut ch, &layout, disks, &finder, Duration::from_secs(30))?;
         let bg = live.clone();
         std::thread::Builder::new()
             .name("hint-refresh".into())
@@ -245,7 +291,9 @@ impl LiveHints {
                     if bg.stop.load(Ordering::Relaxed) {
                         break;
                     }
-                    if let Err(e) = bg.refresh(&mut ch, &layout, disks, Duration::from_secs(30)) {
+                    if let Err(e) =
+                        bg.refresh(&mut ch, &layout, disks, &finder, Duration::from_secs(30))
+                    {
                         bg.counters.failures.fetch_add(1, Ordering::Relaxed);
                         tracing::warn!(
                             "hint refresh failed (pages go raw until the next one): {e}"
@@ -271,11 +319,35 @@ impl LiveHints {
         ch: &mut HintChannel,
         layout: &[GpaRange],
         disks: usize,
+        finder: &Finder,
         timeout: Duration,
     ) -> Result<(), HintChannelError> {
         let t = Instant::now();
-        let hints = ch.fetch(timeout)?;
-        let (table, dropped) = to_table(&hints, layout, disks);
+        let (table, dropped) = match finder {
+            Finder::Guest => to_table(&ch.fetch(timeout)?, layout, disks),
+            Finder::Host(ram) => {
+                let files = ch.fetch_layout(timeout)?;
+                let asked = t.elapsed();
+                let data = ram.data_pages().map_err(|e| HintChannelError::Io {
+                    path: ch.path.clone(),
+                    doing: "finding the RAM file's holes before scanning it",
+                    source: io::Error::other(e.to_string()),
+                })?;
+                let (table, stats) =
+                    crate::framescan::scan_frames(ram.bytes(), &data, layout, &files, disks);
+                tracing::info!(
+                    layout_ms = u64::try_from(asked.as_millis()).unwrap_or(u64::MAX),
+                    scan_ms = u64::try_from((t.elapsed() - asked).as_millis()).unwrap_or(u64::MAX),
+                    files = files.files.len(),
+                    ?stats,
+                    "guest RAM scanned for buffer-pool pages"
+                );
+                if let Ok(mut s) = self.last_scan.lock() {
+                    *s = Some(stats);
+                }
+                (table, 0)
+            }
+        };
         let c = &self.counters;
         c.last_fetch_ms.store(
             u64::try_from(t.elapsed().as_millis()).unwrap_or(u64::MAX),

@@ -1,6 +1,7 @@
 //! `dbmigrate`: live-migrates a running QEMU VM's RAM between hosts, with
 //! QEMU moving only device state (`x-ignore-shared`).
 
+mod framescan;
 mod hints;
 mod nbd;
 mod progress;
@@ -76,6 +77,11 @@ enum Command {
         /// How often to refresh the hints during pre-copy, in milliseconds.
         #[arg(long, default_value_t = 5000, value_parser = clap::value_parser!(u64).range(50..=600_000))]
         hints_refresh_ms: u64,
+        /// Who finds the buffer-pool pages: `host` scans guest RAM here with
+        /// the file layout from the guest agent; `guest` has the guest agent
+        /// scan and check against the server's list of clean pages.
+        #[arg(long, value_enum, default_value = "host")]
+        hint_scan: source::HintScan,
     },
     /// Receive a VM into a QEMU started with `-S -incoming defer` (run on the destination host).
     Receive {
@@ -235,6 +241,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             progress,
             guest_hints,
             hints_refresh_ms,
+            hint_scan,
         } => {
             if max_bytes_factor.is_nan() || max_bytes_factor <= 0.0 {
                 bail!("--max-bytes-factor must be positive");
@@ -264,6 +271,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 quit_source: !keep_source,
                 guest_hints,
                 hints_refresh: Duration::from_millis(hints_refresh_ms),
+                hint_scan,
             }));
             let json = serde_json::to_string_pretty(&r).context("encoding the report")?;
             if let Some(path) = report {

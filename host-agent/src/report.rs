@@ -65,12 +65,20 @@ pub struct HintReport {
     pub failures: u64,
     /// Time the newest set took, ms.
     pub last_fetch_ms: u64,
+    /// Who found the pages: `host` (guest RAM scanned here) or `guest`.
+    pub finder: &'static str,
+    /// What the newest host-side scan found.
+    pub last_scan: Option<crate::framescan::ScanStats>,
 }
 
-impl From<&crate::hints::HintCounters> for HintReport {
-    fn from(c: &crate::hints::HintCounters) -> Self {
+impl From<&crate::hints::LiveHints> for HintReport {
+    fn from(l: &crate::hints::LiveHints) -> Self {
         use std::sync::atomic::Ordering::Relaxed;
+        let c = &l.counters;
+        let last_scan = l.last_scan.lock().ok().and_then(|s| s.clone());
         Self {
+            finder: if last_scan.is_some() { "host" } else { "guest" },
+            last_scan,
             refreshes: c.refreshes.load(Relaxed),
             last_count: c.last_count.load(Relaxed),
             dropped: c.dropped.load(Relaxed),

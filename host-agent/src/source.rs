@@ -37,6 +37,19 @@ pub struct MigrateArgs {
     pub guest_hints: Option<PathBuf>,
     /// How often hints are refreshed.
     pub hints_refresh: Duration,
+    /// Who finds the buffer-pool pages.
+    pub hint_scan: HintScan,
+}
+
+/// Who finds the buffer-pool pages in guest RAM.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum HintScan {
+    /// The guest agent sends only where each tablespace lies on the disks;
+    /// this host finds the frames in guest RAM (native speed, almost no guest CPU).
+    Host,
+    /// The guest agent finds the frames and checks them against the server's
+    /// list of clean pages (costs guest CPU and an INFORMATION_SCHEMA query).
+    Guest,
 }
 
 /// Where the migration stands, for the cleanup path.
@@ -172,8 +185,15 @@ async fn run(
             args.hints_refresh,
             disks.len(),
         );
+        let finder = if args.hint_scan == HintScan::Host {
+            let ram = SourceRam::open(&backend.mem_path, backend.size)
+                .context("mapping the source RAM file for the buffer-pool scan")?;
+            crate::hints::Finder::Host(ram)
+        } else {
+            crate::hints::Finder::Guest
+        };
         let live = tokio::task::spawn_blocking(move || {
-            crate::hints::LiveHints::start(&path, layout, n, every)
+            crate::hints::LiveHints::start(&path, layout, n, every, finder)
         })
         .await
         .context("starting the hint channel")?
@@ -207,7 +227,7 @@ async fn run(
     let result = drive(args, qmp, undo, report, start, backend.size, &mut session).await;
     if let Some(l) = &live_hints {
         l.stop();
-        report.hints = Some(crate::report::HintReport::from(&l.counters));
+        report.hints = Some(crate::report::HintReport::from(l.as_ref()));
     }
     report.stats = session.stats.clone();
     let (raw, zero, zstd) = session.stats.page_totals();

@@ -73,8 +73,8 @@ fn migrate_under_load(
     src: &Vm,
     dst: &Vm,
     hints: &Path,
-    secs: u32,
-    warmup: u64,
+    scan: &str,
+    (secs, warmup): (u32, u64),
 ) -> (Value, String, (Child, std::path::PathBuf)) {
     let dir = bed.tb.dir.clone();
     let mut recv = bed.tb.receive_cmd(dst).unwrap();
@@ -87,7 +87,7 @@ fn migrate_under_load(
     let mut mig = bed.tb.migrate_cmd(src, &report_path).unwrap();
     mig.arg("--guest-hints")
         .arg(hints)
-        .args(["--progress", "never"]);
+        .args(["--hint-scan", scan, "--progress", "never"]);
     let out = mig.output().unwrap();
     let recv_out = recv.wait_with_output().unwrap();
     let recv_log = std::fs::read_to_string(dir.join("receive.log")).unwrap_or_default();
@@ -139,10 +139,16 @@ fn mariadb_under_sysbench_migrates_with_rebuild_from_shared_storage() {
         &src,
         &dst,
         &bed.hints_socket("db-src"),
-        45,
-        10,
+        "host",
+        (45, 10),
     );
     assert_eq!(report["vm_runs_on"], "destination");
+    // The host found the frames in guest RAM with the guest's file layout.
+    assert_eq!(report["hints"]["finder"], "host", "{report:#}");
+    assert!(
+        report["hints"]["last_scan"]["pages"].as_u64().unwrap_or(0) > 100,
+        "{report:#}"
+    );
     let rebuilt = report["pages"]["rebuilt"].as_u64().unwrap();
     assert!(
         rebuilt > 1000,
@@ -201,8 +207,9 @@ fn corrupting_relay(qemu_socket: &Path, listen: &Path) -> std::thread::JoinHandl
             if guest.read_exact(&mut head).is_err() {
                 return;
             }
-            let (body, tag) = match parse_answer_header(&head).unwrap() {
-                HintAnswer::Hints { body, tag } => (body, tag),
+            let answer = parse_answer_header(&head).unwrap();
+            let (body, tag) = match answer {
+                HintAnswer::Hints { body, tag } | HintAnswer::Layout { body, tag } => (body, tag),
                 HintAnswer::Error { len, .. } => (len, u32::MAX),
             };
             let mut rest = vec![0u8; body];
@@ -213,6 +220,12 @@ fn corrupting_relay(qemu_socket: &Path, listen: &Path) -> std::thread::JoinHandl
             }
             let mut set = head.to_vec();
             set.extend_from_slice(&rest);
+            if let HintAnswer::Layout { .. } = answer {
+                if host.write_all(&corrupt_layout(&set, tag)).is_err() {
+                    return;
+                }
+                continue;
+            }
             let mut hints = decode_hints(&set).unwrap();
             let real = hints.clone();
             for (i, h) in hints.iter_mut().enumerate() {
@@ -245,6 +258,29 @@ fn corrupting_relay(qemu_socket: &Path, listen: &Path) -> std::thread::JoinHandl
     })
 }
 
+/// A layout as a broken or hostile guest agent might send it: a third of
+/// the tablespaces shifted by one page on disk (every page of theirs
+/// mismatches), one placed beyond any disk, one on a disk the VM lacks.
+fn corrupt_layout(set: &[u8], tag: u32) -> Vec<u8> {
+    use dbmigrate_core::layout::{decode_layout, encode_layout};
+    let mut l = decode_layout(set).unwrap();
+    let n = l.files.len();
+    for (i, f) in l.files.iter_mut().enumerate() {
+        for e in &mut f.extents {
+            if i % 3 == 0 {
+                e.disk_offset += 16384;
+            }
+            if i == n - 1 {
+                e.disk_offset += 1 << 50;
+            }
+        }
+        if i == n - 2 {
+            f.disk = 7;
+        }
+    }
+    encode_layout(&l, tag)
+}
+
 #[test]
 fn wrong_and_hostile_hints_cost_resends_never_correctness() {
     let guest = mariadb_guest(TABLES, ROWS).unwrap();
@@ -254,7 +290,8 @@ fn wrong_and_hostile_hints_cost_resends_never_correctness() {
     let relay_path = dir.join("relay.hints");
     let _relay = corrupting_relay(&bed.hints_socket("db-src"), &relay_path);
 
-    let (report, _, sysbench) = migrate_under_load(&bed, &guest, &src, &dst, &relay_path, 40, 8);
+    let (report, _, sysbench) =
+        migrate_under_load(&bed, &guest, &src, &dst, &relay_path, "guest", (40, 8));
     // Byte-exact anyway: full-RAM digests matched at switchover.
     assert_eq!(report["ram_verified"], Value::Bool(true), "{report:#}");
     let mismatches = report["pages"]["rebuild_mismatch"].as_u64().unwrap();
@@ -280,6 +317,41 @@ fn wrong_and_hostile_hints_cost_resends_never_correctness() {
         "foreign-disk hints were not dropped: {report:#}"
     );
     // The right ones still rebuilt pages.
+    assert!(
+        report["pages"]["rebuilt"].as_u64().unwrap() > 100,
+        "{report:#}"
+    );
+    load_survived(&bed, &mut src, sysbench);
+    drop(dst);
+}
+
+#[test]
+fn a_wrong_file_layout_costs_resends_never_correctness() {
+    let guest = mariadb_guest(TABLES, ROWS).unwrap();
+    let bed = DbBed::new(&guest, 1000, 1000).unwrap();
+    let (mut src, dst) = boot(&bed, &guest);
+    let relay_path = bed.tb.dir.join("relay.hints");
+    let _relay = corrupting_relay(&bed.hints_socket("db-src"), &relay_path);
+
+    let (report, _, sysbench) =
+        migrate_under_load(&bed, &guest, &src, &dst, &relay_path, "host", (40, 8));
+    assert_eq!(report["ram_verified"], Value::Bool(true), "{report:#}");
+    assert_eq!(report["hints"]["finder"], "host", "{report:#}");
+    let mismatches = report["pages"]["rebuild_mismatch"].as_u64().unwrap();
+    assert!(
+        mismatches >= 100,
+        "shifted extents were not caught as mismatches: {report:#}"
+    );
+    let rejected: u64 = report["stats"]["rounds"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["rejected_hints"].as_u64().unwrap_or(0))
+        .sum();
+    assert!(
+        rejected > 0,
+        "pages placed beyond the disk were followed: {report:#}"
+    );
     assert!(
         report["pages"]["rebuilt"].as_u64().unwrap() > 100,
         "{report:#}"

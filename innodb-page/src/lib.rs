@@ -1,4 +1,6 @@
 //! InnoDB page headers (FIL header and trailer), parsed from raw frames.
+//! Used inside the guest (the agent reads the server's buffer pool) and on
+//! the source host (the agent finds frames in guest RAM itself).
 //!
 //! Offsets (storage/innobase/include/fil0fil.h): page number at 4..8, LSN at
 //! 16..24, page type at 24..26, space id at 34..38, all big-endian. The low
@@ -46,8 +48,12 @@ pub fn parse_parts(head: &[u8], tail: &[u8]) -> Option<FilHeader> {
     let page_type = u16::from_be_bytes([head[24], head[25]]);
     let space = be32(head, 34);
     let low = be32(head, 20);
-    // A zero low half matches any zeroed trailer: too weak to count.
-    if lsn == 0 || low == 0 || space == TEMP_SPACE {
+    // A zero low half matches any zeroed trailer: too weak to count. Memory
+    // filled with one byte (poisoned or freed, seen as 0xcc and 0xff frames
+    // in a guest) repeats its "LSN" in its "trailer" too. Space 0xffffffff
+    // is InnoDB's undefined id.
+    let uniform = head[4..HEAD_LEN].iter().all(|&b| b == head[4]);
+    if lsn == 0 || low == 0 || space == TEMP_SPACE || space == u32::MAX || uniform {
         return None;
     }
     let t = tail.len() - TAIL_LEN;
@@ -124,6 +130,11 @@ mod tests {
         assert_eq!(parse(&p), None);
         // All zero (a chunk descriptor area would read as space 0, page 0).
         assert_eq!(parse(&[0u8; 16384]), None);
+        // Memory filled with one byte.
+        assert_eq!(parse(&[0xccu8; 16384]), None);
+        let mut p = vec![0x01u8; 16384];
+        p[..4].copy_from_slice(&[9, 9, 9, 9]);
+        assert_eq!(parse(&p), None);
         // The temporary tablespace.
         assert_eq!(parse(&page(TEMP_SPACE, 1, 7, false)), None);
         // Odd sizes.

@@ -1,0 +1,314 @@
+//! Where a guest's files lie on its disks: the guest agent's cheap answer.
+//!
+//! Instead of finding every buffered page itself (slow inside a guest under
+//! emulation), the guest agent can send the layout of the files that hold
+//! pages: per file an id, the disk, and the extents (file offset -> disk
+//! offset). The source host then finds page frames in guest RAM itself and
+//! turns (file id, page number) into a disk offset with [`FileLayout::locate`].
+//! The engine does not know what a file id means; the host agent does.
+//!
+//! Wire format (little-endian), answering a request {"DBMR", tag}: a 16-byte
+//! header {"DBML", version, reserved, body length, tag}, then the body
+//! {page size u32, file count u32, files...}, each file {id u32, disk u16,
+//! reserved u16, extent count u32, extents...}, each extent {file offset u64,
+//! disk offset u64, length u64}. Everything comes from the guest and is
+//! bounded before use.
+
+use thiserror::Error;
+
+use crate::rebuild::{HintFormatError, HINTS_HEADER_LEN, HINTS_VERSION};
+
+/// Magic of a layout answer: "DBML".
+pub const LAYOUT_MAGIC: u32 = u32::from_le_bytes(*b"DBML");
+/// Magic of a request for the layout (host to guest, 8 bytes: magic, tag): "DBMR".
+pub const LAYOUT_REQUEST_MAGIC: u32 = u32::from_le_bytes(*b"DBMR");
+/// Largest layout body accepted (about 700,000 extents).
+pub const MAX_LAYOUT_BYTES: usize = 16 << 20;
+/// Most files one layout may describe.
+pub const MAX_FILES: usize = 1 << 16;
+const FILE_HEAD: usize = 12;
+const EXTENT_LEN: usize = 24;
+
+/// One contiguous piece of a file on a disk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Extent {
+    /// Byte offset in the file.
+    pub file_offset: u64,
+    /// Byte offset on the disk (partition start included).
+    pub disk_offset: u64,
+    /// Bytes.
+    pub len: u64,
+}
+
+/// A file's place on one of the VM's disks.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FileLayout {
+    /// The guest's id for the file (for InnoDB: the tablespace id).
+    pub id: u32,
+    /// Disk index, as in hints.
+    pub disk: u16,
+    /// Extents sorted by file offset, not overlapping.
+    pub extents: Vec<Extent>,
+}
+
+/// The layout answer.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LayoutSet {
+    /// Size of one page of these files (a power of two, 4 KiB to 64 KiB).
+    pub page_size: u32,
+    /// The files.
+    pub files: Vec<FileLayout>,
+}
+
+/// Why a layout was refused.
+#[derive(Clone, Debug, PartialEq, Eq, Error)]
+pub enum LayoutError {
+    /// The header is wrong.
+    #[error(transparent)]
+    Header(#[from] HintFormatError),
+    /// The body is inconsistent.
+    #[error("malformed file layout from the guest: {0}")]
+    Body(&'static str),
+}
+
+impl FileLayout {
+    /// Disk offset of `len` bytes at `file_offset`, if they sit inside one
+    /// extent. Pure.
+    pub fn locate(&self, file_offset: u64, len: u64) -> Option<u64> {
+        let i = self
+            .extents
+            .partition_point(|e| e.file_offset <= file_offset)
+            .checked_sub(1)?;
+        let e = &self.extents[i];
+        let end = file_offset.checked_add(len)?;
+        (end <= e.file_offset + e.len).then(|| e.disk_offset + (file_offset - e.file_offset))
+    }
+}
+
+/// A request for the layout.
+pub fn encode_layout_request(tag: u32) -> [u8; 8] {
+    let mut b = [0u8; 8];
+    b[..4].copy_from_slice(&LAYOUT_REQUEST_MAGIC.to_le_bytes());
+    b[4..].copy_from_slice(&tag.to_le_bytes());
+    b
+}
+
+/// Encodes a layout answer to the request tagged `tag`.
+pub fn encode_layout(set: &LayoutSet, tag: u32) -> Vec<u8> {
+    let mut body = Vec::new();
+    body.extend_from_slice(&set.page_size.to_le_bytes());
+    body.extend_from_slice(
+        &u32::try_from(set.files.len())
+            .unwrap_or(u32::MAX)
+            .to_le_bytes(),
+    );
+    for f in &set.files {
+        body.extend_from_slice(&f.id.to_le_bytes());
+        body.extend_from_slice(&f.disk.to_le_bytes());
+        body.extend_from_slice(&0u16.to_le_bytes());
+        body.extend_from_slice(
+            &u32::try_from(f.extents.len())
+                .unwrap_or(u32::MAX)
+                .to_le_bytes(),
+        );
+        for e in &f.extents {
+            body.extend_from_slice(&e.file_offset.to_le_bytes());
+            body.extend_from_slice(&e.disk_offset.to_le_bytes());
+            body.extend_from_slice(&e.len.to_le_bytes());
+        }
+    }
+    let mut out = Vec::with_capacity(HINTS_HEADER_LEN + body.len());
+    out.extend_from_slice(&LAYOUT_MAGIC.to_le_bytes());
+    out.extend_from_slice(&HINTS_VERSION.to_le_bytes());
+    out.extend_from_slice(&0u16.to_le_bytes());
+    out.extend_from_slice(&u32::try_from(body.len()).unwrap_or(u32::MAX).to_le_bytes());
+    out.extend_from_slice(&tag.to_le_bytes());
+    out.extend_from_slice(&body);
+    out
+}
+
+/// Checks a layout answer's 16-byte header; returns (body bytes that follow, tag).
+pub fn layout_header(b: &[u8]) -> Result<(usize, u32), HintFormatError> {
+    if b.len() < HINTS_HEADER_LEN {
+        return Err(HintFormatError::Short(b.len()));
+    }
+    let u32_at = |i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
+    if u32_at(0) != LAYOUT_MAGIC {
+        return Err(HintFormatError::Magic(u32_at(0)));
+    }
+    let version = u16::from_le_bytes([b[4], b[5]]);
+    if version != HINTS_VERSION {
+        return Err(HintFormatError::Version(version));
+    }
+    let body = u32_at(8) as usize;
+    if body > MAX_LAYOUT_BYTES {
+        return Err(HintFormatError::Count {
+            count: body as u64,
+            bytes: b.len(),
+        });
+    }
+    Ok((body, u32_at(12)))
+}
+
+/// Decodes a layout answer (header and body) from an untrusted guest.
+pub fn decode_layout(b: &[u8]) -> Result<LayoutSet, LayoutError> {
+    let (body_len, _tag) = layout_header(b)?;
+    let body = &b[HINTS_HEADER_LEN..];
+    if body.len() != body_len {
+        return Err(LayoutError::Body("body length differs from the header's"));
+    }
+    let mut r = Reader(body);
+    let page_size = r.u32()?;
+    if !page_size.is_power_of_two() || !(4096..=65536).contains(&page_size) {
+        return Err(LayoutError::Body(
+            "page size is not a power of two from 4 KiB to 64 KiB",
+        ));
+    }
+    let nfiles = r.u32()? as usize;
+    if nfiles > MAX_FILES || nfiles * FILE_HEAD > r.0.len() {
+        return Err(LayoutError::Body("more files than the body can hold"));
+    }
+    let mut files = Vec::with_capacity(nfiles);
+    for _ in 0..nfiles {
+        let id = r.u32()?;
+        let disk = r.u16()?;
+        r.u16()?;
+        let n = r.u32()? as usize;
+        if n.checked_mul(EXTENT_LEN)
+            .is_none_or(|need| need > r.0.len())
+        {
+            return Err(LayoutError::Body("more extents than the body can hold"));
+        }
+        let mut extents = Vec::with_capacity(n);
+        for _ in 0..n {
+            let e = Extent {
+                file_offset: r.u64()?,
+                disk_offset: r.u64()?,
+                len: r.u64()?,
+            };
+            let aligned = (e.file_offset | e.disk_offset | e.len) % 4096 == 0;
+            if !aligned || e.len == 0 {
+                return Err(LayoutError::Body("an extent is empty or not 4 KiB aligned"));
+            }
+            if e.file_offset.checked_add(e.len).is_none()
+                || e.disk_offset.checked_add(e.len).is_none()
+            {
+                return Err(LayoutError::Body("an extent ends beyond 2^64"));
+            }
+            extents.push(e);
+        }
+        extents.sort_unstable_by_key(|e| e.file_offset);
+        if extents
+            .windows(2)
+            .any(|w| w[0].file_offset + w[0].len > w[1].file_offset)
+        {
+            return Err(LayoutError::Body("extents of one file overlap"));
+        }
+        files.push(FileLayout { id, disk, extents });
+    }
+    if !r.0.is_empty() {
+        return Err(LayoutError::Body("bytes left after the last file"));
+    }
+    Ok(LayoutSet { page_size, files })
+}
+
+struct Reader<'a>(&'a [u8]);
+
+impl Reader<'_> {
+    fn take<const N: usize>(&mut self) -> Result<[u8; N], LayoutError> {
+        let (head, rest) = self
+            .0
+            .split_first_chunk::<N>()
+            .ok_or(LayoutError::Body("truncated"))?;
+        self.0 = rest;
+        Ok(*head)
+    }
+    fn u16(&mut self) -> Result<u16, LayoutError> {
+        self.take().map(u16::from_le_bytes)
+    }
+    fn u32(&mut self) -> Result<u32, LayoutError> {
+        self.take().map(u32::from_le_bytes)
+    }
+    fn u64(&mut self) -> Result<u64, LayoutError> {
+        self.take().map(u64::from_le_bytes)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> LayoutSet {
+        LayoutSet {
+            page_size: 16384,
+            files: vec![
+                FileLayout {
+                    id: 5,
+                    disk: 0,
+                    extents: vec![
+                        Extent {
+                            file_offset: 0,
+                            disk_offset: 1 << 20,
+                            len: 65536,
+                        },
+                        Extent {
+                            file_offset: 65536,
+                            disk_offset: 8 << 20,
+                            len: 16384,
+                        },
+                    ],
+                },
+                FileLayout {
+                    id: 0,
+                    disk: 1,
+                    extents: vec![],
+                },
+            ],
+        }
+    }
+
+    #[test]
+    fn round_trips_and_locates() {
+        let s = sample();
+        let b = encode_layout(&s, 3);
+        assert_eq!(layout_header(&b).unwrap().1, 3);
+        assert_eq!(decode_layout(&b).unwrap(), s);
+        let f = &s.files[0];
+        assert_eq!(f.locate(4096, 4096), Some((1 << 20) + 4096));
+        assert_eq!(f.locate(65536 + 8192, 4096), Some((8 << 20) + 8192));
+        assert_eq!(f.locate(61440, 8192), None, "straddles two extents");
+        assert_eq!(f.locate(81920, 4096), None, "beyond the file");
+        assert_eq!(f.locate(u64::MAX - 10, 4096), None);
+        assert_eq!(s.files[1].locate(0, 4096), None);
+    }
+
+    #[test]
+    fn refuses_hostile_layouts() {
+        let b = encode_layout(&sample(), 1);
+        for cut in [0, 10, 16, 20, b.len() - 1] {
+            assert!(decode_layout(&b[..cut]).is_err(), "cut at {cut}");
+        }
+        let mut bad = b.clone();
+        bad[16..20].copy_from_slice(&5000u32.to_le_bytes()); // page size
+        assert!(decode_layout(&bad).is_err());
+        let mut bad = b.clone();
+        bad[20..24].copy_from_slice(&u32::MAX.to_le_bytes()); // file count
+        assert!(decode_layout(&bad).is_err());
+        let mut bad = b.clone();
+        bad[32..36].copy_from_slice(&u32::MAX.to_le_bytes()); // extent count
+        assert!(decode_layout(&bad).is_err());
+        let mut bad = b.clone();
+        bad[36..44].copy_from_slice(&100u64.to_le_bytes()); // misaligned offset
+        assert!(decode_layout(&bad).is_err());
+        let mut s = sample();
+        s.files[0].extents[1].file_offset = 4096; // overlaps the first
+        assert!(decode_layout(&encode_layout(&s, 1)).is_err());
+        let mut bad = b;
+        bad[8..12].copy_from_slice(&u32::MAX.to_le_bytes()); // body length
+        assert!(decode_layout(&bad).is_err());
+        assert_eq!(
+            crate::rebuild::parse_guest_request(&encode_layout_request(4)),
+            Some(crate::rebuild::GuestRequest::Layout(4))
+        );
+    }
+}
