@@ -58,6 +58,66 @@ pub struct LayoutSet {
     pub page_size: u32,
     /// The files.
     pub files: Vec<FileLayout>,
+    /// Where the cache's page-sized frames sit in guest-physical memory, as
+    /// [`frame_entries`] encodes them. Empty: the host scans all of RAM and
+    /// finds only frames that are physically contiguous.
+    pub frames: Vec<u64>,
+}
+
+/// Most frame entries one layout may carry (64 GiB of 4 KiB pages).
+pub const MAX_FRAME_ENTRIES: usize = 1 << 24;
+/// Low bit of a frame entry: the frame's 4 KiB pages are not contiguous and
+/// the addresses of the others follow.
+pub const SCATTERED: u64 = 1;
+
+/// Encodes frames given as the guest-physical address of each of their 4 KiB
+/// pages: one entry (the first address) for a physically contiguous frame,
+/// or the first address with [`SCATTERED`] set followed by the other pages'
+/// addresses. Pure.
+pub fn frame_entries(frames: &[Vec<u64>]) -> Vec<u64> {
+    let mut out = Vec::with_capacity(frames.len());
+    for f in frames {
+        let Some(&first) = f.first() else { continue };
+        let contiguous = f
+            .iter()
+            .enumerate()
+            .all(|(i, &a)| a == first + i as u64 * 4096);
+        if contiguous {
+            out.push(first);
+        } else {
+            out.push(first | SCATTERED);
+            out.extend_from_slice(&f[1..]);
+        }
+    }
+    out
+}
+
+/// Decodes [`frame_entries`] for frames of `sub` 4 KiB pages into the
+/// address of each page, frame after frame; None if the list is malformed.
+pub fn frame_pages(entries: &[u64], sub: usize) -> Option<Vec<Vec<u64>>> {
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < entries.len() {
+        let e = entries[i];
+        if e & SCATTERED == 0 {
+            if e % 4096 != 0 {
+                return None;
+            }
+            out.push((0..sub as u64).map(|k| e + k * 4096).collect());
+            i += 1;
+        } else {
+            let rest = entries.get(i + 1..i + sub)?;
+            let first = e & !SCATTERED;
+            if first % 4096 != 0 || rest.iter().any(|a| a % 4096 != 0) {
+                return None;
+            }
+            let mut f = vec![first];
+            f.extend_from_slice(rest);
+            out.push(f);
+            i += sub;
+        }
+    }
+    Some(out)
 }
 
 /// Why a layout was refused.
@@ -116,6 +176,14 @@ pub fn encode_layout(set: &LayoutSet, tag: u32) -> Vec<u8> {
             body.extend_from_slice(&e.disk_offset.to_le_bytes());
             body.extend_from_slice(&e.len.to_le_bytes());
         }
+    }
+    body.extend_from_slice(
+        &u32::try_from(set.frames.len())
+            .unwrap_or(u32::MAX)
+            .to_le_bytes(),
+    );
+    for e in &set.frames {
+        body.extend_from_slice(&e.to_le_bytes());
     }
     let mut out = Vec::with_capacity(HINTS_HEADER_LEN + body.len());
     out.extend_from_slice(&LAYOUT_MAGIC.to_le_bytes());
@@ -206,10 +274,26 @@ pub fn decode_layout(b: &[u8]) -> Result<LayoutSet, LayoutError> {
         }
         files.push(FileLayout { id, disk, extents });
     }
-    if !r.0.is_empty() {
-        return Err(LayoutError::Body("bytes left after the last file"));
+    let nframes = r.u32()? as usize;
+    if nframes > MAX_FRAME_ENTRIES || nframes * 8 != r.0.len() {
+        return Err(LayoutError::Body(
+            "frame entries do not fill the rest of the body",
+        ));
     }
-    Ok(LayoutSet { page_size, files })
+    let mut frames = Vec::with_capacity(nframes);
+    for _ in 0..nframes {
+        frames.push(r.u64()?);
+    }
+    if frame_pages(&frames, (page_size / 4096) as usize).is_none() {
+        return Err(LayoutError::Body(
+            "a frame entry is misaligned or cut short",
+        ));
+    }
+    Ok(LayoutSet {
+        page_size,
+        files,
+        frames,
+    })
 }
 
 struct Reader<'a>(&'a [u8]);
@@ -264,6 +348,10 @@ mod tests {
                     extents: vec![],
                 },
             ],
+            frames: frame_entries(&[
+                vec![0x10000, 0x11000, 0x12000, 0x13000],
+                vec![0x40000, 0x9000, 0x41000, 0x42000],
+            ]),
         }
     }
 
@@ -280,6 +368,19 @@ mod tests {
         assert_eq!(f.locate(81920, 4096), None, "beyond the file");
         assert_eq!(f.locate(u64::MAX - 10, 4096), None);
         assert_eq!(s.files[1].locate(0, 4096), None);
+    }
+
+    #[test]
+    fn frames_compress_when_contiguous() {
+        let f = vec![
+            vec![0x10000, 0x11000, 0x12000, 0x13000],
+            vec![0x40000, 0x9000, 0x41000, 0x42000],
+        ];
+        let e = frame_entries(&f);
+        assert_eq!(e.len(), 1 + 4);
+        assert_eq!(frame_pages(&e, 4).unwrap(), f);
+        assert_eq!(frame_pages(&e[..3], 4), None, "cut short");
+        assert_eq!(frame_pages(&[0x10001 & !1 | 0x800], 4), None, "misaligned");
     }
 
     #[test]
@@ -302,6 +403,9 @@ mod tests {
         assert!(decode_layout(&bad).is_err());
         let mut s = sample();
         s.files[0].extents[1].file_offset = 4096; // overlaps the first
+        assert!(decode_layout(&encode_layout(&s, 1)).is_err());
+        let mut s = sample();
+        s.frames.pop(); // a scattered frame cut short
         assert!(decode_layout(&encode_layout(&s, 1)).is_err());
         let mut bad = b;
         bad[8..12].copy_from_slice(&u32::MAX.to_le_bytes()); // body length

@@ -188,12 +188,14 @@ pub async fn layout(
     cfg: &Config,
 ) -> Result<dbmigrate_core::layout::LayoutSet, AgentError> {
     use dbmigrate_core::layout::{FileLayout, LayoutSet};
-    let (page_size, _pool, files) = server_files(conn).await?;
+    let (page_size, pool, files) = server_files(conn).await?;
+    let frames = pool_frames(cfg, pool, page_size)?;
     let disks =
         disk::Disks::new(&cfg.disks).map_err(|(path, source)| AgentError::Disk { path, source })?;
     let mut out = LayoutSet {
         page_size: u32::try_from(page_size).unwrap_or(0),
         files: Vec::new(),
+        frames: dbmigrate_core::layout::frame_entries(&frames),
     };
     for (space, file) in files {
         if space == innodb::TEMP_SPACE {
@@ -210,6 +212,60 @@ pub async fn layout(
         });
     }
     out.files.sort_by_key(|f| f.id);
+    Ok(out)
+}
+
+/// The server's pid: configured, or found by name.
+fn server_pid(cfg: &Config) -> Result<u32, AgentError> {
+    match cfg.pid {
+        Some(p) => Ok(p),
+        None => procmem::find_server()
+            .map_err(|source| AgentError::Proc {
+                pid: 0,
+                doing: "list processes",
+                source,
+            })?
+            .ok_or(AgentError::NoServer),
+    }
+}
+
+/// Guest-physical address of each 4 KiB page of every frame-aligned,
+/// fully resident frame in the server's large anonymous mappings (the
+/// buffer pool among them): the pagemap only, no frame is read.
+pub fn pool_frames(cfg: &Config, pool: u64, page_size: u64) -> Result<Vec<Vec<u64>>, AgentError> {
+    let pid = server_pid(cfg)?;
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).map_err(|source| {
+        AgentError::Proc {
+            pid,
+            doing: "read the maps",
+            source,
+        }
+    })?;
+    let mem = procmem::ProcMem::open(pid).map_err(|source| AgentError::Proc {
+        pid,
+        doing: "open the pagemap",
+        source,
+    })?;
+    let page_size = page_size.clamp(4096, 65536);
+    let sub = usize::try_from(page_size / 4096).expect("at most 16");
+    const WINDOW: u64 = 64 << 20;
+    let mut out = Vec::new();
+    for (start, end) in procmem::anon_rw_mappings(&maps, pool.min(16 << 20)) {
+        let mut at = start.next_multiple_of(page_size);
+        while at + page_size <= end {
+            let len = (end - at).min(WINDOW) / page_size * page_size;
+            let n = usize::try_from(len / 4096).expect("at most a window");
+            let Ok(pfns) = mem.frames(at, n) else {
+                break;
+            };
+            for f in pfns.chunks_exact(sub) {
+                if let Some(pages) = f.iter().map(|p| p.map(|pfn| pfn * 4096)).collect() {
+                    out.push(pages);
+                }
+            }
+            at += len;
+        }
+    }
     Ok(out)
 }
 
@@ -235,16 +291,7 @@ pub fn scan(
         &snap.files,
         snap.sql_ms,
     );
-    let pid = match cfg.pid {
-        Some(p) => p,
-        None => procmem::find_server()
-            .map_err(|source| AgentError::Proc {
-                pid: 0,
-                doing: "list processes",
-                source,
-            })?
-            .ok_or(AgentError::NoServer)?,
-    };
+    let pid = server_pid(cfg)?;
     let disks =
         disk::Disks::new(&cfg.disks).map_err(|(path, source)| AgentError::Disk { path, source })?;
     let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).map_err(|source| {

@@ -314,6 +314,9 @@ async fn file_layout_places_every_page_where_the_disk_holds_it() {
     };
     let layout = guest_agent::layout(&mut conn, &cfg).await.expect("layout");
     assert_eq!(layout.page_size, 16384);
+    // The buffer pool's frames, as guest-physical pages (here: host-physical).
+    let frames = dbmigrate_core::layout::frame_pages(&layout.frames, 4).unwrap();
+    assert!(frames.len() > 500, "{} frames listed", frames.len());
     let spaces: Vec<(u32, String)> = conn
         .query("SELECT SPACE, FILENAME FROM information_schema.INNODB_SYS_TABLESPACES")
         .await

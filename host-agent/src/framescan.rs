@@ -10,9 +10,9 @@
 use std::collections::HashMap;
 
 use dbmigrate_core::bitmap::PageBitmap;
-use dbmigrate_core::layout::{FileLayout, LayoutSet};
+use dbmigrate_core::layout::{frame_pages, FileLayout, LayoutSet};
 use dbmigrate_core::rebuild::Hint;
-use dbmigrate_core::PAGE_SIZE_U64;
+use dbmigrate_core::{PAGE_SIZE, PAGE_SIZE_U64};
 use serde::Serialize;
 
 use crate::qemu::GpaRange;
@@ -57,9 +57,19 @@ fn ram_spans(gpa_layout: &[GpaRange], ps: u64) -> Vec<(u64, u64)> {
     merged
 }
 
-/// Scans `ram` (the RAM file's bytes; `data` marks pages that are not holes,
-/// so that reading never allocates) for frames of `layout.page_size`, aligned
-/// in guest-physical space, and returns hints per RAM-file page. Pure.
+/// RAM-file offset of guest-physical address `gpa`, if RAM is there. Pure.
+pub fn ram_offset(gpa_layout: &[GpaRange], gpa: u64) -> Option<u64> {
+    gpa_layout
+        .iter()
+        .find(|r| gpa >= r.gpa && gpa - r.gpa < r.len)
+        .map(|r| r.offset + (gpa - r.gpa))
+}
+
+/// Finds flushed InnoDB pages in `ram` (the RAM file's bytes; `data` marks
+/// pages that are not holes, so that reading never allocates) and returns
+/// hints per RAM-file page. The frames examined are those the guest listed
+/// in `layout.frames` (wherever their 4 KiB pages are), or, if it listed
+/// none, every frame-aligned, physically contiguous piece of RAM. Pure.
 pub fn scan_frames(
     ram: &[u8],
     data: &PageBitmap,
@@ -72,42 +82,76 @@ pub fn scan_frames(
     if !ps.is_power_of_two() || !(PAGE_SIZE_U64..=65536).contains(&ps) {
         return (HashMap::new(), stats);
     }
+    let sub = ps / PAGE_SIZE_U64;
+    let sub_n = usize::try_from(sub).expect("at most 16");
+    // Each candidate frame as the RAM-file page of each of its 4 KiB pages.
+    let candidates: Vec<Vec<u64>> = if layout.frames.is_empty() {
+        ram_spans(gpa_layout, ps)
+            .into_iter()
+            .flat_map(|(start, end)| {
+                let first = start.next_multiple_of(ps);
+                let count = end.saturating_sub(first) / ps;
+                (0..count).map(move |i| {
+                    let p0 = (first + i * ps) / PAGE_SIZE_U64;
+                    (p0..p0 + sub).collect()
+                })
+            })
+            .collect()
+    } else {
+        frame_pages(&layout.frames, sub_n)
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|f| {
+                f.iter()
+                    .map(|&gpa| ram_offset(gpa_layout, gpa).map(|o| o / PAGE_SIZE_U64))
+                    .collect::<Option<Vec<u64>>>()
+            })
+            .collect()
+    };
     let files: HashMap<u32, &FileLayout> = layout
         .files
         .iter()
         .filter(|f| usize::from(f.disk) < disks)
         .map(|f| (f.id, f))
         .collect();
-    let sub = ps / PAGE_SIZE_U64;
+    let ram_pages = ram.len() as u64 / PAGE_SIZE_U64;
     // (space, page) -> newest LSN among the frames that hold it. Copies of
     // the newest version (the guest's page cache holds some, byte-identical)
     // are all hinted; older copies (free frames, stale reads) are not: the
     // disk holds the newest flushed version.
     let mut newest: HashMap<(u32, u32), u64> = HashMap::new();
-    let mut frames: Vec<(u64, dbmigrate_innodb::FilHeader)> = Vec::new();
-    for (start, end) in ram_spans(gpa_layout, ps) {
-        let first = start.next_multiple_of(ps);
-        let count = end.saturating_sub(first) / ps;
-        for off in (0..count).map(|i| first + i * ps) {
-            let page0 = off / PAGE_SIZE_U64;
-            if off + ps > ram.len() as u64 || !(page0..page0 + sub).all(|p| data.get(p)) {
-                continue;
-            }
-            stats.frames += 1;
-            let start = usize::try_from(off).expect("inside the mapping");
-            let frame = &ram[start..start + usize::try_from(ps).expect("at most 64 KiB")];
-            let Some(h) = dbmigrate_innodb::parse(frame) else {
-                continue;
-            };
-            stats.pages += 1;
-            let n = newest.entry((h.space, h.page)).or_insert(h.lsn);
-            *n = (*n).max(h.lsn);
-            frames.push((off, h));
+    let mut found: Vec<(usize, dbmigrate_innodb::FilHeader)> = Vec::new();
+    let mut buf = vec![0u8; sub_n * PAGE_SIZE];
+    let page_bytes = |p: u64| {
+        let s = usize::try_from(p * PAGE_SIZE_U64).expect("inside the mapping");
+        &ram[s..s + PAGE_SIZE]
+    };
+    for (i, f) in candidates.iter().enumerate() {
+        if f.iter().any(|&p| p >= ram_pages || !data.get(p)) {
+            continue;
         }
+        stats.frames += 1;
+        let contiguous = f.windows(2).all(|w| w[1] == w[0] + 1);
+        let frame: &[u8] = if contiguous {
+            let s = usize::try_from(f[0] * PAGE_SIZE_U64).expect("inside the mapping");
+            &ram[s..s + sub_n * PAGE_SIZE]
+        } else {
+            for (k, &p) in f.iter().enumerate() {
+                buf[k * PAGE_SIZE..(k + 1) * PAGE_SIZE].copy_from_slice(page_bytes(p));
+            }
+            &buf
+        };
+        let Some(h) = dbmigrate_innodb::parse(frame) else {
+            continue;
+        };
+        stats.pages += 1;
+        let n = newest.entry((h.space, h.page)).or_insert(h.lsn);
+        *n = (*n).max(h.lsn);
+        found.push((i, h));
     }
     let mut unknown: HashMap<u32, u64> = HashMap::new();
-    let mut table = HashMap::with_capacity(frames.len() * usize::try_from(sub).unwrap_or(4));
-    for (off, h) in frames {
+    let mut table = HashMap::with_capacity(found.len() * sub_n);
+    for (i, h) in found {
         if newest.get(&(h.space, h.page)) != Some(&h.lsn) {
             stats.older_copies += 1;
             continue;
@@ -117,12 +161,12 @@ pub fn scan_frames(
             *unknown.entry(h.space).or_default() += 1;
             continue;
         };
-        for i in 0..sub {
-            let file_off = u64::from(h.page) * ps + i * PAGE_SIZE_U64;
+        for (k, &ram_page) in candidates[i].iter().enumerate() {
+            let file_off = u64::from(h.page) * ps + k as u64 * PAGE_SIZE_U64;
             match f.locate(file_off, PAGE_SIZE_U64) {
                 Some(disk_off) => {
                     table.insert(
-                        off / PAGE_SIZE_U64 + i,
+                        ram_page,
                         Hint {
                             disk: f.disk,
                             offset: disk_off,
@@ -204,6 +248,7 @@ mod tests {
                     }],
                 },
             ],
+            frames: vec![],
         };
         let gpa = [GpaRange {
             gpa: 0,
@@ -236,6 +281,29 @@ mod tests {
             scan_frames(&ram, &data, &aliased, &layout, 1),
             (t.clone(), s.clone())
         );
+        // Frames the guest lists are read wherever their pages are: a page
+        // scattered over RAM pages 60, 50, 51, 52 (hinted per RAM page), and
+        // a frame outside RAM is skipped.
+        let mut ram2 = vec![0u8; 64 * 4096];
+        let p = page(5, 1, 200);
+        for (k, at) in [60usize, 50, 51, 52].iter().enumerate() {
+            ram2[at * 4096..(at + 1) * 4096].copy_from_slice(&p[k * 4096..(k + 1) * 4096]);
+        }
+        let mut listed = layout.clone();
+        listed.frames = dbmigrate_core::layout::frame_entries(&[
+            vec![60 * 4096, 50 * 4096, 51 * 4096, 52 * 4096],
+            vec![
+                1 << 40,
+                (1 << 40) + 4096,
+                (1 << 40) + 8192,
+                (1 << 40) + 12288,
+            ],
+        ]);
+        let (t2, s2) = scan_frames(&ram2, &data, &gpa, &listed, 1);
+        assert_eq!(s2.frames, 1);
+        assert_eq!(t2.len(), 4);
+        assert_eq!(t2[&60].offset, (1 << 20) + 16384);
+        assert_eq!(t2[&52].offset, (1 << 20) + 16384 + 3 * 4096);
         // A foreign disk index is never used.
         let (t, _) = scan_frames(&ram, &data, &gpa, &layout, 0);
         assert!(t.is_empty());
@@ -243,6 +311,7 @@ mod tests {
         let bad = LayoutSet {
             page_size: 3,
             files: vec![],
+            frames: vec![],
         };
         assert!(scan_frames(&ram, &data, &gpa, &bad, 1).0.is_empty());
     }

@@ -208,11 +208,7 @@ pub fn to_table(
     let mut table = std::collections::HashMap::with_capacity(hints.len());
     let mut dropped = 0;
     for h in hints {
-        let offset = layout
-            .iter()
-            .find(|r| h.gpa >= r.gpa && h.gpa - r.gpa < r.len)
-            .map(|r| r.offset + (h.gpa - r.gpa));
-        match offset {
+        match crate::framescan::ram_offset(layout, h.gpa) {
             Some(off) if off % 4096 == 0 && usize::from(h.disk) < disks && h.clean => {
                 table.insert(
                     off / 4096,
