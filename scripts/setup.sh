@@ -31,12 +31,20 @@ fi
 # qemu-system-x86 and qemu-utils must come from the same QEMU release: a
 # qemu-utils from elsewhere (seen: a backported 10.0 on a machine image) is
 # removed by apt when Debian's qemu-system-x86 arrives, so install them together.
-case " ${need[*]} " in *" qemu-system-x86 "*) need+=(qemu-utils) ;; esac
+# A newer qemu-utils that is already installed makes apt refuse instead, so
+# ask for qemu-system-x86's own version (a downgrade if need be).
 if [ ${#need[@]} -gt 0 ]; then
   mapfile -t need < <(printf '%s\n' "${need[@]}" | sort -u)
   echo "setup.sh: installing ${need[*]}" >&2
   apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >&2
+  case " ${need[*]} " in
+    *" qemu-system-x86 "*)
+      qver=$(apt-cache policy qemu-system-x86 | awk '/Candidate:/ {print $2}')
+      mapfile -t need < <(printf '%s\n' "${need[@]}" | grep -vx qemu-utils)
+      need+=("qemu-utils=$qver")
+      ;;
+  esac
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --allow-downgrades --no-install-recommends "${need[@]}" >&2
 fi
 for cmd in qemu-system-x86_64 qemu-img qemu-nbd sysbench mariadb mmdebstrap; do
   if ! have "$cmd"; then

@@ -336,24 +336,49 @@ impl Applier {
         Ok(())
     }
 
-    fn resolved(&mut self, page: u64, version: u32, data: Option<&[u8]>) -> Result<(), DestError> {
-        self.outstanding -= 1;
-        let idx = usize::try_from(page).expect("page checked when the reference arrived");
-        if self.version[idx] != version {
-            return Ok(()); // a newer message about this page already decided it
-        }
-        match data {
-            Some(d) => {
-                self.ram.write_pages(page, d)?;
-                self.digests.written(page);
-                self.stats.rebuilt_pages += 1;
+    /// Applies one storage read: pages whose hash matched and whose version
+    /// is still current are written, consecutive RAM pages in one write
+    /// (buffer-pool frames are 4 consecutive pages); a mismatch goes on the
+    /// list of pages to ask the source for.
+    fn resolved_run(&mut self, pages: &[(u64, u32, bool)], data: &[u8]) -> Result<(), DestError> {
+        self.outstanding -= pages.len() as u64;
+        // (first RAM page, first index in `pages`, count) of the pending write.
+        let mut group: Option<(u64, usize, usize)> = None;
+        for (i, &(page, version, ok)) in pages.iter().enumerate() {
+            let idx = usize::try_from(page).expect("page checked when the reference arrived");
+            if self.version[idx] != version {
+                continue; // a newer message about this page already decided it
             }
-            None => {
+            if !ok {
                 self.stats.rebuild_mismatch += 1;
                 self.need.push(page);
+                continue;
+            }
+            self.digests.written(page);
+            self.stats.rebuilt_pages += 1;
+            match &mut group {
+                Some((first, at, n)) if *first + *n as u64 == page && *at + *n == i => *n += 1,
+                _ => {
+                    if let Some(g) = group.replace((page, i, 1)) {
+                        self.write_group(g, data)?;
+                    }
+                }
             }
         }
+        if let Some(g) = group {
+            self.write_group(g, data)?;
+        }
         Ok(())
+    }
+
+    fn write_group(
+        &mut self,
+        (page, at, n): (u64, usize, usize),
+        data: &[u8],
+    ) -> Result<(), DestError> {
+        Ok(self
+            .ram
+            .write_pages(page, &data[at * PAGE_SIZE..(at + n) * PAGE_SIZE])?)
     }
 
     fn run(
@@ -395,16 +420,15 @@ impl Applier {
                     bytes += b;
                 }
                 ApplyInput::Failed(e) => return Err(e),
-                ApplyInput::Resolved { pages, data } => {
-                    for ((page, version, ok), d) in
-                        pages.into_iter().zip(data.chunks_exact(PAGE_SIZE))
-                    {
-                        self.resolved(page, version, ok.then_some(d))?;
-                    }
-                }
+                ApplyInput::Resolved { pages, data } => self.resolved_run(&pages, &data)?,
             }
             if drains == self.conns && self.outstanding == 0 {
                 drains = 0;
+                // Catch the switchover digests up before answering: the
+                // source may stop the VM next, and hashing now keeps a big
+                // round's pages out of the downtime (the source sends nothing
+                // until this answer, so no page waits for it).
+                while self.digests.hash_one(self.ram.bytes()) {}
                 let n = self.need.len().min(protocol::MAX_NEED);
                 let need: Vec<u64> = self.need.drain(..n).collect();
                 let _ = drained.send(Message::Drained {

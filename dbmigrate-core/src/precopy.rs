@@ -309,6 +309,8 @@ pub struct SourceSession {
     /// Pages the destination could not rebuild: always sent raw from now on.
     no_ref: PageBitmap,
     round: u32,
+    /// Digests kept current while the VM runs (None while a refresh has them).
+    source_digests: Option<verify::SourceDigests>,
     digests: Option<Vec<u128>>,
     /// Statistics so far.
     pub stats: MigrationStats,
@@ -384,6 +386,7 @@ impl SourceSession {
             pending: PageBitmap::new(pages),
             no_ref: PageBitmap::new(pages),
             round: 0,
+            source_digests: Some(verify::SourceDigests::new(pages, verify::CHUNK_PAGES)),
             digests: None,
             stats,
         })
@@ -406,10 +409,16 @@ impl SourceSession {
         loop {
             let to_send = std::mem::replace(&mut self.pending, PageBitmap::new(self.ram.pages()));
             let round = self.round;
+            // The switchover digests are brought up to date on another
+            // thread while the round is sent (never during a collect).
+            let hashing = self.refresh_digests(1);
             // Round 0 skips zero pages: the destination RAM starts as holes.
-            let mut rs = self.send_round(&to_send, round, round == 0).await?;
+            let sent = self.send_round(&to_send, round, round == 0).await;
+            self.source_digests = Some(Self::refreshed(hashing).await?);
+            let mut rs = sent?;
             let scan = Instant::now();
             let dirty = self.tracker.collect(&mut self.pending)?;
+            self.mark_written();
             tracing::debug!(
                 round,
                 dirty,
@@ -452,21 +461,12 @@ impl SourceSession {
         // Writes between the last collect and the pause are caught here; with
         // the VM paused nothing can be written after this collect.
         self.tracker.collect(&mut self.pending)?;
+        self.mark_written();
         let to_send = std::mem::replace(&mut self.pending, PageBitmap::new(self.ram.pages()));
-        // RAM no longer changes: hash it while the last pages are on the wire,
-        // so verification adds only the destination's hashing to the downtime.
+        // RAM no longer changes: hash what changed since the last refresh
+        // while the last pages are on the wire.
         let t = Instant::now();
-        let ram = self.ram.clone();
-        let threads = self.cfg.verify_threads;
-        let hashing = tokio::task::spawn_blocking(move || -> Result<Vec<u128>, RamError> {
-            let data = ram.data_pages()?;
-            Ok(verify::ram_digests(
-                ram.bytes(),
-                &data,
-                verify::CHUNK_PAGES,
-                threads,
-            ))
-        });
+        let hashing = self.refresh_digests(self.cfg.verify_threads);
         let mut rs = self.send_round(&to_send, self.round, false).await?;
         self.round += 1;
         // Pages whose reference did not match storage go raw until none is
@@ -504,14 +504,16 @@ impl SourceSession {
             self.stats.bytes_sent += sent;
         }
         self.stats.rounds.push(rs.clone());
-        let digests = hashing
-            .await
-            .map_err(|e| PrecopyError::Worker(e.to_string()))??;
+        let d = Self::refreshed(hashing).await?;
+        if !d.is_current() {
+            return Err(PrecopyError::Worker("hashing the source RAM failed".into()));
+        }
         tracing::debug!(
             hash_ms = u64::try_from(t.elapsed().as_millis()).unwrap_or(u64::MAX),
             "source RAM hashed"
         );
-        self.digests = Some(digests);
+        self.digests = Some(d.digests().to_vec());
+        self.source_digests = Some(d);
         Ok(rs)
     }
 
@@ -617,6 +619,39 @@ impl SourceSession {
             got: got.name(),
             expected,
         }
+    }
+
+    /// Marks for hashing every pending page: all the last collect reported
+    /// are among them (the others, pages the destination asked for, cost
+    /// only a needless re-hash of their chunk).
+    fn mark_written(&mut self) {
+        if let Some(d) = self.source_digests.as_mut() {
+            d.mark(&self.pending);
+        }
+    }
+
+    /// Starts hashing the marked chunks on a blocking thread; the digests
+    /// come back through [`SourceSession::refreshed`].
+    fn refresh_digests(
+        &mut self,
+        threads: usize,
+    ) -> tokio::task::JoinHandle<Result<verify::SourceDigests, RamError>> {
+        let ram = self.ram.clone();
+        let mut d = self
+            .source_digests
+            .take()
+            .unwrap_or_else(|| verify::SourceDigests::new(ram.pages(), verify::CHUNK_PAGES));
+        tokio::task::spawn_blocking(move || {
+            let data = ram.data_pages()?;
+            d.refresh(ram.bytes(), &data, threads);
+            Ok(d)
+        })
+    }
+
+    async fn refreshed(
+        h: tokio::task::JoinHandle<Result<verify::SourceDigests, RamError>>,
+    ) -> Result<verify::SourceDigests, PrecopyError> {
+        Ok(h.await.map_err(|e| PrecopyError::Worker(e.to_string()))??)
     }
 
     async fn send_round(

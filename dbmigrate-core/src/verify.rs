@@ -126,6 +126,99 @@ impl IncrementalDigests {
     }
 }
 
+/// The source's digests, kept current while the VM runs: a chunk is hashed
+/// again only after dirty tracking reported a write in it, so at the
+/// switchover only what the last round touched is hashed, not all of RAM.
+///
+/// Correct as long as [`SourceDigests::mark`] gets every page reported by
+/// each collect and no refresh runs concurrently with a collect: a write
+/// before a chunk's hash is in the hash, a write after it is in a later
+/// collect and marks the chunk again.
+pub struct SourceDigests {
+    chunk_pages: u64,
+    pages: u64,
+    digests: Vec<u128>,
+    stale: PageBitmap,
+}
+
+impl SourceDigests {
+    /// Digests of `pages` pages, all still to be hashed.
+    pub fn new(pages: u64, chunk_pages: u32) -> Self {
+        let cp = u64::from(chunk_pages.max(1));
+        let chunks = pages.div_ceil(cp);
+        let mut stale = PageBitmap::new(chunks);
+        stale.set_range(0, chunks);
+        Self {
+            chunk_pages: cp,
+            pages,
+            digests: vec![0; usize::try_from(chunks).expect("chunk count fits")],
+            stale,
+        }
+    }
+
+    /// Marks the chunks of every page in `written` for hashing.
+    pub fn mark(&mut self, written: &PageBitmap) {
+        for p in written.iter() {
+            self.stale.set(p / self.chunk_pages);
+        }
+    }
+
+    /// Hashes the marked chunks of `ram` (`data`: pages that are not holes)
+    /// on `threads` threads; returns how many.
+    pub fn refresh(&mut self, ram: &[u8], data: &PageBitmap, threads: usize) -> usize {
+        let todo: Vec<u64> = self.stale.iter().collect();
+        for &c in &todo {
+            self.stale.unset(c);
+        }
+        let threads = threads.clamp(1, 16);
+        let per = todo.len().div_ceil(threads).max(1);
+        let (cp, pages) = (self.chunk_pages, self.pages);
+        let results: Vec<Vec<(u64, u128)>> = std::thread::scope(|s| {
+            let handles: Vec<_> = todo
+                .chunks(per)
+                .map(|part| {
+                    s.spawn(move || {
+                        part.iter()
+                            .map(|&c| {
+                                (
+                                    c,
+                                    chunk_digest(ram, data, c * cp, ((c + 1) * cp).min(pages)),
+                                )
+                            })
+                            .collect()
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap_or_default())
+                .collect()
+        });
+        let mut done = 0;
+        for (c, d) in results.into_iter().flatten() {
+            self.digests[usize::try_from(c).expect("chunk index fits")] = d;
+            done += 1;
+        }
+        // A hashing thread that died leaves its chunks unhashed: mark them again.
+        if done < todo.len() {
+            for &c in &todo {
+                self.stale.set(c);
+            }
+        }
+        done
+    }
+
+    /// True when every chunk's digest is current.
+    pub fn is_current(&self) -> bool {
+        self.stale.is_clear()
+    }
+
+    /// The digests (current only if [`SourceDigests::is_current`]).
+    pub fn digests(&self) -> &[u128] {
+        &self.digests
+    }
+}
+
 /// Indexes of chunks whose digests differ (a length difference counts every extra chunk).
 pub fn mismatched_chunks(ours: &[u128], theirs: &[u128]) -> Vec<u32> {
     let n = ours.len().max(theirs.len());
@@ -156,6 +249,27 @@ mod tests {
         }
         inc.written(pages + 5); // out of range: ignored
         assert_eq!(inc.finish(&ram), ram_digests(&ram, &all, CHUNK_PAGES, 2));
+    }
+
+    #[test]
+    fn source_digests_follow_marked_writes() {
+        let pages = 1300u64;
+        let mut ram = vec![0u8; usize::try_from(pages).unwrap() * PAGE_SIZE];
+        ram[7] = 1;
+        let mut all = PageBitmap::new(pages);
+        all.set_range(0, pages);
+        let mut d = SourceDigests::new(pages, CHUNK_PAGES);
+        assert!(!d.is_current());
+        assert_eq!(d.refresh(&ram, &all, 2), 3);
+        assert!(d.is_current());
+        assert_eq!(d.digests(), ram_digests(&ram, &all, CHUNK_PAGES, 1));
+        // A write reported by a collect is hashed again, only its chunk.
+        ram[1100 * PAGE_SIZE] = 5;
+        let mut dirty = PageBitmap::new(pages);
+        dirty.set(1100);
+        d.mark(&dirty);
+        assert_eq!(d.refresh(&ram, &all, 2), 1);
+        assert_eq!(d.digests(), ram_digests(&ram, &all, CHUNK_PAGES, 1));
     }
 
     #[test]
