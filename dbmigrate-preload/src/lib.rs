@@ -4,6 +4,11 @@
 //! asynchronous write-protect. The dbmigrate agent then reads and re-arms the
 //! written-page bits from outside with `PAGEMAP_SCAN` on `/proc/PID/pagemap`.
 //!
+//! With `DBMIGRATE_POSTCOPY_SOCKET` set (a post-copy destination), it
+//! registers the mapping for missing-page faults instead and offers the
+//! userfaultfd on that unix socket (`SCM_RIGHTS`, with the mapping's address
+//! and length) to the destination agent, which fills pages as they arrive.
+//!
 //! Userfaultfd registration must happen inside the process that owns the
 //! mapping, which is why this library exists. It never allocates and never
 //! panics on QEMU's `mmap` path; a failed registration is reported on
@@ -161,6 +166,10 @@ fn maybe_track(addr: u64, len: u64, fd: i32) {
     // SAFETY: sysconf only reads a system constant.
     let page = u64::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096);
     let len = len.div_ceil(page.max(1)).saturating_mul(page.max(1));
+    if let Some(sock) = postcopy_socket() {
+        serve_postcopy(path, addr, len, sock);
+        return;
+    }
     match dbmigrate_uffd::register_wp_async(addr, len) {
         Ok(uffd) => {
             // Kept open for the life of the process: closing it would end tracking.
@@ -173,5 +182,62 @@ fn maybe_track(addr: u64, len: u64, fd: i32) {
         Err(e) => say(format_args!(
             "dbmigrate-preload: cannot write-protect {path}: {e}\n"
         )),
+    }
+}
+
+fn postcopy_socket() -> Option<std::path::PathBuf> {
+    std::env::var_os("DBMIGRATE_POSTCOPY_SOCKET").map(std::path::PathBuf::from)
+}
+
+/// Post-copy destination: registers the RAM mapping for missing-page faults
+/// and hands the descriptor, with the mapping's address and length, to
+/// whoever connects to `sock` (the destination agent). QEMU keeps its own
+/// copy open, so an agent that dies leaves faults blocked, never filled
+/// with zeros behind the guest's back.
+fn serve_postcopy(path: &str, addr: u64, len: u64, sock: std::path::PathBuf) {
+    // Not on an allocation path: the RAM file is mapped once, at startup.
+    let uffd = match dbmigrate_uffd::register_missing(addr, len) {
+        Ok(u) => u,
+        Err(e) => {
+            say(format_args!(
+                "dbmigrate-preload: cannot register {path} for post-copy: {e}\n"
+            ));
+            return;
+        }
+    };
+    let _ = std::fs::remove_file(&sock);
+    let listener = match std::os::unix::net::UnixListener::bind(&sock) {
+        Ok(l) => l,
+        Err(e) => {
+            say(format_args!(
+                "dbmigrate-preload: cannot listen on {}: {e}\n",
+                sock.display()
+            ));
+            return;
+        }
+    };
+    say(format_args!(
+        "dbmigrate-preload: post-copy for {path} at {addr:#x}-{:#x}, descriptor offered on {}\n",
+        addr.wrapping_add(len),
+        sock.display()
+    ));
+    let mut payload = [0u8; 16];
+    payload[..8].copy_from_slice(&addr.to_le_bytes());
+    payload[8..].copy_from_slice(&len.to_le_bytes());
+    let spawned = std::thread::Builder::new()
+        .name("dbmigrate-uffd".into())
+        .spawn(move || {
+            for conn in listener.incoming().flatten() {
+                if let Err(e) = dbmigrate_uffd::send_fd(&conn, &uffd, &payload) {
+                    say(format_args!(
+                        "dbmigrate-preload: handing over the post-copy descriptor failed: {e}\n"
+                    ));
+                }
+            }
+        });
+    if let Err(e) = spawned {
+        say(format_args!(
+            "dbmigrate-preload: cannot start the post-copy descriptor thread: {e}\n"
+        ));
     }
 }

@@ -1,8 +1,11 @@
-//! The userfaultfd and `PAGEMAP_SCAN` calls behind dbmigrate's dirty tracking.
+//! The userfaultfd and `PAGEMAP_SCAN` calls behind dbmigrate's dirty tracking
+//! and post-copy.
 //!
-//! Shared by the preload library (which registers QEMU's RAM mapping with
-//! asynchronous write-protect from inside QEMU) and the agent (which scans
-//! and re-arms that mapping from outside through `/proc/PID/pagemap`).
+//! Shared by the preload library (which registers QEMU's RAM mapping from
+//! inside QEMU: asynchronous write-protect on a source, missing-page faults
+//! on a post-copy destination) and the agent (which scans and re-arms that
+//! mapping from outside through `/proc/PID/pagemap`, or serves its faults
+//! through the descriptor the library hands over a unix socket).
 //! Layouts and numbers follow `linux/userfaultfd.h` and `linux/fs.h` (6.7+).
 //! No allocation happens in [`register_wp_async`]: it runs inside QEMU's
 //! `mmap` interposer.
@@ -22,7 +25,12 @@ pub const UFFD_FEATURE_WP_UNPOPULATED: u64 = 1 << 13;
 /// `UFFD_FEATURE_WP_ASYNC`: the kernel resolves write faults itself and only records them.
 pub const UFFD_FEATURE_WP_ASYNC: u64 = 1 << 15;
 const UFFD_USER_MODE_ONLY: libc::c_int = 1;
+const UFFDIO_REGISTER_MODE_MISSING: u64 = 1 << 0;
 const UFFDIO_REGISTER_MODE_WP: u64 = 1 << 1;
+/// `UFFD_EVENT_PAGEFAULT`.
+const UFFD_EVENT_PAGEFAULT: u8 = 0x12;
+/// Size of `struct uffd_msg`.
+const UFFD_MSG_LEN: usize = 32;
 const UFFDIO_WRITEPROTECT_MODE_WP: u64 = 1 << 0;
 
 /// `_IOWR(type, nr, size)`.
@@ -32,6 +40,8 @@ const fn iowr(ty: u64, nr: u64, size: u64) -> u64 {
 const UFFDIO_API: u64 = iowr(0xAA, 0x3F, 24);
 const UFFDIO_REGISTER: u64 = iowr(0xAA, 0x00, 32);
 const UFFDIO_WRITEPROTECT: u64 = iowr(0xAA, 0x06, 24);
+/// `UFFDIO_WAKE = _IOR(0xAA, 0x02, struct uffdio_range)`.
+const UFFDIO_WAKE: u64 = (2 << 30) | (16 << 16) | (0xAA << 8) | 0x02;
 /// `PAGEMAP_SCAN = _IOWR('f', 16, struct pm_scan_arg)`.
 const PAGEMAP_SCAN: u64 = iowr(b'f' as u64, 16, 96);
 
@@ -128,21 +138,7 @@ fn step<T>(step: &'static str, r: libc::c_long, ok: T) -> Result<T, RegisterErro
 /// write-protect tracking and protects all of it. The returned descriptor
 /// must stay open for as long as tracking is wanted.
 pub fn register_wp_async(addr: u64, len: u64) -> Result<OwnedFd, RegisterError> {
-    let flags = libc::O_CLOEXEC | libc::O_NONBLOCK;
-    // SAFETY: userfaultfd takes only flags and returns a new descriptor or -1.
-    let mut fd = unsafe { libc::syscall(libc::SYS_userfaultfd, flags) };
-    if fd < 0 {
-        // Unprivileged processes may only get user-mode-only descriptors.
-        // SAFETY: as above.
-        fd = unsafe { libc::syscall(libc::SYS_userfaultfd, flags | UFFD_USER_MODE_ONLY) };
-    }
-    let raw = step("userfaultfd", fd, fd)?;
-    let raw = libc::c_int::try_from(raw).map_err(|_| RegisterError {
-        step: "userfaultfd",
-        error: io::Error::from_raw_os_error(libc::EBADF),
-    })?;
-    // SAFETY: `raw` is a fresh descriptor that nothing else owns.
-    let uffd = unsafe { OwnedFd::from_raw_fd(raw) };
+    let uffd = open_uffd()?;
     let mut api = UffdioApi {
         api: UFFD_API,
         features: UFFD_FEATURE_WP_ASYNC
@@ -183,6 +179,204 @@ pub fn register_wp_async(addr: u64, len: u64) -> Result<OwnedFd, RegisterError> 
     };
     step("UFFDIO_WRITEPROTECT", libc::c_long::from(r), ())?;
     Ok(uffd)
+}
+
+/// Registers `addr..addr+len` of the calling process for missing-page
+/// faults: from now on, touching a page that the backing file does not hold
+/// blocks the toucher until the descriptor's owner fills the page and wakes
+/// it. Used on a post-copy destination; the descriptor must stay open.
+pub fn register_missing(addr: u64, len: u64) -> Result<OwnedFd, RegisterError> {
+    let uffd = open_uffd()?;
+    let mut api = UffdioApi {
+        api: UFFD_API,
+        features: 0,
+        ioctls: 0,
+    };
+    // SAFETY: UFFDIO_API reads and writes a `struct uffdio_api` we own.
+    let r = unsafe { libc::ioctl(uffd.as_raw_fd(), UFFDIO_API, &mut api as *mut UffdioApi) };
+    step("UFFDIO_API", libc::c_long::from(r), ())?;
+    let mut reg = UffdioRegister {
+        range: UffdioRange { start: addr, len },
+        mode: UFFDIO_REGISTER_MODE_MISSING,
+        ioctls: 0,
+    };
+    // SAFETY: UFFDIO_REGISTER reads and writes a `struct uffdio_register` we
+    // own; it only changes how faults in the caller's range are handled.
+    let r = unsafe {
+        libc::ioctl(
+            uffd.as_raw_fd(),
+            UFFDIO_REGISTER,
+            &mut reg as *mut UffdioRegister,
+        )
+    };
+    step("UFFDIO_REGISTER", libc::c_long::from(r), ())?;
+    Ok(uffd)
+}
+
+fn open_uffd() -> Result<OwnedFd, RegisterError> {
+    let flags = libc::O_CLOEXEC | libc::O_NONBLOCK;
+    // SAFETY: userfaultfd takes only flags and returns a new descriptor or -1.
+    let mut fd = unsafe { libc::syscall(libc::SYS_userfaultfd, flags) };
+    if fd < 0 {
+        // Unprivileged processes may only get user-mode-only descriptors.
+        // SAFETY: as above.
+        fd = unsafe { libc::syscall(libc::SYS_userfaultfd, flags | UFFD_USER_MODE_ONLY) };
+    }
+    let raw = step("userfaultfd", fd, fd)?;
+    let raw = libc::c_int::try_from(raw).map_err(|_| RegisterError {
+        step: "userfaultfd",
+        error: io::Error::from_raw_os_error(libc::EBADF),
+    })?;
+    // SAFETY: `raw` is a fresh descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
+}
+
+/// Waits up to `timeout_ms` for page faults on `uffd` and appends the
+/// faulting addresses to `out`. Returns false on timeout.
+pub fn read_faults(uffd: &OwnedFd, timeout_ms: i32, out: &mut Vec<u64>) -> io::Result<bool> {
+    let mut pfd = libc::pollfd {
+        fd: uffd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: poll reads and writes one `pollfd` we own.
+    let r = unsafe { libc::poll(&mut pfd, 1, timeout_ms) };
+    if r < 0 {
+        let e = io::Error::last_os_error();
+        return if e.kind() == io::ErrorKind::Interrupted {
+            Ok(false)
+        } else {
+            Err(e)
+        };
+    }
+    if r == 0 {
+        return Ok(false);
+    }
+    let mut buf = [0u8; UFFD_MSG_LEN * 64];
+    loop {
+        // SAFETY: read writes at most `buf.len()` bytes into our buffer.
+        let n = unsafe { libc::read(uffd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::WouldBlock {
+                return Ok(true);
+            }
+            return Err(e);
+        }
+        let n = usize::try_from(n).unwrap_or(0);
+        if n == 0 {
+            return Ok(true);
+        }
+        out.extend(parse_fault_messages(&buf[..n]));
+        if n < buf.len() {
+            return Ok(true);
+        }
+    }
+}
+
+/// Faulting addresses in a buffer of `struct uffd_msg` (other events and a
+/// trailing partial message are skipped).
+pub fn parse_fault_messages(buf: &[u8]) -> impl Iterator<Item = u64> + '_ {
+    buf.chunks_exact(UFFD_MSG_LEN)
+        .filter(|m| m[0] == UFFD_EVENT_PAGEFAULT)
+        .map(|m| u64::from_ne_bytes(m[16..24].try_into().expect("8 bytes")))
+}
+
+/// Wakes the threads blocked on faults in `start..start+len` (the pages
+/// were filled through the file).
+pub fn wake(uffd: &OwnedFd, start: u64, len: u64) -> io::Result<()> {
+    let mut range = UffdioRange { start, len };
+    // SAFETY: UFFDIO_WAKE reads a `struct uffdio_range` we own.
+    let r = unsafe {
+        libc::ioctl(
+            uffd.as_raw_fd(),
+            UFFDIO_WAKE,
+            &mut range as *mut UffdioRange,
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Sends `fd` and `payload` (at most 64 bytes) over a unix stream socket.
+pub fn send_fd(sock: &impl AsRawFd, fd: &impl AsRawFd, payload: &[u8]) -> io::Result<()> {
+    let payload = &payload[..payload.len().min(64)];
+    let mut iov = libc::iovec {
+        iov_base: payload.as_ptr() as *mut libc::c_void,
+        iov_len: payload.len(),
+    };
+    // Room for one descriptor's control message, u64-aligned.
+    let mut cbuf = [0u64; 4];
+    // SAFETY: msghdr is plain data; zeroed is a valid empty header.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = cbuf.as_mut_ptr().cast();
+    // SAFETY: CMSG_SPACE only computes a size.
+    msg.msg_controllen = unsafe { libc::CMSG_SPACE(4) } as usize;
+    // SAFETY: the control buffer is 32 bytes, more than CMSG_SPACE(4), so
+    // the first header and its 4-byte payload lie inside it.
+    unsafe {
+        let c = libc::CMSG_FIRSTHDR(&msg);
+        (*c).cmsg_level = libc::SOL_SOCKET;
+        (*c).cmsg_type = libc::SCM_RIGHTS;
+        (*c).cmsg_len = libc::CMSG_LEN(4) as usize;
+        std::ptr::write_unaligned(libc::CMSG_DATA(c).cast::<libc::c_int>(), fd.as_raw_fd());
+    }
+    // SAFETY: msg points at our iovec and control buffer, both alive here.
+    let r = unsafe { libc::sendmsg(sock.as_raw_fd(), &msg, libc::MSG_NOSIGNAL) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Receives a descriptor and its payload sent with [`send_fd`].
+pub fn recv_fd(sock: &impl AsRawFd) -> io::Result<(OwnedFd, Vec<u8>)> {
+    let mut payload = [0u8; 64];
+    let mut iov = libc::iovec {
+        iov_base: payload.as_mut_ptr().cast(),
+        iov_len: payload.len(),
+    };
+    let mut cbuf = [0u64; 4];
+    // SAFETY: msghdr is plain data; zeroed is a valid empty header.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = cbuf.as_mut_ptr().cast();
+    msg.msg_controllen = std::mem::size_of_val(&cbuf);
+    // SAFETY: msg points at our iovec and control buffer, both alive here.
+    let n = unsafe { libc::recvmsg(sock.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let n = usize::try_from(n).unwrap_or(0);
+    // SAFETY: the kernel filled `msg`; CMSG_FIRSTHDR returns null or a header
+    // inside our control buffer.
+    let c = unsafe { libc::CMSG_FIRSTHDR(&msg) };
+    // SAFETY: `c` is checked non-null and lies inside `cbuf`; a SCM_RIGHTS
+    // message carries at least one int after its header.
+    let fd = unsafe {
+        if c.is_null() || (*c).cmsg_level != libc::SOL_SOCKET || (*c).cmsg_type != libc::SCM_RIGHTS
+        {
+            None
+        } else {
+            Some(std::ptr::read_unaligned(
+                libc::CMSG_DATA(c).cast::<libc::c_int>(),
+            ))
+        }
+    };
+    let Some(fd) = fd.filter(|&f| f >= 0) else {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "the peer sent no descriptor",
+        ));
+    };
+    // SAFETY: the kernel just installed `fd` in our table for us alone.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    Ok((fd, payload[..n].to_vec()))
 }
 
 /// One `PAGEMAP_SCAN` call on `pagemap` (a `/proc/PID/pagemap` file) over
@@ -236,7 +430,59 @@ mod tests {
         assert_eq!(UFFDIO_REGISTER, 0xC020_AA00);
         assert_eq!(UFFDIO_WRITEPROTECT, 0xC018_AA06);
         assert_eq!(PAGEMAP_SCAN, 0xC060_6610);
+        assert_eq!(UFFDIO_WAKE, 0x8010_AA02);
         assert_eq!(std::mem::size_of::<PmScanArg>(), 96);
         assert_eq!(std::mem::size_of::<PageRegion>(), 24);
+    }
+
+    #[test]
+    fn missing_faults_are_served_through_the_file_and_a_handed_over_descriptor() {
+        use std::os::unix::fs::FileExt;
+        use std::os::unix::net::UnixStream;
+        const PAGE: usize = 4096;
+        // SAFETY: memfd_create with a NUL-terminated name returns a new fd or -1.
+        let fd = unsafe { libc::memfd_create(c"uffd-test".as_ptr(), libc::MFD_CLOEXEC) };
+        assert!(fd >= 0);
+        // SAFETY: fresh descriptor owned by nobody else.
+        let file = File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+        file.set_len(4 * PAGE as u64).unwrap();
+        // SAFETY: a new shared mapping of our own memfd; unmapped below.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                4 * PAGE,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        assert_ne!(p, libc::MAP_FAILED);
+        let base = p as u64;
+        let uffd = register_missing(base, 4 * PAGE as u64).unwrap();
+        // The descriptor crosses a unix socket as it does from QEMU to the agent.
+        let (a, b) = UnixStream::pair().unwrap();
+        send_fd(&a, &uffd, &base.to_le_bytes()).unwrap();
+        let (served, payload) = recv_fd(&b).unwrap();
+        assert_eq!(payload, base.to_le_bytes());
+        let toucher = std::thread::spawn(move || {
+            // SAFETY: page 2 of the live mapping; the read blocks until served.
+            unsafe { std::ptr::read_volatile((base as *const u8).add(2 * PAGE + 7)) }
+        });
+        let mut faults = Vec::new();
+        while faults.is_empty() {
+            assert!(
+                read_faults(&served, 5000, &mut faults).unwrap(),
+                "no fault reported"
+            );
+        }
+        assert_eq!(faults[0] & !(PAGE as u64 - 1), base + 2 * PAGE as u64);
+        file.write_all_at(&[9u8; PAGE], 2 * PAGE as u64).unwrap();
+        wake(&served, base + 2 * PAGE as u64, PAGE as u64).unwrap();
+        assert_eq!(toucher.join().unwrap(), 9);
+        drop(uffd);
+        drop(served);
+        // SAFETY: unmapping the mapping made above; nothing uses it any more.
+        unsafe { libc::munmap(p, 4 * PAGE) };
     }
 }
