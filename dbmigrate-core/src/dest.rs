@@ -4,7 +4,9 @@
 //! Every page index, length and count from the source is checked: a page
 //! beyond the RAM aborts the session with a reason sent back to the source.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::collections::HashMap;
+use std::os::fd::OwnedFd;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -14,6 +16,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use xxhash_rust::xxh3::xxh3_128;
 
+use crate::bitmap::PageBitmap;
 use crate::protocol::{self, Hello, Message, PageEncoding, PageEntry, ProtocolError, Welcome};
 use crate::ram::{DestRam, RamError};
 use crate::rebuild::{self, RefRequest, Storage};
@@ -66,6 +69,18 @@ pub enum DestError {
     /// A worker died.
     #[error("internal worker failed: {0}")]
     Worker(String),
+    /// Serving the VM's page faults failed.
+    #[error("serving page faults failed while {doing}")]
+    Faults {
+        /// What was being done.
+        doing: &'static str,
+        /// Underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The VM could not be resumed here after the switch to post-copy.
+    #[error("the destination VM could not be resumed: {0}")]
+    Resume(String),
 }
 
 /// Counters of what arrived.
@@ -89,11 +104,27 @@ pub struct DestStats {
     pub storage_bytes: u64,
     /// Time spent hashing at switchover.
     pub verify_ms: u64,
+    /// Post-copy: page faults the VM took on missing pages.
+    pub faults: u64,
+    /// Post-copy: faults that had to wait for the source (network round trip).
+    pub network_faults: u64,
+    /// Post-copy: faults served from shared storage.
+    pub storage_faults: u64,
+    /// Post-copy: faults on pages that are zero (served at once).
+    pub zero_faults: u64,
+    /// Post-copy: longest time a fault waited for its page.
+    pub longest_stall_us: u64,
+    /// Post-copy: pages placed after the switch.
+    pub postcopy_pages: u64,
+    /// Post-copy: switch to last page placed.
+    pub postcopy_ms: u64,
 }
 
 /// A source that passed the handshake, with its data connections.
 pub struct DestSession {
-    ctrl_rx: OwnedReadHalf,
+    /// Messages of the control connection, read by their own task (reads
+    /// are never cancelled halfway through a frame).
+    ctrl_in: mpsc::Receiver<Result<Message, ProtocolError>>,
     ctrl_tx: OwnedWriteHalf,
     data: Vec<TcpStream>,
     hello: Hello,
@@ -102,12 +133,25 @@ pub struct DestSession {
     pub stats: DestStats,
 }
 
+/// The VM's page faults, for post-copy: the userfaultfd registered over
+/// QEMU's RAM mapping (missing mode) and that mapping's address and length.
+pub struct FaultSource {
+    /// The descriptor.
+    pub uffd: OwnedFd,
+    /// Address of the RAM mapping in QEMU.
+    pub base: u64,
+    /// Its length.
+    pub len: u64,
+}
+
 /// Accepts one source: checks its Hello against `ram_bytes`, answers with
-/// `incoming_uri`, then accepts its data connections.
+/// `incoming_uri` (and whether this side can serve post-copy faults), then
+/// accepts its data connections.
 pub async fn accept(
     listener: &TcpListener,
     ram_bytes: u64,
     incoming_uri: &str,
+    postcopy: bool,
     peer_timeout: Duration,
 ) -> Result<DestSession, DestError> {
     let (ctrl, peer) = listener.accept().await.map_err(DestError::Accept)?;
@@ -163,6 +207,7 @@ pub async fn accept(
         &Message::Welcome(Welcome {
             version: protocol::PROTOCOL_VERSION,
             incoming_uri: incoming_uri.to_string(),
+            postcopy,
         }),
         "sending Welcome",
     )
@@ -195,8 +240,10 @@ pub async fn accept(
             other => tracing::warn!(msg = other.name(), "ignored a stray connection"),
         }
     }
+    let (in_tx, ctrl_in) = mpsc::channel(16);
+    tokio::spawn(read_control(ctrl_rx, in_tx));
     Ok(DestSession {
-        ctrl_rx,
+        ctrl_in,
         ctrl_tx,
         data: slots.into_iter().flatten().collect(),
         hello,
@@ -215,10 +262,17 @@ struct Applied {
 
 /// Inputs of the RAM owner thread.
 enum ApplyInput {
-    /// Pages from a data connection, in arrival order.
+    /// Pages from a data connection, in arrival order (or, after the
+    /// switch, pages the VM waits for, from the control connection).
     Batch(Vec<PageEntry>),
     /// A data connection finished a round.
     Drain { round: u32 },
+    /// A data connection reached the switch to post-copy.
+    SwitchMark,
+    /// The source switched to post-copy: pages whose content is still to come.
+    Switch(PageBitmap),
+    /// The VM faulted on these addresses.
+    Faults(Vec<u64>),
     /// A data connection ended after this many bytes.
     End { bytes: u64 },
     /// A data connection failed.
@@ -279,8 +333,21 @@ fn storage_worker(
     }
 }
 
+/// Post-copy state of the RAM owner, from the switch on.
+struct Post {
+    /// Pages whose final content has not been placed yet.
+    missing: PageBitmap,
+    /// Missing pages asked of the source.
+    requested: PageBitmap,
+    /// Faulting pages and since when they wait.
+    waiting: HashMap<u64, Instant>,
+    faults: Arc<FaultSource>,
+    since: Instant,
+}
+
 /// The RAM owner: applies pages in arrival order, sends references to the
-/// storage readers, answers drains, and keeps the switchover digests.
+/// storage readers, answers drains, keeps the switchover digests and, after
+/// a switch to post-copy, places each missing page once and serves faults.
 struct Applier {
     ram: DestRam,
     conns: usize,
@@ -290,16 +357,35 @@ struct Applier {
     disk_sizes: Vec<u64>,
     refs: Option<std::sync::mpsc::Sender<RefRequest>>,
     outstanding: u64,
+    /// Pages with a storage read in flight for their current version.
+    inflight: PageBitmap,
     need: Vec<u64>,
+    /// Hash of each page as last written (post-copy verification), when
+    /// this side can serve post-copy.
+    placed: Option<Vec<u64>>,
+    faults: Option<Arc<FaultSource>>,
+    marks: usize,
+    switch: Option<PageBitmap>,
+    post: Option<Post>,
+    out: mpsc::UnboundedSender<Message>,
     stats: DestStats,
 }
 
 impl Applier {
     fn entry(&mut self, e: PageEntry) -> Result<(), DestError> {
         let idx = usize::try_from(e.page).expect("page checked against RAM size by the reader");
+        if let Some(post) = &self.post {
+            // After the switch the source's RAM is frozen: every copy of a
+            // page is the same, and the first one placed is final (the VM
+            // may have written the page since).
+            if !post.missing.get(e.page) {
+                return Ok(());
+            }
+        }
         // Every message about a page supersedes the earlier ones, including a
         // storage read still in flight: it will find the version moved on.
         self.version[idx] = self.version[idx].wrapping_add(1);
+        self.inflight.unset(e.page);
         match e.encoding {
             PageEncoding::Reference => {
                 let (hint, hash) = protocol::decode_reference(&e.data)
@@ -316,22 +402,61 @@ impl Applier {
                         tx.send(req)
                             .map_err(|_| DestError::Worker("storage readers stopped".into()))?;
                         self.outstanding += 1;
+                        self.inflight.set(e.page);
                     }
                     _ => {
                         self.stats.rejected_refs += 1;
-                        self.need.push(e.page);
+                        self.unresolved(e.page);
                     }
                 }
             }
             enc => {
-                apply(&mut self.ram, &e, &mut self.dctx)?;
+                let hash = apply(&mut self.ram, &e, &mut self.dctx, self.placed.is_some())?;
                 self.digests.written(e.page);
+                self.record_placed(e.page, hash)?;
                 match enc {
                     PageEncoding::Raw => self.stats.raw_pages += 1,
                     PageEncoding::Zero => self.stats.zero_pages += 1,
                     _ => self.stats.compressed_pages += 1,
                 }
             }
+        }
+        Ok(())
+    }
+
+    /// A page storage could not give: before the switch the source resends
+    /// it in the next round; after, it is asked for at once.
+    fn unresolved(&mut self, page: u64) {
+        match self.post.as_mut() {
+            Some(post) => {
+                if post.requested.set(page) {
+                    let _ = self.out.send(Message::PageRequest { pages: vec![page] });
+                }
+            }
+            None => self.need.push(page),
+        }
+    }
+
+    /// Records the hash of what `page` now holds and, after the switch,
+    /// that it is placed: its waiters are woken.
+    fn record_placed(&mut self, page: u64, hash: Option<u64>) -> Result<(), DestError> {
+        if let (Some(placed), Some(h)) = (self.placed.as_mut(), hash) {
+            placed[usize::try_from(page).expect("page inside RAM")] = h;
+        }
+        let Some(post) = self.post.as_mut() else {
+            return Ok(());
+        };
+        post.missing.unset(page);
+        self.stats.postcopy_pages += 1;
+        if let Some(since) = post.waiting.remove(&page) {
+            let stall = u64::try_from(since.elapsed().as_micros()).unwrap_or(u64::MAX);
+            self.stats.longest_stall_us = self.stats.longest_stall_us.max(stall);
+            let f = &post.faults;
+            dbmigrate_uffd::wake(&f.uffd, f.base + page * PAGE_SIZE as u64, PAGE_SIZE as u64)
+                .map_err(|source| DestError::Faults {
+                    doing: "waking a faulting vCPU",
+                    source,
+                })?;
         }
         Ok(())
     }
@@ -344,18 +469,21 @@ impl Applier {
         self.outstanding -= pages.len() as u64;
         // (first RAM page, first index in `pages`, count) of the pending write.
         let mut group: Option<(u64, usize, usize)> = None;
+        let mut placed = Vec::new();
         for (i, &(page, version, ok)) in pages.iter().enumerate() {
             let idx = usize::try_from(page).expect("page checked when the reference arrived");
             if self.version[idx] != version {
                 continue; // a newer message about this page already decided it
             }
+            self.inflight.unset(page);
             if !ok {
                 self.stats.rebuild_mismatch += 1;
-                self.need.push(page);
+                self.unresolved(page);
                 continue;
             }
             self.digests.written(page);
             self.stats.rebuilt_pages += 1;
+            placed.push((page, i));
             match &mut group {
                 Some((first, at, n)) if *first + *n as u64 == page && *at + *n == i => *n += 1,
                 _ => {
@@ -367,6 +495,14 @@ impl Applier {
         }
         if let Some(g) = group {
             self.write_group(g, data)?;
+        }
+        // Waiters are woken only once their page is in the file.
+        for (page, i) in placed {
+            let hash = self
+                .placed
+                .is_some()
+                .then(|| verify::page_hash(&data[i * PAGE_SIZE..(i + 1) * PAGE_SIZE]));
+            self.record_placed(page, hash)?;
         }
         Ok(())
     }
@@ -381,28 +517,152 @@ impl Applier {
             .write_pages(page, &data[at * PAGE_SIZE..(at + n) * PAGE_SIZE])?)
     }
 
+    /// The switch to post-copy, once every data connection passed its
+    /// marker: pages the source will still send are made missing (their
+    /// stale copies punched out, so that touching them faults), pages with a
+    /// storage read in flight stay missing until it lands, and pages that
+    /// storage could not give are asked for at once.
+    fn switch_to_postcopy(&mut self, pending: PageBitmap) -> Result<(), DestError> {
+        let Some(faults) = self.faults.clone() else {
+            return Err(DestError::Unexpected {
+                got: "Switch",
+                expected: "pages (this destination cannot serve post-copy)",
+            });
+        };
+        let mut missing = pending;
+        let mut run: Option<(u64, u64)> = None;
+        for p in missing.iter() {
+            let idx = usize::try_from(p).expect("bitmap sized to RAM");
+            self.version[idx] = self.version[idx].wrapping_add(1);
+            self.inflight.unset(p);
+            match &mut run {
+                Some((first, n)) if *first + *n == p => *n += 1,
+                _ => {
+                    if let Some((first, n)) = run.replace((p, 1)) {
+                        self.ram.zero_pages(first, n)?;
+                    }
+                }
+            }
+        }
+        if let Some((first, n)) = run {
+            self.ram.zero_pages(first, n)?;
+        }
+        missing.union_with(&self.inflight);
+        let need: Vec<u64> = std::mem::take(&mut self.need)
+            .into_iter()
+            .filter(|&p| missing.set(p))
+            .collect();
+        let mut requested = PageBitmap::new(missing.len());
+        for &p in &need {
+            requested.set(p);
+        }
+        tracing::info!(
+            missing = missing.count(),
+            from_storage = self.inflight.count(),
+            asked = need.len(),
+            "switched to post-copy"
+        );
+        self.post = Some(Post {
+            missing,
+            requested,
+            waiting: HashMap::new(),
+            faults,
+            since: Instant::now(),
+        });
+        let _ = self.out.send(Message::Switched);
+        for chunk in need.chunks(protocol::MAX_NEED) {
+            let _ = self.out.send(Message::PageRequest {
+                pages: chunk.to_vec(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Serves page faults: a page that is not missing is zero (or was
+    /// placed since the fault was reported); a missing one waits for its
+    /// storage read or is asked of the source ahead of the background push.
+    fn on_faults(&mut self, addrs: Vec<u64>) -> Result<(), DestError> {
+        let Some(post) = self.post.as_mut() else {
+            // Before the switch the VM does not run; QEMU itself touched a
+            // page that holds no data yet: it reads as zero, as it would
+            // without post-copy, and a later write through the file replaces it.
+            if let Some(f) = &self.faults {
+                for a in addrs {
+                    let at = a & !(PAGE_SIZE as u64 - 1);
+                    serve_zero(f, at)?;
+                }
+            }
+            return Ok(());
+        };
+        let f = post.faults.clone();
+        let mut ask = Vec::new();
+        for a in addrs {
+            let at = a & !(PAGE_SIZE as u64 - 1);
+            let Some(page) = at
+                .checked_sub(f.base)
+                .map(|o| o / PAGE_SIZE as u64)
+                .filter(|&p| p < post.missing.len())
+            else {
+                continue; // not in RAM: cannot be ours
+            };
+            self.stats.faults += 1;
+            if !post.missing.get(page) {
+                self.stats.zero_faults += 1;
+                serve_zero(&f, at)?;
+                continue;
+            }
+            post.waiting.entry(page).or_insert_with(Instant::now);
+            if self.inflight.get(page) {
+                self.stats.storage_faults += 1;
+            } else {
+                self.stats.network_faults += 1;
+                if post.requested.set(page) {
+                    ask.push(page);
+                }
+            }
+        }
+        if !ask.is_empty() {
+            let _ = self.out.send(Message::PageRequest { pages: ask });
+        }
+        Ok(())
+    }
+
+    fn done(&self, ended: usize) -> bool {
+        ended == self.conns
+            && self.outstanding == 0
+            && self.post.as_ref().is_none_or(|p| p.missing.is_clear())
+    }
+
     fn run(
         mut self,
         mut rx: mpsc::Receiver<ApplyInput>,
-        drained: mpsc::UnboundedSender<Message>,
+        mut urgent: mpsc::Receiver<ApplyInput>,
+        rt: tokio::runtime::Handle,
     ) -> Result<Applied, DestError> {
         let (mut ended, mut drains, mut bytes) = (0usize, 0usize, 0u64);
         let mut drain_round = 0;
-        while ended < self.conns || self.outstanding > 0 {
-            let input = match rx.try_recv() {
+        while !self.done(ended) {
+            let input = match urgent.try_recv().or_else(|_| rx.try_recv()) {
                 Ok(i) => i,
-                Err(mpsc::error::TryRecvError::Empty) => {
+                Err(_) => {
                     // Idle: bring the switchover digests up to date. Not while
                     // storage reads are pending: their pages land all over RAM
                     // and would make the same chunks be hashed again and again.
-                    if self.outstanding == 0 && self.digests.hash_one(self.ram.bytes()) {
+                    if self.post.is_none()
+                        && self.outstanding == 0
+                        && self.digests.hash_one(self.ram.bytes())
+                    {
                         continue;
                     }
-                    rx.blocking_recv()
-                        .ok_or_else(|| DestError::Worker("page inputs closed early".into()))?
-                }
-                Err(mpsc::error::TryRecvError::Disconnected) => {
-                    return Err(DestError::Worker("page inputs closed early".into()))
+                    rt.block_on(async {
+                        tokio::select! {
+                            biased;
+                            Some(i) = urgent.recv() => Some(i),
+                            Some(i) = rx.recv() => Some(i),
+                            else => None,
+                        }
+                    })
+                    .ok_or_else(|| DestError::Worker("page inputs closed early".into()))?
                 }
             };
             match input {
@@ -415,12 +675,19 @@ impl Applier {
                     drains += 1;
                     drain_round = round;
                 }
+                ApplyInput::SwitchMark => self.marks += 1,
+                ApplyInput::Switch(pending) => self.switch = Some(pending),
+                ApplyInput::Faults(addrs) => self.on_faults(addrs)?,
                 ApplyInput::End { bytes: b } => {
                     ended += 1;
                     bytes += b;
                 }
                 ApplyInput::Failed(e) => return Err(e),
                 ApplyInput::Resolved { pages, data } => self.resolved_run(&pages, &data)?,
+            }
+            if self.marks == self.conns && self.switch.is_some() && self.post.is_none() {
+                let pending = self.switch.take().expect("checked");
+                self.switch_to_postcopy(pending)?;
             }
             if drains == self.conns && self.outstanding == 0 {
                 drains = 0;
@@ -431,7 +698,7 @@ impl Applier {
                 while self.digests.hash_one(self.ram.bytes()) {}
                 let n = self.need.len().min(protocol::MAX_NEED);
                 let need: Vec<u64> = self.need.drain(..n).collect();
-                let _ = drained.send(Message::Drained {
+                let _ = self.out.send(Message::Drained {
                     round: drain_round,
                     need,
                 });
@@ -440,7 +707,23 @@ impl Applier {
         self.refs = None; // lets the storage readers finish
         self.stats.bytes_received = bytes;
         let t = Instant::now();
-        let digests = self.digests.finish(self.ram.bytes());
+        let digests = match self.post.take() {
+            Some(post) => {
+                // Every page is placed: zero pages need no more serving.
+                let f = &post.faults;
+                dbmigrate_uffd::unregister(&f.uffd, f.base, f.len).map_err(|source| {
+                    DestError::Faults {
+                        doing: "ending fault handling",
+                        source,
+                    }
+                })?;
+                self.stats.postcopy_ms =
+                    u64::try_from(post.since.elapsed().as_millis()).unwrap_or(u64::MAX);
+                let placed = self.placed.take().unwrap_or_default();
+                verify::fold_page_hashes(&placed, verify::CHUNK_PAGES)
+            }
+            None => self.digests.finish(self.ram.bytes()),
+        };
         Ok(Applied {
             ram: self.ram,
             digests,
@@ -448,6 +731,89 @@ impl Applier {
             stats: self.stats,
         })
     }
+}
+
+/// Fills a faulting page with zeros, or only wakes the vCPU if the page
+/// was filled since the fault.
+fn serve_zero(f: &FaultSource, at: u64) -> Result<(), DestError> {
+    let filled = dbmigrate_uffd::zeropage(&f.uffd, at, PAGE_SIZE as u64).map_err(|source| {
+        DestError::Faults {
+            doing: "placing a zero page",
+            source,
+        }
+    })?;
+    if !filled {
+        dbmigrate_uffd::wake(&f.uffd, at, PAGE_SIZE as u64).map_err(|source| {
+            DestError::Faults {
+                doing: "waking a faulting vCPU",
+                source,
+            }
+        })?;
+    }
+    Ok(())
+}
+
+/// Reads the VM's page faults until `stop` is set.
+fn fault_reader(f: Arc<FaultSource>, tx: mpsc::Sender<ApplyInput>, stop: Arc<AtomicBool>) {
+    let mut addrs = Vec::new();
+    while !stop.load(Ordering::Relaxed) {
+        match dbmigrate_uffd::read_faults(&f.uffd, 100, &mut addrs) {
+            Ok(_) if addrs.is_empty() => {}
+            Ok(_) => {
+                if tx
+                    .blocking_send(ApplyInput::Faults(std::mem::take(&mut addrs)))
+                    .is_err()
+                {
+                    return;
+                }
+            }
+            Err(e) => {
+                let _ = tx.blocking_send(ApplyInput::Failed(DestError::Faults {
+                    doing: "reading page faults",
+                    source: e,
+                }));
+                return;
+            }
+        }
+    }
+}
+
+/// Result of [`DestSession::receive`].
+pub enum Received {
+    /// Pre-copy ended: the RAM and whether it matched the source's at switchover.
+    Complete {
+        /// The RAM.
+        ram: DestRam,
+        /// Digests matched.
+        matched: bool,
+    },
+    /// The source switched to post-copy: finish with [`DestSession::postcopy`].
+    Postcopy(PostcopyRun),
+}
+
+/// A post-copy in progress (the RAM owner keeps running).
+pub struct PostcopyRun {
+    applier: tokio::task::JoinHandle<Result<Applied, DestError>>,
+    urgent: mpsc::Sender<ApplyInput>,
+    out: mpsc::UnboundedReceiver<Message>,
+    stop_faults: Arc<AtomicBool>,
+    storage_bytes: Arc<AtomicU64>,
+    pages: u64,
+}
+
+impl Drop for PostcopyRun {
+    fn drop(&mut self) {
+        self.stop_faults.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Result of a finished post-copy.
+#[derive(Clone, Debug)]
+pub struct PostcopyOutcome {
+    /// Every placed page matched the source's frozen RAM.
+    pub matched: bool,
+    /// Chunks that differed.
+    pub mismatched_chunks: u32,
 }
 
 impl DestSession {
@@ -458,15 +824,18 @@ impl DestSession {
 
     /// Receives pages until every data connection ended, rebuilding
     /// referenced pages from `storage`, then answers the source's digest
-    /// comparison. Returns the RAM and whether it matched.
+    /// comparison; or, if the source switches to post-copy (only offered
+    /// when `faults` is given), returns as soon as the switch is done.
     pub async fn receive(
         &mut self,
         ram: DestRam,
         storage: Option<Arc<dyn Storage>>,
-    ) -> Result<(DestRam, bool), DestError> {
+        faults: Option<FaultSource>,
+    ) -> Result<Received, DestError> {
         let pages = ram.pages();
         let conns = self.data.len();
         let (tx, rx) = mpsc::channel::<ApplyInput>(64);
+        let (urgent_tx, urgent_rx) = mpsc::channel::<ApplyInput>(64);
         for s in std::mem::take(&mut self.data) {
             tokio::spawn(read_pages(s, tx.clone(), pages));
         }
@@ -489,51 +858,86 @@ impl DestSession {
             None => (None, Vec::new()),
         };
         drop(tx);
-        let (drained_tx, mut drained_rx) = mpsc::unbounded_channel();
+        let faults = faults.map(Arc::new);
+        let stop_faults = Arc::new(AtomicBool::new(false));
+        if let Some(f) = &faults {
+            let (f, t, stop) = (f.clone(), urgent_tx.clone(), stop_faults.clone());
+            std::thread::Builder::new()
+                .name("dbmigrate-faults".into())
+                .spawn(move || fault_reader(f, t, stop))
+                .map_err(|e| DestError::Worker(format!("starting the fault reader: {e}")))?;
+        }
+        let (out_tx, mut out_rx) = mpsc::unbounded_channel();
+        let upages = usize::try_from(pages).expect("RAM pages fit in memory");
         let applier = Applier {
             ram,
             conns,
-            version: vec![0; usize::try_from(pages).expect("RAM pages fit in memory")],
+            version: vec![0; upages],
             digests: verify::IncrementalDigests::new(pages, verify::CHUNK_PAGES),
             dctx: zstd::bulk::Decompressor::new()
                 .map_err(|e| DestError::Worker(format!("zstd: {e}")))?,
             disk_sizes,
             refs,
             outstanding: 0,
+            inflight: PageBitmap::new(pages),
             need: Vec::new(),
+            placed: faults
+                .as_ref()
+                .map(|_| vec![verify::zero_page_hash(); upages]),
+            faults: faults.clone(),
+            marks: 0,
+            switch: None,
+            post: None,
+            out: out_tx,
             stats: DestStats::default(),
         };
         // The RAM has one owner thread: ordering per page is the arrival order
         // on its connection, and pages never cross connections.
+        let rt = tokio::runtime::Handle::current();
         let mut applier = tokio::task::spawn_blocking(move || {
             let mut a = applier;
             // The VM has not run here: every page reads as zero until written,
             // which lets the source skip zero pages and the digests start known.
             a.ram.zero_all()?;
-            a.run(rx, drained_tx)
+            a.run(rx, urgent_rx, rt)
         });
         // Besides forwarding drain answers, the control connection carries
-        // only an abort (or EOF from a dead source) and the digests, which may
-        // come before the last pages have been applied.
+        // only an abort (or EOF from a dead source), the switch to
+        // post-copy, and the digests, which may come before the last pages
+        // have been applied.
         let mut early_request = None;
         let applied = loop {
             tokio::select! {
                 biased;
-                Some(m) = drained_rx.recv() => {
+                Some(m) = out_rx.recv() => {
                     protocol::write_message(&mut self.ctrl_tx, &m, "answering a drain").await?;
                 }
                 r = &mut applier => break r.map_err(|e| DestError::Worker(e.to_string()))??,
-                m = protocol::read_message(&mut self.ctrl_rx, "watching the control connection"), if early_request.is_none() => {
-                    match m {
-                        Ok((req @ Message::VerifyRequest { .. }, _)) => early_request = Some(req),
-                        Ok((Message::Abort { reason }, _)) => return Err(DestError::SourceAborted { reason }),
-                        Ok((other, _)) => return Err(DestError::Unexpected { got: other.name(), expected: "pages" }),
+                m = self.ctrl_in.recv(), if early_request.is_none() => {
+                    match m.ok_or(ProtocolError::Closed { doing: "watching the control connection" })? {
+                        Ok(req @ Message::VerifyRequest { .. }) => early_request = Some(req),
+                        Ok(Message::Switch { pending }) => {
+                            let bits = bitmap_from_bytes(&pending, pages)?;
+                            urgent_tx.send(ApplyInput::Switch(bits)).await
+                                .map_err(|_| DestError::Worker("RAM writer stopped".into()))?;
+                            return Ok(Received::Postcopy(PostcopyRun {
+                                applier,
+                                urgent: urgent_tx,
+                                out: out_rx,
+                                stop_faults,
+                                storage_bytes,
+                                pages,
+                            }));
+                        }
+                        Ok(Message::Abort { reason }) => return Err(DestError::SourceAborted { reason }),
+                        Ok(other) => return Err(DestError::Unexpected { got: other.name(), expected: "pages" }),
                         Err(e) => return Err(e.into()),
                     }
                 }
             }
         };
-        while let Ok(m) = drained_rx.try_recv() {
+        stop_faults.store(true, Ordering::Relaxed);
+        while let Ok(m) = out_rx.try_recv() {
             protocol::write_message(&mut self.ctrl_tx, &m, "answering a drain").await?;
         }
         let Applied {
@@ -554,6 +958,16 @@ impl DestSession {
                     .await?
             }
         };
+        self.stats.verify_ms = u64::try_from(final_hash.as_millis()).unwrap_or(u64::MAX);
+        let total = self.compare(msg, &ours, pages).await?;
+        Ok(Received::Complete {
+            ram,
+            matched: total == 0,
+        })
+    }
+
+    /// Answers a VerifyRequest with the chunks that differ from `ours`.
+    async fn compare(&mut self, msg: Message, ours: &[u128], pages: u64) -> Result<u32, DestError> {
         let Message::VerifyRequest {
             chunk_pages,
             digests,
@@ -577,8 +991,7 @@ impl DestSession {
                 verify::CHUNK_PAGES
             )));
         }
-        self.stats.verify_ms = u64::try_from(final_hash.as_millis()).unwrap_or(u64::MAX);
-        let bad = verify::mismatched_chunks(&ours, &digests);
+        let bad = verify::mismatched_chunks(ours, &digests);
         let total = u32::try_from(bad.len()).unwrap_or(u32::MAX);
         let listed = bad
             .into_iter()
@@ -593,7 +1006,87 @@ impl DestSession {
             "sending the RAM comparison",
         )
         .await?;
-        Ok((ram, total == 0))
+        Ok(total)
+    }
+
+    /// Finishes a post-copy: serves the VM's faults and places the pages
+    /// still to come while the source hands the VM over. On Commit it runs
+    /// `resume` (which must resume the VM here) and confirms; the pages then
+    /// keep arriving until none is missing, and the placed pages are
+    /// compared with the source's frozen RAM.
+    pub async fn postcopy<F>(
+        &mut self,
+        mut run: PostcopyRun,
+        resume: F,
+    ) -> Result<PostcopyOutcome, DestError>
+    where
+        F: std::future::Future<Output = Result<(), String>>,
+    {
+        let mut resume = std::pin::pin!(resume);
+        let (mut committed, mut resumed) = (false, false);
+        let mut request: Option<Message> = None;
+        let mut applied: Option<Applied> = None;
+        let mut last_word = Instant::now();
+        loop {
+            // The comparison waits for the resume: answering it ends the session.
+            if let (Some(a), Some(req), true) = (&applied, &request, resumed) {
+                let (req, pages) = (req.clone(), run.pages);
+                let digests = a.digests.clone();
+                self.stats = DestStats {
+                    storage_bytes: run.storage_bytes.load(Ordering::Relaxed),
+                    ..a.stats.clone()
+                };
+                let total = self.compare(req, &digests, pages).await?;
+                return Ok(PostcopyOutcome {
+                    matched: total == 0,
+                    mismatched_chunks: total,
+                });
+            }
+            tokio::select! {
+                biased;
+                Some(m) = run.out.recv() => {
+                    protocol::write_message(&mut self.ctrl_tx, &m, "asking for pages").await?;
+                }
+                r = &mut run.applier, if applied.is_none() => {
+                    applied = Some(r.map_err(|e| DestError::Worker(e.to_string()))??);
+                    run.stop_faults.store(true, Ordering::Relaxed);
+                }
+                r = &mut resume, if committed && !resumed => {
+                    resumed = true;
+                    if let Err(reason) = r {
+                        self.abort(&reason).await;
+                        return Err(DestError::Resume(reason));
+                    }
+                    protocol::write_message(&mut self.ctrl_tx, &Message::Activated, "sending Activated").await?;
+                }
+                m = self.ctrl_in.recv() => {
+                    last_word = Instant::now();
+                    match m.ok_or(ProtocolError::Closed { doing: "post-copy" })?? {
+                        Message::Commit => committed = true,
+                        Message::PageBatch { pages, .. } => {
+                            if let Some(bad) = pages.iter().find(|e| e.page >= run.pages) {
+                                return Err(DestError::BadPage(format!(
+                                    "page {} is beyond the {} pages of RAM", bad.page, run.pages
+                                )));
+                            }
+                            run.urgent.send(ApplyInput::Batch(pages)).await
+                                .map_err(|_| DestError::Worker("RAM writer stopped".into()))?;
+                        }
+                        m @ Message::VerifyRequest { .. } => request = Some(m),
+                        Message::Abort { reason } => return Err(DestError::SourceAborted { reason }),
+                        other => return Err(DestError::Unexpected { got: other.name(), expected: "post-copy pages" }),
+                    }
+                }
+                () = tokio::time::sleep(Duration::from_secs(1)) => {
+                    if applied.is_none() && last_word.elapsed() > self.peer_timeout {
+                        return Err(DestError::Timeout {
+                            secs: self.peer_timeout.as_secs(),
+                            doing: "post-copy (pages still missing)",
+                        });
+                    }
+                }
+            }
+        }
     }
 
     /// Waits for the source to hand over the VM. Ok(()) means: resume it now.
@@ -630,12 +1123,9 @@ impl DestSession {
     }
 
     async fn read_ctrl(&mut self, doing: &'static str) -> Result<Message, DestError> {
-        let (msg, _) = within(
-            self.peer_timeout,
-            doing,
-            protocol::read_message(&mut self.ctrl_rx, doing),
-        )
-        .await??;
+        let msg = within(self.peer_timeout, doing, self.ctrl_in.recv())
+            .await?
+            .ok_or(ProtocolError::Closed { doing })??;
         if let Message::Abort { reason } = msg {
             return Err(DestError::SourceAborted { reason });
         }
@@ -643,16 +1133,24 @@ impl DestSession {
     }
 }
 
+/// Writes one page; returns the hash of what the page now holds when `hash`.
 fn apply(
     ram: &mut DestRam,
     e: &PageEntry,
     dctx: &mut zstd::bulk::Decompressor<'_>,
-) -> Result<(), DestError> {
+    hash: bool,
+) -> Result<Option<u64>, DestError> {
     let bad = |err: crate::ram::RamError| DestError::BadPage(err.to_string());
     match e.encoding {
-        PageEncoding::Raw => ram.write_pages(e.page, &e.data).map_err(bad),
+        PageEncoding::Raw => {
+            ram.write_pages(e.page, &e.data).map_err(bad)?;
+            Ok(hash.then(|| verify::page_hash(&e.data)))
+        }
         // A hole reads as zero and costs no memory.
-        PageEncoding::Zero => ram.zero_pages(e.page, 1).map_err(bad),
+        PageEncoding::Zero => {
+            ram.zero_pages(e.page, 1).map_err(bad)?;
+            Ok(hash.then(verify::zero_page_hash))
+        }
         PageEncoding::Reference => Err(DestError::BadPage(format!(
             "page {}: a reference cannot be applied directly",
             e.page
@@ -668,7 +1166,45 @@ fn apply(
                     e.page
                 )));
             }
-            ram.write_pages(e.page, &page).map_err(bad)
+            ram.write_pages(e.page, &page).map_err(bad)?;
+            Ok(hash.then(|| verify::page_hash(&page)))
+        }
+    }
+}
+
+/// The switch bitmap, checked against the RAM's size.
+fn bitmap_from_bytes(bytes: &[u8], pages: u64) -> Result<PageBitmap, DestError> {
+    if bytes.len() as u64 != pages.div_ceil(8) {
+        return Err(DestError::BadPage(format!(
+            "switch bitmap of {} bytes for {pages} pages",
+            bytes.len()
+        )));
+    }
+    let mut bits = PageBitmap::new(pages);
+    for (i, &b) in bytes.iter().enumerate() {
+        for bit in 0..8u64 {
+            if b & (1 << bit) != 0 {
+                let p = i as u64 * 8 + bit;
+                if p >= pages {
+                    return Err(DestError::BadPage(format!(
+                        "switch bitmap marks page {p}, beyond the {pages} pages of RAM"
+                    )));
+                }
+                bits.set(p);
+            }
+        }
+    }
+    Ok(bits)
+}
+
+async fn read_control(mut rx: OwnedReadHalf, tx: mpsc::Sender<Result<Message, ProtocolError>>) {
+    loop {
+        let m = protocol::read_message(&mut rx, "reading the control connection")
+            .await
+            .map(|(m, _)| m);
+        let failed = m.is_err();
+        if tx.send(m).await.is_err() || failed {
+            return;
         }
     }
 }
@@ -701,6 +1237,7 @@ async fn read_stream(
                 ApplyInput::Batch(entries)
             }
             Message::Drain { round } => ApplyInput::Drain { round },
+            Message::SwitchMark => ApplyInput::SwitchMark,
             Message::EndOfStream => return Ok(bytes),
             other => {
                 return Err(DestError::Unexpected {

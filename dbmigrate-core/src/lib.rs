@@ -11,6 +11,7 @@ pub mod dest;
 pub mod dirty;
 pub mod layout;
 pub mod limiter;
+pub mod postcopy;
 pub mod precopy;
 pub mod protocol;
 pub mod ram;

@@ -135,6 +135,8 @@ pub enum StopReason {
     MaxBytes,
     /// The writable working set stopped shrinking.
     NotShrinking,
+    /// Post-copy mode: the first round is sent, the rest follows the VM.
+    FirstRound,
 }
 
 impl std::fmt::Display for StopReason {
@@ -144,6 +146,7 @@ impl std::fmt::Display for StopReason {
             StopReason::MaxRounds => "round limit reached",
             StopReason::MaxBytes => "byte limit reached",
             StopReason::NotShrinking => "dirty set stopped shrinking",
+            StopReason::FirstRound => "post-copy after the first round",
         })
     }
 }
@@ -231,9 +234,36 @@ pub fn decide(
     Decision::Continue { expected_downtime }
 }
 
+/// How the VM is handed over.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Mode {
+    /// Rounds until the stop decision, then stop-and-copy: the source stays
+    /// authoritative until the destination has every page.
+    #[default]
+    Precopy,
+    /// One round, then the VM runs on the destination, which fetches what
+    /// is still missing.
+    Postcopy,
+    /// Pre-copy that switches to post-copy when the stop decision says the
+    /// rounds will not fit the downtime target.
+    Hybrid,
+}
+
+/// After the stop decision: hand over by post-copy rather than stop-and-copy? (pure)
+pub fn switch_to_postcopy(mode: Mode, reason: StopReason, destination_can: bool) -> bool {
+    destination_can
+        && match mode {
+            Mode::Precopy => false,
+            Mode::Postcopy => true,
+            Mode::Hybrid => reason != StopReason::Converged,
+        }
+}
+
 /// Source-side settings.
 #[derive(Clone, Debug)]
 pub struct SourceConfig {
+    /// Pre-copy, post-copy or hybrid.
+    pub mode: Mode,
     /// Data connections (1..=16).
     pub connections: u16,
     /// Bandwidth limit over all connections, bytes/s.
@@ -255,6 +285,7 @@ pub struct SourceConfig {
 impl Default for SourceConfig {
     fn default() -> Self {
         Self {
+            mode: Mode::Precopy,
             connections: 2,
             bandwidth: None,
             compress: false,
@@ -267,14 +298,14 @@ impl Default for SourceConfig {
     }
 }
 
-enum WriterCmd {
+pub(crate) enum WriterCmd {
     Frame(Vec<u8>),
     Barrier(oneshot::Sender<()>),
 }
 
-struct DataConn {
-    tx: mpsc::Sender<WriterCmd>,
-    task: JoinHandle<Result<u64, ProtocolError>>,
+pub(crate) struct DataConn {
+    pub(crate) tx: mpsc::Sender<WriterCmd>,
+    pub(crate) task: JoinHandle<Result<u64, ProtocolError>>,
 }
 
 /// Result of the switchover check.
@@ -297,15 +328,16 @@ impl VerifyOutcome {
 
 /// The source end of one migration.
 pub struct SourceSession {
-    ram: Arc<SourceRam>,
-    tracker: Box<dyn DirtyTracker>,
-    cfg: SourceConfig,
-    ctrl_rx: OwnedReadHalf,
-    ctrl_tx: OwnedWriteHalf,
-    data: Vec<DataConn>,
+    pub(crate) ram: Arc<SourceRam>,
+    pub(crate) tracker: Box<dyn DirtyTracker>,
+    pub(crate) cfg: SourceConfig,
+    /// None once post-copy hands it to its reader task.
+    pub(crate) ctrl_rx: Option<OwnedReadHalf>,
+    pub(crate) ctrl_tx: OwnedWriteHalf,
+    pub(crate) data: Vec<DataConn>,
     welcome: Welcome,
     history: Vec<RoundObservation>,
-    pending: PageBitmap,
+    pub(crate) pending: PageBitmap,
     /// Pages the destination could not rebuild: always sent raw from now on.
     no_ref: PageBitmap,
     round: u32,
@@ -378,7 +410,7 @@ impl SourceSession {
             ram: Arc::new(ram),
             tracker,
             cfg,
-            ctrl_rx,
+            ctrl_rx: Some(ctrl_rx),
             ctrl_tx,
             data,
             welcome,
@@ -397,6 +429,11 @@ impl SourceSession {
         &self.welcome.incoming_uri
     }
 
+    /// Whether the destination can serve post-copy faults.
+    pub fn destination_postcopy(&self) -> bool {
+        self.welcome.postcopy
+    }
+
     /// Runs live rounds until the stop decision; `on_round` sees each round and the decision.
     pub async fn run_live(
         &mut self,
@@ -412,8 +449,13 @@ impl SourceSession {
             // The switchover digests are brought up to date on another
             // thread while the round is sent (never during a collect).
             let hashing = self.refresh_digests(1);
+            // Post-copy hands over right after the first round is on the
+            // wire: the destination finishes its storage reads while the VM runs.
+            let first_only = self.cfg.mode == Mode::Postcopy && self.welcome.postcopy;
             // Round 0 skips zero pages: the destination RAM starts as holes.
-            let sent = self.send_round(&to_send, round, round == 0).await;
+            let sent = self
+                .send_round_with(&to_send, round, round == 0, !first_only)
+                .await;
             self.source_digests = Some(Self::refreshed(hashing).await?);
             let mut rs = sent?;
             let scan = Instant::now();
@@ -434,12 +476,19 @@ impl SourceSession {
                 elapsed: Duration::from_millis(rs.elapsed_ms),
                 dirty_after: dirty,
             });
-            let d = decide(
-                &self.cfg.policy,
-                &self.history,
-                self.ram.len(),
-                self.cfg.bandwidth,
-            );
+            let d = if first_only {
+                Decision::Stop {
+                    reason: StopReason::FirstRound,
+                    expected_downtime: self.cfg.policy.switchover_overhead,
+                }
+            } else {
+                decide(
+                    &self.cfg.policy,
+                    &self.history,
+                    self.ram.len(),
+                    self.cfg.bandwidth,
+                )
+            };
             on_round(&rs, &d);
             self.stats.rounds.push(rs);
             self.round += 1;
@@ -591,7 +640,7 @@ impl SourceSession {
     pub async fn peer_reason(&mut self) -> Option<String> {
         match tokio::time::timeout(
             Duration::from_millis(500),
-            protocol::read_message(&mut self.ctrl_rx, "reading the destination's reason"),
+            protocol::read_message(self.ctrl_rx.as_mut()?, "reading the destination's reason"),
         )
         .await
         {
@@ -600,11 +649,15 @@ impl SourceSession {
         }
     }
 
-    async fn read_ctrl(&mut self, doing: &'static str) -> Result<Message, PrecopyError> {
+    pub(crate) async fn read_ctrl(&mut self, doing: &'static str) -> Result<Message, PrecopyError> {
+        let rx = self
+            .ctrl_rx
+            .as_mut()
+            .ok_or(ProtocolError::Closed { doing })?;
         let (msg, n) = timeout(
             self.cfg.peer_timeout,
             doing,
-            protocol::read_message(&mut self.ctrl_rx, doing),
+            protocol::read_message(rx, doing),
         )
         .await??;
         self.stats.bytes_received += n;
@@ -614,7 +667,7 @@ impl SourceSession {
         Ok(msg)
     }
 
-    fn unexpected(&self, got: Message, expected: &'static str) -> PrecopyError {
+    pub(crate) fn unexpected(&self, got: Message, expected: &'static str) -> PrecopyError {
         PrecopyError::Unexpected {
             got: got.name(),
             expected,
@@ -660,6 +713,17 @@ impl SourceSession {
         round: u32,
         skip_zero: bool,
     ) -> Result<RoundStats, PrecopyError> {
+        self.send_round_with(pages, round, skip_zero, true).await
+    }
+
+    /// Sends one round; with `drain`, waits until the destination applied it.
+    async fn send_round_with(
+        &mut self,
+        pages: &PageBitmap,
+        round: u32,
+        skip_zero: bool,
+        drain: bool,
+    ) -> Result<RoundStats, PrecopyError> {
         let t = Instant::now();
         let ram = self.ram.clone();
         let txs: Vec<_> = self.data.iter().map(|c| c.tx.clone()).collect();
@@ -678,6 +742,13 @@ impl SourceSession {
             .map_err(|e| PrecopyError::Worker(e.to_string()))?;
         if rs.is_none() {
             return Err(self.writer_error().await);
+        }
+        if !drain {
+            let mut rs = rs.take().expect("checked above");
+            let elapsed = t.elapsed();
+            rs.elapsed_ms = u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX);
+            rs.rate_mbit = mbit_per_s(rs.bytes, elapsed.as_secs_f64() * 1000.0);
+            return Ok(rs);
         }
         // End the round on every connection and wait for the destination to
         // have applied it, storage reads included.
@@ -718,7 +789,7 @@ impl SourceSession {
     }
 
     /// The error of the first data connection that failed.
-    async fn writer_error(&mut self) -> PrecopyError {
+    pub(crate) async fn writer_error(&mut self) -> PrecopyError {
         let reason = self.peer_reason().await;
         for c in std::mem::take(&mut self.data) {
             drop(c.tx);
@@ -883,7 +954,7 @@ fn produce_round(
 
 /// Sends what `b` holds as one frame and starts a new batch; None if the
 /// connection went away.
-fn send_batch(
+pub(crate) fn send_batch(
     b: &mut BatchBuilder,
     round: u32,
     tx: &mpsc::Sender<WriterCmd>,

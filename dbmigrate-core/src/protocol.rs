@@ -47,7 +47,7 @@ use crate::PAGE_SIZE;
 /// First four bytes of every frame: "DMG1" little-endian.
 pub const MAGIC: u32 = u32::from_le_bytes(*b"DMG1");
 /// Protocol version carried in [`Hello`] and [`Welcome`].
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 /// Size of the fixed frame header.
 pub const HEADER_LEN: usize = 16;
 /// Largest payload a peer may announce; larger frames are refused unread.
@@ -180,6 +180,8 @@ pub struct Welcome {
     pub version: u32,
     /// Where the source VMM must send device state (e.g. `tcp:10.0.0.2:4444`).
     pub incoming_uri: String,
+    /// The destination can serve the VM's page faults (post-copy).
+    pub postcopy: bool,
 }
 
 /// One page inside a [`Message::PageBatch`].
@@ -252,6 +254,23 @@ pub enum Message {
         /// Why, for the operator.
         reason: String,
     },
+    /// Control connection, VM paused: switch to post-copy. `pending` is a
+    /// bitmap (bit i of byte i/8 = page i) of pages whose content the
+    /// destination does not have yet; every other page it holds (or will
+    /// rebuild from a reference already sent) is final, holes being zero.
+    Switch {
+        /// The bitmap, exactly ceil(pages / 8) bytes.
+        pending: Vec<u8>,
+    },
+    /// Data connection: everything before this marker was sent before the switch.
+    SwitchMark,
+    /// Destination: ready to serve faults; device state may come.
+    Switched,
+    /// Destination, after the switch: the VM waits for these pages.
+    PageRequest {
+        /// Pages (at most [`MAX_NEED`]).
+        pages: Vec<u64>,
+    },
 }
 
 /// Most pages asked for in one [`Message::Drained`].
@@ -272,6 +291,10 @@ const K_ACTIVATED: u16 = 9;
 const K_ABORT: u16 = 10;
 const K_DRAIN: u16 = 11;
 const K_DRAINED: u16 = 12;
+const K_SWITCH: u16 = 13;
+const K_SWITCH_MARK: u16 = 14;
+const K_SWITCHED: u16 = 15;
+const K_PAGE_REQUEST: u16 = 16;
 
 /// Data connection (1-based) that carries `page` when `conns` data connections exist.
 pub fn connection_for_page(page: u64, conns: u16) -> u16 {
@@ -296,6 +319,10 @@ impl Message {
             Message::Abort { .. } => "Abort",
             Message::Drain { .. } => "Drain",
             Message::Drained { .. } => "Drained",
+            Message::Switch { .. } => "Switch",
+            Message::SwitchMark => "SwitchMark",
+            Message::Switched => "Switched",
+            Message::PageRequest { .. } => "PageRequest",
         }
     }
 
@@ -313,6 +340,10 @@ impl Message {
             Message::Abort { .. } => K_ABORT,
             Message::Drain { .. } => K_DRAIN,
             Message::Drained { .. } => K_DRAINED,
+            Message::Switch { .. } => K_SWITCH,
+            Message::SwitchMark => K_SWITCH_MARK,
+            Message::Switched => K_SWITCHED,
+            Message::PageRequest { .. } => K_PAGE_REQUEST,
         }
     }
 
@@ -331,6 +362,7 @@ impl Message {
             Message::Welcome(w) => {
                 p.extend_from_slice(&w.version.to_le_bytes());
                 put_str(&mut p, &w.incoming_uri);
+                p.push(u8::from(w.postcopy));
             }
             Message::Refuse { reason } | Message::Abort { reason } => put_str(&mut p, reason),
             Message::PageBatch { round, pages } => {
@@ -340,7 +372,21 @@ impl Message {
                 }
                 return b.finish();
             }
-            Message::EndOfStream | Message::Commit | Message::Activated => {}
+            Message::EndOfStream
+            | Message::Commit
+            | Message::Activated
+            | Message::SwitchMark
+            | Message::Switched => {}
+            Message::Switch { pending } => {
+                put_len(&mut p, pending.len());
+                p.extend_from_slice(pending);
+            }
+            Message::PageRequest { pages } => {
+                put_len(&mut p, pages.len());
+                for n in pages {
+                    p.extend_from_slice(&n.to_le_bytes());
+                }
+            }
             Message::Drain { round } => p.extend_from_slice(&round.to_le_bytes()),
             Message::Drained { round, need } => {
                 p.extend_from_slice(&round.to_le_bytes());
@@ -399,9 +445,16 @@ impl Message {
                 if version != PROTOCOL_VERSION {
                     return Err(ProtocolError::Version { peer: version });
                 }
+                let incoming_uri = r.string()?;
+                let postcopy = match r.u8()? {
+                    0 => false,
+                    1 => true,
+                    b => return Err(r.bad(format!("post-copy flag {b}"))),
+                };
                 Message::Welcome(Welcome {
                     version,
-                    incoming_uri: r.string()?,
+                    incoming_uri,
+                    postcopy,
                 })
             }
             K_REFUSE => Message::Refuse {
@@ -459,6 +512,25 @@ impl Message {
             }
             K_COMMIT => Message::Commit,
             K_ACTIVATED => Message::Activated,
+            K_SWITCH_MARK => Message::SwitchMark,
+            K_SWITCHED => Message::Switched,
+            K_SWITCH => {
+                let n = r.len(1)?;
+                Message::Switch {
+                    pending: r.bytes(n)?.to_vec(),
+                }
+            }
+            K_PAGE_REQUEST => {
+                let n = r.len(8)?;
+                if n > MAX_NEED {
+                    return Err(r.bad(format!("{n} pages asked for, limit {MAX_NEED}")));
+                }
+                let mut pages = Vec::with_capacity(n);
+                for _ in 0..n {
+                    pages.push(r.u64()?);
+                }
+                Message::PageRequest { pages }
+            }
             K_VERIFY_REQ => {
                 let chunk_pages = r.u32()?;
                 if chunk_pages == 0 {
@@ -559,6 +631,10 @@ fn kind_name(kind: u16) -> Result<&'static str, ProtocolError> {
         K_ABORT => "Abort",
         K_DRAIN => "Drain",
         K_DRAINED => "Drained",
+        K_SWITCH => "Switch",
+        K_SWITCH_MARK => "SwitchMark",
+        K_SWITCHED => "Switched",
+        K_PAGE_REQUEST => "PageRequest",
         _ => return Err(ProtocolError::UnknownKind { kind }),
     })
 }
@@ -737,6 +813,7 @@ mod tests {
             Message::Welcome(Welcome {
                 version: PROTOCOL_VERSION,
                 incoming_uri: "tcp:10.0.0.2:4444".into(),
+                postcopy: true,
             }),
             Message::Refuse {
                 reason: "RAM size differs".into(),
@@ -791,6 +868,14 @@ mod tests {
             Message::Activated,
             Message::Abort {
                 reason: "operator pressed Ctrl-C".into(),
+            },
+            Message::Switch {
+                pending: vec![0b1010_0001, 0, 0xff],
+            },
+            Message::SwitchMark,
+            Message::Switched,
+            Message::PageRequest {
+                pages: vec![3, 1 << 40],
             },
         ]
     }

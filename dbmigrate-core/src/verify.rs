@@ -219,6 +219,54 @@ impl SourceDigests {
     }
 }
 
+/// Hash of one page for post-copy verification.
+pub fn page_hash(page: &[u8]) -> u64 {
+    xxhash_rust::xxh3::xxh3_64(page)
+}
+
+/// [`page_hash`] of a zero page (a hole).
+pub fn zero_page_hash() -> u64 {
+    page_hash(&ZERO_PAGE)
+}
+
+/// Post-copy digests: once the destination runs the VM, its RAM no longer
+/// equals the source's, so both sides compare what was *placed*: the
+/// destination records the hash of every page as it writes it, the source
+/// hashes its frozen RAM, and each chunk's digest folds its pages' hashes.
+pub fn fold_page_hashes(hashes: &[u64], chunk_pages: u32) -> Vec<u128> {
+    hashes
+        .chunks(chunk_pages.max(1) as usize)
+        .map(|c| {
+            let mut h = Xxh3::new();
+            for p in c {
+                h.update(&p.to_le_bytes());
+            }
+            h.digest128()
+        })
+        .collect()
+}
+
+/// Page hashes of `ram` (`data`: pages that are not holes) on `threads` threads.
+pub fn page_hashes(ram: &[u8], data: &PageBitmap, threads: usize) -> Vec<u64> {
+    let pages = ram.len() / PAGE_SIZE;
+    let zero = zero_page_hash();
+    let mut out = vec![zero; pages];
+    let per = pages.div_ceil(threads.clamp(1, 16)).max(1);
+    std::thread::scope(|s| {
+        for (t, slot) in out.chunks_mut(per).enumerate() {
+            s.spawn(move || {
+                for (i, h) in slot.iter_mut().enumerate() {
+                    let p = t * per + i;
+                    if data.get(p as u64) {
+                        *h = page_hash(&ram[p * PAGE_SIZE..(p + 1) * PAGE_SIZE]);
+                    }
+                }
+            });
+        }
+    });
+    out
+}
+
 /// Indexes of chunks whose digests differ (a length difference counts every extra chunk).
 pub fn mismatched_chunks(ours: &[u128], theirs: &[u128]) -> Vec<u32> {
     let n = ours.len().max(theirs.len());
@@ -249,6 +297,25 @@ mod tests {
         }
         inc.written(pages + 5); // out of range: ignored
         assert_eq!(inc.finish(&ram), ram_digests(&ram, &all, CHUNK_PAGES, 2));
+    }
+
+    #[test]
+    fn placed_page_hashes_fold_like_the_source_ram() {
+        let pages = 1100u64;
+        let mut ram = vec![0u8; usize::try_from(pages).unwrap() * PAGE_SIZE];
+        ram[3 * PAGE_SIZE] = 7;
+        let mut data = PageBitmap::new(pages);
+        data.set(3);
+        data.set(9); // a data page holding zeros hashes like a hole
+        let source = fold_page_hashes(&page_hashes(&ram, &data, 3), CHUNK_PAGES);
+        let mut placed = vec![zero_page_hash(); usize::try_from(pages).unwrap()];
+        placed[3] = page_hash(&ram[3 * PAGE_SIZE..4 * PAGE_SIZE]);
+        assert_eq!(fold_page_hashes(&placed, CHUNK_PAGES), source);
+        placed[1000] = page_hash(&[1u8; PAGE_SIZE]);
+        assert_eq!(
+            mismatched_chunks(&fold_page_hashes(&placed, CHUNK_PAGES), &source),
+            vec![1]
+        );
     }
 
     #[test]

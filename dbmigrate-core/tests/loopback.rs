@@ -103,11 +103,12 @@ async fn source_and_destination_agree_byte_for_byte_under_writes() {
             &listener,
             PAGES * 4096,
             "tcp:127.0.0.1:1",
+            false,
             Duration::from_secs(10),
         )
         .await
         .unwrap();
-        let (_ram, matched) = s.receive(ram, None).await.unwrap();
+        let (_ram, matched) = complete(s.receive(ram, None, None).await.unwrap());
         assert!(matched);
         s.wait_commit().await.unwrap();
         s.activated().await.unwrap();
@@ -169,10 +170,16 @@ async fn destination_refuses_a_page_beyond_ram_and_says_why() {
     let p2 = dst_path.clone();
     let receiver = tokio::spawn(async move {
         let ram = DestRam::open(&p2, PAGES * 4096).unwrap();
-        let mut s = dest::accept(&listener, PAGES * 4096, "tcp:x", Duration::from_secs(10))
-            .await
-            .unwrap();
-        let err = s.receive(ram, None).await.err().expect("must refuse");
+        let mut s = dest::accept(
+            &listener,
+            PAGES * 4096,
+            "tcp:x",
+            false,
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
+        let err = s.receive(ram, None, None).await.err().expect("must refuse");
         s.abort(&err.to_string()).await;
         err.to_string()
     });
@@ -298,10 +305,16 @@ async fn rebuild_from_storage_is_byte_exact_whatever_the_hints_say() {
     let dst2 = dst_path.clone();
     let receiver = tokio::spawn(async move {
         let ram = DestRam::open(&dst2, PAGES * 4096).unwrap();
-        let mut s = dest::accept(&listener, PAGES * 4096, "tcp:x", Duration::from_secs(10))
-            .await
-            .unwrap();
-        let (_ram, matched) = s.receive(ram, Some(storage)).await.unwrap();
+        let mut s = dest::accept(
+            &listener,
+            PAGES * 4096,
+            "tcp:x",
+            false,
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
+        let (_ram, matched) = complete(s.receive(ram, Some(storage), None).await.unwrap());
         assert!(matched);
         s.wait_commit().await.unwrap();
         s.activated().await.unwrap();
@@ -409,10 +422,10 @@ async fn rebuild_throughput() {
     let dst2 = dst_path.clone();
     let receiver = tokio::spawn(async move {
         let ram = DestRam::open(&dst2, N * 4096).unwrap();
-        let mut s = dest::accept(&listener, N * 4096, "tcp:x", Duration::from_secs(30))
+        let mut s = dest::accept(&listener, N * 4096, "tcp:x", false, Duration::from_secs(30))
             .await
             .unwrap();
-        let (_ram, matched) = s.receive(ram, Some(storage)).await.unwrap();
+        let (_ram, matched) = complete(s.receive(ram, Some(storage), None).await.unwrap());
         assert!(matched);
         s.wait_commit().await.unwrap();
         s.activated().await.unwrap();
@@ -450,5 +463,12 @@ async fn rebuild_throughput() {
     );
     for p in [src_path, dst_path, disk_path] {
         std::fs::remove_file(p).unwrap();
+    }
+}
+
+fn complete(r: dest::Received) -> (dbmigrate_core::ram::DestRam, bool) {
+    match r {
+        dest::Received::Complete { ram, matched } => (ram, matched),
+        dest::Received::Postcopy(_) => panic!("pre-copy switched to post-copy"),
     }
 }

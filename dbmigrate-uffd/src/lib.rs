@@ -40,6 +40,10 @@ const fn iowr(ty: u64, nr: u64, size: u64) -> u64 {
 const UFFDIO_API: u64 = iowr(0xAA, 0x3F, 24);
 const UFFDIO_REGISTER: u64 = iowr(0xAA, 0x00, 32);
 const UFFDIO_WRITEPROTECT: u64 = iowr(0xAA, 0x06, 24);
+/// `UFFDIO_UNREGISTER = _IOR(0xAA, 0x01, struct uffdio_range)`.
+const UFFDIO_UNREGISTER: u64 = (2 << 30) | (16 << 16) | (0xAA << 8) | 0x01;
+/// `UFFDIO_ZEROPAGE = _IOWR(0xAA, 0x04, struct uffdio_zeropage)`.
+const UFFDIO_ZEROPAGE: u64 = iowr(0xAA, 0x04, 32);
 /// `UFFDIO_WAKE = _IOR(0xAA, 0x02, struct uffdio_range)`.
 const UFFDIO_WAKE: u64 = (2 << 30) | (16 << 16) | (0xAA << 8) | 0x02;
 /// `PAGEMAP_SCAN = _IOWR('f', 16, struct pm_scan_arg)`.
@@ -300,6 +304,61 @@ pub fn wake(uffd: &OwnedFd, start: u64, len: u64) -> io::Result<()> {
     Ok(())
 }
 
+#[repr(C)]
+struct UffdioZeropage {
+    range: UffdioRange,
+    mode: u64,
+    zeropage: i64,
+}
+
+/// Fills `start..start+len` with zeros if the pages are still missing and
+/// wakes their waiters. Returns false, doing nothing, if a page there is
+/// already present (filled since the fault was reported): then only wake.
+pub fn zeropage(uffd: &OwnedFd, start: u64, len: u64) -> io::Result<bool> {
+    let mut z = UffdioZeropage {
+        range: UffdioRange { start, len },
+        mode: 0,
+        zeropage: 0,
+    };
+    // SAFETY: UFFDIO_ZEROPAGE reads and writes a `struct uffdio_zeropage` we own;
+    // it only fills pages that are still missing in the registered range.
+    let r = unsafe {
+        libc::ioctl(
+            uffd.as_raw_fd(),
+            UFFDIO_ZEROPAGE,
+            &mut z as *mut UffdioZeropage,
+        )
+    };
+    if r < 0 {
+        let e = io::Error::last_os_error();
+        return if e.raw_os_error() == Some(libc::EEXIST) {
+            Ok(false)
+        } else {
+            Err(e)
+        };
+    }
+    Ok(true)
+}
+
+/// Ends missing-page handling for `start..start+len`: waiters are woken and
+/// missing pages read as zeros again. Works from any process holding the
+/// descriptor (it acts on the registering process's memory).
+pub fn unregister(uffd: &OwnedFd, start: u64, len: u64) -> io::Result<()> {
+    let mut range = UffdioRange { start, len };
+    // SAFETY: UFFDIO_UNREGISTER reads a `struct uffdio_range` we own.
+    let r = unsafe {
+        libc::ioctl(
+            uffd.as_raw_fd(),
+            UFFDIO_UNREGISTER,
+            &mut range as *mut UffdioRange,
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Sends `fd` and `payload` (at most 64 bytes) over a unix stream socket.
 pub fn send_fd(sock: &impl AsRawFd, fd: &impl AsRawFd, payload: &[u8]) -> io::Result<()> {
     let payload = &payload[..payload.len().min(64)];
@@ -431,6 +490,8 @@ mod tests {
         assert_eq!(UFFDIO_WRITEPROTECT, 0xC018_AA06);
         assert_eq!(PAGEMAP_SCAN, 0xC060_6610);
         assert_eq!(UFFDIO_WAKE, 0x8010_AA02);
+        assert_eq!(UFFDIO_UNREGISTER, 0x8010_AA01);
+        assert_eq!(UFFDIO_ZEROPAGE, 0xC020_AA04);
         assert_eq!(std::mem::size_of::<PmScanArg>(), 96);
         assert_eq!(std::mem::size_of::<PageRegion>(), 24);
     }
@@ -480,6 +541,16 @@ mod tests {
         file.write_all_at(&[9u8; PAGE], 2 * PAGE as u64).unwrap();
         wake(&served, base + 2 * PAGE as u64, PAGE as u64).unwrap();
         assert_eq!(toucher.join().unwrap(), 9);
+        // A page already filled is left alone; a missing one gets zeros.
+        assert!(!zeropage(&served, base + 2 * PAGE as u64, PAGE as u64).unwrap());
+        assert!(zeropage(&served, base + PAGE as u64, PAGE as u64).unwrap());
+        unregister(&served, base, 4 * PAGE as u64).unwrap();
+        // SAFETY: page 3 of the live mapping, no longer registered: reads zero.
+        let third = unsafe { std::ptr::read_volatile((base as *const u8).add(3 * PAGE)) };
+        assert_eq!(third, 0);
+        // SAFETY: page 2 of the live mapping, filled above.
+        let second = unsafe { std::ptr::read_volatile((base as *const u8).add(2 * PAGE)) };
+        assert_eq!(second, 9);
         drop(uffd);
         drop(served);
         // SAFETY: unmapping the mapping made above; nothing uses it any more.

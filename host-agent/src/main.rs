@@ -82,6 +82,17 @@ enum Command {
         /// scan and check against the server's list of clean pages.
         #[arg(long, value_enum, default_value = "host")]
         hint_scan: source::HintScan,
+        /// How the VM is handed over: `precopy` (stop-and-copy once the
+        /// rounds converge), `postcopy` (after one round the VM runs on the
+        /// destination, which fetches the rest), `hybrid` (pre-copy that
+        /// switches to post-copy when it would not converge).
+        #[arg(long, value_enum, default_value = "precopy")]
+        mode: source::ModeArg,
+        /// Required with `--mode postcopy` or `hybrid`: once the VM runs on the
+        /// destination the source can no longer take it back, so a failure of
+        /// the migration link or of either host during post-copy loses the VM.
+        #[arg(long)]
+        allow_postcopy: bool,
     },
     /// Receive a VM into a QEMU started with `-S -incoming defer` (run on the destination host).
     Receive {
@@ -105,6 +116,11 @@ enum Command {
         /// file or block device path. Repeat for several disks.
         #[arg(long = "storage")]
         storage: Vec<String>,
+        /// Unix socket where the destination QEMU's preload library offers
+        /// its RAM's userfaultfd (`DBMIGRATE_POSTCOPY_SOCKET`, see `dbmigrate
+        /// env --postcopy-socket`): lets the source hand over by post-copy.
+        #[arg(long)]
+        postcopy_socket: Option<PathBuf>,
     },
     /// Report which dirty-tracking mechanisms this host supports.
     Check,
@@ -113,6 +129,10 @@ enum Command {
         /// The RAM backend file QEMU will use (`mem-path=`).
         #[arg(long)]
         ram_path: PathBuf,
+        /// For a destination QEMU that may receive by post-copy: the socket
+        /// `dbmigrate receive --postcopy-socket` will take the fault descriptor from.
+        #[arg(long)]
+        postcopy_socket: Option<PathBuf>,
     },
 }
 
@@ -242,9 +262,17 @@ fn run(cli: Cli) -> Result<ExitCode> {
             guest_hints,
             hints_refresh_ms,
             hint_scan,
+            mode,
+            allow_postcopy,
         } => {
             if max_bytes_factor.is_nan() || max_bytes_factor <= 0.0 {
                 bail!("--max-bytes-factor must be positive");
+            }
+            if mode != source::ModeArg::Precopy && !allow_postcopy {
+                bail!(
+                    "--mode {} can switch to post-copy, after which the source can no longer take the VM back: a failure of the migration link or of either host then loses the VM. Add --allow-postcopy to accept that, or use --mode precopy",
+                    mode.name()
+                );
             }
             let progress = match progress.as_str() {
                 "always" => true,
@@ -252,6 +280,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 _ => std::io::stderr().is_terminal(),
             };
             let config = SourceConfig {
+                mode: mode.into(),
                 connections,
                 bandwidth,
                 compress,
@@ -308,6 +337,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             timeout,
             keep_qemu,
             storage,
+            postcopy_socket,
         } => {
             let storage = open_storage(&storage)?;
             let stats = rt.block_on(receive::receive(receive::ReceiveArgs {
@@ -317,6 +347,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 peer_timeout: Duration::from_secs(timeout.max(1)),
                 keep_qemu,
                 storage,
+                postcopy_socket,
             }))?;
             println!("{}", serde_json::to_string_pretty(&stats)?);
             Ok(ExitCode::SUCCESS)
@@ -330,15 +361,22 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Env { ram_path } => {
+        Command::Env {
+            ram_path,
+            postcopy_socket,
+        } => {
             let lib = preload_path().context(
                 "libdbmigrate_preload.so is not next to the dbmigrate binary: build it with `cargo build --release -p dbmigrate-preload`",
             )?;
-            println!(
+            print!(
                 "LD_PRELOAD={} DBMIGRATE_TRACK_PATH={}",
                 lib.display(),
                 ram_path.display()
             );
+            match postcopy_socket {
+                Some(sock) => println!(" DBMIGRATE_POSTCOPY_SOCKET={}", sock.display()),
+                None => println!(),
+            }
             Ok(ExitCode::SUCCESS)
         }
     }

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
-use dbmigrate_core::dest::{self, DestSession};
+use dbmigrate_core::dest::{self, DestSession, FaultSource, Received};
 use dbmigrate_core::ram::DestRam;
 use serde_json::json;
 use tokio::net::TcpListener;
@@ -31,6 +31,8 @@ pub struct ReceiveArgs {
     pub keep_qemu: bool,
     /// The VM's disks, for rebuilding pages from references.
     pub storage: Option<std::sync::Arc<dyn dbmigrate_core::rebuild::Storage>>,
+    /// Where QEMU's preload library offers the RAM's userfaultfd (post-copy).
+    pub postcopy_socket: Option<PathBuf>,
 }
 
 /// Receives one VM. Ok when it runs here.
@@ -50,13 +52,17 @@ pub async fn receive(args: ReceiveArgs) -> Result<dest::DestStats> {
         .context("making the destination QEMU listen for device state")?;
     let ram = DestRam::open(&backend.mem_path, backend.size)
         .context("mapping the destination RAM file")?;
+    let faults = match &args.postcopy_socket {
+        Some(path) => Some(fault_source(path, backend.size)?),
+        None => None,
+    };
     let listener = TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("listening on {} (is another agent using it?)", args.listen))?;
     tracing::info!(listen = %args.listen, %uri, ram = %backend.mem_path.display(), size = backend.size, "waiting for the source agent");
 
     let result = tokio::select! {
-        r = session(&args, &mut qmp, &listener, ram, backend.size, &uri) => r,
+        r = session(&args, &mut qmp, &listener, ram, faults, backend.size, &uri) => r,
         s = crate::interrupted() => Err(anyhow!("interrupted by {s} before the VM was resumed here")),
     };
     if let Err(e) = &result {
@@ -69,23 +75,147 @@ pub async fn receive(args: ReceiveArgs) -> Result<dest::DestStats> {
     result
 }
 
+/// Takes the RAM's userfaultfd from the destination QEMU's preload library.
+fn fault_source(path: &std::path::Path, ram_bytes: u64) -> Result<FaultSource> {
+    let sock = std::os::unix::net::UnixStream::connect(path).with_context(|| {
+        format!(
+            "connecting to {} for the destination QEMU's fault descriptor: start QEMU with LD_PRELOAD and DBMIGRATE_POSTCOPY_SOCKET={} (see `dbmigrate env --postcopy-socket`)",
+            path.display(),
+            path.display()
+        )
+    })?;
+    sock.set_read_timeout(Some(Duration::from_secs(5)))
+        .context("setting a timeout on the fault-descriptor socket")?;
+    let (uffd, payload) = dbmigrate_uffd::recv_fd(&sock)
+        .with_context(|| format!("receiving the fault descriptor from {}", path.display()))?;
+    let (Some(base), Some(len)) = (
+        payload
+            .get(..8)
+            .and_then(|b| b.try_into().ok())
+            .map(u64::from_le_bytes),
+        payload
+            .get(8..16)
+            .and_then(|b| b.try_into().ok())
+            .map(u64::from_le_bytes),
+    ) else {
+        bail!("the fault descriptor from {} came without its mapping (got {} bytes): is the preload library the same dbmigrate version?", path.display(), payload.len());
+    };
+    if len < ram_bytes {
+        bail!("the mapping registered for post-copy is {len} bytes but the RAM backend has {ram_bytes}: DBMIGRATE_TRACK_PATH must name the RAM backend's mem-path");
+    }
+    tracing::info!(
+        base = format_args!("{base:#x}"),
+        len,
+        "post-copy fault descriptor received"
+    );
+    Ok(FaultSource { uffd, base, len })
+}
+
+/// Waits for QEMU to have loaded device state, then resumes the VM.
+async fn resume_vm(qmp: &mut Qmp) -> Result<(), String> {
+    let mut status = String::new();
+    // Polled tightly: this wait is part of the downtime.
+    for _ in 0..5000 {
+        status = qmp
+            .status()
+            .await
+            .map_err(|e| format!("destination QEMU failed while loading device state: {e}"))?;
+        if status != "inmigrate" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    match status.as_str() {
+        "paused" | "prelaunch" => qmp
+            .execute("cont", None)
+            .await
+            .map(|_| ())
+            .map_err(|e| format!("destination QEMU refused to resume: {e}")),
+        "running" => Ok(()),
+        other => Err(format!(
+            "destination QEMU is `{other}` after device state, cannot resume it"
+        )),
+    }
+}
+
+/// Stops a destination VM whose memory can no longer be completed: QMP
+/// `quit`, or SIGKILL if QEMU does not answer (a vCPU or the main loop may
+/// be blocked on a page that will never come).
+async fn stop_incomplete_vm(qmp: &mut Qmp) {
+    let pid = qmp.pid();
+    let quit = tokio::time::timeout(Duration::from_secs(3), qmp.execute("quit", None)).await;
+    if !matches!(quit, Ok(Ok(_))) {
+        if let Some(pid) = pid {
+            let _ = std::process::Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status();
+        }
+    }
+    tracing::error!("destination VM stopped: its memory could not be completed");
+}
+
 async fn session(
     args: &ReceiveArgs,
     qmp: &mut Qmp,
     listener: &TcpListener,
     ram: DestRam,
+    faults: Option<FaultSource>,
     ram_bytes: u64,
     uri: &str,
 ) -> Result<dest::DestStats> {
-    let mut s: DestSession = dest::accept(listener, ram_bytes, uri, args.peer_timeout)
+    let postcopy = faults.is_some();
+    let mut s: DestSession = dest::accept(listener, ram_bytes, uri, postcopy, args.peer_timeout)
         .await
         .context("accepting the source agent")?;
     let t = Instant::now();
-    let (ram, matched) = match s.receive(ram, args.storage.clone()).await {
+    let received = match s.receive(ram, args.storage.clone(), faults).await {
         Ok(r) => r,
         Err(e) => {
             s.abort(&e.to_string()).await;
             return Err(anyhow!(e).context("receiving guest RAM"));
+        }
+    };
+    let (ram, matched) = match received {
+        Received::Complete { ram, matched } => (ram, matched),
+        Received::Postcopy(run) => {
+            let mut resumed = false;
+            let resume = async {
+                let r = resume_vm(qmp).await;
+                resumed = r.is_ok();
+                if resumed {
+                    tracing::info!("VM resumed on the destination; post-copy continues");
+                }
+                r
+            };
+            let outcome = s.postcopy(run, resume).await;
+            return match outcome {
+                Ok(o) => {
+                    tracing::info!(
+                        ms = u64::try_from(t.elapsed().as_millis()).unwrap_or(u64::MAX),
+                        faults = s.stats.faults,
+                        network_faults = s.stats.network_faults,
+                        storage_faults = s.stats.storage_faults,
+                        longest_stall_us = s.stats.longest_stall_us,
+                        matched = o.matched,
+                        "post-copy complete"
+                    );
+                    if !o.matched {
+                        bail!("post-copy placed pages that differ from the source's frozen RAM in {} chunk(s): the VM's memory is suspect", o.mismatched_chunks);
+                    }
+                    Ok(s.stats.clone())
+                }
+                Err(e) => {
+                    if resumed {
+                        stop_incomplete_vm(qmp).await;
+                        Err(anyhow!(e).context(
+                            "post-copy failed after the VM was resumed here; the destination VM was stopped (its memory is incomplete) and the source holds the VM's frozen RAM",
+                        ))
+                    } else {
+                        s.abort(&e.to_string()).await;
+                        Err(anyhow!(e).context("post-copy failed before the VM was resumed here; the source keeps the VM"))
+                    }
+                }
+            };
         }
     };
     drop(ram);
@@ -105,37 +235,9 @@ async fn session(
         .context("waiting for the source to commit")?;
     // QEMU has loaded device state by now (the source waited for its
     // migration to complete before committing); confirm before resuming.
-    let mut status = String::new();
-    // Polled tightly: this wait is part of the downtime.
-    for _ in 0..5000 {
-        status = match qmp.status().await {
-            Ok(st) => st,
-            Err(e) => {
-                let reason = format!("destination QEMU failed while loading device state: {e}");
-                s.abort(&reason).await;
-                bail!(reason);
-            }
-        };
-        if status != "inmigrate" {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
-    match status.as_str() {
-        "paused" | "prelaunch" => {
-            if let Err(e) = qmp.execute("cont", None).await {
-                let reason = format!("destination QEMU refused to resume: {e}");
-                s.abort(&reason).await;
-                bail!(reason);
-            }
-        }
-        "running" => {}
-        other => {
-            let reason =
-                format!("destination QEMU is `{other}` after device state, cannot resume it");
-            s.abort(&reason).await;
-            bail!(reason);
-        }
+    if let Err(reason) = resume_vm(qmp).await {
+        s.abort(&reason).await;
+        bail!(reason);
     }
     s.activated()
         .await

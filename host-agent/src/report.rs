@@ -48,6 +48,8 @@ pub struct MigrationReport {
     pub vm_runs_on: String,
     /// Guest hints, when rebuild was on.
     pub hints: Option<HintReport>,
+    /// Post-copy phase, if the VM was handed over by post-copy.
+    pub postcopy: Option<dbmigrate_core::postcopy::PostcopyStats>,
     /// Engine details.
     pub stats: MigrationStats,
 }

@@ -11,7 +11,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use dbmigrate_core::dirty;
-use dbmigrate_core::precopy::{Decision, SourceConfig, SourceSession};
+use dbmigrate_core::postcopy::PostcopyError;
+use dbmigrate_core::precopy::{self, Decision, Mode, SourceConfig, SourceSession};
 use dbmigrate_core::ram::SourceRam;
 use dbmigrate_core::stats::RoundStats;
 use serde_json::json;
@@ -52,6 +53,38 @@ pub enum HintScan {
     Guest,
 }
 
+/// `--mode`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ModeArg {
+    /// Stop-and-copy once the rounds converge.
+    Precopy,
+    /// One round, then the VM runs on the destination.
+    Postcopy,
+    /// Pre-copy that switches to post-copy when it would not converge.
+    Hybrid,
+}
+
+impl ModeArg {
+    /// The name on the command line and in reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            ModeArg::Precopy => "precopy",
+            ModeArg::Postcopy => "postcopy",
+            ModeArg::Hybrid => "hybrid",
+        }
+    }
+}
+
+impl From<ModeArg> for Mode {
+    fn from(m: ModeArg) -> Self {
+        match m {
+            ModeArg::Precopy => Mode::Precopy,
+            ModeArg::Postcopy => Mode::Postcopy,
+            ModeArg::Hybrid => Mode::Hybrid,
+        }
+    }
+}
+
 /// Where the migration stands, for the cleanup path.
 #[derive(Default)]
 struct Undo {
@@ -62,8 +95,13 @@ struct Undo {
 
 /// Runs the migration; always returns a report, with `error` set on failure.
 pub async fn migrate(args: MigrateArgs) -> MigrationReport {
+    let mode = match args.config.mode {
+        Mode::Precopy => "precopy",
+        Mode::Postcopy => "postcopy",
+        Mode::Hybrid => "hybrid",
+    };
     let mut report = MigrationReport {
-        method: "dbmigrate-precopy".into(),
+        method: format!("dbmigrate-{mode}"),
         vm_runs_on: "source".into(),
         ..MigrationReport::default()
     };
@@ -244,6 +282,13 @@ async fn run(
         rebuilt: refs.saturating_sub(mismatch),
         rebuild_mismatch: mismatch,
     };
+    if let Some(pc) = &report.postcopy {
+        // After the switch pages go raw (zero pages as markers); references
+        // that storage could not match were asked for by the destination.
+        report.pages.raw += pc.pushed_pages + pc.requested_pages;
+        report.pages.rebuild_mismatch += pc.storage_mismatch;
+        report.pages.rebuilt = report.pages.rebuilt.saturating_sub(pc.storage_mismatch);
+    }
     report.ram_verified = session.stats.ram_verified;
     report.link_bytes = session.stats.bytes_sent + session.stats.bytes_received;
     if let Err(e) = result {
@@ -270,6 +315,9 @@ async fn drive(
         tracing::info!(round = r.round, pages = r.pages, raw = r.raw_pages, zero = r.zero_pages,
             bytes = r.bytes, ms = r.elapsed_ms, mbit = r.rate_mbit, dirty_after = r.dirty_after, decision = ?d, "pre-copy round");
     };
+    if args.config.mode != Mode::Precopy && !session.destination_postcopy() {
+        bail!("--mode {} needs a destination that can serve post-copy faults: start the destination QEMU with DBMIGRATE_POSTCOPY_SOCKET (see `dbmigrate env --postcopy-socket`) and `dbmigrate receive --postcopy-socket` with the same path", if args.config.mode == Mode::Postcopy { "postcopy" } else { "hybrid" });
+    }
     let decision = session
         .run_live(&mut on_round)
         .await
@@ -279,6 +327,10 @@ async fn drive(
         expected_downtime,
     } = decision
     {
+        if precopy::switch_to_postcopy(args.config.mode, reason, session.destination_postcopy()) {
+            return drive_postcopy(args, qmp, undo, report, start, &progress, session, reason)
+                .await;
+        }
         progress.note(&format!(
             "stop-and-copy ({reason}), expected downtime {} ms",
             expected_downtime.as_millis()
@@ -346,6 +398,88 @@ async fn drive(
     ));
     if args.quit_source {
         // The source QEMU is in `postmigrate`; its RAM is no longer the VM's.
+        let _ = qmp.execute("quit", None).await;
+    }
+    Ok(())
+}
+
+/// The hand-over by post-copy: pause, switch, move device state while the
+/// destination already serves faults, commit, and wait for every page.
+#[allow(clippy::too_many_arguments)]
+async fn drive_postcopy(
+    args: &MigrateArgs,
+    qmp: &mut Qmp,
+    undo: &mut Undo,
+    report: &mut MigrationReport,
+    start: Instant,
+    progress: &Progress,
+    session: &mut SourceSession,
+    reason: precopy::StopReason,
+) -> Result<()> {
+    progress.note(&format!(
+        "switching to post-copy ({reason}): once the VM runs on the destination, the source can no longer take it back"
+    ));
+    tracing::warn!(%reason, "switching to post-copy: after the hand-over the source cannot resume the VM");
+    let paused_at = Instant::now();
+    qmp.execute("stop", None)
+        .await
+        .context("pausing the source VM")?;
+    undo.paused_by_us = true;
+    let sw = session
+        .switch_to_postcopy()
+        .await
+        .context("switching to post-copy")?;
+    undo.device_migration_started = true;
+    let uri = session.incoming_uri().to_string();
+    let mut device_bytes = 0;
+    let handover = async {
+        qmp.execute("migrate", Some(json!({ "uri": uri })))
+            .await
+            .map_err(|e| format!("starting QEMU's device-state migration: {e:#}"))?;
+        let info = qemu::wait_migration(qmp, Duration::from_secs(60))
+            .await
+            .map_err(|e| format!("moving device state: {e:#}"))?;
+        device_bytes = info["ram"]["transferred"].as_u64().unwrap_or(0);
+        Ok(())
+    };
+    let mut activated_at = None;
+    let mut on_activated = || activated_at = Some(Instant::now());
+    let result = session.postcopy(sw, handover, &mut on_activated).await;
+    report.device_state_bytes = device_bytes;
+    if let Some(at) = activated_at {
+        report.downtime_ms = ms(at.duration_since(paused_at));
+    }
+    match result {
+        Ok(stats) => {
+            report.vm_runs_on = "destination".into();
+            if !stats.ram_verified {
+                report.postcopy = Some(stats.clone());
+                bail!(
+                    "post-copy finished but {} chunk(s) of the placed pages differ from the source's frozen RAM: the destination VM's memory is suspect; the source QEMU is kept, paused, for inspection",
+                    stats.mismatched_chunks
+                );
+            }
+            report.postcopy = Some(stats);
+        }
+        Err(PostcopyError::BeforeCommit(e)) => {
+            return Err(anyhow!(e).context("post-copy hand-over (the destination never ran the VM)"))
+        }
+        Err(e @ PostcopyError::AfterCommit(_)) => {
+            report.vm_runs_on = if activated_at.is_some() {
+                "destination".into()
+            } else {
+                "unknown".into()
+            };
+            return Err(anyhow!(e));
+        }
+    }
+    progress.finish(&format!(
+        "migrated in {} ms by post-copy, downtime {} ms",
+        ms(start.elapsed()),
+        report.downtime_ms
+    ));
+    if args.quit_source {
+        // Every page is placed and verified: the source's RAM is no longer needed.
         let _ = qmp.execute("quit", None).await;
     }
     Ok(())

@@ -262,6 +262,9 @@ pub struct VmOptions {
     pub append: Option<String>,
     /// Virtual CPUs.
     pub smp: u32,
+    /// Post-copy destination: the preload library offers the RAM's
+    /// userfaultfd on this socket (implies the library).
+    pub postcopy_socket: Option<PathBuf>,
 }
 
 impl Default for VmOptions {
@@ -276,6 +279,7 @@ impl Default for VmOptions {
             extra: Vec::new(),
             append: None,
             smp: 1,
+            postcopy_socket: None,
         }
     }
 }
@@ -351,10 +355,13 @@ impl Vm {
         if o.incoming {
             c.args(["-S", "-incoming", "defer"]);
         }
-        if o.preload {
+        if o.preload || o.postcopy_socket.is_some() {
             let dir = bin_dir()?;
             c.env("LD_PRELOAD", dir.join("libdbmigrate_preload.so"))
                 .env("DBMIGRATE_TRACK_PATH", &ram);
+        }
+        if let Some(sock) = &o.postcopy_socket {
+            c.env("DBMIGRATE_POSTCOPY_SOCKET", sock);
         }
         let log = std::fs::File::create(tb.dir.join(format!("{name}.qemu.log")))?;
         c.stdout(Stdio::null()).stderr(log.try_clone()?);

@@ -1,0 +1,462 @@
+//! The source's side of post-copy: with the VM paused, the destination is
+//! told which pages it does not have yet; once the VM runs there, pages
+//! follow in the background, except that a page the VM waits for jumps the
+//! queue (sent at once on the control connection) and pulls its neighbours
+//! to the front of the push, since a fault is usually followed by faults
+//! next to it.
+//!
+//! ```text
+//! source (VM paused)                         destination
+//!   | SwitchMark (each data conn) ------------> |
+//!   | Switch{pending bitmap} (control) -------> |  punches stale pages,
+//!   | <---------------------------- Switched     |  serves faults from here on
+//!   | pages (data conns, background) ---------> |
+//!   | <-------------------- PageRequest{pages}   |  a vCPU waits
+//!   | PageBatch (control, at once) -----------> |
+//!   |        ... QEMU moves device state ...     |
+//!   | Commit ---------------------------------> |  resumes the VM
+//!   | <----------------------------- Activated   |
+//!   | EndOfStream (each data conn) -----------> |
+//!   | VerifyRequest{placed-page digests} -----> |
+//!   | <---------------------------- VerifyResult |  once every page is placed
+//! ```
+//!
+//! After Commit the source can no longer take the VM back; it keeps its
+//! (frozen) RAM until the destination has confirmed every page.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+
+use crate::bitmap::PageBitmap;
+use crate::precopy::{send_batch, PrecopyError, SourceSession, WriterCmd};
+use crate::protocol::{self, connection_for_page, BatchBuilder, Message, PageEncoding};
+use crate::ram::{is_zero, SourceRam};
+use crate::verify;
+use crate::PAGE_SIZE;
+
+/// Pages after a faulting page pushed next.
+const NEIGHBOURS: u64 = 64;
+
+/// What a finished post-copy did.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct PostcopyStats {
+    /// Pages the destination did not have at the switch.
+    pub pending_pages: u64,
+    /// Pages pushed in the background.
+    pub pushed_pages: u64,
+    /// Pages sent because the VM waited for them.
+    pub requested_pages: u64,
+    /// Requested pages that were not pending: their reference did not match storage.
+    pub storage_mismatch: u64,
+    /// Bytes sent after the switch (both kinds).
+    pub bytes: u64,
+    /// Switch to the last page sent.
+    pub push_ms: u64,
+    /// Every placed page matched the frozen RAM.
+    pub ram_verified: bool,
+    /// Chunks that differed.
+    pub mismatched_chunks: u32,
+}
+
+/// Shared between the pusher thread and the request handler.
+struct PushQueue {
+    /// Pages to push first (neighbours of faults).
+    hot: VecDeque<u64>,
+    /// Pages already sent.
+    sent: PageBitmap,
+}
+
+/// A switch to post-copy in progress.
+pub struct Switched {
+    pending: PageBitmap,
+    queue: Arc<Mutex<PushQueue>>,
+    pusher: tokio::task::JoinHandle<Option<(u64, u64)>>,
+    digests: tokio::task::JoinHandle<Vec<u128>>,
+    started: Instant,
+}
+
+impl SourceSession {
+    /// Call with the VM paused, after [`SourceSession::run_live`]: tells the
+    /// destination which pages it still lacks and starts pushing them. The
+    /// source stays authoritative until [`SourceSession::postcopy`] commits.
+    pub async fn switch_to_postcopy(&mut self) -> Result<Switched, PrecopyError> {
+        if !self.destination_postcopy() {
+            return Err(PrecopyError::Worker(
+                "the destination agent cannot serve post-copy (start `dbmigrate receive` with --postcopy-socket)".into(),
+            ));
+        }
+        // With the VM paused nothing is written after this collect.
+        self.tracker.collect(&mut self.pending)?;
+        let pending = std::mem::replace(&mut self.pending, PageBitmap::new(self.ram.pages()));
+        let started = Instant::now();
+        let mark = Message::SwitchMark.encode();
+        for c in &self.data {
+            if c.tx.send(WriterCmd::Frame(mark.clone())).await.is_err() {
+                return Err(self.writer_error().await);
+            }
+        }
+        let bytes = bitmap_bytes(&pending);
+        self.stats.bytes_sent += protocol::write_message(
+            &mut self.ctrl_tx,
+            &Message::Switch { pending: bytes },
+            "switching to post-copy",
+        )
+        .await?;
+        match self
+            .read_ctrl("waiting for the destination to take over faults")
+            .await?
+        {
+            Message::Switched => {}
+            other => return Err(self.unexpected(other, "Switched")),
+        }
+        // The RAM is frozen now: its digests can be taken while pages move.
+        let ram = self.ram.clone();
+        let threads = self.cfg.verify_threads;
+        let digests = tokio::task::spawn_blocking(move || {
+            let data = ram.data_pages().unwrap_or_else(|_| {
+                let mut all = PageBitmap::new(ram.pages());
+                all.set_range(0, ram.pages());
+                all
+            });
+            let hashes = verify::page_hashes(ram.bytes(), &data, threads);
+            verify::fold_page_hashes(&hashes, verify::CHUNK_PAGES)
+        });
+        let queue = Arc::new(Mutex::new(PushQueue {
+            hot: VecDeque::new(),
+            sent: PageBitmap::new(self.ram.pages()),
+        }));
+        let (ram, txs, q, todo) = (
+            self.ram.clone(),
+            self.data.iter().map(|c| c.tx.clone()).collect::<Vec<_>>(),
+            queue.clone(),
+            pending.clone(),
+        );
+        let compress = self.cfg.compress;
+        let pusher = tokio::task::spawn_blocking(move || push(&ram, &todo, &q, &txs, compress));
+        Ok(Switched {
+            pending,
+            queue,
+            pusher,
+            digests,
+            started,
+        })
+    }
+
+    /// Serves the destination's page requests while `handover` moves the
+    /// device state, then commits (from here on the VM runs on the
+    /// destination), and waits until every page is placed and compared.
+    /// `on_activated` is called when the destination runs the VM.
+    ///
+    /// An error before Commit leaves the source authoritative (resume it);
+    /// after Commit the VM cannot come back, see [`PostcopyError`].
+    pub async fn postcopy<F>(
+        &mut self,
+        mut sw: Switched,
+        handover: F,
+        on_activated: &mut (dyn FnMut() + Send),
+    ) -> Result<PostcopyStats, PostcopyError>
+    where
+        F: std::future::Future<Output = Result<(), String>>,
+    {
+        let mut stats = PostcopyStats {
+            pending_pages: sw.pending.count(),
+            ..PostcopyStats::default()
+        };
+        let before = |e: PrecopyError| PostcopyError::BeforeCommit(e);
+        // Reads are done by their own task: a frame is never cut in half by
+        // another branch of the loop below.
+        let rx = self.ctrl_rx.take().ok_or_else(|| {
+            before(PrecopyError::Worker(
+                "control connection already taken".into(),
+            ))
+        })?;
+        let (in_tx, mut ctrl_in) = mpsc::channel(16);
+        let reader = tokio::spawn(async move {
+            let mut rx = rx;
+            loop {
+                let m = protocol::read_message(&mut rx, "post-copy").await;
+                let failed = m.is_err();
+                if in_tx.send(m).await.is_err() || failed {
+                    return;
+                }
+            }
+        });
+        let result = self
+            .postcopy_loop(&mut sw, handover, on_activated, &mut ctrl_in, &mut stats)
+            .await;
+        reader.abort();
+        stats.push_ms = u64::try_from(sw.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.stats.bytes_sent += stats.bytes;
+        result.map(|()| stats)
+    }
+
+    async fn postcopy_loop<F>(
+        &mut self,
+        sw: &mut Switched,
+        handover: F,
+        on_activated: &mut (dyn FnMut() + Send),
+        ctrl_in: &mut mpsc::Receiver<Result<(Message, u64), protocol::ProtocolError>>,
+        stats: &mut PostcopyStats,
+    ) -> Result<(), PostcopyError>
+    where
+        F: std::future::Future<Output = Result<(), String>>,
+    {
+        let mut handover = std::pin::pin!(handover);
+        let (mut committed, mut activated, mut pushed, mut verify_sent) =
+            (false, false, false, false);
+        let pages = self.ram.pages();
+        let timeout = self.cfg.peer_timeout;
+        let mut last_word = Instant::now();
+        loop {
+            let was_committed = committed;
+            let fail = move |e: PrecopyError| {
+                if was_committed {
+                    PostcopyError::AfterCommit(e)
+                } else {
+                    PostcopyError::BeforeCommit(e)
+                }
+            };
+            tokio::select! {
+                biased;
+                m = ctrl_in.recv() => {
+                    last_word = Instant::now();
+                    let (m, n) = m
+                        .ok_or(protocol::ProtocolError::Closed { doing: "post-copy" })
+                        .and_then(|r| r)
+                        .map_err(|e| fail(e.into()))?;
+                    self.stats.bytes_received += n;
+                    match m {
+                        Message::PageRequest { pages: asked } => {
+                            if let Some(&bad) = asked.iter().find(|&&p| p >= pages) {
+                                return Err(fail(PrecopyError::Refused {
+                                    reason: format!("the destination asked for page {bad}, beyond the {pages} pages of RAM"),
+                                }));
+                            }
+                            stats.requested_pages += asked.len() as u64;
+                            stats.storage_mismatch +=
+                                asked.iter().filter(|&&p| !sw.pending.get(p)).count() as u64;
+                            self.send_urgent(&asked, sw, stats).await.map_err(fail)?;
+                        }
+                        Message::Activated if committed => {
+                            activated = true;
+                            on_activated();
+                        }
+                        Message::VerifyResult { mismatched_total, .. } if activated && verify_sent => {
+                            stats.ram_verified = mismatched_total == 0;
+                            stats.mismatched_chunks = mismatched_total;
+                            self.stats.ram_verified = Some(mismatched_total == 0);
+                            self.stats.mismatched_chunks = mismatched_total;
+                            return Ok(());
+                        }
+                        Message::Abort { reason } => return Err(fail(PrecopyError::Refused { reason })),
+                        other => return Err(fail(self.unexpected(other, "PageRequest, Activated or VerifyResult"))),
+                    }
+                }
+                r = &mut handover, if !committed => {
+                    if let Err(reason) = r {
+                        return Err(PostcopyError::BeforeCommit(PrecopyError::Worker(reason)));
+                    }
+                    // Point of no return: the destination resumes the VM on Commit.
+                    committed = true;
+                    self.stats.bytes_sent += protocol::write_message(&mut self.ctrl_tx, &Message::Commit, "sending Commit")
+                        .await
+                        .map_err(|e| PostcopyError::AfterCommit(e.into()))?;
+                }
+                r = &mut sw.pusher, if !pushed => {
+                    pushed = true;
+                    let (n, bytes) = r
+                        .map_err(|e| fail(PrecopyError::Worker(e.to_string())))?
+                        .ok_or_else(|| fail(PrecopyError::Worker("a data connection stopped during post-copy".into())))?;
+                    stats.pushed_pages = n;
+                    stats.bytes += bytes;
+                    let end = Message::EndOfStream.encode();
+                    for c in std::mem::take(&mut self.data) {
+                        if c.tx.send(WriterCmd::Frame(end.clone())).await.is_err() {
+                            return Err(fail(PrecopyError::Worker("a data connection stopped during post-copy".into())));
+                        }
+                        drop(c.tx);
+                        let sent = c.task.await.map_err(|e| fail(PrecopyError::Worker(e.to_string())))?;
+                        sent.map_err(|e| fail(e.into()))?;
+                    }
+                }
+                d = &mut sw.digests, if pushed && !verify_sent => {
+                    let digests = d.map_err(|e| fail(PrecopyError::Worker(e.to_string())))?;
+                    verify_sent = true;
+                    self.stats.bytes_sent += protocol::write_message(
+                        &mut self.ctrl_tx,
+                        &Message::VerifyRequest { chunk_pages: verify::CHUNK_PAGES, digests },
+                        "sending the digests of the frozen RAM",
+                    )
+                    .await
+                    .map_err(|e| fail(e.into()))?;
+                }
+                () = tokio::time::sleep(Duration::from_secs(1)) => {
+                    if last_word.elapsed() > timeout && (committed || pushed) {
+                        return Err(fail(PrecopyError::Timeout { secs: timeout.as_secs(), doing: "post-copy" }));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Sends the pages a vCPU waits for on the control connection, and
+    /// moves their neighbours to the front of the background push.
+    async fn send_urgent(
+        &mut self,
+        asked: &[u64],
+        sw: &Switched,
+        stats: &mut PostcopyStats,
+    ) -> Result<(), PrecopyError> {
+        let pages = self.ram.pages();
+        {
+            let mut q = sw
+                .queue
+                .lock()
+                .map_err(|_| PrecopyError::Worker("push queue poisoned".into()))?;
+            for &p in asked {
+                q.sent.set(p);
+                for n in p + 1..(p + 1 + NEIGHBOURS).min(pages) {
+                    if sw.pending.get(n) && !q.sent.get(n) {
+                        q.hot.push_back(n);
+                    }
+                }
+            }
+        }
+        for chunk in asked.chunks(256) {
+            let mut b = BatchBuilder::new(u32::MAX);
+            for &p in chunk {
+                let data = self.ram.page(p)?;
+                if is_zero(data) {
+                    b.push(p, PageEncoding::Zero, &[]);
+                } else {
+                    b.push(p, PageEncoding::Raw, data);
+                }
+            }
+            let frame = b.finish();
+            stats.bytes += frame.len() as u64;
+            protocol::write_frame(&mut self.ctrl_tx, &frame, "sending requested pages").await?;
+        }
+        Ok(())
+    }
+}
+
+/// Failure of a post-copy, by whether the VM can still come back to the source.
+#[derive(Debug, thiserror::Error)]
+pub enum PostcopyError {
+    /// Before Commit: the destination never ran the VM; resume the source.
+    #[error("post-copy failed before the hand-over (the source VM is still authoritative)")]
+    BeforeCommit(#[source] PrecopyError),
+    /// After Commit: the destination may run the VM; it must not be resumed here.
+    #[error("post-copy failed after the hand-over: the VM runs (or ran) on the destination and cannot be resumed on the source; its RAM stays frozen here")]
+    AfterCommit(#[source] PrecopyError),
+}
+
+/// Pending pages as the wire bitmap: bit i of byte i/8 is page i.
+fn bitmap_bytes(b: &PageBitmap) -> Vec<u8> {
+    let mut out = vec![0u8; usize::try_from(b.len().div_ceil(8)).expect("bitmap fits")];
+    for p in b.iter() {
+        out[usize::try_from(p / 8).expect("inside")] |= 1 << (p % 8);
+    }
+    out
+}
+
+/// The background push: every pending page once, neighbours of faults
+/// first. Returns (pages, bytes), or None if a connection went away.
+fn push(
+    ram: &SourceRam,
+    todo: &PageBitmap,
+    queue: &Mutex<PushQueue>,
+    txs: &[mpsc::Sender<WriterCmd>],
+    compress: bool,
+) -> Option<(u64, u64)> {
+    const BATCH_BYTES: usize = 64 << 10;
+    let conns = u16::try_from(txs.len()).expect("at most 16 connections");
+    let mut builders: Vec<BatchBuilder> = (0..txs.len()).map(|_| BatchBuilder::new(0)).collect();
+    let mut compressor = if compress {
+        zstd::bulk::Compressor::new(1).ok()
+    } else {
+        None
+    };
+    let mut cbuf = vec![0u8; PAGE_SIZE];
+    let (mut n, mut bytes) = (0u64, 0u64);
+    let mut order = todo.iter();
+    loop {
+        // Hot pages first; then the next page in order not sent yet.
+        let next = {
+            let mut q = queue.lock().ok()?;
+            let mut pick = None;
+            while let Some(h) = q.hot.pop_front() {
+                if q.sent.set(h) {
+                    pick = Some(h);
+                    break;
+                }
+            }
+            if pick.is_none() {
+                for p in order.by_ref() {
+                    if q.sent.set(p) {
+                        pick = Some(p);
+                        break;
+                    }
+                }
+            }
+            pick
+        };
+        let Some(page) = next else { break };
+        let Ok(data) = ram.page(page) else { continue };
+        let c = usize::from(connection_for_page(page, conns) - 1);
+        if is_zero(data) {
+            builders[c].push(page, PageEncoding::Zero, &[]);
+        } else {
+            let packed = compressor
+                .as_mut()
+                .and_then(|z| z.compress_to_buffer(data, &mut cbuf[..]).ok())
+                .filter(|&k| k < PAGE_SIZE * 7 / 8);
+            match packed {
+                Some(k) => builders[c].push(page, PageEncoding::Zstd, &cbuf[..k]),
+                None => builders[c].push(page, PageEncoding::Raw, data),
+            }
+        }
+        n += 1;
+        // Small batches: a fault's neighbours must not wait behind a big one.
+        if builders[c].encoded_len() >= BATCH_BYTES {
+            send_batch(&mut builders[c], 0, &txs[c], &mut bytes)?;
+        }
+    }
+    for (b, tx) in builders.iter_mut().zip(txs) {
+        if b.count() > 0 {
+            send_batch(b, 0, tx, &mut bytes)?;
+        }
+    }
+    Some((n, bytes))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::precopy::{switch_to_postcopy, Mode, StopReason};
+
+    #[test]
+    fn wire_bitmap_sets_bit_i_of_byte_i_over_8() {
+        let mut b = PageBitmap::new(20);
+        b.set(0);
+        b.set(9);
+        b.set(19);
+        assert_eq!(bitmap_bytes(&b), vec![0b1, 0b10, 0b1000]);
+    }
+
+    #[test]
+    fn hybrid_switches_only_when_pre_copy_would_not_converge() {
+        use StopReason::*;
+        assert!(!switch_to_postcopy(Mode::Hybrid, Converged, true));
+        for r in [MaxRounds, MaxBytes, NotShrinking] {
+            assert!(switch_to_postcopy(Mode::Hybrid, r, true));
+            assert!(!switch_to_postcopy(Mode::Precopy, r, true));
+            // Never without a destination that can serve faults.
+            assert!(!switch_to_postcopy(Mode::Hybrid, r, false));
+        }
+        assert!(switch_to_postcopy(Mode::Postcopy, FirstRound, true));
+    }
+}

@@ -1,0 +1,238 @@
+//! End-to-end post-copy and hybrid migration of the dirtier guest with real
+//! QEMU, real userfaultfd and a 1 Gbit/s shaped link between network
+//! namespaces. Needs root; run one at a time (`--test-threads=1`).
+
+use std::path::PathBuf;
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{ensure, Context, Result};
+use dbmigrate_testbed::{dirtier_guest, Testbed, Vm, VmOptions};
+use serde_json::{json, Value};
+
+const LINK_MBIT: u32 = 1000;
+
+struct Pair {
+    src: Vm,
+    dst: Vm,
+    sock: PathBuf,
+}
+
+fn start_pair(tb: &Testbed, ws_mib: u64) -> Result<Pair> {
+    let img = dirtier_guest()?;
+    let src = Vm::start(
+        tb,
+        &tb.src_ns,
+        "src",
+        &img,
+        &VmOptions {
+            ws_mib,
+            ..VmOptions::default()
+        },
+    )?;
+    src.wait_console("DIRTIER READY", Duration::from_secs(240))?;
+    src.wait_heartbeat(Duration::from_secs(120), |h| h.passes >= 1 && h.errors == 0)?;
+    let sock = tb.dir.join("dst.uffd");
+    let dst = Vm::start(
+        tb,
+        &tb.dst_ns,
+        "dst",
+        &img,
+        &VmOptions {
+            ws_mib,
+            incoming: true,
+            preload: false,
+            postcopy_socket: Some(sock.clone()),
+            ..VmOptions::default()
+        },
+    )?;
+    Ok(Pair { src, dst, sock })
+}
+
+fn receive(tb: &Testbed, p: &Pair) -> Result<Child> {
+    let log = std::fs::File::create(tb.dir.join("receive.log"))?;
+    tb.receive_cmd(&p.dst)?
+        .arg("--postcopy-socket")
+        .arg(&p.sock)
+        .stdout(Stdio::piped())
+        .stderr(log)
+        .spawn()
+        .context("starting dbmigrate receive")
+}
+
+fn receive_log(tb: &Testbed) -> String {
+    std::fs::read_to_string(tb.dir.join("receive.log")).unwrap_or_default()
+}
+
+/// Runs a migration to the end; returns the source report and the destination's stats.
+fn migrate(tb: &Testbed, p: &Pair, extra: &[&str]) -> Result<(Value, Value)> {
+    let recv = receive(tb, p)?;
+    let report = tb.dir.join("report.json");
+    let out = tb
+        .migrate_cmd(&p.src, &report)?
+        .args(extra)
+        .output()
+        .context("running dbmigrate migrate")?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    eprintln!("--- dbmigrate migrate stderr ---\n{stderr}");
+    let recv_out = recv.wait_with_output()?;
+    eprintln!("--- dbmigrate receive stderr ---\n{}", receive_log(tb));
+    assert!(!stderr.contains("panicked") && !receive_log(tb).contains("panicked"));
+    let r: Value = serde_json::from_str(&std::fs::read_to_string(&report)?)?;
+    ensure!(out.status.success(), "migrate failed: {r}");
+    ensure!(recv_out.status.success(), "receive failed");
+    let dst_stats: Value =
+        serde_json::from_slice(&recv_out.stdout).context("reading the destination's statistics")?;
+    Ok((r, dst_stats))
+}
+
+/// The guest re-verifies all of its memory on the destination.
+fn guest_intact_after(p: &Pair) -> Result<()> {
+    let last = p
+        .src
+        .heartbeats()
+        .last()
+        .cloned()
+        .context("no source heartbeat")?;
+    let after = p.dst.wait_heartbeat(Duration::from_secs(180), |h| {
+        h.seq > last.seq && h.passes >= last.passes + 2
+    })?;
+    assert_eq!(
+        after.errors,
+        0,
+        "guest found corrupted memory after post-copy: {after:?}\n{}",
+        p.dst.console()
+    );
+    assert!(!p.dst.console().contains("DIRTIER ERROR"));
+    Ok(())
+}
+
+#[test]
+fn postcopy_runs_the_guest_on_the_destination_and_places_every_page_exactly() -> Result<()> {
+    let tb = Testbed::new(LINK_MBIT)?;
+    let mut p = start_pair(&tb, 64)?;
+    let (r, d) = migrate(&tb, &p, &["--mode", "postcopy", "--allow-postcopy"])?;
+    assert_eq!(r["method"], json!("dbmigrate-postcopy"));
+    assert_eq!(r["completed"], json!(true));
+    assert_eq!(r["vm_runs_on"], json!("destination"));
+    assert_eq!(
+        r["stats"]["rounds"].as_array().map_or(0, Vec::len),
+        1,
+        "post-copy hands over after one round"
+    );
+    let pc = &r["postcopy"];
+    assert!(
+        pc["pending_pages"].as_u64().unwrap_or(0) > 1000,
+        "the 64 MiB working set was dirty at the switch: {pc}"
+    );
+    assert_eq!(
+        pc["ram_verified"],
+        json!(true),
+        "every placed page matches the frozen source RAM"
+    );
+    assert_eq!(r["ram_verified"], json!(true));
+    assert!(
+        d["faults"].as_u64().unwrap_or(0) > 0,
+        "the running guest faulted on missing pages: {d}"
+    );
+    assert!(d["postcopy_pages"].as_u64().unwrap_or(0) >= pc["pending_pages"].as_u64().unwrap_or(0));
+    assert!(
+        p.src.wait_exit(Duration::from_secs(20)),
+        "source QEMU still running"
+    );
+    assert_eq!(p.dst.qmp()?.status()?, "running");
+    guest_intact_after(&p)
+}
+
+#[test]
+fn hybrid_switches_to_postcopy_when_precopy_would_not_converge() -> Result<()> {
+    let tb = Testbed::new(LINK_MBIT)?;
+    let mut p = start_pair(&tb, 64)?;
+    // A 64 MiB working set cannot be sent in 1 ms: pre-copy would not converge.
+    let (r, d) = migrate(
+        &tb,
+        &p,
+        &[
+            "--mode",
+            "hybrid",
+            "--allow-postcopy",
+            "--downtime-ms",
+            "1",
+            "--max-rounds",
+            "3",
+        ],
+    )?;
+    assert_eq!(r["method"], json!("dbmigrate-hybrid"));
+    assert_eq!(r["stats"]["stop_reason"], json!("round limit reached"));
+    assert_eq!(r["stats"]["rounds"].as_array().map_or(0, Vec::len), 3);
+    assert_eq!(r["postcopy"]["ram_verified"], json!(true), "{r}");
+    assert!(d["postcopy_pages"].as_u64().unwrap_or(0) > 0);
+    assert!(
+        p.src.wait_exit(Duration::from_secs(20)),
+        "source QEMU still running"
+    );
+    guest_intact_after(&p)
+}
+
+#[test]
+fn postcopy_is_refused_without_the_explicit_flag_and_the_source_keeps_running() -> Result<()> {
+    let tb = Testbed::new(LINK_MBIT)?;
+    let p = start_pair(&tb, 16)?;
+    let report = tb.dir.join("report.json");
+    let out = tb
+        .migrate_cmd(&p.src, &report)?
+        .args(["--mode", "postcopy"])
+        .output()?;
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--allow-postcopy"), "{err}");
+    assert_eq!(p.src.qmp()?.status()?, "running");
+    Ok(())
+}
+
+#[test]
+fn a_source_lost_during_postcopy_stops_the_destination_cleanly() -> Result<()> {
+    // A slower link keeps pages missing for a few seconds after the switch.
+    let tb = Testbed::new(200)?;
+    let p = start_pair(&tb, 64)?;
+    let recv = receive(&tb, &p)?;
+    let report = tb.dir.join("report.json");
+    let mut mig = tb
+        .migrate_cmd(&p.src, &report)?
+        .args(["--mode", "postcopy", "--allow-postcopy"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    // Kill the source agent as soon as the VM runs on the destination,
+    // while pages are still missing there.
+    let t = Instant::now();
+    while !receive_log(&tb).contains("VM resumed on the destination") {
+        ensure!(
+            t.elapsed() < Duration::from_secs(120),
+            "destination never ran: {}",
+            receive_log(&tb)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    mig.kill()?;
+    let _ = mig.wait();
+    let out = recv.wait_with_output()?;
+    let log = receive_log(&tb);
+    eprintln!("--- dbmigrate receive stderr ---\n{log}");
+    assert!(
+        !out.status.success(),
+        "the destination cannot complete without the source"
+    );
+    assert!(
+        log.contains("post-copy failed"),
+        "clear error expected: {log}"
+    );
+    assert!(!log.contains("panicked"));
+    // The incomplete destination VM is gone rather than hanging on a fault.
+    let mut dst = p.dst;
+    assert!(
+        dst.wait_exit(Duration::from_secs(20)),
+        "destination QEMU still there"
+    );
+    Ok(())
+}
