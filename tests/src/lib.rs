@@ -821,6 +821,34 @@ impl DbBed {
         pool: &str,
         preload: bool,
     ) -> Result<Vm> {
+        self.start_vm_opts(guest, on_src, incoming, ram_mib, pool, preload, None)
+    }
+
+    /// The waiting destination QEMU of a post-copy: its preload library
+    /// offers the RAM's userfaultfd on the returned socket.
+    pub fn start_postcopy_destination(
+        &self,
+        guest: &MariadbGuest,
+        ram_mib: u64,
+        pool: &str,
+    ) -> Result<(Vm, PathBuf)> {
+        let sock = self.tb.dir.join("db-dst.uffd");
+        let vm =
+            self.start_vm_opts(guest, false, true, ram_mib, pool, false, Some(sock.clone()))?;
+        Ok((vm, sock))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn start_vm_opts(
+        &self,
+        guest: &MariadbGuest,
+        on_src: bool,
+        incoming: bool,
+        ram_mib: u64,
+        pool: &str,
+        preload: bool,
+        postcopy_socket: Option<PathBuf>,
+    ) -> Result<Vm> {
         let (ns, name, nbd) = if on_src {
             (&self.tb.src_ns, "db-src", &self.nbd_from_src)
         } else {
@@ -859,6 +887,7 @@ impl DbBed {
                 self.vm_ip
             )),
             smp: 1,
+            postcopy_socket,
             ..VmOptions::default()
         };
         Vm::start(&self.tb, ns, name, &img, &o)
