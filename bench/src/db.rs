@@ -117,11 +117,23 @@ pub fn compare(s: &DbSetup, methods: &[String]) -> Result<(Vec<Run>, MariadbGues
     Ok((runs, guest))
 }
 
-fn boot(s: &DbSetup, guest: &MariadbGuest, bed: &DbBed, preload: bool) -> Result<(Vm, Vm)> {
+/// Boots the source VM and the waiting destination (ready for post-copy
+/// when `postcopy`; the socket is returned).
+fn boot(
+    s: &DbSetup,
+    guest: &MariadbGuest,
+    bed: &DbBed,
+    preload: bool,
+    postcopy: bool,
+) -> Result<(Vm, Vm, Option<std::path::PathBuf>)> {
     let src = bed.start_vm_with(guest, true, false, s.ram_mib, &s.pool, preload)?;
     src.wait_console("DBM-READY pool", Duration::from_secs(900))?;
+    if postcopy {
+        let (dst, sock) = bed.start_postcopy_destination(guest, s.ram_mib, &s.pool)?;
+        return Ok((src, dst, Some(sock)));
+    }
     let dst = bed.start_vm_with(guest, false, true, s.ram_mib, &s.pool, false)?;
-    Ok((src, dst))
+    Ok((src, dst, None))
 }
 
 fn run_one(s: &DbSetup, guest: &MariadbGuest, bed: &DbBed, method: &str) -> Result<Run> {
@@ -129,8 +141,9 @@ fn run_one(s: &DbSetup, guest: &MariadbGuest, bed: &DbBed, method: &str) -> Resu
         method: method.into(),
         ..Run::default()
     };
-    let dbm = method == "dbmigrate-precopy";
-    let (src, dst) = boot(s, guest, bed, dbm)?;
+    let mode = crate::dbmigrate_mode(method);
+    let dbm = mode.is_some();
+    let (src, dst, uffd_sock) = boot(s, guest, bed, dbm, dbm && method != "dbmigrate-precopy")?;
     let pool_line = src
         .console()
         .lines()
@@ -152,6 +165,9 @@ fn run_one(s: &DbSetup, guest: &MariadbGuest, bed: &DbBed, method: &str) -> Resu
         let recv_log = dir.join("receive.log");
         let mut recv = bed.tb.receive_cmd(&dst)?;
         recv.args(["--storage", &bed.nbd_from_dst]);
+        if let Some(sock) = &uffd_sock {
+            recv.arg("--postcopy-socket").arg(sock);
+        }
         let recv = recv
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(&recv_log)?)
@@ -168,6 +184,7 @@ fn run_one(s: &DbSetup, guest: &MariadbGuest, bed: &DbBed, method: &str) -> Resu
                 "--guest-hints",
             ])
             .arg(bed.hints_socket("db-src"))
+            .args(mode.unwrap_or_default())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .output()?;
@@ -186,6 +203,7 @@ fn run_one(s: &DbSetup, guest: &MariadbGuest, bed: &DbBed, method: &str) -> Resu
             rebuilt: dest["rebuilt_pages"].as_u64().unwrap_or(0),
             rebuild_mismatch: dest["rebuild_mismatch"].as_u64().unwrap_or(0),
         };
+        run.postcopy = crate::postcopy_figures(&dest, &r);
         // The physical bound of design §6: what cannot be rebuilt over the
         // link, what can from storage, whichever takes longer.
         let first = &r["stats"]["rounds"][0];
@@ -203,6 +221,7 @@ fn run_one(s: &DbSetup, guest: &MariadbGuest, bed: &DbBed, method: &str) -> Resu
             "expected_downtime_ms": r["stats"]["expected_downtime_ms"],
             "hints": r["hints"],
             "rounds": r["stats"]["rounds"],
+            "postcopy": r["postcopy"],
             "destination": dest,
             "device_state_bytes": r["device_state_bytes"],
             "error": r["error"],

@@ -54,7 +54,7 @@ enum Cmd {
         /// Methods, comma separated.
         #[arg(
             long,
-            default_value = "qemu-precopy,qemu-postcopy,dbmigrate-precopy",
+            default_value = "qemu-precopy,qemu-postcopy,dbmigrate-precopy,dbmigrate-postcopy,dbmigrate-hybrid",
             value_delimiter = ','
         )]
         methods: Vec<String>,
@@ -100,7 +100,7 @@ enum Cmd {
         /// Methods, comma separated.
         #[arg(
             long,
-            default_value = "qemu-precopy,qemu-postcopy,dbmigrate-precopy",
+            default_value = "qemu-precopy,qemu-postcopy,dbmigrate-precopy,dbmigrate-postcopy,dbmigrate-hybrid",
             value_delimiter = ','
         )]
         methods: Vec<String>,
@@ -139,8 +139,23 @@ struct Run {
     workload: Workload,
     /// Guest's own verdict: full passes over its memory on the destination with no error.
     guest_verified_after: Option<bool>,
+    /// Post-copy methods: faults on the destination.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    postcopy: Option<Faults>,
     /// Method-specific details (rounds, stop reason, QEMU's counters).
     detail: Value,
+}
+
+#[derive(Serialize, Default, Clone)]
+struct Faults {
+    /// Page faults on missing pages.
+    faults: Option<u64>,
+    /// Faults that waited for the source (QEMU: its page requests).
+    network_faults: Option<u64>,
+    /// Faults served from shared storage.
+    storage_faults: Option<u64>,
+    /// Longest a vCPU waited for a page (null where the method cannot tell).
+    longest_stall_ms: Option<f64>,
 }
 
 #[derive(Serialize)]
@@ -290,7 +305,49 @@ fn compare_db(
 }
 
 /// The methods `bench` can run.
-const METHODS: [&str; 3] = ["qemu-precopy", "qemu-postcopy", "dbmigrate-precopy"];
+const METHODS: [&str; 5] = [
+    "qemu-precopy",
+    "qemu-postcopy",
+    "dbmigrate-precopy",
+    "dbmigrate-postcopy",
+    "dbmigrate-hybrid",
+];
+
+/// `dbmigrate migrate` arguments of a dbmigrate method, or None for QEMU's.
+fn dbmigrate_mode(method: &str) -> Option<&'static [&'static str]> {
+    match method {
+        "dbmigrate-precopy" => Some(&["--mode", "precopy"]),
+        "dbmigrate-postcopy" => Some(&["--mode", "postcopy", "--allow-postcopy"]),
+        "dbmigrate-hybrid" => Some(&["--mode", "hybrid", "--allow-postcopy"]),
+        _ => None,
+    }
+}
+
+/// Post-copy figures of a run: faults the destination took, those that
+/// needed the network, and the longest a vCPU waited for a page.
+fn postcopy_figures(dest: &Value, report: &Value) -> Option<Faults> {
+    report["postcopy"].is_object().then(|| Faults {
+        faults: dest["faults"].as_u64(),
+        network_faults: dest["network_faults"].as_u64(),
+        storage_faults: dest["storage_faults"].as_u64(),
+        longest_stall_ms: dest["longest_stall_us"]
+            .as_u64()
+            .map(|us| us as f64 / 1000.0),
+    })
+}
+
+/// "network faults / longest stall" cell of a table.
+fn faults_cell(run: &Run) -> String {
+    match &run.postcopy {
+        None => "-".into(),
+        Some(f) => format!(
+            "{} / {}",
+            f.network_faults.map_or("?".into(), |n| n.to_string()),
+            f.longest_stall_ms
+                .map_or("?".into(), |ms| format!("{ms:.0} ms"))
+        ),
+    }
+}
 
 fn check_methods(methods: &[String]) -> Result<()> {
     for m in methods {
@@ -306,13 +363,13 @@ fn print_db_table(r: &Report) {
         "\n{} — {} MiB guest, {} Mbit/s migration link, {:?} Mbit/s storage links\n",
         r.scenario, r.vm["ram_mib"], r.link_mbit, r.storage_mbit
     );
-    println!("| method | completed | total (ms) | downtime (ms) | link MB | storage MB | rebuilt pages | mismatches | tps before | tps during | p99 during (ms) | sysbench errors | tables after |");
-    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("| method | completed | total (ms) | downtime (ms) | link MB | storage MB | rebuilt pages | mismatches | network faults / longest stall | tps before | tps during | p99 during (ms) | sysbench errors | tables after |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     let opt = |v: Option<u64>| v.map_or("-".to_string(), |v| v.to_string());
     let f = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.1}"));
     for run in &r.runs {
         println!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             run.method,
             run.completed,
             opt(run.total_ms),
@@ -321,6 +378,7 @@ fn print_db_table(r: &Report) {
             run.storage_bytes / 1_000_000,
             run.pages.rebuilt,
             run.pages.rebuild_mismatch,
+            faults_cell(run),
             f(run.workload.tps_before),
             f(run.workload.tps_during),
             f(run.workload.p99_ms_during),
@@ -344,17 +402,18 @@ fn print_table(r: &Report) {
         "\n{} — {} MiB guest, {} Mbit/s link\n",
         r.scenario, r.vm["ram_mib"], r.link_mbit
     );
-    println!("| method | completed | total (ms) | downtime (ms) | link MB | RAM verified | guest check after |");
-    println!("|---|---|---|---|---|---|---|");
+    println!("| method | completed | total (ms) | downtime (ms) | link MB | network faults / longest stall | RAM verified | guest check after |");
+    println!("|---|---|---|---|---|---|---|---|");
     let opt = |v: Option<u64>| v.map_or("-".to_string(), |v| v.to_string());
     for run in &r.runs {
         println!(
-            "| {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} |",
             run.method,
             run.completed,
             opt(run.total_ms),
             opt(run.downtime_ms),
             run.link_bytes / 1_000_000,
+            faults_cell(run),
             run.ram_verified.map_or("n/a".into(), |b| b.to_string()),
             run.guest_verified_after.map_or("n/a".into(), |b| if b {
                 "clean".to_string()
@@ -365,7 +424,12 @@ fn print_table(r: &Report) {
     }
 }
 
-fn start_vms(s: &Setup<'_>, preload: bool, dst_incoming_extra: &[&str]) -> Result<(Vm, Vm)> {
+fn start_vms(
+    s: &Setup<'_>,
+    preload: bool,
+    dst_incoming_extra: &[&str],
+    postcopy: bool,
+) -> Result<(Vm, Vm)> {
     let src = Vm::start(
         s.tb,
         &s.tb.src_ns,
@@ -393,6 +457,7 @@ fn start_vms(s: &Setup<'_>, preload: bool, dst_incoming_extra: &[&str]) -> Resul
             preload: false,
             incoming: true,
             extra: dst_incoming_extra.iter().map(|s| s.to_string()).collect(),
+            postcopy_socket: postcopy.then(|| s.tb.dir.join("dst.uffd")),
             ..VmOptions::default()
         },
     )?;
@@ -474,6 +539,14 @@ fn record_qemu_result(run: &mut Run, info: &Value) {
     }
     run.pages.raw = info["ram"]["normal"].as_u64().unwrap_or(0);
     run.pages.zero = info["ram"]["duplicate"].as_u64().unwrap_or(0);
+    if run.method == "qemu-postcopy" {
+        // QEMU counts the destination's page requests; it does not say how
+        // long a vCPU waited for one.
+        run.postcopy = Some(Faults {
+            network_faults: info["ram"]["postcopy-requests"].as_u64(),
+            ..Faults::default()
+        });
+    }
 }
 
 fn run_method(s: &Setup<'_>, method: &str) -> Result<Run> {
@@ -482,14 +555,16 @@ fn run_method(s: &Setup<'_>, method: &str) -> Result<Run> {
         ..Run::default()
     };
     match method {
-        "dbmigrate-precopy" => {
-            let (src, dst) = start_vms(s, true, &[])?;
+        m if dbmigrate_mode(m).is_some() => {
+            let mode = dbmigrate_mode(m).expect("checked");
+            let postcopy = m != "dbmigrate-precopy";
+            let (src, dst) = start_vms(s, true, &[], postcopy)?;
             let before = s.tb.link_bytes()?;
-            let mut recv =
-                s.tb.receive_cmd(&dst)?
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::null())
-                    .spawn()?;
+            let mut recv = s.tb.receive_cmd(&dst)?;
+            if postcopy {
+                recv.arg("--postcopy-socket").arg(s.tb.dir.join("dst.uffd"));
+            }
+            let recv = recv.stdout(Stdio::piped()).stderr(Stdio::null()).spawn()?;
             let report_path = s.tb.dir.join("dbmigrate-report.json");
             let out =
                 s.tb.migrate_cmd(&src, &report_path)?
@@ -499,10 +574,12 @@ fn run_method(s: &Setup<'_>, method: &str) -> Result<Run> {
                         "--progress",
                         "never",
                     ])
+                    .args(mode)
                     .stdout(Stdio::null())
                     .stderr(Stdio::inherit())
                     .output()?;
-            let _ = recv.wait();
+            let recv_out = recv.wait_with_output()?;
+            let dest: Value = serde_json::from_slice(&recv_out.stdout).unwrap_or(Value::Null);
             run.link_bytes = s.tb.link_bytes()? - before;
             let r: Value = serde_json::from_str(&std::fs::read_to_string(&report_path)?)?;
             run.completed = out.status.success() && r["completed"] == json!(true);
@@ -511,11 +588,14 @@ fn run_method(s: &Setup<'_>, method: &str) -> Result<Run> {
             run.ram_verified = r["ram_verified"].as_bool();
             run.pages.raw = r["pages"]["raw"].as_u64().unwrap_or(0);
             run.pages.zero = r["pages"]["zero"].as_u64().unwrap_or(0);
+            run.postcopy = postcopy_figures(&dest, &r);
             run.detail = json!({
                 "stop_reason": r["stats"]["stop_reason"],
                 "expected_downtime_ms": r["stats"]["expected_downtime_ms"],
                 "verify_ms": r["stats"]["verify_ms"],
                 "rounds": r["stats"]["rounds"],
+                "postcopy": r["postcopy"],
+                "destination": dest,
                 "device_state_bytes": r["device_state_bytes"],
                 "error": r["error"],
             });
@@ -525,7 +605,7 @@ fn run_method(s: &Setup<'_>, method: &str) -> Result<Run> {
             }
         }
         "qemu-precopy" | "qemu-postcopy" => {
-            let (src, dst) = start_vms(s, false, &[])?;
+            let (src, dst) = start_vms(s, false, &[], false)?;
             let mut dq = dst.qmp()?;
             let before = s.tb.link_bytes()?;
             let t = Instant::now();
