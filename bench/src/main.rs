@@ -526,6 +526,14 @@ fn qemu_migrate(
             let _ = sq.cmd("migrate_cancel", json!({}));
             return Ok(v);
         }
+        // After the switch QEMU cannot cancel; a post-copy that does not
+        // finish in another `timeout` is reported as not completed.
+        if postcopy && switched && t.elapsed() > timeout * 2 {
+            let status = format!("stuck in {st} after {} s", t.elapsed().as_secs());
+            let mut v = v;
+            v["status"] = json!(status);
+            return Ok(v);
+        }
         std::thread::sleep(Duration::from_millis(20));
     }
 }

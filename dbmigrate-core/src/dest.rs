@@ -297,6 +297,10 @@ fn storage_worker(
     // most pages of a table, which sit next to each other on disk.
     const GATHER: usize = 2048;
     const MAX_RUN: usize = 256;
+    // Reads kept in flight per worker: scattered 16 KiB frames would
+    // otherwise cost a round trip each, and on a busy host a round trip
+    // is a scheduling delay of the storage server.
+    const IN_FLIGHT: usize = 32;
     loop {
         let batch = {
             let Ok(rx) = requests.lock() else { return };
@@ -310,24 +314,47 @@ fn storage_worker(
             }
             v
         };
-        for run in rebuild::coalesce(batch, MAX_RUN) {
-            let mut buf = vec![0u8; run.len() * PAGE_SIZE];
-            let read = storage.read_at(run[0].hint.disk, run[0].hint.offset, &mut buf);
+        let runs = rebuild::coalesce(batch, MAX_RUN);
+        // Runs of one disk go to storage together (kept in flight at once).
+        let mut start = 0;
+        while start < runs.len() {
+            let disk = runs[start][0].hint.disk;
+            let end = (start..runs.len())
+                .take(IN_FLIGHT)
+                .take_while(|&i| runs[i][0].hint.disk == disk)
+                .last()
+                .map_or(start + 1, |i| i + 1);
+            let group = &runs[start..end];
+            start = end;
+            let mut bufs: Vec<Vec<u8>> = group
+                .iter()
+                .map(|r| vec![0u8; r.len() * PAGE_SIZE])
+                .collect();
+            let read = {
+                let mut reads: Vec<(u64, &mut [u8])> = group
+                    .iter()
+                    .zip(bufs.iter_mut())
+                    .map(|(r, b)| (r[0].hint.offset, b.as_mut_slice()))
+                    .collect();
+                storage.read_many(disk, &mut reads)
+            };
             if let Err(e) = &read {
                 tracing::warn!(error = %e, "shared storage read failed; asking the source for the pages");
             }
-            bytes.fetch_add(buf.len() as u64, Ordering::Relaxed);
-            // One message per run, not per page: the applier is woken once.
-            let pages = run
-                .iter()
-                .zip(buf.chunks_exact(PAGE_SIZE))
-                .map(|(r, page)| (r.page, r.version, read.is_ok() && xxh3_128(page) == r.hash))
-                .collect();
-            if results
-                .blocking_send(ApplyInput::Resolved { pages, data: buf })
-                .is_err()
-            {
-                return;
+            for (run, buf) in group.iter().zip(bufs) {
+                bytes.fetch_add(buf.len() as u64, Ordering::Relaxed);
+                // One message per run, not per page: the applier is woken once.
+                let pages = run
+                    .iter()
+                    .zip(buf.chunks_exact(PAGE_SIZE))
+                    .map(|(r, page)| (r.page, r.version, read.is_ok() && xxh3_128(page) == r.hash))
+                    .collect();
+                if results
+                    .blocking_send(ApplyInput::Resolved { pages, data: buf })
+                    .is_err()
+                {
+                    return;
+                }
             }
         }
     }

@@ -93,17 +93,35 @@ pub fn frame_entries(frames: &[Vec<u64>]) -> Vec<u64> {
 }
 
 /// Decodes [`frame_entries`] for frames of `sub` 4 KiB pages into the
-/// address of each page, frame after frame; None if the list is malformed.
+/// address of each page, frame after frame; None if the list is malformed
+/// (misaligned, cut short, or a frame running past 2^64).
 pub fn frame_pages(entries: &[u64], sub: usize) -> Option<Vec<Vec<u64>>> {
     let mut out = Vec::new();
+    walk_frames(entries, sub, |f| out.push(f.to_vec()))?;
+    Some(out)
+}
+
+/// Checks [`frame_entries`] without building the page lists.
+pub fn frames_valid(entries: &[u64], sub: usize) -> bool {
+    walk_frames(entries, sub, |_| {}).is_some()
+}
+
+fn walk_frames(entries: &[u64], sub: usize, mut each: impl FnMut(&[u64])) -> Option<()> {
+    if sub == 0 {
+        return entries.is_empty().then_some(());
+    }
+    let mut f = Vec::with_capacity(sub);
     let mut i = 0;
     while i < entries.len() {
         let e = entries[i];
+        f.clear();
         if e & SCATTERED == 0 {
             if e % 4096 != 0 {
                 return None;
             }
-            out.push((0..sub as u64).map(|k| e + k * 4096).collect());
+            for k in 0..sub as u64 {
+                f.push(e.checked_add(k * 4096)?);
+            }
             i += 1;
         } else {
             let rest = entries.get(i + 1..i + sub)?;
@@ -111,13 +129,13 @@ pub fn frame_pages(entries: &[u64], sub: usize) -> Option<Vec<Vec<u64>>> {
             if first % 4096 != 0 || rest.iter().any(|a| a % 4096 != 0) {
                 return None;
             }
-            let mut f = vec![first];
+            f.push(first);
             f.extend_from_slice(rest);
-            out.push(f);
             i += sub;
         }
+        each(&f);
     }
-    Some(out)
+    Some(())
 }
 
 /// Why a layout was refused.
@@ -284,7 +302,7 @@ pub fn decode_layout(b: &[u8]) -> Result<LayoutSet, LayoutError> {
     for _ in 0..nframes {
         frames.push(r.u64()?);
     }
-    if frame_pages(&frames, (page_size / 4096) as usize).is_none() {
+    if !frames_valid(&frames, (page_size / 4096) as usize) {
         return Err(LayoutError::Body(
             "a frame entry is misaligned or cut short",
         ));
@@ -381,6 +399,10 @@ mod tests {
         assert_eq!(frame_pages(&e, 4).unwrap(), f);
         assert_eq!(frame_pages(&e[..3], 4), None, "cut short");
         assert_eq!(frame_pages(&[0x10001 & !1 | 0x800], 4), None, "misaligned");
+        // A frame whose pages would run past 2^64 is refused, not wrapped.
+        assert_eq!(frame_pages(&[!0xfff_u64], 4), None, "past 2^64");
+        assert!(!frames_valid(&[!0xfff_u64], 4));
+        assert!(frames_valid(&e, 4));
     }
 
     #[test]

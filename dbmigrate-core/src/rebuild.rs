@@ -145,6 +145,15 @@ pub trait Storage: Send + Sync {
     fn disk_sizes(&self) -> &[u64];
     /// Fills `buf` from `offset` of `disk`.
     fn read_at(&self, disk: u16, offset: u64, buf: &mut [u8]) -> Result<(), StorageError>;
+    /// Fills each buffer from its offset of `disk`. The default reads them
+    /// one after the other; a networked store keeps them all in flight, so
+    /// that short scattered reads are not paid one round trip each.
+    fn read_many(&self, disk: u16, reads: &mut [(u64, &mut [u8])]) -> Result<(), StorageError> {
+        for (offset, buf) in reads.iter_mut() {
+            self.read_at(disk, *offset, buf)?;
+        }
+        Ok(())
+    }
 }
 
 /// Disks as files or block devices of this host (an NBD-attached device, an image on a shared mount).

@@ -131,6 +131,90 @@ impl NbdDisk {
         Ok(())
     }
 
+    /// Reads every `(offset, buffer)` with all requests in flight on one
+    /// connection (the server may answer in any order; replies are matched
+    /// by handle). Each read must fit one request ([`MAX_READ`]).
+    pub fn read_many(&self, reads: &mut [(u64, &mut [u8])]) -> Result<(), NbdError> {
+        for (offset, buf) in reads.iter() {
+            let end = offset.checked_add(buf.len() as u64);
+            if buf.len() > MAX_READ || end.is_none_or(|e| e > self.size) {
+                return Err(NbdError::Protocol {
+                    addr: self.addr.clone(),
+                    problem: format!(
+                        "export is {} bytes; refusing a read of {} at {offset:#x}",
+                        self.size,
+                        buf.len()
+                    ),
+                });
+            }
+        }
+        let taken = self.pool.lock().map(|mut p| p.pop()).unwrap_or(None);
+        let mut conn = match taken {
+            Some(c) => c,
+            None => handshake(&self.addr, &self.export)?.0,
+        };
+        // A failed connection is dropped, not returned to the pool.
+        self.pipelined(&mut conn, reads)?;
+        if let Ok(mut p) = self.pool.lock() {
+            p.push(conn);
+        }
+        Ok(())
+    }
+
+    fn pipelined(&self, c: &mut Conn, reads: &mut [(u64, &mut [u8])]) -> Result<(), NbdError> {
+        let io = |doing| {
+            let addr = self.addr.clone();
+            move |source| NbdError::Io {
+                addr,
+                doing,
+                source,
+            }
+        };
+        let base = c.next_handle;
+        c.next_handle += reads.len() as u64;
+        let mut req = Vec::with_capacity(28 * reads.len());
+        for (i, (offset, buf)) in reads.iter().enumerate() {
+            req.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
+            req.extend_from_slice(&0u16.to_be_bytes());
+            req.extend_from_slice(&CMD_READ.to_be_bytes());
+            req.extend_from_slice(&(base + i as u64).to_be_bytes());
+            req.extend_from_slice(&offset.to_be_bytes());
+            req.extend_from_slice(&u32::try_from(buf.len()).unwrap_or(u32::MAX).to_be_bytes());
+        }
+        c.s.write_all(&req).map_err(io("sending read requests"))?;
+        let mut done = vec![false; reads.len()];
+        for _ in 0..reads.len() {
+            let mut rep = [0u8; 16];
+            c.s.read_exact(&mut rep).map_err(io("reading a reply"))?;
+            let magic = u32::from_be_bytes(rep[0..4].try_into().expect("4 bytes"));
+            let error = u32::from_be_bytes(rep[4..8].try_into().expect("4 bytes"));
+            let got = u64::from_be_bytes(rep[8..16].try_into().expect("8 bytes"));
+            let idx = got
+                .checked_sub(base)
+                .and_then(|i| usize::try_from(i).ok())
+                .filter(|&i| i < reads.len() && !done[i]);
+            let Some(idx) = idx.filter(|_| magic == SIMPLE_REPLY_MAGIC) else {
+                return Err(NbdError::Protocol {
+                    addr: self.addr.clone(),
+                    problem: format!(
+                        "sent a reply with magic {magic:#x} for handle {got}, not one of the {} reads in flight",
+                        reads.len()
+                    ),
+                });
+            };
+            done[idx] = true;
+            if error != 0 {
+                return Err(NbdError::Io {
+                    addr: self.addr.clone(),
+                    doing: "reading",
+                    source: io::Error::from_raw_os_error(i32::try_from(error).unwrap_or(libc::EIO)),
+                });
+            }
+            c.s.read_exact(reads[idx].1).map_err(io("reading data"))?;
+        }
+        Ok(())
+    }
+
     fn read_one(&self, c: &mut Conn, offset: u64, buf: &mut [u8]) -> Result<(), NbdError> {
         let io = |doing| {
             let addr = self.addr.clone();
@@ -321,6 +405,22 @@ impl Storage for NbdStorage {
             source: io::Error::other(e.to_string()),
         })
     }
+
+    fn read_many(&self, disk: u16, reads: &mut [(u64, &mut [u8])]) -> Result<(), StorageError> {
+        let (offset, len) = reads.first().map_or((0, 0), |(o, b)| (*o, b.len()));
+        let err = |source| StorageError::Read {
+            disk,
+            offset,
+            len,
+            source,
+        };
+        let d = self
+            .disks
+            .get(usize::from(disk))
+            .ok_or_else(|| err(io::Error::new(io::ErrorKind::NotFound, "no such disk")))?;
+        d.read_many(reads)
+            .map_err(|e| err(io::Error::other(e.to_string())))
+    }
 }
 
 #[cfg(test)]
@@ -378,8 +478,29 @@ mod tests {
                 });
             }
         });
+        // Many scattered reads in flight on one connection, answered in any
+        // order, each land in their own buffer.
+        let offs: Vec<u64> = (0..40u64).map(|i| (i * 7919 * 4096) % (1 << 20)).collect();
+        let mut bufs: Vec<Vec<u8>> = offs.iter().map(|_| vec![0u8; 16384]).collect();
+        let mut reads: Vec<(u64, &mut [u8])> = offs
+            .iter()
+            .zip(bufs.iter_mut())
+            .map(|(&o, b)| ((5 << 20) + o, b.as_mut_slice()))
+            .collect();
+        disk.read_many(&mut reads).unwrap();
+        for (&o, b) in offs.iter().zip(&bufs) {
+            let o = usize::try_from(o).unwrap();
+            let want: Vec<u8> = (o..o + 16384).map(|i| pattern[i % (1 << 20)]).collect();
+            if o + 16384 <= 1 << 20 {
+                assert!(b[..] == want[..], "read at {o:#x}");
+            }
+        }
         // Out of range reads are refused before anything is sent.
         assert!(disk.read_at((64 << 20) - 100, &mut buf).is_err());
+        let mut far = [0u8; 4096];
+        assert!(disk
+            .read_many(&mut [((64 << 20) - 100, &mut far[..])])
+            .is_err());
         // A wrong export name is a clear error.
         let e = NbdDisk::open(&format!("{url}/nope"))
             .err()
