@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use dbmigrate_testbed::{mariadb_guest, DbBed, MariadbGuest, Vm};
 use serde_json::{json, Value};
 
@@ -257,7 +257,20 @@ fn run_one(s: &DbSetup, guest: &MariadbGuest, bed: &DbBed, method: &str) -> Resu
     if let Some(d) = run.detail.as_object_mut() {
         d.insert("guest_agent".into(), json!(agent));
     }
-    let status = sysbench.wait()?;
+    // sysbench ends on its own after its run time; against a guest that
+    // crashed or hangs its queries never return, so it is stopped then.
+    let deadline = sb_start + Duration::from_secs(sb_secs + 30);
+    let status = loop {
+        if let Some(st) = sysbench.try_wait()? {
+            break st;
+        }
+        if Instant::now() > deadline {
+            eprintln!("   sysbench still running {} s after its end: the guest is not answering; stopping it", 30);
+            let _ = sysbench.kill();
+            break sysbench.wait()?;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
     let log = std::fs::read_to_string(&sb_log).unwrap_or_default();
     let secs = parse_seconds(&log);
     let (tps_before, tps_during, p99) = window(&secs, mig_from, mig_to);
@@ -293,7 +306,23 @@ fn run_one(s: &DbSetup, guest: &MariadbGuest, bed: &DbBed, method: &str) -> Resu
         run.guest_verified_after = Some(ok);
     }
     if run.completed && run.guest_verified_after != Some(true) {
-        bail!("{method}: the database on the destination failed its consistency check");
+        // Reported, not hidden: QEMU 7.2's own migration under TCG has been
+        // seen to crash the destination guest (design §3).
+        let console = dst.console();
+        let crashed = ["BUG:", "Kernel panic", "soft lockup", "general protection"]
+            .iter()
+            .any(|m| console.contains(m));
+        eprintln!(
+            "   {method}: the database on the destination failed its consistency check{}",
+            if crashed {
+                " (the destination guest kernel crashed)"
+            } else {
+                ""
+            }
+        );
+        if let Some(d) = run.detail.as_object_mut() {
+            d.insert("destination_guest_crashed".into(), json!(crashed));
+        }
     }
     drop((src, dst));
     Ok(run)

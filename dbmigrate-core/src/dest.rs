@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use thiserror::Error;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use xxhash_rust::xxh3::xxh3_128;
 
 use crate::bitmap::PageBitmap;
@@ -285,6 +285,33 @@ enum ApplyInput {
     },
 }
 
+/// When the session last made progress: a message from the source on any
+/// connection, or a storage read done (the source waits for those).
+struct Heard {
+    t0: Instant,
+    last_ms: AtomicU64,
+}
+
+impl Heard {
+    fn new() -> Self {
+        Self {
+            t0: Instant::now(),
+            last_ms: AtomicU64::new(0),
+        }
+    }
+
+    fn touch(&self) {
+        let now = u64::try_from(self.t0.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last_ms.fetch_max(now, Ordering::Relaxed);
+    }
+
+    fn silence(&self) -> Duration {
+        self.t0
+            .elapsed()
+            .saturating_sub(Duration::from_millis(self.last_ms.load(Ordering::Relaxed)))
+    }
+}
+
 /// Reads references from shared storage, several pages per read where the
 /// disk offsets are consecutive, and hands the verified pages back.
 fn storage_worker(
@@ -292,6 +319,7 @@ fn storage_worker(
     requests: Arc<Mutex<std::sync::mpsc::Receiver<RefRequest>>>,
     results: mpsc::Sender<ApplyInput>,
     bytes: Arc<AtomicU64>,
+    heard: Arc<Heard>,
 ) {
     // Large gathers let sorting find long runs: a warm buffer pool holds
     // most pages of a table, which sit next to each other on disk.
@@ -338,6 +366,8 @@ fn storage_worker(
                     .collect();
                 storage.read_many(disk, &mut reads)
             };
+            // The source waits while storage is read: that is progress, not silence.
+            heard.touch();
             if let Err(e) = &read {
                 tracing::warn!(error = %e, "shared storage read failed; asking the source for the pages");
             }
@@ -665,6 +695,7 @@ impl Applier {
         mut rx: mpsc::Receiver<ApplyInput>,
         mut urgent: mpsc::Receiver<ApplyInput>,
         rt: tokio::runtime::Handle,
+        mut ended_session: oneshot::Receiver<()>,
     ) -> Result<Applied, DestError> {
         let (mut ended, mut drains, mut bytes) = (0usize, 0usize, 0u64);
         let mut drain_round = 0;
@@ -684,12 +715,17 @@ impl Applier {
                     rt.block_on(async {
                         tokio::select! {
                             biased;
+                            // The session gave up (timeout, abort): stop
+                            // waiting for inputs that will never come.
+                            _ = &mut ended_session => None,
                             Some(i) = urgent.recv() => Some(i),
                             Some(i) = rx.recv() => Some(i),
                             else => None,
                         }
                     })
-                    .ok_or_else(|| DestError::Worker("page inputs closed early".into()))?
+                    .ok_or_else(|| {
+                        DestError::Worker("the session ended before every page arrived".into())
+                    })?
                 }
             };
             match input {
@@ -749,7 +785,20 @@ impl Applier {
                 let placed = self.placed.take().unwrap_or_default();
                 verify::fold_page_hashes(&placed, verify::CHUNK_PAGES)
             }
-            None => self.digests.finish(self.ram.bytes()),
+            None => {
+                // A destination ready for post-copy that received by pre-copy:
+                // its holes are zero pages, and nobody will serve their faults
+                // once this agent is gone.
+                if let Some(f) = &self.faults {
+                    dbmigrate_uffd::unregister(&f.uffd, f.base, f.len).map_err(|source| {
+                        DestError::Faults {
+                            doing: "ending fault handling",
+                            source,
+                        }
+                    })?;
+                }
+                self.digests.finish(self.ram.bytes())
+            }
         };
         Ok(Applied {
             ram: self.ram,
@@ -823,14 +872,28 @@ pub struct PostcopyRun {
     applier: tokio::task::JoinHandle<Result<Applied, DestError>>,
     urgent: mpsc::Sender<ApplyInput>,
     out: mpsc::UnboundedReceiver<Message>,
-    stop_faults: Arc<AtomicBool>,
+    stop: SessionStop,
     storage_bytes: Arc<AtomicU64>,
     pages: u64,
 }
 
-impl Drop for PostcopyRun {
+/// Ends the session's helpers when dropped: the fault reader stops and the
+/// RAM owner stops waiting, so that an abandoned session never keeps the
+/// agent from exiting.
+struct SessionStop {
+    faults: Arc<AtomicBool>,
+    _applier: oneshot::Sender<()>,
+}
+
+impl SessionStop {
+    fn faults_done(&self) {
+        self.faults.store(true, Ordering::Relaxed);
+    }
+}
+
+impl Drop for SessionStop {
     fn drop(&mut self) {
-        self.stop_faults.store(true, Ordering::Relaxed);
+        self.faults_done();
     }
 }
 
@@ -861,10 +924,11 @@ impl DestSession {
     ) -> Result<Received, DestError> {
         let pages = ram.pages();
         let conns = self.data.len();
+        let heard = Arc::new(Heard::new());
         let (tx, rx) = mpsc::channel::<ApplyInput>(64);
         let (urgent_tx, urgent_rx) = mpsc::channel::<ApplyInput>(64);
         for s in std::mem::take(&mut self.data) {
-            tokio::spawn(read_pages(s, tx.clone(), pages));
+            tokio::spawn(read_pages(s, tx.clone(), pages, heard.clone()));
         }
         let storage_bytes = Arc::new(AtomicU64::new(0));
         let (refs, disk_sizes) = match &storage {
@@ -872,13 +936,14 @@ impl DestSession {
                 let (req_tx, req_rx) = std::sync::mpsc::channel::<RefRequest>();
                 let req_rx = Arc::new(Mutex::new(req_rx));
                 for _ in 0..4 {
-                    let (st, req_rx, tx, b) = (
+                    let (st, req_rx, tx, b, h) = (
                         st.clone(),
                         req_rx.clone(),
                         tx.clone(),
                         storage_bytes.clone(),
+                        heard.clone(),
                     );
-                    std::thread::spawn(move || storage_worker(st, req_rx, tx, b));
+                    std::thread::spawn(move || storage_worker(st, req_rx, tx, b, h));
                 }
                 (Some(req_tx), st.disk_sizes().to_vec())
             }
@@ -887,6 +952,11 @@ impl DestSession {
         drop(tx);
         let faults = faults.map(Arc::new);
         let stop_faults = Arc::new(AtomicBool::new(false));
+        let (end_tx, end_rx) = oneshot::channel();
+        let stop = SessionStop {
+            faults: stop_faults.clone(),
+            _applier: end_tx,
+        };
         if let Some(f) = &faults {
             let (f, t, stop) = (f.clone(), urgent_tx.clone(), stop_faults.clone());
             std::thread::Builder::new()
@@ -926,7 +996,7 @@ impl DestSession {
             // The VM has not run here: every page reads as zero until written,
             // which lets the source skip zero pages and the digests start known.
             a.ram.zero_all()?;
-            a.run(rx, urgent_rx, rt)
+            a.run(rx, urgent_rx, rt, end_rx)
         });
         // Besides forwarding drain answers, the control connection carries
         // only an abort (or EOF from a dead source), the switch to
@@ -940,7 +1010,17 @@ impl DestSession {
                     protocol::write_message(&mut self.ctrl_tx, &m, "answering a drain").await?;
                 }
                 r = &mut applier => break r.map_err(|e| DestError::Worker(e.to_string()))??,
+                () = tokio::time::sleep(Duration::from_secs(1)) => {
+                    // A cut link shows as silence, not as an error.
+                    if heard.silence() > self.peer_timeout {
+                        return Err(DestError::Timeout {
+                            secs: self.peer_timeout.as_secs(),
+                            doing: "receiving pages",
+                        });
+                    }
+                }
                 m = self.ctrl_in.recv(), if early_request.is_none() => {
+                    heard.touch();
                     match m.ok_or(ProtocolError::Closed { doing: "watching the control connection" })? {
                         Ok(req @ Message::VerifyRequest { .. }) => early_request = Some(req),
                         Ok(Message::Switch { pending }) => {
@@ -951,7 +1031,7 @@ impl DestSession {
                                 applier,
                                 urgent: urgent_tx,
                                 out: out_rx,
-                                stop_faults,
+                                stop,
                                 storage_bytes,
                                 pages,
                             }));
@@ -963,7 +1043,7 @@ impl DestSession {
                 }
             }
         };
-        stop_faults.store(true, Ordering::Relaxed);
+        drop(stop);
         while let Ok(m) = out_rx.try_recv() {
             protocol::write_message(&mut self.ctrl_tx, &m, "answering a drain").await?;
         }
@@ -1076,7 +1156,7 @@ impl DestSession {
                 }
                 r = &mut run.applier, if applied.is_none() => {
                     applied = Some(r.map_err(|e| DestError::Worker(e.to_string()))??);
-                    run.stop_faults.store(true, Ordering::Relaxed);
+                    run.stop.faults_done();
                 }
                 r = &mut resume, if committed && !resumed => {
                     resumed = true;
@@ -1236,8 +1316,8 @@ async fn read_control(mut rx: OwnedReadHalf, tx: mpsc::Sender<Result<Message, Pr
     }
 }
 
-async fn read_pages(s: TcpStream, tx: mpsc::Sender<ApplyInput>, pages: u64) {
-    let last = match read_stream(s, &tx, pages).await {
+async fn read_pages(s: TcpStream, tx: mpsc::Sender<ApplyInput>, pages: u64, heard: Arc<Heard>) {
+    let last = match read_stream(s, &tx, pages, |_| heard.touch()).await {
         Ok(bytes) => ApplyInput::End { bytes },
         Err(e) => ApplyInput::Failed(e),
     };
@@ -1248,10 +1328,12 @@ async fn read_stream(
     mut s: TcpStream,
     tx: &mpsc::Sender<ApplyInput>,
     pages: u64,
+    mut heard: impl FnMut(u64),
 ) -> Result<u64, DestError> {
     let mut bytes = 0;
     loop {
         let (msg, n) = protocol::read_message(&mut s, "receiving pages").await?;
+        heard(n);
         bytes += n;
         let input = match msg {
             Message::PageBatch { pages: entries, .. } => {

@@ -402,7 +402,7 @@ impl SourceSession {
             let (_r, mut w) = s.into_split();
             stats.bytes_sent += protocol::write_message(&mut w, &hello(i), "sending Hello").await?;
             let (tx, rx) = mpsc::channel(8);
-            let task = tokio::spawn(data_writer(w, rx, limiter.clone()));
+            let task = tokio::spawn(data_writer(w, rx, limiter.clone(), cfg.peer_timeout));
             data.push(DataConn { tx, task });
         }
         let pages = ram.pages();
@@ -608,8 +608,19 @@ impl SourceSession {
     /// if it fails, the outcome on the destination is unknown and the source
     /// must NOT be resumed blindly.
     pub async fn commit(&mut self) -> Result<(), PrecopyError> {
+        self.send_commit().await?;
+        self.wait_activated().await
+    }
+
+    /// First half of [`SourceSession::commit`]: the point of no return.
+    pub async fn send_commit(&mut self) -> Result<(), PrecopyError> {
         self.stats.bytes_sent +=
             protocol::write_message(&mut self.ctrl_tx, &Message::Commit, "sending Commit").await?;
+        Ok(())
+    }
+
+    /// Second half of [`SourceSession::commit`]: the destination runs the VM.
+    pub async fn wait_activated(&mut self) -> Result<(), PrecopyError> {
         match self
             .read_ctrl("waiting for the destination to resume the VM")
             .await?
@@ -969,13 +980,21 @@ async fn data_writer(
     mut w: OwnedWriteHalf,
     mut rx: mpsc::Receiver<WriterCmd>,
     limiter: Arc<RateLimiter>,
+    patience: Duration,
 ) -> Result<u64, ProtocolError> {
     let mut sent = 0;
     while let Some(cmd) = rx.recv().await {
         match cmd {
             WriterCmd::Frame(f) => {
                 limiter.acquire(f.len()).await;
-                protocol::write_frame(&mut w, &f, "sending pages").await?;
+                // A peer (or link) that takes nothing for this long is gone:
+                // without the limit a cut cable would block the round forever.
+                tokio::time::timeout(patience, protocol::write_frame(&mut w, &f, "sending pages"))
+                    .await
+                    .map_err(|_| ProtocolError::Io {
+                        doing: "sending pages (the destination took nothing for the whole timeout)",
+                        source: std::io::Error::from(std::io::ErrorKind::TimedOut),
+                    })??;
                 sent += f.len() as u64;
             }
             WriterCmd::Barrier(done) => {

@@ -185,6 +185,25 @@ fn maybe_track(addr: u64, len: u64, fd: i32) {
     }
 }
 
+/// Waits for the agent that took the descriptor to say it is done ("D").
+/// If it goes away without a word it may have died while this QEMU's page
+/// faults depended on it: a vCPU would wait forever for a page, so QEMU
+/// stops instead (before the hand-over it never ran the VM anyway).
+fn watch_agent(mut conn: std::os::unix::net::UnixStream) {
+    use std::io::Read;
+    let mut b = [0u8; 1];
+    match conn.read(&mut b) {
+        Ok(1) if b[0] == b'D' => {}
+        _ => {
+            say(format_args!(
+                "dbmigrate-preload: the destination agent went away while this QEMU's page faults depended on it; stopping QEMU\n"
+            ));
+            // SAFETY: _exit ends the process at once; no Rust state outlives it.
+            unsafe { libc::_exit(1) };
+        }
+    }
+}
+
 fn postcopy_socket() -> Option<std::path::PathBuf> {
     std::env::var_os("DBMIGRATE_POSTCOPY_SOCKET").map(std::path::PathBuf::from)
 }
@@ -232,7 +251,9 @@ fn serve_postcopy(path: &str, addr: u64, len: u64, sock: std::path::PathBuf) {
                     say(format_args!(
                         "dbmigrate-preload: handing over the post-copy descriptor failed: {e}\n"
                     ));
+                    continue;
                 }
+                watch_agent(conn);
             }
         });
     if let Err(e) = spawned {

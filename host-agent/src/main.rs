@@ -1,6 +1,7 @@
 //! `dbmigrate`: live-migrates a running QEMU VM's RAM between hosts, with
 //! QEMU moving only device state (`x-ignore-shared`).
 
+mod failpoint;
 mod framescan;
 mod hints;
 mod nbd;
@@ -93,6 +94,10 @@ enum Command {
         /// the migration link or of either host during post-copy loses the VM.
         #[arg(long)]
         allow_postcopy: bool,
+        /// Seconds of silence from the destination agent before giving up
+        /// (before the hand-over the source VM then keeps running).
+        #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=3600))]
+        timeout: u64,
     },
     /// Receive a VM into a QEMU started with `-S -incoming defer` (run on the destination host).
     Receive {
@@ -231,21 +236,31 @@ fn main() -> ExitCode {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
-    match run(cli) {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("dbmigrate: error: starting the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let code = match run(cli, &rt) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("dbmigrate: error: {e:#}");
             ExitCode::FAILURE
         }
-    }
+    };
+    // The outcome is decided and reported: a worker thread still blocked on
+    // a dead peer or a storage read must not keep the process alive.
+    rt.shutdown_timeout(std::time::Duration::from_secs(2));
+    code
 }
 
-fn run(cli: Cli) -> Result<ExitCode> {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
+fn run(cli: Cli, rt: &tokio::runtime::Runtime) -> Result<ExitCode> {
     match cli.command {
         Command::Migrate {
             qmp,
@@ -264,6 +279,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             hint_scan,
             mode,
             allow_postcopy,
+            timeout,
         } => {
             if max_bytes_factor.is_nan() || max_bytes_factor <= 0.0 {
                 bail!("--max-bytes-factor must be positive");
@@ -281,6 +297,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             };
             let config = SourceConfig {
                 mode: mode.into(),
+                peer_timeout: Duration::from_secs(timeout),
                 connections,
                 bandwidth,
                 compress,

@@ -52,9 +52,12 @@ pub async fn receive(args: ReceiveArgs) -> Result<dest::DestStats> {
         .context("making the destination QEMU listen for device state")?;
     let ram = DestRam::open(&backend.mem_path, backend.size)
         .context("mapping the destination RAM file")?;
-    let faults = match &args.postcopy_socket {
-        Some(path) => Some(fault_source(path, backend.size)?),
-        None => None,
+    let (faults, _lease) = match &args.postcopy_socket {
+        Some(path) => {
+            let (f, lease) = fault_source(path, backend.size)?;
+            (Some(f), Some(lease))
+        }
+        None => (None, None),
     };
     let listener = TcpListener::bind(args.listen)
         .await
@@ -75,8 +78,21 @@ pub async fn receive(args: ReceiveArgs) -> Result<dest::DestStats> {
     result
 }
 
+/// The connection to the preload library inside the destination QEMU. While
+/// it is open without a word, QEMU's page faults may depend on this agent:
+/// if the agent dies, the library stops QEMU rather than leave a vCPU
+/// blocked on a page nobody will bring. Dropping it says "done".
+struct FaultLease(std::os::unix::net::UnixStream);
+
+impl Drop for FaultLease {
+    fn drop(&mut self) {
+        use std::io::Write;
+        let _ = self.0.write_all(b"D");
+    }
+}
+
 /// Takes the RAM's userfaultfd from the destination QEMU's preload library.
-fn fault_source(path: &std::path::Path, ram_bytes: u64) -> Result<FaultSource> {
+fn fault_source(path: &std::path::Path, ram_bytes: u64) -> Result<(FaultSource, FaultLease)> {
     let sock = std::os::unix::net::UnixStream::connect(path).with_context(|| {
         format!(
             "connecting to {} for the destination QEMU's fault descriptor: start QEMU with LD_PRELOAD and DBMIGRATE_POSTCOPY_SOCKET={} (see `dbmigrate env --postcopy-socket`)",
@@ -108,7 +124,7 @@ fn fault_source(path: &std::path::Path, ram_bytes: u64) -> Result<FaultSource> {
         len,
         "post-copy fault descriptor received"
     );
-    Ok(FaultSource { uffd, base, len })
+    Ok((FaultSource { uffd, base, len }, FaultLease(sock)))
 }
 
 /// Waits for QEMU to have loaded device state, then resumes the VM.
@@ -184,6 +200,7 @@ async fn session(
                 resumed = r.is_ok();
                 if resumed {
                     tracing::info!("VM resumed on the destination; post-copy continues");
+                    crate::failpoint::hit("dst-postcopy");
                 }
                 r
             };
@@ -233,15 +250,17 @@ async fn session(
     s.wait_commit()
         .await
         .context("waiting for the source to commit")?;
+    crate::failpoint::hit("dst-commit");
     // QEMU has loaded device state by now (the source waited for its
     // migration to complete before committing); confirm before resuming.
     if let Err(reason) = resume_vm(qmp).await {
         s.abort(&reason).await;
         bail!(reason);
     }
-    s.activated()
-        .await
-        .context("confirming activation to the source")?;
+    // The VM runs here now, whether or not the source hears it.
+    if let Err(e) = s.activated().await {
+        tracing::warn!(error = %e, "VM resumed, but the source did not get the confirmation");
+    }
     tracing::info!("VM resumed on the destination");
     Ok(s.stats.clone())
 }

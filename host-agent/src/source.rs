@@ -311,6 +311,7 @@ async fn drive(
 ) -> Result<()> {
     let progress = Progress::new(args.progress, ram_bytes);
     let mut on_round = |r: &RoundStats, d: &Decision| {
+        crate::failpoint::hit("src-precopy-round");
         progress.round(r, d);
         tracing::info!(round = r.round, pages = r.pages, raw = r.raw_pages, zero = r.zero_pages,
             bytes = r.bytes, ms = r.elapsed_ms, mbit = r.rate_mbit, dirty_after = r.dirty_after, decision = ?d, "pre-copy round");
@@ -343,6 +344,7 @@ async fn drive(
         .await
         .context("pausing the source VM")?;
     undo.paused_by_us = true;
+    crate::failpoint::hit("src-stop-and-copy");
     let last = session.final_round().await.context("stop-and-copy")?;
     tracing::info!(
         pages = last.pages,
@@ -373,10 +375,18 @@ async fn drive(
         .context("moving device state")?;
     report.device_state_bytes = info["ram"]["transferred"].as_u64().unwrap_or(0);
 
+    crate::failpoint::hit("src-before-commit");
     // Point of no return: after Commit the destination may run the VM, so a
     // failure from here on must not resume the source blindly.
     report.vm_runs_on = "unknown".into();
-    match session.commit().await {
+    let committed = match session.send_commit().await {
+        Ok(()) => {
+            crate::failpoint::hit("src-after-commit");
+            session.wait_activated().await
+        }
+        Err(e) => Err(e),
+    };
+    match committed {
         Ok(()) => {}
         Err(dbmigrate_core::precopy::PrecopyError::Refused { reason }) => {
             // The destination said explicitly that it did not resume the VM.
@@ -443,7 +453,10 @@ async fn drive_postcopy(
         Ok(())
     };
     let mut activated_at = None;
-    let mut on_activated = || activated_at = Some(Instant::now());
+    let mut on_activated = || {
+        activated_at = Some(Instant::now());
+        crate::failpoint::hit("src-postcopy");
+    };
     let result = session.postcopy(sw, handover, &mut on_activated).await;
     report.device_state_bytes = device_bytes;
     if let Some(at) = activated_at {

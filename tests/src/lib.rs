@@ -928,6 +928,9 @@ impl DbBed {
             .args([
                 "-N",
                 "-B",
+                // A crashed guest must give an error, not a hang.
+                "--connect-timeout=10",
+                "--net-read-timeout=120",
                 "-h",
                 &self.vm_ip,
                 "-u",
@@ -954,4 +957,77 @@ impl Drop for DbBed {
         let _ = self.nbd.kill();
         let _ = self.nbd.wait();
     }
+}
+
+/// A TCP relay inside network namespace `ns`: accepts on `listen` and
+/// forwards each connection to `target`, passing the bytes of the
+/// `conn`-th connection's client-to-server direction (0-based, in accept
+/// order) through `corrupt(offset, bytes)` first. Stands in for a faulty
+/// network element between two agents.
+pub fn corrupting_relay(
+    ns: &str,
+    listen: std::net::SocketAddr,
+    target: std::net::SocketAddr,
+    conn: usize,
+    corrupt: fn(u64, &mut [u8]),
+) -> Result<()> {
+    use std::io::{Read, Write};
+    use std::os::fd::AsRawFd;
+    let nsfile = std::fs::File::open(format!("/var/run/netns/{ns}"))
+        .with_context(|| format!("opening network namespace {ns}"))?;
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        // SAFETY: setns with a namespace descriptor changes only this
+        // thread's network namespace (and that of threads it starts).
+        let r = unsafe { libc::setns(nsfile.as_raw_fd(), libc::CLONE_NEWNET) };
+        if r != 0 {
+            let _ = ready_tx.send(Err(std::io::Error::last_os_error().to_string()));
+            return;
+        }
+        let l = match std::net::TcpListener::bind(listen) {
+            Ok(l) => l,
+            Err(e) => {
+                let _ = ready_tx.send(Err(e.to_string()));
+                return;
+            }
+        };
+        let _ = ready_tx.send(Ok(()));
+        for (i, c) in l.incoming().enumerate() {
+            let Ok(client) = c else { continue };
+            let Ok(server) = std::net::TcpStream::connect(target) else {
+                continue;
+            };
+            let (mut c_rd, mut s_wr) = (
+                client.try_clone().expect("clone"),
+                server.try_clone().expect("clone"),
+            );
+            let (mut s_rd, mut c_wr) = (server, client);
+            let touch = i == conn;
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; 64 << 10];
+                let mut off = 0u64;
+                while let Ok(n) = c_rd.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    if touch {
+                        corrupt(off, &mut buf[..n]);
+                    }
+                    off += n as u64;
+                    if s_wr.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+                let _ = s_wr.shutdown(std::net::Shutdown::Write);
+            });
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut s_rd, &mut c_wr);
+                let _ = c_wr.shutdown(std::net::Shutdown::Write);
+            });
+        }
+    });
+    ready_rx
+        .recv()
+        .context("relay thread died")?
+        .map_err(|e| anyhow::anyhow!("starting the relay in {ns}: {e}"))
 }
