@@ -142,32 +142,12 @@ fn step<T>(step: &'static str, r: libc::c_long, ok: T) -> Result<T, RegisterErro
 /// write-protect tracking and protects all of it. The returned descriptor
 /// must stay open for as long as tracking is wanted.
 pub fn register_wp_async(addr: u64, len: u64) -> Result<OwnedFd, RegisterError> {
-    let uffd = open_uffd()?;
-    let mut api = UffdioApi {
-        api: UFFD_API,
-        features: UFFD_FEATURE_WP_ASYNC
-            | UFFD_FEATURE_WP_UNPOPULATED
-            | UFFD_FEATURE_WP_HUGETLBFS_SHMEM,
-        ioctls: 0,
-    };
-    // SAFETY: UFFDIO_API reads and writes a `struct uffdio_api` we own.
-    let r = unsafe { libc::ioctl(uffd.as_raw_fd(), UFFDIO_API, &mut api as *mut UffdioApi) };
-    step("UFFDIO_API", libc::c_long::from(r), ())?;
-    let mut reg = UffdioRegister {
-        range: UffdioRange { start: addr, len },
-        mode: UFFDIO_REGISTER_MODE_WP,
-        ioctls: 0,
-    };
-    // SAFETY: UFFDIO_REGISTER reads and writes a `struct uffdio_register` we own;
-    // it only changes how faults in the caller's range are handled.
-    let r = unsafe {
-        libc::ioctl(
-            uffd.as_raw_fd(),
-            UFFDIO_REGISTER,
-            &mut reg as *mut UffdioRegister,
-        )
-    };
-    step("UFFDIO_REGISTER", libc::c_long::from(r), ())?;
+    let uffd = open_and_register(
+        UFFD_FEATURE_WP_ASYNC | UFFD_FEATURE_WP_UNPOPULATED | UFFD_FEATURE_WP_HUGETLBFS_SHMEM,
+        UFFDIO_REGISTER_MODE_WP,
+        addr,
+        len,
+    )?;
     let mut wp = UffdioWriteprotect {
         range: UffdioRange { start: addr, len },
         mode: UFFDIO_WRITEPROTECT_MODE_WP,
@@ -190,10 +170,20 @@ pub fn register_wp_async(addr: u64, len: u64) -> Result<OwnedFd, RegisterError> 
 /// blocks the toucher until the descriptor's owner fills the page and wakes
 /// it. Used on a post-copy destination; the descriptor must stay open.
 pub fn register_missing(addr: u64, len: u64) -> Result<OwnedFd, RegisterError> {
+    open_and_register(0, UFFDIO_REGISTER_MODE_MISSING, addr, len)
+}
+
+/// A new userfaultfd with `features`, registered over `addr..addr+len` in `mode`.
+fn open_and_register(
+    features: u64,
+    mode: u64,
+    addr: u64,
+    len: u64,
+) -> Result<OwnedFd, RegisterError> {
     let uffd = open_uffd()?;
     let mut api = UffdioApi {
         api: UFFD_API,
-        features: 0,
+        features,
         ioctls: 0,
     };
     // SAFETY: UFFDIO_API reads and writes a `struct uffdio_api` we own.
@@ -201,7 +191,7 @@ pub fn register_missing(addr: u64, len: u64) -> Result<OwnedFd, RegisterError> {
     step("UFFDIO_API", libc::c_long::from(r), ())?;
     let mut reg = UffdioRegister {
         range: UffdioRange { start: addr, len },
-        mode: UFFDIO_REGISTER_MODE_MISSING,
+        mode,
         ioctls: 0,
     };
     // SAFETY: UFFDIO_REGISTER reads and writes a `struct uffdio_register` we

@@ -102,33 +102,16 @@ impl NbdDisk {
 
     /// Reads `buf.len()` bytes at `offset`.
     pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), NbdError> {
-        let end = offset.checked_add(buf.len() as u64);
-        if end.is_none_or(|e| e > self.size) {
-            return Err(NbdError::Protocol {
-                addr: self.addr.clone(),
-                problem: format!(
-                    "export is {} bytes; refusing a read of {} at {offset:#x}",
-                    self.size,
-                    buf.len()
-                ),
-            });
-        }
-        let taken = self.pool.lock().map(|mut p| p.pop()).unwrap_or(None);
-        let mut conn = match taken {
-            Some(c) => c,
-            None => handshake(&self.addr, &self.export)?.0,
-        };
-        let mut done = 0;
-        while done < buf.len() {
-            let n = (buf.len() - done).min(MAX_READ);
-            // A failed connection is dropped, not returned to the pool.
-            self.read_one(&mut conn, offset + done as u64, &mut buf[done..done + n])?;
-            done += n;
-        }
-        if let Ok(mut p) = self.pool.lock() {
-            p.push(conn);
-        }
-        Ok(())
+        self.check_range(offset, buf.len(), usize::MAX)?;
+        self.with_conn(|conn| {
+            let mut done = 0;
+            while done < buf.len() {
+                let n = (buf.len() - done).min(MAX_READ);
+                self.read_one(conn, offset + done as u64, &mut buf[done..done + n])?;
+                done += n;
+            }
+            Ok(())
+        })
     }
 
     /// Reads every `(offset, buffer)` with all requests in flight on one
@@ -136,29 +119,42 @@ impl NbdDisk {
     /// by handle). Each read must fit one request ([`MAX_READ`]).
     pub fn read_many(&self, reads: &mut [(u64, &mut [u8])]) -> Result<(), NbdError> {
         for (offset, buf) in reads.iter() {
-            let end = offset.checked_add(buf.len() as u64);
-            if buf.len() > MAX_READ || end.is_none_or(|e| e > self.size) {
-                return Err(NbdError::Protocol {
-                    addr: self.addr.clone(),
-                    problem: format!(
-                        "export is {} bytes; refusing a read of {} at {offset:#x}",
-                        self.size,
-                        buf.len()
-                    ),
-                });
-            }
+            self.check_range(*offset, buf.len(), MAX_READ)?;
         }
+        self.with_conn(|conn| self.pipelined(conn, reads))
+    }
+
+    /// Refuses, before anything is sent, a read beyond the export or longer than `max`.
+    fn check_range(&self, offset: u64, len: usize, max: usize) -> Result<(), NbdError> {
+        let end = offset.checked_add(len as u64);
+        if len > max || end.is_none_or(|e| e > self.size) {
+            return Err(NbdError::Protocol {
+                addr: self.addr.clone(),
+                problem: format!(
+                    "export is {} bytes; refusing a read of {len} at {offset:#x}",
+                    self.size
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    /// Runs `f` on a pooled connection (a new one if none is free); a
+    /// connection that failed is dropped, not returned to the pool.
+    fn with_conn<T>(
+        &self,
+        f: impl FnOnce(&mut Conn) -> Result<T, NbdError>,
+    ) -> Result<T, NbdError> {
         let taken = self.pool.lock().map(|mut p| p.pop()).unwrap_or(None);
         let mut conn = match taken {
             Some(c) => c,
             None => handshake(&self.addr, &self.export)?.0,
         };
-        // A failed connection is dropped, not returned to the pool.
-        self.pipelined(&mut conn, reads)?;
+        let r = f(&mut conn)?;
         if let Ok(mut p) = self.pool.lock() {
             p.push(conn);
         }
-        Ok(())
+        Ok(r)
     }
 
     fn pipelined(&self, c: &mut Conn, reads: &mut [(u64, &mut [u8])]) -> Result<(), NbdError> {

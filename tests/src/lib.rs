@@ -930,7 +930,6 @@ impl DbBed {
                 "-B",
                 // A crashed guest must give an error, not a hang.
                 "--connect-timeout=10",
-                "--net-read-timeout=120",
                 "-h",
                 &self.vm_ip,
                 "-u",
@@ -1030,4 +1029,41 @@ pub fn corrupting_relay(
         .recv()
         .context("relay thread died")?
         .map_err(|e| anyhow::anyhow!("starting the relay in {ns}: {e}"))
+}
+
+/// The dirtier guest running on `tb`'s source (memory filled, one clean
+/// verification pass done) and a destination QEMU waiting for it; with
+/// `postcopy_socket` the destination is ready for post-copy.
+pub fn start_dirtier_pair(
+    tb: &Testbed,
+    ws_mib: u64,
+    postcopy_socket: Option<PathBuf>,
+) -> Result<(Vm, Vm)> {
+    let img = dirtier_guest()?;
+    let src = Vm::start(
+        tb,
+        &tb.src_ns,
+        "src",
+        &img,
+        &VmOptions {
+            ws_mib,
+            ..VmOptions::default()
+        },
+    )?;
+    src.wait_console("DIRTIER READY", Duration::from_secs(240))?;
+    src.wait_heartbeat(Duration::from_secs(120), |h| h.passes >= 1 && h.errors == 0)?;
+    let dst = Vm::start(
+        tb,
+        &tb.dst_ns,
+        "dst",
+        &img,
+        &VmOptions {
+            ws_mib,
+            incoming: true,
+            preload: false,
+            postcopy_socket,
+            ..VmOptions::default()
+        },
+    )?;
+    Ok((src, dst))
 }

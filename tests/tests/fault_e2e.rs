@@ -11,7 +11,7 @@ use std::process::{Child, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
-use dbmigrate_testbed::{corrupting_relay, dirtier_guest, sh, Testbed, Vm, VmOptions};
+use dbmigrate_testbed::{corrupting_relay, sh, start_dirtier_pair, Testbed, Vm};
 use serde_json::Value;
 
 const LINK_MBIT: u32 = 1000;
@@ -25,33 +25,8 @@ struct Case {
 
 fn start(ws_mib: u64) -> Result<Case> {
     let tb = Testbed::new(LINK_MBIT)?;
-    let img = dirtier_guest()?;
-    let src = Vm::start(
-        &tb,
-        &tb.src_ns,
-        "src",
-        &img,
-        &VmOptions {
-            ws_mib,
-            ..VmOptions::default()
-        },
-    )?;
-    src.wait_console("DIRTIER READY", Duration::from_secs(240))?;
-    src.wait_heartbeat(Duration::from_secs(120), |h| h.passes >= 1 && h.errors == 0)?;
     let sock = tb.dir.join("dst.uffd");
-    let dst = Vm::start(
-        &tb,
-        &tb.dst_ns,
-        "dst",
-        &img,
-        &VmOptions {
-            ws_mib,
-            incoming: true,
-            preload: false,
-            postcopy_socket: Some(sock.clone()),
-            ..VmOptions::default()
-        },
-    )?;
+    let (src, dst) = start_dirtier_pair(&tb, ws_mib, Some(sock.clone()))?;
     Ok(Case { tb, src, dst, sock })
 }
 
@@ -262,14 +237,14 @@ fn source_agent_killed_after_commit_lets_the_destination_run_byte_exact() -> Res
     destination_intact(&c)
 }
 
-#[test]
-fn migration_link_cut_during_precopy_leaves_the_source_running() -> Result<()> {
-    // A 64 MiB working set does not converge after the first round: the cut
-    // falls in the middle of the next pre-copy round.
-    let mut c = start(64)?;
+/// Cuts the migration link (at the destination's end, as a pulled cable
+/// would) while the source agent waits at `stage`; the source must keep or
+/// resume the VM after its timeout.
+fn cut_link_at(stage: &str, ws_mib: u64) -> Result<Case> {
+    let c = start(ws_mib)?;
     let marker = c.tb.dir.join("paused");
     let recv = receive(&c, None)?;
-    let spec = format!("src-precopy-round:pause:{}", marker.display());
+    let spec = format!("{stage}:pause:{}", marker.display());
     let mig = migrate(&c, None, Some(&spec), &[])?;
     wait_paused(&marker)?;
     sh(&[
@@ -288,6 +263,14 @@ fn migration_link_cut_during_precopy_leaves_the_source_running() -> Result<()> {
     let r = finish(&c, recv, "receive")?;
     assert!(!r.status.success());
     source_intact(&c)?;
+    Ok(c)
+}
+
+#[test]
+fn migration_link_cut_during_precopy_leaves_the_source_running() -> Result<()> {
+    // A 64 MiB working set does not converge after the first round: the cut
+    // falls in the middle of the next pre-copy round.
+    let mut c = cut_link_at("src-precopy-round", 64)?;
     assert!(
         c.dst.wait_exit(Duration::from_secs(20)),
         "destination QEMU discarded"
@@ -297,27 +280,7 @@ fn migration_link_cut_during_precopy_leaves_the_source_running() -> Result<()> {
 
 #[test]
 fn migration_link_cut_at_stop_and_copy_resumes_the_source() -> Result<()> {
-    let c = start(16)?;
-    let marker = c.tb.dir.join("paused");
-    let recv = receive(&c, None)?;
-    let spec = format!("src-stop-and-copy:pause:{}", marker.display());
-    let mig = migrate(&c, None, Some(&spec), &[])?;
-    wait_paused(&marker)?;
-    sh(&[
-        "ip",
-        "-n",
-        &c.tb.dst_ns,
-        "link",
-        "set",
-        &c.tb.dst_if,
-        "down",
-    ])?;
-    std::fs::remove_file(&marker)?;
-    let out = finish(&c, mig, "migrate")?;
-    assert_eq!(out.status.code(), Some(1));
-    assert_eq!(report(&c)["vm_runs_on"], "source");
-    let _ = finish(&c, recv, "receive");
-    source_intact(&c)
+    cut_link_at("src-stop-and-copy", 16).map(drop)
 }
 
 fn flip_a_byte_deep_in(off: u64, b: &mut [u8]) {

@@ -7,7 +7,7 @@ use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
-use dbmigrate_testbed::{dirtier_guest, Testbed, Vm, VmOptions};
+use dbmigrate_testbed::{start_dirtier_pair, Testbed, Vm};
 use serde_json::{json, Value};
 
 const LINK_MBIT: u32 = 1000;
@@ -19,33 +19,8 @@ struct Pair {
 }
 
 fn start_pair(tb: &Testbed, ws_mib: u64) -> Result<Pair> {
-    let img = dirtier_guest()?;
-    let src = Vm::start(
-        tb,
-        &tb.src_ns,
-        "src",
-        &img,
-        &VmOptions {
-            ws_mib,
-            ..VmOptions::default()
-        },
-    )?;
-    src.wait_console("DIRTIER READY", Duration::from_secs(240))?;
-    src.wait_heartbeat(Duration::from_secs(120), |h| h.passes >= 1 && h.errors == 0)?;
     let sock = tb.dir.join("dst.uffd");
-    let dst = Vm::start(
-        tb,
-        &tb.dst_ns,
-        "dst",
-        &img,
-        &VmOptions {
-            ws_mib,
-            incoming: true,
-            preload: false,
-            postcopy_socket: Some(sock.clone()),
-            ..VmOptions::default()
-        },
-    )?;
+    let (src, dst) = start_dirtier_pair(tb, ws_mib, Some(sock.clone()))?;
     Ok(Pair { src, dst, sock })
 }
 

@@ -6,7 +6,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
-use dbmigrate_testbed::{bin_dir, dirtier_guest, Testbed, Vm, VmOptions};
+use dbmigrate_testbed::{bin_dir, dirtier_guest, start_dirtier_pair, Testbed, Vm, VmOptions};
 use serde_json::{json, Value};
 
 const LINK_MBIT: u32 = 1000;
@@ -36,33 +36,7 @@ fn migrate(tb: &Testbed, src: &Vm, extra: &[&str]) -> Result<(Output, Value)> {
 }
 
 fn start_pair(tb: &Testbed, ws_mib: u64) -> Result<(Vm, Vm)> {
-    let img = dirtier_guest()?;
-    let src = Vm::start(
-        tb,
-        &tb.src_ns,
-        "src",
-        &img,
-        &VmOptions {
-            ws_mib,
-            ..VmOptions::default()
-        },
-    )?;
-    src.wait_console("DIRTIER READY", Duration::from_secs(240))?;
-    // One full verification pass on the source first: the baseline is sound.
-    src.wait_heartbeat(Duration::from_secs(120), |h| h.passes >= 1 && h.errors == 0)?;
-    let dst = Vm::start(
-        tb,
-        &tb.dst_ns,
-        "dst",
-        &img,
-        &VmOptions {
-            ws_mib,
-            incoming: true,
-            preload: false,
-            ..VmOptions::default()
-        },
-    )?;
-    Ok((src, dst))
+    start_dirtier_pair(tb, ws_mib, None)
 }
 
 #[test]
