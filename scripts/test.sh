@@ -12,7 +12,7 @@ cargo build --release --workspace --all-targets
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 status=0
-cargo test --release --workspace -- --test-threads=1 2>&1 | tee "$log" || status=$?
+cargo test --release --workspace --no-fail-fast -- --test-threads=1 2>&1 | tee "$log" || status=$?
 # One closing line over all test binaries (cargo prints one per binary).
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i) ~ /^passed;?$/) p += $(i-1); if ($(i) ~ /^failed;?$/) f += $(i-1) } }
      END { printf "tests: %d passed, %d failed\n", p, f }' "$log"

@@ -993,9 +993,19 @@ pub fn corrupting_relay(
         let _ = ready_tx.send(Ok(()));
         for (i, c) in l.incoming().enumerate() {
             let Ok(client) = c else { continue };
-            let Ok(server) = std::net::TcpStream::connect(target) else {
-                continue;
+            // The agent behind may not listen yet (the source retries a
+            // refused connection, but through a relay it sees a reset).
+            let t = Instant::now();
+            let server = loop {
+                match std::net::TcpStream::connect(target) {
+                    Ok(s) => break Some(s),
+                    Err(_) if t.elapsed() < Duration::from_secs(20) => {
+                        std::thread::sleep(Duration::from_millis(50));
+                    }
+                    Err(_) => break None,
+                }
             };
+            let Some(server) = server else { continue };
             let (mut c_rd, mut s_wr) = (
                 client.try_clone().expect("clone"),
                 server.try_clone().expect("clone"),
