@@ -279,15 +279,15 @@ pub fn parse_fault_messages(buf: &[u8]) -> impl Iterator<Item = u64> + '_ {
 /// Wakes the threads blocked on faults in `start..start+len` (the pages
 /// were filled through the file).
 pub fn wake(uffd: &OwnedFd, start: u64, len: u64) -> io::Result<()> {
+    range_ioctl(uffd, UFFDIO_WAKE, start, len)
+}
+
+/// An ioctl that takes only a `struct uffdio_range`.
+fn range_ioctl(uffd: &OwnedFd, request: u64, start: u64, len: u64) -> io::Result<()> {
     let mut range = UffdioRange { start, len };
-    // SAFETY: UFFDIO_WAKE reads a `struct uffdio_range` we own.
-    let r = unsafe {
-        libc::ioctl(
-            uffd.as_raw_fd(),
-            UFFDIO_WAKE,
-            &mut range as *mut UffdioRange,
-        )
-    };
+    // SAFETY: `request` is UFFDIO_WAKE or UFFDIO_UNREGISTER, both of which
+    // only read a `struct uffdio_range`, which we own.
+    let r = unsafe { libc::ioctl(uffd.as_raw_fd(), request, &mut range as *mut UffdioRange) };
     if r < 0 {
         return Err(io::Error::last_os_error());
     }
@@ -334,19 +334,7 @@ pub fn zeropage(uffd: &OwnedFd, start: u64, len: u64) -> io::Result<bool> {
 /// missing pages read as zeros again. Works from any process holding the
 /// descriptor (it acts on the registering process's memory).
 pub fn unregister(uffd: &OwnedFd, start: u64, len: u64) -> io::Result<()> {
-    let mut range = UffdioRange { start, len };
-    // SAFETY: UFFDIO_UNREGISTER reads a `struct uffdio_range` we own.
-    let r = unsafe {
-        libc::ioctl(
-            uffd.as_raw_fd(),
-            UFFDIO_UNREGISTER,
-            &mut range as *mut UffdioRange,
-        )
-    };
-    if r < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
+    range_ioctl(uffd, UFFDIO_UNREGISTER, start, len)
 }
 
 /// Sends `fd` and `payload` (at most 64 bytes) over a unix stream socket.
