@@ -211,46 +211,9 @@ impl NbdDisk {
         Ok(())
     }
 
+    /// One read: the pipelined path with a single request in flight.
     fn read_one(&self, c: &mut Conn, offset: u64, buf: &mut [u8]) -> Result<(), NbdError> {
-        let io = |doing| {
-            let addr = self.addr.clone();
-            move |source| NbdError::Io {
-                addr,
-                doing,
-                source,
-            }
-        };
-        let handle = c.next_handle;
-        c.next_handle += 1;
-        let mut req = Vec::with_capacity(28);
-        req.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
-        req.extend_from_slice(&0u16.to_be_bytes());
-        req.extend_from_slice(&CMD_READ.to_be_bytes());
-        req.extend_from_slice(&handle.to_be_bytes());
-        req.extend_from_slice(&offset.to_be_bytes());
-        req.extend_from_slice(&u32::try_from(buf.len()).unwrap_or(u32::MAX).to_be_bytes());
-        c.s.write_all(&req).map_err(io("sending a read request"))?;
-        let mut rep = [0u8; 16];
-        c.s.read_exact(&mut rep).map_err(io("reading a reply"))?;
-        let magic = u32::from_be_bytes(rep[0..4].try_into().expect("4 bytes"));
-        let error = u32::from_be_bytes(rep[4..8].try_into().expect("4 bytes"));
-        let got = u64::from_be_bytes(rep[8..16].try_into().expect("8 bytes"));
-        if magic != SIMPLE_REPLY_MAGIC || got != handle {
-            return Err(NbdError::Protocol {
-                addr: self.addr.clone(),
-                problem: format!(
-                    "sent a reply with magic {magic:#x} for handle {got} (expected {handle})"
-                ),
-            });
-        }
-        if error != 0 {
-            return Err(NbdError::Io {
-                addr: self.addr.clone(),
-                doing: "reading",
-                source: io::Error::from_raw_os_error(i32::try_from(error).unwrap_or(libc::EIO)),
-            });
-        }
-        c.s.read_exact(buf).map_err(io("reading data"))
+        self.pipelined(c, &mut [(offset, buf)])
     }
 }
 
