@@ -8,6 +8,8 @@
 //! finds are reported (`workload.errors`).
 
 mod db;
+mod timeline;
+mod tpcc;
 
 use std::path::PathBuf;
 use std::process::Stdio;
@@ -108,6 +110,109 @@ enum Cmd {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// TPC-C: load a database, run the driver, check consistency.
+    #[command(subcommand)]
+    Tpcc(TpccCmd),
+}
+
+#[derive(Subcommand)]
+enum TpccCmd {
+    /// Create the schema and load the initial population.
+    Load {
+        #[command(flatten)]
+        target: tpcc::Target,
+        /// Warehouses (about 100 MB of InnoDB data each).
+        #[arg(long, default_value_t = 1)]
+        warehouses: u32,
+        /// Connections loading in parallel.
+        #[arg(long, default_value_t = 2)]
+        jobs: u32,
+        /// Random seed.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
+    /// Run the five transactions in the standard mix; prints a JSON summary.
+    Run {
+        #[command(flatten)]
+        target: tpcc::Target,
+        /// Terminals (connections), each with a home warehouse.
+        #[arg(long, default_value_t = 4)]
+        terminals: u32,
+        /// Seconds to run.
+        #[arg(long, default_value_t = 60)]
+        duration_s: u64,
+        /// Keying and think times of the spec (off: every terminal runs flat out).
+        #[arg(long)]
+        think: bool,
+        /// Directory for per-terminal latency logs (`<end µs> <latency µs> <kind>`).
+        #[arg(long)]
+        latency_dir: Option<PathBuf>,
+        /// Random seed.
+        #[arg(long, default_value_t = 2)]
+        seed: u64,
+    },
+    /// Check the consistency conditions of clause 3.3.2 (1-4; all 9 with --full).
+    Check {
+        #[command(flatten)]
+        target: tpcc::Target,
+        /// Also conditions 5-9 (scan every order and order line).
+        #[arg(long)]
+        full: bool,
+    },
+}
+
+fn tpcc_cmd(cmd: TpccCmd) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    rt.block_on(async {
+        match cmd {
+            TpccCmd::Load {
+                target,
+                warehouses,
+                jobs,
+                seed,
+            } => tpcc::load::load(&target, warehouses, jobs, seed)
+                .await
+                .with_context(|| format!("loading TPC-C into {}", target.describe())),
+            TpccCmd::Run {
+                target,
+                terminals,
+                duration_s,
+                think,
+                latency_dir,
+                seed,
+            } => {
+                let cfg = tpcc::driver::RunConfig {
+                    terminals,
+                    duration: Duration::from_secs(duration_s),
+                    think,
+                    latency_dir,
+                    seed,
+                };
+                let s = tpcc::driver::run(&target, &cfg)
+                    .await
+                    .with_context(|| format!("running TPC-C against {}", target.describe()))?;
+                println!("{}", serde_json::to_string_pretty(&s)?);
+                Ok(())
+            }
+            TpccCmd::Check { target, full } => {
+                let v = tpcc::check::check(&target, full).await?;
+                println!("{}", serde_json::to_string_pretty(&v)?);
+                let broken: Vec<String> = v
+                    .iter()
+                    .filter(|c| c.violations > 0)
+                    .map(|c| format!("{} ({}): {} violations", c.condition, c.name, c.violations))
+                    .collect();
+                if !broken.is_empty() {
+                    bail!("TPC-C consistency conditions broken: {}", broken.join("; "));
+                }
+                Ok(())
+            }
+        }
+    })
 }
 
 #[derive(Serialize, Default, Clone)]
@@ -181,6 +286,7 @@ struct Setup<'a> {
 fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
+        Cmd::Tpcc(cmd) => tpcc_cmd(cmd),
         Cmd::CompareDb {
             scenario,
             ram_mib,
