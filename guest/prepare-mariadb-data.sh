@@ -1,36 +1,53 @@
 #!/usr/bin/env bash
-# Builds the sysbench data set natively on the host into a copy of the
-# MariaDB guest's disk image: the image's own mariadbd runs in a chroot of
+# Builds the sysbench data set (or, with --tpcc, a TPC-C database) natively
+# on the host into a copy of the MariaDB guest's disk image: the image's own mariadbd runs in a chroot of
 # the loop-mounted image (same server version as in the guest), sysbench
 # prepares the tables, every table and index is scanned, and the buffer pool
 # is dumped so that the guest loads it at startup (a warm pool without
 # scanning under TCG).
 #
 #   prepare-mariadb-data.sh --tables N --rows N [--pool SIZE]
+#   prepare-mariadb-data.sh --tpcc WAREHOUSES --loader PATH/TO/bench [--pool SIZE]
 #
-# Cached next to the base image, keyed by this script's hash and the sizes:
-#   <guest dir>/data-<hash>-<tables>x<rows>.img
+# Cached next to the base image, keyed by this script's hash (plus the
+# TPC-C loader's sources) and the sizes:
+#   <guest dir>/data-<hash>-<tables>x<rows>.img, data-<hash>-tpcc<W>.img
 # The last line of stdout is the image path.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 tables=4
 rows=10000
 pool=1G
+tpcc=""
+loader=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --tables) tables=$2; shift 2 ;;
     --rows) rows=$2; shift 2 ;;
     --pool) pool=$2; shift 2 ;;
-    *) echo "prepare-mariadb-data: unknown option $1 (use --tables N --rows N [--pool SIZE])" >&2; exit 2 ;;
+    --tpcc) tpcc=$2; shift 2 ;;
+    --loader) loader=$2; shift 2 ;;
+    *) echo "prepare-mariadb-data: unknown option $1 (use --tables N --rows N [--pool SIZE], or --tpcc W --loader BENCH)" >&2; exit 2 ;;
   esac
 done
-case "$tables$rows" in
-  *[!0-9]*) echo "prepare-mariadb-data: --tables and --rows take numbers" >&2; exit 2 ;;
+case "$tables$rows$tpcc" in
+  *[!0-9]*) echo "prepare-mariadb-data: --tables, --rows and --tpcc take numbers" >&2; exit 2 ;;
 esac
+if [ -n "$tpcc" ] && [ ! -x "$loader" ]; then
+  echo "prepare-mariadb-data: --tpcc needs --loader, the built bench binary (cargo build --release -p bench)" >&2
+  exit 2
+fi
 
 guest=$(bash "$here/build-mariadb-guest.sh" | tail -1)
-hash=$(cat "$here/prepare-mariadb-data.sh" | sha256sum | cut -c1-12)
-out=$guest/data-$hash-${tables}x${rows}.img
+if [ -n "$tpcc" ]; then
+  src=$here/..
+  hash=$(cat "$here/prepare-mariadb-data.sh" "$src"/bench/src/tpcc/mod.rs "$src"/bench/src/tpcc/load.rs \
+    "$src"/sql/tpcc-schema.sql | sha256sum | cut -c1-12)
+  out=$guest/data-$hash-tpcc${tpcc}.img
+else
+  hash=$(cat "$here/prepare-mariadb-data.sh" | sha256sum | cut -c1-12)
+  out=$guest/data-$hash-${tables}x${rows}.img
+fi
 if [ -s "$out" ]; then
   echo "$out"
   exit 0
@@ -64,7 +81,6 @@ mount --bind /dev "$mnt/dev"
 mount -t tmpfs tmpfs "$mnt/run"
 mkdir -p "$mnt/run/mysqld"
 
-echo "prepare-mariadb-data: ${tables} tables x ${rows} rows" >&2
 chroot "$mnt" /usr/sbin/mariadbd --user=root --skip-networking \
   --innodb-buffer-pool-size="$pool" --log-error=/run/mysqld/error.log &
 pid=$!
@@ -79,11 +95,24 @@ sql "CREATE DATABASE IF NOT EXISTS sbtest;
      CREATE USER IF NOT EXISTS 'sbtest'@'%' IDENTIFIED BY 'sbtest';
      GRANT ALL ON sbtest.* TO 'sbtest'@'%';
      FLUSH PRIVILEGES;"
-sysbench oltp_read_write --db-driver=mysql --mysql-socket="$sock" --mysql-user=root \
-  --mysql-db=sbtest --tables="$tables" --table-size="$rows" --threads=2 prepare >&2
-for t in $(seq 1 "$tables"); do
-  sql "SELECT COUNT(*), SUM(LENGTH(c)) FROM sbtest.sbtest$t; SELECT SUM(k) FROM sbtest.sbtest$t FORCE INDEX (k_$t);" >/dev/null
-done
+if [ -n "$tpcc" ]; then
+  echo "prepare-mariadb-data: TPC-C, $tpcc warehouses" >&2
+  "$loader" tpcc load --socket "$sock" --warehouses "$tpcc" --jobs 2 >&2
+  sql "GRANT ALL ON tpcc.* TO 'sbtest'@'%'; FLUSH PRIVILEGES;"
+  # Every table and secondary index read once, so that the pool dump holds them.
+  sql "USE tpcc; SELECT COUNT(*) FROM warehouse; SELECT COUNT(*) FROM district;
+       SELECT COUNT(*), SUM(LENGTH(c_data)) FROM customer; SELECT COUNT(*) FROM customer FORCE INDEX (idx_customer_name);
+       SELECT COUNT(*) FROM history; SELECT COUNT(*) FROM new_order; SELECT COUNT(*) FROM orders;
+       SELECT COUNT(*) FROM orders FORCE INDEX (idx_orders_customer); SELECT COUNT(*), SUM(ol_amount) FROM order_line;
+       SELECT COUNT(*), SUM(LENGTH(i_data)) FROM item; SELECT COUNT(*), SUM(LENGTH(s_data)) FROM stock;" >/dev/null
+else
+  echo "prepare-mariadb-data: ${tables} tables x ${rows} rows" >&2
+  sysbench oltp_read_write --db-driver=mysql --mysql-socket="$sock" --mysql-user=root \
+    --mysql-db=sbtest --tables="$tables" --table-size="$rows" --threads=2 prepare >&2
+  for t in $(seq 1 "$tables"); do
+    sql "SELECT COUNT(*), SUM(LENGTH(c)) FROM sbtest.sbtest$t; SELECT SUM(k) FROM sbtest.sbtest$t FORCE INDEX (k_$t);" >/dev/null
+  done
+fi
 sql "SET GLOBAL innodb_buffer_pool_dump_pct = 100; SET GLOBAL innodb_buffer_pool_dump_now = ON;"
 for _ in $(seq 1 600); do
   case "$(sql "SHOW STATUS LIKE 'Innodb_buffer_pool_dump_status'")" in

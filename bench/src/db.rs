@@ -6,13 +6,23 @@
 
 use std::path::Path;
 use std::process::{Child, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context, Result};
-use dbmigrate_testbed::{mariadb_guest, DbBed, MariadbGuest, Vm};
+use dbmigrate_testbed::{mariadb_guest, tpcc_guest, DbBed, MariadbGuest, Vm};
 use serde_json::{json, Value};
 
-use crate::{Pages, Run, Workload};
+use crate::timeline;
+use crate::{Pages, Run, Timeline, Workload};
+
+/// The client load on the database.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum DbLoad {
+    /// sysbench `oltp_read_write` (threads from [`DbSetup::threads`]).
+    Sysbench,
+    /// The TPC-C driver with this many warehouses (terminals from [`DbSetup::threads`]).
+    Tpcc { warehouses: u32 },
+}
 
 /// Settings of a database comparison.
 pub struct DbSetup {
@@ -21,40 +31,13 @@ pub struct DbSetup {
     pub tables: u32,
     pub rows: u32,
     pub threads: u32,
+    pub load: DbLoad,
     pub link_mbit: u32,
     pub storage_mbit: u32,
     pub downtime_ms: u64,
     pub warmup_s: u64,
     pub timeout: Duration,
     pub after_s: u64,
-}
-
-/// One per-second sysbench report line.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct Second {
-    pub t: f64,
-    pub tps: f64,
-    pub p99_ms: f64,
-}
-
-/// Parses `[ 5s ] thds: 2 tps: 40.00 qps: ... lat (ms,99%): 130.13 err/s: 0.00 ...` lines (pure).
-pub fn parse_seconds(log: &str) -> Vec<Second> {
-    log.lines()
-        .filter_map(|l| {
-            let l = l.trim();
-            let rest = l.strip_prefix('[')?;
-            let (t, rest) = rest.split_once("s ]")?;
-            let field = |name: &str| -> Option<f64> {
-                let i = rest.find(name)? + name.len();
-                rest[i..].split_whitespace().next()?.parse().ok()
-            };
-            Some(Second {
-                t: t.trim().parse().ok()?,
-                tps: field("tps:")?,
-                p99_ms: field("lat (ms,99%):").unwrap_or(0.0),
-            })
-        })
-        .collect()
 }
 
 /// sysbench's closing count of ignored errors (pure).
@@ -65,28 +48,6 @@ pub fn parse_errors(log: &str) -> Option<u64> {
         .and_then(|n| n.parse().ok())
 }
 
-/// Throughput before and during `[from, to)` seconds, and the highest per-second p99 during it (pure).
-pub fn window(secs: &[Second], from: f64, to: f64) -> (Option<f64>, Option<f64>, Option<f64>) {
-    let mean = |v: Vec<f64>| (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64);
-    let before = mean(
-        secs.iter()
-            .filter(|s| s.t <= from && s.t > from - 10.0)
-            .map(|s| s.tps)
-            .collect(),
-    );
-    // A second that overlaps the window counts as during.
-    let during: Vec<&Second> = secs
-        .iter()
-        .filter(|s| s.t > from && s.t < to + 1.0)
-        .collect();
-    let tps = mean(during.iter().map(|s| s.tps).collect());
-    let p99 = during
-        .iter()
-        .map(|s| s.p99_ms)
-        .fold(None, |m: Option<f64>, v| Some(m.map_or(v, |m| m.max(v))));
-    (before, tps, p99)
-}
-
 fn spawn_to(mut c: std::process::Command, log: &Path) -> Result<Child> {
     let f = std::fs::File::create(log)?;
     c.stdout(f.try_clone()?).stderr(f).stdin(Stdio::null());
@@ -95,7 +56,10 @@ fn spawn_to(mut c: std::process::Command, log: &Path) -> Result<Child> {
 
 /// Runs every method; returns the runs.
 pub fn compare(s: &DbSetup, methods: &[String]) -> Result<(Vec<Run>, MariadbGuest)> {
-    let guest = mariadb_guest(s.tables, s.rows)?;
+    let guest = match s.load {
+        DbLoad::Sysbench => mariadb_guest(s.tables, s.rows)?,
+        DbLoad::Tpcc { warehouses } => tpcc_guest(warehouses)?,
+    };
     let mut runs = Vec::new();
     for m in methods {
         eprintln!("== mariadb: {m}");
@@ -136,6 +100,171 @@ fn boot(
     Ok((src, dst, None))
 }
 
+/// The client load while it runs.
+struct RunningLoad {
+    child: Child,
+    /// Its stdout and stderr.
+    log: std::path::PathBuf,
+    /// Per-connection latency logs.
+    latency_dir: std::path::PathBuf,
+    start_us: u64,
+    secs: u64,
+}
+
+/// Starts the client load for `secs` seconds in the client namespace.
+fn start_load(s: &DbSetup, guest: &MariadbGuest, bed: &DbBed, secs: u64) -> Result<RunningLoad> {
+    let dir = &bed.tb.dir;
+    let latency_dir = dir.join("latency");
+    let _ = std::fs::remove_dir_all(&latency_dir);
+    std::fs::create_dir_all(&latency_dir)?;
+    let secs32 = u32::try_from(secs).unwrap_or(3600);
+    let mut cmd = match s.load {
+        DbLoad::Sysbench => {
+            let script = dir.join("oltp_read_write_timed.lua");
+            std::fs::write(&script, SYSBENCH_TIMED)?;
+            bed.sysbench_script(guest, &script.to_string_lossy(), s.threads, secs32)
+        }
+        DbLoad::Tpcc { .. } => {
+            let bench = std::env::current_exe().context("finding the bench binary")?;
+            let mut c = bed.client(&bench.to_string_lossy());
+            c.args(["tpcc", "run", "--host", &bed.vm_ip])
+                .args(["--user", "sbtest", "--password", "sbtest", "--db", "tpcc"])
+                .arg(format!("--terminals={}", s.threads))
+                .arg(format!("--duration-s={secs}"))
+                .arg("--latency-dir")
+                .arg(&latency_dir);
+            c
+        }
+    };
+    cmd.env("DBM_LATENCY_DIR", &latency_dir);
+    let log = dir.join("load.log");
+    let start_us = timeline::now_us();
+    let child = spawn_to(cmd, &log)?;
+    Ok(RunningLoad {
+        child,
+        log,
+        latency_dir,
+        start_us,
+        secs,
+    })
+}
+
+/// The sysbench script that logs every transaction (bench/lua/).
+const SYSBENCH_TIMED: &str = include_str!("../lua/oltp_read_write_timed.lua");
+
+/// Waits for the load to end and fills the run's workload figures and timeline.
+fn finish_load(
+    mut load: RunningLoad,
+    run: &mut Run,
+    mig_from: u64,
+    mig_to: u64,
+    switch_ms: Option<u64>,
+) -> Result<()> {
+    // The load ends on its own after its run time; against a guest that
+    // crashed or hangs its queries never return, so it is stopped then.
+    let deadline = Duration::from_micros(load.start_us) + Duration::from_secs(load.secs + 30);
+    let status = loop {
+        if let Some(st) = load.child.try_wait()? {
+            break st;
+        }
+        if Duration::from_micros(timeline::now_us()) > deadline {
+            eprintln!("   the load still runs 30 s after its end: the guest is not answering; stopping it");
+            let _ = load.child.kill();
+            break load.child.wait()?;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let out = std::fs::read_to_string(&load.log).unwrap_or_default();
+    let txns = timeline::read_dir(&load.latency_dir)?;
+    let tpcc = txns.iter().any(|t| t.kind == timeline::NEW_ORDER);
+    let before = timeline::window(&txns, mig_from.saturating_sub(10_000_000), mig_from);
+    let during = timeline::window(&txns, mig_from, mig_to.max(mig_from + 1_000_000));
+    // sysbench counts the errors it ignored and retried; the TPC-C driver
+    // logs each failed transaction.
+    let errors = if tpcc || parse_errors(&out).is_none() {
+        timeline::window(&txns, load.start_us, u64::MAX).errors
+    } else {
+        parse_errors(&out).unwrap_or(0)
+    };
+    run.workload = Workload {
+        errors: Some(if status.success() {
+            errors
+        } else {
+            errors.max(1)
+        }),
+        tps_before: before.tps,
+        tps_during: during.tps,
+        p90_ms_during: during.p90_ms,
+        p99_ms_during: during.p99_ms,
+        tpmc_before: before.tpmc,
+        tpmc_during: during.tpmc,
+    };
+    if !status.success() {
+        eprintln!(
+            "   the load failed: {}",
+            out.lines().rev().take(5).collect::<Vec<_>>().join(" | ")
+        );
+    }
+    let rel = |us: u64| (us.saturating_sub(load.start_us) as f64 / 1e4).round() / 100.0;
+    let mig_start_s = rel(mig_from);
+    run.timeline = Some(Timeline {
+        migration_start_s: mig_start_s,
+        switchover_s: switch_ms.map(|ms| mig_start_s + ms as f64 / 1000.0),
+        end_s: rel(mig_to),
+        seconds: timeline::seconds(
+            &txns,
+            load.start_us,
+            u32::try_from(load.secs).unwrap_or(u32::MAX),
+            tpcc,
+        ),
+    });
+    Ok(())
+}
+
+/// The database's own consistency check on the destination: CHECK TABLE of
+/// every sysbench table, or TPC-C's consistency conditions 1-4.
+fn consistent(s: &DbSetup, bed: &DbBed) -> bool {
+    match s.load {
+        DbLoad::Sysbench => {
+            let mut ok = true;
+            for t in 1..=s.tables {
+                match bed.sql(&format!("CHECK TABLE sbtest{t}")) {
+                    Ok(out) if out.trim_end().ends_with("OK") => {}
+                    other => {
+                        eprintln!("   CHECK TABLE sbtest{t}: {other:?}");
+                        ok = false;
+                    }
+                }
+            }
+            ok
+        }
+        DbLoad::Tpcc { .. } => {
+            let Ok(bench) = std::env::current_exe() else {
+                return false;
+            };
+            let out = bed
+                .client(&bench.to_string_lossy())
+                .args(["tpcc", "check", "--host", &bed.vm_ip])
+                .args(["--user", "sbtest", "--password", "sbtest", "--db", "tpcc"])
+                .output();
+            match out {
+                Ok(o) if o.status.success() => true,
+                Ok(o) => {
+                    eprintln!(
+                        "   tpcc check: {}",
+                        String::from_utf8_lossy(&o.stderr).trim()
+                    );
+                    false
+                }
+                Err(e) => {
+                    eprintln!("   tpcc check: {e}");
+                    false
+                }
+            }
+        }
+    }
+}
+
 fn run_one(s: &DbSetup, guest: &MariadbGuest, bed: &DbBed, method: &str) -> Result<Run> {
     let mut run = Run {
         method: method.into(),
@@ -151,15 +280,10 @@ fn run_one(s: &DbSetup, guest: &MariadbGuest, bed: &DbBed, method: &str) -> Resu
         .unwrap_or_default()
         .to_string();
     let dir = bed.tb.dir.clone();
-    let sb_log = dir.join("sysbench.log");
-    let sb_secs = s.warmup_s + s.timeout.as_secs() + s.after_s;
-    let mut sysbench = spawn_to(
-        bed.sysbench(guest, s.threads, u32::try_from(sb_secs).unwrap_or(600)),
-        &sb_log,
-    )?;
-    let sb_start = Instant::now();
+    let load_secs = s.warmup_s + s.timeout.as_secs() + s.after_s;
+    let load = start_load(s, guest, bed, load_secs)?;
     std::thread::sleep(Duration::from_secs(s.warmup_s));
-    let mig_from = sb_start.elapsed().as_secs_f64();
+    let mig_from = timeline::now_us();
     let before = bed.tb.link_bytes()?;
     if dbm {
         let recv_log = dir.join("receive.log");
@@ -226,6 +350,7 @@ fn run_one(s: &DbSetup, guest: &MariadbGuest, bed: &DbBed, method: &str) -> Resu
             "device_state_bytes": r["device_state_bytes"],
             "error": r["error"],
             "guest_pool": pool_line,
+            "paused_at_ms": r["paused_at_ms"],
         });
     } else {
         let mut dq = dst.qmp()?;
@@ -245,9 +370,10 @@ fn run_one(s: &DbSetup, guest: &MariadbGuest, bed: &DbBed, method: &str) -> Resu
             "dirty_sync_count": info["ram"]["dirty-sync-count"],
             "ram_transferred": info["ram"]["transferred"],
             "guest_pool": pool_line,
+            "paused_at_ms": info["bench_switch_ms"],
         });
     }
-    let mig_to = sb_start.elapsed().as_secs_f64();
+    let mig_to = timeline::now_us();
     let agent: Vec<String> = src
         .console()
         .lines()
@@ -257,53 +383,15 @@ fn run_one(s: &DbSetup, guest: &MariadbGuest, bed: &DbBed, method: &str) -> Resu
     if let Some(d) = run.detail.as_object_mut() {
         d.insert("guest_agent".into(), json!(agent));
     }
-    // sysbench ends on its own after its run time; against a guest that
-    // crashed or hangs its queries never return, so it is stopped then.
-    let deadline = sb_start + Duration::from_secs(sb_secs + 30);
-    let status = loop {
-        if let Some(st) = sysbench.try_wait()? {
-            break st;
-        }
-        if Instant::now() > deadline {
-            eprintln!("   sysbench still running {} s after its end: the guest is not answering; stopping it", 30);
-            let _ = sysbench.kill();
-            break sysbench.wait()?;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    };
-    let log = std::fs::read_to_string(&sb_log).unwrap_or_default();
-    let secs = parse_seconds(&log);
-    let (tps_before, tps_during, p99) = window(&secs, mig_from, mig_to);
-    let errors = parse_errors(&log);
-    run.workload = Workload {
-        errors: if status.success() {
-            errors
-        } else {
-            Some(errors.unwrap_or(0).max(1))
-        },
-        tps_before,
-        tps_during,
-        p99_ms_during: p99,
-    };
-    if !status.success() {
-        eprintln!(
-            "   sysbench failed: {}",
-            log.lines().rev().take(5).collect::<Vec<_>>().join(" | ")
-        );
-    }
-    // After the run the tables must still be consistent on the destination.
+    let switch_ms = run.detail["paused_at_ms"].as_u64().or_else(|| {
+        run.total_ms
+            .zip(run.downtime_ms)
+            .map(|(t, d)| t.saturating_sub(d))
+    });
+    finish_load(load, &mut run, mig_from, mig_to, switch_ms)?;
+    // After the run the database must still be consistent on the destination.
     if run.completed {
-        let mut ok = true;
-        for t in 1..=s.tables {
-            match bed.sql(&format!("CHECK TABLE sbtest{t}")) {
-                Ok(out) if out.trim_end().ends_with("OK") => {}
-                other => {
-                    eprintln!("   CHECK TABLE sbtest{t}: {other:?}");
-                    ok = false;
-                }
-            }
-        }
-        run.guest_verified_after = Some(ok);
+        run.guest_verified_after = Some(consistent(s, bed));
     }
     if run.completed && run.guest_verified_after != Some(true) {
         // Reported, not hidden: QEMU 7.2's own migration under TCG has been
@@ -333,28 +421,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn sysbench_lines() {
+    fn sysbench_error_count() {
         let log = "\
 [ 1s ] thds: 2 tps: 27.96 qps: 577.12 (r/w/o: 404.18/115.83/57.11) lat (ms,99%): 110.66 err/s: 0.00 reconn/s: 0.00
-[ 2s ] thds: 2 tps: 30.00 qps: 600.00 (r/w/o: 420.00/120.00/60.00) lat (ms,99%): 90.00 err/s: 0.00 reconn/s: 0.00
-[ 3s ] thds: 2 tps: 0.00 qps: 0.00 (r/w/o: 0.00/0.00/0.00) lat (ms,99%): 0.00 err/s: 0.00 reconn/s: 0.00
-[ 4s ] thds: 2 tps: 10.00 qps: 200.00 (r/w/o: 140.00/40.00/20.00) lat (ms,99%): 1500.50 err/s: 0.00 reconn/s: 0.00
     ignored errors:                      3      (0.00 per sec.)
 ";
-        let s = parse_seconds(log);
-        assert_eq!(s.len(), 4);
-        assert_eq!(
-            s[0],
-            Second {
-                t: 1.0,
-                tps: 27.96,
-                p99_ms: 110.66
-            }
-        );
         assert_eq!(parse_errors(log), Some(3));
-        let (b, d, p) = window(&s, 2.0, 3.5);
-        assert_eq!(b, Some((27.96 + 30.0) / 2.0));
-        assert_eq!(d, Some(5.0));
-        assert_eq!(p, Some(1500.5));
+        assert_eq!(parse_errors("no summary"), None);
     }
 }

@@ -8,6 +8,7 @@
 //! finds are reported (`workload.errors`).
 
 mod db;
+mod report;
 mod timeline;
 mod tpcc;
 
@@ -64,11 +65,17 @@ enum Cmd {
         #[arg(long)]
         out: Option<PathBuf>,
     },
-    /// Compare migration methods on the MariaDB VM under sysbench oltp_read_write.
+    /// Compare migration methods on the MariaDB VM under sysbench oltp_read_write or TPC-C.
     CompareDb {
-        /// Scenario name (report `scenario`, default file name).
-        #[arg(long, default_value = "mariadb-sysbench")]
-        scenario: String,
+        /// Scenario name (report `scenario`, default file name; default mariadb-<workload>).
+        #[arg(long)]
+        scenario: Option<String>,
+        /// Client load: `sysbench` (oltp_read_write) or `tpcc`.
+        #[arg(long, default_value = "sysbench", value_parser = ["sysbench", "tpcc"])]
+        workload: String,
+        /// TPC-C warehouses (about 100 MB each; with --workload tpcc).
+        #[arg(long, default_value_t = 14)]
+        warehouses: u32,
         /// Guest RAM in MiB.
         #[arg(long, default_value_t = 2048)]
         ram_mib: u64,
@@ -81,7 +88,7 @@ enum Cmd {
         /// Rows per table.
         #[arg(long, default_value_t = 800_000)]
         rows: u32,
-        /// sysbench threads.
+        /// sysbench threads, or TPC-C terminals.
         #[arg(long, default_value_t = 2)]
         threads: u32,
         /// Migration link shaping, Mbit/s.
@@ -109,6 +116,14 @@ enum Cmd {
         /// Report path (default bench/results/<scenario>.json).
         #[arg(long)]
         out: Option<PathBuf>,
+    },
+    /// Plots (SVG) and a Markdown summary from benchmark reports.
+    Report {
+        /// Reports (JSON, shared/bench-report.md format); default: every bench/results/*.json.
+        inputs: Vec<PathBuf>,
+        /// Output directory.
+        #[arg(long, default_value = "bench/results/plots")]
+        out_dir: PathBuf,
     },
     /// TPC-C: load a database, run the driver, check consistency.
     #[command(subcommand)]
@@ -228,7 +243,27 @@ struct Workload {
     errors: Option<u64>,
     tps_before: Option<f64>,
     tps_during: Option<f64>,
+    /// Latency percentiles over every transaction that ended during the migration.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    p90_ms_during: Option<f64>,
     p99_ms_during: Option<f64>,
+    /// TPC-C: new-order transactions per minute in the 10 s before, and during.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tpmc_before: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tpmc_during: Option<f64>,
+}
+
+/// The workload second by second, with the migration's events (seconds
+/// since the load started).
+#[derive(Serialize, Default, Clone)]
+struct Timeline {
+    migration_start_s: f64,
+    /// The source VM paused (pre-copy's stop-and-copy, post-copy's switch).
+    switchover_s: Option<f64>,
+    /// The migration ended (destination running, or given up).
+    end_s: f64,
+    seconds: Vec<timeline::Second>,
 }
 
 #[derive(Serialize, Default, Clone)]
@@ -247,6 +282,9 @@ struct Run {
     /// Post-copy methods: faults on the destination.
     #[serde(skip_serializing_if = "Option::is_none")]
     postcopy: Option<Faults>,
+    /// The workload through the migration (database scenarios).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    timeline: Option<Timeline>,
     /// Method-specific details (rounds, stop reason, QEMU's counters).
     detail: Value,
 }
@@ -287,8 +325,28 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Cmd::Tpcc(cmd) => tpcc_cmd(cmd),
+        Cmd::Report { inputs, out_dir } => {
+            let inputs = if inputs.is_empty() {
+                let dir = dbmigrate_testbed::repo_root().join("bench/results");
+                let mut v: Vec<PathBuf> = std::fs::read_dir(&dir)
+                    .with_context(|| format!("listing {}", dir.display()))?
+                    .filter_map(|e| e.ok().map(|e| e.path()))
+                    .filter(|p| p.extension().is_some_and(|x| x == "json"))
+                    .collect();
+                v.sort();
+                v
+            } else {
+                inputs
+            };
+            for p in report::write(&inputs, &out_dir)? {
+                eprintln!("wrote {}", p.display());
+            }
+            Ok(())
+        }
         Cmd::CompareDb {
             scenario,
+            workload,
+            warehouses,
             ram_mib,
             pool,
             tables,
@@ -302,8 +360,13 @@ fn main() -> Result<()> {
             methods,
             out,
         } => compare_db(
-            scenario,
+            scenario.unwrap_or_else(|| format!("mariadb-{workload}")),
             db::DbSetup {
+                load: if workload == "tpcc" {
+                    db::DbLoad::Tpcc { warehouses }
+                } else {
+                    db::DbLoad::Sysbench
+                },
                 ram_mib,
                 pool,
                 tables,
@@ -393,10 +456,16 @@ fn compare_db(
         vm: json!({
             "ram_mib": setup.ram_mib,
             "vcpus": 1,
-            "workload": format!(
-                "MariaDB, buffer pool {}, sysbench oltp_read_write {} tables x {} rows, {} threads",
-                setup.pool, guest.tables, guest.rows, setup.threads
-            ),
+            "workload": match setup.load {
+                db::DbLoad::Sysbench => format!(
+                    "MariaDB, buffer pool {}, sysbench oltp_read_write {} tables x {} rows, {} threads",
+                    setup.pool, guest.tables, guest.rows, setup.threads
+                ),
+                db::DbLoad::Tpcc { warehouses } => format!(
+                    "MariaDB, buffer pool {}, TPC-C {warehouses} warehouses, {} terminals, no think time",
+                    setup.pool, setup.threads
+                ),
+            },
         }),
         runs,
     };
@@ -469,13 +538,21 @@ fn print_db_table(r: &Report) {
         "\n{} — {} MiB guest, {} Mbit/s migration link, {:?} Mbit/s storage links\n",
         r.scenario, r.vm["ram_mib"], r.link_mbit, r.storage_mbit
     );
-    println!("| method | completed | total (ms) | downtime (ms) | link MB | storage MB | rebuilt pages | mismatches | network faults / longest stall | tps before | tps during | p99 during (ms) | sysbench errors | tables after |");
+    let tpcc = r.runs.iter().any(|x| x.workload.tpmc_during.is_some());
+    let rate = if tpcc { "tpmC" } else { "tps" };
+    println!("| method | completed | total (ms) | downtime (ms) | link MB | storage MB | rebuilt pages | mismatches | network faults / longest stall | {rate} before | {rate} during | p90 / p99 during (ms) | client errors | database after |");
     println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     let opt = |v: Option<u64>| v.map_or("-".to_string(), |v| v.to_string());
     let f = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.1}"));
     for run in &r.runs {
+        let w = &run.workload;
+        let (before, during) = if tpcc {
+            (w.tpmc_before, w.tpmc_during)
+        } else {
+            (w.tps_before, w.tps_during)
+        };
         println!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} / {} | {} | {} |",
             run.method,
             run.completed,
             opt(run.total_ms),
@@ -485,10 +562,11 @@ fn print_db_table(r: &Report) {
             run.pages.rebuilt,
             run.pages.rebuild_mismatch,
             faults_cell(run),
-            f(run.workload.tps_before),
-            f(run.workload.tps_during),
-            f(run.workload.p99_ms_during),
-            opt(run.workload.errors),
+            f(before),
+            f(during),
+            f(w.p90_ms_during),
+            f(w.p99_ms_during),
+            opt(w.errors),
             run.guest_verified_after.map_or("n/a".into(), |b| if b {
                 "OK".to_string()
             } else {
@@ -610,9 +688,17 @@ fn qemu_migrate(
     let t = Instant::now();
     sq.cmd("migrate", json!({"uri": uri}))?;
     let mut switched = false;
+    // When QEMU left its live phase (stop-and-copy or post-copy), as seen by polling.
+    let mut switch_ms = None;
     loop {
-        let v = sq.cmd("query-migrate", json!({}))?;
+        let mut v = sq.cmd("query-migrate", json!({}))?;
         let st = v["status"].as_str().unwrap_or("");
+        if switch_ms.is_none() && !matches!(st, "setup" | "active") {
+            switch_ms = Some(u64::try_from(t.elapsed().as_millis()).unwrap_or(u64::MAX));
+        }
+        v["bench_switch_ms"] = json!(switch_ms);
+        let st = v["status"].as_str().unwrap_or("").to_string();
+        let st = st.as_str();
         if st == "completed" {
             // The destination waits paused (-S) after pre-copy; post-copy
             // already runs it.

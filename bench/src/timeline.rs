@@ -59,13 +59,14 @@ pub struct Second {
     pub tpmc: Option<f64>,
 }
 
-/// Nearest-rank percentile `p` (0..=100) of `sorted` (pure).
-pub fn percentile(sorted: &[u64], p: f64) -> Option<u64> {
+/// Nearest-rank percentile `p` (percent, 0..=100) of `sorted` (pure).
+pub fn percentile(sorted: &[u64], p: u64) -> Option<u64> {
     if sorted.is_empty() {
         return None;
     }
-    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
-    Some(sorted[rank.clamp(1, sorted.len()) - 1])
+    let n = sorted.len() as u64;
+    let rank = (p.min(100) * n).div_ceil(100).clamp(1, n);
+    sorted.get(usize::try_from(rank - 1).ok()?).copied()
 }
 
 fn ms(us: Option<u64>) -> Option<f64> {
@@ -98,8 +99,8 @@ pub fn seconds(txns: &[Txn], start_us: u64, secs: u32, tpcc: bool) -> Vec<Second
             Second {
                 t: u32::try_from(i + 1).unwrap_or(u32::MAX),
                 tps: lat.len() as f64,
-                p90_ms: ms(percentile(&lat, 90.0)),
-                p99_ms: ms(percentile(&lat, 99.0)),
+                p90_ms: ms(percentile(&lat, 90)),
+                p99_ms: ms(percentile(&lat, 99)),
                 errors,
                 tpmc: tpcc.then_some(new_orders as f64 * 60.0),
             }
@@ -128,7 +129,10 @@ pub fn window(txns: &[Txn], from_us: u64, to_us: u64) -> WindowStats {
     }
     let mut lat = Vec::new();
     let (mut new_orders, mut errors) = (0u64, 0u64);
-    for t in txns.iter().filter(|t| t.end_us >= from_us && t.end_us < to_us) {
+    for t in txns
+        .iter()
+        .filter(|t| t.end_us >= from_us && t.end_us < to_us)
+    {
         if t.kind == ERROR {
             errors += 1;
         } else {
@@ -141,8 +145,8 @@ pub fn window(txns: &[Txn], from_us: u64, to_us: u64) -> WindowStats {
     let tpcc = txns.iter().any(|t| t.kind == NEW_ORDER);
     WindowStats {
         tps: Some(lat.len() as f64 / secs),
-        p90_ms: ms(percentile(&lat, 90.0)),
-        p99_ms: ms(percentile(&lat, 99.0)),
+        p90_ms: ms(percentile(&lat, 90)),
+        p99_ms: ms(percentile(&lat, 99)),
         tpmc: tpcc.then_some(new_orders as f64 * 60.0 / secs),
         errors,
     }
@@ -189,12 +193,12 @@ mod tests {
     #[test]
     fn percentiles_nearest_rank() {
         let v: Vec<u64> = (1..=100).collect();
-        assert_eq!(percentile(&v, 90.0), Some(90));
-        assert_eq!(percentile(&v, 99.0), Some(99));
-        assert_eq!(percentile(&v, 100.0), Some(100));
-        assert_eq!(percentile(&[7], 99.0), Some(7));
-        assert_eq!(percentile(&[], 99.0), None);
-        assert_eq!(percentile(&[1, 2], 0.0), Some(1));
+        assert_eq!(percentile(&v, 90), Some(90));
+        assert_eq!(percentile(&v, 99), Some(99));
+        assert_eq!(percentile(&v, 100), Some(100));
+        assert_eq!(percentile(&[7], 99), Some(7));
+        assert_eq!(percentile(&[], 99), None);
+        assert_eq!(percentile(&[1, 2], 0), Some(1));
     }
 
     #[test]
@@ -225,7 +229,13 @@ mod tests {
     #[test]
     fn window_rates_and_percentiles() {
         let txns: Vec<Txn> = (0..20)
-            .map(|i| txn(i * 100_000, (i + 1) * 1000, if i % 2 == 0 { NEW_ORDER } else { "payment" }))
+            .map(|i| {
+                txn(
+                    i * 100_000,
+                    (i + 1) * 1000,
+                    if i % 2 == 0 { NEW_ORDER } else { "payment" },
+                )
+            })
             .chain([txn(500_000, 0, ERROR)])
             .collect();
         let w = window(&txns, 0, 1_000_000);

@@ -28,6 +28,9 @@ pub struct MigrationReport {
     pub total_ms: u64,
     /// VM paused to VM running again.
     pub downtime_ms: u64,
+    /// When the source VM was paused for the switchover, ms after the start
+    /// (null if it never was).
+    pub paused_at_ms: Option<u64>,
     /// Bytes between the agents, both directions (device state not included; see `device_state_bytes`).
     pub link_bytes: u64,
     /// Bytes read from shared storage.

@@ -340,6 +340,7 @@ async fn drive(
     }
 
     let paused_at = Instant::now();
+    report.paused_at_ms = Some(ms(paused_at.duration_since(start)));
     qmp.execute("stop", None)
         .await
         .context("pausing the source VM")?;
@@ -431,6 +432,7 @@ async fn drive_postcopy(
     ));
     tracing::warn!(%reason, "switching to post-copy: after the hand-over the source cannot resume the VM");
     let paused_at = Instant::now();
+    report.paused_at_ms = Some(ms(paused_at.duration_since(start)));
     qmp.execute("stop", None)
         .await
         .context("pausing the source VM")?;

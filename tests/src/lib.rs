@@ -599,6 +599,9 @@ pub struct MariadbGuest {
     pub tables: u32,
     /// Rows per table.
     pub rows: u32,
+    /// TPC-C warehouses, when the image holds a TPC-C database (`tpcc`)
+    /// instead of the sysbench tables.
+    pub tpcc_warehouses: Option<u32>,
 }
 
 /// Builds (or finds in the cache) the MariaDB guest with a sysbench data set.
@@ -608,17 +611,52 @@ pub fn mariadb_guest(tables: u32, rows: u32) -> Result<MariadbGuest> {
         "guest/prepare-mariadb-data.sh",
         &["--tables", &tables_s, "--rows", &rows_s],
     )?;
-    let dir = image
-        .parent()
-        .context("image path has a directory")?
-        .to_path_buf();
-    Ok(MariadbGuest {
-        kernel: dir.join("vmlinuz"),
-        initrd: dir.join("initramfs.cpio.gz"),
-        image,
-        tables,
-        rows,
-    })
+    MariadbGuest::with_data(image, tables, rows, None)
+}
+
+impl MariadbGuest {
+    /// The guest whose prepared disk is `image` (kernel and initramfs sit beside it).
+    fn with_data(
+        image: PathBuf,
+        tables: u32,
+        rows: u32,
+        tpcc_warehouses: Option<u32>,
+    ) -> Result<Self> {
+        let dir = image
+            .parent()
+            .context("image path has a directory")?
+            .to_path_buf();
+        Ok(Self {
+            kernel: dir.join("vmlinuz"),
+            initrd: dir.join("initramfs.cpio.gz"),
+            image,
+            tables,
+            rows,
+            tpcc_warehouses,
+        })
+    }
+}
+
+/// Builds (or finds in the cache) the MariaDB guest with a TPC-C database
+/// of `warehouses` warehouses, loaded by this build's `bench tpcc load`.
+pub fn tpcc_guest(warehouses: u32) -> Result<MariadbGuest> {
+    let loader = bin_dir()?.join("bench");
+    if !loader.exists() {
+        bail!(
+            "{} not found: run `cargo build --release --workspace` first",
+            loader.display()
+        );
+    }
+    let image = guest_script(
+        "guest/prepare-mariadb-data.sh",
+        &[
+            "--tpcc",
+            &warehouses.to_string(),
+            "--loader",
+            &loader.to_string_lossy(),
+        ],
+    )?;
+    MariadbGuest::with_data(image, 0, 0, Some(warehouses))
 }
 
 /// The database test bed: the two hosts of a [`Testbed`], plus a storage host
@@ -905,8 +943,19 @@ impl DbBed {
 
     /// sysbench `oltp_read_write` against the VM for `secs` seconds.
     pub fn sysbench(&self, guest: &MariadbGuest, threads: u32, secs: u32) -> Command {
+        self.sysbench_script(guest, "oltp_read_write", threads, secs)
+    }
+
+    /// sysbench running `script` (a bundled test name or a Lua file) against the VM.
+    pub fn sysbench_script(
+        &self,
+        guest: &MariadbGuest,
+        script: &str,
+        threads: u32,
+        secs: u32,
+    ) -> Command {
         let mut c = self.client("sysbench");
-        c.args(["oltp_read_write", "--db-driver=mysql"])
+        c.args([script, "--db-driver=mysql"])
             .arg(format!("--mysql-host={}", self.vm_ip))
             .args([
                 "--mysql-user=sbtest",

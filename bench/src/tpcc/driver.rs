@@ -244,7 +244,11 @@ impl Terminal {
                 .await?
                 .ok_or_else(|| missing("stock"))?;
             let q = i64::try_from(qty).unwrap_or(10);
-            let new_qty = if s_qty >= q + 10 { s_qty - q } else { s_qty - q + 91 };
+            let new_qty = if s_qty >= q + 10 {
+                s_qty - q
+            } else {
+                s_qty - q + 91
+            };
             conn.exec_drop(
                 "UPDATE stock SET s_quantity = ?, s_ytd = s_ytd + ?, s_order_cnt = s_order_cnt + 1, s_remote_cnt = s_remote_cnt + ? WHERE s_i_id = ? AND s_w_id = ?",
                 (new_qty, qty, u8::from(supply != w), item, supply),
@@ -542,9 +546,9 @@ fn summarize(mut lat: Vec<u64>) -> KindSummary {
     let ms = |v: Option<u64>| v.map(|us| us as f64 / 1000.0);
     KindSummary {
         count: lat.len() as u64,
-        p50_ms: ms(timeline::percentile(&lat, 50.0)),
-        p90_ms: ms(timeline::percentile(&lat, 90.0)),
-        p99_ms: ms(timeline::percentile(&lat, 99.0)),
+        p50_ms: ms(timeline::percentile(&lat, 50)),
+        p90_ms: ms(timeline::percentile(&lat, 90)),
+        p99_ms: ms(timeline::percentile(&lat, 99)),
         max_ms: ms(lat.last().copied()),
     }
 }
@@ -562,12 +566,11 @@ pub async fn run(target: &Target, cfg: &RunConfig) -> Result<Summary> {
         .await
         .context("counting warehouses (is the TPC-C database loaded? `bench tpcc load`)")?;
     let _ = conn.disconnect().await;
-    let warehouses = warehouses.filter(|&w| w > 0).context(
-        "the warehouse table is empty: load the database first with `bench tpcc load`",
-    )?;
+    let warehouses = warehouses
+        .filter(|&w| w > 0)
+        .context("the warehouse table is empty: load the database first with `bench tpcc load`")?;
     if let Some(dir) = &cfg.latency_dir {
-        std::fs::create_dir_all(dir)
-            .with_context(|| format!("creating {}", dir.display()))?;
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
     let start = Instant::now();
     let until = start + cfg.duration;

@@ -193,7 +193,9 @@ async fn load_warehouse(conn: &mut Conn, rng: &mut Rng, w: u32) -> Result<()> {
              s_dist_06, s_dist_07, s_dist_08, s_dist_09, s_dist_10, s_ytd, s_order_cnt, s_remote_cnt, s_data",
         );
         for i in 1..=ITEMS {
-            let dists: Vec<String> = (0..10).map(|_| format!("'{}'", rng.astring(24, 24))).collect();
+            let dists: Vec<String> = (0..10)
+                .map(|_| format!("'{}'", rng.astring(24, 24)))
+                .collect();
             let v = format!(
                 "{i},{w},{},{},0,0,0,'{}'",
                 rng.range(10, 100),
@@ -267,7 +269,7 @@ async fn load_district(conn: &mut Conn, rng: &mut Rng, w: u32, d: u32) -> Result
     // O_C_ID is a random permutation of the customers.
     let mut customers: Vec<u32> = (1..=CUSTOMERS).collect();
     for i in (1..customers.len()).rev() {
-        let j = rng.range(0, i as u64) as usize;
+        let j = rng.index(i + 1);
         customers.swap(i, j);
     }
     let mut line_counts = Vec::with_capacity(ORDERS as usize);

@@ -109,6 +109,12 @@ impl Rng {
         lo + self.next_u64() % (hi - lo + 1)
     }
 
+    /// Uniform in `0..n` (`n` > 0).
+    pub fn index(&mut self, n: usize) -> usize {
+        // usize is at most 64 bits wide, so the remainder always fits.
+        usize::try_from(self.next_u64() % n as u64).unwrap_or(0)
+    }
+
     /// [`Rng::range`] for `u32`.
     pub fn range32(&mut self, lo: u32, hi: u32) -> u32 {
         u32::try_from(self.range(u64::from(lo), u64::from(hi))).unwrap_or(hi)
@@ -122,16 +128,16 @@ impl Rng {
     /// Random alphanumeric string of `lo..=hi` characters.
     pub fn astring(&mut self, lo: usize, hi: usize) -> String {
         const CHARS: &[u8] = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789";
-        let n = lo + (self.next_u64() as usize) % (hi - lo + 1);
+        let n = lo + self.index(hi - lo + 1);
         (0..n)
-            .map(|_| CHARS[(self.next_u64() % CHARS.len() as u64) as usize] as char)
+            .map(|_| CHARS[self.index(CHARS.len())] as char)
             .collect()
     }
 
     /// Random string of `n` digits.
     pub fn nstring(&mut self, n: usize) -> String {
         (0..n)
-            .map(|_| char::from(b'0' + (self.next_u64() % 10) as u8))
+            .map(|_| char::from(b"0123456789"[self.index(10)]))
             .collect()
     }
 
@@ -139,7 +145,7 @@ impl Rng {
     pub fn data_with_original(&mut self) -> String {
         let mut s = self.astring(26, 50);
         if self.range(1, 10) == 1 {
-            let at = self.range(0, (s.len() - 8) as u64) as usize;
+            let at = self.index(s.len() - 7);
             s.replace_range(at..at + 8, "ORIGINAL");
         }
         s
@@ -156,11 +162,8 @@ pub fn last_name(n: u64) -> String {
     const SYL: [&str; 10] = [
         "BAR", "OUGHT", "ABLE", "PRI", "PRES", "ESE", "ANTI", "CALLY", "ATION", "EING",
     ];
-    let n = n % 1000;
-    [n / 100, (n / 10) % 10, n % 10]
-        .iter()
-        .map(|&d| SYL[d as usize])
-        .collect()
+    let digits = format!("{:03}", n % 1000);
+    digits.bytes().map(|d| SYL[usize::from(d - b'0')]).collect()
 }
 
 /// An amount in cents as a SQL DECIMAL literal (amounts travel as text so
