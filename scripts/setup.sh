@@ -23,6 +23,7 @@ have sysbench || need+=(sysbench)
 have mmdebstrap || need+=(mmdebstrap)
 have mariadb || need+=(mariadb-client)
 have xz || need+=(xz-utils)
+have iperf3 || need+=(iperf3)
 
 if [ "$(id -u)" != 0 ]; then
   echo "setup.sh: run as root (network namespaces, tc and QEMU's page tracking need it)" >&2
@@ -46,9 +47,9 @@ if [ ${#need[@]} -gt 0 ]; then
   esac
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --allow-downgrades --no-install-recommends "${need[@]}" >&2
 fi
-for cmd in qemu-system-x86_64 qemu-img qemu-nbd sysbench mariadb mmdebstrap; do
+for cmd in qemu-system-x86_64 qemu-img qemu-nbd sysbench mariadb mmdebstrap iperf3; do
   if ! have "$cmd"; then
-    echo "setup.sh: $cmd is still missing after installing packages; install it by hand (apt-get install qemu-utils qemu-system-x86 sysbench mariadb-client mmdebstrap) and run setup.sh again" >&2
+    echo "setup.sh: $cmd is still missing after installing packages; install it by hand (apt-get install qemu-utils qemu-system-x86 sysbench mariadb-client mmdebstrap iperf3) and run setup.sh again" >&2
     exit 1
   fi
 done

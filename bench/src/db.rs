@@ -38,6 +38,8 @@ pub struct DbSetup {
     pub warmup_s: u64,
     pub timeout: Duration,
     pub after_s: u64,
+    /// Competing TCP streams (iperf3) on the migration link during the migration; 0 for none.
+    pub competing_streams: u32,
 }
 
 /// sysbench's closing count of ignored errors (pure).
@@ -147,6 +149,69 @@ fn start_load(s: &DbSetup, guest: &MariadbGuest, bed: &DbBed, secs: u64) -> Resu
         start_us,
         secs,
     })
+}
+
+/// Competing TCP traffic on the migration link: iperf3 streams from the
+/// source host to the destination host.
+struct Competing {
+    server: Child,
+    client: Child,
+    out: std::path::PathBuf,
+}
+
+impl Competing {
+    fn start(bed: &DbBed, streams: u32, secs: u64) -> Result<Self> {
+        let tb = &bed.tb;
+        let server = tb
+            .in_ns(&tb.dst_ns, Path::new("iperf3"))
+            .args(["-s", "-1", "-p", "5201"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting iperf3 (scripts/setup.sh installs it)")?;
+        std::thread::sleep(Duration::from_millis(500));
+        let out = tb.dir.join("iperf3.json");
+        let mut c = tb.in_ns(&tb.src_ns, Path::new("iperf3"));
+        c.args(["-c", &tb.dst_ip, "-p", "5201", "-J"])
+            .arg(format!("--parallel={streams}"))
+            .arg(format!("--time={secs}"));
+        let client = spawn_to(c, &out).context("starting the iperf3 client")?;
+        Ok(Self {
+            server,
+            client,
+            out,
+        })
+    }
+
+    /// Stops the flow (SIGINT: iperf3 still writes its summary); returns what it achieved.
+    fn stop(mut self) -> Value {
+        let _ = std::process::Command::new("kill")
+            .args(["-INT", &self.client.id().to_string()])
+            .status();
+        let t = std::time::Instant::now();
+        while t.elapsed() < Duration::from_secs(5) {
+            if let Ok(Some(_)) = self.client.try_wait() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = self.client.kill();
+        let _ = self.client.wait();
+        let _ = self.server.kill();
+        let _ = self.server.wait();
+        let v: Value = std::fs::read_to_string(&self.out)
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok())
+            .unwrap_or(Value::Null);
+        let sent = &v["end"]["sum_sent"];
+        json!({
+            "tool": "iperf3",
+            "streams": v["start"]["test_start"]["num_streams"],
+            "seconds": sent["seconds"],
+            "bytes": sent["bytes"],
+            "mbit_per_s": sent["bits_per_second"].as_f64().map(|b| (b / 1e5).round() / 10.0),
+        })
+    }
 }
 
 /// The sysbench script that logs every transaction (bench/lua/).
@@ -282,7 +347,18 @@ fn run_one(s: &DbSetup, guest: &MariadbGuest, bed: &DbBed, method: &str) -> Resu
     let dir = bed.tb.dir.clone();
     let load_secs = s.warmup_s + s.timeout.as_secs() + s.after_s;
     let load = start_load(s, guest, bed, load_secs)?;
-    std::thread::sleep(Duration::from_secs(s.warmup_s));
+    // Competing traffic fills the link from 2 s before the migration starts.
+    std::thread::sleep(Duration::from_secs(s.warmup_s.saturating_sub(2)));
+    let competing = if s.competing_streams > 0 {
+        Some(Competing::start(
+            bed,
+            s.competing_streams,
+            s.timeout.as_secs() * 3 + 60,
+        )?)
+    } else {
+        None
+    };
+    std::thread::sleep(Duration::from_secs(s.warmup_s.min(2)));
     let mig_from = timeline::now_us();
     let before = bed.tb.link_bytes()?;
     if dbm {
@@ -351,6 +427,7 @@ fn run_one(s: &DbSetup, guest: &MariadbGuest, bed: &DbBed, method: &str) -> Resu
             "error": r["error"],
             "guest_pool": pool_line,
             "paused_at_ms": r["paused_at_ms"],
+            "agent_link_bytes": r["link_bytes"],
         });
     } else {
         let mut dq = dst.qmp()?;
@@ -374,6 +451,27 @@ fn run_one(s: &DbSetup, guest: &MariadbGuest, bed: &DbBed, method: &str) -> Resu
         });
     }
     let mig_to = timeline::now_us();
+    if let Some(c) = competing {
+        let figures = c.stop();
+        // The link also carried the competing flow: the migration's own
+        // bytes are what the method counted (agents' counter plus device
+        // state; QEMU's RAM transferred).
+        let own = if dbm {
+            run.detail["agent_link_bytes"].as_u64().unwrap_or(0)
+                + run.detail["device_state_bytes"].as_u64().unwrap_or(0)
+        } else {
+            run.detail["ram_transferred"].as_u64().unwrap_or(0)
+        };
+        if let Some(d) = run.detail.as_object_mut() {
+            d.insert("competing".into(), figures);
+            d.insert("link_bytes_interface_total".into(), json!(run.link_bytes));
+            d.insert(
+                "link_bytes_source".into(),
+                json!("the method's own count: the link also carried the competing flow"),
+            );
+        }
+        run.link_bytes = own;
+    }
     let agent: Vec<String> = src
         .console()
         .lines()

@@ -103,6 +103,10 @@ enum Cmd {
         /// Seconds of load before the migration starts.
         #[arg(long, default_value_t = 15)]
         warmup_s: u64,
+        /// Congestion: TCP streams (iperf3) competing on the migration link
+        /// from 2 s before the migration until its end; 0 for none.
+        #[arg(long, default_value_t = 0)]
+        competing_streams: u32,
         /// Give up on a method after this many seconds (reported as not completed).
         #[arg(long, default_value_t = 60)]
         timeout_s: u64,
@@ -357,6 +361,7 @@ fn main() -> Result<()> {
             downtime_ms,
             warmup_s,
             timeout_s,
+            competing_streams,
             methods,
             out,
         } => compare_db(
@@ -378,6 +383,7 @@ fn main() -> Result<()> {
                 warmup_s,
                 timeout: Duration::from_secs(timeout_s),
                 after_s: 10,
+                competing_streams,
             },
             methods,
             out,
@@ -465,6 +471,13 @@ fn compare_db(
                     "MariaDB, buffer pool {}, TPC-C {warehouses} warehouses, {} terminals, no think time",
                     setup.pool, setup.threads
                 ),
+            } + &if setup.competing_streams > 0 {
+                format!(
+                    "; congestion: {} competing TCP streams (iperf3) on the migration link",
+                    setup.competing_streams
+                )
+            } else {
+                String::new()
             },
         }),
         runs,

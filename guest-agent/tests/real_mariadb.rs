@@ -5,9 +5,10 @@
 
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
+use dbmigrate_testbed::HostMariadb;
 use mysql_async::prelude::Queryable;
 
 struct Server {
@@ -15,7 +16,7 @@ struct Server {
     image: PathBuf,
     mnt: PathBuf,
     loopdev: String,
-    child: Option<Child>,
+    db: Option<HostMariadb>,
     socket: PathBuf,
 }
 
@@ -51,47 +52,19 @@ impl Server {
             image,
             mnt: mnt.clone(),
             loopdev,
-            child: None,
+            db: None,
             socket: dir.join("mysqld.sock"),
         };
         run(Command::new("mount").arg(&s.loopdev).arg(&mnt));
-        let datadir = mnt.join("data");
-        run(Command::new("mariadb-install-db")
-            .arg("--user=root")
-            .arg(format!("--datadir={}", datadir.display()))
-            .arg("--auth-root-authentication-method=socket")
-            .arg("--skip-test-db"));
-        let log = std::fs::File::create(dir.join("mariadbd.log")).unwrap();
-        let child = Command::new("mariadbd")
-            .arg("--no-defaults")
-            .arg("--user=root")
-            .arg(format!("--datadir={}", datadir.display()))
-            .arg(format!("--socket={}", s.socket.display()))
-            .arg(format!("--pid-file={}", dir.join("mariadbd.pid").display()))
-            .args([
-                "--skip-networking",
-                "--innodb-buffer-pool-size=64M",
-                "--innodb-log-file-size=32M",
-            ])
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("starting mariadbd (run scripts/setup.sh to install mariadb-server)");
-        s.child = Some(child);
-        let t = Instant::now();
-        while !s.socket.exists() {
-            assert!(
-                t.elapsed() < Duration::from_secs(60),
-                "mariadbd did not start: {}",
-                std::fs::read_to_string(dir.join("mariadbd.log")).unwrap_or_default()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        s.db = Some(
+            HostMariadb::start(&mnt.join("data"), &dir, "64M").expect("starting the test server"),
+        );
+        s.socket = s.db.as_ref().unwrap().socket.clone();
         s
     }
 
     fn pid(&self) -> u32 {
-        self.child.as_ref().unwrap().id()
+        self.db.as_ref().unwrap().pid()
     }
 
     async fn conn(&self) -> mysql_async::Conn {
@@ -106,18 +79,8 @@ impl Server {
 
 impl Drop for Server {
     fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = Command::new("kill").arg(c.id().to_string()).status();
-            let t = Instant::now();
-            while t.elapsed() < Duration::from_secs(30) {
-                if let Ok(Some(_)) = c.try_wait() {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(100));
-            }
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        // The server stops before its disk is unmounted.
+        drop(self.db.take());
         let _ = Command::new("umount").arg(&self.mnt).status();
         let _ = Command::new("losetup").args(["-d", &self.loopdev]).status();
         let _ = std::fs::remove_dir_all(&self.dir);

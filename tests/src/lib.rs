@@ -1126,3 +1126,87 @@ pub fn start_dirtier_pair(
     )?;
     Ok((src, dst))
 }
+
+/// A MariaDB server on this host (not in a VM), for tests of the pieces that
+/// talk to a real server: a fresh data directory, a unix socket, no TCP.
+/// Stopped (SIGTERM, then SIGKILL after 30 s) on drop.
+pub struct HostMariadb {
+    child: Child,
+    /// The server's unix socket.
+    pub socket: PathBuf,
+}
+
+impl HostMariadb {
+    /// Initializes `datadir` and starts `mariadbd` on it with a `pool`
+    /// buffer pool; logs and the socket go to `run_dir`.
+    pub fn start(datadir: &Path, run_dir: &Path, pool: &str) -> Result<Self> {
+        std::fs::create_dir_all(run_dir)?;
+        let install = Command::new("mariadb-install-db")
+            .arg("--user=root")
+            .arg(format!("--datadir={}", datadir.display()))
+            .arg("--auth-root-authentication-method=socket")
+            .arg("--skip-test-db")
+            .output()
+            .context(
+                "running mariadb-install-db (run scripts/setup.sh to install mariadb-server)",
+            )?;
+        if !install.status.success() {
+            bail!(
+                "mariadb-install-db failed: {}",
+                String::from_utf8_lossy(&install.stderr)
+            );
+        }
+        let socket = run_dir.join("mysqld.sock");
+        let log_path = run_dir.join("mariadbd.log");
+        let child = Command::new("mariadbd")
+            .arg("--no-defaults")
+            .arg("--user=root")
+            .arg(format!("--datadir={}", datadir.display()))
+            .arg(format!("--socket={}", socket.display()))
+            .arg(format!(
+                "--pid-file={}",
+                run_dir.join("mariadbd.pid").display()
+            ))
+            .arg("--skip-networking")
+            .arg(format!("--innodb-buffer-pool-size={pool}"))
+            .arg("--innodb-log-file-size=32M")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log_path)?)
+            .spawn()
+            .context("starting mariadbd (run scripts/setup.sh to install mariadb-server)")?;
+        let server = Self { child, socket };
+        let t = Instant::now();
+        while !server.socket.exists() {
+            if t.elapsed() > Duration::from_secs(60) {
+                bail!(
+                    "mariadbd did not start: {}",
+                    std::fs::read_to_string(&log_path).unwrap_or_default()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Ok(server)
+    }
+
+    /// The server's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for HostMariadb {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .arg(self.child.id().to_string())
+            .status();
+        let t = Instant::now();
+        while t.elapsed() < Duration::from_secs(30) {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -558,9 +558,14 @@ pub async fn run(target: &Target, cfg: &RunConfig) -> Result<Summary> {
     if cfg.terminals == 0 {
         bail!("--terminals must be at least 1");
     }
-    let mut conn = Conn::new(target.opts(true))
-        .await
-        .with_context(|| format!("connecting to {}", target.describe()))?;
+    let mut conn = match Conn::new(target.opts(true)).await {
+        Err(mysql_async::Error::Server(e)) if e.code == 1049 => bail!(
+            "database `{}` does not exist on {}: load it first with `bench tpcc load`",
+            target.db,
+            target.describe()
+        ),
+        r => r.with_context(|| format!("connecting to {}", target.describe()))?,
+    };
     let warehouses: Option<u32> = conn
         .query_first("SELECT COUNT(*) FROM warehouse")
         .await
