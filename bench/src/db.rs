@@ -4,7 +4,7 @@
 //! booted VMs, the same links and the same load; sysbench's per-second
 //! throughput and p99 latency give the workload figures.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 use std::time::Duration;
 
@@ -56,12 +56,17 @@ fn spawn_to(mut c: std::process::Command, log: &Path) -> Result<Child> {
     Ok(c.spawn()?)
 }
 
+/// The guest image with the data set of `s`'s load.
+pub(crate) fn guest_for(s: &DbSetup) -> Result<MariadbGuest> {
+    match s.load {
+        DbLoad::Sysbench => mariadb_guest(s.tables, s.rows),
+        DbLoad::Tpcc { warehouses } => tpcc_guest(warehouses),
+    }
+}
+
 /// Runs every method; returns the runs.
 pub fn compare(s: &DbSetup, methods: &[String]) -> Result<(Vec<Run>, MariadbGuest)> {
-    let guest = match s.load {
-        DbLoad::Sysbench => mariadb_guest(s.tables, s.rows)?,
-        DbLoad::Tpcc { warehouses } => tpcc_guest(warehouses)?,
-    };
+    let guest = guest_for(s)?;
     let mut runs = Vec::new();
     for m in methods {
         eprintln!("== mariadb: {m}");
@@ -83,40 +88,59 @@ pub fn compare(s: &DbSetup, methods: &[String]) -> Result<(Vec<Run>, MariadbGues
     Ok((runs, guest))
 }
 
-/// Boots the source VM and the waiting destination (ready for post-copy
-/// when `postcopy`; the socket is returned).
-fn boot(
+/// Boots VM `slot`'s source and its waiting destination (ready for
+/// post-copy when `postcopy`; the socket is returned).
+pub(crate) fn boot(
     s: &DbSetup,
     guest: &MariadbGuest,
     bed: &DbBed,
+    slot: usize,
     preload: bool,
     postcopy: bool,
-) -> Result<(Vm, Vm, Option<std::path::PathBuf>)> {
-    let src = bed.start_vm_with(guest, true, false, s.ram_mib, &s.pool, preload)?;
+) -> Result<(Vm, Vm, Option<PathBuf>)> {
+    let src = bed.start_slot_vm(slot, guest, true, false, s.ram_mib, &s.pool, preload, None)?;
     src.wait_console("DBM-READY pool", Duration::from_secs(900))?;
-    if postcopy {
-        let (dst, sock) = bed.start_postcopy_destination(guest, s.ram_mib, &s.pool)?;
-        return Ok((src, dst, Some(sock)));
-    }
-    let dst = bed.start_vm_with(guest, false, true, s.ram_mib, &s.pool, false)?;
-    Ok((src, dst, None))
+    let sock = postcopy.then(|| {
+        bed.tb
+            .dir
+            .join(format!("{}.uffd", bed.slots[slot].dst_name))
+    });
+    let dst = bed.start_slot_vm(
+        slot,
+        guest,
+        false,
+        true,
+        s.ram_mib,
+        &s.pool,
+        false,
+        sock.clone(),
+    )?;
+    Ok((src, dst, sock))
 }
 
 /// The client load while it runs.
-struct RunningLoad {
+pub(crate) struct RunningLoad {
     child: Child,
     /// Its stdout and stderr.
-    log: std::path::PathBuf,
+    log: PathBuf,
     /// Per-connection latency logs.
-    latency_dir: std::path::PathBuf,
+    latency_dir: PathBuf,
     start_us: u64,
     secs: u64,
 }
 
-/// Starts the client load for `secs` seconds in the client namespace.
-fn start_load(s: &DbSetup, guest: &MariadbGuest, bed: &DbBed, secs: u64) -> Result<RunningLoad> {
+/// Starts the client load on the VM at `vm_ip` for `secs` seconds in the
+/// client namespace; `tag` names its files.
+pub(crate) fn start_load(
+    s: &DbSetup,
+    guest: &MariadbGuest,
+    bed: &DbBed,
+    vm_ip: &str,
+    tag: &str,
+    secs: u64,
+) -> Result<RunningLoad> {
     let dir = &bed.tb.dir;
-    let latency_dir = dir.join("latency");
+    let latency_dir = dir.join(format!("latency-{tag}"));
     let _ = std::fs::remove_dir_all(&latency_dir);
     std::fs::create_dir_all(&latency_dir)?;
     let secs32 = u32::try_from(secs).unwrap_or(3600);
@@ -124,12 +148,12 @@ fn start_load(s: &DbSetup, guest: &MariadbGuest, bed: &DbBed, secs: u64) -> Resu
         DbLoad::Sysbench => {
             let script = dir.join("oltp_read_write_timed.lua");
             std::fs::write(&script, SYSBENCH_TIMED)?;
-            bed.sysbench_script(guest, &script.to_string_lossy(), s.threads, secs32)
+            bed.sysbench_on(vm_ip, guest, &script.to_string_lossy(), s.threads, secs32)
         }
         DbLoad::Tpcc { .. } => {
             let bench = std::env::current_exe().context("finding the bench binary")?;
             let mut c = bed.client(&bench.to_string_lossy());
-            c.args(["tpcc", "run", "--host", &bed.vm_ip])
+            c.args(["tpcc", "run", "--host", vm_ip])
                 .args(["--user", "sbtest", "--password", "sbtest", "--db", "tpcc"])
                 .arg(format!("--terminals={}", s.threads))
                 .arg(format!("--duration-s={secs}"))
@@ -139,7 +163,7 @@ fn start_load(s: &DbSetup, guest: &MariadbGuest, bed: &DbBed, secs: u64) -> Resu
         }
     };
     cmd.env("DBM_LATENCY_DIR", &latency_dir);
-    let log = dir.join("load.log");
+    let log = dir.join(format!("load-{tag}.log"));
     let start_us = timeline::now_us();
     let child = spawn_to(cmd, &log)?;
     Ok(RunningLoad {
@@ -217,16 +241,18 @@ impl Competing {
 /// The sysbench script that logs every transaction (bench/lua/).
 const SYSBENCH_TIMED: &str = include_str!("../lua/oltp_read_write_timed.lua");
 
-/// Waits for the load to end and fills the run's workload figures and timeline.
-fn finish_load(
-    mut load: RunningLoad,
-    run: &mut Run,
-    mig_from: u64,
-    mig_to: u64,
-    switch_ms: Option<u64>,
-) -> Result<()> {
-    // The load ends on its own after its run time; against a guest that
-    // crashed or hangs its queries never return, so it is stopped then.
+/// What a finished load did.
+pub(crate) struct LoadResult {
+    txns: Vec<timeline::Txn>,
+    errors: u64,
+    ok: bool,
+    start_us: u64,
+    secs: u64,
+}
+
+/// Waits for the load to end (stopping it 30 s after its end: against a
+/// guest that crashed or hangs its queries never return).
+pub(crate) fn wait_load(mut load: RunningLoad) -> Result<LoadResult> {
     let deadline = Duration::from_micros(load.start_us) + Duration::from_secs(load.secs + 30);
     let status = loop {
         if let Some(st) = load.child.try_wait()? {
@@ -241,28 +267,11 @@ fn finish_load(
     };
     let out = std::fs::read_to_string(&load.log).unwrap_or_default();
     let txns = timeline::read_dir(&load.latency_dir)?;
-    let tpcc = txns.iter().any(|t| t.kind == timeline::NEW_ORDER);
-    let before = timeline::window(&txns, mig_from.saturating_sub(10_000_000), mig_from);
-    let during = timeline::window(&txns, mig_from, mig_to.max(mig_from + 1_000_000));
     // sysbench counts the errors it ignored and retried; the TPC-C driver
     // logs each failed transaction.
-    let errors = if tpcc || parse_errors(&out).is_none() {
-        timeline::window(&txns, load.start_us, u64::MAX).errors
-    } else {
-        parse_errors(&out).unwrap_or(0)
-    };
-    run.workload = Workload {
-        errors: Some(if status.success() {
-            errors
-        } else {
-            errors.max(1)
-        }),
-        tps_before: before.tps,
-        tps_during: during.tps,
-        p90_ms_during: during.p90_ms,
-        p99_ms_during: during.p99_ms,
-        tpmc_before: before.tpmc,
-        tpmc_during: during.tpmc,
+    let errors = match parse_errors(&out) {
+        Some(n) if !txns.iter().any(|t| t.kind == timeline::NEW_ORDER) => n,
+        _ => timeline::window(&txns, load.start_us, u64::MAX).errors,
     };
     if !status.success() {
         eprintln!(
@@ -270,7 +279,42 @@ fn finish_load(
             out.lines().rev().take(5).collect::<Vec<_>>().join(" | ")
         );
     }
-    let rel = |us: u64| (us.saturating_sub(load.start_us) as f64 / 1e4).round() / 100.0;
+    Ok(LoadResult {
+        txns,
+        errors,
+        ok: status.success(),
+        start_us: load.start_us,
+        secs: load.secs,
+    })
+}
+
+/// Fills the run's workload figures and timeline from the loads on every
+/// VM of the run (their transactions together).
+pub(crate) fn fill_workload(
+    run: &mut Run,
+    loads: Vec<LoadResult>,
+    mig_from: u64,
+    mig_to: u64,
+    switch_ms: Option<u64>,
+) {
+    let start_us = loads.iter().map(|l| l.start_us).min().unwrap_or(mig_from);
+    let secs = loads.iter().map(|l| l.secs).max().unwrap_or(0);
+    let errors: u64 = loads.iter().map(|l| l.errors + u64::from(!l.ok)).sum();
+    let mut txns: Vec<timeline::Txn> = loads.into_iter().flat_map(|l| l.txns).collect();
+    txns.sort_by_key(|t| t.end_us);
+    let tpcc = txns.iter().any(|t| t.kind == timeline::NEW_ORDER);
+    let before = timeline::window(&txns, mig_from.saturating_sub(10_000_000), mig_from);
+    let during = timeline::window(&txns, mig_from, mig_to.max(mig_from + 1_000_000));
+    run.workload = Workload {
+        errors: Some(errors),
+        tps_before: before.tps,
+        tps_during: during.tps,
+        p90_ms_during: during.p90_ms,
+        p99_ms_during: during.p99_ms,
+        tpmc_before: before.tpmc,
+        tpmc_during: during.tpmc,
+    };
+    let rel = |us: u64| (us.saturating_sub(start_us) as f64 / 1e4).round() / 100.0;
     let mig_start_s = rel(mig_from);
     run.timeline = Some(Timeline {
         migration_start_s: mig_start_s,
@@ -278,25 +322,25 @@ fn finish_load(
         end_s: rel(mig_to),
         seconds: timeline::seconds(
             &txns,
-            load.start_us,
-            u32::try_from(load.secs).unwrap_or(u32::MAX),
+            start_us,
+            u32::try_from(secs).unwrap_or(u32::MAX),
             tpcc,
         ),
     });
-    Ok(())
 }
 
-/// The database's own consistency check on the destination: CHECK TABLE of
-/// every sysbench table, or TPC-C's consistency conditions 1-4.
-fn consistent(s: &DbSetup, bed: &DbBed) -> bool {
+/// The database's own consistency check on the destination VM at
+/// `vm_ip`: CHECK TABLE of every sysbench table, or TPC-C's consistency
+/// conditions 1-4.
+pub(crate) fn consistent(s: &DbSetup, bed: &DbBed, vm_ip: &str) -> bool {
     match s.load {
         DbLoad::Sysbench => {
             let mut ok = true;
             for t in 1..=s.tables {
-                match bed.sql(&format!("CHECK TABLE sbtest{t}")) {
+                match bed.sql_on(vm_ip, &format!("CHECK TABLE sbtest{t}")) {
                     Ok(out) if out.trim_end().ends_with("OK") => {}
                     other => {
-                        eprintln!("   CHECK TABLE sbtest{t}: {other:?}");
+                        eprintln!("   CHECK TABLE sbtest{t} on {vm_ip}: {other:?}");
                         ok = false;
                     }
                 }
@@ -309,20 +353,20 @@ fn consistent(s: &DbSetup, bed: &DbBed) -> bool {
             };
             let out = bed
                 .client(&bench.to_string_lossy())
-                .args(["tpcc", "check", "--host", &bed.vm_ip])
+                .args(["tpcc", "check", "--host", vm_ip])
                 .args(["--user", "sbtest", "--password", "sbtest", "--db", "tpcc"])
                 .output();
             match out {
                 Ok(o) if o.status.success() => true,
                 Ok(o) => {
                     eprintln!(
-                        "   tpcc check: {}",
+                        "   tpcc check on {vm_ip}: {}",
                         String::from_utf8_lossy(&o.stderr).trim()
                     );
                     false
                 }
                 Err(e) => {
-                    eprintln!("   tpcc check: {e}");
+                    eprintln!("   tpcc check on {vm_ip}: {e}");
                     false
                 }
             }
@@ -330,52 +374,40 @@ fn consistent(s: &DbSetup, bed: &DbBed) -> bool {
     }
 }
 
-fn run_one(s: &DbSetup, guest: &MariadbGuest, bed: &DbBed, method: &str) -> Result<Run> {
+/// Migrates VM `slot` from `src` to `dst` by `method`. Fills everything
+/// but the workload; `link_bytes` is the method's own count (agents'
+/// counter plus device state; QEMU's RAM transferred), which the caller
+/// may replace by the link's.
+pub(crate) fn migrate_slot(
+    s: &DbSetup,
+    bed: &DbBed,
+    slot: usize,
+    src: &Vm,
+    dst: &Vm,
+    uffd_sock: Option<&Path>,
+    method: &str,
+) -> Result<Run> {
     let mut run = Run {
         method: method.into(),
         ..Run::default()
     };
-    let mode = crate::dbmigrate_mode(method);
-    let dbm = mode.is_some();
-    let (src, dst, uffd_sock) = boot(s, guest, bed, dbm, dbm && method != "dbmigrate-precopy")?;
-    let pool_line = src
-        .console()
-        .lines()
-        .find(|l| l.contains("DBM-READY pool"))
-        .unwrap_or_default()
-        .to_string();
-    let dir = bed.tb.dir.clone();
-    let load_secs = s.warmup_s + s.timeout.as_secs() + s.after_s;
-    let load = start_load(s, guest, bed, load_secs)?;
-    // Competing traffic fills the link from 2 s before the migration starts.
-    std::thread::sleep(Duration::from_secs(s.warmup_s.saturating_sub(2)));
-    let competing = if s.competing_streams > 0 {
-        Some(Competing::start(
-            bed,
-            s.competing_streams,
-            s.timeout.as_secs() * 3 + 60,
-        )?)
-    } else {
-        None
-    };
-    std::thread::sleep(Duration::from_secs(s.warmup_s.min(2)));
-    let mig_from = timeline::now_us();
-    let before = bed.tb.link_bytes()?;
-    if dbm {
-        let recv_log = dir.join("receive.log");
-        let mut recv = bed.tb.receive_cmd(&dst)?;
-        recv.args(["--storage", &bed.nbd_from_dst]);
-        if let Some(sock) = &uffd_sock {
+    let sl = &bed.slots[slot];
+    let dir = &bed.tb.dir;
+    if let Some(mode) = crate::dbmigrate_mode(method) {
+        let recv_log = dir.join(format!("receive-{}.log", sl.dst_name));
+        let mut recv = bed.tb.receive_cmd_on(dst, sl.port)?;
+        recv.args(["--storage", &sl.nbd_from_dst]);
+        if let Some(sock) = uffd_sock {
             recv.arg("--postcopy-socket").arg(sock);
         }
         let recv = recv
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(&recv_log)?)
             .spawn()?;
-        let report_path = dir.join("dbmigrate-report.json");
+        let report_path = dir.join(format!("dbmigrate-report-{}.json", sl.src_name));
         let out = bed
             .tb
-            .migrate_cmd(&src, &report_path)?
+            .migrate_cmd_to(src, &report_path, sl.port)?
             .args([
                 "--downtime-ms",
                 &s.downtime_ms.to_string(),
@@ -383,19 +415,25 @@ fn run_one(s: &DbSetup, guest: &MariadbGuest, bed: &DbBed, method: &str) -> Resu
                 "never",
                 "--guest-hints",
             ])
-            .arg(bed.hints_socket("db-src"))
-            .args(mode.unwrap_or_default())
+            .arg(bed.hints_socket(&sl.src_name))
+            .args(mode)
             .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
+            .stderr(std::fs::File::create(
+                dir.join(format!("migrate-{}.log", sl.src_name)),
+            )?)
             .output()?;
         let recv_out = recv.wait_with_output()?;
-        run.link_bytes = bed.tb.link_bytes()? - before;
         let dest: Value = serde_json::from_slice(&recv_out.stdout).unwrap_or(Value::Null);
-        let r: Value = serde_json::from_str(&std::fs::read_to_string(&report_path)?)?;
+        let r: Value = serde_json::from_str(
+            &std::fs::read_to_string(&report_path)
+                .with_context(|| format!("reading {}", report_path.display()))?,
+        )?;
         run.completed = out.status.success() && r["completed"] == json!(true);
         run.total_ms = r["total_ms"].as_u64();
         run.downtime_ms = r["downtime_ms"].as_u64().filter(|_| run.completed);
         run.ram_verified = r["ram_verified"].as_bool();
+        run.link_bytes =
+            r["link_bytes"].as_u64().unwrap_or(0) + r["device_state_bytes"].as_u64().unwrap_or(0);
         run.storage_bytes = dest["storage_bytes"].as_u64().unwrap_or(0);
         run.pages = Pages {
             raw: r["pages"]["raw"].as_u64().unwrap_or(0),
@@ -425,7 +463,6 @@ fn run_one(s: &DbSetup, guest: &MariadbGuest, bed: &DbBed, method: &str) -> Resu
             "destination": dest,
             "device_state_bytes": r["device_state_bytes"],
             "error": r["error"],
-            "guest_pool": pool_line,
             "paused_at_ms": r["paused_at_ms"],
             "agent_link_bytes": r["link_bytes"],
         });
@@ -434,64 +471,51 @@ fn run_one(s: &DbSetup, guest: &MariadbGuest, bed: &DbBed, method: &str) -> Resu
         let info = crate::qemu_migrate(
             &mut src.qmp()?,
             &mut dq,
-            &format!("tcp:{}:7001", bed.tb.dst_ip),
+            &format!("tcp:{}:{}", bed.tb.dst_ip, sl.port + 1),
             method == "qemu-postcopy",
             s.link_mbit,
             s.downtime_ms,
             s.timeout,
         )?;
-        run.link_bytes = bed.tb.link_bytes()? - before;
         crate::record_qemu_result(&mut run, &info);
+        run.link_bytes = info["ram"]["transferred"].as_u64().unwrap_or(0);
         run.detail = json!({
             "status": info["status"],
             "dirty_sync_count": info["ram"]["dirty-sync-count"],
             "ram_transferred": info["ram"]["transferred"],
-            "guest_pool": pool_line,
             "paused_at_ms": info["bench_switch_ms"],
         });
-    }
-    let mig_to = timeline::now_us();
-    if let Some(c) = competing {
-        let figures = c.stop();
-        // The link also carried the competing flow: the migration's own
-        // bytes are what the method counted (agents' counter plus device
-        // state; QEMU's RAM transferred).
-        let own = if dbm {
-            run.detail["agent_link_bytes"].as_u64().unwrap_or(0)
-                + run.detail["device_state_bytes"].as_u64().unwrap_or(0)
-        } else {
-            run.detail["ram_transferred"].as_u64().unwrap_or(0)
-        };
-        if let Some(d) = run.detail.as_object_mut() {
-            d.insert("competing".into(), figures);
-            d.insert("link_bytes_interface_total".into(), json!(run.link_bytes));
-            d.insert(
-                "link_bytes_source".into(),
-                json!("the method's own count: the link also carried the competing flow"),
-            );
-        }
-        run.link_bytes = own;
     }
     let agent: Vec<String> = src
         .console()
         .lines()
-        .filter(|l| l.contains("DBM-AGENT"))
+        .filter(|l| l.contains("DBM-AGENT") || l.contains("DBM-READY pool"))
         .map(str::to_string)
         .collect();
     if let Some(d) = run.detail.as_object_mut() {
-        d.insert("guest_agent".into(), json!(agent));
+        d.insert("guest_console".into(), json!(agent));
     }
-    let switch_ms = run.detail["paused_at_ms"].as_u64().or_else(|| {
+    Ok(run)
+}
+
+/// When the source paused, ms after the migration started.
+pub(crate) fn switch_ms(run: &Run) -> Option<u64> {
+    run.detail["paused_at_ms"].as_u64().or_else(|| {
         run.total_ms
             .zip(run.downtime_ms)
             .map(|(t, d)| t.saturating_sub(d))
-    });
-    finish_load(load, &mut run, mig_from, mig_to, switch_ms)?;
-    // After the run the database must still be consistent on the destination.
-    if run.completed {
-        run.guest_verified_after = Some(consistent(s, bed));
+    })
+}
+
+/// After a completed migration: the database on `dst` (at `vm_ip`) must
+/// pass its consistency check; a crashed destination kernel is reported.
+pub(crate) fn check_after(s: &DbSetup, bed: &DbBed, vm_ip: &str, dst: &Vm, run: &mut Run) {
+    if !run.completed {
+        return;
     }
-    if run.completed && run.guest_verified_after != Some(true) {
+    let ok = consistent(s, bed, vm_ip);
+    run.guest_verified_after = Some(ok);
+    if !ok {
         // Reported, not hidden: QEMU 7.2's own migration under TCG has been
         // seen to crash the destination guest (design §3).
         let console = dst.console();
@@ -499,7 +523,8 @@ fn run_one(s: &DbSetup, guest: &MariadbGuest, bed: &DbBed, method: &str) -> Resu
             .iter()
             .any(|m| console.contains(m));
         eprintln!(
-            "   {method}: the database on the destination failed its consistency check{}",
+            "   {}: the database on the destination failed its consistency check{}",
+            run.method,
             if crashed {
                 " (the destination guest kernel crashed)"
             } else {
@@ -510,6 +535,49 @@ fn run_one(s: &DbSetup, guest: &MariadbGuest, bed: &DbBed, method: &str) -> Resu
             d.insert("destination_guest_crashed".into(), json!(crashed));
         }
     }
+}
+
+fn run_one(s: &DbSetup, guest: &MariadbGuest, bed: &DbBed, method: &str) -> Result<Run> {
+    let dbm = crate::dbmigrate_mode(method).is_some();
+    let (src, dst, uffd_sock) = boot(s, guest, bed, 0, dbm, dbm && method != "dbmigrate-precopy")?;
+    let load_secs = s.warmup_s + s.timeout.as_secs() + s.after_s;
+    let load = start_load(s, guest, bed, &bed.vm_ip, "db", load_secs)?;
+    // Competing traffic fills the link from 2 s before the migration starts.
+    std::thread::sleep(Duration::from_secs(s.warmup_s.saturating_sub(2)));
+    let competing = if s.competing_streams > 0 {
+        Some(Competing::start(
+            bed,
+            s.competing_streams,
+            s.timeout.as_secs() * 3 + 60,
+        )?)
+    } else {
+        None
+    };
+    std::thread::sleep(Duration::from_secs(s.warmup_s.min(2)));
+    let mig_from = timeline::now_us();
+    let before = bed.tb.link_bytes()?;
+    let mut run = migrate_slot(s, bed, 0, &src, &dst, uffd_sock.as_deref(), method)?;
+    let link_total = bed.tb.link_bytes()? - before;
+    let mig_to = timeline::now_us();
+    match competing {
+        // The link also carried the competing flow: the migration's own
+        // bytes are what the method counted.
+        Some(c) => {
+            let figures = c.stop();
+            if let Some(d) = run.detail.as_object_mut() {
+                d.insert("competing".into(), figures);
+                d.insert("link_bytes_interface_total".into(), json!(link_total));
+                d.insert(
+                    "link_bytes_source".into(),
+                    json!("the method's own count: the link also carried the competing flow"),
+                );
+            }
+        }
+        None => run.link_bytes = link_total,
+    }
+    let sw = switch_ms(&run);
+    fill_workload(&mut run, vec![wait_load(load)?], mig_from, mig_to, sw);
+    check_after(s, bed, &bed.vm_ip, &dst, &mut run);
     drop((src, dst));
     Ok(run)
 }

@@ -8,6 +8,7 @@
 //! finds are reported (`workload.errors`).
 
 mod db;
+mod fleet;
 mod report;
 mod timeline;
 mod tpcc;
@@ -67,59 +68,36 @@ enum Cmd {
     },
     /// Compare migration methods on the MariaDB VM under sysbench oltp_read_write or TPC-C.
     CompareDb {
-        /// Scenario name (report `scenario`, default file name; default mariadb-<workload>).
-        #[arg(long)]
-        scenario: Option<String>,
-        /// Client load: `sysbench` (oltp_read_write) or `tpcc`.
-        #[arg(long, default_value = "sysbench", value_parser = ["sysbench", "tpcc"])]
-        workload: String,
-        /// TPC-C warehouses (about 100 MB each; with --workload tpcc).
-        #[arg(long, default_value_t = 14)]
-        warehouses: u32,
+        #[command(flatten)]
+        db: DbArgs,
         /// Guest RAM in MiB.
         #[arg(long, default_value_t = 2048)]
         ram_mib: u64,
         /// InnoDB buffer pool size (the data set should exceed it).
         #[arg(long, default_value = "1280M")]
         pool: String,
-        /// sysbench tables.
-        #[arg(long, default_value_t = 8)]
-        tables: u32,
-        /// Rows per table.
-        #[arg(long, default_value_t = 800_000)]
-        rows: u32,
-        /// sysbench threads, or TPC-C terminals.
-        #[arg(long, default_value_t = 2)]
-        threads: u32,
-        /// Migration link shaping, Mbit/s.
-        #[arg(long, default_value_t = 1000)]
-        link_mbit: u32,
-        /// Shared-storage links shaping, Mbit/s.
-        #[arg(long, default_value_t = 10_000)]
-        storage_mbit: u32,
-        /// Downtime target for every method, ms.
-        #[arg(long, default_value_t = 300)]
-        downtime_ms: u64,
-        /// Seconds of load before the migration starts.
-        #[arg(long, default_value_t = 15)]
-        warmup_s: u64,
         /// Congestion: TCP streams (iperf3) competing on the migration link
         /// from 2 s before the migration until its end; 0 for none.
         #[arg(long, default_value_t = 0)]
         competing_streams: u32,
-        /// Give up on a method after this many seconds (reported as not completed).
-        #[arg(long, default_value_t = 60)]
-        timeout_s: u64,
-        /// Methods, comma separated.
-        #[arg(
-            long,
-            default_value = "qemu-precopy,qemu-postcopy,dbmigrate-precopy,dbmigrate-postcopy,dbmigrate-hybrid",
-            value_delimiter = ','
-        )]
-        methods: Vec<String>,
-        /// Report path (default bench/results/<scenario>.json).
-        #[arg(long)]
-        out: Option<PathBuf>,
+    },
+    /// Several MariaDB VMs leave one host: all at once (batch) or one after
+    /// another (evict); reports the time until the last VM left.
+    CompareFleet {
+        #[command(flatten)]
+        db: DbArgs,
+        /// `batch` (all migrations at once) or `evict` (one after another).
+        #[arg(long, default_value = "batch", value_parser = ["batch", "evict"])]
+        policy: String,
+        /// VMs on the host.
+        #[arg(long, default_value_t = 2)]
+        vms: u32,
+        /// Guest RAM of each VM in MiB.
+        #[arg(long, default_value_t = 1024)]
+        ram_mib: u64,
+        /// InnoDB buffer pool size of each VM.
+        #[arg(long, default_value = "640M")]
+        pool: String,
     },
     /// Plots (SVG) and a Markdown summary from benchmark reports.
     Report {
@@ -132,6 +110,80 @@ enum Cmd {
     /// TPC-C: load a database, run the driver, check consistency.
     #[command(subcommand)]
     Tpcc(TpccCmd),
+}
+
+/// Settings shared by the database comparisons.
+#[derive(clap::Args)]
+struct DbArgs {
+    /// Scenario name (report `scenario`, default file name).
+    #[arg(long)]
+    scenario: Option<String>,
+    /// Client load: `sysbench` (oltp_read_write) or `tpcc`.
+    #[arg(long, default_value = "sysbench", value_parser = ["sysbench", "tpcc"])]
+    workload: String,
+    /// TPC-C warehouses (about 100 MB each; with --workload tpcc).
+    #[arg(long, default_value_t = 14)]
+    warehouses: u32,
+    /// sysbench tables.
+    #[arg(long, default_value_t = 8)]
+    tables: u32,
+    /// Rows per table.
+    #[arg(long, default_value_t = 800_000)]
+    rows: u32,
+    /// sysbench threads, or TPC-C terminals (per VM).
+    #[arg(long, default_value_t = 2)]
+    threads: u32,
+    /// Migration link shaping, Mbit/s.
+    #[arg(long, default_value_t = 1000)]
+    link_mbit: u32,
+    /// Shared-storage links shaping, Mbit/s.
+    #[arg(long, default_value_t = 10_000)]
+    storage_mbit: u32,
+    /// Downtime target for every method, ms.
+    #[arg(long, default_value_t = 300)]
+    downtime_ms: u64,
+    /// Seconds of load before the migration starts.
+    #[arg(long, default_value_t = 15)]
+    warmup_s: u64,
+    /// Give up on a method's migration after this many seconds (reported as not completed).
+    #[arg(long, default_value_t = 60)]
+    timeout_s: u64,
+    /// Methods, comma separated.
+    #[arg(
+        long,
+        default_value = "qemu-precopy,qemu-postcopy,dbmigrate-precopy,dbmigrate-postcopy,dbmigrate-hybrid",
+        value_delimiter = ','
+    )]
+    methods: Vec<String>,
+    /// Report path (default bench/results/<scenario>.json).
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+impl DbArgs {
+    fn setup(&self, ram_mib: u64, pool: String, competing_streams: u32) -> db::DbSetup {
+        db::DbSetup {
+            load: if self.workload == "tpcc" {
+                db::DbLoad::Tpcc {
+                    warehouses: self.warehouses,
+                }
+            } else {
+                db::DbLoad::Sysbench
+            },
+            ram_mib,
+            pool,
+            tables: self.tables,
+            rows: self.rows,
+            threads: self.threads,
+            link_mbit: self.link_mbit,
+            storage_mbit: self.storage_mbit,
+            downtime_ms: self.downtime_ms,
+            warmup_s: self.warmup_s,
+            timeout: Duration::from_secs(self.timeout_s),
+            after_s: 10,
+            competing_streams,
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -348,46 +400,46 @@ fn main() -> Result<()> {
             Ok(())
         }
         Cmd::CompareDb {
-            scenario,
-            workload,
-            warehouses,
+            db,
             ram_mib,
             pool,
-            tables,
-            rows,
-            threads,
-            link_mbit,
-            storage_mbit,
-            downtime_ms,
-            warmup_s,
-            timeout_s,
             competing_streams,
-            methods,
-            out,
-        } => compare_db(
-            scenario.unwrap_or_else(|| format!("mariadb-{workload}")),
-            db::DbSetup {
-                load: if workload == "tpcc" {
-                    db::DbLoad::Tpcc { warehouses }
+        } => {
+            let scenario = db.scenario.clone().unwrap_or_else(|| {
+                let congestion = if competing_streams > 0 {
+                    "-congestion"
                 } else {
-                    db::DbLoad::Sysbench
-                },
-                ram_mib,
-                pool,
-                tables,
-                rows,
-                threads,
-                link_mbit,
-                storage_mbit,
-                downtime_ms,
-                warmup_s,
-                timeout: Duration::from_secs(timeout_s),
-                after_s: 10,
-                competing_streams,
-            },
-            methods,
-            out,
-        ),
+                    ""
+                };
+                format!("mariadb-{}{congestion}", db.workload)
+            });
+            check_methods(&db.methods)?;
+            let setup = db.setup(ram_mib, pool, competing_streams);
+            let (runs, guest) = db::compare(&setup, &db.methods)?;
+            write_db_report(scenario, &setup, &guest, None, runs, db.out)
+        }
+        Cmd::CompareFleet {
+            db,
+            policy,
+            vms,
+            ram_mib,
+            pool,
+        } => {
+            fleet::check_vms(vms)?;
+            check_methods(&db.methods)?;
+            let policy = if policy == "evict" {
+                fleet::Policy::Evict
+            } else {
+                fleet::Policy::Batch
+            };
+            let scenario = db
+                .scenario
+                .clone()
+                .unwrap_or_else(|| format!("mariadb-{}-{}-{vms}vms", db.workload, policy.name()));
+            let setup = db.setup(ram_mib, pool, 0);
+            let (runs, guest) = fleet::compare(&setup, vms, policy, &db.methods)?;
+            write_db_report(scenario, &setup, &guest, Some((policy, vms)), runs, db.out)
+        }
         Cmd::Compare {
             scenario,
             ram_mib,
@@ -446,40 +498,45 @@ fn main() -> Result<()> {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-fn compare_db(
+/// Writes a database comparison's report and prints its table.
+fn write_db_report(
     scenario: String,
-    setup: db::DbSetup,
-    methods: Vec<String>,
+    setup: &db::DbSetup,
+    guest: &dbmigrate_testbed::MariadbGuest,
+    fleet: Option<(fleet::Policy, u32)>,
+    runs: Vec<Run>,
     out: Option<PathBuf>,
 ) -> Result<()> {
-    check_methods(&methods)?;
-    let (runs, guest) = db::compare(&setup, &methods)?;
+    let mut workload = match setup.load {
+        db::DbLoad::Sysbench => format!(
+            "MariaDB, buffer pool {}, sysbench oltp_read_write {} tables x {} rows, {} threads",
+            setup.pool, guest.tables, guest.rows, setup.threads
+        ),
+        db::DbLoad::Tpcc { warehouses } => format!(
+            "MariaDB, buffer pool {}, TPC-C {warehouses} warehouses, {} terminals, no think time",
+            setup.pool, setup.threads
+        ),
+    };
+    if setup.competing_streams > 0 {
+        workload += &format!(
+            "; congestion: {} competing TCP streams (iperf3) on the migration link",
+            setup.competing_streams
+        );
+    }
+    if let Some((policy, vms)) = fleet {
+        workload = format!(
+            "{vms} VMs leave the host ({}), each: {workload}",
+            match policy {
+                fleet::Policy::Batch => "batch: all at once",
+                fleet::Policy::Evict => "evict: one after another",
+            }
+        );
+    }
     let report = Report {
         scenario: scenario.clone(),
         link_mbit: setup.link_mbit,
         storage_mbit: Some(setup.storage_mbit),
-        vm: json!({
-            "ram_mib": setup.ram_mib,
-            "vcpus": 1,
-            "workload": match setup.load {
-                db::DbLoad::Sysbench => format!(
-                    "MariaDB, buffer pool {}, sysbench oltp_read_write {} tables x {} rows, {} threads",
-                    setup.pool, guest.tables, guest.rows, setup.threads
-                ),
-                db::DbLoad::Tpcc { warehouses } => format!(
-                    "MariaDB, buffer pool {}, TPC-C {warehouses} warehouses, {} terminals, no think time",
-                    setup.pool, setup.threads
-                ),
-            } + &if setup.competing_streams > 0 {
-                format!(
-                    "; congestion: {} competing TCP streams (iperf3) on the migration link",
-                    setup.competing_streams
-                )
-            } else {
-                String::new()
-            },
-        }),
+        vm: json!({ "ram_mib": setup.ram_mib, "vcpus": 1, "workload": workload }),
         runs,
     };
     let path = out.unwrap_or_else(|| {
@@ -583,7 +640,7 @@ fn print_db_table(r: &Report) {
             run.guest_verified_after.map_or("n/a".into(), |b| if b {
                 "OK".to_string()
             } else {
-                "CORRUPT".to_string()
+                "FAILED".to_string()
             })
         );
     }

@@ -198,20 +198,31 @@ impl Testbed {
 
     /// `dbmigrate receive` for `dst`, in the destination namespace, on ports 7000 (agent) and 7001 (QEMU).
     pub fn receive_cmd(&self, dst: &Vm) -> Result<Command> {
+        self.receive_cmd_on(dst, 7000)
+    }
+
+    /// [`Testbed::receive_cmd`] on ports `port` (agent) and `port + 1`
+    /// (QEMU), so that several migrations can run side by side.
+    pub fn receive_cmd_on(&self, dst: &Vm, port: u16) -> Result<Command> {
         let mut c = self.in_ns(&self.dst_ns, &bin_dir()?.join("dbmigrate"));
         c.args(["receive", "--qmp"])
             .arg(&dst.qmp)
-            .args(["--listen", &format!("{}:7000", self.dst_ip)])
-            .args(["--incoming", &format!("{}:7001", self.dst_ip)]);
+            .args(["--listen", &format!("{}:{port}", self.dst_ip)])
+            .args(["--incoming", &format!("{}:{}", self.dst_ip, port + 1)]);
         Ok(c)
     }
 
     /// `dbmigrate migrate` of `src` to the destination agent, writing its report to `report`.
     pub fn migrate_cmd(&self, src: &Vm, report: &Path) -> Result<Command> {
+        self.migrate_cmd_to(src, report, 7000)
+    }
+
+    /// [`Testbed::migrate_cmd`] to the destination agent on `port`.
+    pub fn migrate_cmd_to(&self, src: &Vm, report: &Path, port: u16) -> Result<Command> {
         let mut c = self.in_ns(&self.src_ns, &bin_dir()?.join("dbmigrate"));
         c.args(["migrate", "--qmp"])
             .arg(&src.qmp)
-            .args(["--to", &format!("{}:7000", self.dst_ip)])
+            .args(["--to", &format!("{}:{port}", self.dst_ip)])
             .arg("--report")
             .arg(report);
         Ok(c)
@@ -680,13 +691,54 @@ pub struct DbBed {
     pub disk: PathBuf,
     /// Initramfs with this build's guest agent appended.
     pub initrd: PathBuf,
-    nbd: Child,
+    /// Every VM's place on the bed (the fields above are VM 0's).
+    pub slots: Vec<DbSlot>,
+    nbd: Vec<Child>,
+}
+
+/// One VM's place on a [`DbBed`]: its disk, the disk's NBD export, its tap
+/// device on each host and its address on the client bridge.
+#[derive(Clone, Debug)]
+pub struct DbSlot {
+    /// VM name on the source host (`db-src`, `db1-src`, ...).
+    pub src_name: String,
+    /// VM name on the destination host.
+    pub dst_name: String,
+    /// Tap device on each host.
+    pub tap: String,
+    /// MAC address (the same on both hosts: the VM keeps it).
+    pub mac: String,
+    /// NBD address of the disk as the source host reaches it.
+    pub nbd_from_src: String,
+    /// NBD address of the disk as the destination host reaches it.
+    pub nbd_from_dst: String,
+    /// The VM's address on the client bridge.
+    pub vm_ip: String,
+    /// This VM's copy of the disk image.
+    pub disk: PathBuf,
+    /// Ports of this VM's migration: agent `port`, QEMU `port + 1`.
+    pub port: u16,
 }
 
 impl DbBed {
     /// Makes the hosts, links (migration `link_mbit`, storage `storage_mbit`),
     /// bridges, and serves a fresh copy of `guest`'s disk.
     pub fn new(guest: &MariadbGuest, link_mbit: u32, storage_mbit: u32) -> Result<Self> {
+        Self::with_vms(guest, link_mbit, storage_mbit, 1)
+    }
+
+    /// [`DbBed::new`] with places for `vms` VMs of `guest` (each with its
+    /// own disk copy, NBD export, tap devices and client address), sharing
+    /// the hosts and links.
+    pub fn with_vms(
+        guest: &MariadbGuest,
+        link_mbit: u32,
+        storage_mbit: u32,
+        vms: u32,
+    ) -> Result<Self> {
+        if !(1..=8).contains(&vms) {
+            bail!("a database bed holds 1 to 8 VMs, not {vms}");
+        }
         let tb = Testbed::new(link_mbit)?;
         let tag = tb.tag.clone();
         let n: u32 = tag.trim_start_matches("dbm").parse().unwrap_or(0);
@@ -744,23 +796,48 @@ impl DbBed {
                 "ip", "-n", &cli_ns, "link", "set", &b, "master", "br0", "up",
             ])?;
             sh(&["ip", "-n", host, "link", "add", "br0", "type", "bridge"])?;
-            sh(&[
-                "ip", "-n", host, "tuntap", "add", "dev", "tap0", "mode", "tap",
-            ])?;
-            sh(&[
-                "ip", "-n", host, "link", "set", "tap0", "master", "br0", "up",
-            ])?;
+            for i in 0..vms {
+                let tap = format!("tap{i}");
+                sh(&[
+                    "ip", "-n", host, "tuntap", "add", "dev", &tap, "mode", "tap",
+                ])?;
+                sh(&["ip", "-n", host, "link", "set", &tap, "master", "br0", "up"])?;
+            }
             sh(&["ip", "-n", host, "link", "set", &a, "master", "br0", "up"])?;
             sh(&["ip", "-n", host, "link", "set", "br0", "up"])?;
         }
-        // This run's disk and initramfs (the base one plus this build's agent).
-        let disk = tb.dir.join("disk.img");
-        sh(&[
-            "cp",
-            "--sparse=always",
-            &guest.image.to_string_lossy(),
-            &disk.to_string_lossy(),
-        ])?;
+        // This run's disks and initramfs (the base one plus this build's agent).
+        let mut slots = Vec::new();
+        for i in 0..vms {
+            let disk = if i == 0 {
+                tb.dir.join("disk.img")
+            } else {
+                tb.dir.join(format!("disk{i}.img"))
+            };
+            sh(&[
+                "cp",
+                "--sparse=always",
+                &guest.image.to_string_lossy(),
+                &disk.to_string_lossy(),
+            ])?;
+            let port = 10809 + i;
+            let prefix = if i == 0 {
+                "db".to_string()
+            } else {
+                format!("db{i}")
+            };
+            slots.push(DbSlot {
+                src_name: format!("{prefix}-src"),
+                dst_name: format!("{prefix}-dst"),
+                tap: format!("tap{i}"),
+                mac: format!("52:54:00:db:00:{:02x}", 0x10 + i),
+                nbd_from_src: format!("nbd://10.80.{n}.2:{port}"),
+                nbd_from_dst: format!("nbd://10.81.{n}.2:{port}"),
+                vm_ip: format!("10.78.{n}.{}", 10 + i),
+                disk,
+                port: u16::try_from(7000 + 2 * i).unwrap_or(7000),
+            });
+        }
         let initrd = tb.dir.join("initramfs.img");
         let agent_dir = tb.dir.join("agent-cpio");
         std::fs::create_dir_all(&agent_dir)?;
@@ -781,56 +858,66 @@ impl DbBed {
         if !cpio.success() {
             bail!("building the initramfs with the guest agent failed (is cpio installed?)");
         }
-        let log = std::fs::File::create(tb.dir.join("qemu-nbd.log"))?;
-        let nbd = tb
-            .in_ns(&stor_ns, Path::new("qemu-nbd"))
-            .args([
-                "--persistent",
-                "--shared=32",
-                "-f",
-                "raw",
-                "-b",
-                "0.0.0.0",
-                "-p",
-                "10809",
-            ])
-            .arg(&disk)
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .context("starting qemu-nbd (install qemu-utils)")?;
+        let mut nbd = Vec::new();
+        for (i, slot) in slots.iter().enumerate() {
+            let log = std::fs::File::create(tb.dir.join(format!("qemu-nbd{i}.log")))?;
+            let port = slot.nbd_from_src.rsplit(':').next().unwrap_or("10809");
+            nbd.push(
+                tb.in_ns(&stor_ns, Path::new("qemu-nbd"))
+                    .args([
+                        "--persistent",
+                        "--shared=32",
+                        "-f",
+                        "raw",
+                        "-b",
+                        "0.0.0.0",
+                        "-p",
+                        port,
+                    ])
+                    .arg(&slot.disk)
+                    .stdout(Stdio::null())
+                    .stderr(log)
+                    .spawn()
+                    .context("starting qemu-nbd (install qemu-utils)")?,
+            );
+        }
+        let first = slots[0].clone();
         let bed = Self {
-            nbd_from_src: format!("nbd://10.80.{n}.2:10809"),
-            nbd_from_dst: format!("nbd://10.81.{n}.2:10809"),
-            vm_ip: format!("10.78.{n}.10"),
+            nbd_from_src: first.nbd_from_src,
+            nbd_from_dst: first.nbd_from_dst,
+            vm_ip: first.vm_ip,
             stor_ns,
             cli_ns,
-            disk,
+            disk: first.disk,
             initrd,
+            slots,
             nbd,
             tb,
         };
-        let t = Instant::now();
-        loop {
-            let probe = sh(&[
-                "ip",
-                "netns",
-                "exec",
-                &bed.tb.src_ns,
-                "bash",
-                "-c",
-                &format!("exec 3<>/dev/tcp/10.80.{n}.2/10809"),
-            ]);
-            if probe.is_ok() {
-                break;
+        for i in 0..vms {
+            let t = Instant::now();
+            loop {
+                let probe = sh(&[
+                    "ip",
+                    "netns",
+                    "exec",
+                    &bed.tb.src_ns,
+                    "bash",
+                    "-c",
+                    &format!("exec 3<>/dev/tcp/10.80.{n}.2/{}", 10809 + i),
+                ]);
+                if probe.is_ok() {
+                    break;
+                }
+                if t.elapsed() > Duration::from_secs(10) {
+                    bail!(
+                        "qemu-nbd did not start: {}",
+                        std::fs::read_to_string(bed.tb.dir.join(format!("qemu-nbd{i}.log")))
+                            .unwrap_or_default()
+                    );
+                }
+                std::thread::sleep(Duration::from_millis(100));
             }
-            if t.elapsed() > Duration::from_secs(10) {
-                bail!(
-                    "qemu-nbd did not start: {}",
-                    std::fs::read_to_string(bed.tb.dir.join("qemu-nbd.log")).unwrap_or_default()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(100));
         }
         Ok(bed)
     }
@@ -887,10 +974,40 @@ impl DbBed {
         preload: bool,
         postcopy_socket: Option<PathBuf>,
     ) -> Result<Vm> {
+        self.start_slot_vm(
+            0,
+            guest,
+            on_src,
+            incoming,
+            ram_mib,
+            pool,
+            preload,
+            postcopy_socket,
+        )
+    }
+
+    /// Starts VM `slot` of the bed (see [`DbBed::start_vm_with`]); a
+    /// post-copy destination gets `postcopy_socket`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn start_slot_vm(
+        &self,
+        slot: usize,
+        guest: &MariadbGuest,
+        on_src: bool,
+        incoming: bool,
+        ram_mib: u64,
+        pool: &str,
+        preload: bool,
+        postcopy_socket: Option<PathBuf>,
+    ) -> Result<Vm> {
+        let sl = self
+            .slots
+            .get(slot)
+            .with_context(|| format!("the bed has no VM slot {slot}"))?;
         let (ns, name, nbd) = if on_src {
-            (&self.tb.src_ns, "db-src", &self.nbd_from_src)
+            (&self.tb.src_ns, &sl.src_name, &sl.nbd_from_src)
         } else {
-            (&self.tb.dst_ns, "db-dst", &self.nbd_from_dst)
+            (&self.tb.dst_ns, &sl.dst_name, &sl.nbd_from_dst)
         };
         let hints = self.hints_socket(name);
         let _ = std::fs::remove_file(&hints);
@@ -898,9 +1015,9 @@ impl DbBed {
             "-drive",
             &format!("file={nbd},format=raw,if=virtio,cache=none"),
             "-netdev",
-            "tap,id=n0,ifname=tap0,script=no,downscript=no",
+            &format!("tap,id=n0,ifname={},script=no,downscript=no", sl.tap),
             "-device",
-            "virtio-net-pci,netdev=n0,mac=52:54:00:db:00:10",
+            &format!("virtio-net-pci,netdev=n0,mac={}", sl.mac),
             "-device",
             "virtio-serial-pci",
             "-chardev",
@@ -922,7 +1039,7 @@ impl DbBed {
             extra,
             append: Some(format!(
                 "console=ttyS0 quiet dbm.ip={}/24 dbm.pool={pool}",
-                self.vm_ip
+                sl.vm_ip
             )),
             smp: 1,
             postcopy_socket,
@@ -954,9 +1071,21 @@ impl DbBed {
         threads: u32,
         secs: u32,
     ) -> Command {
+        self.sysbench_on(&self.vm_ip, guest, script, threads, secs)
+    }
+
+    /// [`DbBed::sysbench_script`] against the VM at `vm_ip`.
+    pub fn sysbench_on(
+        &self,
+        vm_ip: &str,
+        guest: &MariadbGuest,
+        script: &str,
+        threads: u32,
+        secs: u32,
+    ) -> Command {
         let mut c = self.client("sysbench");
         c.args([script, "--db-driver=mysql"])
-            .arg(format!("--mysql-host={}", self.vm_ip))
+            .arg(format!("--mysql-host={vm_ip}"))
             .args([
                 "--mysql-user=sbtest",
                 "--mysql-password=sbtest",
@@ -972,6 +1101,11 @@ impl DbBed {
 
     /// Runs SQL in the VM from the client host (as the sysbench user).
     pub fn sql(&self, query: &str) -> Result<String> {
+        self.sql_on(&self.vm_ip, query)
+    }
+
+    /// [`DbBed::sql`] in the VM at `vm_ip`.
+    pub fn sql_on(&self, vm_ip: &str, query: &str) -> Result<String> {
         let out = self
             .client("mariadb")
             .args([
@@ -980,7 +1114,7 @@ impl DbBed {
                 // A crashed guest must give an error, not a hang.
                 "--connect-timeout=10",
                 "-h",
-                &self.vm_ip,
+                vm_ip,
                 "-u",
                 "sbtest",
                 "-psbtest",
@@ -1002,8 +1136,10 @@ impl DbBed {
 
 impl Drop for DbBed {
     fn drop(&mut self) {
-        let _ = self.nbd.kill();
-        let _ = self.nbd.wait();
+        for n in &mut self.nbd {
+            let _ = n.kill();
+            let _ = n.wait();
+        }
     }
 }
 
