@@ -100,6 +100,19 @@ pub(crate) fn boot(
 ) -> Result<(Vm, Vm, Option<PathBuf>)> {
     let src = bed.start_slot_vm(slot, guest, true, false, s.ram_mib, &s.pool, preload, None)?;
     src.wait_console("DBM-READY pool", Duration::from_secs(900))?;
+    let (dst, sock) = start_destination(s, guest, bed, slot, postcopy)?;
+    Ok((src, dst, sock))
+}
+
+/// Starts VM `slot`'s destination QEMU, waiting for the migration (its
+/// userfaultfd offered on the returned socket when `postcopy`).
+pub(crate) fn start_destination(
+    s: &DbSetup,
+    guest: &MariadbGuest,
+    bed: &DbBed,
+    slot: usize,
+    postcopy: bool,
+) -> Result<(Vm, Option<PathBuf>)> {
     let sock = postcopy.then(|| {
         bed.tb
             .dir
@@ -115,7 +128,7 @@ pub(crate) fn boot(
         false,
         sock.clone(),
     )?;
-    Ok((src, dst, sock))
+    Ok((dst, sock))
 }
 
 /// The client load while it runs.

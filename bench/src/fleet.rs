@@ -103,17 +103,7 @@ fn run_fleet(
     let mut vms = Vec::new();
     for (i, src) in srcs.into_iter().enumerate() {
         src.wait_console("DBM-READY pool", Duration::from_secs(900))?;
-        let sock = postcopy.then(|| bed.tb.dir.join(format!("{}.uffd", bed.slots[i].dst_name)));
-        let dst = bed.start_slot_vm(
-            i,
-            guest,
-            false,
-            true,
-            s.ram_mib,
-            &s.pool,
-            false,
-            sock.clone(),
-        )?;
+        let (dst, sock) = db::start_destination(s, guest, bed, i, postcopy)?;
         vms.push((src, dst, sock));
     }
     // Evicting one by one takes up to n migrations' time.

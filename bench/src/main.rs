@@ -52,19 +52,8 @@ enum Cmd {
         /// Downtime target for every method, ms.
         #[arg(long, default_value_t = 300)]
         downtime_ms: u64,
-        /// Give up on a method after this many seconds (reported as not completed).
-        #[arg(long, default_value_t = 60)]
-        timeout_s: u64,
-        /// Methods, comma separated.
-        #[arg(
-            long,
-            default_value = "qemu-precopy,qemu-postcopy,dbmigrate-precopy,dbmigrate-postcopy,dbmigrate-hybrid",
-            value_delimiter = ','
-        )]
-        methods: Vec<String>,
-        /// Report path (default bench/results/<scenario>.json).
-        #[arg(long)]
-        out: Option<PathBuf>,
+        #[command(flatten)]
+        run: RunArgs,
     },
     /// Compare migration methods on the MariaDB VM under sysbench oltp_read_write or TPC-C.
     CompareDb {
@@ -145,6 +134,13 @@ struct DbArgs {
     /// Seconds of load before the migration starts.
     #[arg(long, default_value_t = 15)]
     warmup_s: u64,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+/// What every comparison takes: methods, time limit, report path.
+#[derive(clap::Args)]
+struct RunArgs {
     /// Give up on a method's migration after this many seconds (reported as not completed).
     #[arg(long, default_value_t = 60)]
     timeout_s: u64,
@@ -179,7 +175,7 @@ impl DbArgs {
             storage_mbit: self.storage_mbit,
             downtime_ms: self.downtime_ms,
             warmup_s: self.warmup_s,
-            timeout: Duration::from_secs(self.timeout_s),
+            timeout: Duration::from_secs(self.run.timeout_s),
             after_s: 10,
             competing_streams,
         }
@@ -413,10 +409,10 @@ fn main() -> Result<()> {
                 };
                 format!("mariadb-{}{congestion}", db.workload)
             });
-            check_methods(&db.methods)?;
+            check_methods(&db.run.methods)?;
             let setup = db.setup(ram_mib, pool, competing_streams);
-            let (runs, guest) = db::compare(&setup, &db.methods)?;
-            write_db_report(scenario, &setup, &guest, None, runs, db.out)
+            let (runs, guest) = db::compare(&setup, &db.run.methods)?;
+            write_db_report(scenario, &setup, &guest, None, runs, db.run.out)
         }
         Cmd::CompareFleet {
             db,
@@ -426,7 +422,7 @@ fn main() -> Result<()> {
             pool,
         } => {
             fleet::check_vms(vms)?;
-            check_methods(&db.methods)?;
+            check_methods(&db.run.methods)?;
             let policy = if policy == "evict" {
                 fleet::Policy::Evict
             } else {
@@ -437,8 +433,15 @@ fn main() -> Result<()> {
                 .clone()
                 .unwrap_or_else(|| format!("mariadb-{}-{}-{vms}vms", db.workload, policy.name()));
             let setup = db.setup(ram_mib, pool, 0);
-            let (runs, guest) = fleet::compare(&setup, vms, policy, &db.methods)?;
-            write_db_report(scenario, &setup, &guest, Some((policy, vms)), runs, db.out)
+            let (runs, guest) = fleet::compare(&setup, vms, policy, &db.run.methods)?;
+            write_db_report(
+                scenario,
+                &setup,
+                &guest,
+                Some((policy, vms)),
+                runs,
+                db.run.out,
+            )
         }
         Cmd::Compare {
             scenario,
@@ -447,9 +450,12 @@ fn main() -> Result<()> {
             fill_pct,
             link_mbit,
             downtime_ms,
-            timeout_s,
-            methods,
-            out,
+            run:
+                RunArgs {
+                    timeout_s,
+                    methods,
+                    out,
+                },
         } => {
             let scenario = scenario.unwrap_or_else(|| format!("dirtier-ws{ws_mib}"));
             check_methods(&methods)?;

@@ -269,6 +269,7 @@ fn timeline_svg(report: &Value, path: &Path) -> Result<bool> {
             .map_err(plot_err)?;
         chart
             .configure_mesh()
+            .light_line_style(TRANSPARENT)
             .x_desc("seconds since the migration started")
             .y_desc(desc)
             .draw()

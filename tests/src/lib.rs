@@ -946,7 +946,7 @@ impl DbBed {
         pool: &str,
         preload: bool,
     ) -> Result<Vm> {
-        self.start_vm_opts(guest, on_src, incoming, ram_mib, pool, preload, None)
+        self.start_slot_vm(0, guest, on_src, incoming, ram_mib, pool, preload, None)
     }
 
     /// The waiting destination QEMU of a post-copy: its preload library
@@ -958,32 +958,17 @@ impl DbBed {
         pool: &str,
     ) -> Result<(Vm, PathBuf)> {
         let sock = self.tb.dir.join("db-dst.uffd");
-        let vm =
-            self.start_vm_opts(guest, false, true, ram_mib, pool, false, Some(sock.clone()))?;
-        Ok((vm, sock))
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn start_vm_opts(
-        &self,
-        guest: &MariadbGuest,
-        on_src: bool,
-        incoming: bool,
-        ram_mib: u64,
-        pool: &str,
-        preload: bool,
-        postcopy_socket: Option<PathBuf>,
-    ) -> Result<Vm> {
-        self.start_slot_vm(
+        let vm = self.start_slot_vm(
             0,
             guest,
-            on_src,
-            incoming,
+            false,
+            true,
             ram_mib,
             pool,
-            preload,
-            postcopy_socket,
-        )
+            false,
+            Some(sock.clone()),
+        )?;
+        Ok((vm, sock))
     }
 
     /// Starts VM `slot` of the bed (see [`DbBed::start_vm_with`]); a
