@@ -321,11 +321,50 @@ fn timeline_svg(report: &Value, path: &Path) -> Result<bool> {
     Ok(true)
 }
 
+/// One line per report: each method's total time (s), "-" where it did not complete (pure).
+pub fn overview(reports: &[Value]) -> String {
+    let mut methods: Vec<String> = Vec::new();
+    for r in reports {
+        for run in runs(r) {
+            let m = run["method"].as_str().unwrap_or("?").to_string();
+            if !methods.contains(&m) {
+                methods.push(m);
+            }
+        }
+    }
+    let mut s = format!("| scenario | {} |\n|---|", methods.join(" | "));
+    s += &"---|".repeat(methods.len());
+    s.push('\n');
+    for r in reports {
+        let _ = write!(s, "| {} |", r["scenario"].as_str().unwrap_or("?"));
+        for m in &methods {
+            let cell =
+                runs(r)
+                    .iter()
+                    .find(|x| x["method"] == m.as_str())
+                    .map_or(" |".to_string(), |x| match x["total_ms"].as_f64() {
+                        Some(ms) if x["completed"] == Value::Bool(true) => {
+                            let failed = x["guest_verified_after"] == Value::Bool(false);
+                            format!(
+                                " {:.1} s{} |",
+                                ms / 1000.0,
+                                if failed { " (guest failed after)" } else { "" }
+                            )
+                        }
+                        _ => " did not complete |".to_string(),
+                    });
+            s += &cell;
+        }
+        s.push('\n');
+    }
+    s
+}
+
 /// Writes plots and `summary.md` for `inputs` into `out_dir`; returns the files written.
 pub fn write(inputs: &[PathBuf], out_dir: &Path) -> Result<Vec<PathBuf>> {
     std::fs::create_dir_all(out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
     let mut written = Vec::new();
-    let mut md = String::from("# Benchmark summary\n\nMade by `bench report` from the JSON reports; times in ms unless said otherwise.\n");
+    let mut reports = Vec::new();
     for input in inputs {
         let text = std::fs::read_to_string(input)
             .with_context(|| format!("reading {}", input.display()))?;
@@ -337,6 +376,13 @@ pub fn write(inputs: &[PathBuf], out_dir: &Path) -> Result<Vec<PathBuf>> {
                 input.display()
             );
         }
+        reports.push(report);
+    }
+    let mut md = format!(
+        "# Benchmark summary\n\nMade by `bench report` from the JSON reports; times in ms unless said otherwise.\n\nTotal migration time per scenario and method:\n\n{}",
+        overview(&reports)
+    );
+    for report in reports {
         let scenario = report["scenario"].as_str().unwrap_or("report").replace(
             |c: char| !c.is_ascii_alphanumeric() && c != '-' && c != '_',
             "_",
@@ -424,6 +470,11 @@ mod tests {
         let input = dir.join("r.json");
         std::fs::write(&input, sample().to_string()).unwrap();
         let out = write(std::slice::from_ref(&input), &dir.join("out")).unwrap();
+        let o = overview(&[sample()]);
+        assert!(
+            o.contains("| mariadb-tpcc | 15.0 s | did not complete |"),
+            "{o}"
+        );
         assert_eq!(out.len(), 3);
         let svg = std::fs::read_to_string(dir.join("out/mariadb-tpcc-timeline.svg")).unwrap();
         assert!(svg.starts_with("<svg") && svg.contains("qemu-precopy"));

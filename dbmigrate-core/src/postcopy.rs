@@ -189,7 +189,6 @@ impl SourceSession {
             .await;
         reader.abort();
         stats.push_ms = u64::try_from(sw.started.elapsed().as_millis()).unwrap_or(u64::MAX);
-        self.stats.bytes_sent += stats.bytes;
         result.map(|()| stats)
     }
 
@@ -279,7 +278,9 @@ impl SourceSession {
                         }
                         drop(c.tx);
                         let sent = c.task.await.map_err(|e| fail(PrecopyError::Worker(e.to_string())))?;
-                        sent.map_err(|e| fail(e.into()))?;
+                        // A data connection's count covers its whole life:
+                        // the rounds before the switch and the push after it.
+                        self.stats.bytes_sent += sent.map_err(|e| fail(e.into()))?;
                     }
                 }
                 d = &mut sw.digests, if pushed && !verify_sent => {
@@ -337,6 +338,7 @@ impl SourceSession {
             }
             let frame = b.finish();
             stats.bytes += frame.len() as u64;
+            self.stats.bytes_sent += frame.len() as u64;
             protocol::write_frame(&mut self.ctrl_tx, &frame, "sending requested pages").await?;
         }
         Ok(())

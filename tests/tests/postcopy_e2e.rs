@@ -111,6 +111,16 @@ fn postcopy_runs_the_guest_on_the_destination_and_places_every_page_exactly() ->
         "the running guest faulted on missing pages: {d}"
     );
     assert!(d["postcopy_pages"].as_u64().unwrap_or(0) >= pc["pending_pages"].as_u64().unwrap_or(0));
+    // The report's link bytes cover the round before the switch and the
+    // post-copy push: about a page for every page sent raw (the guest's
+    // data does not compress; a few pushed pages may be zero markers).
+    let raw = r["pages"]["raw"].as_u64().unwrap_or(0);
+    let link = r["link_bytes"].as_u64().unwrap_or(0);
+    assert!(raw > 10_000, "{r}");
+    assert!(
+        link >= raw * 4096 / 10 * 9,
+        "link_bytes {link} for {raw} raw pages"
+    );
     assert!(
         p.src.wait_exit(Duration::from_secs(20)),
         "source QEMU still running"
