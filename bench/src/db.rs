@@ -164,11 +164,8 @@ pub(crate) fn start_load(
             bed.sysbench_on(vm_ip, guest, &script.to_string_lossy(), s.threads, secs32)
         }
         DbLoad::Tpcc { .. } => {
-            let bench = std::env::current_exe().context("finding the bench binary")?;
-            let mut c = bed.client(&bench.to_string_lossy());
-            c.args(["tpcc", "run", "--host", vm_ip])
-                .args(["--user", "sbtest", "--password", "sbtest", "--db", "tpcc"])
-                .arg(format!("--terminals={}", s.threads))
+            let mut c = tpcc_client(bed, "run", vm_ip)?;
+            c.arg(format!("--terminals={}", s.threads))
                 .arg(format!("--duration-s={secs}"))
                 .arg("--latency-dir")
                 .arg(&latency_dir);
@@ -249,6 +246,22 @@ impl Competing {
             "mbit_per_s": sent["bits_per_second"].as_f64().map(|b| (b / 1e5).round() / 10.0),
         })
     }
+}
+
+/// `bench tpcc <sub>` (this binary) in the client namespace against the
+/// TPC-C database of the VM at `vm_ip`, as the guest image's client user.
+fn tpcc_client(bed: &DbBed, sub: &str, vm_ip: &str) -> Result<std::process::Command> {
+    let bench = std::env::current_exe().context("finding the bench binary")?;
+    let mut c = bed.client(&bench.to_string_lossy());
+    c.args(["tpcc", sub, "--host", vm_ip]).args([
+        "--user",
+        "sbtest",
+        "--password",
+        "sbtest",
+        "--db",
+        "tpcc",
+    ]);
+    Ok(c)
 }
 
 /// The sysbench script that logs every transaction (bench/lua/).
@@ -361,14 +374,7 @@ pub(crate) fn consistent(s: &DbSetup, bed: &DbBed, vm_ip: &str) -> bool {
             ok
         }
         DbLoad::Tpcc { .. } => {
-            let Ok(bench) = std::env::current_exe() else {
-                return false;
-            };
-            let out = bed
-                .client(&bench.to_string_lossy())
-                .args(["tpcc", "check", "--host", vm_ip])
-                .args(["--user", "sbtest", "--password", "sbtest", "--db", "tpcc"])
-                .output();
+            let out = tpcc_client(bed, "check", vm_ip).and_then(|mut c| Ok(c.output()?));
             match out {
                 Ok(o) if o.status.success() => true,
                 Ok(o) => {
@@ -379,7 +385,7 @@ pub(crate) fn consistent(s: &DbSetup, bed: &DbBed, vm_ip: &str) -> bool {
                     false
                 }
                 Err(e) => {
-                    eprintln!("   tpcc check on {vm_ip}: {e}");
+                    eprintln!("   tpcc check on {vm_ip}: {e:#}");
                     false
                 }
             }
