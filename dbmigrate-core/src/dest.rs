@@ -1025,8 +1025,9 @@ impl DestSession {
                         Ok(req @ Message::VerifyRequest { .. }) => early_request = Some(req),
                         Ok(Message::Switch { pending }) => {
                             let bits = bitmap_from_bytes(&pending, pages)?;
-                            urgent_tx.send(ApplyInput::Switch(bits)).await
-                                .map_err(|_| DestError::Worker("RAM writer stopped".into()))?;
+                            if urgent_tx.send(ApplyInput::Switch(bits)).await.is_err() {
+                                return Err(stopped_writer(&mut applier).await);
+                            }
                             return Ok(Received::Postcopy(PostcopyRun {
                                 applier,
                                 urgent: urgent_tx,
@@ -1176,8 +1177,14 @@ impl DestSession {
                                     "page {} is beyond the {} pages of RAM", bad.page, run.pages
                                 )));
                             }
-                            run.urgent.send(ApplyInput::Batch(pages)).await
-                                .map_err(|_| DestError::Worker("RAM writer stopped".into()))?;
+                            // Every page is placed already: this is the answer to a
+                            // request that storage or the background push beat.
+                            if applied.is_some() {
+                                continue;
+                            }
+                            if run.urgent.send(ApplyInput::Batch(pages)).await.is_err() {
+                                return Err(stopped_writer(&mut run.applier).await);
+                            }
                         }
                         m @ Message::VerifyRequest { .. } => request = Some(m),
                         Message::Abort { reason } => return Err(DestError::SourceAborted { reason }),
@@ -1358,6 +1365,17 @@ async fn read_stream(
         if tx.send(input).await.is_err() {
             return Err(DestError::Worker("RAM writer stopped".into()));
         }
+    }
+}
+
+/// Why the RAM owner stopped taking inputs: its own error, not the closed channel.
+async fn stopped_writer(
+    applier: &mut tokio::task::JoinHandle<Result<Applied, DestError>>,
+) -> DestError {
+    match applier.await {
+        Ok(Err(e)) => e,
+        Ok(Ok(_)) => DestError::Worker("the RAM writer ended while pages were still coming".into()),
+        Err(e) => DestError::Worker(format!("the RAM writer failed: {e}")),
     }
 }
 

@@ -472,3 +472,144 @@ fn complete(r: dest::Received) -> (dbmigrate_core::ram::DestRam, bool) {
         dest::Received::Postcopy(_) => panic!("pre-copy switched to post-copy"),
     }
 }
+
+/// The race the QEMU test hit: the source answers a page request after
+/// storage or the background push already placed every page, so the RAM
+/// owner has finished. The late answer (the frozen RAM's same bytes) must be
+/// ignored, not end a post-copy whose VM already runs here.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_answer_after_every_page_is_placed_ends_postcopy_cleanly() {
+    let dst_path = ram_file("late");
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&dst_path)
+        .unwrap();
+    // SAFETY: a shared mapping of the test's own RAM file, standing in for
+    // QEMU's; it lives until the end of the test and only the kernel touches it.
+    let map = unsafe { memmap2::MmapMut::map_mut(&file) }.unwrap();
+    let base = map.as_ptr() as u64;
+    let uffd = dbmigrate_uffd::register_missing(base, PAGES * 4096).unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let p2 = dst_path.clone();
+    let receiver = tokio::spawn(async move {
+        let ram = DestRam::open(&p2, PAGES * 4096).unwrap();
+        let mut s = dest::accept(
+            &listener,
+            PAGES * 4096,
+            "tcp:x",
+            true,
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
+        let faults = dest::FaultSource {
+            uffd,
+            base,
+            len: PAGES * 4096,
+        };
+        let run = match s.receive(ram, None, Some(faults)).await.unwrap() {
+            dest::Received::Postcopy(run) => run,
+            dest::Received::Complete { .. } => panic!("no switch to post-copy"),
+        };
+        s.postcopy(run, async { Ok(()) }).await
+    });
+    let hello = |i| {
+        Message::Hello(Hello {
+            version: protocol::PROTOCOL_VERSION,
+            session: 9,
+            ram_bytes: PAGES * 4096,
+            page_size: 4096,
+            data_connections: 1,
+            conn_index: i,
+        })
+    };
+    let mut ctrl = TcpStream::connect(addr).await.unwrap();
+    protocol::write_message(&mut ctrl, &hello(0), "t")
+        .await
+        .unwrap();
+    let (m, _) = protocol::read_message(&mut ctrl, "t").await.unwrap();
+    assert!(matches!(m, Message::Welcome(w) if w.postcopy));
+    let mut data = TcpStream::connect(addr).await.unwrap();
+    protocol::write_message(&mut data, &hello(1), "t")
+        .await
+        .unwrap();
+
+    // The frozen source RAM: two pages with data, the rest zero.
+    let (p1, p2) = (5u64, 700u64);
+    let mut frozen = vec![0u8; (PAGES * 4096) as usize];
+    for p in [p1, p2] {
+        frozen[(p * 4096) as usize..((p + 1) * 4096) as usize].copy_from_slice(&page_bytes(p));
+    }
+    let mut pending = vec![0u8; PAGES.div_ceil(8) as usize];
+    for p in [p1, p2] {
+        pending[(p / 8) as usize] |= 1 << (p % 8);
+    }
+    protocol::write_message(&mut ctrl, &Message::Switch { pending }, "t")
+        .await
+        .unwrap();
+    protocol::write_message(&mut data, &Message::SwitchMark, "t")
+        .await
+        .unwrap();
+    let (m, _) = protocol::read_message(&mut ctrl, "t").await.unwrap();
+    assert!(matches!(m, Message::Switched), "got {}", m.name());
+    protocol::write_message(&mut ctrl, &Message::Commit, "t")
+        .await
+        .unwrap();
+    let (m, _) = protocol::read_message(&mut ctrl, "t").await.unwrap();
+    assert!(matches!(m, Message::Activated), "got {}", m.name());
+    // The background push places both pages and ends its stream...
+    let mut b = BatchBuilder::new(0);
+    for p in [p1, p2] {
+        b.push(p, PageEncoding::Raw, &page_bytes(p));
+    }
+    data.write_all(&b.finish()).await.unwrap();
+    protocol::write_message(&mut data, &Message::EndOfStream, "t")
+        .await
+        .unwrap();
+    // ...and only then the answer to an earlier request comes on the control
+    // connection, once the RAM owner had time to finish.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut b = BatchBuilder::new(0);
+    b.push(p1, PageEncoding::Raw, &page_bytes(p1));
+    ctrl.write_all(&b.finish()).await.unwrap();
+    let mut data_pages = PageBitmap::new(PAGES);
+    data_pages.set(p1);
+    data_pages.set(p2);
+    let digests = dbmigrate_core::verify::fold_page_hashes(
+        &dbmigrate_core::verify::page_hashes(&frozen, &data_pages, 1),
+        dbmigrate_core::verify::CHUNK_PAGES,
+    );
+    protocol::write_message(
+        &mut ctrl,
+        &Message::VerifyRequest {
+            chunk_pages: dbmigrate_core::verify::CHUNK_PAGES,
+            digests,
+        },
+        "t",
+    )
+    .await
+    .unwrap();
+    let (m, _) = protocol::read_message(&mut ctrl, "t").await.unwrap();
+    assert!(
+        matches!(
+            &m,
+            Message::VerifyResult {
+                mismatched_total: 0,
+                ..
+            }
+        ),
+        "got {}",
+        m.name()
+    );
+    let outcome = receiver.await.unwrap().expect("post-copy must end cleanly");
+    assert!(outcome.matched);
+    assert_eq!(
+        &map[..],
+        &frozen[..],
+        "destination RAM differs from the frozen source"
+    );
+    drop(map);
+    std::fs::remove_file(dst_path).unwrap();
+}
