@@ -538,13 +538,13 @@ async fn a_late_answer_after_every_page_is_placed_ends_postcopy_cleanly() {
 
     // The frozen source RAM: two pages with data, the rest zero.
     let (p1, p2) = (5u64, 700u64);
-    let mut frozen = vec![0u8; (PAGES * 4096) as usize];
+    let ram_len = usize::try_from(PAGES * 4096).unwrap();
+    let mut frozen = vec![0u8; ram_len];
+    let mut pending = vec![0u8; ram_len / 4096 / 8];
     for p in [p1, p2] {
-        frozen[(p * 4096) as usize..((p + 1) * 4096) as usize].copy_from_slice(&page_bytes(p));
-    }
-    let mut pending = vec![0u8; PAGES.div_ceil(8) as usize];
-    for p in [p1, p2] {
-        pending[(p / 8) as usize] |= 1 << (p % 8);
+        let i = usize::try_from(p).unwrap();
+        frozen[i * 4096..(i + 1) * 4096].copy_from_slice(&page_bytes(p));
+        pending[i / 8] |= 1 << (i % 8);
     }
     protocol::write_message(&mut ctrl, &Message::Switch { pending }, "t")
         .await
