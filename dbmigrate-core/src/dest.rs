@@ -11,12 +11,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use thiserror::Error;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::tcp::OwnedReadHalf;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot};
 use xxhash_rust::xxh3::xxh3_128;
 
 use crate::bitmap::PageBitmap;
+use crate::control::ControlWriter;
 use crate::protocol::{self, Hello, Message, PageEncoding, PageEntry, ProtocolError, Welcome};
 use crate::ram::{DestRam, RamError};
 use crate::rebuild::{self, RefRequest, Storage};
@@ -102,6 +103,8 @@ pub struct DestStats {
     pub rejected_refs: u64,
     /// Bytes read from shared storage.
     pub storage_bytes: u64,
+    /// References not read because shared storage was failing (page asked for).
+    pub storage_unread: u64,
     /// Time spent hashing at switchover.
     pub verify_ms: u64,
     /// Post-copy: page faults the VM took on missing pages.
@@ -118,6 +121,9 @@ pub struct DestStats {
     pub postcopy_pages: u64,
     /// Post-copy: switch to last page placed.
     pub postcopy_ms: u64,
+    /// Post-copy: every page was placed but the source went silent before
+    /// the placed pages could be compared with its frozen RAM.
+    pub postcopy_unverified: bool,
 }
 
 /// A source that passed the handshake, with its data connections.
@@ -125,7 +131,7 @@ pub struct DestSession {
     /// Messages of the control connection, read by their own task (reads
     /// are never cancelled halfway through a frame).
     ctrl_in: mpsc::Receiver<Result<Message, ProtocolError>>,
-    ctrl_tx: OwnedWriteHalf,
+    ctrl_tx: ControlWriter,
     data: Vec<TcpStream>,
     hello: Hello,
     peer_timeout: Duration,
@@ -244,7 +250,7 @@ pub async fn accept(
     tokio::spawn(read_control(ctrl_rx, in_tx));
     Ok(DestSession {
         ctrl_in,
-        ctrl_tx,
+        ctrl_tx: ControlWriter::new(ctrl_tx),
         data: slots.into_iter().flatten().collect(),
         hello,
         peer_timeout,
@@ -279,9 +285,11 @@ enum ApplyInput {
     Failed(DestError),
     /// A storage read of a run of references finished: per page (page,
     /// version, whether it matched), and the pages read, in the same order.
+    /// `unread`: storage was not read (failing), every page is unmatched.
     Resolved {
         pages: Vec<(u64, u32, bool)>,
         data: Vec<u8>,
+        unread: bool,
     },
 }
 
@@ -312,15 +320,20 @@ impl Heard {
     }
 }
 
-/// Reads references from shared storage, several pages per read where the
-/// disk offsets are consecutive, and hands the verified pages back.
-fn storage_worker(
+/// What the storage readers share.
+struct StorageReaders {
     storage: Arc<dyn Storage>,
-    requests: Arc<Mutex<std::sync::mpsc::Receiver<RefRequest>>>,
+    requests: Mutex<std::sync::mpsc::Receiver<RefRequest>>,
     results: mpsc::Sender<ApplyInput>,
     bytes: Arc<AtomicU64>,
     heard: Arc<Heard>,
-) {
+    breaker: Mutex<rebuild::StorageBreaker>,
+}
+
+/// Reads references from shared storage, several pages per read where the
+/// disk offsets are consecutive, and hands the verified pages back. While
+/// storage is failing, runs are handed back unread (the source sends them).
+fn storage_worker(r: Arc<StorageReaders>) {
     // Large gathers let sorting find long runs: a warm buffer pool holds
     // most pages of a table, which sit next to each other on disk.
     const GATHER: usize = 2048;
@@ -331,12 +344,12 @@ fn storage_worker(
     const IN_FLIGHT: usize = 32;
     loop {
         let batch = {
-            let Ok(rx) = requests.lock() else { return };
+            let Ok(rx) = r.requests.lock() else { return };
             let Ok(first) = rx.recv() else { return };
             let mut v = vec![first];
             while v.len() < GATHER {
                 match rx.try_recv() {
-                    Ok(r) => v.push(r),
+                    Ok(req) => v.push(req),
                     Err(_) => break,
                 }
             }
@@ -356,33 +369,52 @@ fn storage_worker(
             start = end;
             let mut bufs: Vec<Vec<u8>> = group
                 .iter()
-                .map(|r| vec![0u8; r.len() * PAGE_SIZE])
+                .map(|run| vec![0u8; run.len() * PAGE_SIZE])
                 .collect();
-            let read = {
-                let mut reads: Vec<(u64, &mut [u8])> = group
-                    .iter()
-                    .zip(bufs.iter_mut())
-                    .map(|(r, b)| (r[0].hint.offset, b.as_mut_slice()))
-                    .collect();
-                storage.read_many(disk, &mut reads)
-            };
+            let allowed = r
+                .breaker
+                .lock()
+                .map(|b| b.allows(Instant::now()))
+                .unwrap_or(false);
+            let read_ok = allowed
+                && {
+                    let mut reads: Vec<(u64, &mut [u8])> = group
+                        .iter()
+                        .zip(bufs.iter_mut())
+                        .map(|(run, b)| (run[0].hint.offset, b.as_mut_slice()))
+                        .collect();
+                    let read = r.storage.read_many(disk, &mut reads);
+                    if let Ok(mut b) = r.breaker.lock() {
+                        match &read {
+                            Ok(()) => b.succeeded(),
+                            Err(e) => {
+                                tracing::warn!(error = %e, "shared storage read failed; asking the source for the pages and leaving storage alone for a while");
+                                b.failed(Instant::now());
+                            }
+                        }
+                    }
+                    read.is_ok()
+                };
             // The source waits while storage is read: that is progress, not silence.
-            heard.touch();
-            if let Err(e) = &read {
-                tracing::warn!(error = %e, "shared storage read failed; asking the source for the pages");
-            }
+            r.heard.touch();
             for (run, buf) in group.iter().zip(bufs) {
-                bytes.fetch_add(buf.len() as u64, Ordering::Relaxed);
+                if read_ok {
+                    r.bytes.fetch_add(buf.len() as u64, Ordering::Relaxed);
+                }
                 // One message per run, not per page: the applier is woken once.
                 let pages = run
                     .iter()
                     .zip(buf.chunks_exact(PAGE_SIZE))
-                    .map(|(r, page)| (r.page, r.version, read.is_ok() && xxh3_128(page) == r.hash))
+                    .map(|(req, page)| {
+                        (req.page, req.version, read_ok && xxh3_128(page) == req.hash)
+                    })
                     .collect();
-                if results
-                    .blocking_send(ApplyInput::Resolved { pages, data: buf })
-                    .is_err()
-                {
+                let done = ApplyInput::Resolved {
+                    pages,
+                    data: buf,
+                    unread: !read_ok,
+                };
+                if r.results.blocking_send(done).is_err() {
                     return;
                 }
             }
@@ -522,7 +554,12 @@ impl Applier {
     /// is still current are written, consecutive RAM pages in one write
     /// (buffer-pool frames are 4 consecutive pages); a mismatch goes on the
     /// list of pages to ask the source for.
-    fn resolved_run(&mut self, pages: &[(u64, u32, bool)], data: &[u8]) -> Result<(), DestError> {
+    fn resolved_run(
+        &mut self,
+        pages: &[(u64, u32, bool)],
+        data: &[u8],
+        unread: bool,
+    ) -> Result<(), DestError> {
         self.outstanding -= pages.len() as u64;
         // (first RAM page, first index in `pages`, count) of the pending write.
         let mut group: Option<(u64, usize, usize)> = None;
@@ -534,7 +571,11 @@ impl Applier {
             }
             self.inflight.unset(page);
             if !ok {
-                self.stats.rebuild_mismatch += 1;
+                if unread {
+                    self.stats.storage_unread += 1;
+                } else {
+                    self.stats.rebuild_mismatch += 1;
+                }
                 self.unresolved(page);
                 continue;
             }
@@ -746,7 +787,11 @@ impl Applier {
                     bytes += b;
                 }
                 ApplyInput::Failed(e) => return Err(e),
-                ApplyInput::Resolved { pages, data } => self.resolved_run(&pages, &data)?,
+                ApplyInput::Resolved {
+                    pages,
+                    data,
+                    unread,
+                } => self.resolved_run(&pages, &data, unread)?,
             }
             if self.marks == self.conns && self.switch.is_some() && self.post.is_none() {
                 let pending = self.switch.take().expect("checked");
@@ -902,6 +947,9 @@ impl Drop for SessionStop {
 pub struct PostcopyOutcome {
     /// Every placed page matched the source's frozen RAM.
     pub matched: bool,
+    /// The comparison took place (false: every page was placed and the VM
+    /// runs, but the source went silent before sending its digests).
+    pub compared: bool,
     /// Chunks that differed.
     pub mismatched_chunks: u32,
 }
@@ -934,16 +982,17 @@ impl DestSession {
         let (refs, disk_sizes) = match &storage {
             Some(st) => {
                 let (req_tx, req_rx) = std::sync::mpsc::channel::<RefRequest>();
-                let req_rx = Arc::new(Mutex::new(req_rx));
+                let readers = Arc::new(StorageReaders {
+                    storage: st.clone(),
+                    requests: Mutex::new(req_rx),
+                    results: tx.clone(),
+                    bytes: storage_bytes.clone(),
+                    heard: heard.clone(),
+                    breaker: Mutex::new(rebuild::StorageBreaker::default()),
+                });
                 for _ in 0..4 {
-                    let (st, req_rx, tx, b, h) = (
-                        st.clone(),
-                        req_rx.clone(),
-                        tx.clone(),
-                        storage_bytes.clone(),
-                        heard.clone(),
-                    );
-                    std::thread::spawn(move || storage_worker(st, req_rx, tx, b, h));
+                    let r = readers.clone();
+                    std::thread::spawn(move || storage_worker(r));
                 }
                 (Some(req_tx), st.disk_sizes().to_vec())
             }
@@ -1007,12 +1056,13 @@ impl DestSession {
             tokio::select! {
                 biased;
                 Some(m) = out_rx.recv() => {
-                    protocol::write_message(&mut self.ctrl_tx, &m, "answering a drain").await?;
+                    self.ctrl_tx.send(&m, "answering a drain").await?;
                 }
                 r = &mut applier => break r.map_err(|e| DestError::Worker(e.to_string()))??,
                 () = tokio::time::sleep(Duration::from_secs(1)) => {
-                    // A cut link shows as silence, not as an error.
-                    if heard.silence() > self.peer_timeout {
+                    // A cut link shows as silence, not as an error. Once the
+                    // digests came, the source waits for this side's answer.
+                    if early_request.is_none() && heard.silence() > self.peer_timeout {
                         return Err(DestError::Timeout {
                             secs: self.peer_timeout.as_secs(),
                             doing: "receiving pages",
@@ -1037,6 +1087,7 @@ impl DestSession {
                                 pages,
                             }));
                         }
+                        Ok(Message::Heartbeat) => {}
                         Ok(Message::Abort { reason }) => return Err(DestError::SourceAborted { reason }),
                         Ok(other) => return Err(DestError::Unexpected { got: other.name(), expected: "pages" }),
                         Err(e) => return Err(e.into()),
@@ -1046,7 +1097,7 @@ impl DestSession {
         };
         drop(stop);
         while let Ok(m) = out_rx.try_recv() {
-            protocol::write_message(&mut self.ctrl_tx, &m, "answering a drain").await?;
+            self.ctrl_tx.send(&m, "answering a drain").await?;
         }
         let Applied {
             ram,
@@ -1105,15 +1156,15 @@ impl DestSession {
             .into_iter()
             .take(protocol::MAX_REPORTED_MISMATCHES)
             .collect();
-        protocol::write_message(
-            &mut self.ctrl_tx,
-            &Message::VerifyResult {
-                mismatched: listed,
-                mismatched_total: total,
-            },
-            "sending the RAM comparison",
-        )
-        .await?;
+        self.ctrl_tx
+            .send(
+                &Message::VerifyResult {
+                    mismatched: listed,
+                    mismatched_total: total,
+                },
+                "sending the RAM comparison",
+            )
+            .await?;
         Ok(total)
     }
 
@@ -1147,13 +1198,14 @@ impl DestSession {
                 let total = self.compare(req, &digests, pages).await?;
                 return Ok(PostcopyOutcome {
                     matched: total == 0,
+                    compared: true,
                     mismatched_chunks: total,
                 });
             }
             tokio::select! {
                 biased;
                 Some(m) = run.out.recv() => {
-                    protocol::write_message(&mut self.ctrl_tx, &m, "asking for pages").await?;
+                    self.ctrl_tx.send(&m, "asking for pages").await?;
                 }
                 r = &mut run.applier, if applied.is_none() => {
                     applied = Some(r.map_err(|e| DestError::Worker(e.to_string()))??);
@@ -1165,7 +1217,7 @@ impl DestSession {
                         self.abort(&reason).await;
                         return Err(DestError::Resume(reason));
                     }
-                    protocol::write_message(&mut self.ctrl_tx, &Message::Activated, "sending Activated").await?;
+                    self.ctrl_tx.send(&Message::Activated, "sending Activated").await?;
                 }
                 m = self.ctrl_in.recv() => {
                     last_word = Instant::now();
@@ -1187,15 +1239,31 @@ impl DestSession {
                             }
                         }
                         m @ Message::VerifyRequest { .. } => request = Some(m),
+                        Message::Heartbeat => {}
                         Message::Abort { reason } => return Err(DestError::SourceAborted { reason }),
                         other => return Err(DestError::Unexpected { got: other.name(), expected: "post-copy pages" }),
                     }
                 }
                 () = tokio::time::sleep(Duration::from_secs(1)) => {
-                    if applied.is_none() && last_word.elapsed() > self.peer_timeout {
+                    if last_word.elapsed() > self.peer_timeout {
+                        if applied.is_some() && resumed {
+                            // Every page is placed and the VM runs here: only
+                            // the comparison is missing. Stopping the VM now
+                            // would lose it; the source cannot take it back.
+                            tracing::error!(
+                                secs = self.peer_timeout.as_secs(),
+                                "the source went silent after every page was placed: the VM runs here, but its memory was not compared with the source's"
+                            );
+                            self.stats = DestStats {
+                                storage_bytes: run.storage_bytes.load(Ordering::Relaxed),
+                                postcopy_unverified: true,
+                                ..applied.map(|a| a.stats).unwrap_or_default()
+                            };
+                            return Ok(PostcopyOutcome { matched: false, compared: false, mismatched_chunks: 0 });
+                        }
                         return Err(DestError::Timeout {
                             secs: self.peer_timeout.as_secs(),
-                            doing: "post-copy (pages still missing)",
+                            doing: if applied.is_none() { "post-copy (pages still missing)" } else { "post-copy (waiting for Commit)" },
                         });
                     }
                 }
@@ -1216,7 +1284,8 @@ impl DestSession {
 
     /// Tells the source the VM runs here now.
     pub async fn activated(&mut self) -> Result<(), DestError> {
-        protocol::write_message(&mut self.ctrl_tx, &Message::Activated, "sending Activated")
+        self.ctrl_tx
+            .send(&Message::Activated, "sending Activated")
             .await?;
         Ok(())
     }
@@ -1225,8 +1294,7 @@ impl DestSession {
     pub async fn abort(&mut self, reason: &str) {
         let _ = tokio::time::timeout(
             Duration::from_secs(2),
-            protocol::write_message(
-                &mut self.ctrl_tx,
+            self.ctrl_tx.send(
                 &Message::Abort {
                     reason: reason.to_string(),
                 },
@@ -1237,9 +1305,16 @@ impl DestSession {
     }
 
     async fn read_ctrl(&mut self, doing: &'static str) -> Result<Message, DestError> {
-        let msg = within(self.peer_timeout, doing, self.ctrl_in.recv())
-            .await?
-            .ok_or(ProtocolError::Closed { doing })??;
+        // The timeout runs from the last message: heartbeats show the
+        // source alive while it waits for QEMU or hashes its RAM.
+        let msg = loop {
+            let msg = within(self.peer_timeout, doing, self.ctrl_in.recv())
+                .await?
+                .ok_or(ProtocolError::Closed { doing })??;
+            if msg != Message::Heartbeat {
+                break msg;
+            }
+        };
         if let Message::Abort { reason } = msg {
             return Err(DestError::SourceAborted { reason });
         }

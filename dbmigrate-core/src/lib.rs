@@ -7,6 +7,7 @@
 #![deny(missing_docs)]
 
 pub mod bitmap;
+pub mod control;
 pub mod dest;
 pub mod dirty;
 pub mod layout;

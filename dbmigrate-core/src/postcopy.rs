@@ -99,12 +99,13 @@ impl SourceSession {
             }
         }
         let bytes = bitmap_bytes(&pending);
-        self.stats.bytes_sent += protocol::write_message(
-            &mut self.ctrl_tx,
-            &Message::Switch { pending: bytes },
-            "switching to post-copy",
-        )
-        .await?;
+        self.stats.bytes_sent += self
+            .ctrl_tx
+            .send(
+                &Message::Switch { pending: bytes },
+                "switching to post-copy",
+            )
+            .await?;
         match self
             .read_ctrl("waiting for the destination to take over faults")
             .await?
@@ -250,6 +251,7 @@ impl SourceSession {
                             self.stats.mismatched_chunks = mismatched_total;
                             return Ok(());
                         }
+                        Message::Heartbeat => {}
                         Message::Abort { reason } => return Err(fail(PrecopyError::Refused { reason })),
                         other => return Err(fail(self.unexpected(other, "PageRequest, Activated or VerifyResult"))),
                     }
@@ -260,7 +262,7 @@ impl SourceSession {
                     }
                     // Point of no return: the destination resumes the VM on Commit.
                     committed = true;
-                    self.stats.bytes_sent += protocol::write_message(&mut self.ctrl_tx, &Message::Commit, "sending Commit")
+                    self.stats.bytes_sent += self.ctrl_tx.send(&Message::Commit, "sending Commit")
                         .await
                         .map_err(|e| PostcopyError::AfterCommit(e.into()))?;
                 }
@@ -286,9 +288,7 @@ impl SourceSession {
                 d = &mut sw.digests, if pushed && !verify_sent => {
                     let digests = d.map_err(|e| fail(PrecopyError::Worker(e.to_string())))?;
                     verify_sent = true;
-                    self.stats.bytes_sent += protocol::write_message(
-                        &mut self.ctrl_tx,
-                        &Message::VerifyRequest { chunk_pages: verify::CHUNK_PAGES, digests },
+                    self.stats.bytes_sent += self.ctrl_tx.send(&Message::VerifyRequest { chunk_pages: verify::CHUNK_PAGES, digests },
                         "sending the digests of the frozen RAM",
                     )
                     .await
@@ -339,7 +339,9 @@ impl SourceSession {
             let frame = b.finish();
             stats.bytes += frame.len() as u64;
             self.stats.bytes_sent += frame.len() as u64;
-            protocol::write_frame(&mut self.ctrl_tx, &frame, "sending requested pages").await?;
+            self.ctrl_tx
+                .send_frame(&frame, "sending requested pages")
+                .await?;
         }
         Ok(())
     }

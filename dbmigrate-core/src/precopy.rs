@@ -23,6 +23,7 @@ use tokio::task::JoinHandle;
 use xxhash_rust::xxh3::xxh3_128;
 
 use crate::bitmap::PageBitmap;
+use crate::control::ControlWriter;
 use crate::dirty::{DirtyError, DirtyTracker};
 use crate::limiter::RateLimiter;
 use crate::protocol::{
@@ -274,7 +275,7 @@ pub struct SourceConfig {
     pub policy: StopPolicy,
     /// Threads hashing RAM at switchover.
     pub verify_threads: usize,
-    /// Longest wait for any answer of the destination.
+    /// Longest silence of the destination (it sends a heartbeat every second).
     pub peer_timeout: Duration,
     /// Where pages may be rebuilt from shared storage (untrusted; each hint is checked).
     pub hints: Option<Arc<dyn HintSource>>,
@@ -291,7 +292,7 @@ impl Default for SourceConfig {
             compress: false,
             policy: StopPolicy::default(),
             verify_threads: 2,
-            peer_timeout: Duration::from_secs(60),
+            peer_timeout: Duration::from_secs(30),
             hints: None,
             disk_sizes: Vec::new(),
         }
@@ -333,7 +334,7 @@ pub struct SourceSession {
     pub(crate) cfg: SourceConfig,
     /// None once post-copy hands it to its reader task.
     pub(crate) ctrl_rx: Option<OwnedReadHalf>,
-    pub(crate) ctrl_tx: OwnedWriteHalf,
+    pub(crate) ctrl_tx: ControlWriter,
     pub(crate) data: Vec<DataConn>,
     welcome: Welcome,
     history: Vec<RoundObservation>,
@@ -411,7 +412,7 @@ impl SourceSession {
             tracker,
             cfg,
             ctrl_rx: Some(ctrl_rx),
-            ctrl_tx,
+            ctrl_tx: ControlWriter::new(ctrl_tx),
             data,
             welcome,
             history: Vec::new(),
@@ -574,15 +575,16 @@ impl SourceSession {
             .digests
             .take()
             .ok_or_else(|| PrecopyError::Worker("verify called before final_round".into()))?;
-        self.stats.bytes_sent += protocol::write_message(
-            &mut self.ctrl_tx,
-            &Message::VerifyRequest {
-                chunk_pages: verify::CHUNK_PAGES,
-                digests,
-            },
-            "sending RAM digests",
-        )
-        .await?;
+        self.stats.bytes_sent += self
+            .ctrl_tx
+            .send(
+                &Message::VerifyRequest {
+                    chunk_pages: verify::CHUNK_PAGES,
+                    digests,
+                },
+                "sending RAM digests",
+            )
+            .await?;
         let msg = self
             .read_ctrl("waiting for the destination's RAM comparison")
             .await?;
@@ -614,8 +616,10 @@ impl SourceSession {
 
     /// First half of [`SourceSession::commit`]: the point of no return.
     pub async fn send_commit(&mut self) -> Result<(), PrecopyError> {
-        self.stats.bytes_sent +=
-            protocol::write_message(&mut self.ctrl_tx, &Message::Commit, "sending Commit").await?;
+        self.stats.bytes_sent += self
+            .ctrl_tx
+            .send(&Message::Commit, "sending Commit")
+            .await?;
         Ok(())
     }
 
@@ -631,16 +635,16 @@ impl SourceSession {
     }
 
     /// Tells the destination to give up (best effort) and closes the session.
-    pub async fn abort(mut self, reason: &str) {
+    pub async fn abort(self, reason: &str) {
         let msg = Message::Abort {
             reason: reason.to_string(),
         };
         let _ = tokio::time::timeout(
             Duration::from_secs(2),
-            protocol::write_message(&mut self.ctrl_tx, &msg, "sending Abort"),
+            self.ctrl_tx.send(&msg, "sending Abort"),
         )
         .await;
-        let _ = self.ctrl_tx.shutdown().await;
+        self.ctrl_tx.shutdown().await;
         for c in self.data {
             c.task.abort();
         }
@@ -649,15 +653,22 @@ impl SourceSession {
     /// If a data connection failed, the destination has usually said why on
     /// the control connection: prefer that reason.
     pub async fn peer_reason(&mut self) -> Option<String> {
-        match tokio::time::timeout(
-            Duration::from_millis(500),
-            protocol::read_message(self.ctrl_rx.as_mut()?, "reading the destination's reason"),
-        )
-        .await
-        {
-            Ok(Ok((Message::Abort { reason } | Message::Refuse { reason }, _))) => Some(reason),
-            _ => None,
-        }
+        let rx = self.ctrl_rx.as_mut()?;
+        let reason = async {
+            loop {
+                match protocol::read_message(rx, "reading the destination's reason").await {
+                    Ok((Message::Abort { reason } | Message::Refuse { reason }, _)) => {
+                        return Some(reason)
+                    }
+                    Ok((Message::Heartbeat, _)) => {}
+                    _ => return None,
+                }
+            }
+        };
+        tokio::time::timeout(Duration::from_millis(500), reason)
+            .await
+            .ok()
+            .flatten()
     }
 
     pub(crate) async fn read_ctrl(&mut self, doing: &'static str) -> Result<Message, PrecopyError> {
@@ -665,13 +676,20 @@ impl SourceSession {
             .ctrl_rx
             .as_mut()
             .ok_or(ProtocolError::Closed { doing })?;
-        let (msg, n) = timeout(
-            self.cfg.peer_timeout,
-            doing,
-            protocol::read_message(rx, doing),
-        )
-        .await??;
-        self.stats.bytes_received += n;
+        // The timeout runs from the last message: a heartbeat shows the
+        // destination alive however long its work takes.
+        let msg = loop {
+            let (msg, n) = timeout(
+                self.cfg.peer_timeout,
+                doing,
+                protocol::read_message(rx, doing),
+            )
+            .await??;
+            self.stats.bytes_received += n;
+            if msg != Message::Heartbeat {
+                break msg;
+            }
+        };
         if let Message::Abort { reason } = msg {
             return Err(PrecopyError::Refused { reason });
         }

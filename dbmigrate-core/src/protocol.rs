@@ -31,6 +31,10 @@
 //!   | <-------------------------- Activated{resume time}
 //! ```
 //!
+//! Once the session is set up both sides send a [`Message::Heartbeat`] on
+//! the control connection every [`HEARTBEAT_INTERVAL`], whatever else they
+//! do, so that silence means a dead peer or a cut link, never a busy one.
+//!
 //! A page is always sent on the same data connection (see
 //! [`connection_for_page`]), so per-page ordering follows TCP ordering and the
 //! last message about a page decides its content. Every length, count and
@@ -47,13 +51,15 @@ use crate::PAGE_SIZE;
 /// First four bytes of every frame: "DMG1" little-endian.
 pub const MAGIC: u32 = u32::from_le_bytes(*b"DMG1");
 /// Protocol version carried in [`Hello`] and [`Welcome`].
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 /// Size of the fixed frame header.
 pub const HEADER_LEN: usize = 16;
 /// Largest payload a peer may announce; larger frames are refused unread.
 pub const MAX_PAYLOAD: u64 = 8 << 20;
 /// Largest string (reasons, URIs) a peer may send.
 pub const MAX_STRING: usize = 4096;
+/// How often each side sends a [`Message::Heartbeat`] on the control connection.
+pub const HEARTBEAT_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 /// Pages per chunk that stay on one data connection.
 pub const PAGES_PER_STRIPE: u64 = 64;
 
@@ -271,6 +277,8 @@ pub enum Message {
         /// Pages (at most [`MAX_NEED`]).
         pages: Vec<u64>,
     },
+    /// Control connection, either side: still alive (carries nothing).
+    Heartbeat,
 }
 
 /// Most pages asked for in one [`Message::Drained`].
@@ -295,6 +303,7 @@ const K_SWITCH: u16 = 13;
 const K_SWITCH_MARK: u16 = 14;
 const K_SWITCHED: u16 = 15;
 const K_PAGE_REQUEST: u16 = 16;
+const K_HEARTBEAT: u16 = 17;
 
 /// Data connection (1-based) that carries `page` when `conns` data connections exist.
 pub fn connection_for_page(page: u64, conns: u16) -> u16 {
@@ -323,6 +332,7 @@ impl Message {
             Message::SwitchMark => "SwitchMark",
             Message::Switched => "Switched",
             Message::PageRequest { .. } => "PageRequest",
+            Message::Heartbeat => "Heartbeat",
         }
     }
 
@@ -344,6 +354,7 @@ impl Message {
             Message::SwitchMark => K_SWITCH_MARK,
             Message::Switched => K_SWITCHED,
             Message::PageRequest { .. } => K_PAGE_REQUEST,
+            Message::Heartbeat => K_HEARTBEAT,
         }
     }
 
@@ -376,7 +387,8 @@ impl Message {
             | Message::Commit
             | Message::Activated
             | Message::SwitchMark
-            | Message::Switched => {}
+            | Message::Switched
+            | Message::Heartbeat => {}
             Message::Switch { pending } => {
                 put_len(&mut p, pending.len());
                 p.extend_from_slice(pending);
@@ -514,6 +526,7 @@ impl Message {
             K_ACTIVATED => Message::Activated,
             K_SWITCH_MARK => Message::SwitchMark,
             K_SWITCHED => Message::Switched,
+            K_HEARTBEAT => Message::Heartbeat,
             K_SWITCH => {
                 let n = r.len(1)?;
                 Message::Switch {
@@ -635,6 +648,7 @@ fn kind_name(kind: u16) -> Result<&'static str, ProtocolError> {
         K_SWITCH_MARK => "SwitchMark",
         K_SWITCHED => "Switched",
         K_PAGE_REQUEST => "PageRequest",
+        K_HEARTBEAT => "Heartbeat",
         _ => return Err(ProtocolError::UnknownKind { kind }),
     })
 }
@@ -877,6 +891,7 @@ mod tests {
             Message::PageRequest {
                 pages: vec![3, 1 << 40],
             },
+            Message::Heartbeat,
         ]
     }
 

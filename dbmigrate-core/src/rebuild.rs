@@ -248,6 +248,50 @@ pub fn coalesce(mut reqs: Vec<RefRequest>, max_run: usize) -> Vec<Vec<RefRequest
     runs
 }
 
+/// Whether to read shared storage now. A read that failed (a cut storage
+/// link, a dead server) costs its I/O timeout; without this every further
+/// read would cost one too, while the source waits. After a failure storage
+/// is left alone for a while, doubling from [`StorageBreaker::FIRST_PAUSE`]
+/// up to [`StorageBreaker::LONGEST_PAUSE`]; meanwhile references are asked
+/// of the source at once. The first read after a pause probes storage again.
+#[derive(Debug)]
+pub struct StorageBreaker {
+    paused_until: Option<std::time::Instant>,
+    pause: std::time::Duration,
+}
+
+impl Default for StorageBreaker {
+    fn default() -> Self {
+        Self {
+            paused_until: None,
+            pause: Self::FIRST_PAUSE,
+        }
+    }
+}
+
+impl StorageBreaker {
+    /// Pause after the first failure.
+    pub const FIRST_PAUSE: std::time::Duration = std::time::Duration::from_secs(1);
+    /// Longest pause after repeated failures.
+    pub const LONGEST_PAUSE: std::time::Duration = std::time::Duration::from_secs(16);
+
+    /// Storage may be read at `now`.
+    pub fn allows(&self, now: std::time::Instant) -> bool {
+        self.paused_until.is_none_or(|until| now >= until)
+    }
+
+    /// A read failed at `now`: pause, longer each time in a row.
+    pub fn failed(&mut self, now: std::time::Instant) {
+        self.paused_until = Some(now + self.pause);
+        self.pause = (self.pause * 2).min(Self::LONGEST_PAUSE);
+    }
+
+    /// A read succeeded: storage is healthy again.
+    pub fn succeeded(&mut self) {
+        *self = Self::default();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -309,6 +353,30 @@ mod tests {
             ),
             Err(HintReject::OutOfRange { .. })
         ));
+    }
+
+    #[test]
+    fn storage_is_left_alone_longer_after_each_failure_and_healthy_after_a_read() {
+        use std::time::{Duration, Instant};
+        let t = Instant::now();
+        let mut b = StorageBreaker::default();
+        assert!(b.allows(t));
+        b.failed(t);
+        assert!(!b.allows(t + Duration::from_millis(999)));
+        assert!(b.allows(t + Duration::from_secs(1)));
+        // The probe fails too: the next pause is twice as long.
+        let t2 = t + Duration::from_secs(1);
+        b.failed(t2);
+        assert!(!b.allows(t2 + Duration::from_millis(1999)));
+        assert!(b.allows(t2 + Duration::from_secs(2)));
+        for _ in 0..10 {
+            b.failed(t2);
+        }
+        assert!(b.allows(t2 + StorageBreaker::LONGEST_PAUSE));
+        b.succeeded();
+        assert!(b.allows(t2));
+        b.failed(t2);
+        assert!(b.allows(t2 + StorageBreaker::FIRST_PAUSE));
     }
 
     #[test]

@@ -208,7 +208,7 @@ async fn destination_refuses_a_page_beyond_ram_and_says_why() {
     data.write_all(&b.finish()).await.unwrap();
     let err = receiver.await.unwrap();
     assert!(err.contains("beyond"), "{err}");
-    let (m, _) = protocol::read_message(&mut ctrl, "t").await.unwrap();
+    let m = next_ctrl(&mut ctrl).await;
     assert!(matches!(m, Message::Abort { reason } if reason.contains("beyond")));
     std::fs::remove_file(dst_path).unwrap();
 }
@@ -473,13 +473,28 @@ fn complete(r: dest::Received) -> (dbmigrate_core::ram::DestRam, bool) {
     }
 }
 
-/// The race the QEMU test hit: the source answers a page request after
-/// storage or the background push already placed every page, so the RAM
-/// owner has finished. The late answer (the frozen RAM's same bytes) must be
-/// ignored, not end a post-copy whose VM already runs here.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_late_answer_after_every_page_is_placed_ends_postcopy_cleanly() {
-    let dst_path = ram_file("late");
+/// How the scripted source of [`postcopy_to_a_real_userfaultfd`] ends.
+#[derive(Clone, Copy, PartialEq)]
+enum PostcopyEnding {
+    /// An answer to a page request comes after every page was placed,
+    /// then the digests.
+    LateAnswer,
+    /// The source goes silent once every page was pushed (its link cut).
+    SilentSource,
+}
+
+/// A post-copy into a real userfaultfd-registered mapping of the
+/// destination RAM file, from a scripted source: switch with two pages
+/// pending, Commit, the push of both pages, then `ending`. Returns the
+/// destination's outcome, and whether its RAM equals the frozen source's.
+async fn postcopy_to_a_real_userfaultfd(
+    ending: PostcopyEnding,
+) -> (Result<dest::PostcopyOutcome, dest::DestError>, bool) {
+    let dst_path = ram_file(if ending == PostcopyEnding::LateAnswer {
+        "late"
+    } else {
+        "silent-post"
+    });
     let file = OpenOptions::new()
         .read(true)
         .write(true)
@@ -500,7 +515,7 @@ async fn a_late_answer_after_every_page_is_placed_ends_postcopy_cleanly() {
             PAGES * 4096,
             "tcp:x",
             true,
-            Duration::from_secs(10),
+            Duration::from_secs(3),
         )
         .await
         .unwrap();
@@ -552,12 +567,12 @@ async fn a_late_answer_after_every_page_is_placed_ends_postcopy_cleanly() {
     protocol::write_message(&mut data, &Message::SwitchMark, "t")
         .await
         .unwrap();
-    let (m, _) = protocol::read_message(&mut ctrl, "t").await.unwrap();
+    let m = next_ctrl(&mut ctrl).await;
     assert!(matches!(m, Message::Switched), "got {}", m.name());
     protocol::write_message(&mut ctrl, &Message::Commit, "t")
         .await
         .unwrap();
-    let (m, _) = protocol::read_message(&mut ctrl, "t").await.unwrap();
+    let m = next_ctrl(&mut ctrl).await;
     assert!(matches!(m, Message::Activated), "got {}", m.name());
     // The background push places both pages and ends its stream...
     let mut b = BatchBuilder::new(0);
@@ -568,48 +583,192 @@ async fn a_late_answer_after_every_page_is_placed_ends_postcopy_cleanly() {
     protocol::write_message(&mut data, &Message::EndOfStream, "t")
         .await
         .unwrap();
-    // ...and only then the answer to an earlier request comes on the control
-    // connection, once the RAM owner had time to finish.
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let mut b = BatchBuilder::new(0);
-    b.push(p1, PageEncoding::Raw, &page_bytes(p1));
-    ctrl.write_all(&b.finish()).await.unwrap();
-    let mut data_pages = PageBitmap::new(PAGES);
-    data_pages.set(p1);
-    data_pages.set(p2);
-    let digests = dbmigrate_core::verify::fold_page_hashes(
-        &dbmigrate_core::verify::page_hashes(&frozen, &data_pages, 1),
-        dbmigrate_core::verify::CHUNK_PAGES,
-    );
-    protocol::write_message(
-        &mut ctrl,
-        &Message::VerifyRequest {
-            chunk_pages: dbmigrate_core::verify::CHUNK_PAGES,
-            digests,
-        },
-        "t",
-    )
-    .await
-    .unwrap();
-    let (m, _) = protocol::read_message(&mut ctrl, "t").await.unwrap();
-    assert!(
-        matches!(
-            &m,
-            Message::VerifyResult {
-                mismatched_total: 0,
-                ..
-            }
-        ),
-        "got {}",
-        m.name()
-    );
-    let outcome = receiver.await.unwrap().expect("post-copy must end cleanly");
-    assert!(outcome.matched);
+    if ending == PostcopyEnding::LateAnswer {
+        // ...and only then the answer to an earlier request comes on the
+        // control connection, once the RAM owner had time to finish.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let mut b = BatchBuilder::new(0);
+        b.push(p1, PageEncoding::Raw, &page_bytes(p1));
+        ctrl.write_all(&b.finish()).await.unwrap();
+        let mut data_pages = PageBitmap::new(PAGES);
+        data_pages.set(p1);
+        data_pages.set(p2);
+        let digests = dbmigrate_core::verify::fold_page_hashes(
+            &dbmigrate_core::verify::page_hashes(&frozen, &data_pages, 1),
+            dbmigrate_core::verify::CHUNK_PAGES,
+        );
+        protocol::write_message(
+            &mut ctrl,
+            &Message::VerifyRequest {
+                chunk_pages: dbmigrate_core::verify::CHUNK_PAGES,
+                digests,
+            },
+            "t",
+        )
+        .await
+        .unwrap();
+        let m = next_ctrl(&mut ctrl).await;
+        assert!(
+            matches!(
+                &m,
+                Message::VerifyResult {
+                    mismatched_total: 0,
+                    ..
+                }
+            ),
+            "got {}",
+            m.name()
+        );
+    }
+    // (SilentSource: connections stay open, nothing more is sent.)
+    let outcome = tokio::time::timeout(Duration::from_secs(30), receiver)
+        .await
+        .expect("the destination waited forever")
+        .unwrap();
+    let same = map[..] == frozen[..];
+    drop((map, ctrl, data));
+    std::fs::remove_file(dst_path).unwrap();
+    (outcome, same)
+}
+
+/// The race the QEMU test hit: the source answers a page request after
+/// storage or the background push already placed every page, so the RAM
+/// owner has finished. The late answer (the frozen RAM's same bytes) must be
+/// ignored, not end a post-copy whose VM already runs here.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_answer_after_every_page_is_placed_ends_postcopy_cleanly() {
+    let (outcome, same) = postcopy_to_a_real_userfaultfd(PostcopyEnding::LateAnswer).await;
+    let outcome = outcome.expect("post-copy must end cleanly");
+    assert!(outcome.matched && outcome.compared);
+    assert!(same, "destination RAM differs from the frozen source");
+}
+
+/// The source goes silent after every page was placed and the VM resumed:
+/// the destination does not wait forever, and it keeps the VM (whose
+/// memory is complete) while saying that nothing was compared.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_silent_after_every_page_is_placed_leaves_the_vm_running_unverified() {
+    let (outcome, same) = postcopy_to_a_real_userfaultfd(PostcopyEnding::SilentSource).await;
+    let outcome = outcome.expect("a complete VM must not be stopped");
+    assert!(!outcome.compared && !outcome.matched);
+    assert!(same, "destination RAM differs from the frozen source");
+}
+
+/// The next message on a control connection that is not a heartbeat.
+async fn next_ctrl(s: &mut TcpStream) -> Message {
+    loop {
+        let (m, _) = protocol::read_message(s, "t").await.unwrap();
+        if m != Message::Heartbeat {
+            return m;
+        }
+    }
+}
+
+/// Heartbeats: a source and a destination that each sit idle for longer
+/// than the other's timeout (the source before its first round and before
+/// Commit, the destination before Activated, as when QEMU moves device
+/// state) still finish, because silence is measured between messages and
+/// each side sends a heartbeat every second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_but_alive_peers_are_waited_for_past_their_timeouts() {
+    let src_path = ram_file("idle-src");
+    let dst_path = ram_file("idle-dst");
+    let src_file = OpenOptions::new().write(true).open(&src_path).unwrap();
+    for p in (0..PAGES).step_by(3) {
+        src_file.write_all_at(&page_bytes(p), p * 4096).unwrap();
+    }
+    let timeout = Duration::from_secs(3);
+    let idle = Duration::from_secs(7);
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let p2 = dst_path.clone();
+    let receiver = tokio::spawn(async move {
+        let ram = DestRam::open(&p2, PAGES * 4096).unwrap();
+        let mut s = dest::accept(&listener, PAGES * 4096, "tcp:x", false, timeout)
+            .await
+            .unwrap();
+        let (_ram, matched) = complete(s.receive(ram, None, None).await.unwrap());
+        assert!(matched);
+        s.wait_commit().await.unwrap();
+        tokio::time::sleep(idle).await;
+        s.activated().await.unwrap();
+    });
+    let ram = SourceRam::open(&src_path, PAGES * 4096).unwrap();
+    let cfg = SourceConfig {
+        peer_timeout: timeout,
+        ..SourceConfig::default()
+    };
+    let mut s = SourceSession::connect(addr, ram, Box::new(Scripted(Arc::default())), cfg)
+        .await
+        .unwrap();
+    tokio::time::sleep(idle).await;
+    s.run_live(&mut |_, _| {}).await.unwrap();
+    s.final_round().await.unwrap();
+    assert!(s.verify().await.unwrap().matched());
+    tokio::time::sleep(idle).await;
+    s.commit().await.unwrap();
+    receiver.await.unwrap();
     assert_eq!(
-        &map[..],
-        &frozen[..],
-        "destination RAM differs from the frozen source"
+        std::fs::read(&src_path).unwrap(),
+        std::fs::read(&dst_path).unwrap()
     );
-    drop(map);
+    std::fs::remove_file(src_path).unwrap();
+    std::fs::remove_file(dst_path).unwrap();
+}
+
+/// A source that set up its session and then went silent (its host froze,
+/// its link was cut): the destination gives up after its timeout, saying so.
+#[tokio::test]
+async fn a_silent_source_is_given_up_on_with_a_clear_error() {
+    let dst_path = ram_file("silent");
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let p2 = dst_path.clone();
+    let receiver = tokio::spawn(async move {
+        let ram = DestRam::open(&p2, PAGES * 4096).unwrap();
+        let mut s = dest::accept(
+            &listener,
+            PAGES * 4096,
+            "tcp:x",
+            false,
+            Duration::from_secs(2),
+        )
+        .await
+        .unwrap();
+        s.receive(ram, None, None)
+            .await
+            .err()
+            .expect("must give up")
+    });
+    let hello = |i| {
+        Message::Hello(Hello {
+            version: protocol::PROTOCOL_VERSION,
+            session: 11,
+            ram_bytes: PAGES * 4096,
+            page_size: 4096,
+            data_connections: 1,
+            conn_index: i,
+        })
+    };
+    let mut ctrl = TcpStream::connect(addr).await.unwrap();
+    protocol::write_message(&mut ctrl, &hello(0), "t")
+        .await
+        .unwrap();
+    let _welcome = protocol::read_message(&mut ctrl, "t").await.unwrap();
+    let mut data = TcpStream::connect(addr).await.unwrap();
+    protocol::write_message(&mut data, &hello(1), "t")
+        .await
+        .unwrap();
+    // Connections open, nothing more sent: no pages, no heartbeats.
+    let err = tokio::time::timeout(Duration::from_secs(30), receiver)
+        .await
+        .expect("the destination waited forever")
+        .unwrap();
+    assert!(
+        err.to_string()
+            .contains("no word from the source agent for 2 s"),
+        "{err}"
+    );
+    drop((ctrl, data));
     std::fs::remove_file(dst_path).unwrap();
 }

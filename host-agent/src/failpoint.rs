@@ -2,11 +2,15 @@
 //! `DBMIGRATE_FAILPOINT=<name>:<action>` the agent, on reaching the stage
 //! `<name>`, dies at once (`abort`, as `kill -9` would leave it), or stops
 //! there until the file `<path>` is removed (`pause:<path>`: the test cuts
-//! a link meanwhile, so the fault hits exactly at that stage). Unset, it
-//! costs one environment lookup per stage.
+//! a link meanwhile, so the fault hits exactly at that stage). A failpoint
+//! fires the first time its stage is reached, not again. Unset, it costs
+//! one environment lookup per stage.
 
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
+
+static FIRED: AtomicBool = AtomicBool::new(false);
 
 /// The stage `name` is reached.
 pub fn hit(name: &str) {
@@ -14,7 +18,7 @@ pub fn hit(name: &str) {
         return;
     };
     let mut parts = spec.splitn(3, ':');
-    if parts.next() != Some(name) {
+    if parts.next() != Some(name) || FIRED.swap(true, Ordering::SeqCst) {
         return;
     }
     match (parts.next(), parts.next()) {

@@ -95,8 +95,10 @@ enum Command {
         #[arg(long)]
         allow_postcopy: bool,
         /// Seconds of silence from the destination agent before giving up
-        /// (before the hand-over the source VM then keeps running).
-        #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=3600))]
+        /// (before the hand-over the source VM then keeps running). Both
+        /// agents send a heartbeat every second, so silence means a dead
+        /// peer or a cut link, not a busy one.
+        #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(3..=3600))]
         timeout: u64,
     },
     /// Receive a VM into a QEMU started with `-S -incoming defer` (run on the destination host).
@@ -110,8 +112,9 @@ enum Command {
         /// Address where the destination QEMU listens for device state.
         #[arg(long)]
         incoming: SocketAddr,
-        /// Seconds of silence from the source before giving up.
-        #[arg(long, default_value_t = 60)]
+        /// Seconds of silence from the source agent before giving up (it
+        /// sends a heartbeat every second).
+        #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(3..=3600))]
         timeout: u64,
         /// Keep the destination QEMU after a failed attempt.
         #[arg(long)]
@@ -121,6 +124,10 @@ enum Command {
         /// file or block device path. Repeat for several disks.
         #[arg(long = "storage")]
         storage: Vec<String>,
+        /// Seconds an NBD connect or read may take before it counts as
+        /// failed; the pages are then asked of the source instead.
+        #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=600))]
+        storage_timeout: u64,
         /// Unix socket where the destination QEMU's preload library offers
         /// its RAM's userfaultfd (`DBMIGRATE_POSTCOPY_SOCKET`, see `dbmigrate
         /// env --postcopy-socket`): lets the source hand over by post-copy.
@@ -198,6 +205,7 @@ fn parse_rate(s: &str) -> Result<u64, String> {
 /// Opens the destination's view of the VM's disks: all NBD or all local paths.
 fn open_storage(
     specs: &[String],
+    timeout: Duration,
 ) -> Result<Option<std::sync::Arc<dyn dbmigrate_core::rebuild::Storage>>> {
     if specs.is_empty() {
         return Ok(None);
@@ -206,7 +214,7 @@ fn open_storage(
         bail!("too many --storage disks ({})", specs.len());
     }
     if specs.iter().all(|s| s.starts_with("nbd://")) {
-        let s = nbd::NbdStorage::open(specs).context("opening shared storage over NBD")?;
+        let s = nbd::NbdStorage::open(specs, timeout).context("opening shared storage over NBD")?;
         return Ok(Some(std::sync::Arc::new(s)));
     }
     if specs.iter().any(|s| s.contains("://")) {
@@ -354,14 +362,15 @@ fn run(cli: Cli, rt: &tokio::runtime::Runtime) -> Result<ExitCode> {
             timeout,
             keep_qemu,
             storage,
+            storage_timeout,
             postcopy_socket,
         } => {
-            let storage = open_storage(&storage)?;
+            let storage = open_storage(&storage, Duration::from_secs(storage_timeout))?;
             let stats = rt.block_on(receive::receive(receive::ReceiveArgs {
                 qmp,
                 listen,
                 incoming,
-                peer_timeout: Duration::from_secs(timeout.max(1)),
+                peer_timeout: Duration::from_secs(timeout),
                 keep_qemu,
                 storage,
                 postcopy_socket,

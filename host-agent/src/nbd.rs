@@ -28,7 +28,6 @@ const CMD_DISC: u16 = 2;
 const MAX_OPT_REPLY: u32 = 64 * 1024;
 /// Longest read we issue (servers may refuse more than 32 MiB).
 const MAX_READ: usize = 8 << 20;
-const IO_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// NBD failures.
 #[derive(Debug, Error)]
@@ -79,18 +78,22 @@ pub struct NbdDisk {
     addr: String,
     export: String,
     size: u64,
+    timeout: Duration,
     pool: Mutex<Vec<Conn>>,
 }
 
 impl NbdDisk {
     /// Connects once (to learn the size) and keeps the connection.
-    pub fn open(url: &str) -> Result<Self, NbdError> {
+    /// `timeout` bounds connecting and every read: a cut storage link
+    /// turns into an error after it, not into a hang.
+    pub fn open(url: &str, timeout: Duration) -> Result<Self, NbdError> {
         let (addr, export) = parse_url(url)?;
-        let (conn, size) = handshake(&addr, &export)?;
+        let (conn, size) = handshake(&addr, &export, timeout)?;
         Ok(Self {
             addr,
             export,
             size,
+            timeout,
             pool: Mutex::new(vec![conn]),
         })
     }
@@ -148,7 +151,7 @@ impl NbdDisk {
         let taken = self.pool.lock().map(|mut p| p.pop()).unwrap_or(None);
         let mut conn = match taken {
             Some(c) => c,
-            None => handshake(&self.addr, &self.export)?.0,
+            None => handshake(&self.addr, &self.export, self.timeout)?.0,
         };
         let r = f(&mut conn)?;
         if let Ok(mut p) = self.pool.lock() {
@@ -232,7 +235,7 @@ impl Drop for NbdDisk {
     }
 }
 
-fn handshake(addr: &str, export: &str) -> Result<(Conn, u64), NbdError> {
+fn handshake(addr: &str, export: &str, timeout: Duration) -> Result<(Conn, u64), NbdError> {
     let io = |doing| {
         let addr = addr.to_string();
         move |source| NbdError::Io {
@@ -250,10 +253,10 @@ fn handshake(addr: &str, export: &str) -> Result<(Conn, u64), NbdError> {
         .map_err(io("resolving"))?
         .next()
         .ok_or_else(|| proto("has no address".into()))?;
-    let mut s = TcpStream::connect_timeout(&sa, IO_TIMEOUT).map_err(io("connecting"))?;
-    s.set_read_timeout(Some(IO_TIMEOUT))
+    let mut s = TcpStream::connect_timeout(&sa, timeout).map_err(io("connecting"))?;
+    s.set_read_timeout(Some(timeout))
         .map_err(io("setting a timeout"))?;
-    s.set_write_timeout(Some(IO_TIMEOUT))
+    s.set_write_timeout(Some(timeout))
         .map_err(io("setting a timeout"))?;
     let _ = s.set_nodelay(true);
     let mut hello = [0u8; 18];
@@ -331,10 +334,10 @@ pub struct NbdStorage {
 
 impl NbdStorage {
     /// Opens each `nbd://` address (disk index = position).
-    pub fn open(urls: &[String]) -> Result<Self, NbdError> {
+    pub fn open(urls: &[String], timeout: Duration) -> Result<Self, NbdError> {
         let disks = urls
             .iter()
-            .map(|u| NbdDisk::open(u))
+            .map(|u| NbdDisk::open(u, timeout))
             .collect::<Result<Vec<_>, _>>()?;
         let sizes = disks.iter().map(NbdDisk::size).collect();
         Ok(Self { disks, sizes })
@@ -366,6 +369,7 @@ impl Storage for NbdStorage {
     }
 
     fn read_many(&self, disk: u16, reads: &mut [(u64, &mut [u8])]) -> Result<(), StorageError> {
+        crate::failpoint::hit("dst-storage-read");
         let (offset, len) = reads.first().map_or((0, 0), |(o, b)| (*o, b.len()));
         let err = |source| StorageError::Read {
             disk,
@@ -461,7 +465,7 @@ mod tests {
             .read_many(&mut [((64 << 20) - 100, &mut far[..])])
             .is_err());
         // A wrong export name is a clear error.
-        let e = NbdDisk::open(&format!("{url}/nope"))
+        let e = NbdDisk::open(&format!("{url}/nope"), Duration::from_secs(10))
             .err()
             .unwrap()
             .to_string();
@@ -492,7 +496,7 @@ mod tests {
             .expect("qemu-nbd (install qemu-utils)");
         let url = format!("nbd://127.0.0.1:{port}");
         for _ in 0..100 {
-            if let Ok(d) = NbdDisk::open(&url) {
+            if let Ok(d) = NbdDisk::open(&url, Duration::from_secs(10)) {
                 return (child, d);
             }
             std::thread::sleep(Duration::from_millis(50));
