@@ -388,7 +388,10 @@ fn storage_worker(r: Arc<StorageReaders>) {
                         match &read {
                             Ok(()) => b.succeeded(),
                             Err(e) => {
-                                tracing::warn!(error = %e, "shared storage read failed; asking the source for the pages and leaving storage alone for a while");
+                                let cause = std::error::Error::source(e)
+                                    .map(|c| format!(": {c}"))
+                                    .unwrap_or_default();
+                                tracing::warn!(error = %format!("{e}{cause}"), "shared storage read failed; asking the source for the pages and leaving storage alone for a while");
                                 b.failed(Instant::now());
                             }
                         }

@@ -1117,6 +1117,55 @@ impl DbBed {
         }
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
+
+    /// Every sysbench table of `guest` passes CHECK TABLE and holds all its rows.
+    pub fn check_sbtest(&self, guest: &MariadbGuest) -> Result<()> {
+        for t in 1..=guest.tables {
+            let out = self.sql(&format!("CHECK TABLE sbtest{t}"))?;
+            if !out.trim_end().ends_with("OK") {
+                bail!("CHECK TABLE sbtest{t}: {out}");
+            }
+            let n: u64 = self
+                .sql(&format!("SELECT COUNT(*) FROM sbtest{t}"))?
+                .trim()
+                .parse()
+                .context("row count")?;
+            if n != u64::from(guest.rows) {
+                bail!("sbtest{t} holds {n} rows, not {}", guest.rows);
+            }
+        }
+        Ok(())
+    }
+
+    /// Takes the storage link of the destination host down (as a pulled
+    /// cable would) or brings it back up.
+    pub fn set_dst_storage_link(&self, up: bool) -> Result<()> {
+        let dev = format!("{}da", self.tb.tag);
+        let state = if up { "up" } else { "down" };
+        sh(&["ip", "-n", &self.tb.dst_ns, "link", "set", &dev, state]).map(drop)
+    }
+}
+
+/// sysbench's count of ignored errors, and whether it printed its summary
+/// (finished its run).
+pub fn sysbench_result(log: &str) -> (Option<u64>, bool) {
+    let errors = log
+        .lines()
+        .find(|l| l.trim_start().starts_with("ignored errors:"))
+        .and_then(|l| l.split_whitespace().nth(2))
+        .and_then(|n| n.parse().ok());
+    (errors, log.contains("transactions:"))
+}
+
+/// The destination agent's statistics: the JSON object it prints on
+/// success, found amid its log (Null if absent).
+pub fn dest_stats(receive_log: &str) -> Value {
+    let json = receive_log
+        .find("{\n")
+        .map(|i| &receive_log[i..])
+        .unwrap_or("{}");
+    let end = json.rfind('}').map(|i| i + 1).unwrap_or(json.len());
+    serde_json::from_str(&json[..end]).unwrap_or(Value::Null)
 }
 
 impl Drop for DbBed {

@@ -342,6 +342,58 @@ fn destination_agent_killed_during_postcopy_stops_the_destination_vm() -> Result
 }
 
 #[test]
+fn migration_link_cut_during_postcopy_stops_the_destination_and_keeps_the_frozen_source(
+) -> Result<()> {
+    let mut c = start(64)?;
+    let marker = c.tb.dir.join("paused");
+    let recv = receive(&c, None)?;
+    // A slow push keeps pages missing on the destination when the link goes.
+    let spec = format!("src-postcopy:pause:{}", marker.display());
+    let mig = migrate(
+        &c,
+        None,
+        Some(&spec),
+        &[
+            "--mode",
+            "postcopy",
+            "--allow-postcopy",
+            "--bandwidth",
+            "300mbit",
+        ],
+    )?;
+    wait_paused(&marker)?;
+    // The VM runs on the destination now; the link goes down.
+    sh(&[
+        "ip",
+        "-n",
+        &c.tb.dst_ns,
+        "link",
+        "set",
+        &c.tb.dst_if,
+        "down",
+    ])?;
+    std::fs::remove_file(&marker)?;
+    let out = finish(&c, mig, "migrate")?;
+    let r = finish(&c, recv, "receive")?;
+    // Neither side waits forever: each gives up after its timeout. The
+    // source keeps the frozen RAM (paused, exit 3: the VM ran elsewhere),
+    // the destination stops its incomplete VM.
+    assert_eq!(out.status.code(), Some(3));
+    assert_ne!(report(&c)["vm_runs_on"], "source");
+    assert!(!c.src.exited(), "the source QEMU keeps the frozen RAM");
+    assert!(!r.status.success());
+    assert!(
+        log(&c, "receive.log").contains("no word from the source agent"),
+        "the destination names the silent source"
+    );
+    assert!(
+        c.dst.wait_exit(Duration::from_secs(20)),
+        "destination QEMU still there"
+    );
+    Ok(())
+}
+
+#[test]
 fn precopy_to_a_postcopy_ready_destination_leaves_no_fault_unserved() -> Result<()> {
     let c = start(16)?;
     let recv = receive(&c, None)?;

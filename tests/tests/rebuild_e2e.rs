@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::{Child, Stdio};
 use std::time::Duration;
 
-use dbmigrate_testbed::{mariadb_guest, DbBed, MariadbGuest, Vm};
+use dbmigrate_testbed::{dest_stats, mariadb_guest, sysbench_result, DbBed, MariadbGuest, Vm};
 use serde_json::Value;
 
 const TABLES: u32 = 4;
@@ -33,33 +33,6 @@ fn boot(bed: &DbBed, guest: &MariadbGuest) -> (Vm, Vm) {
     );
     let dst = bed.start_vm(guest, false, true, 1024, "256M").unwrap();
     (src, dst)
-}
-
-/// Counts sysbench's "ignored errors" and whether it finished its run.
-fn sysbench_result(log: &str) -> (Option<u64>, bool) {
-    let errors = log
-        .lines()
-        .find(|l| l.trim_start().starts_with("ignored errors:"))
-        .and_then(|l| l.split_whitespace().nth(2))
-        .and_then(|n| n.parse().ok());
-    (errors, log.contains("transactions:"))
-}
-
-fn check_tables(bed: &DbBed) {
-    for t in 1..=TABLES {
-        let out = bed.sql(&format!("CHECK TABLE sbtest{t}")).unwrap();
-        assert!(
-            out.trim_end().ends_with("OK"),
-            "CHECK TABLE sbtest{t}: {out}"
-        );
-        let n: u64 = bed
-            .sql(&format!("SELECT COUNT(*) FROM sbtest{t}"))
-            .unwrap()
-            .trim()
-            .parse()
-            .unwrap();
-        assert_eq!(n, u64::from(ROWS), "sbtest{t} lost rows");
-    }
 }
 
 /// Starts the destination agent (reading storage over NBD) and `secs` of
@@ -116,7 +89,12 @@ fn migrate_under_load(
 
 /// After the move: the source QEMU is gone, sysbench finished its run with
 /// no error, and every table is consistent with no row lost.
-fn load_survived(bed: &DbBed, src: &mut Vm, (mut sysbench, sb_log): (Child, std::path::PathBuf)) {
+fn load_survived(
+    bed: &DbBed,
+    guest: &MariadbGuest,
+    src: &mut Vm,
+    (mut sysbench, sb_log): (Child, std::path::PathBuf),
+) {
     assert!(
         src.wait_exit(Duration::from_secs(20)),
         "source QEMU still running"
@@ -133,7 +111,7 @@ fn load_survived(bed: &DbBed, src: &mut Vm, (mut sysbench, sb_log): (Child, std:
             .collect::<Vec<_>>()
             .join(" | ")
     );
-    check_tables(bed);
+    bed.check_sbtest(guest).unwrap();
 }
 
 #[test]
@@ -182,18 +160,8 @@ fn mariadb_under_sysbench_migrates_with_rebuild_from_shared_storage() {
         "destination stats: {dest:#}"
     );
 
-    load_survived(&bed, &mut src, sysbench);
+    load_survived(&bed, &guest, &mut src, sysbench);
     drop(dst);
-}
-
-/// The destination agent's statistics (its JSON output amid its log).
-fn dest_stats(recv_log: &str) -> Value {
-    let dest_json = recv_log.find("{\n").map(|i| &recv_log[i..]).unwrap_or("{}");
-    let end = dest_json
-        .rfind('}')
-        .map(|i| i + 1)
-        .unwrap_or(dest_json.len());
-    serde_json::from_str(&dest_json[..end]).unwrap_or(Value::Null)
 }
 
 /// Post-copy (or hybrid) of the MariaDB VM under sysbench: the VM runs on
@@ -230,7 +198,7 @@ fn postcopy_under_load(args: &[&str]) -> (Value, Value) {
         Value::Bool(true),
         "{report:#}"
     );
-    load_survived(&bed, &mut src, sysbench);
+    load_survived(&bed, &guest, &mut src, sysbench);
     drop(dst);
     (report, dest)
 }
@@ -427,7 +395,7 @@ fn wrong_and_hostile_hints_cost_resends_never_correctness() {
         report["pages"]["rebuilt"].as_u64().unwrap() > 100,
         "{report:#}"
     );
-    load_survived(&bed, &mut src, sysbench);
+    load_survived(&bed, &guest, &mut src, sysbench);
     drop(dst);
 }
 
@@ -462,6 +430,6 @@ fn a_wrong_file_layout_costs_resends_never_correctness() {
         report["pages"]["rebuilt"].as_u64().unwrap() > 100,
         "{report:#}"
     );
-    load_survived(&bed, &mut src, sysbench);
+    load_survived(&bed, &guest, &mut src, sysbench);
     drop(dst);
 }
