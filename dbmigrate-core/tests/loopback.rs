@@ -183,26 +183,7 @@ async fn destination_refuses_a_page_beyond_ram_and_says_why() {
         s.abort(&err.to_string()).await;
         err.to_string()
     });
-    let hello = |i| {
-        Message::Hello(Hello {
-            version: protocol::PROTOCOL_VERSION,
-            session: 7,
-            ram_bytes: PAGES * 4096,
-            page_size: 4096,
-            data_connections: 1,
-            conn_index: i,
-        })
-    };
-    let mut ctrl = TcpStream::connect(addr).await.unwrap();
-    protocol::write_message(&mut ctrl, &hello(0), "t")
-        .await
-        .unwrap();
-    let (m, _) = protocol::read_message(&mut ctrl, "t").await.unwrap();
-    assert!(matches!(m, Message::Welcome(_)));
-    let mut data = TcpStream::connect(addr).await.unwrap();
-    protocol::write_message(&mut data, &hello(1), "t")
-        .await
-        .unwrap();
+    let (mut ctrl, _welcome, mut data) = scripted_source(addr, 7).await;
     let mut b = BatchBuilder::new(0);
     b.push(PAGES + 10, PageEncoding::Zero, &[]);
     data.write_all(&b.finish()).await.unwrap();
@@ -530,26 +511,8 @@ async fn postcopy_to_a_real_userfaultfd(
         };
         s.postcopy(run, async { Ok(()) }).await
     });
-    let hello = |i| {
-        Message::Hello(Hello {
-            version: protocol::PROTOCOL_VERSION,
-            session: 9,
-            ram_bytes: PAGES * 4096,
-            page_size: 4096,
-            data_connections: 1,
-            conn_index: i,
-        })
-    };
-    let mut ctrl = TcpStream::connect(addr).await.unwrap();
-    protocol::write_message(&mut ctrl, &hello(0), "t")
-        .await
-        .unwrap();
-    let (m, _) = protocol::read_message(&mut ctrl, "t").await.unwrap();
-    assert!(matches!(m, Message::Welcome(w) if w.postcopy));
-    let mut data = TcpStream::connect(addr).await.unwrap();
-    protocol::write_message(&mut data, &hello(1), "t")
-        .await
-        .unwrap();
+    let (mut ctrl, welcome, mut data) = scripted_source(addr, 9).await;
+    assert!(welcome.postcopy);
 
     // The frozen source RAM: two pages with data, the rest zero.
     let (p1, p2) = (5u64, 700u64);
@@ -740,25 +703,7 @@ async fn a_silent_source_is_given_up_on_with_a_clear_error() {
             .err()
             .expect("must give up")
     });
-    let hello = |i| {
-        Message::Hello(Hello {
-            version: protocol::PROTOCOL_VERSION,
-            session: 11,
-            ram_bytes: PAGES * 4096,
-            page_size: 4096,
-            data_connections: 1,
-            conn_index: i,
-        })
-    };
-    let mut ctrl = TcpStream::connect(addr).await.unwrap();
-    protocol::write_message(&mut ctrl, &hello(0), "t")
-        .await
-        .unwrap();
-    let _welcome = protocol::read_message(&mut ctrl, "t").await.unwrap();
-    let mut data = TcpStream::connect(addr).await.unwrap();
-    protocol::write_message(&mut data, &hello(1), "t")
-        .await
-        .unwrap();
+    let (ctrl, _welcome, data) = scripted_source(addr, 11).await;
     // Connections open, nothing more sent: no pages, no heartbeats.
     let err = tokio::time::timeout(Duration::from_secs(30), receiver)
         .await
@@ -771,4 +716,35 @@ async fn a_silent_source_is_given_up_on_with_a_clear_error() {
     );
     drop((ctrl, data));
     std::fs::remove_file(dst_path).unwrap();
+}
+
+/// A scripted source's start: Hello on a control connection, the
+/// destination's Welcome, and one data connection announced with its Hello.
+async fn scripted_source(
+    addr: std::net::SocketAddr,
+    session: u64,
+) -> (TcpStream, protocol::Welcome, TcpStream) {
+    let hello = |conn_index| {
+        Message::Hello(Hello {
+            version: protocol::PROTOCOL_VERSION,
+            session,
+            ram_bytes: PAGES * 4096,
+            page_size: 4096,
+            data_connections: 1,
+            conn_index,
+        })
+    };
+    let mut ctrl = TcpStream::connect(addr).await.unwrap();
+    protocol::write_message(&mut ctrl, &hello(0), "t")
+        .await
+        .unwrap();
+    let welcome = match protocol::read_message(&mut ctrl, "t").await.unwrap().0 {
+        Message::Welcome(w) => w,
+        other => panic!("expected Welcome, got {}", other.name()),
+    };
+    let mut data = TcpStream::connect(addr).await.unwrap();
+    protocol::write_message(&mut data, &hello(1), "t")
+        .await
+        .unwrap();
+    (ctrl, welcome, data)
 }

@@ -1146,6 +1146,20 @@ impl DbBed {
     }
 }
 
+/// Waits for `child` to exit and collects its output; kills it and fails
+/// after `limit` (an agent that never exits is a failure of its own).
+pub fn wait_limit(mut child: Child, limit: Duration) -> Result<Output> {
+    let t = Instant::now();
+    while t.elapsed() < limit {
+        if child.try_wait()?.is_some() {
+            return Ok(child.wait_with_output()?);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    bail!("still running after {limit:?}")
+}
+
 /// sysbench's count of ignored errors, and whether it printed its summary
 /// (finished its run).
 pub fn sysbench_result(log: &str) -> (Option<u64>, bool) {

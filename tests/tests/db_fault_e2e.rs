@@ -12,7 +12,9 @@ use std::process::{Child, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
-use dbmigrate_testbed::{dest_stats, mariadb_guest, sysbench_result, DbBed, MariadbGuest, Vm};
+use dbmigrate_testbed::{
+    dest_stats, mariadb_guest, sysbench_result, wait_limit, DbBed, MariadbGuest, Vm,
+};
 use serde_json::Value;
 
 const TABLES: u32 = 4;
@@ -23,22 +25,30 @@ struct DbCase {
     bed: DbBed,
     src: Vm,
     dst: Vm,
+    /// Where the destination QEMU offers its userfaultfd (post-copy cases).
+    postcopy_socket: Option<PathBuf>,
 }
 
 impl DbCase {
     /// The MariaDB VM booted on the source with its buffer pool warm, and a
-    /// waiting destination QEMU.
-    fn start() -> Result<Self> {
+    /// waiting destination QEMU (ready for post-copy with `postcopy`).
+    fn start(postcopy: bool) -> Result<Self> {
         let guest = mariadb_guest(TABLES, ROWS)?;
         let bed = DbBed::new(&guest, 1000, 1000)?;
         let src = bed.start_vm(&guest, true, false, 1024, "256M")?;
         src.wait_console("DBM-READY pool", Duration::from_secs(300))?;
-        let dst = bed.start_vm(&guest, false, true, 1024, "256M")?;
+        let (dst, postcopy_socket) = if postcopy {
+            let (dst, sock) = bed.start_postcopy_destination(&guest, 1024, "256M")?;
+            (dst, Some(sock))
+        } else {
+            (bed.start_vm(&guest, false, true, 1024, "256M")?, None)
+        };
         Ok(Self {
             guest,
             bed,
             src,
             dst,
+            postcopy_socket,
         })
     }
 
@@ -55,6 +65,9 @@ impl DbCase {
         let mut cmd = self.bed.tb.receive_cmd(&self.dst)?;
         cmd.args(["--storage", &self.bed.nbd_from_dst, "--timeout", "10"])
             .args(extra);
+        if let Some(sock) = &self.postcopy_socket {
+            cmd.arg("--postcopy-socket").arg(sock);
+        }
         if let Some(f) = failpoint {
             cmd.env("DBMIGRATE_FAILPOINT", f);
         }
@@ -126,18 +139,6 @@ impl DbCase {
     }
 }
 
-fn wait_limit(mut child: Child, limit: Duration) -> Result<Output> {
-    let t = Instant::now();
-    while t.elapsed() < limit {
-        if child.try_wait()?.is_some() {
-            return Ok(child.wait_with_output()?);
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let _ = child.kill();
-    anyhow::bail!("still running after {limit:?}")
-}
-
 /// Waits until `f` holds (an agent reached a failpoint, a log line came).
 fn wait_for(what: &str, limit: Duration, f: impl Fn() -> bool) -> Result<()> {
     let t = Instant::now();
@@ -152,9 +153,12 @@ fn marker_spec(stage: &str, marker: &Path) -> String {
     format!("{stage}:pause:{}", marker.display())
 }
 
-#[test]
-fn storage_link_cut_during_the_rebuild_costs_resends_never_correctness() -> Result<()> {
-    let c = DbCase::start()?;
+/// Cuts the destination's storage link at its first storage read and
+/// brings it back once the failure was noticed; the migration must end
+/// byte-exact with the database intact. Returns the source's report and
+/// the destination's statistics.
+fn storage_link_cut_during_the_rebuild(postcopy: bool) -> Result<(Value, Value)> {
+    let c = DbCase::start(postcopy)?;
     let marker = c.path("paused");
     // The destination's first storage read waits while the link is cut: it
     // and every read after it fail (3 s I/O limit) until the link is back.
@@ -180,20 +184,40 @@ fn storage_link_cut_during_the_rebuild_costs_resends_never_correctness() -> Resu
     ensure!(r.status.success(), "receive failed");
     let report = c.report();
     assert_eq!(report["vm_runs_on"], "destination");
-    // Byte-exact: the full-RAM digests matched at switchover.
-    assert_eq!(report["ram_verified"], Value::Bool(true), "{report:#}");
     let dest = dest_stats(&std::fs::read_to_string(c.path("receive.out"))?);
     eprintln!("destination {dest}");
     assert!(
         dest["storage_unread"].as_u64().unwrap_or(0) > 0,
         "references were not handed back unread: {dest:#}"
     );
-    c.database_intact(sysbench)
+    c.database_intact(sysbench)?;
+    Ok((report, dest))
+}
+
+#[test]
+fn storage_link_cut_during_the_rebuild_costs_resends_never_correctness() -> Result<()> {
+    let (report, _) = storage_link_cut_during_the_rebuild(false)?;
+    // Byte-exact: the full-RAM digests matched at switchover.
+    assert_eq!(report["ram_verified"], Value::Bool(true), "{report:#}");
+    Ok(())
+}
+
+#[test]
+fn storage_link_cut_during_a_postcopy_rebuild_asks_the_source_instead() -> Result<()> {
+    let (report, _) = storage_link_cut_during_the_rebuild(true)?;
+    assert_eq!(report["method"], "dbmigrate-postcopy");
+    // Every page placed after the switch matched the frozen source RAM.
+    assert_eq!(
+        report["postcopy"]["ram_verified"],
+        Value::Bool(true),
+        "{report:#}"
+    );
+    Ok(())
 }
 
 #[test]
 fn destination_agent_killed_in_stop_and_copy_keeps_the_database_on_the_source() -> Result<()> {
-    let c = DbCase::start()?;
+    let c = DbCase::start(false)?;
     let marker = c.path("paused");
     let mut recv = c.receive(None, &[])?;
     let sysbench = c.sysbench()?;
@@ -214,7 +238,7 @@ fn destination_agent_killed_in_stop_and_copy_keeps_the_database_on_the_source() 
 
 #[test]
 fn source_agent_killed_after_commit_leaves_the_database_running_on_the_destination() -> Result<()> {
-    let c = DbCase::start()?;
+    let c = DbCase::start(false)?;
     let recv = c.receive(None, &[])?;
     let sysbench = c.sysbench()?;
     let mig = c.migrate(Some("src-after-commit:abort"))?;

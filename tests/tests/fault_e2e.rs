@@ -11,7 +11,7 @@ use std::process::{Child, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
-use dbmigrate_testbed::{corrupting_relay, sh, start_dirtier_pair, Testbed, Vm};
+use dbmigrate_testbed::{corrupting_relay, sh, start_dirtier_pair, wait_limit, Testbed, Vm};
 use serde_json::Value;
 
 const LINK_MBIT: u32 = 1000;
@@ -90,18 +90,6 @@ fn finish(c: &Case, child: Child, what: &str) -> Result<Output> {
     eprintln!("--- {what} ---\n{l}");
     ensure!(!l.contains("panicked"), "{what} panicked");
     Ok(out)
-}
-
-fn wait_limit(mut child: Child, limit: Duration) -> Result<Output> {
-    let t = Instant::now();
-    while t.elapsed() < limit {
-        if child.try_wait()?.is_some() {
-            return Ok(child.wait_with_output()?);
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let _ = child.kill();
-    anyhow::bail!("still running after {limit:?}")
 }
 
 /// Waits until an agent stopped at a `pause` failpoint.
@@ -240,12 +228,20 @@ fn source_agent_killed_after_commit_lets_the_destination_run_byte_exact() -> Res
 /// Cuts the migration link (at the destination's end, as a pulled cable
 /// would) while the source agent waits at `stage`; the source must keep or
 /// resume the VM after its timeout.
-fn cut_link_at(stage: &str, ws_mib: u64) -> Result<Case> {
+/// Starts a migration (with `extra` flags) whose source agent stops at
+/// `stage`, takes the migration link down at the destination's end (as a
+/// pulled cable would), lets the agent go on, and returns the case with
+/// both agents' results.
+fn cut_link_while_paused_at(
+    stage: &str,
+    ws_mib: u64,
+    extra: &[&str],
+) -> Result<(Case, Output, Output)> {
     let c = start(ws_mib)?;
     let marker = c.tb.dir.join("paused");
     let recv = receive(&c, None)?;
     let spec = format!("{stage}:pause:{}", marker.display());
-    let mig = migrate(&c, None, Some(&spec), &[])?;
+    let mig = migrate(&c, None, Some(&spec), extra)?;
     wait_paused(&marker)?;
     sh(&[
         "ip",
@@ -258,9 +254,16 @@ fn cut_link_at(stage: &str, ws_mib: u64) -> Result<Case> {
     ])?;
     std::fs::remove_file(&marker)?;
     let out = finish(&c, mig, "migrate")?;
+    let r = finish(&c, recv, "receive")?;
+    Ok((c, out, r))
+}
+
+/// A cut before the hand-over: the source must keep or resume the VM
+/// after its timeout.
+fn cut_link_at(stage: &str, ws_mib: u64) -> Result<Case> {
+    let (c, out, r) = cut_link_while_paused_at(stage, ws_mib, &[])?;
     assert_eq!(out.status.code(), Some(1));
     assert_eq!(report(&c)["vm_runs_on"], "source");
-    let r = finish(&c, recv, "receive")?;
     assert!(!r.status.success());
     source_intact(&c)?;
     Ok(c)
@@ -341,18 +344,48 @@ fn destination_agent_killed_during_postcopy_stops_the_destination_vm() -> Result
     Ok(())
 }
 
+/// A cut at a commitment stage: the source cannot tell whether Commit
+/// arrived, so it neither resumes nor quits, exits 3 and says what to check.
+fn cut_link_at_commitment(stage: &str) -> Result<(Case, Output)> {
+    let (c, out, r) = cut_link_while_paused_at(stage, 16, &[])?;
+    assert_eq!(out.status.code(), Some(3));
+    assert_eq!(report(&c)["vm_runs_on"], "unknown");
+    assert!(log(&c, "migrate.log").contains("resume the source"));
+    assert_eq!(c.src.qmp()?.status()?, "postmigrate");
+    Ok((c, r))
+}
+
+#[test]
+fn migration_link_cut_before_commit_leaves_both_paused_and_the_source_resumable() -> Result<()> {
+    let (mut c, r) = cut_link_at_commitment("src-before-commit")?;
+    // Commit never arrived: the destination gives up and discards its QEMU,
+    assert!(!r.status.success());
+    assert!(
+        c.dst.wait_exit(Duration::from_secs(20)),
+        "destination QEMU discarded"
+    );
+    // and the operator resumes the source, whose memory is intact.
+    c.src.qmp()?.cmd("cont", serde_json::json!({}))?;
+    source_intact(&c)
+}
+
+#[test]
+fn migration_link_cut_after_commit_lets_the_destination_run_byte_exact() -> Result<()> {
+    let (c, r) = cut_link_at_commitment("src-after-commit")?;
+    // Commit arrived before the cut: the destination runs the VM (its
+    // confirmation is lost with the link) and must not be left paused.
+    assert!(r.status.success(), "receive failed");
+    assert_eq!(c.dst.qmp()?.status()?, "running");
+    destination_intact(&c)
+}
+
 #[test]
 fn migration_link_cut_during_postcopy_stops_the_destination_and_keeps_the_frozen_source(
 ) -> Result<()> {
-    let mut c = start(64)?;
-    let marker = c.tb.dir.join("paused");
-    let recv = receive(&c, None)?;
     // A slow push keeps pages missing on the destination when the link goes.
-    let spec = format!("src-postcopy:pause:{}", marker.display());
-    let mig = migrate(
-        &c,
-        None,
-        Some(&spec),
+    let (mut c, out, r) = cut_link_while_paused_at(
+        "src-postcopy",
+        64,
         &[
             "--mode",
             "postcopy",
@@ -361,20 +394,6 @@ fn migration_link_cut_during_postcopy_stops_the_destination_and_keeps_the_frozen
             "300mbit",
         ],
     )?;
-    wait_paused(&marker)?;
-    // The VM runs on the destination now; the link goes down.
-    sh(&[
-        "ip",
-        "-n",
-        &c.tb.dst_ns,
-        "link",
-        "set",
-        &c.tb.dst_if,
-        "down",
-    ])?;
-    std::fs::remove_file(&marker)?;
-    let out = finish(&c, mig, "migrate")?;
-    let r = finish(&c, recv, "receive")?;
     // Neither side waits forever: each gives up after its timeout. The
     // source keeps the frozen RAM (paused, exit 3: the VM ran elsewhere),
     // the destination stops its incomplete VM.
