@@ -78,7 +78,8 @@ impl DbCase {
             .context("starting dbmigrate receive")
     }
 
-    /// `dbmigrate migrate` with the guest's hints, with a failpoint.
+    /// `dbmigrate migrate` with the guest's hints, with a failpoint (by
+    /// post-copy when the destination is ready for it).
     fn migrate(&self, failpoint: Option<&str>) -> Result<Child> {
         let mut cmd = self
             .bed
@@ -87,6 +88,9 @@ impl DbCase {
         cmd.arg("--guest-hints")
             .arg(self.bed.hints_socket("db-src"))
             .args(["--timeout", "10", "--progress", "never"]);
+        if self.postcopy_socket.is_some() {
+            cmd.args(["--mode", "postcopy", "--allow-postcopy"]);
+        }
         if let Some(f) = failpoint {
             cmd.env("DBMIGRATE_FAILPOINT", f);
         }
