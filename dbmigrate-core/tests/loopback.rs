@@ -170,15 +170,7 @@ async fn destination_refuses_a_page_beyond_ram_and_says_why() {
     let p2 = dst_path.clone();
     let receiver = tokio::spawn(async move {
         let ram = DestRam::open(&p2, PAGES * 4096).unwrap();
-        let mut s = dest::accept(
-            &listener,
-            PAGES * 4096,
-            "tcp:x",
-            false,
-            Duration::from_secs(10),
-        )
-        .await
-        .unwrap();
+        let mut s = accept_source(&listener, false, Duration::from_secs(10)).await;
         let err = s.receive(ram, None, None).await.err().expect("must refuse");
         s.abort(&err.to_string()).await;
         err.to_string()
@@ -286,15 +278,7 @@ async fn rebuild_from_storage_is_byte_exact_whatever_the_hints_say() {
     let dst2 = dst_path.clone();
     let receiver = tokio::spawn(async move {
         let ram = DestRam::open(&dst2, PAGES * 4096).unwrap();
-        let mut s = dest::accept(
-            &listener,
-            PAGES * 4096,
-            "tcp:x",
-            false,
-            Duration::from_secs(10),
-        )
-        .await
-        .unwrap();
+        let mut s = accept_source(&listener, false, Duration::from_secs(10)).await;
         let (_ram, matched) = complete(s.receive(ram, Some(storage), None).await.unwrap());
         assert!(matched);
         s.wait_commit().await.unwrap();
@@ -491,15 +475,7 @@ async fn postcopy_to_a_real_userfaultfd(
     let p2 = dst_path.clone();
     let receiver = tokio::spawn(async move {
         let ram = DestRam::open(&p2, PAGES * 4096).unwrap();
-        let mut s = dest::accept(
-            &listener,
-            PAGES * 4096,
-            "tcp:x",
-            true,
-            Duration::from_secs(3),
-        )
-        .await
-        .unwrap();
+        let mut s = accept_source(&listener, true, Duration::from_secs(3)).await;
         let faults = dest::FaultSource {
             uffd,
             base,
@@ -647,9 +623,7 @@ async fn idle_but_alive_peers_are_waited_for_past_their_timeouts() {
     let p2 = dst_path.clone();
     let receiver = tokio::spawn(async move {
         let ram = DestRam::open(&p2, PAGES * 4096).unwrap();
-        let mut s = dest::accept(&listener, PAGES * 4096, "tcp:x", false, timeout)
-            .await
-            .unwrap();
+        let mut s = accept_source(&listener, false, timeout).await;
         let (_ram, matched) = complete(s.receive(ram, None, None).await.unwrap());
         assert!(matched);
         s.wait_commit().await.unwrap();
@@ -689,15 +663,7 @@ async fn a_silent_source_is_given_up_on_with_a_clear_error() {
     let p2 = dst_path.clone();
     let receiver = tokio::spawn(async move {
         let ram = DestRam::open(&p2, PAGES * 4096).unwrap();
-        let mut s = dest::accept(
-            &listener,
-            PAGES * 4096,
-            "tcp:x",
-            false,
-            Duration::from_secs(2),
-        )
-        .await
-        .unwrap();
+        let mut s = accept_source(&listener, false, Duration::from_secs(2)).await;
         s.receive(ram, None, None)
             .await
             .err()
@@ -747,4 +713,16 @@ async fn scripted_source(
         .await
         .unwrap();
     (ctrl, welcome, data)
+}
+
+/// The destination side of a session: accepts one source on `listener`
+/// for a RAM of [`PAGES`] pages.
+async fn accept_source(
+    listener: &TcpListener,
+    postcopy: bool,
+    timeout: Duration,
+) -> dest::DestSession {
+    dest::accept(listener, PAGES * 4096, "tcp:x", postcopy, timeout)
+        .await
+        .unwrap()
 }
