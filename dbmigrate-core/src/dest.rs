@@ -460,6 +460,8 @@ struct Applier {
     switch: Option<PageBitmap>,
     post: Option<Post>,
     out: mpsc::UnboundedSender<Message>,
+    /// Bytes the storage readers read (final once no read is outstanding).
+    storage_bytes: Arc<AtomicU64>,
     stats: DestStats,
 }
 
@@ -817,6 +819,7 @@ impl Applier {
         }
         self.refs = None; // lets the storage readers finish
         self.stats.bytes_received = bytes;
+        self.stats.storage_bytes = self.storage_bytes.load(Ordering::Relaxed);
         let t = Instant::now();
         let digests = match self.post.take() {
             Some(post) => {
@@ -921,7 +924,6 @@ pub struct PostcopyRun {
     urgent: mpsc::Sender<ApplyInput>,
     out: mpsc::UnboundedReceiver<Message>,
     stop: SessionStop,
-    storage_bytes: Arc<AtomicU64>,
     pages: u64,
 }
 
@@ -1038,6 +1040,7 @@ impl DestSession {
             switch: None,
             post: None,
             out: out_tx,
+            storage_bytes: storage_bytes.clone(),
             stats: DestStats::default(),
         };
         // The RAM has one owner thread: ordering per page is the arrival order
@@ -1086,7 +1089,6 @@ impl DestSession {
                                 urgent: urgent_tx,
                                 out: out_rx,
                                 stop,
-                                storage_bytes,
                                 pages,
                             }));
                         }
@@ -1108,10 +1110,7 @@ impl DestSession {
             final_hash,
             stats,
         } = applied;
-        self.stats = DestStats {
-            storage_bytes: storage_bytes.load(Ordering::Relaxed),
-            ..stats
-        };
+        self.stats = stats;
 
         let msg = match early_request {
             Some(m) => m,
@@ -1194,10 +1193,7 @@ impl DestSession {
             if let (Some(a), Some(req), true) = (&applied, &request, resumed) {
                 let (req, pages) = (req.clone(), run.pages);
                 let digests = a.digests.clone();
-                self.stats = DestStats {
-                    storage_bytes: run.storage_bytes.load(Ordering::Relaxed),
-                    ..a.stats.clone()
-                };
+                self.stats = a.stats.clone();
                 let total = self.compare(req, &digests, pages).await?;
                 return Ok(PostcopyOutcome {
                     matched: total == 0,
@@ -1249,19 +1245,11 @@ impl DestSession {
                 }
                 () = tokio::time::sleep(Duration::from_secs(1)) => {
                     if last_word.elapsed() > self.peer_timeout {
-                        if applied.is_some() && resumed {
+                        if let (Some(a), true) = (&applied, resumed) {
                             // Every page is placed and the VM runs here: only
                             // the comparison is missing. Stopping the VM now
                             // would lose it; the source cannot take it back.
-                            tracing::error!(
-                                secs = self.peer_timeout.as_secs(),
-                                "the source went silent after every page was placed: the VM runs here, but its memory was not compared with the source's"
-                            );
-                            self.stats = DestStats {
-                                storage_bytes: run.storage_bytes.load(Ordering::Relaxed),
-                                postcopy_unverified: true,
-                                ..applied.map(|a| a.stats).unwrap_or_default()
-                            };
+                            self.stats = DestStats { postcopy_unverified: true, ..a.stats.clone() };
                             return Ok(PostcopyOutcome { matched: false, compared: false, mismatched_chunks: 0 });
                         }
                         return Err(DestError::Timeout {
