@@ -248,7 +248,10 @@ impl Testbed {
 impl Drop for Testbed {
     fn drop(&mut self) {
         self.teardown_quiet();
-        let _ = std::fs::remove_dir_all(&self.dir);
+        // Logs of a failed or profiled run: DBMIGRATE_KEEP_DIR=1 keeps them.
+        if std::env::var_os("DBMIGRATE_KEEP_DIR").is_none() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
     }
 }
 
