@@ -81,10 +81,35 @@ pub trait HintSource: Send + Sync + std::fmt::Debug {
     fn hint(&self, page: u64) -> Option<Hint>;
 }
 
+/// Hashes a page number for a [`PageMap`]: one multiplication. The keys
+/// are the map's own page numbers, not a peer's choice, and the default
+/// SipHash cost more than the rest of a per-page lookup in a round.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct PageHasher(u64);
+
+impl std::hash::Hasher for PageHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(b)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        // Fibonacci hashing: consecutive pages spread over the high bits
+        // (control bytes) and stay distinct in the low bits (bucket index).
+        self.0 = (self.0 ^ n).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+}
+
+/// A map keyed by page number.
+pub type PageMap<V> = std::collections::HashMap<u64, V, std::hash::BuildHasherDefault<PageHasher>>;
+
 /// A table of hints indexed by page.
 #[derive(Clone, Debug, Default)]
 pub struct HintTable {
-    hints: std::collections::HashMap<u64, Hint>,
+    hints: PageMap<Hint>,
 }
 
 impl HintTable {

@@ -62,6 +62,11 @@ enum Command {
         /// Nice value of the collector thread (it yields to the database).
         #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(i32).range(0..=19))]
         nice: i32,
+        /// Nice value while answering a request: a host agent waiting for
+        /// the answer holds a migration up, so by default the answer goes
+        /// ahead of the database's threads for the second it takes.
+        #[arg(long, default_value_t = -5, value_parser = clap::value_parser!(i32).range(-20..=19))]
+        answer_nice: i32,
     },
 }
 
@@ -101,6 +106,7 @@ fn run(cli: Cli) -> Result<()> {
             refresh_s,
             sql_refresh_s,
             nice,
+            answer_nice,
         } => {
             let secs = |v: f64, flag: &str| {
                 if v == 0.0 && flag == "--refresh-s" {
@@ -121,6 +127,7 @@ fn run(cli: Cli) -> Result<()> {
                 secs(refresh_s, "--refresh-s")?,
                 secs(sql_refresh_s, "--sql-refresh-s")?,
                 nice,
+                answer_nice,
             );
         }
     };
@@ -326,8 +333,14 @@ fn serve(
     refresh: std::time::Duration,
     sql_refresh: std::time::Duration,
     nice: i32,
+    answer_nice: i32,
 ) -> Result<()> {
     use dbmigrate_core::rebuild::{encode_hint_error, parse_guest_request, GuestRequest};
+    // This thread only waits for requests and answers them; the background
+    // collector sets its own priority.
+    if let Err(e) = guest_agent::sys::nice_this_thread(answer_nice) {
+        tracing::warn!("cannot set the answering thread's priority to {answer_nice}: {e}");
+    }
     use std::io::Read;
     let mut dev = std::fs::OpenOptions::new()
         .read(true)

@@ -151,9 +151,10 @@ pub fn read_pieces(pid: u32, pieces: &[(u64, usize)], out: &mut [u8]) -> io::Res
     Ok(ok)
 }
 
-/// Lowers the calling thread's scheduling priority to `nice` (Linux applies
-/// `setpriority` on a thread id to that thread only), so that collecting
-/// hints yields the CPU to the database.
+/// Sets the calling thread's scheduling priority to `nice` (Linux applies
+/// `setpriority` on a thread id to that thread only): a background
+/// collection yields the CPU to the database, an answer the host waits for
+/// goes ahead of it.
 pub fn nice_this_thread(nice: i32) -> io::Result<()> {
     // SAFETY: gettid has no preconditions and cannot fail.
     let tid = unsafe { libc::gettid() };

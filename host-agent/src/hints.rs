@@ -15,7 +15,7 @@ use dbmigrate_core::layout::{decode_layout, encode_layout_request, LayoutSet};
 use dbmigrate_core::ram::SourceRam;
 use dbmigrate_core::rebuild::{
     decode_hints, encode_hint_request, parse_answer_header, GuestHint, Hint, HintAnswer,
-    HintSource, HINTS_HEADER_LEN,
+    HintSource, PageMap, HINTS_HEADER_LEN,
 };
 use thiserror::Error;
 
@@ -200,12 +200,8 @@ impl HintChannel {
 /// Turns guest hints into a page → hint table of the RAM file (pure): guest
 /// addresses go through the GPA layout QEMU reported; hints outside it, not
 /// page aligned, or on a disk the VM lacks are dropped and counted.
-pub fn to_table(
-    hints: &[GuestHint],
-    layout: &[GpaRange],
-    disks: usize,
-) -> (std::collections::HashMap<u64, Hint>, u64) {
-    let mut table = std::collections::HashMap::with_capacity(hints.len());
+pub fn to_table(hints: &[GuestHint], layout: &[GpaRange], disks: usize) -> (PageMap<Hint>, u64) {
+    let mut table = PageMap::with_capacity_and_hasher(hints.len(), Default::default());
     let mut dropped = 0;
     for h in hints {
         match crate::framescan::ram_offset(layout, h.gpa) {
@@ -242,13 +238,23 @@ pub struct HintCounters {
 /// The newest hint table, refreshed in the background while pre-copy runs.
 #[derive(Debug, Default)]
 pub struct LiveHints {
-    table: RwLock<std::collections::HashMap<u64, Hint>>,
+    table: RwLock<PageMap<Hint>>,
     /// Counters.
     pub counters: HintCounters,
     /// What the newest host-side scan found (host mode only).
     pub last_scan: std::sync::Mutex<Option<ScanStats>>,
+    /// The guest's file layout and when it came (host mode only).
+    layout: std::sync::Mutex<Option<(Instant, Arc<LayoutSet>)>>,
     stop: AtomicBool,
 }
+
+/// How long a host-mode refresh re-scans guest RAM with the file layout it
+/// already has instead of asking the guest again. The layout (where files
+/// and buffer-pool frames lie) changes far more slowly than which frames are
+/// clean, and every answer costs the guest's vCPU a second under load. A
+/// stale layout costs hints, never bytes: each frame found carries its own
+/// space and page number, and the destination checks every page's hash.
+const LAYOUT_MAX_AGE: Duration = Duration::from_secs(30);
 
 /// Who finds the buffer-pool pages.
 pub enum Finder {
@@ -322,7 +328,21 @@ impl LiveHints {
         let (table, dropped) = match finder {
             Finder::Guest => to_table(&ch.fetch(timeout)?, layout, disks),
             Finder::Host(ram) => {
-                let files = ch.fetch_layout(timeout)?;
+                let cached = self.layout.lock().ok().and_then(|l| {
+                    l.as_ref()
+                        .filter(|(at, _)| at.elapsed() < LAYOUT_MAX_AGE)
+                        .map(|(_, f)| f.clone())
+                });
+                let files = match cached {
+                    Some(f) => f,
+                    None => {
+                        let f = Arc::new(ch.fetch_layout(timeout)?);
+                        if let Ok(mut l) = self.layout.lock() {
+                            *l = Some((Instant::now(), f.clone()));
+                        }
+                        f
+                    }
+                };
                 let asked = t.elapsed();
                 let data = ram.data_pages().map_err(|e| HintChannelError::Io {
                     path: ch.path.clone(),
