@@ -208,6 +208,7 @@ mod tests {
         let put = |ram: &mut Vec<u8>, at: usize, p: &[u8]| ram[at..at + p.len()].copy_from_slice(p);
         put(&mut ram, 0, &page(5, 0, 100)); // pages 0..4
         put(&mut ram, 16384, &page(5, 3, 101)); // pages 4..8
+
         // Changed since flushed: the header carries the newer LSN, the
         // trailer still the flushed one.
         let mut modified = page(5, 1, 102);
