@@ -336,12 +336,12 @@ fn serve(
     answer_nice: i32,
 ) -> Result<()> {
     use dbmigrate_core::rebuild::{encode_hint_error, parse_guest_request, GuestRequest};
+    use std::io::Read;
     // This thread only waits for requests and answers them; the background
     // collector sets its own priority.
     if let Err(e) = guest_agent::sys::nice_this_thread(answer_nice) {
         tracing::warn!("cannot set the answering thread's priority to {answer_nice}: {e}");
     }
-    use std::io::Read;
     let mut dev = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
