@@ -333,6 +333,7 @@ impl LiveHints {
                         .filter(|(at, _)| at.elapsed() < LAYOUT_MAX_AGE)
                         .map(|(_, f)| f.clone())
                 });
+                let reused = cached.is_some();
                 let files = match cached {
                     Some(f) => f,
                     None => {
@@ -352,6 +353,7 @@ impl LiveHints {
                 let (table, stats) =
                     crate::framescan::scan_frames(ram.bytes(), &data, layout, &files, disks);
                 tracing::info!(
+                    layout_reused = reused,
                     layout_ms = u64::try_from(asked.as_millis()).unwrap_or(u64::MAX),
                     scan_ms = u64::try_from((t.elapsed() - asked).as_millis()).unwrap_or(u64::MAX),
                     files = files.files.len(),
