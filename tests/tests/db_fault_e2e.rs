@@ -131,14 +131,17 @@ impl DbCase {
             .unwrap_or(Value::Null)
     }
 
-    /// sysbench ran to its end without an error, and every table is intact
-    /// on the VM wherever it runs now.
+    /// sysbench ran to its end with no error but retried deadlocks (any
+    /// other error stops it: see [`DbBed::sysbench`]), and every table is
+    /// intact on the VM wherever it runs now.
     fn database_intact(&self, mut sysbench: Child) -> Result<()> {
         let status = sysbench.wait()?;
         let log = self.log("sysbench.log");
-        let (errors, finished) = sysbench_result(&log);
-        ensure!(status.success() && finished, "sysbench failed:\n{log}");
-        ensure!(errors == Some(0), "sysbench saw errors:\n{log}");
+        let (deadlocks, finished) = sysbench_result(&log);
+        ensure!(
+            status.success() && finished && deadlocks.is_some(),
+            "sysbench failed:\n{log}"
+        );
         self.bed.check_sbtest(&self.guest)
     }
 }

@@ -88,7 +88,8 @@ fn migrate_under_load(
 }
 
 /// After the move: the source QEMU is gone, sysbench finished its run with
-/// no error, and every table is consistent with no row lost.
+/// no error but retried deadlocks, and every table is consistent with no
+/// row lost.
 fn load_survived(
     bed: &DbBed,
     guest: &MariadbGuest,
@@ -101,9 +102,13 @@ fn load_survived(
     );
     let status = sysbench.wait().unwrap();
     let log = std::fs::read_to_string(&sb_log).unwrap();
-    let (errors, finished) = sysbench_result(&log);
-    assert!(status.success() && finished, "sysbench failed:\n{log}");
-    assert_eq!(errors, Some(0), "sysbench saw errors:\n{log}");
+    // Only deadlocks are retried (see `DbBed::sysbench`): any other error
+    // stopped sysbench before its summary.
+    let (deadlocks, finished) = sysbench_result(&log);
+    assert!(
+        status.success() && finished && deadlocks.is_some(),
+        "sysbench failed:\n{log}"
+    );
     eprintln!(
         "sysbench: {}",
         log.lines()
