@@ -103,6 +103,9 @@ pub struct DestStats {
     pub rejected_refs: u64,
     /// Bytes read from shared storage.
     pub storage_bytes: u64,
+    /// Reads made of shared storage (each a run of consecutive pages):
+    /// `storage_bytes / storage_reads` is the mean read.
+    pub storage_reads: u64,
     /// References not read because shared storage was failing (page asked for).
     pub storage_unread: u64,
     /// Time spent hashing at switchover.
@@ -320,12 +323,19 @@ impl Heard {
     }
 }
 
+/// Bytes and reads the storage readers made.
+#[derive(Default)]
+struct StorageTally {
+    bytes: AtomicU64,
+    reads: AtomicU64,
+}
+
 /// What the storage readers share.
 struct StorageReaders {
     storage: Arc<dyn Storage>,
     requests: Mutex<std::sync::mpsc::Receiver<RefRequest>>,
     results: mpsc::Sender<ApplyInput>,
-    bytes: Arc<AtomicU64>,
+    tally: Arc<StorageTally>,
     heard: Arc<Heard>,
     breaker: Mutex<rebuild::StorageBreaker>,
 }
@@ -402,7 +412,8 @@ fn storage_worker(r: Arc<StorageReaders>) {
             r.heard.touch();
             for (run, buf) in group.iter().zip(bufs) {
                 if read_ok {
-                    r.bytes.fetch_add(buf.len() as u64, Ordering::Relaxed);
+                    r.tally.bytes.fetch_add(buf.len() as u64, Ordering::Relaxed);
+                    r.tally.reads.fetch_add(1, Ordering::Relaxed);
                 }
                 // One message per run, not per page: the applier is woken once.
                 let pages = run
@@ -460,8 +471,8 @@ struct Applier {
     switch: Option<PageBitmap>,
     post: Option<Post>,
     out: mpsc::UnboundedSender<Message>,
-    /// Bytes the storage readers read (final once no read is outstanding).
-    storage_bytes: Arc<AtomicU64>,
+    /// What the storage readers read (final once no read is outstanding).
+    storage: Arc<StorageTally>,
     stats: DestStats,
 }
 
@@ -819,7 +830,8 @@ impl Applier {
         }
         self.refs = None; // lets the storage readers finish
         self.stats.bytes_received = bytes;
-        self.stats.storage_bytes = self.storage_bytes.load(Ordering::Relaxed);
+        self.stats.storage_bytes = self.storage.bytes.load(Ordering::Relaxed);
+        self.stats.storage_reads = self.storage.reads.load(Ordering::Relaxed);
         let t = Instant::now();
         let digests = match self.post.take() {
             Some(post) => {
@@ -983,7 +995,7 @@ impl DestSession {
         for s in std::mem::take(&mut self.data) {
             tokio::spawn(read_pages(s, tx.clone(), pages, heard.clone()));
         }
-        let storage_bytes = Arc::new(AtomicU64::new(0));
+        let tally = Arc::new(StorageTally::default());
         let (refs, disk_sizes) = match &storage {
             Some(st) => {
                 let (req_tx, req_rx) = std::sync::mpsc::channel::<RefRequest>();
@@ -991,7 +1003,7 @@ impl DestSession {
                     storage: st.clone(),
                     requests: Mutex::new(req_rx),
                     results: tx.clone(),
-                    bytes: storage_bytes.clone(),
+                    tally: tally.clone(),
                     heard: heard.clone(),
                     breaker: Mutex::new(rebuild::StorageBreaker::default()),
                 });
@@ -1040,7 +1052,7 @@ impl DestSession {
             switch: None,
             post: None,
             out: out_tx,
-            storage_bytes: storage_bytes.clone(),
+            storage: tally.clone(),
             stats: DestStats::default(),
         };
         // The RAM has one owner thread: ordering per page is the arrival order
