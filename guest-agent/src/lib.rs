@@ -215,6 +215,46 @@ pub async fn layout(
     Ok(out)
 }
 
+/// Resident 4 KiB pages of the server (`/proc/PID/statm`): a cheap sign
+/// that the buffer pool's resident frames changed (it grows while the pool
+/// warms up), read every second by the layout keeper.
+pub fn server_resident_pages(cfg: &Config) -> Result<u64, AgentError> {
+    let pid = server_pid(cfg)?;
+    let statm = std::fs::read_to_string(format!("/proc/{pid}/statm")).map_err(|source| {
+        AgentError::Proc {
+            pid,
+            doing: "read statm",
+            source,
+        }
+    })?;
+    statm
+        .split_whitespace()
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+        .ok_or_else(|| AgentError::Proc {
+            pid,
+            doing: "parse statm",
+            source: std::io::Error::from(std::io::ErrorKind::InvalidData),
+        })
+}
+
+/// Whether the kept layout should be made again: none yet, it is
+/// `max_age` old, or the server's resident size moved by more than 1 %
+/// since (frames the layout lacks, or lists that are gone), but not more
+/// often than every `min_interval` (pure).
+pub fn layout_is_stale(
+    kept: Option<(std::time::Duration, u64)>,
+    resident_now: u64,
+    max_age: std::time::Duration,
+    min_interval: std::time::Duration,
+) -> bool {
+    let Some((age, resident_then)) = kept else {
+        return true;
+    };
+    age >= max_age
+        || (age >= min_interval && resident_now.abs_diff(resident_then) > resident_then / 100)
+}
+
 /// The server's pid: configured, or found by name.
 fn server_pid(cfg: &Config) -> Result<u32, AgentError> {
     match cfg.pid {
@@ -433,4 +473,37 @@ pub fn scan(
     }
     out.stats.hints = out.hints.len() as u64;
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::layout_is_stale;
+    use std::time::Duration;
+
+    #[test]
+    fn a_layout_is_made_again_when_old_or_when_the_server_grew() {
+        let s = Duration::from_secs;
+        let (max, min) = (s(60), s(2));
+        assert!(layout_is_stale(None, 1000, max, min), "none yet");
+        assert!(
+            !layout_is_stale(Some((s(10), 1000)), 1005, max, min),
+            "steady"
+        );
+        assert!(
+            layout_is_stale(Some((s(10), 1000)), 1011, max, min),
+            "grew 1.1 %"
+        );
+        assert!(
+            layout_is_stale(Some((s(10), 1000)), 980, max, min),
+            "shrank 2 %"
+        );
+        assert!(
+            !layout_is_stale(Some((s(1), 1000)), 2000, max, min),
+            "just made"
+        );
+        assert!(
+            layout_is_stale(Some((s(60), 1000)), 1000, max, min),
+            "too old"
+        );
+    }
 }

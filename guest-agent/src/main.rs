@@ -59,12 +59,14 @@ enum Command {
         /// Seconds between two readings of the server's buffer-pool list.
         #[arg(long, default_value_t = 60.0)]
         sql_refresh_s: f64,
-        /// Keep the file layout made in the background, renewed every this
-        /// many seconds, and answer a layout request with it at once; 0
-        /// makes it when asked (no cost between migrations, but the host
-        /// waits 0.4-0.7 s on a busy one-vCPU guest). A layout up to this
-        /// old costs hints, never bytes: the host checks every frame it
-        /// finds and the destination every page.
+        /// Keep the file layout made in the background, and answer a layout
+        /// request with it at once: it is made again when the server's
+        /// resident size moves by more than 1 % (the buffer pool warming
+        /// up; checked every second, renewed at most every 2 s) and at
+        /// least every this many seconds. 0 makes it when asked (no cost
+        /// between migrations, but the host waits 0.4-0.7 s on a busy
+        /// one-vCPU guest). A stale layout costs hints, never bytes: the
+        /// host checks every frame it finds and the destination every page.
         #[arg(long, default_value_t = 60.0)]
         layout_refresh_s: f64,
         /// Nice value of the background threads (they yield to the database).
@@ -281,9 +283,10 @@ async fn answer_layout(
     }
 }
 
-/// The layout a background thread keeps, and how often it renews it.
+/// The layout a background thread keeps (when it was made, the server's
+/// resident pages then), and at least how often it renews it.
 struct KeptLayout {
-    newest: std::sync::Mutex<Option<(std::time::Instant, dbmigrate_core::layout::LayoutSet)>>,
+    newest: std::sync::Mutex<Option<(std::time::Instant, dbmigrate_core::layout::LayoutSet, u64)>>,
     refresh: std::time::Duration,
 }
 
@@ -292,13 +295,14 @@ impl KeptLayout {
     /// (the keeper failed or starves: a layout made now is better).
     fn young(&self) -> Option<(std::time::Duration, dbmigrate_core::layout::LayoutSet)> {
         let newest = self.newest.lock().ok()?;
-        let (made, set) = newest.as_ref()?;
+        let (made, set, _) = newest.as_ref()?;
         let age = made.elapsed();
         (age <= self.refresh * 2).then(|| (age, set.clone()))
     }
 }
 
-/// Renews `kept` every `kept.refresh`, at the background priority.
+/// Keeps `kept` current (see `--layout-refresh-s`), at the background
+/// priority.
 fn layout_keeper(
     kept: std::sync::Arc<KeptLayout>,
     socket: PathBuf,
@@ -319,20 +323,41 @@ fn layout_keeper(
             return;
         }
     };
+    const CHECK: std::time::Duration = std::time::Duration::from_secs(1);
+    const MIN_INTERVAL: std::time::Duration = std::time::Duration::from_secs(2);
     let mut conn = None;
+    let mut last_try: Option<std::time::Instant> = None;
     loop {
-        let started = std::time::Instant::now();
-        match rt.block_on(make_layout(&mut conn, &socket, &user, &cfg)) {
-            Ok(set) => {
-                tracing::debug!(ms = started.elapsed().as_millis(), "layout renewed");
-                if let Ok(mut newest) = kept.newest.lock() {
-                    *newest = Some((std::time::Instant::now(), set));
+        // No server (yet): nothing to keep; requests say why themselves.
+        if let Ok(resident) = guest_agent::server_resident_pages(&cfg) {
+            let then = kept
+                .newest
+                .lock()
+                .ok()
+                .and_then(|n| n.as_ref().map(|(made, _, r)| (made.elapsed(), *r)));
+            // After a failure, wait as long as after a success.
+            let retry_ok = last_try.is_none_or(|t| t.elapsed() >= MIN_INTERVAL);
+            if retry_ok && guest_agent::layout_is_stale(then, resident, kept.refresh, MIN_INTERVAL)
+            {
+                let started = std::time::Instant::now();
+                last_try = Some(started);
+                match rt.block_on(make_layout(&mut conn, &socket, &user, &cfg)) {
+                    Ok(set) => {
+                        tracing::info!(
+                            ms = started.elapsed().as_millis(),
+                            resident,
+                            "kept layout renewed"
+                        );
+                        if let Ok(mut newest) = kept.newest.lock() {
+                            *newest = Some((started, set, resident));
+                        }
+                    }
+                    // Requests meanwhile make their own, and say why if they fail too.
+                    Err(e) => tracing::warn!("renewing the kept layout failed: {e:#}"),
                 }
             }
-            // Requests meanwhile make their own, and say why if they fail too.
-            Err(e) => tracing::warn!("renewing the kept layout failed: {e:#}"),
         }
-        std::thread::sleep(kept.refresh);
+        std::thread::sleep(CHECK);
     }
 }
 
@@ -585,11 +610,11 @@ mod tests {
                 .checked_sub(Duration::from_secs(ago))
                 .unwrap()
         };
-        *kept.newest.lock().unwrap() = Some((made(90), set.clone()));
+        *kept.newest.lock().unwrap() = Some((made(90), set.clone(), 1));
         let (age, got) = kept.young().expect("90 s old, renewed every 60 s");
         assert!(age >= Duration::from_secs(90));
         assert_eq!(got, set);
-        *kept.newest.lock().unwrap() = Some((made(121), set));
+        *kept.newest.lock().unwrap() = Some((made(121), set, 1));
         assert!(kept.young().is_none(), "the keeper missed two renewals");
     }
 }
