@@ -485,25 +485,20 @@ mod tests {
         let s = Duration::from_secs;
         let (max, min) = (s(60), s(2));
         assert!(layout_is_stale(None, 1000, max, min), "none yet");
-        assert!(
-            !layout_is_stale(Some((s(10), 1000)), 1005, max, min),
-            "steady"
-        );
-        assert!(
-            layout_is_stale(Some((s(10), 1000)), 1011, max, min),
-            "grew 1.1 %"
-        );
-        assert!(
-            layout_is_stale(Some((s(10), 1000)), 980, max, min),
-            "shrank 2 %"
-        );
-        assert!(
-            !layout_is_stale(Some((s(1), 1000)), 2000, max, min),
-            "just made"
-        );
-        assert!(
-            layout_is_stale(Some((s(60), 1000)), 1000, max, min),
-            "too old"
-        );
+        // (age, resident then, resident now, stale?, why)
+        let cases = [
+            (10, 1000, 1005, false, "steady"),
+            (10, 1000, 1011, true, "grew 1.1 %"),
+            (10, 1000, 980, true, "shrank 2 %"),
+            (1, 1000, 2000, false, "just made"),
+            (60, 1000, 1000, true, "too old"),
+        ];
+        for (age, then, now, stale, why) in cases {
+            assert_eq!(
+                layout_is_stale(Some((s(age), then)), now, max, min),
+                stale,
+                "{why}"
+            );
+        }
     }
 }

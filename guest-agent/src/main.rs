@@ -301,6 +301,17 @@ impl KeptLayout {
     }
 }
 
+/// Lowers this background thread's priority to `nice` (a warning if it
+/// cannot) and gives it a runtime of its own.
+fn background_runtime(what: &str, nice: i32) -> std::io::Result<tokio::runtime::Runtime> {
+    if let Err(e) = guest_agent::sys::nice_this_thread(nice) {
+        tracing::warn!("cannot lower the {what}'s priority: {e}");
+    }
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+}
+
 /// Keeps `kept` current (see `--layout-refresh-s`), at the background
 /// priority.
 fn layout_keeper(
@@ -310,13 +321,7 @@ fn layout_keeper(
     cfg: guest_agent::Config,
     nice: i32,
 ) {
-    if let Err(e) = guest_agent::sys::nice_this_thread(nice) {
-        tracing::warn!("cannot lower the layout keeper's priority: {e}");
-    }
-    let rt = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+    let rt = match background_runtime("layout keeper", nice) {
         Ok(rt) => rt,
         Err(e) => {
             tracing::warn!("cannot start the layout keeper (layouts are made on request): {e}");
@@ -381,13 +386,7 @@ fn collector(
     nice: i32,
 ) {
     use dbmigrate_core::rebuild::encode_hints;
-    if let Err(e) = guest_agent::sys::nice_this_thread(nice) {
-        tracing::warn!("cannot lower the collector's priority: {e}");
-    }
-    let rt = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+    let rt = match background_runtime("collector", nice) {
         Ok(rt) => rt,
         Err(e) => {
             let (m, c) = &*shared;
