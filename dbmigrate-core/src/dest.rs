@@ -334,6 +334,8 @@ struct StorageTally {
 struct StorageReaders {
     storage: Arc<dyn Storage>,
     requests: Mutex<std::sync::mpsc::Receiver<RefRequest>>,
+    /// Reads a vCPU waits for (post-copy), served before `requests`.
+    urgent: Arc<Mutex<Vec<RefRequest>>>,
     results: mpsc::Sender<ApplyInput>,
     tally: Arc<StorageTally>,
     heard: Arc<Heard>,
@@ -347,11 +349,6 @@ fn storage_worker(r: Arc<StorageReaders>) {
     // Large gathers let sorting find long runs: a warm buffer pool holds
     // most pages of a table, which sit next to each other on disk.
     const GATHER: usize = 2048;
-    const MAX_RUN: usize = 256;
-    // Reads kept in flight per worker: scattered 16 KiB frames would
-    // otherwise cost a round trip each, and on a busy host a round trip
-    // is a scheduling delay of the storage server.
-    const IN_FLIGHT: usize = 32;
     loop {
         let batch = {
             let Ok(rx) = r.requests.lock() else { return };
@@ -365,75 +362,114 @@ fn storage_worker(r: Arc<StorageReaders>) {
             }
             v
         };
-        let runs = rebuild::coalesce(batch, MAX_RUN);
-        // Runs of one disk go to storage together (kept in flight at once).
-        let mut start = 0;
-        while start < runs.len() {
-            let disk = runs[start][0].hint.disk;
-            let end = (start..runs.len())
-                .take(IN_FLIGHT)
-                .take_while(|&i| runs[i][0].hint.disk == disk)
-                .last()
-                .map_or(start + 1, |i| i + 1);
-            let group = &runs[start..end];
-            start = end;
-            let mut bufs: Vec<Vec<u8>> = group
-                .iter()
-                .map(|run| vec![0u8; run.len() * PAGE_SIZE])
-                .collect();
-            let allowed = r
-                .breaker
-                .lock()
-                .map(|b| b.allows(Instant::now()))
-                .unwrap_or(false);
-            let read_ok = allowed
-                && {
-                    let mut reads: Vec<(u64, &mut [u8])> = group
-                        .iter()
-                        .zip(bufs.iter_mut())
-                        .map(|(run, b)| (run[0].hint.offset, b.as_mut_slice()))
-                        .collect();
-                    let read = r.storage.read_many(disk, &mut reads);
-                    if let Ok(mut b) = r.breaker.lock() {
-                        match &read {
-                            Ok(()) => b.succeeded(),
-                            Err(e) => {
-                                let cause = std::error::Error::source(e)
-                                    .map(|c| format!(": {c}"))
-                                    .unwrap_or_default();
-                                tracing::warn!(error = %format!("{e}{cause}"), "shared storage read failed; asking the source for the pages and leaving storage alone for a while");
-                                b.failed(Instant::now());
-                            }
-                        }
-                    }
-                    read.is_ok()
-                };
-            // The source waits while storage is read: that is progress, not silence.
-            r.heard.touch();
-            for (run, buf) in group.iter().zip(bufs) {
-                if read_ok {
-                    r.tally.bytes.fetch_add(buf.len() as u64, Ordering::Relaxed);
-                    r.tally.reads.fetch_add(1, Ordering::Relaxed);
-                }
-                // One message per run, not per page: the applier is woken once.
-                let pages = run
-                    .iter()
-                    .zip(buf.chunks_exact(PAGE_SIZE))
-                    .map(|(req, page)| {
-                        (req.page, req.version, read_ok && xxh3_128(page) == req.hash)
-                    })
-                    .collect();
-                let done = ApplyInput::Resolved {
-                    pages,
-                    data: buf,
-                    unread: !read_ok,
-                };
-                if r.results.blocking_send(done).is_err() {
-                    return;
-                }
-            }
+        if serve_runs(&r, &rebuild::coalesce(batch, MAX_RUN), true).is_err() {
+            return;
         }
     }
+}
+
+/// Longest storage read, in pages.
+const MAX_RUN: usize = 256;
+
+/// The applier stopped taking storage results: the readers stop too.
+struct ApplierGone;
+
+/// Pages a vCPU waits for whose storage read is still queued (post-copy):
+/// read before anything else, so a fault never waits behind the background.
+fn take_urgent(r: &StorageReaders) -> Vec<RefRequest> {
+    r.urgent
+        .lock()
+        .map(|mut u| std::mem::take(&mut *u))
+        .unwrap_or_default()
+}
+
+/// Reads `runs` (grouped by disk, several in flight), serving urgent
+/// requests first between groups when `urgent_first` is set.
+fn serve_runs(
+    r: &StorageReaders,
+    runs: &[Vec<RefRequest>],
+    urgent_first: bool,
+) -> Result<(), ApplierGone> {
+    // Reads kept in flight per worker: scattered 16 KiB frames would
+    // otherwise cost a round trip each, and on a busy host a round trip
+    // is a scheduling delay of the storage server.
+    const IN_FLIGHT: usize = 32;
+    let mut start = 0;
+    while start < runs.len() {
+        if urgent_first {
+            let urgent = take_urgent(r);
+            if !urgent.is_empty() {
+                serve_runs(r, &rebuild::coalesce(urgent, MAX_RUN), false)?;
+            }
+        }
+        // Runs of one disk go to storage together (kept in flight at once).
+        let disk = runs[start][0].hint.disk;
+        let end = (start..runs.len())
+            .take(IN_FLIGHT)
+            .take_while(|&i| runs[i][0].hint.disk == disk)
+            .last()
+            .map_or(start + 1, |i| i + 1);
+        let group = &runs[start..end];
+        start = end;
+        read_group(r, disk, group)?;
+    }
+    Ok(())
+}
+
+/// One group of runs of `disk`, read at once and handed to the applier.
+fn read_group(r: &StorageReaders, disk: u16, group: &[Vec<RefRequest>]) -> Result<(), ApplierGone> {
+    let mut bufs: Vec<Vec<u8>> = group
+        .iter()
+        .map(|run| vec![0u8; run.len() * PAGE_SIZE])
+        .collect();
+    let allowed = r
+        .breaker
+        .lock()
+        .map(|b| b.allows(Instant::now()))
+        .unwrap_or(false);
+    let read_ok = allowed
+        && {
+            let mut reads: Vec<(u64, &mut [u8])> = group
+                .iter()
+                .zip(bufs.iter_mut())
+                .map(|(run, b)| (run[0].hint.offset, b.as_mut_slice()))
+                .collect();
+            let read = r.storage.read_many(disk, &mut reads);
+            if let Ok(mut b) = r.breaker.lock() {
+                match &read {
+                    Ok(()) => b.succeeded(),
+                    Err(e) => {
+                        let cause = std::error::Error::source(e)
+                            .map(|c| format!(": {c}"))
+                            .unwrap_or_default();
+                        tracing::warn!(error = %format!("{e}{cause}"), "shared storage read failed; asking the source for the pages and leaving storage alone for a while");
+                        b.failed(Instant::now());
+                    }
+                }
+            }
+            read.is_ok()
+        };
+    // The source waits while storage is read: that is progress, not silence.
+    r.heard.touch();
+    for (run, buf) in group.iter().zip(bufs) {
+        if read_ok {
+            r.tally.bytes.fetch_add(buf.len() as u64, Ordering::Relaxed);
+            r.tally.reads.fetch_add(1, Ordering::Relaxed);
+        }
+        // One message per run, not per page: the applier is woken once.
+        let pages = run
+            .iter()
+            .zip(buf.chunks_exact(PAGE_SIZE))
+            .map(|(req, page)| (req.page, req.version, read_ok && xxh3_128(page) == req.hash))
+            .collect();
+        let done = ApplyInput::Resolved {
+            pages,
+            data: buf,
+            unread: !read_ok,
+        };
+        r.results.blocking_send(done).map_err(|_| ApplierGone)?;
+    }
+    Ok(())
 }
 
 /// Post-copy state of the RAM owner, from the switch on.
@@ -459,6 +495,11 @@ struct Applier {
     dctx: zstd::bulk::Decompressor<'static>,
     disk_sizes: Vec<u64>,
     refs: Option<std::sync::mpsc::Sender<RefRequest>>,
+    /// Storage reads a faulting vCPU waits for, served by the readers first.
+    urgent_reads: Arc<Mutex<Vec<RefRequest>>>,
+    /// The storage read in flight for each page, kept when this side can
+    /// serve post-copy (a fault on it is read again, ahead of the queue).
+    ref_of: HashMap<u64, RefRequest>,
     outstanding: u64,
     /// Pages with a storage read in flight for their current version.
     inflight: PageBitmap,
@@ -490,7 +531,10 @@ impl Applier {
         // Every message about a page supersedes the earlier ones, including a
         // storage read still in flight: it will find the version moved on.
         self.version[idx] = self.version[idx].wrapping_add(1);
-        self.inflight.unset(e.page);
+        if self.inflight.get(e.page) {
+            self.inflight.unset(e.page);
+            self.ref_of.remove(&e.page);
+        }
         match e.encoding {
             PageEncoding::Reference => {
                 let (hint, hash) = protocol::decode_reference(&e.data)
@@ -506,6 +550,9 @@ impl Applier {
                         };
                         tx.send(req)
                             .map_err(|_| DestError::Worker("storage readers stopped".into()))?;
+                        if self.faults.is_some() {
+                            self.ref_of.insert(e.page, req);
+                        }
                         self.outstanding += 1;
                         self.inflight.set(e.page);
                     }
@@ -584,6 +631,12 @@ impl Applier {
             let idx = usize::try_from(page).expect("page checked when the reference arrived");
             if self.version[idx] != version {
                 continue; // a newer message about this page already decided it
+            }
+            if self.post.as_ref().is_some_and(|p| !p.missing.get(page)) {
+                continue; // placed by the urgent read of the same reference
+            }
+            if !self.ref_of.is_empty() {
+                self.ref_of.remove(&page);
             }
             self.inflight.unset(page);
             if !ok {
@@ -728,6 +781,18 @@ impl Applier {
             post.waiting.entry(page).or_insert_with(Instant::now);
             if self.inflight.get(page) {
                 self.stats.storage_faults += 1;
+                // Its read may be queued behind thousands of background
+                // reads: read it again at once (the first to land is placed).
+                // Its twin on the ordinary queue wakes an idle reader.
+                if let (Some(req), Some(tx)) = (self.ref_of.remove(&page), &self.refs) {
+                    if let Ok(mut u) = self.urgent_reads.lock() {
+                        u.push(req);
+                        self.outstanding += 1;
+                    }
+                    if tx.send(req).is_ok() {
+                        self.outstanding += 1;
+                    }
+                }
             } else {
                 self.stats.network_faults += 1;
                 if post.requested.set(page) {
@@ -996,12 +1061,14 @@ impl DestSession {
             tokio::spawn(read_pages(s, tx.clone(), pages, heard.clone()));
         }
         let tally = Arc::new(StorageTally::default());
+        let urgent_reads = Arc::new(Mutex::new(Vec::new()));
         let (refs, disk_sizes) = match &storage {
             Some(st) => {
                 let (req_tx, req_rx) = std::sync::mpsc::channel::<RefRequest>();
                 let readers = Arc::new(StorageReaders {
                     storage: st.clone(),
                     requests: Mutex::new(req_rx),
+                    urgent: urgent_reads.clone(),
                     results: tx.clone(),
                     tally: tally.clone(),
                     heard: heard.clone(),
@@ -1041,6 +1108,8 @@ impl DestSession {
                 .map_err(|e| DestError::Worker(format!("zstd: {e}")))?,
             disk_sizes,
             refs,
+            urgent_reads,
+            ref_of: HashMap::new(),
             outstanding: 0,
             inflight: PageBitmap::new(pages),
             need: Vec::new(),

@@ -726,3 +726,205 @@ async fn accept_source(
         .await
         .unwrap()
 }
+
+/// Shared storage that takes `delay` per batch of reads and logs the
+/// offsets it read, in order.
+struct SlowStorage {
+    disk: Vec<u8>,
+    sizes: Vec<u64>,
+    delay: Duration,
+    log: Mutex<Vec<u64>>,
+}
+
+impl dbmigrate_core::rebuild::Storage for SlowStorage {
+    fn disk_sizes(&self) -> &[u64] {
+        &self.sizes
+    }
+    fn read_at(
+        &self,
+        _disk: u16,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> Result<(), dbmigrate_core::rebuild::StorageError> {
+        let at = usize::try_from(offset).unwrap();
+        buf.copy_from_slice(&self.disk[at..at + buf.len()]);
+        self.log.lock().unwrap().push(offset);
+        Ok(())
+    }
+    fn read_many(
+        &self,
+        disk: u16,
+        reads: &mut [(u64, &mut [u8])],
+    ) -> Result<(), dbmigrate_core::rebuild::StorageError> {
+        std::thread::sleep(self.delay);
+        for (offset, buf) in reads.iter_mut() {
+            self.read_at(disk, *offset, buf)?;
+        }
+        Ok(())
+    }
+}
+
+/// Post-copy with thousands of storage reads queued: the VM touches the
+/// page whose read is last in the queue. Its read must jump the queue
+/// (the vCPU waits for it), and the RAM must still end byte-exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fault_on_a_page_whose_storage_read_is_queued_is_read_ahead_of_the_queue() {
+    use dbmigrate_core::rebuild::{Hint, Storage};
+
+    const REFS: u64 = 2000;
+    let target = REFS - 1;
+    // RAM page p is on disk at 2p pages: no two reads coalesce, and the
+    // target's offset sorts last.
+    let disk_offset = |p: u64| 2 * p * 4096;
+    let mut disk = vec![0u8; usize::try_from(disk_offset(REFS)).unwrap()];
+    let mut frozen = vec![0u8; usize::try_from(PAGES * 4096).unwrap()];
+    for p in 0..REFS {
+        let d = usize::try_from(disk_offset(p)).unwrap();
+        disk[d..d + 4096].copy_from_slice(&page_bytes(p));
+        let i = usize::try_from(p * 4096).unwrap();
+        frozen[i..i + 4096].copy_from_slice(&page_bytes(p));
+    }
+    let storage = Arc::new(SlowStorage {
+        sizes: vec![disk.len() as u64],
+        disk,
+        delay: Duration::from_millis(20),
+        log: Mutex::new(Vec::new()),
+    });
+
+    let dst_path = ram_file("urgent-read");
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&dst_path)
+        .unwrap();
+    // SAFETY: a shared mapping of the test's own RAM file, standing in for
+    // QEMU's; it lives until the end of the test.
+    let map = Arc::new(unsafe { memmap2::MmapMut::map_mut(&file) }.unwrap());
+    let base = map.as_ptr() as u64;
+    let uffd = dbmigrate_uffd::register_missing(base, PAGES * 4096).unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (p2, st) = (dst_path.clone(), storage.clone() as Arc<dyn Storage>);
+    let receiver = tokio::spawn(async move {
+        let ram = DestRam::open(&p2, PAGES * 4096).unwrap();
+        let mut s = accept_source(&listener, true, Duration::from_secs(10)).await;
+        let faults = dest::FaultSource {
+            uffd,
+            base,
+            len: PAGES * 4096,
+        };
+        let run = match s.receive(ram, Some(st), Some(faults)).await.unwrap() {
+            dest::Received::Postcopy(run) => run,
+            dest::Received::Complete { .. } => panic!("no switch to post-copy"),
+        };
+        let outcome = s.postcopy(run, async { Ok(()) }).await;
+        (outcome, s.stats.clone())
+    });
+    let (mut ctrl, _, mut data) = scripted_source(addr, 11).await;
+
+    // Every page is a reference; nothing is pending at the switch: the
+    // destination holds them all as storage reads in flight.
+    let mut b = BatchBuilder::new(0);
+    for p in 0..REFS {
+        let hint = Hint {
+            disk: 0,
+            offset: disk_offset(p),
+        };
+        let hash = xxhash_rust::xxh3::xxh3_128(&page_bytes(p));
+        b.push(
+            p,
+            PageEncoding::Reference,
+            &protocol::encode_reference(hint, hash),
+        );
+    }
+    data.write_all(&b.finish()).await.unwrap();
+    protocol::write_message(&mut data, &Message::SwitchMark, "t")
+        .await
+        .unwrap();
+    let pending = vec![0u8; usize::try_from(PAGES / 8).unwrap()];
+    protocol::write_message(&mut ctrl, &Message::Switch { pending }, "t")
+        .await
+        .unwrap();
+    let m = next_ctrl(&mut ctrl).await;
+    assert!(matches!(m, Message::Switched), "got {}", m.name());
+    protocol::write_message(&mut ctrl, &Message::Commit, "t")
+        .await
+        .unwrap();
+    let m = next_ctrl(&mut ctrl).await;
+    assert!(matches!(m, Message::Activated), "got {}", m.name());
+
+    // The "vCPU" touches the target page and waits for it.
+    let at = usize::try_from(target * 4096).unwrap();
+    let touched = {
+        let map = map.clone();
+        tokio::task::spawn_blocking(move || map[at..at + 4096].to_vec())
+    };
+    let touched = tokio::time::timeout(Duration::from_secs(20), touched)
+        .await
+        .expect("the faulting vCPU was never served")
+        .unwrap();
+    assert!(
+        touched == page_bytes(target),
+        "the faulted page holds wrong bytes"
+    );
+
+    protocol::write_message(&mut data, &Message::EndOfStream, "t")
+        .await
+        .unwrap();
+    let mut data_pages = PageBitmap::new(PAGES);
+    for p in 0..REFS {
+        data_pages.set(p);
+    }
+    let digests = dbmigrate_core::verify::fold_page_hashes(
+        &dbmigrate_core::verify::page_hashes(&frozen, &data_pages, 1),
+        dbmigrate_core::verify::CHUNK_PAGES,
+    );
+    protocol::write_message(
+        &mut ctrl,
+        &Message::VerifyRequest {
+            chunk_pages: dbmigrate_core::verify::CHUNK_PAGES,
+            digests,
+        },
+        "t",
+    )
+    .await
+    .unwrap();
+    let m = next_ctrl(&mut ctrl).await;
+    assert!(
+        matches!(
+            &m,
+            Message::VerifyResult {
+                mismatched_total: 0,
+                ..
+            }
+        ),
+        "got {}",
+        m.name()
+    );
+    let (outcome, stats) = tokio::time::timeout(Duration::from_secs(30), receiver)
+        .await
+        .expect("the destination waited forever")
+        .unwrap();
+    let outcome = outcome.expect("post-copy must end cleanly");
+    assert!(outcome.matched && outcome.compared);
+    assert!(
+        map[..] == frozen[..],
+        "destination RAM differs from the frozen source"
+    );
+    assert_eq!(stats.storage_faults, 1, "{stats:?}");
+
+    // The target's offset sorts last: read in queue order it would be the
+    // last of 2000 reads. It was read while most of the queue still waited.
+    let log = storage.log.lock().unwrap().clone();
+    let first = log
+        .iter()
+        .position(|&o| o == disk_offset(target))
+        .expect("the target was never read");
+    assert!(
+        first < log.len() / 2,
+        "the faulting page was read {first}th of {} reads: not ahead of the queue",
+        log.len()
+    );
+    drop((map, ctrl, data));
+    std::fs::remove_file(dst_path).unwrap();
+}
