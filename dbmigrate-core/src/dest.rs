@@ -815,14 +815,28 @@ impl Applier {
     fn run(
         mut self,
         mut rx: mpsc::Receiver<ApplyInput>,
+        mut stored: mpsc::Receiver<ApplyInput>,
         mut urgent: mpsc::Receiver<ApplyInput>,
         rt: tokio::runtime::Handle,
         mut ended_session: oneshot::Receiver<()>,
     ) -> Result<Applied, DestError> {
         let (mut ended, mut drains, mut bytes) = (0usize, 0usize, 0u64);
         let mut drain_round = 0;
+        let mut turn = false;
         while !self.done(ended) {
-            let input = match urgent.try_recv().or_else(|_| rx.try_recv()) {
+            // After the switch, pages from the source come before storage
+            // results: a page missing from the network costs the VM a round
+            // trip, one from storage is read again at once when it faults.
+            // Before, the two alternate so that neither stalls the round.
+            turn = !turn;
+            let data_first = self.post.is_some() || turn;
+            let input = match urgent.try_recv().or_else(|_| {
+                if data_first {
+                    rx.try_recv().or_else(|_| stored.try_recv())
+                } else {
+                    stored.try_recv().or_else(|_| rx.try_recv())
+                }
+            }) {
                 Ok(i) => i,
                 Err(_) => {
                     // Idle: bring the switchover digests up to date. Not while
@@ -842,6 +856,7 @@ impl Applier {
                             _ = &mut ended_session => None,
                             Some(i) = urgent.recv() => Some(i),
                             Some(i) = rx.recv() => Some(i),
+                            Some(i) = stored.recv() => Some(i),
                             else => None,
                         }
                     })
@@ -1057,6 +1072,7 @@ impl DestSession {
         let heard = Arc::new(Heard::new());
         let (tx, rx) = mpsc::channel::<ApplyInput>(64);
         let (urgent_tx, urgent_rx) = mpsc::channel::<ApplyInput>(64);
+        let (stored_tx, stored_rx) = mpsc::channel::<ApplyInput>(64);
         for s in std::mem::take(&mut self.data) {
             tokio::spawn(read_pages(s, tx.clone(), pages, heard.clone()));
         }
@@ -1069,7 +1085,7 @@ impl DestSession {
                     storage: st.clone(),
                     requests: Mutex::new(req_rx),
                     urgent: urgent_reads.clone(),
-                    results: tx.clone(),
+                    results: stored_tx,
                     tally: tally.clone(),
                     heard: heard.clone(),
                     breaker: Mutex::new(rebuild::StorageBreaker::default()),
@@ -1080,7 +1096,10 @@ impl DestSession {
                 }
                 (Some(req_tx), st.disk_sizes().to_vec())
             }
-            None => (None, Vec::new()),
+            None => {
+                drop(stored_tx); // no storage results will come
+                (None, Vec::new())
+            }
         };
         drop(tx);
         let faults = faults.map(Arc::new);
@@ -1132,7 +1151,7 @@ impl DestSession {
             // The VM has not run here: every page reads as zero until written,
             // which lets the source skip zero pages and the digests start known.
             a.ram.zero_all()?;
-            a.run(rx, urgent_rx, rt, end_rx)
+            a.run(rx, stored_rx, urgent_rx, rt, end_rx)
         });
         // Besides forwarding drain answers, the control connection carries
         // only an abort (or EOF from a dead source), the switch to
