@@ -9,7 +9,7 @@ use std::process::{Child, Stdio};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use dbmigrate_testbed::{mariadb_guest, tpcc_guest, DbBed, HostCpus, MariadbGuest, Vm};
+use dbmigrate_testbed::{mariadb_guest, tpcc_guest, DbBed, MariadbGuest, Vm};
 use serde_json::{json, Value};
 
 use crate::timeline;
@@ -26,8 +26,6 @@ pub enum DbLoad {
 
 /// Settings of a database comparison.
 pub struct DbSetup {
-    /// CPUs of each simulated host.
-    pub cpus: HostCpus,
     pub ram_mib: u64,
     pub pool: String,
     pub tables: u32,
@@ -72,7 +70,7 @@ pub fn compare(s: &DbSetup, methods: &[String]) -> Result<(Vec<Run>, MariadbGues
     let mut runs = Vec::new();
     for m in methods {
         eprintln!("== mariadb: {m}");
-        let bed = DbBed::with_cpus(&guest, s.link_mbit, s.storage_mbit, 1, s.cpus.clone())?;
+        let bed = DbBed::new(&guest, s.link_mbit, s.storage_mbit)?;
         let run = run_one(s, &guest, &bed, m).with_context(|| format!("method {m}"))?;
         eprintln!(
             "   completed={} total_ms={:?} downtime_ms={:?} link_MB={} storage_MB={} tps before/during={:?}/{:?} errors={:?}",

@@ -57,7 +57,7 @@ pub fn compare(
     let mut runs = Vec::new();
     for m in methods {
         eprintln!("== {} of {vms} VMs: {m}", policy.name());
-        let bed = DbBed::with_cpus(&guest, s.link_mbit, s.storage_mbit, vms, s.cpus.clone())?;
+        let bed = DbBed::with_vms(&guest, s.link_mbit, s.storage_mbit, vms)?;
         let run = run_fleet(s, &guest, &bed, policy, m).with_context(|| format!("method {m}"))?;
         eprintln!(
             "   completed={} last VM left after {:?} ms, longest downtime {:?} ms, link_MB={} errors={:?}",

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
-use dbmigrate_testbed::{dirtier_guest, GuestImage, HostCpus, Testbed, Vm, VmOptions};
+use dbmigrate_testbed::{dirtier_guest, GuestImage, Testbed, Vm, VmOptions};
 use serde::Serialize;
 use serde_json::{json, Value};
 
@@ -134,13 +134,6 @@ struct DbArgs {
     /// Seconds of load before the migration starts.
     #[arg(long, default_value_t = 15)]
     warmup_s: u64,
-    /// CPUs of the simulated hosts: `split` puts the source host on CPU 0
-    /// and the destination, storage and client hosts on CPU 1, as separate
-    /// machines would be; `shared` lets every process use every CPU.
-    /// Default: `split` for one VM, `shared` for a fleet (its source host
-    /// runs several vCPUs).
-    #[arg(long, value_parser = ["split", "shared"])]
-    host_cpus: Option<String>,
     #[command(flatten)]
     run: RunArgs,
 }
@@ -164,20 +157,8 @@ struct RunArgs {
 }
 
 impl DbArgs {
-    fn setup(
-        &self,
-        ram_mib: u64,
-        pool: String,
-        competing_streams: u32,
-        default_cpus: HostCpus,
-    ) -> db::DbSetup {
-        let cpus = match self.host_cpus.as_deref() {
-            Some("split") => HostCpus::split_two(),
-            Some(_) => HostCpus::Shared,
-            None => default_cpus,
-        };
+    fn setup(&self, ram_mib: u64, pool: String, competing_streams: u32) -> db::DbSetup {
         db::DbSetup {
-            cpus,
             load: if self.workload == "tpcc" {
                 db::DbLoad::Tpcc {
                     warehouses: self.warehouses,
@@ -378,9 +359,6 @@ struct Report {
     link_mbit: u32,
     storage_mbit: Option<u32>,
     vm: Value,
-    /// CPUs of each simulated host, when they were kept apart.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    host_cpus: Option<Value>,
     runs: Vec<Run>,
 }
 
@@ -432,7 +410,7 @@ fn main() -> Result<()> {
                 format!("mariadb-{}{congestion}", db.workload)
             });
             check_methods(&db.run.methods)?;
-            let setup = db.setup(ram_mib, pool, competing_streams, HostCpus::split_two());
+            let setup = db.setup(ram_mib, pool, competing_streams);
             let (runs, guest) = db::compare(&setup, &db.run.methods)?;
             write_db_report(scenario, &setup, &guest, None, runs, db.run.out)
         }
@@ -454,7 +432,7 @@ fn main() -> Result<()> {
                 .scenario
                 .clone()
                 .unwrap_or_else(|| format!("mariadb-{}-{}-{vms}vms", db.workload, policy.name()));
-            let setup = db.setup(ram_mib, pool, 0, HostCpus::Shared);
+            let setup = db.setup(ram_mib, pool, 0);
             let (runs, guest) = fleet::compare(&setup, vms, policy, &db.run.methods)?;
             write_db_report(
                 scenario,
@@ -512,7 +490,6 @@ fn main() -> Result<()> {
                 link_mbit,
                 storage_mbit: None,
                 vm: json!({"ram_mib": ram_mib, "vcpus": 1, "workload": format!("dirtier ws={ws_mib}MiB fill={fill_pct}%")}),
-                host_cpus: None,
                 runs,
             };
             let path = out.unwrap_or_else(|| {
@@ -566,15 +543,6 @@ fn write_db_report(
         link_mbit: setup.link_mbit,
         storage_mbit: Some(setup.storage_mbit),
         vm: json!({ "ram_mib": setup.ram_mib, "vcpus": 1, "workload": workload }),
-        host_cpus: match &setup.cpus {
-            HostCpus::Shared => None,
-            HostCpus::Split { source, rest } => Some(json!({
-                "source": source,
-                "destination": rest,
-                "storage": rest,
-                "client": rest,
-            })),
-        },
         runs,
     };
     let path = out.unwrap_or_else(|| {

@@ -116,35 +116,6 @@ pub fn dirtier_guest() -> Result<GuestImage> {
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
-/// Which CPUs each simulated host may use. On real hardware the source,
-/// destination, storage server and client are separate machines; on one
-/// machine their processes otherwise compete for the same cores, so the
-/// destination's work would slow the source guest as it never could there.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub enum HostCpus {
-    /// Every host may use every CPU.
-    #[default]
-    Shared,
-    /// The source host on the CPUs `source`; the destination, storage and
-    /// client hosts on `rest` (CPU lists as `taskset -c` takes them).
-    Split {
-        /// The source host's CPUs.
-        source: String,
-        /// Every other host's CPUs.
-        rest: String,
-    },
-}
-
-impl HostCpus {
-    /// Source host on CPU 0, the others on CPU 1 (a 2-core machine).
-    pub fn split_two() -> Self {
-        Self::Split {
-            source: "0".into(),
-            rest: "1".into(),
-        }
-    }
-}
-
 /// Two hosts (`src`, `dst`) as network namespaces with a shaped veth link.
 pub struct Testbed {
     /// Short unique tag.
@@ -163,18 +134,11 @@ pub struct Testbed {
     pub dst_if: String,
     /// Scratch directory for sockets, logs and reports.
     pub dir: PathBuf,
-    /// CPUs of each host's processes.
-    pub cpus: HostCpus,
 }
 
 impl Testbed {
     /// Creates the namespaces and the link, shaped to `link_mbit` with tbf.
     pub fn new(link_mbit: u32) -> Result<Self> {
-        Self::with_cpus(link_mbit, HostCpus::Shared)
-    }
-
-    /// [`Testbed::new`] whose hosts' processes run on `cpus`.
-    pub fn with_cpus(link_mbit: u32, cpus: HostCpus) -> Result<Self> {
         require_root()?;
         let n = (std::process::id() % 200) + NEXT.fetch_add(1, Ordering::SeqCst) * 7 % 50;
         let n = n % 250;
@@ -188,7 +152,6 @@ impl Testbed {
             dst_if: format!("{tag}b"),
             dir: std::env::temp_dir().join(format!("dbmigrate-{tag}-{}", std::process::id())),
             tag,
-            cpus,
         };
         tb.teardown_quiet();
         std::fs::create_dir_all(&tb.dir)?;
@@ -226,15 +189,10 @@ impl Testbed {
         Ok(read("tx_bytes")? + read("rx_bytes")?)
     }
 
-    /// A command that runs inside namespace `ns`, on that host's CPUs.
+    /// A command that runs inside namespace `ns`.
     pub fn in_ns(&self, ns: &str, program: &Path) -> Command {
         let mut c = Command::new("ip");
-        c.args(["netns", "exec", ns]);
-        if let HostCpus::Split { source, rest } = &self.cpus {
-            let cpus = if ns == self.src_ns { source } else { rest };
-            c.args(["taskset", "-c", cpus]);
-        }
-        c.arg(program);
+        c.args(["netns", "exec", ns]).arg(program);
         c
     }
 
@@ -781,21 +739,10 @@ impl DbBed {
         storage_mbit: u32,
         vms: u32,
     ) -> Result<Self> {
-        Self::with_cpus(guest, link_mbit, storage_mbit, vms, HostCpus::Shared)
-    }
-
-    /// [`DbBed::with_vms`] whose hosts' processes run on `cpus`.
-    pub fn with_cpus(
-        guest: &MariadbGuest,
-        link_mbit: u32,
-        storage_mbit: u32,
-        vms: u32,
-        cpus: HostCpus,
-    ) -> Result<Self> {
         if !(1..=8).contains(&vms) {
             bail!("a database bed holds 1 to 8 VMs, not {vms}");
         }
-        let tb = Testbed::with_cpus(link_mbit, cpus)?;
+        let tb = Testbed::new(link_mbit)?;
         let tag = tb.tag.clone();
         let n: u32 = tag.trim_start_matches("dbm").parse().unwrap_or(0);
         let stor_ns = format!("{tag}t");
