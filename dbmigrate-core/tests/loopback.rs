@@ -500,19 +500,10 @@ async fn postcopy_to_a_real_userfaultfd(
         frozen[i * 4096..(i + 1) * 4096].copy_from_slice(&page_bytes(p));
         pending[i / 8] |= 1 << (i % 8);
     }
-    protocol::write_message(&mut ctrl, &Message::Switch { pending }, "t")
-        .await
-        .unwrap();
     protocol::write_message(&mut data, &Message::SwitchMark, "t")
         .await
         .unwrap();
-    let m = next_ctrl(&mut ctrl).await;
-    assert!(matches!(m, Message::Switched), "got {}", m.name());
-    protocol::write_message(&mut ctrl, &Message::Commit, "t")
-        .await
-        .unwrap();
-    let m = next_ctrl(&mut ctrl).await;
-    assert!(matches!(m, Message::Activated), "got {}", m.name());
+    switch_and_commit(&mut ctrl, pending).await;
     // The background push places both pages and ends its stream...
     let mut b = BatchBuilder::new(0);
     for p in [p1, p2] {
@@ -532,32 +523,7 @@ async fn postcopy_to_a_real_userfaultfd(
         let mut data_pages = PageBitmap::new(PAGES);
         data_pages.set(p1);
         data_pages.set(p2);
-        let digests = dbmigrate_core::verify::fold_page_hashes(
-            &dbmigrate_core::verify::page_hashes(&frozen, &data_pages, 1),
-            dbmigrate_core::verify::CHUNK_PAGES,
-        );
-        protocol::write_message(
-            &mut ctrl,
-            &Message::VerifyRequest {
-                chunk_pages: dbmigrate_core::verify::CHUNK_PAGES,
-                digests,
-            },
-            "t",
-        )
-        .await
-        .unwrap();
-        let m = next_ctrl(&mut ctrl).await;
-        assert!(
-            matches!(
-                &m,
-                Message::VerifyResult {
-                    mismatched_total: 0,
-                    ..
-                }
-            ),
-            "got {}",
-            m.name()
-        );
+        verify_against_frozen(&mut ctrl, &frozen, &data_pages).await;
     }
     // (SilentSource: connections stay open, nothing more is sent.)
     let outcome = tokio::time::timeout(Duration::from_secs(30), receiver)
@@ -591,6 +557,52 @@ async fn a_source_silent_after_every_page_is_placed_leaves_the_vm_running_unveri
     let outcome = outcome.expect("a complete VM must not be stopped");
     assert!(!outcome.compared && !outcome.matched);
     assert!(same, "destination RAM differs from the frozen source");
+}
+
+/// A scripted source's switch to post-copy with `pending` (wire bitmap)
+/// and its Commit, checking the destination's answers.
+async fn switch_and_commit(ctrl: &mut TcpStream, pending: Vec<u8>) {
+    protocol::write_message(ctrl, &Message::Switch { pending }, "t")
+        .await
+        .unwrap();
+    let m = next_ctrl(ctrl).await;
+    assert!(matches!(m, Message::Switched), "got {}", m.name());
+    protocol::write_message(ctrl, &Message::Commit, "t")
+        .await
+        .unwrap();
+    let m = next_ctrl(ctrl).await;
+    assert!(matches!(m, Message::Activated), "got {}", m.name());
+}
+
+/// Sends the digests of the `frozen` source RAM's `data_pages` and checks
+/// that the destination found every placed page equal.
+async fn verify_against_frozen(ctrl: &mut TcpStream, frozen: &[u8], data_pages: &PageBitmap) {
+    let digests = dbmigrate_core::verify::fold_page_hashes(
+        &dbmigrate_core::verify::page_hashes(frozen, data_pages, 1),
+        dbmigrate_core::verify::CHUNK_PAGES,
+    );
+    protocol::write_message(
+        ctrl,
+        &Message::VerifyRequest {
+            chunk_pages: dbmigrate_core::verify::CHUNK_PAGES,
+            digests,
+        },
+        "t",
+    )
+    .await
+    .unwrap();
+    let m = next_ctrl(ctrl).await;
+    assert!(
+        matches!(
+            &m,
+            Message::VerifyResult {
+                mismatched_total: 0,
+                ..
+            }
+        ),
+        "got {}",
+        m.name()
+    );
 }
 
 /// The next message on a control connection that is not a heartbeat.
@@ -841,17 +853,7 @@ async fn a_fault_on_a_page_whose_storage_read_is_queued_is_read_ahead_of_the_que
     protocol::write_message(&mut data, &Message::SwitchMark, "t")
         .await
         .unwrap();
-    let pending = vec![0u8; usize::try_from(PAGES / 8).unwrap()];
-    protocol::write_message(&mut ctrl, &Message::Switch { pending }, "t")
-        .await
-        .unwrap();
-    let m = next_ctrl(&mut ctrl).await;
-    assert!(matches!(m, Message::Switched), "got {}", m.name());
-    protocol::write_message(&mut ctrl, &Message::Commit, "t")
-        .await
-        .unwrap();
-    let m = next_ctrl(&mut ctrl).await;
-    assert!(matches!(m, Message::Activated), "got {}", m.name());
+    switch_and_commit(&mut ctrl, vec![0u8; usize::try_from(PAGES / 8).unwrap()]).await;
 
     // The "vCPU" touches the target page and waits for it.
     let at = usize::try_from(target * 4096).unwrap();
@@ -872,35 +874,8 @@ async fn a_fault_on_a_page_whose_storage_read_is_queued_is_read_ahead_of_the_que
         .await
         .unwrap();
     let mut data_pages = PageBitmap::new(PAGES);
-    for p in 0..REFS {
-        data_pages.set(p);
-    }
-    let digests = dbmigrate_core::verify::fold_page_hashes(
-        &dbmigrate_core::verify::page_hashes(&frozen, &data_pages, 1),
-        dbmigrate_core::verify::CHUNK_PAGES,
-    );
-    protocol::write_message(
-        &mut ctrl,
-        &Message::VerifyRequest {
-            chunk_pages: dbmigrate_core::verify::CHUNK_PAGES,
-            digests,
-        },
-        "t",
-    )
-    .await
-    .unwrap();
-    let m = next_ctrl(&mut ctrl).await;
-    assert!(
-        matches!(
-            &m,
-            Message::VerifyResult {
-                mismatched_total: 0,
-                ..
-            }
-        ),
-        "got {}",
-        m.name()
-    );
+    data_pages.set_range(0, REFS);
+    verify_against_frozen(&mut ctrl, &frozen, &data_pages).await;
     let (outcome, stats) = tokio::time::timeout(Duration::from_secs(30), receiver)
         .await
         .expect("the destination waited forever")
