@@ -55,31 +55,10 @@ pub struct PostcopyStats {
     pub bytes: u64,
     /// Switch to the last page sent.
     pub push_ms: u64,
-    /// Switch to Commit (the VM's resume on the destination).
-    pub commit_ms: u64,
-    /// Every pending page was on the wire before Commit.
-    pub pushed_before_commit: bool,
     /// Every placed page matched the frozen RAM.
     pub ram_verified: bool,
     /// Chunks that differed.
     pub mismatched_chunks: u32,
-}
-
-/// How long after the switch Commit may wait for the push: three
-/// quarters of the downtime target (the rest covers pausing the VM before
-/// the switch and resuming it after Commit).
-pub fn hold_budget(policy: &crate::precopy::StopPolicy) -> Duration {
-    policy.downtime_target * 3 / 4
-}
-
-/// Whether to hold Commit (the VM's resume on the destination) once the
-/// device state has moved: while the pages only the source has are still
-/// being pushed and the pause stays within its budget, each page that
-/// lands now is a network round trip the running VM will not wait for.
-/// Pages rebuilt from storage never hold it: their faults are served
-/// from storage. Pure.
-pub fn hold_commit(pushed: bool, since_switch: Duration, budget: Duration) -> bool {
-    !pushed && since_switch < budget
 }
 
 /// Shared between the pusher thread and the request handler.
@@ -228,8 +207,6 @@ impl SourceSession {
         let mut handover = std::pin::pin!(handover);
         let (mut committed, mut activated, mut pushed, mut verify_sent) =
             (false, false, false, false);
-        let mut handed = false;
-        let hold_until = tokio::time::Instant::from_std(sw.started + hold_budget(&self.cfg.policy));
         let pages = self.ram.pages();
         let timeout = self.cfg.peer_timeout;
         let mut last_word = Instant::now();
@@ -279,19 +256,15 @@ impl SourceSession {
                         other => return Err(fail(self.unexpected(other, "PageRequest, Activated or VerifyResult"))),
                     }
                 }
-                r = &mut handover, if !handed => {
+                r = &mut handover, if !committed => {
                     if let Err(reason) = r {
                         return Err(PostcopyError::BeforeCommit(PrecopyError::Worker(reason)));
                     }
-                    handed = true;
-                    if !hold_commit(pushed, sw.started.elapsed(), hold_budget(&self.cfg.policy)) {
-                        committed = true;
-                        self.send_postcopy_commit(sw, pushed, stats).await?;
-                    }
-                }
-                () = tokio::time::sleep_until(hold_until), if handed && !committed => {
+                    // Point of no return: the destination resumes the VM on Commit.
                     committed = true;
-                    self.send_postcopy_commit(sw, pushed, stats).await?;
+                    self.stats.bytes_sent += self.ctrl_tx.send(&Message::Commit, "sending Commit")
+                        .await
+                        .map_err(|e| PostcopyError::AfterCommit(e.into()))?;
                 }
                 r = &mut sw.pusher, if !pushed => {
                     pushed = true;
@@ -311,10 +284,6 @@ impl SourceSession {
                         // the rounds before the switch and the push after it.
                         self.stats.bytes_sent += sent.map_err(|e| fail(e.into()))?;
                     }
-                    if handed && !committed {
-                        committed = true;
-                        self.send_postcopy_commit(sw, pushed, stats).await?;
-                    }
                 }
                 d = &mut sw.digests, if pushed && !verify_sent => {
                     let digests = d.map_err(|e| fail(PrecopyError::Worker(e.to_string())))?;
@@ -332,28 +301,6 @@ impl SourceSession {
                 }
             }
         }
-    }
-
-    /// Point of no return: the destination resumes the VM on Commit.
-    async fn send_postcopy_commit(
-        &mut self,
-        sw: &Switched,
-        pushed: bool,
-        stats: &mut PostcopyStats,
-    ) -> Result<(), PostcopyError> {
-        stats.commit_ms = u64::try_from(sw.started.elapsed().as_millis()).unwrap_or(u64::MAX);
-        stats.pushed_before_commit = pushed;
-        tracing::info!(
-            since_switch_ms = stats.commit_ms,
-            pushed,
-            "committing: the VM resumes on the destination"
-        );
-        self.stats.bytes_sent += self
-            .ctrl_tx
-            .send(&Message::Commit, "sending Commit")
-            .await
-            .map_err(|e| PostcopyError::AfterCommit(e.into()))?;
-        Ok(())
     }
 
     /// Sends the pages a vCPU waits for on the control connection, and
@@ -494,16 +441,6 @@ fn push(
 mod tests {
     use super::*;
     use crate::precopy::{switch_to_postcopy, Mode, StopReason};
-
-    #[test]
-    fn commit_waits_for_the_push_only_within_the_budget() {
-        let budget = hold_budget(&crate::precopy::StopPolicy::default());
-        assert_eq!(budget, Duration::from_millis(225));
-        assert!(hold_commit(false, Duration::from_millis(100), budget));
-        assert!(!hold_commit(true, Duration::from_millis(100), budget));
-        assert!(!hold_commit(false, Duration::from_millis(225), budget));
-        assert!(!hold_commit(false, Duration::from_secs(5), budget));
-    }
 
     #[test]
     fn wire_bitmap_sets_bit_i_of_byte_i_over_8() {
