@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use dbmigrate_testbed::{mariadb_guest, tpcc_guest, DbBed, MariadbGuest, Vm};
 use serde_json::{json, Value};
 
@@ -393,24 +393,6 @@ pub(crate) fn consistent(s: &DbSetup, bed: &DbBed, vm_ip: &str) -> bool {
     }
 }
 
-/// Waits until the destination agent logging to `log` listens for the source.
-fn wait_listening(log: &Path) -> Result<()> {
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        let text = std::fs::read_to_string(log).unwrap_or_default();
-        if text.contains("waiting for the source agent") {
-            return Ok(());
-        }
-        if text.contains("ERROR") || std::time::Instant::now() > deadline {
-            bail!(
-                "the destination agent did not start listening; see {}",
-                log.display()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 /// Migrates VM `slot` from `src` to `dst` by `method`. Fills everything
 /// but the workload; `link_bytes` is the method's own count (agents'
 /// counter plus device state; QEMU's RAM transferred), which the caller
@@ -441,10 +423,6 @@ pub(crate) fn migrate_slot(
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(&recv_log)?)
             .spawn()?;
-        // As an operator would, start the source once the destination
-        // listens: the clock then leaves out the destination's set-up
-        // (allocating the guest's RAM), as it does for QEMU's `-incoming`.
-        wait_listening(&recv_log)?;
         let report_path = dir.join(format!("dbmigrate-report-{}.json", sl.src_name));
         let out = bed
             .tb

@@ -19,7 +19,7 @@ use xxhash_rust::xxh3::xxh3_128;
 use crate::bitmap::PageBitmap;
 use crate::control::ControlWriter;
 use crate::protocol::{self, Hello, Message, PageEncoding, PageEntry, ProtocolError, Welcome};
-use crate::ram::{DestRam, Prepared, RamError};
+use crate::ram::{DestRam, RamError};
 use crate::rebuild::{self, RefRequest, Storage};
 use crate::verify;
 use crate::PAGE_SIZE;
@@ -1148,18 +1148,9 @@ impl DestSession {
         let rt = tokio::runtime::Handle::current();
         let mut applier = tokio::task::spawn_blocking(move || {
             let mut a = applier;
-            // The VM has not run here: every page must read as zero until
-            // written, which lets the source skip zero pages and the digests
-            // start known. Post-copy also needs every unwritten page to be a
-            // hole, or the guest would read zeros where it should fault.
-            let ready = match a.ram.prepared() {
-                Prepared::Zeroed => true,
-                Prepared::ZeroedAllocated => a.faults.is_none(),
-                Prepared::No => false,
-            };
-            if !ready {
-                a.ram.zero_all()?;
-            }
+            // The VM has not run here: every page reads as zero until written,
+            // which lets the source skip zero pages and the digests start known.
+            a.ram.zero_all()?;
             a.run(rx, stored_rx, urgent_rx, rt, end_rx)
         });
         // Besides forwarding drain answers, the control connection carries

@@ -99,18 +99,6 @@ pub struct Ram<M> {
     path: PathBuf,
     file: File,
     map: M,
-    prepared: Prepared,
-}
-
-/// What the destination has done to its RAM file before pages arrive.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Prepared {
-    /// Nothing: the file may hold anything.
-    No,
-    /// Every page reads as zero; pages are holes until written.
-    Zeroed,
-    /// Every page reads as zero and is allocated.
-    ZeroedAllocated,
 }
 
 /// The source's read-only view of guest RAM.
@@ -185,7 +173,6 @@ impl Ram<memmap2::Mmap> {
             path: path.into(),
             file,
             map,
-            prepared: Prepared::No,
         })
     }
 }
@@ -199,7 +186,6 @@ impl Ram<memmap2::MmapMut> {
             path: path.into(),
             file,
             map,
-            prepared: Prepared::No,
         })
     }
 
@@ -210,32 +196,7 @@ impl Ram<memmap2::MmapMut> {
             path: self.path.clone(),
             doing: "punching holes (fallocate)",
             source,
-        })?;
-        self.prepared = Prepared::Zeroed;
-        Ok(())
-    }
-
-    /// Like [`Self::zero_all`], then allocates every page, so that pages
-    /// written during the migration overwrite memory instead of allocating
-    /// and clearing it on the way (measured on this project's test host:
-    /// writes into fresh tmpfs pages ran at 0.7-2.3 GB/s, into allocated
-    /// ones at 4.7 GB/s). Done before the source connects, it also makes a
-    /// host short of memory fail before the migration starts, not halfway.
-    /// Useless for post-copy, whose fault handler sees only holes.
-    pub fn zero_and_allocate(&mut self) -> Result<(), RamError> {
-        self.zero_all()?;
-        sys::file::allocate(&self.file, self.len()).map_err(|source| RamError::Io {
-            path: self.path.clone(),
-            doing: "allocating the guest's RAM (fallocate; is the RAM filesystem, e.g. /dev/shm, big enough for the guest?)",
-            source,
-        })?;
-        self.prepared = Prepared::ZeroedAllocated;
-        Ok(())
-    }
-
-    /// What was done to the file since it was opened.
-    pub fn prepared(&self) -> Prepared {
-        self.prepared
+        })
     }
 
     /// Makes `count` pages from `page` read as zero by punching them out.
@@ -293,11 +254,7 @@ mod tests {
     use std::io::Write;
 
     fn temp_file(size: u64) -> (PathBuf, File) {
-        temp_file_in(&std::env::temp_dir(), size)
-    }
-
-    fn temp_file_in(dir: &Path, size: u64) -> (PathBuf, File) {
-        let path = dir.join(format!(
+        let path = std::env::temp_dir().join(format!(
             "dbmigrate-ram-test-{}-{}",
             std::process::id(),
             size
@@ -359,30 +316,6 @@ mod tests {
         dst.zero_all().unwrap();
         assert!(is_zero(src.page(10).unwrap()));
         assert_eq!(dst.len(), size);
-        std::fs::remove_file(path).unwrap();
-    }
-
-    #[test]
-    fn zero_and_allocate_clears_old_data_and_leaves_no_hole() {
-        // On tmpfs, as guest RAM is: there an allocated page is data to
-        // SEEK_DATA (ext4 reports unwritten extents as holes).
-        let size = 32 * PAGE_SIZE_U64;
-        let (path, mut f) = temp_file_in(Path::new("/dev/shm"), size);
-        use std::io::{Seek, SeekFrom};
-        f.seek(SeekFrom::Start(3 * PAGE_SIZE_U64)).unwrap();
-        f.write_all(&[5u8; PAGE_SIZE]).unwrap();
-        f.sync_all().unwrap();
-        let mut dst = DestRam::open(&path, size).unwrap();
-        assert_eq!(dst.prepared(), Prepared::No);
-        dst.zero_and_allocate().unwrap();
-        assert_eq!(dst.prepared(), Prepared::ZeroedAllocated);
-        assert!(dst.bytes().iter().all(|&b| b == 0), "old data must be gone");
-        let data = dst.data_pages().unwrap();
-        assert_eq!(data.count(), 32, "every page allocated");
-        assert_eq!(dst.len(), size, "size kept");
-        dst.zero_all().unwrap();
-        assert_eq!(dst.prepared(), Prepared::Zeroed);
-        assert_eq!(dst.data_pages().unwrap().count(), 0, "holes again");
         std::fs::remove_file(path).unwrap();
     }
 }

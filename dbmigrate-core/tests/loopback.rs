@@ -818,10 +818,7 @@ async fn a_fault_on_a_page_whose_storage_read_is_queued_is_read_ahead_of_the_que
     let addr = listener.local_addr().unwrap();
     let (p2, st) = (dst_path.clone(), storage.clone() as Arc<dyn Storage>);
     let receiver = tokio::spawn(async move {
-        let mut ram = DestRam::open(&p2, PAGES * 4096).unwrap();
-        // Allocated as a pre-copy receive has it: receive() must punch it
-        // back to holes, or the touch below would read zeros, not fault.
-        ram.zero_and_allocate().unwrap();
+        let ram = DestRam::open(&p2, PAGES * 4096).unwrap();
         let mut s = accept_source(&listener, true, Duration::from_secs(10)).await;
         let faults = dest::FaultSource {
             uffd,

@@ -33,8 +33,6 @@ pub struct ReceiveArgs {
     pub storage: Option<std::sync::Arc<dyn dbmigrate_core::rebuild::Storage>>,
     /// Where QEMU's preload library offers the RAM's userfaultfd (post-copy).
     pub postcopy_socket: Option<PathBuf>,
-    /// Allocate the RAM before the source connects (pre-copy only).
-    pub prealloc: bool,
 }
 
 /// Receives one VM. Ok when it runs here.
@@ -52,21 +50,8 @@ pub async fn receive(args: ReceiveArgs) -> Result<dest::DestStats> {
     qmp.execute("migrate-incoming", Some(json!({"uri": uri})))
         .await
         .context("making the destination QEMU listen for device state")?;
-    let mut ram = DestRam::open(&backend.mem_path, backend.size)
+    let ram = DestRam::open(&backend.mem_path, backend.size)
         .context("mapping the destination RAM file")?;
-    // Post-copy's fault handler needs holes; a receive that may become one
-    // leaves the RAM unallocated.
-    if args.prealloc && args.postcopy_socket.is_none() {
-        let t = Instant::now();
-        ram.zero_and_allocate().context(
-            "allocating the guest's RAM before the migration (`--no-prealloc` skips this)",
-        )?;
-        tracing::info!(
-            ms = u64::try_from(t.elapsed().as_millis()).unwrap_or(u64::MAX),
-            bytes = backend.size,
-            "guest RAM allocated"
-        );
-    }
     let (faults, _lease) = match &args.postcopy_socket {
         Some(path) => {
             let (f, lease) = fault_source(path, backend.size)?;
