@@ -98,20 +98,25 @@ pub(crate) fn boot(
     preload: bool,
     postcopy: bool,
 ) -> Result<(Vm, Vm, Option<PathBuf>)> {
-    let src = bed.start_slot_vm(slot, guest, true, false, s.ram_mib, &s.pool, preload, None)?;
+    let src = bed.start_slot_vm(
+        slot, guest, true, false, s.ram_mib, &s.pool, preload, None, false,
+    )?;
     src.wait_console("DBM-READY pool", Duration::from_secs(900))?;
-    let (dst, sock) = start_destination(s, guest, bed, slot, postcopy)?;
+    let (dst, sock) = start_destination(s, guest, bed, slot, postcopy, !preload)?;
     Ok((src, dst, sock))
 }
 
 /// Starts VM `slot`'s destination QEMU, waiting for the migration (its
-/// userfaultfd offered on the returned socket when `postcopy`).
+/// userfaultfd offered on the returned socket when `postcopy`). When QEMU
+/// moves the RAM itself (`qemu_moves_ram`), QEMU allocates the
+/// destination's RAM at start, as dbmigrate's receive does for its own.
 pub(crate) fn start_destination(
     s: &DbSetup,
     guest: &MariadbGuest,
     bed: &DbBed,
     slot: usize,
     postcopy: bool,
+    qemu_moves_ram: bool,
 ) -> Result<(Vm, Option<PathBuf>)> {
     let sock = postcopy.then(|| {
         bed.tb
@@ -127,6 +132,7 @@ pub(crate) fn start_destination(
         &s.pool,
         false,
         sock.clone(),
+        qemu_moves_ram,
     )?;
     Ok((dst, sock))
 }
@@ -393,17 +399,48 @@ pub(crate) fn consistent(s: &DbSetup, bed: &DbBed, vm_ip: &str) -> bool {
     }
 }
 
-/// Migrates VM `slot` from `src` to `dst` by `method`. Fills everything
-/// but the workload; `link_bytes` is the method's own count (agents'
-/// counter plus device state; QEMU's RAM transferred), which the caller
-/// may replace by the link's.
+/// Starts the destination agent of VM `slot` for a dbmigrate `method`
+/// and waits until it listens (None for QEMU's methods). As an operator
+/// would, the source starts only then: the clock leaves out the
+/// destination's set-up (allocating the guest's RAM), as it leaves out
+/// QEMU's own for its `-incoming` (`prealloc=on`).
+pub(crate) fn start_receiver(
+    bed: &DbBed,
+    slot: usize,
+    dst: &Vm,
+    uffd_sock: Option<&Path>,
+    method: &str,
+) -> Result<Option<Child>> {
+    if crate::dbmigrate_mode(method).is_none() {
+        return Ok(None);
+    }
+    let sl = &bed.slots[slot];
+    let recv_log = bed.tb.dir.join(format!("receive-{}.log", sl.dst_name));
+    let mut recv = bed.tb.receive_cmd_on(dst, sl.port)?;
+    recv.args(["--storage", &sl.nbd_from_dst]);
+    if let Some(sock) = uffd_sock {
+        recv.arg("--postcopy-socket").arg(sock);
+    }
+    let child = recv
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(&recv_log)?)
+        .spawn()?;
+    dbmigrate_testbed::wait_listening(&recv_log)?;
+    Ok(Some(child))
+}
+
+/// Migrates VM `slot` from `src` to `dst` by `method` (a dbmigrate method
+/// takes the destination agent `recv` from [`start_receiver`]). Fills
+/// everything but the workload; `link_bytes` is the method's own count
+/// (agents' counter plus device state; QEMU's RAM transferred), which the
+/// caller may replace by the link's.
 pub(crate) fn migrate_slot(
     s: &DbSetup,
     bed: &DbBed,
     slot: usize,
     src: &Vm,
     dst: &Vm,
-    uffd_sock: Option<&Path>,
+    recv: Option<Child>,
     method: &str,
 ) -> Result<Run> {
     let mut run = Run {
@@ -413,16 +450,7 @@ pub(crate) fn migrate_slot(
     let sl = &bed.slots[slot];
     let dir = &bed.tb.dir;
     if let Some(mode) = crate::dbmigrate_mode(method) {
-        let recv_log = dir.join(format!("receive-{}.log", sl.dst_name));
-        let mut recv = bed.tb.receive_cmd_on(dst, sl.port)?;
-        recv.args(["--storage", &sl.nbd_from_dst]);
-        if let Some(sock) = uffd_sock {
-            recv.arg("--postcopy-socket").arg(sock);
-        }
-        let recv = recv
-            .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(&recv_log)?)
-            .spawn()?;
+        let recv = recv.context("a dbmigrate method needs its destination agent")?;
         let report_path = dir.join(format!("dbmigrate-report-{}.json", sl.src_name));
         let out = bed
             .tb
@@ -559,6 +587,9 @@ pub(crate) fn check_after(s: &DbSetup, bed: &DbBed, vm_ip: &str, dst: &Vm, run: 
 fn run_one(s: &DbSetup, guest: &MariadbGuest, bed: &DbBed, method: &str) -> Result<Run> {
     let dbm = crate::dbmigrate_mode(method).is_some();
     let (src, dst, uffd_sock) = boot(s, guest, bed, 0, dbm, dbm && method != "dbmigrate-precopy")?;
+    // The destination agent sets up before the load starts, as QEMU's
+    // destination does at boot.
+    let recv = start_receiver(bed, 0, &dst, uffd_sock.as_deref(), method)?;
     let load_secs = s.warmup_s + s.timeout.as_secs() + s.after_s;
     let load = start_load(s, guest, bed, &bed.vm_ip, "db", load_secs)?;
     // Competing traffic fills the link from 2 s before the migration starts.
@@ -575,7 +606,7 @@ fn run_one(s: &DbSetup, guest: &MariadbGuest, bed: &DbBed, method: &str) -> Resu
     std::thread::sleep(Duration::from_secs(s.warmup_s.min(2)));
     let mig_from = timeline::now_us();
     let before = bed.tb.link_bytes()?;
-    let mut run = migrate_slot(s, bed, 0, &src, &dst, uffd_sock.as_deref(), method)?;
+    let mut run = migrate_slot(s, bed, 0, &src, &dst, recv, method)?;
     let link_total = bed.tb.link_bytes()? - before;
     let mig_to = timeline::now_us();
     match competing {

@@ -98,14 +98,23 @@ fn run_fleet(
     // Every source boots before any is waited for: their pools load together.
     let mut srcs = Vec::new();
     for i in 0..n {
-        srcs.push(bed.start_slot_vm(i, guest, true, false, s.ram_mib, &s.pool, dbm, None)?);
+        srcs.push(bed.start_slot_vm(i, guest, true, false, s.ram_mib, &s.pool, dbm, None, false)?);
     }
     let mut vms = Vec::new();
     for (i, src) in srcs.into_iter().enumerate() {
         src.wait_console("DBM-READY pool", Duration::from_secs(900))?;
-        let (dst, sock) = db::start_destination(s, guest, bed, i, postcopy)?;
+        let (dst, sock) = db::start_destination(s, guest, bed, i, postcopy, !dbm)?;
         vms.push((src, dst, sock));
     }
+    // Every destination agent sets up before the loads start, as QEMU's
+    // destinations do at boot.
+    let receivers = vms
+        .iter()
+        .enumerate()
+        .map(|(i, (_, dst, sock))| {
+            db::start_receiver(bed, i, dst, sock.as_deref(), method).map(std::sync::Mutex::new)
+        })
+        .collect::<Result<Vec<_>>>()?;
     // Evicting one by one takes up to n migrations' time.
     let span = match policy {
         Policy::Batch => s.timeout.as_secs(),
@@ -127,17 +136,17 @@ fn run_fleet(
     let mig_from = timeline::now_us();
     let before = bed.tb.link_bytes()?;
     let leg = |i: usize| -> Leg {
-        let (src, dst, sock) = &vms[i];
+        let (src, dst, _) = &vms[i];
+        let recv = receivers[i].lock().ok().and_then(|mut r| r.take());
         let started_us = timeline::now_us();
-        let run =
-            db::migrate_slot(s, bed, i, src, dst, sock.as_deref(), method).unwrap_or_else(|e| {
-                eprintln!("   VM {i}: {e:#}");
-                Run {
-                    method: method.into(),
-                    detail: json!({ "error": format!("{e:#}") }),
-                    ..Run::default()
-                }
-            });
+        let run = db::migrate_slot(s, bed, i, src, dst, recv, method).unwrap_or_else(|e| {
+            eprintln!("   VM {i}: {e:#}");
+            Run {
+                method: method.into(),
+                detail: json!({ "error": format!("{e:#}") }),
+                ..Run::default()
+            }
+        });
         Leg {
             run,
             started_us,

@@ -19,7 +19,7 @@ use xxhash_rust::xxh3::xxh3_128;
 use crate::bitmap::PageBitmap;
 use crate::control::ControlWriter;
 use crate::protocol::{self, Hello, Message, PageEncoding, PageEntry, ProtocolError, Welcome};
-use crate::ram::{DestRam, RamError};
+use crate::ram::{DestRam, Prepared, RamError};
 use crate::rebuild::{self, RefRequest, Storage};
 use crate::verify;
 use crate::PAGE_SIZE;
@@ -697,11 +697,27 @@ impl Applier {
             });
         };
         let mut missing = pending;
-        let mut run: Option<(u64, u64)> = None;
         for p in missing.iter() {
             let idx = usize::try_from(p).expect("bitmap sized to RAM");
             self.version[idx] = self.version[idx].wrapping_add(1);
             self.inflight.unset(p);
+        }
+        // Pages the source will still send may hold older copies. Pages
+        // waiting for storage or asked of the source were never written in
+        // post-copy's single round (a drained round leaves none): holes
+        // already, unless the RAM was allocated up front.
+        let mut stale = missing.clone();
+        missing.union_with(&self.inflight);
+        let need: Vec<u64> = std::mem::take(&mut self.need)
+            .into_iter()
+            .filter(|&p| missing.set(p))
+            .collect();
+        if self.ram.prepared() == Prepared::ZeroedAllocated {
+            stale = missing.clone();
+            self.ram.write_through_file();
+        }
+        let mut run: Option<(u64, u64)> = None;
+        for p in stale.iter() {
             match &mut run {
                 Some((first, n)) if *first + *n == p => *n += 1,
                 _ => {
@@ -714,11 +730,6 @@ impl Applier {
         if let Some((first, n)) = run {
             self.ram.zero_pages(first, n)?;
         }
-        missing.union_with(&self.inflight);
-        let need: Vec<u64> = std::mem::take(&mut self.need)
-            .into_iter()
-            .filter(|&p| missing.set(p))
-            .collect();
         let mut requested = PageBitmap::new(missing.len());
         for &p in &need {
             requested.set(p);
@@ -1148,9 +1159,13 @@ impl DestSession {
         let rt = tokio::runtime::Handle::current();
         let mut applier = tokio::task::spawn_blocking(move || {
             let mut a = applier;
-            // The VM has not run here: every page reads as zero until written,
-            // which lets the source skip zero pages and the digests start known.
-            a.ram.zero_all()?;
+            // The VM has not run here: every page must read as zero until
+            // written, which lets the source skip zero pages and the digests
+            // start known. (Post-copy punches what it still waits for at
+            // the switch, so allocated RAM serves it too.)
+            if a.ram.prepared() == Prepared::No {
+                a.ram.zero_all()?;
+            }
             a.run(rx, stored_rx, urgent_rx, rt, end_rx)
         });
         // Besides forwarding drain answers, the control connection carries

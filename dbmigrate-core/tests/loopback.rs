@@ -818,7 +818,10 @@ async fn a_fault_on_a_page_whose_storage_read_is_queued_is_read_ahead_of_the_que
     let addr = listener.local_addr().unwrap();
     let (p2, st) = (dst_path.clone(), storage.clone() as Arc<dyn Storage>);
     let receiver = tokio::spawn(async move {
-        let ram = DestRam::open(&p2, PAGES * 4096).unwrap();
+        let mut ram = DestRam::open(&p2, PAGES * 4096).unwrap();
+        // Allocated as receive() has it: the switch must punch the pages it
+        // still waits for, or the touch below would read zeros, not fault.
+        ram.zero_and_allocate().unwrap();
         let mut s = accept_source(&listener, true, Duration::from_secs(10)).await;
         let faults = dest::FaultSource {
             uffd,

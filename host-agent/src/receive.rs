@@ -33,6 +33,8 @@ pub struct ReceiveArgs {
     pub storage: Option<std::sync::Arc<dyn dbmigrate_core::rebuild::Storage>>,
     /// Where QEMU's preload library offers the RAM's userfaultfd (post-copy).
     pub postcopy_socket: Option<PathBuf>,
+    /// Allocate the RAM before the source connects.
+    pub prealloc: bool,
 }
 
 /// Receives one VM. Ok when it runs here.
@@ -50,8 +52,19 @@ pub async fn receive(args: ReceiveArgs) -> Result<dest::DestStats> {
     qmp.execute("migrate-incoming", Some(json!({"uri": uri})))
         .await
         .context("making the destination QEMU listen for device state")?;
-    let ram = DestRam::open(&backend.mem_path, backend.size)
+    let mut ram = DestRam::open(&backend.mem_path, backend.size)
         .context("mapping the destination RAM file")?;
+    if args.prealloc {
+        let t = Instant::now();
+        ram.zero_and_allocate().context(
+            "allocating the guest's RAM before the migration (`--no-prealloc` skips this)",
+        )?;
+        tracing::info!(
+            ms = u64::try_from(t.elapsed().as_millis()).unwrap_or(u64::MAX),
+            bytes = backend.size,
+            "guest RAM allocated"
+        );
+    }
     let (faults, _lease) = match &args.postcopy_socket {
         Some(path) => {
             let (f, lease) = fault_source(path, backend.size)?;

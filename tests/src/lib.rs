@@ -279,6 +279,10 @@ pub struct VmOptions {
     /// Post-copy destination: the preload library offers the RAM's
     /// userfaultfd on this socket (implies the library).
     pub postcopy_socket: Option<PathBuf>,
+    /// QEMU allocates and touches all of the RAM at start (`prealloc=on`),
+    /// as an operator gives a destination so that the incoming pages land
+    /// in memory that is already there (dbmigrate's receive does the same).
+    pub prealloc: bool,
 }
 
 impl Default for VmOptions {
@@ -294,6 +298,7 @@ impl Default for VmOptions {
             append: None,
             smp: 1,
             postcopy_socket: None,
+            prealloc: false,
         }
     }
 }
@@ -334,10 +339,11 @@ impl Vm {
             .args([
                 "-object",
                 &format!(
-                    "memory-backend-file,id=ram0,size={}M,mem-path={},share={}",
+                    "memory-backend-file,id=ram0,size={}M,mem-path={},share={}{}",
                     o.ram_mib,
                     ram.display(),
-                    if o.share { "on" } else { "off" }
+                    if o.share { "on" } else { "off" },
+                    if o.prealloc { ",prealloc=on" } else { "" }
                 ),
             ])
             .args([
@@ -949,7 +955,9 @@ impl DbBed {
         pool: &str,
         preload: bool,
     ) -> Result<Vm> {
-        self.start_slot_vm(0, guest, on_src, incoming, ram_mib, pool, preload, None)
+        self.start_slot_vm(
+            0, guest, on_src, incoming, ram_mib, pool, preload, None, false,
+        )
     }
 
     /// The waiting destination QEMU of a post-copy: its preload library
@@ -970,12 +978,14 @@ impl DbBed {
             pool,
             false,
             Some(sock.clone()),
+            false,
         )?;
         Ok((vm, sock))
     }
 
     /// Starts VM `slot` of the bed (see [`DbBed::start_vm_with`]); a
-    /// post-copy destination gets `postcopy_socket`.
+    /// post-copy destination gets `postcopy_socket`, a destination that
+    /// QEMU itself fills gets `prealloc` (see [`VmOptions::prealloc`]).
     #[allow(clippy::too_many_arguments)]
     pub fn start_slot_vm(
         &self,
@@ -987,6 +997,7 @@ impl DbBed {
         pool: &str,
         preload: bool,
         postcopy_socket: Option<PathBuf>,
+        prealloc: bool,
     ) -> Result<Vm> {
         let sl = self
             .slots
@@ -1031,6 +1042,7 @@ impl DbBed {
             )),
             smp: 1,
             postcopy_socket,
+            prealloc,
             ..VmOptions::default()
         };
         Vm::start(&self.tb, ns, name, &img, &o)
@@ -1283,6 +1295,25 @@ pub fn corrupting_relay(
         .recv()
         .context("relay thread died")?
         .map_err(|e| anyhow::anyhow!("starting the relay in {ns}: {e}"))
+}
+
+/// Waits until the destination agent logging to `log` listens for the
+/// source (it allocates the guest's RAM first).
+pub fn wait_listening(log: &Path) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        if text.contains("waiting for the source agent") {
+            return Ok(());
+        }
+        if text.contains("ERROR") || Instant::now() > deadline {
+            bail!(
+                "the destination agent did not start listening; see {}",
+                log.display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// The dirtier guest running on `tb`'s source (memory filled, one clean

@@ -64,3 +64,17 @@ pub(crate) fn punch_hole(file: &File, offset: u64, len: u64) -> io::Result<()> {
     }
     Ok(())
 }
+
+/// Allocates every block of `0..len` that is a hole (mode 0 `fallocate`);
+/// allocated holes read as zeros, and existing data is kept.
+pub(crate) fn allocate(file: &File, len: u64) -> io::Result<()> {
+    let len = libc::off_t::try_from(len)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "length beyond off_t"))?;
+    // SAFETY: fallocate on a descriptor we own, mode 0 within the current
+    // size: it only allocates blocks for holes and never changes data or size.
+    let r = unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, len) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}

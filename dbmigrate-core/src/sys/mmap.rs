@@ -81,3 +81,25 @@ impl Drop for TestMapping {
         }
     }
 }
+
+/// Faults in every page of `map` for writing, so that later writes land in
+/// memory that is already there (`MADV_POPULATE_WRITE`, Linux 5.14).
+pub(crate) fn populate_write(map: &mut memmap2::MmapMut) -> io::Result<()> {
+    if map.is_empty() {
+        return Ok(());
+    }
+    // SAFETY: the range is exactly our live mapping; MADV_POPULATE_WRITE
+    // only faults pages in (as a write would, without changing their
+    // content) and never unmaps or moves anything.
+    let r = unsafe {
+        libc::madvise(
+            map.as_mut_ptr().cast(),
+            map.len(),
+            libc::MADV_POPULATE_WRITE,
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
