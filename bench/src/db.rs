@@ -449,6 +449,7 @@ pub(crate) fn migrate_slot(
     };
     let sl = &bed.slots[slot];
     let dir = &bed.tb.dir;
+    let (se, de) = (src.watch_events()?, dst.watch_events()?);
     if let Some(mode) = crate::dbmigrate_mode(method) {
         let recv = recv.context("a dbmigrate method needs its destination agent")?;
         let report_path = dir.join(format!("dbmigrate-report-{}.json", sl.src_name));
@@ -511,6 +512,7 @@ pub(crate) fn migrate_slot(
             "device_state_bytes": r["device_state_bytes"],
             "error": r["error"],
             "paused_at_ms": r["paused_at_ms"],
+            "downtime_parts": r["downtime_parts"],
             "agent_link_bytes": r["link_bytes"],
         });
     } else {
@@ -542,6 +544,7 @@ pub(crate) fn migrate_slot(
     if let Some(d) = run.detail.as_object_mut() {
         d.insert("guest_console".into(), json!(agent));
     }
+    crate::measured_downtime(&mut run, &se, &de);
     Ok(run)
 }
 

@@ -190,6 +190,18 @@ pub fn link_rate(history: &[RoundObservation], limit: Option<u64>) -> f64 {
     history.last().map(rate).filter(|r| *r > 0.0).unwrap_or(1e9)
 }
 
+/// The pause expected after one more round: the round sends what `last`
+/// left dirty at `rate` bytes/s, while the guest dirties pages at the rate
+/// it did during `last`.
+fn next_pause(last: &RoundObservation, rate: f64, overhead: Duration) -> Duration {
+    #[allow(clippy::cast_precision_loss)]
+    let round_s = (last.dirty_after * (PAGE_SIZE_U64 + 13)) as f64 / rate;
+    #[allow(clippy::cast_precision_loss)]
+    let dirty_per_s = last.dirty_after as f64 / last.elapsed.as_secs_f64().max(1e-3);
+    let next_bytes = dirty_per_s * round_s * (PAGE_SIZE_U64 + 13) as f64;
+    Duration::from_secs_f64(next_bytes / rate) + overhead
+}
+
 /// The stop decision after a round (pure).
 pub fn decide(
     policy: &StopPolicy,
@@ -211,10 +223,25 @@ pub fn decide(
         reason,
         expected_downtime,
     };
-    if last.dirty_after == 0 || expected_downtime <= policy.downtime_target {
+    let rounds = u32::try_from(history.len()).unwrap_or(u32::MAX);
+    if last.dirty_after == 0 {
         return stop(StopReason::Converged);
     }
-    let rounds = u32::try_from(history.len()).unwrap_or(u32::MAX);
+    if expected_downtime <= policy.downtime_target {
+        // Within the target, one more short round is still worth it when
+        // it should at least halve the pause (the first round is long, so
+        // what it left dirty is mostly pages written once, not again in a
+        // short round); a pause already below a quarter of the target is
+        // left alone.
+        let worth_it = expected_downtime > policy.downtime_target / 4
+            && rounds < policy.max_rounds
+            && next_pause(last, rate, policy.switchover_overhead) * 2 < expected_downtime;
+        return if worth_it {
+            Decision::Continue { expected_downtime }
+        } else {
+            stop(StopReason::Converged)
+        };
+    }
     if rounds >= policy.max_rounds {
         return stop(StopReason::MaxRounds);
     }
@@ -1085,8 +1112,9 @@ mod tests {
     #[test]
     fn converges_when_the_rest_fits_the_target() {
         let p = StopPolicy::default();
-        // 800 MB at 100 MB/s, then 4096 dirty pages = 16.8 MB -> ~170 ms.
-        let h = [obs(800 * MB, 8000, 4096)];
+        // 800 MB at 100 MB/s, then 4096 dirty pages = 16.8 MB -> ~170 ms,
+        // dirtied so fast (in 0.2 s) that another round would not shrink it.
+        let h = [obs(800 * MB, 8000, 4096), obs(17 * MB, 200, 4096)];
         match decide(&p, &h, 1024 * MB, None) {
             Decision::Stop {
                 reason: StopReason::Converged,
@@ -1094,6 +1122,47 @@ mod tests {
             } => assert!(expected_downtime < Duration::from_millis(200)),
             d => panic!("{d:?}"),
         }
+    }
+
+    #[test]
+    fn one_more_round_when_it_halves_the_pause() {
+        let p = StopPolicy::default();
+        // The same 170 ms left, but dirtied over 8 s: a 170 ms round leaves
+        // about 87 pages, a pause of a few ms.
+        let h = [obs(800 * MB, 8000, 4096)];
+        assert!(matches!(
+            decide(&p, &h, 1024 * MB, None),
+            Decision::Continue { .. }
+        ));
+        let h = [obs(800 * MB, 8000, 4096), obs(17 * MB, 170, 87)];
+        match decide(&p, &h, 1024 * MB, None) {
+            Decision::Stop {
+                reason: StopReason::Converged,
+                expected_downtime,
+            } => assert!(expected_downtime < Duration::from_millis(10)),
+            d => panic!("{d:?}"),
+        }
+        // Already below a quarter of the target: stop.
+        let h = [obs(800 * MB, 8000, 1500)];
+        assert!(matches!(
+            decide(&p, &h, 1024 * MB, None),
+            Decision::Stop {
+                reason: StopReason::Converged,
+                ..
+            }
+        ));
+        // No round left: stop.
+        let p1 = StopPolicy {
+            max_rounds: 1,
+            ..StopPolicy::default()
+        };
+        assert!(matches!(
+            decide(&p1, &[obs(800 * MB, 8000, 4096)], 1024 * MB, None),
+            Decision::Stop {
+                reason: StopReason::Converged,
+                ..
+            }
+        ));
     }
 
     #[test]

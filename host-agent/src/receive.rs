@@ -252,7 +252,6 @@ async fn session(
             };
         }
     };
-    drop(ram);
     tracing::info!(
         ms = u64::try_from(t.elapsed().as_millis()).unwrap_or(u64::MAX),
         raw = s.stats.raw_pages,
@@ -279,5 +278,8 @@ async fn session(
         tracing::warn!(error = %e, "VM resumed, but the source did not get the confirmation");
     }
     tracing::info!("VM resumed on the destination");
+    // Only now: unmapping a RAM whose every page is mapped here takes a
+    // while, and before the resume it was part of the downtime.
+    let _ = tokio::task::spawn_blocking(move || drop(ram)).await;
     Ok(s.stats.clone())
 }

@@ -41,6 +41,8 @@ pub struct MigrationReport {
     pub ram_verified: Option<bool>,
     /// Bytes QEMU sent for device state.
     pub device_state_bytes: u64,
+    /// Where the downtime of a stop-and-copy went (None otherwise).
+    pub downtime_parts: Option<DowntimeParts>,
     /// Guest-physical ranges backed by the RAM file, as QEMU reported them.
     pub gpa_layout: Vec<crate::qemu::GpaRange>,
     /// Dirty tracker used.
@@ -55,6 +57,19 @@ pub struct MigrationReport {
     pub postcopy: Option<dbmigrate_core::postcopy::PostcopyStats>,
     /// Engine details.
     pub stats: MigrationStats,
+}
+
+/// The steps of a stop-and-copy, in the order they run while the VM is paused.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct DowntimeParts {
+    /// The last round: pages dirtied since the previous one.
+    pub final_round_ms: u64,
+    /// Hashing the paused RAM and the destination's comparison.
+    pub verify_ms: u64,
+    /// QEMU's device-state migration.
+    pub device_state_ms: u64,
+    /// Commit until the destination says the VM runs.
+    pub commit_ms: u64,
 }
 
 /// What the guest agent's hints amounted to.

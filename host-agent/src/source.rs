@@ -346,7 +346,14 @@ async fn drive(
         .context("pausing the source VM")?;
     undo.paused_by_us = true;
     crate::failpoint::hit("src-stop-and-copy");
+    let mut parts = crate::report::DowntimeParts::default();
+    let mut step = Instant::now();
+    let mut lap = move || {
+        let now = Instant::now();
+        ms(now.duration_since(std::mem::replace(&mut step, now)))
+    };
     let last = session.final_round().await.context("stop-and-copy")?;
+    parts.final_round_ms = lap();
     tracing::info!(
         pages = last.pages,
         bytes = last.bytes,
@@ -366,6 +373,7 @@ async fn drive(
         );
     }
     tracing::info!(verify_ms = session.stats.verify_ms, "RAM digests match");
+    parts.verify_ms = lap();
 
     undo.device_migration_started = true;
     qmp.execute("migrate", Some(json!({"uri": session.incoming_uri()})))
@@ -375,6 +383,7 @@ async fn drive(
         .await
         .context("moving device state")?;
     report.device_state_bytes = info["ram"]["transferred"].as_u64().unwrap_or(0);
+    parts.device_state_ms = lap();
 
     crate::failpoint::hit("src-before-commit");
     // Point of no return: after Commit the destination may run the VM, so a
@@ -402,6 +411,8 @@ async fn drive(
     }
     report.vm_runs_on = "destination".into();
     report.downtime_ms = ms(paused_at.elapsed());
+    parts.commit_ms = lap();
+    report.downtime_parts = Some(parts);
     progress.finish(&format!(
         "migrated in {} ms, downtime {} ms",
         ms(start.elapsed()),

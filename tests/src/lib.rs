@@ -283,6 +283,10 @@ pub struct VmOptions {
     /// as an operator gives a destination so that the incoming pages land
     /// in memory that is already there (dbmigrate's receive does the same).
     pub prealloc: bool,
+    /// An incoming VM runs as soon as QEMU has loaded it (no `-S`): what
+    /// QEMU's own migration does at its fastest; dbmigrate's receive
+    /// resumes the VM itself.
+    pub autostart: bool,
 }
 
 impl Default for VmOptions {
@@ -299,6 +303,7 @@ impl Default for VmOptions {
             smp: 1,
             postcopy_socket: None,
             prealloc: false,
+            autostart: false,
         }
     }
 }
@@ -309,6 +314,8 @@ pub struct Vm {
     pub name: String,
     /// QMP socket.
     pub qmp: PathBuf,
+    /// A second QMP socket, for watching events ([`Vm::watch_events`]).
+    pub events: PathBuf,
     /// Serial console log.
     pub serial: PathBuf,
     /// RAM backend file.
@@ -316,7 +323,74 @@ pub struct Vm {
     child: Child,
 }
 
+/// A VM's QMP events with QEMU's own timestamps (seconds since the epoch),
+/// collected by a thread from the VM's second QMP socket until QEMU exits.
+pub struct EventWatch {
+    events: std::sync::Arc<std::sync::Mutex<Vec<(String, f64)>>>,
+}
+
+impl EventWatch {
+    /// When the first event named `name` came.
+    pub fn first(&self, name: &str) -> Option<f64> {
+        let ev = self.events.lock().ok()?;
+        ev.iter().find(|(n, _)| n == name).map(|(_, t)| *t)
+    }
+
+    /// When the last event named `name` at or before `t` came.
+    pub fn last_before(&self, name: &str, t: f64) -> Option<f64> {
+        let ev = self.events.lock().ok()?;
+        ev.iter()
+            .rev()
+            .find(|(n, at)| n == name && *at <= t)
+            .map(|(_, at)| *at)
+    }
+}
+
+/// The guest's pause as the two QEMUs saw it: from the source's last `STOP`
+/// to the destination's first `RESUME` (both QEMUs stamp events with the
+/// same host clock). The same measure for every method, whoever resumes.
+pub fn downtime_ms(src: &EventWatch, dst: &EventWatch) -> Option<u64> {
+    let resumed = dst.first("RESUME")?;
+    let stopped = src.last_before("STOP", resumed)?;
+    let ms = ((resumed - stopped) * 1000.0).round();
+    // Whole milliseconds of a pause between two timestamps of one clock.
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+    (ms >= 0.0).then_some(ms as u64)
+}
+
 impl Vm {
+    /// Starts collecting this VM's QMP events (see [`EventWatch`]).
+    pub fn watch_events(&self) -> Result<EventWatch> {
+        let s = UnixStream::connect(&self.events)
+            .with_context(|| format!("connecting to {}", self.events.display()))?;
+        let mut rx = BufReader::new(s.try_clone()?);
+        let mut tx = s;
+        let mut greeting = String::new();
+        rx.read_line(&mut greeting)?;
+        writeln!(tx, "{}", json!({"execute": "qmp_capabilities"}))?;
+        let events = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = events.clone();
+        std::thread::spawn(move || {
+            let _keep = tx;
+            let mut line = String::new();
+            while rx.read_line(&mut line).map(|n| n > 0).unwrap_or(false) {
+                if let Ok(v) = serde_json::from_str::<Value>(&line) {
+                    if let Some(name) = v["event"].as_str() {
+                        let ts = &v["timestamp"];
+                        #[allow(clippy::cast_precision_loss)]
+                        let t = ts["seconds"].as_u64().unwrap_or(0) as f64
+                            + ts["microseconds"].as_u64().unwrap_or(0) as f64 / 1e6;
+                        if let Ok(mut e) = sink.lock() {
+                            e.push((name.to_string(), t));
+                        }
+                    }
+                }
+                line.clear();
+            }
+        });
+        Ok(EventWatch { events })
+    }
+
     /// Starts the dirtier guest (or an incoming shell for it) in `ns`.
     pub fn start(
         tb: &Testbed,
@@ -326,10 +400,11 @@ impl Vm {
         o: &VmOptions,
     ) -> Result<Self> {
         let qmp = tb.dir.join(format!("{name}.qmp"));
+        let events = tb.dir.join(format!("{name}.events.qmp"));
         let serial = tb.dir.join(format!("{name}.serial"));
         let ram = PathBuf::from(format!("/dev/shm/{}-{name}", tb.tag));
         // A previous VM of the same name may have left these behind.
-        for stale in [&ram, &qmp, &serial] {
+        for stale in [&ram, &qmp, &events, &serial] {
             let _ = std::fs::remove_file(stale);
         }
         let mut c = tb.in_ns(ns, Path::new("qemu-system-x86_64"));
@@ -358,6 +433,10 @@ impl Vm {
                 "-qmp",
                 &format!("unix:{},server=on,wait=off", qmp.display()),
             ])
+            .args([
+                "-qmp",
+                &format!("unix:{},server=on,wait=off", events.display()),
+            ])
             .arg("-kernel")
             .arg(&img.kernel)
             .arg("-initrd")
@@ -373,7 +452,10 @@ impl Vm {
             ])
             .args(&o.extra);
         if o.incoming {
-            c.args(["-S", "-incoming", "defer"]);
+            if !o.autostart {
+                c.arg("-S");
+            }
+            c.args(["-incoming", "defer"]);
         }
         if o.preload || o.postcopy_socket.is_some() {
             let dir = bin_dir()?;
@@ -391,6 +473,7 @@ impl Vm {
         let vm = Self {
             name: name.into(),
             qmp,
+            events,
             serial,
             ram,
             child,
@@ -985,7 +1068,8 @@ impl DbBed {
 
     /// Starts VM `slot` of the bed (see [`DbBed::start_vm_with`]); a
     /// post-copy destination gets `postcopy_socket`, a destination that
-    /// QEMU itself fills gets `prealloc` (see [`VmOptions::prealloc`]).
+    /// QEMU itself fills (`qemu_moves_ram`) gets [`VmOptions::prealloc`]
+    /// and [`VmOptions::autostart`].
     #[allow(clippy::too_many_arguments)]
     pub fn start_slot_vm(
         &self,
@@ -997,7 +1081,7 @@ impl DbBed {
         pool: &str,
         preload: bool,
         postcopy_socket: Option<PathBuf>,
-        prealloc: bool,
+        qemu_moves_ram: bool,
     ) -> Result<Vm> {
         let sl = self
             .slots
@@ -1042,7 +1126,8 @@ impl DbBed {
             )),
             smp: 1,
             postcopy_socket,
-            prealloc,
+            prealloc: qemu_moves_ram,
+            autostart: qemu_moves_ram,
             ..VmOptions::default()
         };
         Vm::start(&self.tb, ns, name, &img, &o)
