@@ -827,10 +827,19 @@ pub(crate) fn measured_downtime(
         return;
     }
     let reported = run.downtime_ms;
+    let measured = dbmigrate_testbed::downtime_ms(src, dst);
     if let Some(d) = run.detail.as_object_mut() {
         d.insert("reported_downtime_ms".into(), json!(reported));
+        d.insert(
+            "downtime_from".into(),
+            json!(if measured.is_some() {
+                "qmp-events"
+            } else {
+                "reported (no STOP/RESUME pair seen)"
+            }),
+        );
     }
-    run.downtime_ms = dbmigrate_testbed::downtime_ms(src, dst).or(reported);
+    run.downtime_ms = measured.or(reported);
 }
 
 /// Fills `run` from QEMU's last `query-migrate` answer.
