@@ -239,9 +239,11 @@ fn cut_link_while_paused_at(
 ) -> Result<(Case, Output, Output)> {
     let c = start(ws_mib)?;
     let marker = c.tb.dir.join("paused");
-    let recv = receive(&c, None)?;
     let spec = format!("{stage}:pause:{}", marker.display());
-    let mig = migrate(&c, None, Some(&spec), extra)?;
+    // A `dst-` stage pauses the destination agent, any other the source.
+    let at_dst = stage.starts_with("dst-");
+    let recv = receive(&c, at_dst.then_some(spec.as_str()))?;
+    let mig = migrate(&c, None, (!at_dst).then_some(spec.as_str()), extra)?;
     wait_paused(&marker)?;
     sh(&[
         "ip",
@@ -371,7 +373,10 @@ fn migration_link_cut_before_commit_leaves_both_paused_and_the_source_resumable(
 
 #[test]
 fn migration_link_cut_after_commit_lets_the_destination_run_byte_exact() -> Result<()> {
-    let (c, r) = cut_link_at_commitment("src-after-commit")?;
+    // The destination holds right after Commit arrived, so the cut
+    // surely comes before its confirmation (a source paused after sending
+    // Commit may already have the confirmation in its socket).
+    let (c, r) = cut_link_at_commitment("dst-commit")?;
     // Commit arrived before the cut: the destination runs the VM (its
     // confirmation is lost with the link) and must not be left paused.
     assert!(r.status.success(), "receive failed");
