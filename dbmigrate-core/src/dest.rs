@@ -706,16 +706,17 @@ impl Applier {
         // waiting for storage or asked of the source were never written in
         // post-copy's single round (a drained round leaves none): holes
         // already, unless the RAM was allocated up front.
-        let mut stale = missing.clone();
+        let allocated = self.ram.prepared() == Prepared::ZeroedAllocated;
+        let pending_only = (!allocated).then(|| missing.clone());
         missing.union_with(&self.inflight);
         let need: Vec<u64> = std::mem::take(&mut self.need)
             .into_iter()
             .filter(|&p| missing.set(p))
             .collect();
-        if self.ram.prepared() == Prepared::ZeroedAllocated {
-            stale = missing.clone();
+        if allocated {
             self.ram.write_through_file();
         }
+        let stale = pending_only.as_ref().unwrap_or(&missing);
         let mut run: Option<(u64, u64)> = None;
         for p in stale.iter() {
             match &mut run {

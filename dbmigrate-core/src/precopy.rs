@@ -190,15 +190,18 @@ pub fn link_rate(history: &[RoundObservation], limit: Option<u64>) -> f64 {
     history.last().map(rate).filter(|r| *r > 0.0).unwrap_or(1e9)
 }
 
-/// The pause expected after one more round: the round sends what `last`
-/// left dirty at `rate` bytes/s, while the guest dirties pages at the rate
-/// it did during `last`.
-fn next_pause(last: &RoundObservation, rate: f64, overhead: Duration) -> Duration {
-    #[allow(clippy::cast_precision_loss)]
-    let round_s = (last.dirty_after * (PAGE_SIZE_U64 + 13)) as f64 / rate;
+/// Bytes a page of the final round costs on the wire: mostly raw pages,
+/// a full page plus its entry header.
+const FINAL_PAGE_BYTES: u64 = PAGE_SIZE_U64 + 13;
+
+/// The pause expected after one more round, which takes `round` to send
+/// what `last` left dirty at `rate` bytes/s while the guest dirties pages
+/// at the rate it did during `last`.
+fn next_pause(last: &RoundObservation, round: Duration, rate: f64, overhead: Duration) -> Duration {
     #[allow(clippy::cast_precision_loss)]
     let dirty_per_s = last.dirty_after as f64 / last.elapsed.as_secs_f64().max(1e-3);
-    let next_bytes = dirty_per_s * round_s * (PAGE_SIZE_U64 + 13) as f64;
+    #[allow(clippy::cast_precision_loss)]
+    let next_bytes = dirty_per_s * round.as_secs_f64() * FINAL_PAGE_BYTES as f64;
     Duration::from_secs_f64(next_bytes / rate) + overhead
 }
 
@@ -215,10 +218,10 @@ pub fn decide(
         };
     };
     let rate = link_rate(history, limit);
-    // Pages of the final round are mostly raw: count a full page plus its entry header.
     #[allow(clippy::cast_precision_loss)]
-    let bytes_left = (last.dirty_after * (PAGE_SIZE_U64 + 13)) as f64;
-    let expected_downtime = Duration::from_secs_f64(bytes_left / rate) + policy.switchover_overhead;
+    let bytes_left = (last.dirty_after * FINAL_PAGE_BYTES) as f64;
+    let data_time = Duration::from_secs_f64(bytes_left / rate);
+    let expected_downtime = data_time + policy.switchover_overhead;
     let stop = |reason| Decision::Stop {
         reason,
         expected_downtime,
@@ -235,7 +238,8 @@ pub fn decide(
         // left alone.
         let worth_it = expected_downtime > policy.downtime_target / 4
             && rounds < policy.max_rounds
-            && next_pause(last, rate, policy.switchover_overhead) * 2 < expected_downtime;
+            && next_pause(last, data_time, rate, policy.switchover_overhead) * 2
+                < expected_downtime;
         return if worth_it {
             Decision::Continue { expected_downtime }
         } else {
