@@ -14,6 +14,7 @@ pub mod layout;
 pub mod limiter;
 pub mod postcopy;
 pub mod precopy;
+pub mod priority;
 pub mod protocol;
 pub mod ram;
 pub mod rebuild;

@@ -5,6 +5,7 @@ mod failpoint;
 mod framescan;
 mod hints;
 mod nbd;
+mod priority;
 mod progress;
 mod qemu;
 mod qmp;
@@ -29,6 +30,14 @@ struct Cli {
     /// Log filter (e.g. `info`, `dbmigrate_core=debug`); also RUST_LOG.
     #[arg(long, global = true, default_value = "info")]
     log: String,
+    /// Nice value of the agent while the guest runs beside the migration
+    /// (pre-copy rounds): the migration takes the CPU the vCPUs leave
+    /// instead of sharing it with them. The source returns to the nice
+    /// value it was started with for the pause and post-copy, the
+    /// destination when post-copy starts (the guest then waits on it).
+    /// 0 keeps the agent at its starting priority throughout.
+    #[arg(long, global = true, default_value_t = 10, value_parser = clap::value_parser!(i32).range(0..=19))]
+    nice: i32,
     #[command(subcommand)]
     command: Command,
 }
@@ -251,6 +260,11 @@ fn main() -> ExitCode {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
+    // Before the runtime starts its threads, which inherit the value.
+    let priority = priority::Priority::yield_to_guest(match cli.command {
+        Command::Migrate { .. } | Command::Receive { .. } => cli.nice,
+        _ => 0,
+    });
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -262,7 +276,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let code = match run(cli, &rt) {
+    let code = match run(cli, &rt, priority) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("dbmigrate: error: {e:#}");
@@ -275,7 +289,7 @@ fn main() -> ExitCode {
     code
 }
 
-fn run(cli: Cli, rt: &tokio::runtime::Runtime) -> Result<ExitCode> {
+fn run(cli: Cli, rt: &tokio::runtime::Runtime, priority: priority::Priority) -> Result<ExitCode> {
     match cli.command {
         Command::Migrate {
             qmp,
@@ -333,6 +347,7 @@ fn run(cli: Cli, rt: &tokio::runtime::Runtime) -> Result<ExitCode> {
                 guest_hints,
                 hints_refresh: Duration::from_millis(hints_refresh_ms),
                 hint_scan,
+                priority,
             }));
             let json = serde_json::to_string_pretty(&r).context("encoding the report")?;
             if let Some(path) = report {
@@ -383,6 +398,7 @@ fn run(cli: Cli, rt: &tokio::runtime::Runtime) -> Result<ExitCode> {
                 storage,
                 postcopy_socket,
                 prealloc: !no_prealloc,
+                priority,
             }))?;
             println!("{}", serde_json::to_string_pretty(&stats)?);
             Ok(ExitCode::SUCCESS)

@@ -35,6 +35,8 @@ pub struct ReceiveArgs {
     pub postcopy_socket: Option<PathBuf>,
     /// Allocate the RAM before the source connects.
     pub prealloc: bool,
+    /// Back to full priority when post-copy starts.
+    pub priority: crate::priority::Priority,
 }
 
 /// Receives one VM. Ok when it runs here.
@@ -207,6 +209,8 @@ async fn session(
     let (ram, matched) = match received {
         Received::Complete { ram, matched } => (ram, matched),
         Received::Postcopy(run) => {
+            args.priority
+                .restore("post-copy: the guest runs here and waits on its faults");
             let mut resumed = false;
             let resume = async {
                 let r = resume_vm(qmp).await;

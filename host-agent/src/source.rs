@@ -40,6 +40,8 @@ pub struct MigrateArgs {
     pub hints_refresh: Duration,
     /// Who finds the buffer-pool pages.
     pub hint_scan: HintScan,
+    /// Back to full priority when the VM pauses.
+    pub priority: crate::priority::Priority,
 }
 
 /// Who finds the buffer-pool pages in guest RAM.
@@ -339,6 +341,8 @@ async fn drive(
         tracing::info!(%reason, expected_downtime_ms = ms(expected_downtime), "stopping the VM");
     }
 
+    args.priority
+        .restore("stop-and-copy: the guest waits on the last round");
     let paused_at = Instant::now();
     report.paused_at_ms = Some(ms(paused_at.duration_since(start)));
     qmp.execute("stop", None)
@@ -442,6 +446,8 @@ async fn drive_postcopy(
         "switching to post-copy ({reason}): once the VM runs on the destination, the source can no longer take it back"
     ));
     tracing::warn!(%reason, "switching to post-copy: after the hand-over the source cannot resume the VM");
+    args.priority
+        .restore("post-copy: the guest waits on the switch and then on its faults");
     let paused_at = Instant::now();
     report.paused_at_ms = Some(ms(paused_at.duration_since(start)));
     qmp.execute("stop", None)

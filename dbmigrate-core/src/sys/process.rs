@@ -44,3 +44,26 @@ pub(crate) fn freeze(pid: u32) -> io::Result<()> {
 pub(crate) fn thaw(pid: u32) -> io::Result<()> {
     signal(pid, libc::SIGCONT)
 }
+
+/// Sets the nice value of every thread of this process (Linux keeps one per
+/// thread; threads started later inherit their creator's).
+pub(crate) fn renice_all_threads(nice: i32) -> io::Result<()> {
+    for t in std::fs::read_dir("/proc/self/task")? {
+        let Some(tid) = t?
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<libc::id_t>().ok())
+        else {
+            continue;
+        };
+        // SAFETY: setpriority takes integers only; a thread that ended
+        // meanwhile yields ESRCH, which is ignored below.
+        if unsafe { libc::setpriority(libc::PRIO_PROCESS, tid, nice) } < 0 {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() != Some(libc::ESRCH) {
+                return Err(e);
+            }
+        }
+    }
+    Ok(())
+}
