@@ -421,12 +421,7 @@ pub(crate) fn start_receiver(
     if let Some(sock) = uffd_sock {
         recv.arg("--postcopy-socket").arg(sock);
     }
-    let child = recv
-        .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(&recv_log)?)
-        .spawn()?;
-    dbmigrate_testbed::wait_listening(&recv_log)?;
-    Ok(Some(child))
+    Ok(Some(dbmigrate_testbed::spawn_listening(&mut recv, &recv_log)?))
 }
 
 /// Migrates VM `slot` from `src` to `dst` by `method` (a dbmigrate method

@@ -718,11 +718,7 @@ fn start_vms(
             incoming: true,
             extra: dst_incoming_extra.iter().map(|s| s.to_string()).collect(),
             postcopy_socket: postcopy.then(|| s.tb.dir.join("dst.uffd")),
-            // QEMU moving the RAM itself gets it allocated up front, as
-            // dbmigrate's receive allocates its own, and resumes the VM
-            // as soon as it has loaded it, as dbmigrate's receive does.
-            prealloc: !preload,
-            autostart: !preload,
+            qemu_fills: !preload,
             ..VmOptions::default()
         },
     )?;
@@ -877,14 +873,10 @@ fn run_method(s: &Setup<'_>, method: &str) -> Result<Run> {
             if postcopy {
                 recv.arg("--postcopy-socket").arg(s.tb.dir.join("dst.uffd"));
             }
-            let recv_log = s.tb.dir.join("receive.log");
-            let recv = recv
-                .stdout(Stdio::piped())
-                .stderr(std::fs::File::create(&recv_log)?)
-                .spawn()?;
             // The source starts once the destination is set up, as an
             // operator would (QEMU's destination allocates at boot).
-            dbmigrate_testbed::wait_listening(&recv_log)?;
+            let recv =
+                dbmigrate_testbed::spawn_listening(&mut recv, &s.tb.dir.join("receive.log"))?;
             let report_path = s.tb.dir.join("dbmigrate-report.json");
             let out =
                 s.tb.migrate_cmd(&src, &report_path)?

@@ -94,11 +94,18 @@ fn data_pages(path: &Path, file: &File, len: u64) -> Result<PageBitmap, RamError
     Ok(bm)
 }
 
-/// A mapped RAM file; [`SourceRam`] maps it read-only, [`DestRam`] read-write.
-pub struct Ram<M> {
+/// A mapped RAM file; [`SourceRam`] maps it read-only, [`DestRam`]
+/// read-write with what the destination did to it (`W`).
+pub struct Ram<M, W = ()> {
     path: PathBuf,
     file: File,
     map: M,
+    writer: W,
+}
+
+/// The destination's state of its RAM file.
+#[derive(Clone, Copy, Debug)]
+pub struct DestWriter {
     prepared: Prepared,
     /// Writes go through the mapping (only while every page is allocated
     /// and the guest cannot fault on one being written).
@@ -119,7 +126,7 @@ pub enum Prepared {
 /// The source's read-only view of guest RAM.
 pub type SourceRam = Ram<memmap2::Mmap>;
 /// The destination's writable view of guest RAM.
-pub type DestRam = Ram<memmap2::MmapMut>;
+pub type DestRam = Ram<memmap2::MmapMut, DestWriter>;
 
 fn open_checked(path: &Path, write: bool, size: u64) -> Result<(File, usize), RamError> {
     let file = OpenOptions::new()
@@ -142,7 +149,7 @@ fn mmap_error(path: &Path) -> impl FnOnce(io::Error) -> RamError + '_ {
     }
 }
 
-impl<M: std::ops::Deref<Target = [u8]>> Ram<M> {
+impl<M: std::ops::Deref<Target = [u8]>, W> Ram<M, W> {
     /// Number of pages.
     pub fn pages(&self) -> u64 {
         self.map.len() as u64 / PAGE_SIZE_U64
@@ -179,7 +186,7 @@ impl<M: std::ops::Deref<Target = [u8]>> Ram<M> {
     }
 }
 
-impl Ram<memmap2::Mmap> {
+impl Ram<memmap2::Mmap, ()> {
     /// Maps `path` read-only; it must be exactly `size` bytes.
     pub fn open(path: &Path, size: u64) -> Result<Self, RamError> {
         let (file, len) = open_checked(path, false, size)?;
@@ -188,13 +195,12 @@ impl Ram<memmap2::Mmap> {
             path: path.into(),
             file,
             map,
-            prepared: Prepared::No,
-            through_map: false,
+            writer: (),
         })
     }
 }
 
-impl Ram<memmap2::MmapMut> {
+impl Ram<memmap2::MmapMut, DestWriter> {
     /// Maps `path` read-write; it must already be exactly `size` bytes (created by the VMM).
     pub fn open(path: &Path, size: u64) -> Result<Self, RamError> {
         let (file, len) = open_checked(path, true, size)?;
@@ -203,8 +209,10 @@ impl Ram<memmap2::MmapMut> {
             path: path.into(),
             file,
             map,
-            prepared: Prepared::No,
-            through_map: false,
+            writer: DestWriter {
+                prepared: Prepared::No,
+                through_map: false,
+            },
         })
     }
 
@@ -216,8 +224,8 @@ impl Ram<memmap2::MmapMut> {
             doing: "punching holes (fallocate)",
             source,
         })?;
-        self.prepared = Prepared::Zeroed;
-        self.through_map = false;
+        self.writer.prepared = Prepared::Zeroed;
+        self.writer.through_map = false;
         Ok(())
     }
 
@@ -244,8 +252,8 @@ impl Ram<memmap2::MmapMut> {
             doing: "faulting in the guest's RAM (MADV_POPULATE_WRITE)",
             source,
         })?;
-        self.prepared = Prepared::ZeroedAllocated;
-        self.through_map = true;
+        self.writer.prepared = Prepared::ZeroedAllocated;
+        self.writer.through_map = true;
         Ok(())
     }
 
@@ -254,12 +262,12 @@ impl Ram<memmap2::MmapMut> {
     /// the page only once written, where a store through our mapping would
     /// first map a zeroed page.
     pub fn write_through_file(&mut self) {
-        self.through_map = false;
+        self.writer.through_map = false;
     }
 
     /// What was done to the file since it was opened.
     pub fn prepared(&self) -> Prepared {
-        self.prepared
+        self.writer.prepared
     }
 
     /// Makes `count` pages from `page` read as zero by punching them out.
@@ -288,7 +296,7 @@ impl Ram<memmap2::MmapMut> {
         if data.len() % PAGE_SIZE != 0 || page.checked_add(count).is_none_or(|end| end > pages) {
             return Err(RamError::OutOfRange { page, pages });
         }
-        if self.through_map {
+        if self.writer.through_map {
             let at = usize::try_from(page).expect("below pages") * PAGE_SIZE;
             self.map[at..at + data.len()].copy_from_slice(data);
             return Ok(());

@@ -279,14 +279,13 @@ pub struct VmOptions {
     /// Post-copy destination: the preload library offers the RAM's
     /// userfaultfd on this socket (implies the library).
     pub postcopy_socket: Option<PathBuf>,
-    /// QEMU allocates and touches all of the RAM at start (`prealloc=on`),
-    /// as an operator gives a destination so that the incoming pages land
-    /// in memory that is already there (dbmigrate's receive does the same).
-    pub prealloc: bool,
-    /// An incoming VM runs as soon as QEMU has loaded it (no `-S`): what
-    /// QEMU's own migration does at its fastest; dbmigrate's receive
-    /// resumes the VM itself.
-    pub autostart: bool,
+    /// A destination that QEMU's own migration fills, set up as an operator
+    /// would for it: QEMU allocates and touches all of the RAM at start
+    /// (`prealloc=on`) so that incoming pages land in memory that is
+    /// already there (dbmigrate's receive does the same), and the VM runs
+    /// as soon as QEMU has loaded it (no `-S`; dbmigrate's receive resumes
+    /// the VM itself).
+    pub qemu_fills: bool,
 }
 
 impl Default for VmOptions {
@@ -302,8 +301,7 @@ impl Default for VmOptions {
             append: None,
             smp: 1,
             postcopy_socket: None,
-            prealloc: false,
-            autostart: false,
+            qemu_fills: false,
         }
     }
 }
@@ -418,7 +416,7 @@ impl Vm {
                     o.ram_mib,
                     ram.display(),
                     if o.share { "on" } else { "off" },
-                    if o.prealloc { ",prealloc=on" } else { "" }
+                    if o.qemu_fills { ",prealloc=on" } else { "" }
                 ),
             ])
             .args([
@@ -452,7 +450,7 @@ impl Vm {
             ])
             .args(&o.extra);
         if o.incoming {
-            if !o.autostart {
+            if !o.qemu_fills {
                 c.arg("-S");
             }
             c.args(["-incoming", "defer"]);
@@ -1068,8 +1066,7 @@ impl DbBed {
 
     /// Starts VM `slot` of the bed (see [`DbBed::start_vm_with`]); a
     /// post-copy destination gets `postcopy_socket`, a destination that
-    /// QEMU itself fills (`qemu_moves_ram`) gets [`VmOptions::prealloc`]
-    /// and [`VmOptions::autostart`].
+    /// QEMU itself fills (`qemu_moves_ram`) gets [`VmOptions::qemu_fills`].
     #[allow(clippy::too_many_arguments)]
     pub fn start_slot_vm(
         &self,
@@ -1126,8 +1123,7 @@ impl DbBed {
             )),
             smp: 1,
             postcopy_socket,
-            prealloc: qemu_moves_ram,
-            autostart: qemu_moves_ram,
+            qemu_fills: qemu_moves_ram,
             ..VmOptions::default()
         };
         Vm::start(&self.tb, ns, name, &img, &o)
@@ -1382,9 +1378,24 @@ pub fn corrupting_relay(
         .map_err(|e| anyhow::anyhow!("starting the relay in {ns}: {e}"))
 }
 
-/// Waits until the destination agent logging to `log` listens for the
-/// source (it allocates the guest's RAM first).
-pub fn wait_listening(log: &Path) -> Result<()> {
+/// Starts the destination agent `recv` (a [`Testbed::receive_cmd`]) with
+/// its log in `log` and its report on a pipe, and waits until it listens
+/// for the source (it allocates the guest's RAM first), as an operator
+/// would before starting the source.
+pub fn spawn_listening(recv: &mut Command, log: &Path) -> Result<Child> {
+    let mut child = recv
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(log)?)
+        .spawn()?;
+    if let Err(e) = wait_listening(log) {
+        let _ = child.kill();
+        let _ = child.wait();
+        return Err(e);
+    }
+    Ok(child)
+}
+
+fn wait_listening(log: &Path) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         let text = std::fs::read_to_string(log).unwrap_or_default();
