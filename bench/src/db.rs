@@ -421,7 +421,9 @@ pub(crate) fn start_receiver(
     if let Some(sock) = uffd_sock {
         recv.arg("--postcopy-socket").arg(sock);
     }
-    Ok(Some(dbmigrate_testbed::spawn_listening(&mut recv, &recv_log)?))
+    Ok(Some(dbmigrate_testbed::spawn_listening(
+        &mut recv, &recv_log,
+    )?))
 }
 
 /// Migrates VM `slot` from `src` to `dst` by `method` (a dbmigrate method
