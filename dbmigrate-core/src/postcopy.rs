@@ -75,7 +75,29 @@ pub struct Switched {
     queue: Arc<Mutex<PushQueue>>,
     pusher: tokio::task::JoinHandle<Option<(u64, u64)>>,
     digests: tokio::task::JoinHandle<Vec<u128>>,
+    /// Starts the background push: sent at Commit. Until then the link
+    /// and the CPU belong to the device state (the pause); a page the
+    /// destination faults on meanwhile is still sent at once.
+    start_push: Option<std::sync::mpsc::Sender<()>>,
+    /// Starts hashing the frozen RAM: sent once the destination runs the
+    /// VM (or the push is done), so that two hashing threads do not slow
+    /// the destination's loading of device state inside the pause.
+    start_digests: Option<std::sync::mpsc::Sender<()>>,
     started: Instant,
+}
+
+impl Switched {
+    fn start_push(&mut self) {
+        if let Some(go) = self.start_push.take() {
+            let _ = go.send(());
+        }
+    }
+
+    fn start_digests(&mut self) {
+        if let Some(go) = self.start_digests.take() {
+            let _ = go.send(());
+        }
+    }
 }
 
 impl SourceSession {
@@ -116,7 +138,12 @@ impl SourceSession {
         // The RAM is frozen now: its digests can be taken while pages move.
         let ram = self.ram.clone();
         let threads = self.cfg.verify_threads;
+        let (start_digests, go) = std::sync::mpsc::channel::<()>();
         let digests = tokio::task::spawn_blocking(move || {
+            if go.recv().is_err() {
+                // The post-copy ended before the VM ran on the destination.
+                return Vec::new();
+            }
             let data = ram.data_pages().unwrap_or_else(|_| {
                 let mut all = PageBitmap::new(ram.pages());
                 all.set_range(0, ram.pages());
@@ -136,12 +163,18 @@ impl SourceSession {
             pending.clone(),
         );
         let compress = self.cfg.compress;
-        let pusher = tokio::task::spawn_blocking(move || push(&ram, &todo, &q, &txs, compress));
+        let (start_push, go) = std::sync::mpsc::channel::<()>();
+        let pusher = tokio::task::spawn_blocking(move || {
+            go.recv().ok()?;
+            push(&ram, &todo, &q, &txs, compress)
+        });
         Ok(Switched {
             pending,
             queue,
             pusher,
             digests,
+            start_push: Some(start_push),
+            start_digests: Some(start_digests),
             started,
         })
     }
@@ -242,6 +275,7 @@ impl SourceSession {
                         }
                         Message::Activated if committed => {
                             activated = true;
+                            sw.start_digests();
                             on_activated();
                         }
                         Message::VerifyResult { mismatched_total, .. } if activated && verify_sent => {
@@ -265,9 +299,11 @@ impl SourceSession {
                     self.stats.bytes_sent += self.ctrl_tx.send(&Message::Commit, "sending Commit")
                         .await
                         .map_err(|e| PostcopyError::AfterCommit(e.into()))?;
+                    sw.start_push();
                 }
                 r = &mut sw.pusher, if !pushed => {
                     pushed = true;
+                    sw.start_digests();
                     let (n, bytes) = r
                         .map_err(|e| fail(PrecopyError::Worker(e.to_string())))?
                         .ok_or_else(|| fail(PrecopyError::Worker("a data connection stopped during post-copy".into())))?;
