@@ -7,13 +7,23 @@ use std::io;
 
 /// This process's nice value as the kernel reports it for its main thread.
 pub fn current_nice() -> io::Result<i32> {
-    let stat = std::fs::read_to_string("/proc/self/stat")?;
+    nice_in("/proc/self/stat")
+}
+
+/// The nice value in a `/proc/.../stat` file.
+fn nice_in(stat_path: &str) -> io::Result<i32> {
+    let stat = std::fs::read_to_string(stat_path)?;
     // Fields after the parenthesised command name: state is field 3, nice
     // is field 19.
     stat.rsplit_once(") ")
         .and_then(|(_, rest)| rest.split_whitespace().nth(16))
         .and_then(|n| n.parse().ok())
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "unreadable /proc/self/stat"))
+        .ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("unreadable {stat_path}"),
+            )
+        })
 }
 
 /// Sets every thread of this process, and those it starts later, to `nice`.
@@ -34,15 +44,9 @@ mod tests {
             // Wait until the main thread has reniced the process, then
             // report this thread's own value.
             rx.recv().unwrap();
-            let stat = std::fs::read_to_string("/proc/thread-self/stat").unwrap();
-            let nice = stat
-                .rsplit_once(") ")
-                .unwrap()
-                .1
-                .split_whitespace()
-                .nth(16)
+            ready_tx
+                .send(nice_in("/proc/thread-self/stat").unwrap())
                 .unwrap();
-            ready_tx.send(nice.parse().unwrap()).unwrap();
         });
         let lower = (before + 3).min(19);
         set_nice(lower).unwrap();
