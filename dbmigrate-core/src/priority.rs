@@ -31,6 +31,11 @@ pub fn set_nice(nice: i32) -> io::Result<()> {
     crate::sys::process::renice_all_threads(nice)
 }
 
+/// Sets the calling thread, and the threads it starts later, to `nice`.
+pub fn set_this_thread_nice(nice: i32) -> io::Result<()> {
+    crate::sys::process::renice_this_thread(nice)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -304,7 +304,7 @@ impl KeptLayout {
 /// Lowers this background thread's priority to `nice` (a warning if it
 /// cannot) and gives it a runtime of its own.
 fn background_runtime(what: &str, nice: i32) -> std::io::Result<tokio::runtime::Runtime> {
-    if let Err(e) = guest_agent::sys::nice_this_thread(nice) {
+    if let Err(e) = dbmigrate_core::priority::set_this_thread_nice(nice) {
         tracing::warn!("cannot lower the {what}'s priority: {e}");
     }
     tokio::runtime::Builder::new_current_thread()
@@ -451,7 +451,7 @@ fn serve(
     use std::io::Read;
     // This thread only waits for requests and answers them; the background
     // collector sets its own priority.
-    if let Err(e) = guest_agent::sys::nice_this_thread(answer_nice) {
+    if let Err(e) = dbmigrate_core::priority::set_this_thread_nice(answer_nice) {
         tracing::warn!("cannot set the answering thread's priority to {answer_nice}: {e}");
     }
     let mut dev = std::fs::OpenOptions::new()

@@ -150,20 +150,3 @@ pub fn read_pieces(pid: u32, pieces: &[(u64, usize)], out: &mut [u8]) -> io::Res
     }
     Ok(ok)
 }
-
-/// Sets the calling thread's scheduling priority to `nice` (Linux applies
-/// `setpriority` on a thread id to that thread only): a background
-/// collection yields the CPU to the database, an answer the host waits for
-/// goes ahead of it.
-pub fn nice_this_thread(nice: i32) -> io::Result<()> {
-    // SAFETY: gettid has no preconditions and cannot fail.
-    let tid = unsafe { libc::gettid() };
-    let tid =
-        libc::id_t::try_from(tid).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-    // SAFETY: plain syscall on our own thread id with integer arguments.
-    let r = unsafe { libc::setpriority(libc::PRIO_PROCESS, tid, nice) };
-    if r < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
-}

@@ -56,14 +56,30 @@ pub(crate) fn renice_all_threads(nice: i32) -> io::Result<()> {
         else {
             continue;
         };
-        // SAFETY: setpriority takes integers only; a thread that ended
-        // meanwhile yields ESRCH, which is ignored below.
-        if unsafe { libc::setpriority(libc::PRIO_PROCESS, tid, nice) } < 0 {
-            let e = io::Error::last_os_error();
+        // A thread that ended meanwhile yields ESRCH.
+        if let Err(e) = renice_thread(tid, nice) {
             if e.raw_os_error() != Some(libc::ESRCH) {
                 return Err(e);
             }
         }
+    }
+    Ok(())
+}
+
+/// Sets the calling thread's nice value only.
+pub(crate) fn renice_this_thread(nice: i32) -> io::Result<()> {
+    // SAFETY: gettid has no preconditions and cannot fail.
+    let tid = unsafe { libc::gettid() };
+    let tid =
+        libc::id_t::try_from(tid).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    renice_thread(tid, nice)
+}
+
+/// Linux applies `setpriority(PRIO_PROCESS, tid)` to that one thread.
+fn renice_thread(tid: libc::id_t, nice: i32) -> io::Result<()> {
+    // SAFETY: setpriority takes integers only; a bad thread id is an error.
+    if unsafe { libc::setpriority(libc::PRIO_PROCESS, tid, nice) } < 0 {
+        return Err(io::Error::last_os_error());
     }
     Ok(())
 }
