@@ -10,11 +10,12 @@
 //!   | SwitchMark (each data conn) ------------> |
 //!   | Switch{pending bitmap} (control) -------> |  punches stale pages,
 //!   | <---------------------------- Switched     |  serves faults from here on
-//!   | pages (data conns, background) ---------> |
+//!   | pages (data conns, paced) --------------> |  (at most half the link)
 //!   | <-------------------- PageRequest{pages}   |  a vCPU waits
 //!   | PageBatch (control, at once) -----------> |
 //!   |        ... QEMU moves device state ...     |
 //!   | Commit ---------------------------------> |  resumes the VM
+//!   | pages (data conns, full speed) ---------> |
 //!   | <----------------------------- Activated   |
 //!   | EndOfStream (each data conn) -----------> |
 //!   | VerifyRequest{placed-page digests} -----> |
@@ -25,13 +26,15 @@
 //! (frozen) RAM until the destination has confirmed every page.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 
 use crate::bitmap::PageBitmap;
-use crate::precopy::{send_batch, PrecopyError, SourceSession, WriterCmd};
+use crate::limiter::wait_for;
+use crate::precopy::{link_rate, send_batch, PrecopyError, SourceSession, WriterCmd};
 use crate::protocol::{self, connection_for_page, BatchBuilder, Message, PageEncoding};
 use crate::ram::{is_zero, SourceRam};
 use crate::verify;
@@ -39,6 +42,17 @@ use crate::PAGE_SIZE;
 
 /// Pages after a faulting page pushed next.
 const NEIGHBOURS: u64 = 64;
+
+/// Share of the link the push may take before Commit. The pages it moves
+/// then are pages the VM does not have to fault on after it resumes; the
+/// rest of the link is left to QEMU's device state, which would otherwise
+/// queue behind the push at the bottleneck and lengthen the pause.
+const PRE_COMMIT_SHARE: f64 = 0.5;
+
+/// The push's pace, set by the hand-over and read by the pusher thread.
+const PACED: u8 = 0;
+const FREE: u8 = 1;
+const STOPPED: u8 = 2;
 
 /// What a finished post-copy did.
 #[derive(Clone, Debug, Default, serde::Serialize)]
@@ -75,10 +89,9 @@ pub struct Switched {
     queue: Arc<Mutex<PushQueue>>,
     pusher: tokio::task::JoinHandle<Option<(u64, u64)>>,
     digests: tokio::task::JoinHandle<Vec<u128>>,
-    /// Starts the background push: sent at Commit. Until then the link
-    /// and the CPU belong to the device state (the pause); a page the
-    /// destination faults on meanwhile is still sent at once.
-    start_push: Option<std::sync::mpsc::Sender<()>>,
+    /// PACED until Commit (the device state moves meanwhile), then FREE;
+    /// STOPPED if the hand-over ends without a Commit.
+    pace: Arc<AtomicU8>,
     /// Starts hashing the frozen RAM: sent once the destination runs the
     /// VM (or the push is done), so that two hashing threads do not slow
     /// the destination's loading of device state inside the pause.
@@ -87,10 +100,8 @@ pub struct Switched {
 }
 
 impl Switched {
-    fn start_push(&mut self) {
-        if let Some(go) = self.start_push.take() {
-            let _ = go.send(());
-        }
+    fn free_push(&self) {
+        self.pace.store(FREE, Ordering::Release);
     }
 
     fn start_digests(&mut self) {
@@ -163,17 +174,18 @@ impl SourceSession {
             pending.clone(),
         );
         let compress = self.cfg.compress;
-        let (start_push, go) = std::sync::mpsc::channel::<()>();
+        let paced_rate = link_rate(&self.history, self.cfg.bandwidth) * PRE_COMMIT_SHARE;
+        let pace = Arc::new(AtomicU8::new(PACED));
+        let pace_for_push = pace.clone();
         let pusher = tokio::task::spawn_blocking(move || {
-            go.recv().ok()?;
-            push(&ram, &todo, &q, &txs, compress)
+            push(&ram, &todo, &q, &txs, compress, &pace_for_push, paced_rate)
         });
         Ok(Switched {
             pending,
             queue,
             pusher,
             digests,
-            start_push: Some(start_push),
+            pace,
             start_digests: Some(start_digests),
             started,
         })
@@ -299,7 +311,7 @@ impl SourceSession {
                     self.stats.bytes_sent += self.ctrl_tx.send(&Message::Commit, "sending Commit")
                         .await
                         .map_err(|e| PostcopyError::AfterCommit(e.into()))?;
-                    sw.start_push();
+                    sw.free_push();
                 }
                 r = &mut sw.pusher, if !pushed => {
                     pushed = true;
@@ -403,14 +415,27 @@ fn bitmap_bytes(b: &PageBitmap) -> Vec<u8> {
     out
 }
 
+impl Drop for Switched {
+    fn drop(&mut self) {
+        // A hand-over that failed before Commit: the VM resumes on the
+        // source, whose RAM the pusher must stop reading.
+        let _ = self
+            .pace
+            .compare_exchange(PACED, STOPPED, Ordering::AcqRel, Ordering::Acquire);
+    }
+}
+
 /// The background push: every pending page once, neighbours of faults
-/// first. Returns (pages, bytes), or None if a connection went away.
+/// first, at most `paced_rate` bytes/s while `pace` is PACED. Returns
+/// (pages, bytes), or None if a connection went away or the push was stopped.
 fn push(
     ram: &SourceRam,
     todo: &PageBitmap,
     queue: &Mutex<PushQueue>,
     txs: &[mpsc::Sender<WriterCmd>],
     compress: bool,
+    pace: &AtomicU8,
+    paced_rate: f64,
 ) -> Option<(u64, u64)> {
     const BATCH_BYTES: usize = 64 << 10;
     let conns = u16::try_from(txs.len()).expect("at most 16 connections");
@@ -422,6 +447,7 @@ fn push(
     };
     let mut cbuf = vec![0u8; PAGE_SIZE];
     let (mut n, mut bytes) = (0u64, 0u64);
+    let started = Instant::now();
     let mut order = todo.iter();
     loop {
         // Hot pages first; then the next page in order not sent yet.
@@ -463,6 +489,7 @@ fn push(
         // Small batches: a fault's neighbours must not wait behind a big one.
         if builders[c].encoded_len() >= BATCH_BYTES {
             send_batch(&mut builders[c], 0, &txs[c], &mut bytes)?;
+            keep_pace(pace, bytes, started, paced_rate)?;
         }
     }
     for (b, tx) in builders.iter_mut().zip(txs) {
@@ -471,6 +498,37 @@ fn push(
         }
     }
     Some((n, bytes))
+}
+
+/// Sleeps while the push is ahead of `paced_rate` before Commit; None once
+/// it is stopped.
+fn keep_pace(pace: &AtomicU8, bytes: u64, started: Instant, paced_rate: f64) -> Option<()> {
+    loop {
+        match pace.load(Ordering::Acquire) {
+            FREE => return Some(()),
+            STOPPED => return None,
+            _ => {}
+        }
+        let wait = pace_wait(bytes, started.elapsed(), paced_rate);
+        if wait.is_zero() {
+            return Some(());
+        }
+        // Short naps: Commit must set the push free at once.
+        std::thread::sleep(wait.min(Duration::from_millis(2)));
+    }
+}
+
+/// How long a paced sender that has sent `bytes` in `elapsed` waits to be
+/// back at `rate` bytes/s (pure).
+fn pace_wait(bytes: u64, elapsed: Duration, rate: f64) -> Duration {
+    #[allow(clippy::cast_precision_loss)] // byte counts far below 2^52
+    let allowed = elapsed.as_secs_f64() * rate;
+    #[allow(clippy::cast_precision_loss)]
+    let want = bytes as f64;
+    if rate <= 0.0 {
+        return Duration::from_secs(1);
+    }
+    wait_for(allowed, want, rate)
 }
 
 #[cfg(test)]
@@ -485,6 +543,21 @@ mod tests {
         b.set(9);
         b.set(19);
         assert_eq!(bitmap_bytes(&b), vec![0b1, 0b10, 0b1000]);
+    }
+
+    #[test]
+    fn paced_push_waits_until_it_is_back_at_its_rate() {
+        // 1 MB at 1 MB/s: may go after one second, not before.
+        assert_eq!(
+            pace_wait(1_000_000, Duration::from_secs(1), 1e6),
+            Duration::ZERO
+        );
+        assert_eq!(
+            pace_wait(1_000_000, Duration::from_millis(500), 1e6),
+            Duration::from_millis(500)
+        );
+        // No rate known: nothing goes before Commit.
+        assert!(!pace_wait(1, Duration::from_secs(5), 0.0).is_zero());
     }
 
     #[test]

@@ -368,7 +368,7 @@ pub struct SourceSession {
     pub(crate) ctrl_tx: ControlWriter,
     pub(crate) data: Vec<DataConn>,
     welcome: Welcome,
-    history: Vec<RoundObservation>,
+    pub(crate) history: Vec<RoundObservation>,
     pub(crate) pending: PageBitmap,
     /// Pages the destination could not rebuild: always sent raw from now on.
     no_ref: PageBitmap,
