@@ -717,6 +717,7 @@ impl Applier {
             self.ram.write_through_file();
         }
         let stale = pending_only.as_ref().unwrap_or(&missing);
+        let punch_started = Instant::now();
         let mut run: Option<(u64, u64)> = None;
         for p in stale.iter() {
             match &mut run {
@@ -739,6 +740,7 @@ impl Applier {
             missing = missing.count(),
             from_storage = self.inflight.count(),
             asked = need.len(),
+            punch_ms = punch_started.elapsed().as_millis(),
             "switched to post-copy"
         );
         self.post = Some(Post {
@@ -807,7 +809,14 @@ impl Applier {
                 }
             } else {
                 self.stats.network_faults += 1;
-                if post.requested.set(page) {
+                let first_ask = post.requested.set(page);
+                tracing::debug!(
+                    page,
+                    ms_since_switch = post.since.elapsed().as_millis(),
+                    already_asked = !first_ask,
+                    "network-bound fault"
+                );
+                if first_ask {
                     ask.push(page);
                 }
             }
@@ -887,8 +896,18 @@ impl Applier {
                     drains += 1;
                     drain_round = round;
                 }
-                ApplyInput::SwitchMark => self.marks += 1,
-                ApplyInput::Switch(pending) => self.switch = Some(pending),
+                ApplyInput::SwitchMark => {
+                    self.marks += 1;
+                    tracing::debug!(marks = self.marks, "switch mark");
+                }
+                ApplyInput::Switch(pending) => {
+                    tracing::debug!(
+                        marks = self.marks,
+                        outstanding = self.outstanding,
+                        "switch bitmap"
+                    );
+                    self.switch = Some(pending);
+                }
                 ApplyInput::Faults(addrs) => self.on_faults(addrs)?,
                 ApplyInput::End { bytes: b } => {
                     ended += 1;

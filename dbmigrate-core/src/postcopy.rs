@@ -40,8 +40,15 @@ use crate::ram::{is_zero, SourceRam};
 use crate::verify;
 use crate::PAGE_SIZE;
 
-/// Pages after a faulting page pushed next.
-const NEIGHBOURS: u64 = 64;
+/// Pages around a faulting page pushed next: a few before it, more after
+/// (a fault is usually followed by faults next to it, mostly above).
+const NEIGHBOURS_BELOW: u64 = 32;
+const NEIGHBOURS_ABOVE: u64 = 64;
+
+/// Of those, how many go with the requested page on the control
+/// connection; the rest go to the front of the background push, which
+/// may be queued behind megabytes already on their way.
+const PREFETCH: usize = 32;
 
 /// Share of the link the push may take before Commit. The pages it moves
 /// then are pages the VM does not have to fault on after it resumes; the
@@ -63,11 +70,13 @@ pub struct PostcopyStats {
     pub pushed_pages: u64,
     /// Pages sent because the VM waited for them.
     pub requested_pages: u64,
+    /// Pending neighbours sent right behind them (on the control connection).
+    pub prefetched_pages: u64,
     /// Requested pages that were not pending: their reference did not match storage.
     pub storage_mismatch: u64,
     /// Bytes sent after the switch (both kinds).
     pub bytes: u64,
-    /// Switch to the last page sent.
+    /// Switch to the last page of the background push handed to the connections.
     pub push_ms: u64,
     /// Every placed page matched the frozen RAM.
     pub ram_verified: bool,
@@ -234,7 +243,6 @@ impl SourceSession {
             .postcopy_loop(&mut sw, handover, on_activated, &mut ctrl_in, &mut stats)
             .await;
         reader.abort();
-        stats.push_ms = u64::try_from(sw.started.elapsed().as_millis()).unwrap_or(u64::MAX);
         result.map(|()| stats)
     }
 
@@ -315,6 +323,7 @@ impl SourceSession {
                 }
                 r = &mut sw.pusher, if !pushed => {
                     pushed = true;
+                    stats.push_ms = u64::try_from(sw.started.elapsed().as_millis()).unwrap_or(u64::MAX);
                     sw.start_digests();
                     let (n, bytes) = r
                         .map_err(|e| fail(PrecopyError::Worker(e.to_string())))?
@@ -351,8 +360,9 @@ impl SourceSession {
         }
     }
 
-    /// Sends the pages a vCPU waits for on the control connection, and
-    /// moves their neighbours to the front of the background push.
+    /// Sends the pages a vCPU waits for on the control connection, then a
+    /// few of their pending neighbours right behind them; the other
+    /// neighbours move to the front of the background push.
     async fn send_urgent(
         &mut self,
         asked: &[u64],
@@ -360,6 +370,7 @@ impl SourceSession {
         stats: &mut PostcopyStats,
     ) -> Result<(), PrecopyError> {
         let pages = self.ram.pages();
+        let mut prefetch = Vec::new();
         {
             let mut q = sw
                 .queue
@@ -367,14 +378,24 @@ impl SourceSession {
                 .map_err(|_| PrecopyError::Worker("push queue poisoned".into()))?;
             for &p in asked {
                 q.sent.set(p);
-                for n in p + 1..(p + 1 + NEIGHBOURS).min(pages) {
-                    if sw.pending.get(n) && !q.sent.get(n) {
+            }
+            for &p in asked {
+                for n in neighbours(p, pages) {
+                    if !sw.pending.get(n) || q.sent.get(n) {
+                        continue;
+                    }
+                    if prefetch.len() < PREFETCH {
+                        q.sent.set(n);
+                        prefetch.push(n);
+                    } else {
                         q.hot.push_back(n);
                     }
                 }
             }
         }
-        for chunk in asked.chunks(256) {
+        stats.prefetched_pages += prefetch.len() as u64;
+        // The asked pages in frames of their own: the vCPU waits for these.
+        for chunk in asked.chunks(256).chain(prefetch.chunks(256)) {
             let mut b = BatchBuilder::new(u32::MAX);
             for &p in chunk {
                 let data = self.ram.page(p)?;
@@ -393,6 +414,18 @@ impl SourceSession {
         }
         Ok(())
     }
+}
+
+/// The pages around `page` that a vCPU is likely to touch next, nearest
+/// first, above before below at equal distance (pure).
+fn neighbours(page: u64, pages: u64) -> impl Iterator<Item = u64> {
+    (1..=NEIGHBOURS_ABOVE).flat_map(move |d| {
+        let above = page.checked_add(d).filter(|&n| n < pages);
+        let below = (d <= NEIGHBOURS_BELOW)
+            .then(|| page.checked_sub(d))
+            .flatten();
+        above.into_iter().chain(below)
+    })
 }
 
 /// Failure of a post-copy, by whether the VM can still come back to the source.
@@ -543,6 +576,17 @@ mod tests {
         b.set(9);
         b.set(19);
         assert_eq!(bitmap_bytes(&b), vec![0b1, 0b10, 0b1000]);
+    }
+
+    #[test]
+    fn neighbours_come_nearest_first_and_stay_inside_ram() {
+        let n: Vec<u64> = neighbours(100, 1000).take(5).collect();
+        assert_eq!(n, vec![101, 99, 102, 98, 103]);
+        let all: Vec<u64> = neighbours(100, 1000).collect();
+        assert_eq!(all.len() as u64, NEIGHBOURS_ABOVE + NEIGHBOURS_BELOW);
+        assert!(neighbours(0, 1).next().is_none());
+        let edge: Vec<u64> = neighbours(1, 3).collect();
+        assert_eq!(edge, vec![2, 0]);
     }
 
     #[test]
