@@ -278,6 +278,8 @@ enum ApplyInput {
     Drain { round: u32 },
     /// A data connection reached the switch to post-copy.
     SwitchMark,
+    /// The source will switch to post-copy (its VM still runs).
+    PrepareSwitch,
     /// The source switched to post-copy: pages whose content is still to come.
     Switch(PageBitmap),
     /// The VM faulted on these addresses.
@@ -510,6 +512,10 @@ struct Applier {
     faults: Option<Arc<FaultSource>>,
     marks: usize,
     switch: Option<PageBitmap>,
+    /// Pages punched out when the source announced the switch (they were
+    /// waiting for storage) and neither written nor faulted in since:
+    /// holes that the switch need not punch again.
+    holes: Option<PageBitmap>,
     post: Option<Post>,
     out: mpsc::UnboundedSender<Message>,
     /// What the storage readers read (final once no read is outstanding).
@@ -563,6 +569,9 @@ impl Applier {
                 }
             }
             enc => {
+                if let Some(h) = self.holes.as_mut() {
+                    h.unset(e.page);
+                }
                 let hash = apply(&mut self.ram, &e, &mut self.dctx, self.placed.is_some())?;
                 self.digests.written(e.page);
                 self.record_placed(e.page, hash)?;
@@ -679,9 +688,40 @@ impl Applier {
         (page, at, n): (u64, usize, usize),
         data: &[u8],
     ) -> Result<(), DestError> {
+        if let Some(h) = self.holes.as_mut() {
+            for p in page..page + n as u64 {
+                h.unset(p);
+            }
+        }
         Ok(self
             .ram
             .write_pages(page, &data[at * PAGE_SIZE..(at + n) * PAGE_SIZE])?)
+    }
+
+    /// The source will switch to post-copy. Into RAM allocated up front,
+    /// the pages still waiting for storage (after a first round, most of
+    /// the buffer pool) are punched out now, while the VM still runs on
+    /// the source, instead of inside the pause; their reads land through
+    /// the file from here on, filling the holes.
+    fn prepare_switch(&mut self) -> Result<(), DestError> {
+        if self.post.is_none()
+            && self.holes.is_none()
+            && self.faults.is_some()
+            && self.ram.prepared() == Prepared::ZeroedAllocated
+        {
+            let t = Instant::now();
+            self.ram.write_through_file();
+            let holes = self.inflight.clone();
+            punch(&mut self.ram, holes.iter())?;
+            tracing::info!(
+                punched = holes.count(),
+                punch_ms = t.elapsed().as_millis(),
+                "prepared the switch to post-copy"
+            );
+            self.holes = Some(holes);
+        }
+        let _ = self.out.send(Message::SwitchPrepared);
+        Ok(())
     }
 
     /// The switch to post-copy, once every data connection passed its
@@ -717,21 +757,14 @@ impl Applier {
             self.ram.write_through_file();
         }
         let stale = pending_only.as_ref().unwrap_or(&missing);
+        let holes = self.holes.take();
         let punch_started = Instant::now();
-        let mut run: Option<(u64, u64)> = None;
-        for p in stale.iter() {
-            match &mut run {
-                Some((first, n)) if *first + *n == p => *n += 1,
-                _ => {
-                    if let Some((first, n)) = run.replace((p, 1)) {
-                        self.ram.zero_pages(first, n)?;
-                    }
-                }
-            }
-        }
-        if let Some((first, n)) = run {
-            self.ram.zero_pages(first, n)?;
-        }
+        punch(
+            &mut self.ram,
+            stale
+                .iter()
+                .filter(|&p| holes.as_ref().is_none_or(|h| !h.get(p))),
+        )?;
         let mut requested = PageBitmap::new(missing.len());
         for &p in &need {
             requested.set(p);
@@ -771,6 +804,15 @@ impl Applier {
                 for a in addrs {
                     let at = a & !(PAGE_SIZE as u64 - 1);
                     serve_zero(f, at)?;
+                    // The zero page fills the hole.
+                    if let (Some(h), Some(page)) = (
+                        self.holes.as_mut(),
+                        at.checked_sub(f.base).map(|o| o / PAGE_SIZE as u64),
+                    ) {
+                        if page < h.len() {
+                            h.unset(page);
+                        }
+                    }
                 }
             }
             return Ok(());
@@ -863,7 +905,10 @@ impl Applier {
                     // Idle: bring the switchover digests up to date. Not while
                     // storage reads are pending: their pages land all over RAM
                     // and would make the same chunks be hashed again and again.
+                    // Nor once holes were punched for the switch: reading
+                    // one through this mapping would fill it.
                     if self.post.is_none()
+                        && self.holes.is_none()
                         && self.outstanding == 0
                         && self.digests.hash_one(self.ram.bytes())
                     {
@@ -896,6 +941,7 @@ impl Applier {
                     drains += 1;
                     drain_round = round;
                 }
+                ApplyInput::PrepareSwitch => self.prepare_switch()?,
                 ApplyInput::SwitchMark => {
                     self.marks += 1;
                     tracing::debug!(marks = self.marks, "switch mark");
@@ -985,6 +1031,25 @@ impl Applier {
 
 /// Fills a faulting page with zeros, or only wakes the vCPU if the page
 /// was filled since the fault.
+/// Punches `pages` (ascending) out of the RAM file, a run of neighbours at a time.
+fn punch(ram: &mut DestRam, pages: impl Iterator<Item = u64>) -> Result<(), DestError> {
+    let mut run: Option<(u64, u64)> = None;
+    for p in pages {
+        match &mut run {
+            Some((first, n)) if *first + *n == p => *n += 1,
+            _ => {
+                if let Some((first, n)) = run.replace((p, 1)) {
+                    ram.zero_pages(first, n)?;
+                }
+            }
+        }
+    }
+    if let Some((first, n)) = run {
+        ram.zero_pages(first, n)?;
+    }
+    Ok(())
+}
+
 fn serve_zero(f: &FaultSource, at: u64) -> Result<(), DestError> {
     let filled = dbmigrate_uffd::zeropage(&f.uffd, at, PAGE_SIZE as u64).map_err(|source| {
         DestError::Faults {
@@ -1169,6 +1234,7 @@ impl DestSession {
             faults: faults.clone(),
             marks: 0,
             switch: None,
+            holes: None,
             post: None,
             out: out_tx,
             storage: tally.clone(),
@@ -1197,7 +1263,7 @@ impl DestSession {
             tokio::select! {
                 biased;
                 Some(m) = out_rx.recv() => {
-                    self.ctrl_tx.send(&m, "answering a drain").await?;
+                    self.ctrl_tx.send(&m, "answering the source").await?;
                 }
                 r = &mut applier => break r.map_err(|e| DestError::Worker(e.to_string()))??,
                 () = tokio::time::sleep(Duration::from_secs(1)) => {
@@ -1214,6 +1280,11 @@ impl DestSession {
                     heard.touch();
                     match m.ok_or(ProtocolError::Closed { doing: "watching the control connection" })? {
                         Ok(req @ Message::VerifyRequest { .. }) => early_request = Some(req),
+                        Ok(Message::PrepareSwitch) => {
+                            if urgent_tx.send(ApplyInput::PrepareSwitch).await.is_err() {
+                                return Err(stopped_writer(&mut applier).await);
+                            }
+                        }
                         Ok(Message::Switch { pending }) => {
                             let bits = bitmap_from_bytes(&pending, pages)?;
                             if urgent_tx.send(ApplyInput::Switch(bits)).await.is_err() {
@@ -1237,7 +1308,7 @@ impl DestSession {
         };
         drop(stop);
         while let Ok(m) = out_rx.try_recv() {
-            self.ctrl_tx.send(&m, "answering a drain").await?;
+            self.ctrl_tx.send(&m, "answering the source").await?;
         }
         let Applied {
             ram,

@@ -121,14 +121,34 @@ impl Switched {
 }
 
 impl SourceSession {
+    /// Call with the VM still running, right before pausing it for
+    /// [`SourceSession::switch_to_postcopy`]: the destination punches the
+    /// pages still waiting for storage out of its RAM now (after a first
+    /// round, most of the buffer pool), which would otherwise be done
+    /// inside the pause.
+    pub async fn prepare_switch(&mut self) -> Result<(), PrecopyError> {
+        if !self.destination_postcopy() {
+            return Err(no_postcopy_destination());
+        }
+        self.stats.bytes_sent += self
+            .ctrl_tx
+            .send(&Message::PrepareSwitch, "preparing the switch to post-copy")
+            .await?;
+        match self
+            .read_ctrl("waiting for the destination to prepare the switch")
+            .await?
+        {
+            Message::SwitchPrepared => Ok(()),
+            other => Err(self.unexpected(other, "SwitchPrepared")),
+        }
+    }
+
     /// Call with the VM paused, after [`SourceSession::run_live`]: tells the
     /// destination which pages it still lacks and starts pushing them. The
     /// source stays authoritative until [`SourceSession::postcopy`] commits.
     pub async fn switch_to_postcopy(&mut self) -> Result<Switched, PrecopyError> {
         if !self.destination_postcopy() {
-            return Err(PrecopyError::Worker(
-                "the destination agent cannot serve post-copy (start `dbmigrate receive` with --postcopy-socket)".into(),
-            ));
+            return Err(no_postcopy_destination());
         }
         // With the VM paused nothing is written after this collect.
         self.tracker.collect(&mut self.pending)?;
@@ -437,6 +457,12 @@ pub enum PostcopyError {
     /// After Commit: the destination may run the VM; it must not be resumed here.
     #[error("post-copy failed after the hand-over: the VM runs (or ran) on the destination and cannot be resumed on the source; its RAM stays frozen here")]
     AfterCommit(#[source] PrecopyError),
+}
+
+fn no_postcopy_destination() -> PrecopyError {
+    PrecopyError::Worker(
+        "the destination agent cannot serve post-copy (start `dbmigrate receive` with --postcopy-socket)".into(),
+    )
 }
 
 /// Pending pages as the wire bitmap: bit i of byte i/8 is page i.

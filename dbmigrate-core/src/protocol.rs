@@ -51,7 +51,7 @@ use crate::PAGE_SIZE;
 /// First four bytes of every frame: "DMG1" little-endian.
 pub const MAGIC: u32 = u32::from_le_bytes(*b"DMG1");
 /// Protocol version carried in [`Hello`] and [`Welcome`].
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 /// Size of the fixed frame header.
 pub const HEADER_LEN: usize = 16;
 /// Largest payload a peer may announce; larger frames are refused unread.
@@ -260,6 +260,12 @@ pub enum Message {
         /// Why, for the operator.
         reason: String,
     },
+    /// Control connection, VM still running on the source: a switch to
+    /// post-copy follows. The destination makes the pages still waiting
+    /// for storage holes now, outside the pause.
+    PrepareSwitch,
+    /// Destination: the pages waiting for storage are holes; the switch may come.
+    SwitchPrepared,
     /// Control connection, VM paused: switch to post-copy. `pending` is a
     /// bitmap (bit i of byte i/8 = page i) of pages whose content the
     /// destination does not have yet; every other page it holds (or will
@@ -304,6 +310,8 @@ const K_SWITCH_MARK: u16 = 14;
 const K_SWITCHED: u16 = 15;
 const K_PAGE_REQUEST: u16 = 16;
 const K_HEARTBEAT: u16 = 17;
+const K_PREPARE_SWITCH: u16 = 18;
+const K_SWITCH_PREPARED: u16 = 19;
 
 /// Data connection (1-based) that carries `page` when `conns` data connections exist.
 pub fn connection_for_page(page: u64, conns: u16) -> u16 {
@@ -328,6 +336,8 @@ impl Message {
             Message::Abort { .. } => "Abort",
             Message::Drain { .. } => "Drain",
             Message::Drained { .. } => "Drained",
+            Message::PrepareSwitch => "PrepareSwitch",
+            Message::SwitchPrepared => "SwitchPrepared",
             Message::Switch { .. } => "Switch",
             Message::SwitchMark => "SwitchMark",
             Message::Switched => "Switched",
@@ -350,6 +360,8 @@ impl Message {
             Message::Abort { .. } => K_ABORT,
             Message::Drain { .. } => K_DRAIN,
             Message::Drained { .. } => K_DRAINED,
+            Message::PrepareSwitch => K_PREPARE_SWITCH,
+            Message::SwitchPrepared => K_SWITCH_PREPARED,
             Message::Switch { .. } => K_SWITCH,
             Message::SwitchMark => K_SWITCH_MARK,
             Message::Switched => K_SWITCHED,
@@ -388,6 +400,8 @@ impl Message {
             | Message::Activated
             | Message::SwitchMark
             | Message::Switched
+            | Message::PrepareSwitch
+            | Message::SwitchPrepared
             | Message::Heartbeat => {}
             Message::Switch { pending } => {
                 put_len(&mut p, pending.len());
@@ -526,6 +540,8 @@ impl Message {
             K_ACTIVATED => Message::Activated,
             K_SWITCH_MARK => Message::SwitchMark,
             K_SWITCHED => Message::Switched,
+            K_PREPARE_SWITCH => Message::PrepareSwitch,
+            K_SWITCH_PREPARED => Message::SwitchPrepared,
             K_HEARTBEAT => Message::Heartbeat,
             K_SWITCH => {
                 let n = r.len(1)?;
@@ -649,6 +665,8 @@ fn kind_name(kind: u16) -> Result<&'static str, ProtocolError> {
         K_SWITCHED => "Switched",
         K_PAGE_REQUEST => "PageRequest",
         K_HEARTBEAT => "Heartbeat",
+        K_PREPARE_SWITCH => "PrepareSwitch",
+        K_SWITCH_PREPARED => "SwitchPrepared",
         _ => return Err(ProtocolError::UnknownKind { kind }),
     })
 }
@@ -888,6 +906,8 @@ mod tests {
             },
             Message::SwitchMark,
             Message::Switched,
+            Message::PrepareSwitch,
+            Message::SwitchPrepared,
             Message::PageRequest {
                 pages: vec![3, 1 << 40],
             },

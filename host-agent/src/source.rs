@@ -446,6 +446,12 @@ async fn drive_postcopy(
         "switching to post-copy ({reason}): once the VM runs on the destination, the source can no longer take it back"
     ));
     tracing::warn!(%reason, "switching to post-copy: after the hand-over the source cannot resume the VM");
+    // While the VM still runs here: the destination's part of the switch
+    // that does not depend on the last dirty pages stays out of the pause.
+    session
+        .prepare_switch()
+        .await
+        .context("preparing the switch to post-copy (the VM still runs on the source)")?;
     args.priority
         .restore("post-copy: the guest waits on the switch and then on its faults");
     let paused_at = Instant::now();
