@@ -1,18 +1,21 @@
 //! The source's side of post-copy: with the VM paused, the destination is
 //! told which pages it does not have yet; once the VM runs there, pages
 //! follow in the background, except that a page the VM waits for jumps the
-//! queue (sent at once on the control connection) and pulls its neighbours
-//! to the front of the push, since a fault is usually followed by faults
-//! next to it.
+//! queue (sent at once on the control connection, its nearest pending
+//! neighbours right behind it, more of them at the front of the push),
+//! since a fault is usually followed by faults next to it.
 //!
 //! ```text
-//! source (VM paused)                         destination
+//! source                                     destination
+//!   | PrepareSwitch (VM still running) -------> |  punches pages waiting
+//!   | <---------------------- SwitchPrepared     |  for storage
+//!   |  (VM paused)                               |
 //!   | SwitchMark (each data conn) ------------> |
 //!   | Switch{pending bitmap} (control) -------> |  punches stale pages,
 //!   | <---------------------------- Switched     |  serves faults from here on
 //!   | pages (data conns, paced) --------------> |  (at most half the link)
 //!   | <-------------------- PageRequest{pages}   |  a vCPU waits
-//!   | PageBatch (control, at once) -----------> |
+//!   | PageBatch (control, at once) + neighbours>|
 //!   |        ... QEMU moves device state ...     |
 //!   | Commit ---------------------------------> |  resumes the VM
 //!   | pages (data conns, full speed) ---------> |
