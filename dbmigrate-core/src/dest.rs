@@ -976,7 +976,10 @@ impl Applier {
                 // source may stop the VM next, and hashing now keeps a big
                 // round's pages out of the downtime (the source sends nothing
                 // until this answer, so no page waits for it).
-                while self.digests.hash_one(self.ram.bytes()) {}
+                // (Never over holes punched for a switch: a source that
+                // drains a round after announcing the switch must not make
+                // this side fill them with zeros.)
+                while self.holes.is_none() && self.digests.hash_one(self.ram.bytes()) {}
                 let n = self.need.len().min(protocol::MAX_NEED);
                 let need: Vec<u64> = self.need.drain(..n).collect();
                 let _ = self.out.send(Message::Drained {
