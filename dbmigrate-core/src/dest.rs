@@ -153,6 +153,16 @@ pub struct FaultSource {
     pub len: u64,
 }
 
+impl FaultSource {
+    /// The RAM page a (page-aligned) fault address in QEMU's mapping
+    /// falls in, if it is one of the first `pages`.
+    fn page_at(&self, at: u64, pages: u64) -> Option<u64> {
+        at.checked_sub(self.base)
+            .map(|o| o / PAGE_SIZE as u64)
+            .filter(|&p| p < pages)
+    }
+}
+
 /// Accepts one source: checks its Hello against `ram_bytes`, answers with
 /// `incoming_uri` (and whether this side can serve post-copy faults), then
 /// accepts its data connections.
@@ -805,11 +815,8 @@ impl Applier {
                     let at = a & !(PAGE_SIZE as u64 - 1);
                     serve_zero(f, at)?;
                     // The zero page fills the hole.
-                    if let (Some(h), Some(page)) = (
-                        self.holes.as_mut(),
-                        at.checked_sub(f.base).map(|o| o / PAGE_SIZE as u64),
-                    ) {
-                        if page < h.len() {
+                    if let Some(h) = self.holes.as_mut() {
+                        if let Some(page) = f.page_at(at, h.len()) {
                             h.unset(page);
                         }
                     }
@@ -821,11 +828,7 @@ impl Applier {
         let mut ask = Vec::new();
         for a in addrs {
             let at = a & !(PAGE_SIZE as u64 - 1);
-            let Some(page) = at
-                .checked_sub(f.base)
-                .map(|o| o / PAGE_SIZE as u64)
-                .filter(|&p| p < post.missing.len())
-            else {
+            let Some(page) = f.page_at(at, post.missing.len()) else {
                 continue; // not in RAM: cannot be ours
             };
             self.stats.faults += 1;
@@ -1032,8 +1035,6 @@ impl Applier {
     }
 }
 
-/// Fills a faulting page with zeros, or only wakes the vCPU if the page
-/// was filled since the fault.
 /// Punches `pages` (ascending) out of the RAM file, a run of neighbours at a time.
 fn punch(ram: &mut DestRam, pages: impl Iterator<Item = u64>) -> Result<(), DestError> {
     let mut run: Option<(u64, u64)> = None;
@@ -1053,6 +1054,8 @@ fn punch(ram: &mut DestRam, pages: impl Iterator<Item = u64>) -> Result<(), Dest
     Ok(())
 }
 
+/// Fills a faulting page with zeros, or only wakes the vCPU if the page
+/// was filled since the fault.
 fn serve_zero(f: &FaultSource, at: u64) -> Result<(), DestError> {
     let filled = dbmigrate_uffd::zeropage(&f.uffd, at, PAGE_SIZE as u64).map_err(|source| {
         DestError::Faults {
