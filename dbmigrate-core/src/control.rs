@@ -1,8 +1,12 @@
 //! The writing half of a control connection, shared by its session and a
 //! heartbeat task. Whole frames go out under one lock, so a heartbeat never
-//! lands inside another message.
+//! lands inside another message. Every write is bounded by the session's
+//! peer timeout: on a cut link the kernel keeps a TCP send buffer full for
+//! many minutes, and a writer blocked there (holding the lock) would keep
+//! the session from ever reaching its own timeout.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::OwnedWriteHalf;
@@ -14,35 +18,84 @@ use crate::protocol::{self, Message, ProtocolError, HEARTBEAT_INTERVAL};
 /// A control connection's writer that sends a [`Message::Heartbeat`] every
 /// [`HEARTBEAT_INTERVAL`] until dropped or shut down.
 pub struct ControlWriter {
-    inner: Arc<Mutex<OwnedWriteHalf>>,
+    inner: Arc<Mutex<Conn>>,
     beat: JoinHandle<()>,
 }
 
+struct Conn {
+    w: OwnedWriteHalf,
+    patience: Duration,
+    /// A write gave up part-way: the stream may hold half a frame, so
+    /// nothing more may follow it.
+    broken: bool,
+}
+
+impl Conn {
+    async fn write(&mut self, frame: &[u8], doing: &'static str) -> Result<(), ProtocolError> {
+        if self.broken {
+            return Err(ProtocolError::Io {
+                doing,
+                source: std::io::Error::new(
+                    std::io::ErrorKind::BrokenPipe,
+                    "an earlier write on this control connection timed out",
+                ),
+            });
+        }
+        match tokio::time::timeout(
+            self.patience,
+            protocol::write_frame(&mut self.w, frame, doing),
+        )
+        .await
+        {
+            Ok(r) => r,
+            Err(_) => {
+                self.broken = true;
+                Err(ProtocolError::Io {
+                    doing,
+                    source: std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!(
+                            "the peer took nothing for {} s (link cut or peer stuck)",
+                            self.patience.as_secs()
+                        ),
+                    ),
+                })
+            }
+        }
+    }
+}
+
 impl ControlWriter {
-    /// Takes over `w` and starts the heartbeats (on the current tokio runtime).
-    pub fn new(w: OwnedWriteHalf) -> Self {
-        let inner = Arc::new(Mutex::new(w));
+    /// Takes over `w` and starts the heartbeats (on the current tokio
+    /// runtime). A write that cannot finish within `patience` fails.
+    pub fn new(w: OwnedWriteHalf, patience: Duration) -> Self {
+        let inner = Arc::new(Mutex::new(Conn {
+            w,
+            patience,
+            broken: false,
+        }));
         let beat = tokio::spawn(heartbeats(inner.clone()));
         Self { inner, beat }
     }
 
     /// Writes one message; returns the bytes written.
     pub async fn send(&self, msg: &Message, doing: &'static str) -> Result<u64, ProtocolError> {
-        let mut w = self.inner.lock().await;
-        protocol::write_message(&mut *w, msg, doing).await
+        let f = msg.encode();
+        self.send_frame(&f, doing).await?;
+        Ok(f.len() as u64)
     }
 
     /// Writes one encoded frame.
     pub async fn send_frame(&self, frame: &[u8], doing: &'static str) -> Result<(), ProtocolError> {
-        let mut w = self.inner.lock().await;
-        protocol::write_frame(&mut *w, frame, doing).await
+        self.inner.lock().await.write(frame, doing).await
     }
 
     /// Stops the heartbeats and closes the writing side (the peer reads EOF).
     pub async fn shutdown(&self) {
         self.beat.abort();
-        let mut w = self.inner.lock().await;
-        let _ = w.shutdown().await;
+        let mut c = self.inner.lock().await;
+        let patience = c.patience;
+        let _ = tokio::time::timeout(patience, c.w.shutdown()).await;
     }
 }
 
@@ -52,20 +105,56 @@ impl Drop for ControlWriter {
     }
 }
 
-async fn heartbeats(w: Arc<Mutex<OwnedWriteHalf>>) {
+async fn heartbeats(c: Arc<Mutex<Conn>>) {
     let frame = Message::Heartbeat.encode();
     let mut tick = tokio::time::interval(HEARTBEAT_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        let mut w = w.lock().await;
         // A failed write means the connection is gone: the session finds
         // out on its own next read or write.
-        if protocol::write_frame(&mut *w, &frame, "sending a heartbeat")
+        if c.lock()
+            .await
+            .write(&frame, "sending a heartbeat")
             .await
             .is_err()
         {
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_peer_that_reads_nothing_fails_the_write_and_every_later_one() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (client, accepted) =
+            tokio::join!(tokio::net::TcpStream::connect(addr), listener.accept());
+        // The peer keeps its socket open and never reads, as a cut link would.
+        let (_peer, _) = accepted.unwrap();
+        let (_r, w) = client.unwrap().into_split();
+        let ctrl = ControlWriter::new(w, Duration::from_millis(300));
+        let frame = vec![0u8; 1 << 20];
+        let started = std::time::Instant::now();
+        let err = loop {
+            // The kernel buffers take some megabytes before a write blocks.
+            if let Err(e) = ctrl.send_frame(&frame, "filling the link").await {
+                break e;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "no write ever blocked"
+            );
+        };
+        assert!(err.to_string().contains("filling the link"), "{err}");
+        let later = ctrl
+            .send(&Message::Commit, "sending Commit")
+            .await
+            .unwrap_err();
+        assert!(format!("{later:?}").contains("timed out"), "{later:?}");
     }
 }

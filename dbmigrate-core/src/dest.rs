@@ -263,7 +263,7 @@ pub async fn accept(
     tokio::spawn(read_control(ctrl_rx, in_tx));
     Ok(DestSession {
         ctrl_in,
-        ctrl_tx: ControlWriter::new(ctrl_tx),
+        ctrl_tx: ControlWriter::new(ctrl_tx, peer_timeout),
         data: slots.into_iter().flatten().collect(),
         hello,
         peer_timeout,

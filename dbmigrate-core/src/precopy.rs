@@ -438,12 +438,13 @@ impl SourceSession {
             data.push(DataConn { tx, task });
         }
         let pages = ram.pages();
+        let ctrl_tx = ControlWriter::new(ctrl_tx, cfg.peer_timeout);
         Ok(Self {
             ram: Arc::new(ram),
             tracker,
             cfg,
             ctrl_rx: Some(ctrl_rx),
-            ctrl_tx: ControlWriter::new(ctrl_tx),
+            ctrl_tx,
             data,
             welcome,
             history: Vec::new(),
