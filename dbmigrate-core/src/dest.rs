@@ -1446,7 +1446,17 @@ impl DestSession {
                                 continue;
                             }
                             if run.urgent.send(ApplyInput::Batch(pages)).await.is_err() {
-                                return Err(stopped_writer(&mut run.applier).await);
+                                // The writer may have placed the last page
+                                // since the select above looked at it: then
+                                // this batch is one more late answer.
+                                match (&mut run.applier).await {
+                                    Ok(Ok(a)) => {
+                                        applied = Some(a);
+                                        run.stop.faults_done();
+                                    }
+                                    Ok(Err(e)) => return Err(e),
+                                    Err(e) => return Err(DestError::Worker(format!("the RAM writer failed: {e}"))),
+                                }
                             }
                         }
                         m @ Message::VerifyRequest { .. } => request = Some(m),

@@ -929,6 +929,34 @@ fn produce_round(
             done.set(page);
         }
         refs.sort_unstable_by_key(|r| (r.0.disk, r.0.offset));
+        if tracing::enabled!(tracing::Level::DEBUG) {
+            // How far apart the referenced blocks lie on disk: the storage
+            // reads can be no longer than these runs.
+            let mut gaps = [0u64; 6];
+            for w in refs.windows(2) {
+                let (a, b) = (w[0].0, w[1].0);
+                let gap = if a.disk != b.disk {
+                    u64::MAX
+                } else {
+                    b.offset.saturating_sub(a.offset + PAGE_SIZE as u64) / PAGE_SIZE as u64
+                };
+                let i = match gap {
+                    0 => 0,
+                    1..=3 => 1,
+                    4..=15 => 2,
+                    16..=63 => 3,
+                    64..=255 => 4,
+                    _ => 5,
+                };
+                gaps[i] += 1;
+            }
+            tracing::debug!(
+                round,
+                refs = refs.len(),
+                ?gaps,
+                "reference gaps on disk in pages: 0, 1-3, 4-15, 16-63, 64-255, more"
+            );
+        }
         for (hint, page, hash) in refs {
             rs.pages += 1;
             rs.ref_pages += 1;
