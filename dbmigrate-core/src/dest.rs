@@ -298,14 +298,25 @@ enum ApplyInput {
     End { bytes: u64 },
     /// A data connection failed.
     Failed(DestError),
-    /// A storage read of a run of references finished: per page (page,
-    /// version, whether it matched), and the pages read, in the same order.
-    /// `unread`: storage was not read (failing), every page is unmatched.
+    /// A storage read of a run of references finished: the pages it
+    /// resolves and the blocks read. `unread`: storage was not read
+    /// (failing), every page is unmatched.
     Resolved {
-        pages: Vec<(u64, u32, bool)>,
+        pages: Vec<Resolved>,
         data: Vec<u8>,
         unread: bool,
     },
+}
+
+/// One reference a storage read resolved.
+struct Resolved {
+    page: u64,
+    /// The page's version when the reference arrived.
+    version: u32,
+    /// The block read matched the reference's hash.
+    ok: bool,
+    /// The block of the read that holds it.
+    slot: usize,
 }
 
 /// When the session last made progress: a message from the source on any
@@ -374,7 +385,14 @@ fn storage_worker(r: Arc<StorageReaders>) {
             }
             v
         };
-        if serve_runs(&r, &rebuild::coalesce(batch, MAX_RUN), true).is_err() {
+        let runs = rebuild::coalesce(batch, MAX_RUN, MAX_GAP);
+        tracing::trace!(
+            refs = runs.iter().map(|r| r.reqs.len()).sum::<usize>(),
+            runs = runs.len(),
+            blocks = runs.iter().map(|r| r.pages).sum::<usize>(),
+            "storage batch"
+        );
+        if serve_runs(&r, &runs, true).is_err() {
             return;
         }
     }
@@ -382,6 +400,10 @@ fn storage_worker(r: Arc<StorageReaders>) {
 
 /// Longest storage read, in pages.
 const MAX_RUN: usize = 256;
+
+/// Blocks nobody asked for that a background read goes through rather
+/// than splitting in two (see [`rebuild::coalesce`]).
+const MAX_GAP: usize = 16;
 
 /// The applier stopped taking storage results: the readers stop too.
 struct ApplierGone;
@@ -399,7 +421,7 @@ fn take_urgent(r: &StorageReaders) -> Vec<RefRequest> {
 /// requests first between groups when `urgent_first` is set.
 fn serve_runs(
     r: &StorageReaders,
-    runs: &[Vec<RefRequest>],
+    runs: &[rebuild::Run],
     urgent_first: bool,
 ) -> Result<(), ApplierGone> {
     // Reads kept in flight per worker: scattered 16 KiB frames would
@@ -411,14 +433,14 @@ fn serve_runs(
         if urgent_first {
             let urgent = take_urgent(r);
             if !urgent.is_empty() {
-                serve_runs(r, &rebuild::coalesce(urgent, MAX_RUN), false)?;
+                serve_runs(r, &rebuild::coalesce(urgent, MAX_RUN, 0), false)?;
             }
         }
         // Runs of one disk go to storage together (kept in flight at once).
-        let disk = runs[start][0].hint.disk;
+        let disk = runs[start].disk;
         let end = (start..runs.len())
             .take(IN_FLIGHT)
-            .take_while(|&i| runs[i][0].hint.disk == disk)
+            .take_while(|&i| runs[i].disk == disk)
             .last()
             .map_or(start + 1, |i| i + 1);
         let group = &runs[start..end];
@@ -429,10 +451,10 @@ fn serve_runs(
 }
 
 /// One group of runs of `disk`, read at once and handed to the applier.
-fn read_group(r: &StorageReaders, disk: u16, group: &[Vec<RefRequest>]) -> Result<(), ApplierGone> {
+fn read_group(r: &StorageReaders, disk: u16, group: &[rebuild::Run]) -> Result<(), ApplierGone> {
     let mut bufs: Vec<Vec<u8>> = group
         .iter()
-        .map(|run| vec![0u8; run.len() * PAGE_SIZE])
+        .map(|run| vec![0u8; run.pages * PAGE_SIZE])
         .collect();
     let allowed = r
         .breaker
@@ -444,7 +466,7 @@ fn read_group(r: &StorageReaders, disk: u16, group: &[Vec<RefRequest>]) -> Resul
             let mut reads: Vec<(u64, &mut [u8])> = group
                 .iter()
                 .zip(bufs.iter_mut())
-                .map(|(run, b)| (run[0].hint.offset, b.as_mut_slice()))
+                .map(|(run, b)| (run.offset, b.as_mut_slice()))
                 .collect();
             let read = r.storage.read_many(disk, &mut reads);
             if let Ok(mut b) = r.breaker.lock() {
@@ -470,9 +492,18 @@ fn read_group(r: &StorageReaders, disk: u16, group: &[Vec<RefRequest>]) -> Resul
         }
         // One message per run, not per page: the applier is woken once.
         let pages = run
+            .reqs
             .iter()
-            .zip(buf.chunks_exact(PAGE_SIZE))
-            .map(|(req, page)| (req.page, req.version, read_ok && xxh3_128(page) == req.hash))
+            .map(|req| {
+                let slot = run.slot(req);
+                let block = &buf[slot * PAGE_SIZE..(slot + 1) * PAGE_SIZE];
+                Resolved {
+                    page: req.page,
+                    version: req.version,
+                    ok: read_ok && xxh3_128(block) == req.hash,
+                    slot,
+                }
+            })
             .collect();
         let done = ApplyInput::Resolved {
             pages,
@@ -638,15 +669,21 @@ impl Applier {
     /// list of pages to ask the source for.
     fn resolved_run(
         &mut self,
-        pages: &[(u64, u32, bool)],
+        pages: &[Resolved],
         data: &[u8],
         unread: bool,
     ) -> Result<(), DestError> {
         self.outstanding -= pages.len() as u64;
-        // (first RAM page, first index in `pages`, count) of the pending write.
+        // (first RAM page, its block in `data`, count) of the pending write.
         let mut group: Option<(u64, usize, usize)> = None;
         let mut placed = Vec::new();
-        for (i, &(page, version, ok)) in pages.iter().enumerate() {
+        for &Resolved {
+            page,
+            version,
+            ok,
+            slot: i,
+        } in pages
+        {
             let idx = usize::try_from(page).expect("page checked when the reference arrived");
             if self.version[idx] != version {
                 continue; // a newer message about this page already decided it

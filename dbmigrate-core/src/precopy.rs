@@ -957,10 +957,15 @@ fn produce_round(
                 "reference gaps on disk in pages: 0, 1-3, 4-15, 16-63, 64-255, more"
             );
         }
+        // Whole batches of consecutive references take turns on the
+        // connections: split page by page, each connection would carry every
+        // other stretch of the same disk area, and the destination would
+        // read each area in pieces, twice. (Each page is sent once per
+        // round, so any connection may carry it.)
+        let mut c = 0;
         for (hint, page, hash) in refs {
             rs.pages += 1;
             rs.ref_pages += 1;
-            let c = usize::from(connection_for_page(page, conns) - 1);
             builders[c].push(
                 page,
                 PageEncoding::Reference,
@@ -968,6 +973,7 @@ fn produce_round(
             );
             if builders[c].encoded_len() >= BATCH_BYTES {
                 send_batch(&mut builders[c], round, &txs[c], &mut rs.bytes)?;
+                c = (c + 1) % txs.len();
             }
         }
         // Flush so that the references leave before the raw pages.

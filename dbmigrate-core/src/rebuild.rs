@@ -252,23 +252,59 @@ pub struct RefRequest {
     pub hash: u128,
 }
 
-/// Groups requests into runs of consecutive pages on the same disk, so that
-/// one read serves many pages (sorted by disk and offset). Pure.
-pub fn coalesce(mut reqs: Vec<RefRequest>, max_run: usize) -> Vec<Vec<RefRequest>> {
+/// One storage read: `pages` blocks of a disk from `offset`, serving the
+/// requests in `reqs` (each at its own block of the read).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Run {
+    /// Disk the run is on.
+    pub disk: u16,
+    /// Disk offset of the first block.
+    pub offset: u64,
+    /// Blocks to read, gaps between the requested ones included.
+    pub pages: usize,
+    /// The requests, sorted by offset; several may share a block.
+    pub reqs: Vec<RefRequest>,
+}
+
+impl Run {
+    /// The block of the read that holds `req`.
+    pub fn slot(&self, req: &RefRequest) -> usize {
+        usize::try_from((req.hint.offset - self.offset) / PAGE_SIZE_U64).expect("inside the run")
+    }
+}
+
+/// Groups requests into runs of the same disk (sorted by disk and offset),
+/// so that one read serves many pages. A run reads through gaps of up to
+/// `max_gap` blocks that nobody asked for: on this kind of storage a
+/// request costs far more than the bytes it carries, and a warm buffer pool
+/// leaves mostly small holes (a page not cached) between long stretches of
+/// cached pages. A run never reads more than `max_run` blocks. Pure.
+pub fn coalesce(mut reqs: Vec<RefRequest>, max_run: usize, max_gap: usize) -> Vec<Run> {
     reqs.sort_by_key(|r| (r.hint.disk, r.hint.offset));
-    let mut runs: Vec<Vec<RefRequest>> = Vec::new();
+    let max_run = max_run.max(1) as u64;
+    let mut runs: Vec<Run> = Vec::new();
     for r in reqs {
-        match runs.last_mut() {
-            Some(run)
-                if run.len() < max_run.max(1)
-                    && run.last().is_some_and(|l| {
-                        l.hint.disk == r.hint.disk && l.hint.offset + PAGE_SIZE_U64 == r.hint.offset
-                    }) =>
-            {
-                run.push(r);
+        if let Some(run) = runs.last_mut() {
+            let end = run.offset + run.pages as u64 * PAGE_SIZE_U64;
+            let joins = run.disk == r.hint.disk
+                && (r.hint.offset - run.offset) % PAGE_SIZE_U64 == 0
+                && r.hint.offset < end + (max_gap as u64 + 1) * PAGE_SIZE_U64
+                && (r.hint.offset - run.offset) / PAGE_SIZE_U64 < max_run;
+            if joins {
+                let blocks = (r.hint.offset - run.offset) / PAGE_SIZE_U64 + 1;
+                run.pages = run
+                    .pages
+                    .max(usize::try_from(blocks).expect("below max_run"));
+                run.reqs.push(r);
+                continue;
             }
-            _ => runs.push(vec![r]),
         }
+        runs.push(Run {
+            disk: r.hint.disk,
+            offset: r.hint.offset,
+            pages: 1,
+            reqs: vec![r],
+        });
     }
     runs
 }
@@ -405,29 +441,60 @@ mod tests {
     }
 
     #[test]
-    fn coalescing_merges_adjacent_pages_only() {
+    fn coalescing_merges_adjacent_pages_and_small_gaps() {
         let r = |page, disk, offset| RefRequest {
             page,
             version: 1,
             hint: Hint { disk, offset },
             hash: 0,
         };
-        let runs = coalesce(
+        let reqs = vec![
+            r(1, 0, 8192),
+            r(2, 0, 4096),
+            r(3, 1, 12288),
+            r(4, 0, 0),
+            r(5, 0, 20480),
+            r(6, 0, 20480),
+            r(7, 0, 5 * 4096 + 100),
+        ];
+        // (disk, offset, blocks, [(RAM page, block)]) of each run.
+        type Shape = (u16, u64, usize, Vec<(u64, usize)>);
+        let shape = |runs: &[Run]| -> Vec<Shape> {
+            runs.iter()
+                .map(|run| {
+                    let reqs = run.reqs.iter().map(|x| (x.page, run.slot(x))).collect();
+                    (run.disk, run.offset, run.pages, reqs)
+                })
+                .collect()
+        };
+        // Without gaps: only consecutive blocks; the same block twice
+        // (two RAM pages with one content) is read once.
+        assert_eq!(
+            shape(&coalesce(reqs.clone(), 16, 0)),
             vec![
-                r(1, 0, 8192),
-                r(2, 0, 4096),
-                r(3, 1, 12288),
-                r(4, 0, 0),
-                r(5, 0, 20480),
-            ],
-            16,
+                (0, 0, 3, vec![(4, 0), (2, 1), (1, 2)]),
+                (0, 20480, 1, vec![(5, 0), (6, 0)]),
+                (0, 20580, 1, vec![(7, 0)]),
+                (1, 12288, 1, vec![(3, 0)]),
+            ]
         );
-        let shape: Vec<Vec<u64>> = runs
-            .iter()
-            .map(|run| run.iter().map(|x| x.page).collect())
-            .collect();
-        assert_eq!(shape, vec![vec![4, 2, 1], vec![5], vec![3]]);
-        assert_eq!(coalesce(vec![r(1, 0, 0), r(2, 0, 4096)], 1).len(), 2);
+        // A gap of two blocks is read through when two are allowed; a
+        // misaligned offset and another disk still start their own run.
+        assert_eq!(
+            shape(&coalesce(reqs.clone(), 16, 2)),
+            vec![
+                (0, 0, 6, vec![(4, 0), (2, 1), (1, 2), (5, 5), (6, 5)]),
+                (0, 20580, 1, vec![(7, 0)]),
+                (1, 12288, 1, vec![(3, 0)]),
+            ]
+        );
+        assert_eq!(shape(&coalesce(reqs.clone(), 16, 1))[0].2, 3);
+        // The longest read bounds a run, gaps included.
+        assert_eq!(
+            shape(&coalesce(reqs, 5, 2))[1],
+            (0, 20480, 1, vec![(5, 0), (6, 0)])
+        );
+        assert_eq!(coalesce(vec![r(1, 0, 0), r(2, 0, 4096)], 1, 0).len(), 2);
     }
 }
 

@@ -785,9 +785,10 @@ async fn a_fault_on_a_page_whose_storage_read_is_queued_is_read_ahead_of_the_que
 
     const REFS: u64 = 2000;
     let target = REFS - 1;
-    // RAM page p is on disk at 2p pages: no two reads coalesce, and the
+    // RAM page p is on disk at 18p pages: the gaps are wider than a
+    // background read goes through, so no two reads coalesce, and the
     // target's offset sorts last.
-    let disk_offset = |p: u64| 2 * p * 4096;
+    let disk_offset = |p: u64| 18 * p * 4096;
     let mut disk = vec![0u8; usize::try_from(disk_offset(REFS)).unwrap()];
     let mut frozen = vec![0u8; usize::try_from(PAGES * 4096).unwrap()];
     for p in 0..REFS {
