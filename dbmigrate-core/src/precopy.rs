@@ -376,6 +376,8 @@ pub struct SourceSession {
     /// Digests kept current while the VM runs (None while a refresh has them).
     source_digests: Option<verify::SourceDigests>,
     digests: Option<Vec<u128>>,
+    /// Dirty tracking was armed and the first round's pages chosen.
+    armed: bool,
     /// Statistics so far.
     pub stats: MigrationStats,
 }
@@ -453,8 +455,27 @@ impl SourceSession {
             round: 0,
             source_digests: Some(verify::SourceDigests::new(pages, verify::CHUNK_PAGES)),
             digests: None,
+            armed: false,
             stats,
         })
+    }
+
+    /// Arms dirty tracking and takes every page with data for the first
+    /// round. [`SourceSession::run_live`] does it if not done before; done
+    /// early, it overlaps other preparation (the guest's hints): a write
+    /// after this point shows up in the next collect, so no write can fall
+    /// between rounds, whenever the first round starts.
+    pub fn arm_tracking(&mut self) -> Result<(), PrecopyError> {
+        self.tracker.reset()?;
+        self.pending = self.ram.data_pages()?;
+        self.armed = true;
+        Ok(())
+    }
+
+    /// Hints for the rounds to come, with the sizes of the disks they name.
+    pub fn set_hints(&mut self, hints: Arc<dyn HintSource>, disk_sizes: Vec<u64>) {
+        self.cfg.hints = Some(hints);
+        self.cfg.disk_sizes = disk_sizes;
     }
 
     /// Where the VMM must send device state.
@@ -472,10 +493,9 @@ impl SourceSession {
         &mut self,
         on_round: &mut (dyn FnMut(&RoundStats, &Decision) + Send),
     ) -> Result<Decision, PrecopyError> {
-        // Arm tracking before reading anything: a write after this point shows
-        // up in the next collect, so no write can fall between rounds.
-        self.tracker.reset()?;
-        self.pending = self.ram.data_pages()?;
+        if !self.armed {
+            self.arm_tracking()?;
+        }
         loop {
             let to_send = std::mem::replace(&mut self.pending, PageBitmap::new(self.ram.pages()));
             let round = self.round;

@@ -7,6 +7,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -212,8 +213,10 @@ async fn run(
     let ram =
         SourceRam::open(&backend.mem_path, backend.size).context("mapping the source RAM file")?;
 
-    let mut config = args.config.clone();
-    let mut live_hints = None;
+    // The guest's hints (the layout from the guest agent, then a scan of
+    // RAM: half a second) are fetched while the destination is reserved
+    // and dirty tracking is armed.
+    let mut hint_task = None;
     if let Some(path) = &args.guest_hints {
         let disks = qemu::disk_sizes(qmp).await?;
         if disks.is_empty() {
@@ -232,29 +235,29 @@ async fn run(
         } else {
             crate::hints::Finder::Guest
         };
-        let live = tokio::task::spawn_blocking(move || {
+        let task = tokio::task::spawn_blocking(move || {
             crate::hints::LiveHints::start(&path, layout, n, every, finder)
-        })
-        .await
-        .context("starting the hint channel")?
-        .context("getting the first hints from the guest agent")?;
-        tracing::info!(
-            hints = live.counters.last_count.load(std::sync::atomic::Ordering::Relaxed),
-            fetch_ms = live.counters.last_fetch_ms.load(std::sync::atomic::Ordering::Relaxed),
-            disks = ?disks,
-            "guest hints ready"
-        );
-        config.hints = Some(live.clone());
-        config.disk_sizes = disks;
-        live_hints = Some(live);
+        });
+        hint_task = Some((task, disks));
     }
-
-    undo.ignore_shared_was = Some(qemu::set_capability(qmp, "x-ignore-shared", true).await?);
-
-    let session = SourceSession::connect(args.to, ram, tracker, config)
-        .await
-        .context("reserving the destination");
-    let mut session = match session {
+    let mut live_hints = None;
+    let prepared = prepare_session(
+        args,
+        qmp,
+        undo,
+        ram,
+        tracker,
+        &mut hint_task,
+        &mut live_hints,
+    )
+    .await;
+    if let Some((task, _)) = hint_task {
+        // Preparation failed before the hints were taken: stop their thread.
+        if let Ok(Ok(live)) = task.await {
+            live.stop();
+        }
+    }
+    let mut session = match prepared {
         Ok(s) => s,
         Err(e) => {
             if let Some(l) = &live_hints {
@@ -300,6 +303,53 @@ async fn run(
         return Err(e);
     }
     Ok(())
+}
+
+/// The first fetch of the guest's hints, on a blocking thread.
+type HintTask =
+    tokio::task::JoinHandle<Result<Arc<crate::hints::LiveHints>, crate::hints::HintChannelError>>;
+
+/// Reserves the destination and arms dirty tracking, then takes the
+/// hints fetched meanwhile (`hint_task` is emptied once they are taken).
+async fn prepare_session(
+    args: &MigrateArgs,
+    qmp: &mut Qmp,
+    undo: &mut Undo,
+    ram: SourceRam,
+    tracker: Box<dyn dbmigrate_core::dirty::DirtyTracker>,
+    hint_task: &mut Option<(HintTask, Vec<u64>)>,
+    live_hints: &mut Option<Arc<crate::hints::LiveHints>>,
+) -> Result<SourceSession> {
+    undo.ignore_shared_was = Some(qemu::set_capability(qmp, "x-ignore-shared", true).await?);
+    let mut session = SourceSession::connect(args.to, ram, tracker, args.config.clone())
+        .await
+        .context("reserving the destination")?;
+    session
+        .arm_tracking()
+        .context("arming dirty-page tracking")?;
+    if let Some((task, disks)) = hint_task.take() {
+        let live = match task
+            .await
+            .context("starting the hint channel")
+            .and_then(|r| r.context("getting the first hints from the guest agent"))
+        {
+            Ok(live) => live,
+            Err(e) => {
+                // The destination was reserved for nothing: tell it why.
+                session.abort(&format!("{e:#}")).await;
+                return Err(e);
+            }
+        };
+        tracing::info!(
+            hints = live.counters.last_count.load(std::sync::atomic::Ordering::Relaxed),
+            fetch_ms = live.counters.last_fetch_ms.load(std::sync::atomic::Ordering::Relaxed),
+            disks = ?disks,
+            "guest hints ready"
+        );
+        *live_hints = Some(live.clone());
+        session.set_hints(live, disks);
+    }
+    Ok(session)
 }
 
 async fn drive(
