@@ -1308,7 +1308,7 @@ impl DestSession {
                 Some(m) = out_rx.recv() => {
                     self.ctrl_tx.send(&m, "answering the source").await?;
                 }
-                r = &mut applier => break r.map_err(|e| DestError::Worker(e.to_string()))??,
+                r = &mut applier => break writer_outcome(r)?,
                 () = tokio::time::sleep(Duration::from_secs(1)) => {
                     // A cut link shows as silence, not as an error. Once the
                     // digests came, the source waits for this side's answer.
@@ -1456,7 +1456,7 @@ impl DestSession {
                     self.ctrl_tx.send(&m, "asking for pages").await?;
                 }
                 r = &mut run.applier, if applied.is_none() => {
-                    applied = Some(r.map_err(|e| DestError::Worker(e.to_string()))??);
+                    applied = Some(writer_outcome(r)?);
                     run.stop.faults_done();
                 }
                 r = &mut resume, if committed && !resumed => {
@@ -1486,14 +1486,8 @@ impl DestSession {
                                 // The writer may have placed the last page
                                 // since the select above looked at it: then
                                 // this batch is one more late answer.
-                                match (&mut run.applier).await {
-                                    Ok(Ok(a)) => {
-                                        applied = Some(a);
-                                        run.stop.faults_done();
-                                    }
-                                    Ok(Err(e)) => return Err(e),
-                                    Err(e) => return Err(DestError::Worker(format!("the RAM writer failed: {e}"))),
-                                }
+                                applied = Some(writer_outcome((&mut run.applier).await)?);
+                                run.stop.faults_done();
                             }
                         }
                         m @ Message::VerifyRequest { .. } => request = Some(m),
@@ -1697,11 +1691,17 @@ async fn read_stream(
 async fn stopped_writer(
     applier: &mut tokio::task::JoinHandle<Result<Applied, DestError>>,
 ) -> DestError {
-    match applier.await {
-        Ok(Err(e)) => e,
-        Ok(Ok(_)) => DestError::Worker("the RAM writer ended while pages were still coming".into()),
-        Err(e) => DestError::Worker(format!("the RAM writer failed: {e}")),
+    match writer_outcome(applier.await) {
+        Err(e) => e,
+        Ok(_) => DestError::Worker("the RAM writer ended while pages were still coming".into()),
     }
+}
+
+/// What the RAM writer's task ended with.
+fn writer_outcome(
+    r: Result<Result<Applied, DestError>, tokio::task::JoinError>,
+) -> Result<Applied, DestError> {
+    r.map_err(|e| DestError::Worker(format!("the RAM writer failed: {e}")))?
 }
 
 async fn within<T>(

@@ -240,32 +240,8 @@ async fn run(
         });
         hint_task = Some((task, disks));
     }
-    let mut live_hints = None;
-    let prepared = prepare_session(
-        args,
-        qmp,
-        undo,
-        ram,
-        tracker,
-        &mut hint_task,
-        &mut live_hints,
-    )
-    .await;
-    if let Some((task, _)) = hint_task {
-        // Preparation failed before the hints were taken: stop their thread.
-        if let Ok(Ok(live)) = task.await {
-            live.stop();
-        }
-    }
-    let mut session = match prepared {
-        Ok(s) => s,
-        Err(e) => {
-            if let Some(l) = &live_hints {
-                l.stop();
-            }
-            return Err(e);
-        }
-    };
+    let (mut session, live_hints) =
+        prepare_session(args, qmp, undo, ram, tracker, hint_task).await?;
 
     let result = drive(args, qmp, undo, report, start, backend.size, &mut session).await;
     if let Some(l) = &live_hints {
@@ -310,46 +286,75 @@ type HintTask =
     tokio::task::JoinHandle<Result<Arc<crate::hints::LiveHints>, crate::hints::HintChannelError>>;
 
 /// Reserves the destination and arms dirty tracking, then takes the
-/// hints fetched meanwhile (`hint_task` is emptied once they are taken).
+/// hints fetched meanwhile. On failure the hint thread is stopped, and a
+/// destination already reserved is told why.
 async fn prepare_session(
     args: &MigrateArgs,
     qmp: &mut Qmp,
     undo: &mut Undo,
     ram: SourceRam,
     tracker: Box<dyn dbmigrate_core::dirty::DirtyTracker>,
-    hint_task: &mut Option<(HintTask, Vec<u64>)>,
-    live_hints: &mut Option<Arc<crate::hints::LiveHints>>,
-) -> Result<SourceSession> {
-    undo.ignore_shared_was = Some(qemu::set_capability(qmp, "x-ignore-shared", true).await?);
-    let mut session = SourceSession::connect(args.to, ram, tracker, args.config.clone())
-        .await
-        .context("reserving the destination")?;
-    session
-        .arm_tracking()
-        .context("arming dirty-page tracking")?;
-    if let Some((task, disks)) = hint_task.take() {
-        let live = match task
+    hint_task: Option<(HintTask, Vec<u64>)>,
+) -> Result<(SourceSession, Option<Arc<crate::hints::LiveHints>>)> {
+    let reserved = async {
+        undo.ignore_shared_was = Some(qemu::set_capability(qmp, "x-ignore-shared", true).await?);
+        SourceSession::connect(args.to, ram, tracker, args.config.clone())
             .await
-            .context("starting the hint channel")
-            .and_then(|r| r.context("getting the first hints from the guest agent"))
-        {
-            Ok(live) => live,
-            Err(e) => {
-                // The destination was reserved for nothing: tell it why.
-                session.abort(&format!("{e:#}")).await;
-                return Err(e);
-            }
-        };
-        tracing::info!(
-            hints = live.counters.last_count.load(std::sync::atomic::Ordering::Relaxed),
-            fetch_ms = live.counters.last_fetch_ms.load(std::sync::atomic::Ordering::Relaxed),
-            disks = ?disks,
-            "guest hints ready"
-        );
-        *live_hints = Some(live.clone());
-        session.set_hints(live, disks);
+            .context("reserving the destination")
     }
-    Ok(session)
+    .await;
+    let mut session = match reserved {
+        Ok(s) => s,
+        Err(e) => {
+            if let Ok(Some((live, _))) = take_hints(hint_task).await {
+                live.stop();
+            }
+            return Err(e);
+        }
+    };
+    let armed = session.arm_tracking().context("arming dirty-page tracking");
+    let ready = match (armed, take_hints(hint_task).await) {
+        (Ok(()), hints) => hints,
+        (Err(e), hints) => {
+            if let Ok(Some((live, _))) = hints {
+                live.stop();
+            }
+            Err(e)
+        }
+    };
+    match ready {
+        Ok(None) => Ok((session, None)),
+        Ok(Some((live, disks))) => {
+            session.set_hints(live.clone(), disks);
+            Ok((session, Some(live)))
+        }
+        Err(e) => {
+            // The destination was reserved for nothing: tell it why.
+            session.abort(&format!("{e:#}")).await;
+            Err(e)
+        }
+    }
+}
+
+/// Waits for the first hints (and the disk sizes they go with), if any
+/// were asked for.
+async fn take_hints(
+    hint_task: Option<(HintTask, Vec<u64>)>,
+) -> Result<Option<(Arc<crate::hints::LiveHints>, Vec<u64>)>> {
+    let Some((task, disks)) = hint_task else {
+        return Ok(None);
+    };
+    let live = task
+        .await
+        .context("starting the hint channel")?
+        .context("getting the first hints from the guest agent")?;
+    tracing::info!(
+        hints = live.counters.last_count.load(std::sync::atomic::Ordering::Relaxed),
+        fetch_ms = live.counters.last_fetch_ms.load(std::sync::atomic::Ordering::Relaxed),
+        disks = ?disks,
+        "guest hints ready"
+    );
+    Ok(Some((live, disks)))
 }
 
 async fn drive(
