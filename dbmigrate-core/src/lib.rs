@@ -6,6 +6,7 @@
 
 #![deny(missing_docs)]
 
+pub mod allocator;
 pub mod bitmap;
 pub mod control;
 pub mod dest;

@@ -260,6 +260,11 @@ fn main() -> ExitCode {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
+    if !dbmigrate_core::allocator::keep_freed_memory() {
+        tracing::warn!(
+            "the allocator refused to keep freed memory; receiving will cost more page faults"
+        );
+    }
     // Before the runtime starts its threads, which inherit the value.
     let priority = priority::Priority::yield_to_guest(match cli.command {
         Command::Migrate { .. } | Command::Receive { .. } => cli.nice,

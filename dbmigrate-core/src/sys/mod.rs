@@ -2,5 +2,6 @@
 //! Each block carries a `// SAFETY:` comment.
 
 pub(crate) mod file;
+pub(crate) mod malloc;
 pub(crate) mod mmap;
 pub(crate) mod process;
