@@ -317,6 +317,8 @@ struct Resolved {
     ok: bool,
     /// The block of the read that holds it.
     slot: usize,
+    /// Its [`verify::page_hash`] when `ok` (the low half of the reference's).
+    hash: u64,
 }
 
 /// When the session last made progress: a message from the source on any
@@ -363,6 +365,42 @@ struct StorageReaders {
     tally: Arc<StorageTally>,
     heard: Arc<Heard>,
     breaker: Mutex<rebuild::StorageBreaker>,
+    buffers: Arc<ReadBuffers>,
+}
+
+/// Storage read buffers, handed back by the applier once their pages are
+/// in RAM. A fresh buffer costs a page fault and a zeroed page per 4 KiB
+/// as the read fills it: a fifth of this agent's CPU in a first round
+/// before buffers were reused (perf, sysbench VM).
+#[derive(Default)]
+struct ReadBuffers(Mutex<Vec<Vec<u8>>>);
+
+impl ReadBuffers {
+    /// Buffers kept: as many as the readers and the applier's queue hold at once.
+    const KEEP: usize = READERS * IN_FLIGHT + RESULTS_QUEUED;
+
+    /// A buffer of `len` bytes (contents unspecified: the read overwrites them).
+    fn take(&self, len: usize) -> Vec<u8> {
+        let mut b = self
+            .0
+            .lock()
+            .ok()
+            .and_then(|mut free| free.pop())
+            .unwrap_or_default();
+        if b.capacity() < len {
+            b = Vec::with_capacity(len.max(MAX_RUN * PAGE_SIZE));
+        }
+        b.resize(len, 0);
+        b
+    }
+
+    fn give(&self, b: Vec<u8>) {
+        if let Ok(mut free) = self.0.lock() {
+            if free.len() < Self::KEEP {
+                free.push(b);
+            }
+        }
+    }
 }
 
 /// Reads references from shared storage, several pages per read where the
@@ -405,6 +443,22 @@ const MAX_RUN: usize = 256;
 /// than splitting in two (see [`rebuild::coalesce`]).
 const MAX_GAP: usize = 16;
 
+/// Storage reader threads.
+const READERS: usize = 4;
+
+/// Reads kept in flight per reader: scattered 16 KiB frames would
+/// otherwise cost a round trip each, and on a busy host a round trip is a
+/// scheduling delay of the storage server.
+const IN_FLIGHT: usize = 32;
+
+/// Bytes kept in flight per reader: long runs need no more to keep the
+/// storage link busy (8 MiB is several milliseconds at 10 Gbit/s), and each
+/// byte in flight is buffer memory on both ends.
+const IN_FLIGHT_BYTES: usize = 8 << 20;
+
+/// Storage results queued for the applier.
+const RESULTS_QUEUED: usize = 16;
+
 /// The applier stopped taking storage results: the readers stop too.
 struct ApplierGone;
 
@@ -417,6 +471,22 @@ fn take_urgent(r: &StorageReaders) -> Vec<RefRequest> {
         .unwrap_or_default()
 }
 
+/// End of the group of runs from `start` that go to storage together (kept
+/// in flight at once): runs of one disk, at most [`IN_FLIGHT`] of them and
+/// [`IN_FLIGHT_BYTES`] between them, and always at least one.
+fn group_end(runs: &[rebuild::Run], start: usize) -> usize {
+    let disk = runs[start].disk;
+    let mut bytes = 0;
+    (start..runs.len())
+        .take(IN_FLIGHT)
+        .take_while(|&i| {
+            bytes += runs[i].pages * PAGE_SIZE;
+            runs[i].disk == disk && (i == start || bytes <= IN_FLIGHT_BYTES)
+        })
+        .last()
+        .map_or(start + 1, |i| i + 1)
+}
+
 /// Reads `runs` (grouped by disk, several in flight), serving urgent
 /// requests first between groups when `urgent_first` is set.
 fn serve_runs(
@@ -424,10 +494,6 @@ fn serve_runs(
     runs: &[rebuild::Run],
     urgent_first: bool,
 ) -> Result<(), ApplierGone> {
-    // Reads kept in flight per worker: scattered 16 KiB frames would
-    // otherwise cost a round trip each, and on a busy host a round trip
-    // is a scheduling delay of the storage server.
-    const IN_FLIGHT: usize = 32;
     let mut start = 0;
     while start < runs.len() {
         if urgent_first {
@@ -436,16 +502,10 @@ fn serve_runs(
                 serve_runs(r, &rebuild::coalesce(urgent, MAX_RUN, 0), false)?;
             }
         }
-        // Runs of one disk go to storage together (kept in flight at once).
-        let disk = runs[start].disk;
-        let end = (start..runs.len())
-            .take(IN_FLIGHT)
-            .take_while(|&i| runs[i].disk == disk)
-            .last()
-            .map_or(start + 1, |i| i + 1);
+        let end = group_end(runs, start);
         let group = &runs[start..end];
         start = end;
-        read_group(r, disk, group)?;
+        read_group(r, group[0].disk, group)?;
     }
     Ok(())
 }
@@ -454,7 +514,7 @@ fn serve_runs(
 fn read_group(r: &StorageReaders, disk: u16, group: &[rebuild::Run]) -> Result<(), ApplierGone> {
     let mut bufs: Vec<Vec<u8>> = group
         .iter()
-        .map(|run| vec![0u8; run.pages * PAGE_SIZE])
+        .map(|run| r.buffers.take(run.pages * PAGE_SIZE))
         .collect();
     let allowed = r
         .breaker
@@ -502,6 +562,7 @@ fn read_group(r: &StorageReaders, disk: u16, group: &[rebuild::Run]) -> Result<(
                     version: req.version,
                     ok: read_ok && xxh3_128(block) == req.hash,
                     slot,
+                    hash: verify::low_half(req.hash),
                 }
             })
             .collect();
@@ -534,7 +595,6 @@ struct Applier {
     ram: DestRam,
     conns: usize,
     version: Vec<u32>,
-    digests: verify::IncrementalDigests,
     dctx: zstd::bulk::Decompressor<'static>,
     disk_sizes: Vec<u64>,
     refs: Option<std::sync::mpsc::Sender<RefRequest>>,
@@ -547,9 +607,8 @@ struct Applier {
     /// Pages with a storage read in flight for their current version.
     inflight: PageBitmap,
     need: Vec<u64>,
-    /// Hash of each page as last written (post-copy verification), when
-    /// this side can serve post-copy.
-    placed: Option<Vec<u64>>,
+    /// Hash of each page as last written: the switchover digests fold them.
+    placed: Vec<u64>,
     faults: Option<Arc<FaultSource>>,
     marks: usize,
     switch: Option<PageBitmap>,
@@ -561,6 +620,7 @@ struct Applier {
     out: mpsc::UnboundedSender<Message>,
     /// What the storage readers read (final once no read is outstanding).
     storage: Arc<StorageTally>,
+    read_buffers: Arc<ReadBuffers>,
     stats: DestStats,
 }
 
@@ -613,8 +673,7 @@ impl Applier {
                 if let Some(h) = self.holes.as_mut() {
                     h.unset(e.page);
                 }
-                let hash = apply(&mut self.ram, &e, &mut self.dctx, self.placed.is_some())?;
-                self.digests.written(e.page);
+                let hash = apply(&mut self.ram, &e, &mut self.dctx)?;
                 self.record_placed(e.page, hash)?;
                 match enc {
                     PageEncoding::Raw => self.stats.raw_pages += 1,
@@ -641,10 +700,8 @@ impl Applier {
 
     /// Records the hash of what `page` now holds and, after the switch,
     /// that it is placed: its waiters are woken.
-    fn record_placed(&mut self, page: u64, hash: Option<u64>) -> Result<(), DestError> {
-        if let (Some(placed), Some(h)) = (self.placed.as_mut(), hash) {
-            placed[usize::try_from(page).expect("page inside RAM")] = h;
-        }
+    fn record_placed(&mut self, page: u64, hash: u64) -> Result<(), DestError> {
+        self.placed[usize::try_from(page).expect("page inside RAM")] = hash;
         let Some(post) = self.post.as_mut() else {
             return Ok(());
         };
@@ -682,6 +739,7 @@ impl Applier {
             version,
             ok,
             slot: i,
+            hash,
         } in pages
         {
             let idx = usize::try_from(page).expect("page checked when the reference arrived");
@@ -704,9 +762,8 @@ impl Applier {
                 self.unresolved(page);
                 continue;
             }
-            self.digests.written(page);
             self.stats.rebuilt_pages += 1;
-            placed.push((page, i));
+            placed.push((page, hash));
             match &mut group {
                 Some((first, at, n)) if *first + *n as u64 == page && *at + *n == i => *n += 1,
                 _ => {
@@ -720,11 +777,7 @@ impl Applier {
             self.write_group(g, data)?;
         }
         // Waiters are woken only once their page is in the file.
-        for (page, i) in placed {
-            let hash = self
-                .placed
-                .is_some()
-                .then(|| verify::page_hash(&data[i * PAGE_SIZE..(i + 1) * PAGE_SIZE]));
+        for (page, hash) in placed {
             self.record_placed(page, hash)?;
         }
         Ok(())
@@ -942,18 +995,6 @@ impl Applier {
             }) {
                 Ok(i) => i,
                 Err(_) => {
-                    // Idle: bring the switchover digests up to date. Not while
-                    // storage reads are pending: their pages land all over RAM
-                    // and would make the same chunks be hashed again and again.
-                    // Nor once holes were punched for the switch: reading
-                    // one through this mapping would fill it.
-                    if self.post.is_none()
-                        && self.holes.is_none()
-                        && self.outstanding == 0
-                        && self.digests.hash_one(self.ram.bytes())
-                    {
-                        continue;
-                    }
                     rt.block_on(async {
                         tokio::select! {
                             biased;
@@ -1004,7 +1045,10 @@ impl Applier {
                     pages,
                     data,
                     unread,
-                } => self.resolved_run(&pages, &data, unread)?,
+                } => {
+                    self.resolved_run(&pages, &data, unread)?;
+                    self.read_buffers.give(data);
+                }
             }
             if self.marks == self.conns && self.switch.is_some() && self.post.is_none() {
                 let pending = self.switch.take().expect("checked");
@@ -1012,14 +1056,6 @@ impl Applier {
             }
             if drains == self.conns && self.outstanding == 0 {
                 drains = 0;
-                // Catch the switchover digests up before answering: the
-                // source may stop the VM next, and hashing now keeps a big
-                // round's pages out of the downtime (the source sends nothing
-                // until this answer, so no page waits for it).
-                // (Never over holes punched for a switch: a source that
-                // drains a round after announcing the switch must not make
-                // this side fill them with zeros.)
-                while self.holes.is_none() && self.digests.hash_one(self.ram.bytes()) {}
                 let n = self.need.len().min(protocol::MAX_NEED);
                 let need: Vec<u64> = self.need.drain(..n).collect();
                 let _ = self.out.send(Message::Drained {
@@ -1032,8 +1068,7 @@ impl Applier {
         self.stats.bytes_received = bytes;
         self.stats.storage_bytes = self.storage.bytes.load(Ordering::Relaxed);
         self.stats.storage_reads = self.storage.reads.load(Ordering::Relaxed);
-        let t = Instant::now();
-        let digests = match self.post.take() {
+        match self.post.take() {
             Some(post) => {
                 // Every page is placed: zero pages need no more serving.
                 let f = &post.faults;
@@ -1045,8 +1080,6 @@ impl Applier {
                 })?;
                 self.stats.postcopy_ms =
                     u64::try_from(post.since.elapsed().as_millis()).unwrap_or(u64::MAX);
-                let placed = self.placed.take().unwrap_or_default();
-                verify::fold_page_hashes(&placed, verify::CHUNK_PAGES)
             }
             None => {
                 // A destination ready for post-copy that received by pre-copy:
@@ -1060,9 +1093,10 @@ impl Applier {
                         }
                     })?;
                 }
-                self.digests.finish(self.ram.bytes())
             }
-        };
+        }
+        let t = Instant::now();
+        let digests = verify::fold_page_hashes(&self.placed, verify::CHUNK_PAGES);
         Ok(Applied {
             ram: self.ram,
             digests,
@@ -1211,12 +1245,13 @@ impl DestSession {
         let heard = Arc::new(Heard::new());
         let (tx, rx) = mpsc::channel::<ApplyInput>(64);
         let (urgent_tx, urgent_rx) = mpsc::channel::<ApplyInput>(64);
-        let (stored_tx, stored_rx) = mpsc::channel::<ApplyInput>(64);
+        let (stored_tx, stored_rx) = mpsc::channel::<ApplyInput>(RESULTS_QUEUED);
         for s in std::mem::take(&mut self.data) {
             tokio::spawn(read_pages(s, tx.clone(), pages, heard.clone()));
         }
         let tally = Arc::new(StorageTally::default());
         let urgent_reads = Arc::new(Mutex::new(Vec::new()));
+        let read_buffers = Arc::new(ReadBuffers::default());
         let (refs, disk_sizes) = match &storage {
             Some(st) => {
                 let (req_tx, req_rx) = std::sync::mpsc::channel::<RefRequest>();
@@ -1228,8 +1263,9 @@ impl DestSession {
                     tally: tally.clone(),
                     heard: heard.clone(),
                     breaker: Mutex::new(rebuild::StorageBreaker::default()),
+                    buffers: read_buffers.clone(),
                 });
-                for _ in 0..4 {
+                for _ in 0..READERS {
                     let r = readers.clone();
                     std::thread::spawn(move || storage_worker(r));
                 }
@@ -1261,7 +1297,6 @@ impl DestSession {
             ram,
             conns,
             version: vec![0; upages],
-            digests: verify::IncrementalDigests::new(pages, verify::CHUNK_PAGES),
             dctx: zstd::bulk::Decompressor::new()
                 .map_err(|e| DestError::Worker(format!("zstd: {e}")))?,
             disk_sizes,
@@ -1271,9 +1306,7 @@ impl DestSession {
             outstanding: 0,
             inflight: PageBitmap::new(pages),
             need: Vec::new(),
-            placed: faults
-                .as_ref()
-                .map(|_| vec![verify::zero_page_hash(); upages]),
+            placed: vec![verify::zero_page_hash(); upages],
             faults: faults.clone(),
             marks: 0,
             switch: None,
@@ -1281,6 +1314,7 @@ impl DestSession {
             post: None,
             out: out_tx,
             storage: tally.clone(),
+            read_buffers,
             stats: DestStats::default(),
         };
         // The RAM has one owner thread: ordering per page is the arrival order
@@ -1566,23 +1600,22 @@ impl DestSession {
     }
 }
 
-/// Writes one page; returns the hash of what the page now holds when `hash`.
+/// Writes one page; returns the hash of what the page now holds.
 fn apply(
     ram: &mut DestRam,
     e: &PageEntry,
     dctx: &mut zstd::bulk::Decompressor<'_>,
-    hash: bool,
-) -> Result<Option<u64>, DestError> {
+) -> Result<u64, DestError> {
     let bad = |err: crate::ram::RamError| DestError::BadPage(err.to_string());
     match e.encoding {
         PageEncoding::Raw => {
             ram.write_pages(e.page, &e.data).map_err(bad)?;
-            Ok(hash.then(|| verify::page_hash(&e.data)))
+            Ok(verify::page_hash(&e.data))
         }
         // A hole reads as zero and costs no memory.
         PageEncoding::Zero => {
             ram.zero_pages(e.page, 1).map_err(bad)?;
-            Ok(hash.then(verify::zero_page_hash))
+            Ok(verify::zero_page_hash())
         }
         PageEncoding::Reference => Err(DestError::BadPage(format!(
             "page {}: a reference cannot be applied directly",
@@ -1600,7 +1633,7 @@ fn apply(
                 )));
             }
             ram.write_pages(e.page, &page).map_err(bad)?;
-            Ok(hash.then(|| verify::page_hash(&page)))
+            Ok(verify::page_hash(&page))
         }
     }
 }
@@ -1657,8 +1690,9 @@ async fn read_stream(
     mut heard: impl FnMut(u64),
 ) -> Result<u64, DestError> {
     let mut bytes = 0;
+    let mut payload = Vec::new();
     loop {
-        let (msg, n) = protocol::read_message(&mut s, "receiving pages").await?;
+        let (msg, n) = protocol::read_message_with(&mut s, "receiving pages", &mut payload).await?;
         heard(n);
         bytes += n;
         let input = match msg {
@@ -1715,4 +1749,58 @@ async fn within<T>(
             secs: limit.as_secs(),
             doing,
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(disk: u16, pages: usize) -> rebuild::Run {
+        rebuild::Run {
+            disk,
+            offset: 0,
+            pages,
+            reqs: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn a_read_group_stops_at_another_disk_the_run_limit_or_the_byte_limit() {
+        // Small runs: the count limit.
+        let small: Vec<_> = (0..IN_FLIGHT + 5).map(|_| run(0, 1)).collect();
+        assert_eq!(group_end(&small, 0), IN_FLIGHT);
+        assert_eq!(group_end(&small, IN_FLIGHT), IN_FLIGHT + 5);
+        // Another disk ends the group.
+        let mixed = vec![run(0, 1), run(0, 1), run(1, 1), run(1, 1)];
+        assert_eq!(group_end(&mixed, 0), 2);
+        assert_eq!(group_end(&mixed, 2), 4);
+        // Long runs: the byte limit, which a single run may exceed alone.
+        let per_limit = IN_FLIGHT_BYTES / (MAX_RUN * PAGE_SIZE);
+        let long: Vec<_> = (0..IN_FLIGHT).map(|_| run(0, MAX_RUN)).collect();
+        assert_eq!(group_end(&long, 0), per_limit);
+        let huge = vec![run(0, IN_FLIGHT_BYTES / PAGE_SIZE + 1), run(0, 1)];
+        assert_eq!(group_end(&huge, 0), 1);
+        assert_eq!(group_end(&huge, 1), 2);
+    }
+
+    #[test]
+    fn read_buffers_are_reused_and_sized_to_the_read() {
+        let pool = ReadBuffers::default();
+        let mut b = pool.take(3 * PAGE_SIZE);
+        assert_eq!(b.len(), 3 * PAGE_SIZE);
+        b[0] = 7;
+        let at = b.as_ptr();
+        pool.give(b);
+        let again = pool.take(PAGE_SIZE);
+        assert_eq!((again.len(), again.as_ptr()), (PAGE_SIZE, at));
+        pool.give(again);
+        // Longer than any run: a new buffer of the asked length.
+        let big = pool.take(2 * MAX_RUN * PAGE_SIZE);
+        assert_eq!(big.len(), 2 * MAX_RUN * PAGE_SIZE);
+        // The pool keeps no more than it can use at once.
+        for _ in 0..ReadBuffers::KEEP + 3 {
+            pool.give(Vec::new());
+        }
+        assert_eq!(pool.0.lock().unwrap().len(), ReadBuffers::KEEP);
+    }
 }

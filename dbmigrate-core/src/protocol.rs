@@ -51,7 +51,7 @@ use crate::PAGE_SIZE;
 /// First four bytes of every frame: "DMG1" little-endian.
 pub const MAGIC: u32 = u32::from_le_bytes(*b"DMG1");
 /// Protocol version carried in [`Hello`] and [`Welcome`].
-pub const PROTOCOL_VERSION: u32 = 4;
+pub const PROTOCOL_VERSION: u32 = 5;
 /// Size of the fixed frame header.
 pub const HEADER_LEN: usize = 16;
 /// Largest payload a peer may announce; larger frames are refused unread.
@@ -770,6 +770,17 @@ pub async fn read_message<R: AsyncRead + Unpin>(
     r: &mut R,
     doing: &'static str,
 ) -> Result<(Message, u64), ProtocolError> {
+    read_message_with(r, doing, &mut Vec::new()).await
+}
+
+/// [`read_message`] into a payload buffer the caller keeps between frames:
+/// a fresh buffer per page batch costs the kernel a page fault and a
+/// zeroed page per 4 KiB before the bytes arrive.
+pub async fn read_message_with<R: AsyncRead + Unpin>(
+    r: &mut R,
+    doing: &'static str,
+    payload: &mut Vec<u8>,
+) -> Result<(Message, u64), ProtocolError> {
     let mut h = [0u8; HEADER_LEN];
     if let Err(e) = r.read_exact(&mut h).await {
         return Err(if e.kind() == io::ErrorKind::UnexpectedEof {
@@ -779,15 +790,15 @@ pub async fn read_message<R: AsyncRead + Unpin>(
         });
     }
     let (kind, len) = parse_header(&h)?;
-    let mut payload = vec![0u8; usize::try_from(len).expect("bounded by MAX_PAYLOAD")];
-    r.read_exact(&mut payload).await.map_err(|e| {
+    payload.resize(usize::try_from(len).expect("bounded by MAX_PAYLOAD"), 0);
+    r.read_exact(payload).await.map_err(|e| {
         if e.kind() == io::ErrorKind::UnexpectedEof {
             ProtocolError::Closed { doing }
         } else {
             ProtocolError::Io { doing, source: e }
         }
     })?;
-    let msg = Message::decode(kind, &payload)?;
+    let msg = Message::decode(kind, payload)?;
     Ok((msg, HEADER_LEN as u64 + len))
 }
 

@@ -907,3 +907,75 @@ async fn a_fault_on_a_page_whose_storage_read_is_queued_is_read_ahead_of_the_que
     drop((map, ctrl, data));
     std::fs::remove_file(dst_path).unwrap();
 }
+
+/// The destination's digests come from the pages it wrote: a page that
+/// arrived with other bytes than the source's RAM holds (a broken or lying
+/// source) is found at the switchover, in its chunk only, and the
+/// destination never reports the RAM as matching.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_page_placed_with_other_bytes_than_the_source_holds_fails_verification() {
+    use dbmigrate_core::protocol::PageEntry;
+    use dbmigrate_core::verify;
+
+    let dst_path = ram_file("lie-dst");
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let dst_path2 = dst_path.clone();
+    let receiver = tokio::spawn(async move {
+        let ram = DestRam::open(&dst_path2, PAGES * 4096).unwrap();
+        let mut s = accept_source(&listener, false, Duration::from_secs(10)).await;
+        s.receive(ram, None, None).await
+    });
+    let (mut ctrl, _welcome, mut data) = scripted_source(addr, 77).await;
+    // The source's RAM: pages 3 and 1500 hold data, the rest is zero.
+    let mut frozen = vec![0u8; usize::try_from(PAGES).unwrap() * 4096];
+    frozen[3 * 4096..4 * 4096].copy_from_slice(&page_bytes(3));
+    frozen[1500 * 4096..1501 * 4096].copy_from_slice(&page_bytes(1500));
+    let raw = |page: u64, data: Vec<u8>| PageEntry {
+        page,
+        encoding: PageEncoding::Raw,
+        data,
+    };
+    // Page 1500 goes over with other bytes than the RAM holds.
+    let batch = Message::PageBatch {
+        round: 0,
+        pages: vec![raw(3, page_bytes(3)), raw(1500, page_bytes(9))],
+    };
+    protocol::write_message(&mut data, &batch, "t")
+        .await
+        .unwrap();
+    protocol::write_message(&mut data, &Message::EndOfStream, "t")
+        .await
+        .unwrap();
+    let mut all = PageBitmap::new(PAGES);
+    all.set_range(0, PAGES);
+    let digests = verify::ram_digests(&frozen, &all, verify::CHUNK_PAGES, 1);
+    protocol::write_message(
+        &mut ctrl,
+        &Message::VerifyRequest {
+            chunk_pages: verify::CHUNK_PAGES,
+            digests,
+        },
+        "t",
+    )
+    .await
+    .unwrap();
+    match next_ctrl(&mut ctrl).await {
+        Message::VerifyResult {
+            mismatched_total,
+            mismatched,
+            ..
+        } => {
+            assert_eq!(mismatched_total, 1);
+            assert_eq!(mismatched, vec![1500 / verify::CHUNK_PAGES]);
+        }
+        other => panic!("expected VerifyResult, got {}", other.name()),
+    }
+    let outcome = receiver.await.unwrap();
+    assert!(
+        !matches!(outcome, Ok(dest::Received::Complete { matched: true, .. })),
+        "the destination took a RAM with a wrong page for a match"
+    );
+    drop((ctrl, data));
+    std::fs::remove_file(dst_path).unwrap();
+}
