@@ -757,7 +757,7 @@ impl SourceSession {
 
     /// Marks for hashing every pending page: all the last collect reported
     /// are among them (the others, pages the destination asked for, cost
-    /// only a needless re-hash of their chunk).
+    /// only a needless re-hash of the page).
     fn mark_written(&mut self) {
         if let Some(d) = self.source_digests.as_mut() {
             d.mark(&self.pending);
