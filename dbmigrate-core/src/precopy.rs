@@ -374,7 +374,7 @@ pub struct SourceSession {
     no_ref: PageBitmap,
     round: u32,
     /// Digests kept current while the VM runs (None while a refresh has them).
-    source_digests: Option<verify::SourceDigests>,
+    pub(crate) source_digests: Option<verify::SourceDigests>,
     digests: Option<Vec<u128>>,
     /// Dirty tracking was armed and the first round's pages chosen.
     armed: bool,
@@ -499,9 +499,6 @@ impl SourceSession {
         loop {
             let to_send = std::mem::replace(&mut self.pending, PageBitmap::new(self.ram.pages()));
             let round = self.round;
-            // The switchover digests are brought up to date on another
-            // thread while the round is sent (never during a collect).
-            let hashing = self.refresh_digests(1);
             // Post-copy hands over right after the first round is on the
             // wire: the destination finishes its storage reads while the VM runs.
             let first_only = self.cfg.mode == Mode::Postcopy && self.welcome.postcopy;
@@ -509,8 +506,12 @@ impl SourceSession {
             let sent = self
                 .send_round_with(&to_send, round, round == 0, !first_only)
                 .await;
-            self.source_digests = Some(Self::refreshed(hashing).await?);
             let mut rs = sent?;
+            // The round hashed what it read; what it did not read (holes,
+            // hash as zeros unread) is brought up to date here, never
+            // during a collect.
+            let hashing = self.refresh_digests(1);
+            self.source_digests = Some(Self::refreshed(hashing).await?);
             let scan = Instant::now();
             let dirty = self.tracker.collect(&mut self.pending)?;
             self.mark_written();
@@ -758,7 +759,7 @@ impl SourceSession {
     /// Marks for hashing every pending page: all the last collect reported
     /// are among them (the others, pages the destination asked for, cost
     /// only a needless re-hash of the page).
-    fn mark_written(&mut self) {
+    pub(crate) fn mark_written(&mut self) {
         if let Some(d) = self.source_digests.as_mut() {
             d.mark(&self.pending);
         }
@@ -811,6 +812,9 @@ impl SourceSession {
         let job = RoundJob {
             pages: pages.clone(),
             round,
+            // While the digests are not out being refreshed (final round),
+            // they take the hash of each page as it is read for sending.
+            hash_pages: self.source_digests.is_some(),
             skip_zero,
             compress: self.cfg.compress,
             hints: self.cfg.hints.clone(),
@@ -818,12 +822,17 @@ impl SourceSession {
             no_ref: self.no_ref.clone(),
         };
         let producer = tokio::task::spawn_blocking(move || produce_round(&ram, &job, &txs));
-        let mut rs = producer
+        let produced = producer
             .await
             .map_err(|e| PrecopyError::Worker(e.to_string()))?;
-        if rs.is_none() {
+        let Some((rs, hashes)) = produced else {
             return Err(self.writer_error().await);
+        };
+        // Before the next collect: a write after a page was read is in it.
+        if let Some(d) = self.source_digests.as_mut() {
+            d.record(&hashes);
         }
+        let mut rs = Some(rs);
         if !drain {
             let mut rs = rs.take().expect("checked above");
             let elapsed = t.elapsed();
@@ -892,6 +901,9 @@ impl SourceSession {
 struct RoundJob {
     pages: PageBitmap,
     round: u32,
+    /// Return the [`verify::page_hash`] of every page read, for the
+    /// switchover digests (a reference's hash is already at hand).
+    hash_pages: bool,
     /// Round 0 skips zero pages: the destination RAM starts as holes.
     skip_zero: bool,
     compress: bool,
@@ -906,7 +918,7 @@ fn produce_round(
     ram: &SourceRam,
     job: &RoundJob,
     txs: &[mpsc::Sender<WriterCmd>],
-) -> Option<RoundStats> {
+) -> Option<(RoundStats, Vec<(u64, u64)>)> {
     let round = job.round;
     const BATCH_BYTES: usize = 256 << 10;
     let conns = u16::try_from(txs.len()).expect("at most 16 connections");
@@ -922,6 +934,7 @@ fn produce_round(
         None
     };
     let mut cbuf = vec![0u8; PAGE_SIZE];
+    let mut hashes: Vec<(u64, u64)> = Vec::new();
     // References first, in disk order: the destination then has the whole
     // rebuild to do from the start, in parallel with the raw pages, and finds
     // long runs of consecutive blocks to read at once. (Within a round each
@@ -984,6 +997,9 @@ fn produce_round(
         // round, so any connection may carry it.)
         let mut c = 0;
         for (hint, page, hash) in refs {
+            if job.hash_pages {
+                hashes.push((page, verify::low_half(hash)));
+            }
             rs.pages += 1;
             rs.ref_pages += 1;
             builders[c].push(
@@ -1012,6 +1028,9 @@ fn produce_round(
         rs.pages += 1;
         let c = usize::from(connection_for_page(page, conns) - 1);
         if is_zero(data) {
+            if job.hash_pages {
+                hashes.push((page, verify::zero_page_hash()));
+            }
             rs.zero_pages += 1;
             if job.skip_zero {
                 continue;
@@ -1034,12 +1053,19 @@ fn produce_round(
             // later, dirty tracking sends it again; if storage differs, the
             // destination asks for the page.
             rs.ref_pages += 1;
+            let hash = xxh3_128(data);
+            if job.hash_pages {
+                hashes.push((page, verify::low_half(hash)));
+            }
             builders[c].push(
                 page,
                 PageEncoding::Reference,
-                &protocol::encode_reference(hint, xxh3_128(data)),
+                &protocol::encode_reference(hint, hash),
             );
         } else {
+            if job.hash_pages {
+                hashes.push((page, verify::page_hash(data)));
+            }
             let packed = compressor
                 .as_mut()
                 .and_then(|z| z.compress_to_buffer(data, &mut cbuf[..]).ok())
@@ -1064,7 +1090,7 @@ fn produce_round(
             send_batch(b, round, tx, &mut rs.bytes)?;
         }
     }
-    Some(rs)
+    Some((rs, hashes))
 }
 
 /// Sends what `b` holds as one frame and starts a new batch; None if the

@@ -65,6 +65,27 @@ impl SourceDigests {
         }
     }
 
+    /// Takes `hashes` (page, [`page_hash`] of its content when read) as the
+    /// pages' current hashes: whoever read the pages hashed them, and a
+    /// write after that read is in a later collect, which marks the page
+    /// again.
+    pub fn record(&mut self, hashes: &[(u64, u64)]) {
+        let mut chunks = Vec::new();
+        for &(p, h) in hashes {
+            let Some(slot) = usize::try_from(p).ok().and_then(|i| self.hashes.get_mut(i)) else {
+                continue;
+            };
+            *slot = h;
+            self.stale.unset(p);
+            chunks.push(p / self.chunk_pages);
+        }
+        chunks.sort_unstable();
+        chunks.dedup();
+        for c in chunks {
+            self.fold(c);
+        }
+    }
+
     /// Hashes the marked pages of `ram` (`data`: pages that are not holes)
     /// on `threads` threads and folds the chunks they are in; returns how
     /// many pages were hashed.
@@ -252,6 +273,34 @@ mod tests {
         assert_eq!(d.refresh(&ram, &all, 1), 0);
         assert_eq!(
             mismatched_chunks(d.digests(), &ram_digests(&ram, &all, CHUNK_PAGES, 1)),
+            vec![1]
+        );
+    }
+
+    #[test]
+    fn recorded_hashes_stand_for_a_refresh_of_those_pages() {
+        let pages = 1200u64;
+        let mut ram = vec![0u8; usize::try_from(pages).unwrap() * PAGE_SIZE];
+        for p in [2usize, 600, 1199] {
+            ram[p * PAGE_SIZE + 5] = 9;
+        }
+        let mut data = PageBitmap::new(pages);
+        data.set_range(0, 1000);
+        data.set(1199);
+        let mut d = SourceDigests::new(pages, CHUNK_PAGES);
+        // A sender read pages 0..700 and hashed them; the rest is refreshed.
+        let read: Vec<(u64, u64)> = (0..700).map(|p| (p, hash_at(&ram, &data, p))).collect();
+        d.record(&read);
+        assert_eq!(d.refresh(&ram, &data, 2), 500);
+        assert!(d.is_current());
+        assert_eq!(d.digests(), ram_digests(&ram, &data, CHUNK_PAGES, 1));
+        // A recorded hash is taken as is: one that does not match the page
+        // (the page changed after it was read, and no collect reported it)
+        // shows up at the switchover.
+        d.record(&[(600, page_hash(&[3u8; PAGE_SIZE])), (pages + 5, 0)]);
+        assert!(d.is_current());
+        assert_eq!(
+            mismatched_chunks(d.digests(), &ram_digests(&ram, &data, CHUNK_PAGES, 1)),
             vec![1]
         );
     }
