@@ -153,8 +153,13 @@ impl SourceSession {
         if !self.destination_postcopy() {
             return Err(no_postcopy_destination());
         }
-        // With the VM paused nothing is written after this collect.
-        self.tracker.collect(&mut self.pending)?;
+        // With the VM paused nothing is written after this collect. What it
+        // reports was written since the last collect, the moments before the
+        // pause: the pages the guest is likeliest to touch first, pushed first.
+        let mut last_written = PageBitmap::new(self.ram.pages());
+        self.tracker.collect(&mut last_written)?;
+        self.pending.union_with(&last_written);
+        self.mark_written();
         let pending = std::mem::replace(&mut self.pending, PageBitmap::new(self.ram.pages()));
         let started = Instant::now();
         let mark = Message::SwitchMark.encode();
@@ -179,8 +184,11 @@ impl SourceSession {
             other => return Err(self.unexpected(other, "Switched")),
         }
         // The RAM is frozen now: its digests can be taken while pages move.
+        // The rounds kept them current but for the pages written since the
+        // last refresh (marked above); only those are hashed again.
         let ram = self.ram.clone();
         let threads = self.cfg.verify_threads;
+        let kept = self.source_digests.take();
         let (start_digests, go) = std::sync::mpsc::channel::<()>();
         let digests = tokio::task::spawn_blocking(move || {
             if go.recv().is_err() {
@@ -192,6 +200,12 @@ impl SourceSession {
                 all.set_range(0, ram.pages());
                 all
             });
+            if let Some(mut d) = kept {
+                d.refresh(ram.bytes(), &data, threads);
+                if d.is_current() {
+                    return d.digests().to_vec();
+                }
+            }
             let hashes = verify::page_hashes(ram.bytes(), &data, threads);
             verify::fold_page_hashes(&hashes, verify::CHUNK_PAGES)
         });
@@ -203,7 +217,10 @@ impl SourceSession {
             self.ram.clone(),
             self.data.iter().map(|c| c.tx.clone()).collect::<Vec<_>>(),
             queue.clone(),
-            pending.clone(),
+            PushOrder {
+                first: last_written,
+                rest: pending.clone(),
+            },
         );
         let compress = self.cfg.compress;
         let paced_rate = link_rate(&self.history, self.cfg.bandwidth) * PRE_COMMIT_SHARE;
@@ -487,12 +504,26 @@ impl Drop for Switched {
     }
 }
 
+/// The pages a push sends, in two passes: `first`, then the rest of `rest`.
+struct PushOrder {
+    first: PageBitmap,
+    rest: PageBitmap,
+}
+
+impl PushOrder {
+    /// Pages in push order (a page of both comes twice; the push sends it once).
+    fn pages(&self) -> impl Iterator<Item = u64> + '_ {
+        self.first.iter().chain(self.rest.iter())
+    }
+}
+
 /// The background push: every pending page once, neighbours of faults
-/// first, at most `paced_rate` bytes/s while `pace` is PACED. Returns
-/// (pages, bytes), or None if a connection went away or the push was stopped.
+/// first, then `todo`'s order, at most `paced_rate` bytes/s while `pace` is
+/// PACED. Returns (pages, bytes), or None if a connection went away or the
+/// push was stopped.
 fn push(
     ram: &SourceRam,
-    todo: &PageBitmap,
+    todo: &PushOrder,
     queue: &Mutex<PushQueue>,
     txs: &[mpsc::Sender<WriterCmd>],
     compress: bool,
@@ -510,7 +541,7 @@ fn push(
     let mut cbuf = vec![0u8; PAGE_SIZE];
     let (mut n, mut bytes) = (0u64, 0u64);
     let started = Instant::now();
-    let mut order = todo.iter();
+    let mut order = todo.pages();
     loop {
         // Hot pages first; then the next page in order not sent yet.
         let next = {
@@ -596,6 +627,22 @@ fn pace_wait(bytes: u64, elapsed: Duration, rate: f64) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_push_order_takes_the_last_written_pages_first() {
+        let mut first = PageBitmap::new(100);
+        first.set(70);
+        first.set(9);
+        let mut rest = PageBitmap::new(100);
+        for p in [3, 9, 50, 70, 99] {
+            rest.set(p);
+        }
+        let order = PushOrder { first, rest };
+        assert_eq!(
+            order.pages().collect::<Vec<_>>(),
+            vec![9, 70, 3, 9, 50, 70, 99]
+        );
+    }
     use crate::precopy::{switch_to_postcopy, Mode, StopReason};
 
     #[test]
