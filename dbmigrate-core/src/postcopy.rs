@@ -161,6 +161,11 @@ impl SourceSession {
         self.pending.union_with(&last_written);
         self.mark_written();
         let pending = std::mem::replace(&mut self.pending, PageBitmap::new(self.ram.pages()));
+        tracing::debug!(
+            pending = pending.count(),
+            written_since_last_collect = last_written.count(),
+            "switching to post-copy"
+        );
         let started = Instant::now();
         let mark = Message::SwitchMark.encode();
         for c in &self.data {
