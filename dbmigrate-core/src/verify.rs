@@ -91,28 +91,13 @@ impl SourceDigests {
     /// many pages were hashed.
     pub fn refresh(&mut self, ram: &[u8], data: &PageBitmap, threads: usize) -> usize {
         let todo: Vec<u64> = self.stale.iter().collect();
-        self.stale = PageBitmap::new(self.hashes.len() as u64);
-        let threads = threads.clamp(1, 16);
-        let per = todo.len().div_ceil(threads).max(1);
-        let hashed: Vec<Vec<u64>> = std::thread::scope(|s| {
-            let handles: Vec<_> = todo
-                .chunks(per)
-                .map(|part| s.spawn(move || part.iter().map(|&p| hash_at(ram, data, p)).collect()))
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| h.join().unwrap_or_default())
-                .collect()
-        });
-        // A hashing thread that died leaves its pages unhashed: mark them again.
-        if hashed.iter().map(Vec::len).sum::<usize>() < todo.len() {
-            for &p in &todo {
-                self.stale.set(p);
-            }
+        // A hashing thread that died leaves the pages marked.
+        let Some(hashed) = hash_pages(ram, data, &todo, threads) else {
             return 0;
-        }
+        };
+        self.stale = PageBitmap::new(self.hashes.len() as u64);
         let mut last_chunk = None;
-        for (&p, h) in todo.iter().zip(hashed.into_iter().flatten()) {
+        for (&p, h) in todo.iter().zip(hashed) {
             self.hashes[usize::try_from(p).expect("page index fits")] = h;
             let c = p / self.chunk_pages;
             if last_chunk != Some(c) {
@@ -194,21 +179,33 @@ pub fn fold_page_hashes(hashes: &[u64], chunk_pages: u32) -> Vec<u128> {
         .collect()
 }
 
-/// Page hashes of `ram` (`data`: pages that are not holes) on `threads` threads.
+/// Page hashes of `ram` (`data`: pages that are not holes) on `threads`
+/// threads; empty if a hashing thread died (no digest then matches).
 pub fn page_hashes(ram: &[u8], data: &PageBitmap, threads: usize) -> Vec<u64> {
-    let pages = ram.len() / PAGE_SIZE;
-    let mut out = vec![0; pages];
-    let per = pages.div_ceil(threads.clamp(1, 16)).max(1);
-    std::thread::scope(|s| {
-        for (t, slot) in out.chunks_mut(per).enumerate() {
-            s.spawn(move || {
-                for (i, h) in slot.iter_mut().enumerate() {
-                    *h = hash_at(ram, data, (t * per + i) as u64);
-                }
-            });
-        }
+    let all: Vec<u64> = (0..(ram.len() / PAGE_SIZE) as u64).collect();
+    hash_pages(ram, data, &all, threads).unwrap_or_default()
+}
+
+/// [`hash_at`] of each of `pages`, in their order, split over `threads`
+/// threads; None if a hashing thread died.
+fn hash_pages(ram: &[u8], data: &PageBitmap, pages: &[u64], threads: usize) -> Option<Vec<u64>> {
+    let per = pages.len().div_ceil(threads.clamp(1, 16)).max(1);
+    let mut out = vec![0; pages.len()];
+    let finished = std::thread::scope(|s| {
+        let workers: Vec<_> = pages
+            .chunks(per)
+            .zip(out.chunks_mut(per))
+            .map(|(part, slot)| {
+                s.spawn(move || {
+                    for (h, &p) in slot.iter_mut().zip(part) {
+                        *h = hash_at(ram, data, p);
+                    }
+                })
+            })
+            .collect();
+        workers.into_iter().all(|w| w.join().is_ok())
     });
-    out
+    finished.then_some(out)
 }
 
 /// Indexes of chunks whose digests differ (a length difference counts every extra chunk).
