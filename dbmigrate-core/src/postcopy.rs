@@ -633,6 +633,8 @@ fn pace_wait(bytes: u64, elapsed: Duration, rate: f64) -> Duration {
 mod tests {
     use super::*;
 
+    use crate::precopy::{switch_to_postcopy, Mode, StopReason};
+
     #[test]
     fn the_push_order_takes_the_last_written_pages_first() {
         let mut first = PageBitmap::new(100);
@@ -648,7 +650,6 @@ mod tests {
             vec![9, 70, 3, 9, 50, 70, 99]
         );
     }
-    use crate::precopy::{switch_to_postcopy, Mode, StopReason};
 
     #[test]
     fn wire_bitmap_sets_bit_i_of_byte_i_over_8() {

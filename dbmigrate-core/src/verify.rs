@@ -203,7 +203,9 @@ fn hash_pages(ram: &[u8], data: &PageBitmap, pages: &[u64], threads: usize) -> O
                 })
             })
             .collect();
-        workers.into_iter().all(|w| w.join().is_ok())
+        // Join every worker (a scope panics over a panicked worker left unjoined).
+        let joined: Vec<bool> = workers.into_iter().map(|w| w.join().is_ok()).collect();
+        joined.into_iter().all(|ok| ok)
     });
     finished.then_some(out)
 }
