@@ -211,8 +211,7 @@ impl SourceSession {
                     return d.digests().to_vec();
                 }
             }
-            let hashes = verify::page_hashes(ram.bytes(), &data, threads);
-            verify::fold_page_hashes(&hashes, verify::CHUNK_PAGES)
+            verify::ram_digests(ram.bytes(), &data, verify::CHUNK_PAGES, threads)
         });
         let queue = Arc::new(Mutex::new(PushQueue {
             hot: VecDeque::new(),
