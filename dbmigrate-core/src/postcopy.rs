@@ -93,6 +93,10 @@ struct PushQueue {
     hot: VecDeque<u64>,
     /// Pages already sent.
     sent: PageBitmap,
+    /// The page the VM last waited for, not yet seen by the pusher: its
+    /// sweep through the pending pages goes on from there (faults come in
+    /// areas, and the sweep then covers the area ahead of the vCPU).
+    jump_to: Option<u64>,
 }
 
 /// A switch to post-copy in progress.
@@ -216,14 +220,15 @@ impl SourceSession {
         let queue = Arc::new(Mutex::new(PushQueue {
             hot: VecDeque::new(),
             sent: PageBitmap::new(self.ram.pages()),
+            jump_to: None,
         }));
         let (ram, txs, q, todo) = (
             self.ram.clone(),
             self.data.iter().map(|c| c.tx.clone()).collect::<Vec<_>>(),
             queue.clone(),
             PushOrder {
-                first: last_written,
-                rest: pending.clone(),
+                first: last_written.iter().collect(),
+                rest: pending.iter().collect(),
             },
         );
         let compress = self.cfg.compress;
@@ -420,9 +425,18 @@ impl SourceSession {
                 .queue
                 .lock()
                 .map_err(|_| PrecopyError::Worker("push queue poisoned".into()))?;
-            for &p in asked {
-                q.sent.set(p);
-            }
+            // A page the push already handed to a connection is on its way
+            // but queued behind other pages: a sign of a deep pipeline.
+            let already_pushed = asked.iter().filter(|&&p| !q.sent.set(p)).count();
+            q.jump_to = asked.last().copied();
+            tracing::debug!(
+                asked = asked.len(),
+                already_pushed,
+                first = asked.first().copied().unwrap_or_default(),
+                ms_since_switch =
+                    u64::try_from(sw.started.elapsed().as_millis()).unwrap_or(u64::MAX),
+                "page request"
+            );
             for &p in asked {
                 for n in neighbours(p, pages) {
                     if !sw.pending.get(n) || q.sent.get(n) {
@@ -508,16 +522,47 @@ impl Drop for Switched {
     }
 }
 
-/// The pages a push sends, in two passes: `first`, then the rest of `rest`.
+/// The pages a push sends: `first` (the pages written just before the
+/// pause), then a sweep through `rest` (every pending page, ascending) that
+/// starts at the bottom and jumps to wherever the VM last faulted, wrapping
+/// around at the top, as QEMU's own post-copy does.
 struct PushOrder {
-    first: PageBitmap,
-    rest: PageBitmap,
+    first: Vec<u64>,
+    rest: Vec<u64>,
+}
+
+/// Where a push's sweep stands.
+#[derive(Default)]
+struct Sweep {
+    /// Next index of `first`.
+    first: usize,
+    /// Next index of `rest`.
+    at: usize,
 }
 
 impl PushOrder {
-    /// Pages in push order (a page of both comes twice; the push sends it once).
-    fn pages(&self) -> impl Iterator<Item = u64> + '_ {
-        self.first.iter().chain(self.rest.iter())
+    /// The next page to push that `sent` does not hold, after moving the
+    /// sweep to `jump_to` if the VM faulted there (pure but for the sweep).
+    fn next(
+        &self,
+        sweep: &mut Sweep,
+        jump_to: Option<u64>,
+        sent: impl Fn(u64) -> bool,
+    ) -> Option<u64> {
+        if let Some(k) = self.first[sweep.first..].iter().position(|&p| !sent(p)) {
+            sweep.first += k + 1;
+            return Some(self.first[sweep.first - 1]);
+        }
+        sweep.first = self.first.len();
+        if let Some(fault) = jump_to {
+            sweep.at = self.rest.partition_point(|&p| p < fault);
+        }
+        let n = self.rest.len();
+        let i = (0..n)
+            .map(|k| (sweep.at + k) % n)
+            .find(|&i| !sent(self.rest[i]))?;
+        sweep.at = i + 1;
+        Some(self.rest[i])
     }
 }
 
@@ -545,7 +590,7 @@ fn push(
     let mut cbuf = vec![0u8; PAGE_SIZE];
     let (mut n, mut bytes) = (0u64, 0u64);
     let started = Instant::now();
-    let mut order = todo.pages();
+    let mut sweep = Sweep::default();
     loop {
         // Hot pages first; then the next page in order not sent yet.
         let next = {
@@ -558,11 +603,10 @@ fn push(
                 }
             }
             if pick.is_none() {
-                for p in order.by_ref() {
-                    if q.sent.set(p) {
-                        pick = Some(p);
-                        break;
-                    }
+                let jump = q.jump_to.take();
+                pick = todo.next(&mut sweep, jump, |p| q.sent.get(p));
+                if let Some(p) = pick {
+                    q.sent.set(p);
                 }
             }
             pick
@@ -634,20 +678,48 @@ mod tests {
 
     use crate::precopy::{switch_to_postcopy, Mode, StopReason};
 
-    #[test]
-    fn the_push_order_takes_the_last_written_pages_first() {
-        let mut first = PageBitmap::new(100);
-        first.set(70);
-        first.set(9);
-        let mut rest = PageBitmap::new(100);
-        for p in [3, 9, 50, 70, 99] {
-            rest.set(p);
+    /// Drains a push order as the pusher does, with faults at the given
+    /// steps, returning the pages in push order.
+    fn drain(order: &PushOrder, faults: &[(usize, u64)]) -> Vec<u64> {
+        let mut sent = std::collections::HashSet::new();
+        let mut sweep = Sweep::default();
+        let mut out = Vec::new();
+        loop {
+            let jump = faults.iter().find(|f| f.0 == out.len()).map(|f| f.1);
+            if let Some(f) = jump {
+                // The vCPU's page itself goes on the control connection.
+                sent.insert(f);
+            }
+            let Some(p) = order.next(&mut sweep, jump, |p| sent.contains(&p)) else {
+                return out;
+            };
+            sent.insert(p);
+            out.push(p);
         }
-        let order = PushOrder { first, rest };
-        assert_eq!(
-            order.pages().collect::<Vec<_>>(),
-            vec![9, 70, 3, 9, 50, 70, 99]
-        );
+    }
+
+    #[test]
+    fn the_push_takes_the_last_written_pages_first_then_sweeps_up() {
+        let order = PushOrder {
+            first: vec![9, 70],
+            rest: vec![3, 9, 50, 70, 99],
+        };
+        assert_eq!(drain(&order, &[]), vec![9, 70, 3, 50, 99]);
+    }
+
+    #[test]
+    fn the_push_sweep_jumps_to_a_fault_and_wraps_around() {
+        let order = PushOrder {
+            first: vec![],
+            rest: vec![10, 20, 30, 40, 50, 60],
+        };
+        // After two pages the VM faults on 45: the sweep goes on from 45
+        // (50, 60), wraps to the bottom and sends each page once.
+        assert_eq!(drain(&order, &[(2, 45)]), vec![10, 20, 50, 60, 30, 40]);
+        // A fault on a pending page: that page is not pushed again.
+        assert_eq!(drain(&order, &[(1, 40)]), vec![10, 50, 60, 20, 30]);
+        // A fault above every pending page wraps to the bottom.
+        assert_eq!(drain(&order, &[(0, 99)]), vec![10, 20, 30, 40, 50, 60]);
     }
 
     #[test]
