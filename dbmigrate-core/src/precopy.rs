@@ -509,9 +509,16 @@ impl SourceSession {
             let mut rs = sent?;
             // The round hashed what it read; what it did not read (holes,
             // hash as zeros unread) is brought up to date here, never
-            // during a collect.
-            let hashing = self.refresh_digests(1);
-            self.source_digests = Some(Self::refreshed(hashing).await?);
+            // during a collect. After the first round a round reads every
+            // page it was given, and there is nothing left to refresh.
+            if !self
+                .source_digests
+                .as_ref()
+                .is_some_and(verify::SourceDigests::is_current)
+            {
+                let hashing = self.refresh_digests(1);
+                self.source_digests = Some(Self::refreshed(hashing).await?);
+            }
             let scan = Instant::now();
             let dirty = self.tracker.collect(&mut self.pending)?;
             self.mark_written();
