@@ -2,8 +2,9 @@
 //! told which pages it does not have yet; once the VM runs there, pages
 //! follow in the background, except that a page the VM waits for jumps the
 //! queue (sent at once on the control connection, its nearest pending
-//! neighbours right behind it, more of them at the front of the push),
-//! since a fault is usually followed by faults next to it.
+//! neighbours right behind it, more of them at the front of the push, and
+//! the push's sweep goes on from there), since a fault is usually followed
+//! by faults next to it.
 //!
 //! ```text
 //! source                                     destination
