@@ -27,14 +27,16 @@ impl PageBitmap {
         self.pages == 0
     }
 
-    /// Marks `page`; out-of-range pages are ignored and reported as `false`.
+    /// Marks `page`; true if it was not marked before. Out-of-range pages
+    /// are ignored and reported as `false`.
     pub fn set(&mut self, page: u64) -> bool {
         if page >= self.pages {
             return false;
         }
         let (w, b) = Self::split(page);
+        let was = self.words[w] & (1 << b) != 0;
         self.words[w] |= 1 << b;
-        true
+        !was
     }
 
     /// Unmarks `page` (out-of-range pages are ignored).
@@ -134,6 +136,8 @@ mod tests {
         assert!(bm.set(64));
         assert!(bm.set(129));
         assert!(!bm.set(130), "out of range is refused");
+        assert!(!bm.set(64), "a page marked before is not newly marked");
+        assert!(bm.get(64));
         assert_eq!(bm.count(), 3);
         assert_eq!(bm.iter().collect::<Vec<_>>(), vec![0, 64, 129]);
         assert!(bm.get(64) && !bm.get(65) && !bm.get(1000));
