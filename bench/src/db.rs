@@ -259,6 +259,21 @@ impl Competing {
 fn tpcc_client(bed: &DbBed, sub: &str, vm_ip: &str) -> Result<std::process::Command> {
     let bench = std::env::current_exe().context("finding the bench binary")?;
     let mut c = bed.client(&bench.to_string_lossy());
+    tpcc_args(&mut c, sub, vm_ip);
+    Ok(c)
+}
+
+/// The TPC-C consistency check, given at most `limit_s` seconds: a guest
+/// whose kernel died with the database's I/O in flight never answers.
+fn tpcc_check(bed: &DbBed, vm_ip: &str, limit_s: u64) -> Result<std::process::Command> {
+    let bench = std::env::current_exe().context("finding the bench binary")?;
+    let mut c = bed.client("timeout");
+    c.args(["--kill-after=5", &limit_s.to_string()]).arg(bench);
+    tpcc_args(&mut c, "check", vm_ip);
+    Ok(c)
+}
+
+fn tpcc_args(c: &mut std::process::Command, sub: &str, vm_ip: &str) {
     c.args(["tpcc", sub, "--host", vm_ip]).args([
         "--user",
         "sbtest",
@@ -267,7 +282,6 @@ fn tpcc_client(bed: &DbBed, sub: &str, vm_ip: &str) -> Result<std::process::Comm
         "--db",
         "tpcc",
     ]);
-    Ok(c)
 }
 
 /// The sysbench script that logs every transaction (bench/lua/).
@@ -361,26 +375,32 @@ pub(crate) fn fill_workload(
     });
 }
 
+/// Longest a consistency check may take (CHECK TABLE of one table, or
+/// the TPC-C check) before the database counts as not answering.
+const CHECK_LIMIT_S: u64 = 300;
+
 /// The database's own consistency check on the destination VM at
 /// `vm_ip`: CHECK TABLE of every sysbench table, or TPC-C's consistency
 /// conditions 1-4.
 pub(crate) fn consistent(s: &DbSetup, bed: &DbBed, vm_ip: &str) -> bool {
     match s.load {
         DbLoad::Sysbench => {
-            let mut ok = true;
             for t in 1..=s.tables {
-                match bed.sql_on(vm_ip, &format!("CHECK TABLE sbtest{t}")) {
+                let query = format!("CHECK TABLE sbtest{t}");
+                match bed.sql_on_within(vm_ip, &query, CHECK_LIMIT_S) {
                     Ok(out) if out.trim_end().ends_with("OK") => {}
                     other => {
+                        // One failed table fails the check; a guest that
+                        // stopped answering would only stall the others.
                         eprintln!("   CHECK TABLE sbtest{t} on {vm_ip}: {other:?}");
-                        ok = false;
+                        return false;
                     }
                 }
             }
-            ok
+            true
         }
         DbLoad::Tpcc { .. } => {
-            let out = tpcc_client(bed, "check", vm_ip).and_then(|mut c| Ok(c.output()?));
+            let out = tpcc_check(bed, vm_ip, CHECK_LIMIT_S).and_then(|mut c| Ok(c.output()?));
             match out {
                 Ok(o) if o.status.success() => true,
                 Ok(o) => {

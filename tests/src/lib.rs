@@ -1206,8 +1206,26 @@ impl DbBed {
 
     /// [`DbBed::sql`] in the VM at `vm_ip`.
     pub fn sql_on(&self, vm_ip: &str, query: &str) -> Result<String> {
-        let out = self
-            .client("mariadb")
+        self.sql_run(vm_ip, query, None)
+    }
+
+    /// [`DbBed::sql_on`] given at most `limit_s` seconds: the connect
+    /// timeout does not cover a query on a guest whose kernel died with
+    /// the database's I/O in flight, which never answers.
+    pub fn sql_on_within(&self, vm_ip: &str, query: &str, limit_s: u64) -> Result<String> {
+        self.sql_run(vm_ip, query, Some(limit_s))
+    }
+
+    fn sql_run(&self, vm_ip: &str, query: &str, limit_s: Option<u64>) -> Result<String> {
+        let mut c = match limit_s {
+            Some(l) => {
+                let mut c = self.client("timeout");
+                c.args(["--kill-after=5", &l.to_string(), "mariadb"]);
+                c
+            }
+            None => self.client("mariadb"),
+        };
+        let out = c
             .args([
                 "-N",
                 "-B",
@@ -1224,6 +1242,12 @@ impl DbBed {
             ])
             .output()
             .context("running the mariadb client (install mariadb-client)")?;
+        // timeout(1) exits 124 when it stopped the client, 137 when it had to kill it.
+        if let Some(l) = limit_s {
+            if matches!(out.status.code(), Some(124 | 137)) {
+                bail!("SQL `{query}` got no answer within {l} s: the database on {vm_ip} is stuck (see the guest's serial log)");
+            }
+        }
         if !out.status.success() {
             bail!(
                 "SQL `{query}` failed: {}",
