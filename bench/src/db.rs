@@ -267,8 +267,7 @@ fn tpcc_client(bed: &DbBed, sub: &str, vm_ip: &str) -> Result<std::process::Comm
 /// whose kernel died with the database's I/O in flight never answers.
 fn tpcc_check(bed: &DbBed, vm_ip: &str, limit_s: u64) -> Result<std::process::Command> {
     let bench = std::env::current_exe().context("finding the bench binary")?;
-    let mut c = bed.client("timeout");
-    c.args(["--kill-after=5", &limit_s.to_string()]).arg(bench);
+    let mut c = bed.client_within(&bench.to_string_lossy(), limit_s);
     tpcc_args(&mut c, "check", vm_ip);
     Ok(c)
 }

@@ -1150,6 +1150,15 @@ impl DbBed {
         self.tb.in_ns(&self.cli_ns, Path::new(program))
     }
 
+    /// [`DbBed::client`] stopped by timeout(1) after `limit_s` seconds
+    /// (killed 5 s later if it ignores the stop); arguments after this go to
+    /// `program`.
+    pub fn client_within(&self, program: &str, limit_s: u64) -> Command {
+        let mut c = self.client("timeout");
+        c.args(["--kill-after=5", &limit_s.to_string(), program]);
+        c
+    }
+
     /// sysbench `oltp_read_write` against the VM for `secs` seconds.
     ///
     /// sysbench retries only deadlocks (1213): InnoDB picks a victim when
@@ -1218,11 +1227,7 @@ impl DbBed {
 
     fn sql_run(&self, vm_ip: &str, query: &str, limit_s: Option<u64>) -> Result<String> {
         let mut c = match limit_s {
-            Some(l) => {
-                let mut c = self.client("timeout");
-                c.args(["--kill-after=5", &l.to_string(), "mariadb"]);
-                c
-            }
+            Some(l) => self.client_within("mariadb", l),
             None => self.client("mariadb"),
         };
         let out = c
