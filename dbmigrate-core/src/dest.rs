@@ -436,6 +436,10 @@ fn storage_worker(r: Arc<StorageReaders>) {
     }
 }
 
+/// How long a finished post-copy waits for the source to close the control
+/// connection (see [`DestSession::drain_until_closed`]).
+const LINGER: Duration = Duration::from_secs(3);
+
 /// Longest storage read, in pages.
 const MAX_RUN: usize = 256;
 
@@ -1478,6 +1482,7 @@ impl DestSession {
                 let digests = a.digests.clone();
                 self.stats = a.stats.clone();
                 let total = self.compare(req, &digests, pages).await?;
+                self.drain_until_closed().await;
                 return Ok(PostcopyOutcome {
                     matched: total == 0,
                     compared: true,
@@ -1547,6 +1552,15 @@ impl DestSession {
                 }
             }
         }
+    }
+
+    /// Reads (and drops) what the source still sends until it closes the
+    /// control connection, for at most [`LINGER`]: late answers to page
+    /// requests may be on their way, and closing with them unread would
+    /// reset the connection under the source before it reads the result.
+    async fn drain_until_closed(&mut self) {
+        let deadline = tokio::time::Instant::now() + LINGER;
+        while let Ok(Some(Ok(_))) = tokio::time::timeout_at(deadline, self.ctrl_in.recv()).await {}
     }
 
     /// Waits for the source to hand over the VM. Ok(()) means: resume it now.

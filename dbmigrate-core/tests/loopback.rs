@@ -446,6 +446,9 @@ enum PostcopyEnding {
     LateAnswer,
     /// The source goes silent once every page was pushed (its link cut).
     SilentSource,
+    /// After the comparison's result, answers to earlier page requests
+    /// (more than the socket buffers hold) are still on their way.
+    AnswersAfterResult,
 }
 
 /// A post-copy into a real userfaultfd-registered mapping of the
@@ -455,10 +458,10 @@ enum PostcopyEnding {
 async fn postcopy_to_a_real_userfaultfd(
     ending: PostcopyEnding,
 ) -> (Result<dest::PostcopyOutcome, dest::DestError>, bool) {
-    let dst_path = ram_file(if ending == PostcopyEnding::LateAnswer {
-        "late"
-    } else {
-        "silent-post"
+    let dst_path = ram_file(match ending {
+        PostcopyEnding::LateAnswer => "late",
+        PostcopyEnding::SilentSource => "silent-post",
+        PostcopyEnding::AnswersAfterResult => "after-result",
     });
     let file = OpenOptions::new()
         .read(true)
@@ -513,19 +516,39 @@ async fn postcopy_to_a_real_userfaultfd(
     protocol::write_message(&mut data, &Message::EndOfStream, "t")
         .await
         .unwrap();
-    if ending == PostcopyEnding::LateAnswer {
-        // ...and only then the answer to an earlier request comes on the
-        // control connection, once the RAM owner had time to finish.
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        let mut b = BatchBuilder::new(0);
-        b.push(p1, PageEncoding::Raw, &page_bytes(p1));
-        ctrl.write_all(&b.finish()).await.unwrap();
-        let mut data_pages = PageBitmap::new(PAGES);
-        data_pages.set(p1);
-        data_pages.set(p2);
-        verify_against_frozen(&mut ctrl, &frozen, &data_pages).await;
+    let mut data_pages = PageBitmap::new(PAGES);
+    data_pages.set(p1);
+    data_pages.set(p2);
+    match ending {
+        PostcopyEnding::LateAnswer => {
+            // ...and only then the answer to an earlier request comes on the
+            // control connection, once the RAM owner had time to finish.
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let mut b = BatchBuilder::new(0);
+            b.push(p1, PageEncoding::Raw, &page_bytes(p1));
+            ctrl.write_all(&b.finish()).await.unwrap();
+            verify_against_frozen(&mut ctrl, &frozen, &data_pages).await;
+        }
+        PostcopyEnding::AnswersAfterResult => {
+            verify_against_frozen(&mut ctrl, &frozen, &data_pages).await;
+            // The real source may be writing these when the result comes;
+            // it reads the result after them. A destination that closed on
+            // sending the result would reset the connection under them.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            for _ in 0..16 {
+                let mut b = BatchBuilder::new(0);
+                for p in 0..256usize {
+                    b.push(p as u64, PageEncoding::Raw, &frozen[p * 4096..][..4096]);
+                }
+                ctrl.write_all(&b.finish())
+                    .await
+                    .expect("the destination closed before the source was done writing");
+            }
+            ctrl.shutdown().await.unwrap();
+        }
+        // Connections stay open, nothing more is sent.
+        PostcopyEnding::SilentSource => {}
     }
-    // (SilentSource: connections stay open, nothing more is sent.)
     let outcome = tokio::time::timeout(Duration::from_secs(30), receiver)
         .await
         .expect("the destination waited forever")
@@ -543,6 +566,18 @@ async fn postcopy_to_a_real_userfaultfd(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_late_answer_after_every_page_is_placed_ends_postcopy_cleanly() {
     let (outcome, same) = postcopy_to_a_real_userfaultfd(PostcopyEnding::LateAnswer).await;
+    let outcome = outcome.expect("post-copy must end cleanly");
+    assert!(outcome.matched && outcome.compared);
+    assert!(same, "destination RAM differs from the frozen source");
+}
+
+/// The source is still writing answers to page requests when the result
+/// of the comparison comes (the dirtier guest's post-copy hit it: the source
+/// got Broken pipe after the destination had finished): the destination
+/// reads them until the source closes, so the source never sees a reset.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_still_coming_after_the_result_are_read_until_the_source_closes() {
+    let (outcome, same) = postcopy_to_a_real_userfaultfd(PostcopyEnding::AnswersAfterResult).await;
     let outcome = outcome.expect("post-copy must end cleanly");
     assert!(outcome.matched && outcome.compared);
     assert!(same, "destination RAM differs from the frozen source");
