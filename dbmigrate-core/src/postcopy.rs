@@ -75,7 +75,8 @@ const STOPPED: u8 = 2;
 pub struct PostcopyStats {
     /// Pages the destination did not have at the switch.
     pub pending_pages: u64,
-    /// Pages pushed in the background.
+    /// Pages pushed in the background, and the last-written pages sent on
+    /// the control connection at the switch.
     pub pushed_pages: u64,
     /// Pages sent because the VM waited for them.
     pub requested_pages: u64,
@@ -321,9 +322,14 @@ impl SourceSession {
                 }
             }
         });
-        let result = self
+        let mut result = self
             .postcopy_loop(&mut sw, handover, on_activated, &mut ctrl_in, &mut stats)
             .await;
+        match &mut result {
+            Err(e) => explain_transport_failure(e, &mut ctrl_in).await,
+            // The destination lingers until this side closes: the session is over.
+            Ok(()) => self.ctrl_tx.shutdown().await,
+        }
         reader.abort();
         result.map(|()| stats)
     }
@@ -345,6 +351,12 @@ impl SourceSession {
         let pages = self.ram.pages();
         let timeout = self.cfg.peer_timeout;
         let mut last_word = Instant::now();
+        // An answer to a page request that could not be written: the
+        // destination may have finished (every page placed, compared) and
+        // closed while the answer was on its way, its Activated and
+        // VerifyResult already read. Those decide; this error stands only
+        // if the connection ends without them.
+        let mut unanswered: Option<PostcopyError> = None;
         loop {
             let was_committed = committed;
             let fail = move |e: PrecopyError| {
@@ -358,10 +370,13 @@ impl SourceSession {
                 biased;
                 m = ctrl_in.recv() => {
                     last_word = Instant::now();
-                    let (m, n) = m
+                    let (m, n) = match m
                         .ok_or(protocol::ProtocolError::Closed { doing: "post-copy" })
                         .and_then(|r| r)
-                        .map_err(|e| fail(e.into()))?;
+                    {
+                        Ok(m) => m,
+                        Err(e) => return Err(unanswered.take().unwrap_or_else(|| fail(e.into()))),
+                    };
                     self.stats.bytes_received += n;
                     match m {
                         Message::PageRequest { pages: asked } => {
@@ -373,7 +388,12 @@ impl SourceSession {
                             stats.requested_pages += asked.len() as u64;
                             stats.storage_mismatch +=
                                 asked.iter().filter(|&&p| !sw.pending.get(p)).count() as u64;
-                            self.send_urgent(&asked, sw, stats).await.map_err(fail)?;
+                            if unanswered.is_none() {
+                                if let Err(e) = self.send_urgent(&asked, sw, stats).await {
+                                    tracing::debug!(error = %e, "a page request's answer could not be sent; reading what the destination said before it closed");
+                                    unanswered = Some(fail(e));
+                                }
+                            }
                         }
                         Message::Activated if committed => {
                             activated = true;
@@ -553,6 +573,36 @@ pub enum PostcopyError {
     #[error("post-copy failed after the hand-over: the VM runs (or ran) on the destination and cannot be resumed on the source; its RAM stays frozen here")]
     AfterCommit(#[source] PrecopyError),
 }
+
+/// A write that failed because the destination closed the connection hides
+/// why it did: the destination says so in an Abort just before closing.
+/// Looks briefly for that Abort among the messages already read, and puts
+/// its reason in place of the transport error.
+async fn explain_transport_failure(
+    e: &mut PostcopyError,
+    ctrl_in: &mut mpsc::Receiver<Result<(Message, u64), protocol::ProtocolError>>,
+) {
+    let inner = match e {
+        PostcopyError::BeforeCommit(i) | PostcopyError::AfterCommit(i) => i,
+    };
+    if !matches!(inner, PrecopyError::Protocol(_)) {
+        return;
+    }
+    let deadline = tokio::time::Instant::now() + ABORT_GRACE;
+    while let Ok(Some(m)) = tokio::time::timeout_at(deadline, ctrl_in.recv()).await {
+        match m {
+            Ok((Message::Abort { reason }, _)) => {
+                *inner = PrecopyError::Refused { reason };
+                return;
+            }
+            Ok(_) => continue,
+            Err(_) => return,
+        }
+    }
+}
+
+/// How long a failed post-copy waits for the destination's reason.
+const ABORT_GRACE: Duration = Duration::from_millis(500);
 
 fn no_postcopy_destination() -> PrecopyError {
     PrecopyError::Worker(
