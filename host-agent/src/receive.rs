@@ -244,6 +244,11 @@ async fn session(
                 }
                 Err(e) => {
                     if resumed {
+                        // The source keeps the frozen RAM; tell it why first.
+                        s.abort(&format!(
+                            "post-copy failed after the VM was resumed on the destination: {e}"
+                        ))
+                        .await;
                         stop_incomplete_vm(qmp).await;
                         Err(anyhow!(e).context(
                             "post-copy failed after the VM was resumed here; the destination VM was stopped (its memory is incomplete) and the source holds the VM's frozen RAM",
