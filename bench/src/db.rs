@@ -402,6 +402,11 @@ pub(crate) fn consistent(s: &DbSetup, bed: &DbBed, vm_ip: &str) -> bool {
             let out = tpcc_check(bed, vm_ip, CHECK_LIMIT_S).and_then(|mut c| Ok(c.output()?));
             match out {
                 Ok(o) if o.status.success() => true,
+                // timeout(1) exits 124 when it stopped the check, 137 when it had to kill it.
+                Ok(o) if matches!(o.status.code(), Some(124 | 137)) => {
+                    eprintln!("   tpcc check on {vm_ip}: no answer within {CHECK_LIMIT_S} s: the database is stuck (see the guest's serial log)");
+                    false
+                }
                 Ok(o) => {
                     eprintln!(
                         "   tpcc check on {vm_ip}: {}",
@@ -527,6 +532,7 @@ pub(crate) fn migrate_slot(
             "destination": dest,
             "device_state_bytes": r["device_state_bytes"],
             "error": r["error"],
+            "destination_error": dbmigrate_testbed::agent_error(&dir.join(format!("receive-{}.log", sl.dst_name))),
             "paused_at_ms": r["paused_at_ms"],
             "downtime_parts": r["downtime_parts"],
             "agent_link_bytes": r["link_bytes"],

@@ -655,6 +655,18 @@ fn print_db_table(r: &Report) {
             println!("\nphysical bound for {} (design §6): {b:.0} ms", run.method);
         }
     }
+    print_failures(r);
+}
+
+/// What each side said about a run that did not complete.
+fn print_failures(r: &Report) {
+    for run in r.runs.iter().filter(|run| !run.completed) {
+        for (side, key) in [("source", "error"), ("destination", "destination_error")] {
+            if let Some(e) = run.detail[key].as_str() {
+                println!("\n{} failed; {side}: {e}", run.method);
+            }
+        }
+    }
 }
 
 fn print_table(r: &Report) {
@@ -682,6 +694,7 @@ fn print_table(r: &Report) {
             })
         );
     }
+    print_failures(r);
 }
 
 fn start_vms(
@@ -881,8 +894,9 @@ fn run_method(s: &Setup<'_>, method: &str) -> Result<Run> {
             }
             // The source starts once the destination is set up, as an
             // operator would (QEMU's destination allocates at boot).
-            let recv =
-                dbmigrate_testbed::spawn_listening(&mut recv, &s.tb.dir.join("receive.log"))?;
+            // One log per method: a failed run's log must survive the next run.
+            let recv_log = s.tb.dir.join(format!("receive-{method}.log"));
+            let recv = dbmigrate_testbed::spawn_listening(&mut recv, &recv_log)?;
             let report_path = s.tb.dir.join("dbmigrate-report.json");
             let out =
                 s.tb.migrate_cmd(&src, &report_path)?
@@ -916,6 +930,7 @@ fn run_method(s: &Setup<'_>, method: &str) -> Result<Run> {
                 "destination": dest,
                 "device_state_bytes": r["device_state_bytes"],
                 "error": r["error"],
+                "destination_error": dbmigrate_testbed::agent_error(&recv_log),
             });
             measured_downtime(&mut run, &se, &de);
             if run.completed {

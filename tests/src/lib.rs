@@ -1435,6 +1435,16 @@ pub fn spawn_listening(recv: &mut Command, log: &Path) -> Result<Child> {
     Ok(child)
 }
 
+/// The error an agent printed before exiting (its last `dbmigrate: error:`
+/// line in `log`), if any: what a failed run's table shows from the other side.
+pub fn agent_error(log: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(log).ok()?;
+    text.lines()
+        .rev()
+        .find_map(|l| l.strip_prefix("dbmigrate: error: "))
+        .map(str::to_string)
+}
+
 fn wait_listening(log: &Path) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
