@@ -279,6 +279,14 @@ struct Applied {
     stats: DestStats,
 }
 
+/// The preparation of a switch to post-copy: asked on the control
+/// connection, and the data connections whose marker arrived.
+#[derive(Default)]
+struct PrepareState {
+    asked: bool,
+    marks: usize,
+}
+
 /// Inputs of the RAM owner thread.
 enum ApplyInput {
     /// Pages from a data connection, in arrival order (or, after the
@@ -290,6 +298,8 @@ enum ApplyInput {
     SwitchMark,
     /// The source will switch to post-copy (its VM still runs).
     PrepareSwitch,
+    /// A data connection delivered everything before the switch's preparation.
+    PrepareMark,
     /// The source switched to post-copy: pages whose content is still to come.
     Switch(PageBitmap),
     /// The VM faulted on these addresses.
@@ -714,6 +724,14 @@ impl Applier {
         if let Some(since) = post.waiting.remove(&page) {
             let stall = u64::try_from(since.elapsed().as_micros()).unwrap_or(u64::MAX);
             self.stats.longest_stall_us = self.stats.longest_stall_us.max(stall);
+            if stall > 20_000 {
+                tracing::debug!(
+                    page,
+                    stall_ms = stall / 1000,
+                    ms_since_switch = post.since.elapsed().as_millis(),
+                    "long stall"
+                );
+            }
             let f = &post.faults;
             dbmigrate_uffd::wake(&f.uffd, f.base + page * PAGE_SIZE as u64, PAGE_SIZE as u64)
                 .map_err(|source| DestError::Faults {
@@ -983,6 +1001,7 @@ impl Applier {
         let (mut ended, mut drains, mut bytes) = (0usize, 0usize, 0u64);
         let mut drain_round = 0;
         let mut turn = false;
+        let mut prepare = PrepareState::default();
         while !self.done(ended) {
             // After the switch, pages from the source come before storage
             // results: a page missing from the network costs the VM a round
@@ -1026,7 +1045,8 @@ impl Applier {
                     drains += 1;
                     drain_round = round;
                 }
-                ApplyInput::PrepareSwitch => self.prepare_switch()?,
+                ApplyInput::PrepareSwitch => prepare.asked = true,
+                ApplyInput::PrepareMark => prepare.marks += 1,
                 ApplyInput::SwitchMark => {
                     self.marks += 1;
                     tracing::debug!(marks = self.marks, "switch mark");
@@ -1053,6 +1073,10 @@ impl Applier {
                     self.resolved_run(&pages, &data, unread)?;
                     self.read_buffers.give(data);
                 }
+            }
+            if prepare.asked && prepare.marks == self.conns {
+                prepare = PrepareState::default();
+                self.prepare_switch()?;
             }
             if self.marks == self.conns && self.switch.is_some() && self.post.is_none() {
                 let pending = self.switch.take().expect("checked");
@@ -1721,11 +1745,12 @@ async fn read_stream(
             }
             Message::Drain { round } => ApplyInput::Drain { round },
             Message::SwitchMark => ApplyInput::SwitchMark,
+            Message::PrepareSwitch => ApplyInput::PrepareMark,
             Message::EndOfStream => return Ok(bytes),
             other => {
                 return Err(DestError::Unexpected {
                     got: other.name(),
-                    expected: "PageBatch, Drain or EndOfStream",
+                    expected: "PageBatch, Drain, SwitchMark, PrepareSwitch or EndOfStream",
                 })
             }
         };

@@ -51,7 +51,7 @@ use crate::PAGE_SIZE;
 /// First four bytes of every frame: "DMG1" little-endian.
 pub const MAGIC: u32 = u32::from_le_bytes(*b"DMG1");
 /// Protocol version carried in [`Hello`] and [`Welcome`].
-pub const PROTOCOL_VERSION: u32 = 5;
+pub const PROTOCOL_VERSION: u32 = 6;
 /// Size of the fixed frame header.
 pub const HEADER_LEN: usize = 16;
 /// Largest payload a peer may announce; larger frames are refused unread.
@@ -260,11 +260,14 @@ pub enum Message {
         /// Why, for the operator.
         reason: String,
     },
-    /// Control connection, VM still running on the source: a switch to
-    /// post-copy follows. The destination makes the pages still waiting
-    /// for storage holes now, outside the pause.
+    /// VM still running on the source: a switch to post-copy follows. Sent
+    /// on every data connection, behind the last round's pages, and then on
+    /// the control connection. Once it came on all of them (the round's
+    /// pages are in, the connections empty), the destination makes the
+    /// pages still waiting for storage holes, outside the pause, and answers.
     PrepareSwitch,
-    /// Destination: the pages waiting for storage are holes; the switch may come.
+    /// Destination: the data connections are empty and the pages waiting
+    /// for storage are holes; the switch may come.
     SwitchPrepared,
     /// Control connection, VM paused: switch to post-copy. `pending` is a
     /// bitmap (bit i of byte i/8 = page i) of pages whose content the
