@@ -283,7 +283,7 @@ struct Applied {
 /// connection, and the data connections whose marker arrived.
 #[derive(Default)]
 struct PrepareState {
-    asked: bool,
+    stale: Option<PageBitmap>,
     marks: usize,
 }
 
@@ -296,8 +296,9 @@ enum ApplyInput {
     Drain { round: u32 },
     /// A data connection reached the switch to post-copy.
     SwitchMark,
-    /// The source will switch to post-copy (its VM still runs).
-    PrepareSwitch,
+    /// The source will switch to post-copy (its VM still runs); these
+    /// pages are pending already.
+    PrepareSwitch(PageBitmap),
     /// A data connection delivered everything before the switch's preparation.
     PrepareMark,
     /// The source switched to post-copy: pages whose content is still to come.
@@ -820,20 +821,21 @@ impl Applier {
             .write_pages(page, &data[at * PAGE_SIZE..(at + n) * PAGE_SIZE])?)
     }
 
-    /// The source will switch to post-copy. Into RAM allocated up front,
-    /// the pages still waiting for storage (after a first round, most of
-    /// the buffer pool) are punched out now, while the VM still runs on
-    /// the source, instead of inside the pause; their reads land through
-    /// the file from here on, filling the holes.
-    fn prepare_switch(&mut self) -> Result<(), DestError> {
-        if self.post.is_none()
-            && self.holes.is_none()
-            && self.faults.is_some()
-            && self.ram.prepared() == Prepared::ZeroedAllocated
-        {
+    /// The source will switch to post-copy, and every page of the last
+    /// round is in. The pages the source already knows it will send again
+    /// (`stale`) and, in RAM allocated up front, the pages still waiting
+    /// for storage (after a first round, most of the buffer pool) are
+    /// punched out now, while the VM still runs on the source, instead of
+    /// inside the pause; reads land through the file from here on, filling
+    /// the holes. The switch punches only what changed since.
+    fn prepare_switch(&mut self, stale: PageBitmap) -> Result<(), DestError> {
+        if self.post.is_none() && self.holes.is_none() && self.faults.is_some() {
             let t = Instant::now();
-            self.ram.write_through_file();
-            let holes = self.inflight.clone();
+            let mut holes = stale;
+            if self.ram.prepared() == Prepared::ZeroedAllocated {
+                self.ram.write_through_file();
+                holes.union_with(&self.inflight);
+            }
             punch(&mut self.ram, holes.iter())?;
             tracing::info!(
                 punched = holes.count(),
@@ -1045,7 +1047,7 @@ impl Applier {
                     drains += 1;
                     drain_round = round;
                 }
-                ApplyInput::PrepareSwitch => prepare.asked = true,
+                ApplyInput::PrepareSwitch(stale) => prepare.stale = Some(stale),
                 ApplyInput::PrepareMark => prepare.marks += 1,
                 ApplyInput::SwitchMark => {
                     self.marks += 1;
@@ -1074,9 +1076,11 @@ impl Applier {
                     self.read_buffers.give(data);
                 }
             }
-            if prepare.asked && prepare.marks == self.conns {
-                prepare = PrepareState::default();
-                self.prepare_switch()?;
+            if prepare.marks == self.conns {
+                if let Some(stale) = prepare.stale.take() {
+                    prepare.marks = 0;
+                    self.prepare_switch(stale)?;
+                }
             }
             if self.marks == self.conns && self.switch.is_some() && self.post.is_none() {
                 let pending = self.switch.take().expect("checked");
@@ -1385,8 +1389,9 @@ impl DestSession {
                     heard.touch();
                     match m.ok_or(ProtocolError::Closed { doing: "watching the control connection" })? {
                         Ok(req @ Message::VerifyRequest { .. }) => early_request = Some(req),
-                        Ok(Message::PrepareSwitch) => {
-                            if urgent_tx.send(ApplyInput::PrepareSwitch).await.is_err() {
+                        Ok(Message::PrepareSwitch { stale }) => {
+                            let stale = bitmap_from_bytes(&stale, pages)?;
+                            if urgent_tx.send(ApplyInput::PrepareSwitch(stale)).await.is_err() {
                                 return Err(stopped_writer(&mut applier).await);
                             }
                         }
@@ -1745,7 +1750,7 @@ async fn read_stream(
             }
             Message::Drain { round } => ApplyInput::Drain { round },
             Message::SwitchMark => ApplyInput::SwitchMark,
-            Message::PrepareSwitch => ApplyInput::PrepareMark,
+            Message::PrepareMark => ApplyInput::PrepareMark,
             Message::EndOfStream => return Ok(bytes),
             other => {
                 return Err(DestError::Unexpected {

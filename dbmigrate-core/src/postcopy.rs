@@ -162,15 +162,26 @@ impl SourceSession {
         // The pause then starts with empty connections, and the switch's
         // markers do not wait inside it for megabytes still in the sockets
         // and the link's queue (35-40 ms at 1 Gbit/s, measured).
-        let frame = Message::PrepareSwitch.encode();
+        let frame = Message::PrepareMark.encode();
         for c in &self.data {
             if c.tx.send(WriterCmd::Frame(frame.clone())).await.is_err() {
                 return Err(self.writer_error().await);
             }
         }
+        // Pages written since the round's collect will be pending too; with
+        // the others they are stale at the destination, which punches them
+        // out now rather than inside the pause (11-13 ms for 64 MiB).
+        let mut written = PageBitmap::new(self.ram.pages());
+        self.tracker.collect(&mut written)?;
+        self.pending.union_with(&written);
+        self.mark_written();
+        let stale = bitmap_bytes(&self.pending);
         self.stats.bytes_sent += self
             .ctrl_tx
-            .send(&Message::PrepareSwitch, "preparing the switch to post-copy")
+            .send(
+                &Message::PrepareSwitch { stale },
+                "preparing the switch to post-copy",
+            )
             .await?;
         match self
             .read_ctrl("waiting for the destination to prepare the switch")

@@ -260,12 +260,19 @@ pub enum Message {
         /// Why, for the operator.
         reason: String,
     },
-    /// VM still running on the source: a switch to post-copy follows. Sent
-    /// on every data connection, behind the last round's pages, and then on
-    /// the control connection. Once it came on all of them (the round's
-    /// pages are in, the connections empty), the destination makes the
-    /// pages still waiting for storage holes, outside the pause, and answers.
-    PrepareSwitch,
+    /// Control connection, VM still running on the source: a switch to
+    /// post-copy follows. `stale` is a bitmap (as in [`Message::Switch`]) of
+    /// pages already known to be pending: their copies at the destination
+    /// are stale. Once [`Message::PrepareMark`] came on every data
+    /// connection too (the round's pages are in, the connections empty),
+    /// the destination punches out those pages and the ones still waiting
+    /// for storage, outside the pause, and answers.
+    PrepareSwitch {
+        /// The bitmap, exactly ceil(pages / 8) bytes.
+        stale: Vec<u8>,
+    },
+    /// Data connection: everything before the switch's preparation was sent.
+    PrepareMark,
     /// Destination: the data connections are empty and the pages waiting
     /// for storage are holes; the switch may come.
     SwitchPrepared,
@@ -315,6 +322,7 @@ const K_PAGE_REQUEST: u16 = 16;
 const K_HEARTBEAT: u16 = 17;
 const K_PREPARE_SWITCH: u16 = 18;
 const K_SWITCH_PREPARED: u16 = 19;
+const K_PREPARE_MARK: u16 = 20;
 
 /// Data connection (1-based) that carries `page` when `conns` data connections exist.
 pub fn connection_for_page(page: u64, conns: u16) -> u16 {
@@ -339,7 +347,8 @@ impl Message {
             Message::Abort { .. } => "Abort",
             Message::Drain { .. } => "Drain",
             Message::Drained { .. } => "Drained",
-            Message::PrepareSwitch => "PrepareSwitch",
+            Message::PrepareSwitch { .. } => "PrepareSwitch",
+            Message::PrepareMark => "PrepareMark",
             Message::SwitchPrepared => "SwitchPrepared",
             Message::Switch { .. } => "Switch",
             Message::SwitchMark => "SwitchMark",
@@ -363,7 +372,8 @@ impl Message {
             Message::Abort { .. } => K_ABORT,
             Message::Drain { .. } => K_DRAIN,
             Message::Drained { .. } => K_DRAINED,
-            Message::PrepareSwitch => K_PREPARE_SWITCH,
+            Message::PrepareSwitch { .. } => K_PREPARE_SWITCH,
+            Message::PrepareMark => K_PREPARE_MARK,
             Message::SwitchPrepared => K_SWITCH_PREPARED,
             Message::Switch { .. } => K_SWITCH,
             Message::SwitchMark => K_SWITCH_MARK,
@@ -403,10 +413,11 @@ impl Message {
             | Message::Activated
             | Message::SwitchMark
             | Message::Switched
-            | Message::PrepareSwitch
+            | Message::PrepareMark
             | Message::SwitchPrepared
             | Message::Heartbeat => {}
-            Message::Switch { pending } => {
+            Message::Switch { pending: bits } | Message::PrepareSwitch { stale: bits } => {
+                let pending = bits;
                 put_len(&mut p, pending.len());
                 p.extend_from_slice(pending);
             }
@@ -543,7 +554,13 @@ impl Message {
             K_ACTIVATED => Message::Activated,
             K_SWITCH_MARK => Message::SwitchMark,
             K_SWITCHED => Message::Switched,
-            K_PREPARE_SWITCH => Message::PrepareSwitch,
+            K_PREPARE_MARK => Message::PrepareMark,
+            K_PREPARE_SWITCH => {
+                let n = r.len(1)?;
+                Message::PrepareSwitch {
+                    stale: r.bytes(n)?.to_vec(),
+                }
+            }
             K_SWITCH_PREPARED => Message::SwitchPrepared,
             K_HEARTBEAT => Message::Heartbeat,
             K_SWITCH => {
@@ -670,6 +687,7 @@ fn kind_name(kind: u16) -> Result<&'static str, ProtocolError> {
         K_HEARTBEAT => "Heartbeat",
         K_PREPARE_SWITCH => "PrepareSwitch",
         K_SWITCH_PREPARED => "SwitchPrepared",
+        K_PREPARE_MARK => "PrepareMark",
         _ => return Err(ProtocolError::UnknownKind { kind }),
     })
 }
@@ -920,7 +938,10 @@ mod tests {
             },
             Message::SwitchMark,
             Message::Switched,
-            Message::PrepareSwitch,
+            Message::PrepareSwitch {
+                stale: vec![0, 0b0100_0000],
+            },
+            Message::PrepareMark,
             Message::SwitchPrepared,
             Message::PageRequest {
                 pages: vec![3, 1 << 40],
