@@ -8,9 +8,10 @@
 //!
 //! ```text
 //! source                                     destination
-//!   | PrepareSwitch (each data conn, then       |  once all came: punches
-//!   |   control; VM still running) -----------> |  pages waiting for storage
-//!   | <---------------------- SwitchPrepared     |  (connections now empty)
+//!   | PrepareMark (each data conn), then        |  once all came (the
+//!   |   PrepareSwitch{stale} (control;          |  connections are empty):
+//!   |   VM still running) --------------------> |  punches stale pages and
+//!   | <---------------------- SwitchPrepared     |  pages waiting for storage
 //!   |  (VM paused)                               |
 //!   | SwitchMark (each data conn) ------------> |
 //!   | Switch{pending bitmap} (control) -------> |  punches stale pages,
@@ -472,7 +473,8 @@ impl SourceSession {
                         self.stats.bytes_sent += sent.map_err(|e| fail(e.into()))?;
                     }
                 }
-                // Lowest priority: ready at once, taken when nothing else is.
+                // Ready at once: taken when none of the branches above is
+                // (the digests below come only after the push, long after).
                 () = std::future::ready(()), if hot_next < sw.hottest.len() => {
                     let end = (hot_next + HOTTEST_PER_TURN).min(sw.hottest.len());
                     let chunk = sw.hottest[hot_next..end].to_vec();
