@@ -115,7 +115,7 @@ struct Terminal {
     warehouses: u32,
 }
 
-fn is_retryable(e: &mysql_async::Error) -> bool {
+pub(crate) fn is_retryable(e: &mysql_async::Error) -> bool {
     // 1213 deadlock, 1205 lock wait timeout: the spec's drivers retry them.
     matches!(e, mysql_async::Error::Server(s) if s.code == 1213 || s.code == 1205)
 }
