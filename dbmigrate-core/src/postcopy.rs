@@ -72,6 +72,13 @@ const HOTTEST_PER_TURN: usize = 64;
 /// queue behind the push at the bottleneck and lengthen the pause.
 const PRE_COMMIT_SHARE: f64 = 0.5;
 
+/// Share of the link the push may take after Commit. Just below the link:
+/// a push at full speed fills the bottleneck's queue (tens of
+/// milliseconds of data on a shaped link), and every answer to a page
+/// request on the control connection then waits behind it, while the
+/// vCPU waits for the answer.
+const POST_COMMIT_SHARE: f64 = 0.9;
+
 /// The push's pace, set by the hand-over and read by the pusher thread.
 const PACED: u8 = 0;
 const FREE: u8 = 1;
@@ -292,11 +299,11 @@ impl SourceSession {
             },
         );
         let compress = self.cfg.compress;
-        let paced_rate = link_rate(&self.history, self.cfg.bandwidth) * PRE_COMMIT_SHARE;
+        let link = link_rate(&self.history, self.cfg.bandwidth);
         let pace = Arc::new(AtomicU8::new(PACED));
         let pace_for_push = pace.clone();
         let pusher = tokio::task::spawn_blocking(move || {
-            push(&ram, &todo, &q, &txs, compress, &pace_for_push, paced_rate)
+            push(&ram, &todo, &q, &txs, compress, &pace_for_push, link)
         });
         Ok(Switched {
             pending,
@@ -701,9 +708,9 @@ impl PushOrder {
 }
 
 /// The background push: every pending page once, neighbours of faults
-/// first, then `todo`'s order, at most `paced_rate` bytes/s while `pace` is
-/// PACED. Returns (pages, bytes), or None if a connection went away or the
-/// push was stopped.
+/// first, then `todo`'s order, paced to a share of `link` bytes/s (see
+/// [`Pacer`]). Returns (pages, bytes), or None if a connection went away
+/// or the push was stopped.
 fn push(
     ram: &SourceRam,
     todo: &PushOrder,
@@ -711,7 +718,7 @@ fn push(
     txs: &[mpsc::Sender<WriterCmd>],
     compress: bool,
     pace: &AtomicU8,
-    paced_rate: f64,
+    link: f64,
 ) -> Option<(u64, u64)> {
     const BATCH_BYTES: usize = 64 << 10;
     let conns = u16::try_from(txs.len()).expect("at most 16 connections");
@@ -723,7 +730,7 @@ fn push(
     };
     let mut cbuf = vec![0u8; PAGE_SIZE];
     let (mut n, mut bytes) = (0u64, 0u64);
-    let started = Instant::now();
+    let mut pacer = Pacer::new(link, Instant::now());
     let mut sweep = Sweep::default();
     loop {
         // Hot pages first; then the next page in order not sent yet.
@@ -764,7 +771,7 @@ fn push(
         // Small batches: a fault's neighbours must not wait behind a big one.
         if builders[c].encoded_len() >= BATCH_BYTES {
             send_batch(&mut builders[c], 0, &txs[c], &mut bytes)?;
-            keep_pace(pace, bytes, started, paced_rate)?;
+            pacer.keep(pace, bytes)?;
         }
     }
     for (b, tx) in builders.iter_mut().zip(txs) {
@@ -775,21 +782,58 @@ fn push(
     Some((n, bytes))
 }
 
-/// Sleeps while the push is ahead of `paced_rate` before Commit; None once
-/// it is stopped.
-fn keep_pace(pace: &AtomicU8, bytes: u64, started: Instant, paced_rate: f64) -> Option<()> {
-    loop {
-        match pace.load(Ordering::Acquire) {
-            FREE => return Some(()),
+/// The push's rate: [`PRE_COMMIT_SHARE`] of the link until Commit, then
+/// [`POST_COMMIT_SHARE`], each phase counted from its own start (the
+/// second must not spend in a burst what the first left unused).
+struct Pacer {
+    link: f64,
+    committed: bool,
+    since: Instant,
+    bytes_at: u64,
+}
+
+impl Pacer {
+    fn new(link: f64, now: Instant) -> Self {
+        Self {
+            link,
+            committed: false,
+            since: now,
+            bytes_at: 0,
+        }
+    }
+
+    /// How long to wait, at `now`, having pushed `bytes` in all, with the
+    /// hand-over in state `pace`; None once the push is stopped.
+    fn wait(&mut self, pace: u8, bytes: u64, now: Instant) -> Option<Duration> {
+        let share = match pace {
             STOPPED => return None,
-            _ => {}
+            FREE => {
+                if !self.committed {
+                    self.committed = true;
+                    self.since = now;
+                    self.bytes_at = bytes;
+                }
+                POST_COMMIT_SHARE
+            }
+            _ => PRE_COMMIT_SHARE,
+        };
+        Some(pace_wait(
+            bytes - self.bytes_at,
+            now.saturating_duration_since(self.since),
+            self.link * share,
+        ))
+    }
+
+    /// Sleeps while the push is ahead of its pace; None once it is stopped.
+    fn keep(&mut self, pace: &AtomicU8, bytes: u64) -> Option<()> {
+        loop {
+            let wait = self.wait(pace.load(Ordering::Acquire), bytes, Instant::now())?;
+            if wait.is_zero() {
+                return Some(());
+            }
+            // Short naps: Commit must change the pace at once.
+            std::thread::sleep(wait.min(Duration::from_millis(2)));
         }
-        let wait = pace_wait(bytes, started.elapsed(), paced_rate);
-        if wait.is_zero() {
-            return Some(());
-        }
-        // Short naps: Commit must set the push free at once.
-        std::thread::sleep(wait.min(Duration::from_millis(2)));
     }
 }
 
@@ -811,6 +855,27 @@ mod tests {
     use super::*;
 
     use crate::precopy::{switch_to_postcopy, Mode, StopReason};
+
+    #[test]
+    fn the_push_paces_each_phase_from_its_own_start() {
+        let t0 = Instant::now();
+        let link = 100e6;
+        let mut p = Pacer::new(link, t0);
+        // Before Commit: half the link. 50 MB after 1 s is on time.
+        let at = |ms| t0 + Duration::from_millis(ms);
+        assert_eq!(p.wait(PACED, 50_000_000, at(1000)), Some(Duration::ZERO));
+        assert!(p.wait(PACED, 60_000_000, at(1000)).unwrap() > Duration::from_millis(150));
+        // Commit at 1 s with 50 MB pushed: the new phase counts from there,
+        // at 90 MB/s, not from the start (which would allow a 40 MB burst).
+        assert_eq!(p.wait(FREE, 50_000_000, at(1000)), Some(Duration::ZERO));
+        let w = p.wait(FREE, 59_000_000, at(1000)).unwrap();
+        assert!(
+            w > Duration::from_millis(90) && w < Duration::from_millis(110),
+            "{w:?}"
+        );
+        assert_eq!(p.wait(FREE, 59_000_000, at(1100)), Some(Duration::ZERO));
+        assert_eq!(p.wait(STOPPED, 59_000_000, at(1100)), None);
+    }
 
     /// Drains a push order as the pusher does, `already_sent` gone on the
     /// control connection, with faults at the given steps, returning the
