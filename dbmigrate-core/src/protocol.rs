@@ -417,9 +417,8 @@ impl Message {
             | Message::SwitchPrepared
             | Message::Heartbeat => {}
             Message::Switch { pending: bits } | Message::PrepareSwitch { stale: bits } => {
-                let pending = bits;
-                put_len(&mut p, pending.len());
-                p.extend_from_slice(pending);
+                put_len(&mut p, bits.len());
+                p.extend_from_slice(bits);
             }
             Message::PageRequest { pages } => {
                 put_len(&mut p, pages.len());
