@@ -402,8 +402,7 @@ pub(crate) fn consistent(s: &DbSetup, bed: &DbBed, vm_ip: &str) -> bool {
             let out = tpcc_check(bed, vm_ip, CHECK_LIMIT_S).and_then(|mut c| Ok(c.output()?));
             match out {
                 Ok(o) if o.status.success() => true,
-                // timeout(1) exits 124 when it stopped the check, 137 when it had to kill it.
-                Ok(o) if matches!(o.status.code(), Some(124 | 137)) => {
+                Ok(o) if DbBed::timed_out(o.status) => {
                     eprintln!("   tpcc check on {vm_ip}: no answer within {CHECK_LIMIT_S} s: the database is stuck (see the guest's serial log)");
                     false
                 }
@@ -423,6 +422,11 @@ pub(crate) fn consistent(s: &DbSetup, bed: &DbBed, vm_ip: &str) -> bool {
     }
 }
 
+/// The destination agent's log for the VM `dst_name` in `dir`.
+fn receive_log(dir: &Path, dst_name: &str) -> PathBuf {
+    dir.join(format!("receive-{dst_name}.log"))
+}
+
 /// Starts the destination agent of VM `slot` for a dbmigrate `method`
 /// and waits until it listens (None for QEMU's methods). As an operator
 /// would, the source starts only then: the clock leaves out the
@@ -439,7 +443,7 @@ pub(crate) fn start_receiver(
         return Ok(None);
     }
     let sl = &bed.slots[slot];
-    let recv_log = bed.tb.dir.join(format!("receive-{}.log", sl.dst_name));
+    let recv_log = receive_log(&bed.tb.dir, &sl.dst_name);
     let mut recv = bed.tb.receive_cmd_on(dst, sl.port)?;
     recv.args(["--storage", &sl.nbd_from_dst]);
     if let Some(sock) = uffd_sock {
@@ -532,7 +536,7 @@ pub(crate) fn migrate_slot(
             "destination": dest,
             "device_state_bytes": r["device_state_bytes"],
             "error": r["error"],
-            "destination_error": dbmigrate_testbed::agent_error(&dir.join(format!("receive-{}.log", sl.dst_name))),
+            "destination_error": dbmigrate_testbed::agent_error(&receive_log(dir, &sl.dst_name)),
             "paused_at_ms": r["paused_at_ms"],
             "downtime_parts": r["downtime_parts"],
             "agent_link_bytes": r["link_bytes"],

@@ -1159,6 +1159,13 @@ impl DbBed {
         c
     }
 
+    /// Whether a command made by [`DbBed::client_within`] ran out of time:
+    /// timeout(1) exits 124 when it stopped the program, 137 when it had to
+    /// kill it.
+    pub fn timed_out(status: std::process::ExitStatus) -> bool {
+        matches!(status.code(), Some(124 | 137))
+    }
+
     /// sysbench `oltp_read_write` against the VM for `secs` seconds.
     ///
     /// sysbench retries only deadlocks (1213): InnoDB picks a victim when
@@ -1247,9 +1254,8 @@ impl DbBed {
             ])
             .output()
             .context("running the mariadb client (install mariadb-client)")?;
-        // timeout(1) exits 124 when it stopped the client, 137 when it had to kill it.
         if let Some(l) = limit_s {
-            if matches!(out.status.code(), Some(124 | 137)) {
+            if Self::timed_out(out.status) {
                 bail!("SQL `{query}` got no answer within {l} s: the database on {vm_ip} is stuck (see the guest's serial log)");
             }
         }
