@@ -11,6 +11,7 @@ pub mod bitmap;
 pub mod control;
 pub mod dest;
 pub mod dirty;
+pub mod heat;
 pub mod layout;
 pub mod limiter;
 pub mod postcopy;
