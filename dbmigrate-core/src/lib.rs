@@ -11,7 +11,6 @@ pub mod bitmap;
 pub mod control;
 pub mod dest;
 pub mod dirty;
-pub mod heat;
 pub mod layout;
 pub mod limiter;
 pub mod postcopy;

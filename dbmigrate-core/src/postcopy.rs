@@ -89,9 +89,6 @@ const STOPPED: u8 = 2;
 pub struct PostcopyStats {
     /// Pages the destination did not have at the switch.
     pub pending_pages: u64,
-    /// Of those, pages pushed first for having been seen written in
-    /// several collects while the VM ran.
-    pub hot_pages: u64,
     /// Pages pushed in the background, and the last-written pages sent on
     /// the control connection at the switch.
     pub pushed_pages: u64,
@@ -131,8 +128,6 @@ struct PushQueue {
 /// A switch to post-copy in progress.
 pub struct Switched {
     pending: PageBitmap,
-    /// Pages the push sends first for having been written most often.
-    hot_pages: u64,
     /// Pages to send on the control connection at the switch (the last
     /// written), in the gaps of the hand-over's other traffic.
     hottest: Vec<u64>,
@@ -179,8 +174,7 @@ impl SourceSession {
         // Pages written since the round's collect will be pending too; with
         // the others they are stale at the destination, which punches them
         // out now rather than inside the pause (11-13 ms for 64 MiB).
-        let written = self.collect_written()?;
-        self.pending.union_with(&written);
+        self.tracker.collect(&mut self.pending)?;
         self.mark_written();
         let stale = bitmap_bytes(&self.pending);
         self.stats.bytes_sent += self
@@ -220,7 +214,8 @@ impl SourceSession {
         // With the VM paused nothing is written after this collect. What it
         // reports was written since the last collect, the moments before the
         // pause: the pages the guest is likeliest to touch first, sent first.
-        let last_written = self.collect_written()?;
+        let mut last_written = PageBitmap::new(self.ram.pages());
+        self.tracker.collect(&mut last_written)?;
         self.pending.union_with(&last_written);
         self.mark_written();
         let pending = std::mem::replace(&mut self.pending, PageBitmap::new(self.ram.pages()));
@@ -288,21 +283,6 @@ impl SourceSession {
             }
             verify::ram_digests(ram.bytes(), &data, verify::CHUNK_PAGES, threads)
         });
-        // Then the pages written most often while the VM ran, then the rest.
-        let order = PushOrder {
-            hot: self
-                .heat
-                .as_ref()
-                .map(|h| h.hot_first(&pending))
-                .unwrap_or_default(),
-            pending: pending.iter().collect(),
-        };
-        tracing::debug!(
-            hot = order.hot.len(),
-            pending = order.pending.len(),
-            "post-copy push order"
-        );
-        let hot_pages = order.hot.len() as u64;
         let queue = Arc::new(Mutex::new(PushQueue {
             hot: rest_of_hottest.iter().copied().collect(),
             sent: on_control.clone(),
@@ -313,7 +293,9 @@ impl SourceSession {
             self.ram.clone(),
             self.data.iter().map(|c| c.tx.clone()).collect::<Vec<_>>(),
             queue.clone(),
-            order,
+            PushOrder {
+                pending: pending.iter().collect(),
+            },
         );
         let compress = self.cfg.compress;
         let link = link_rate(&self.history, self.cfg.bandwidth);
@@ -324,7 +306,6 @@ impl SourceSession {
         });
         Ok(Switched {
             pending,
-            hot_pages,
             hottest: hottest.to_vec(),
             queue,
             pusher,
@@ -353,7 +334,6 @@ impl SourceSession {
     {
         let mut stats = PostcopyStats {
             pending_pages: sw.pending.count(),
-            hot_pages: sw.hot_pages,
             pushed_pages: sw.hottest.len() as u64,
             ..PostcopyStats::default()
         };
@@ -554,10 +534,6 @@ impl SourceSession {
                 already_pushed,
                 prefetched = prefetch.len(),
                 first = asked.first().copied().unwrap_or_default(),
-                heat = asked
-                    .first()
-                    .and_then(|&p| self.heat.as_ref().map(|h| h.get(p)))
-                    .unwrap_or_default(),
                 ms_since_switch =
                     u64::try_from(sw.started.elapsed().as_millis()).unwrap_or(u64::MAX),
                 "page request"
@@ -696,19 +672,16 @@ impl Drop for Switched {
     }
 }
 
-/// The pages a push sends: the pages written most often first, then a
-/// sweep through every pending page, ascending, that starts at the bottom
-/// and jumps to wherever the VM last faulted, wrapping around at the top,
-/// as QEMU's own post-copy does.
+/// The pages a push sends: a sweep through every pending page, ascending,
+/// that starts at the bottom and jumps to wherever the VM last faulted,
+/// wrapping around at the top, as QEMU's own post-copy does.
 struct PushOrder {
-    hot: Vec<u64>,
     pending: Vec<u64>,
 }
 
-/// Where a push stands: the next index of `hot`, and of `pending`.
+/// Where a push's sweep stands: the next index of `pending`.
 #[derive(Default)]
 struct Sweep {
-    hot_at: usize,
     at: usize,
 }
 
@@ -723,12 +696,6 @@ impl PushOrder {
     ) -> Option<u64> {
         if let Some(fault) = jump_to {
             sweep.at = self.pending.partition_point(|&p| p < fault);
-        }
-        while let Some(&p) = self.hot.get(sweep.hot_at) {
-            sweep.hot_at += 1;
-            if !sent(p) {
-                return Some(p);
-            }
         }
         let n = self.pending.len();
         let i = (0..n)
@@ -933,28 +900,14 @@ mod tests {
     #[test]
     fn the_push_sweeps_up_and_skips_pages_sent_on_the_control_connection() {
         let order = PushOrder {
-            hot: Vec::new(),
             pending: vec![3, 9, 50, 70, 99],
         };
         assert_eq!(drain(&order, &[9, 70], &[]), vec![3, 50, 99]);
     }
 
     #[test]
-    fn the_push_sends_the_most_written_pages_before_sweeping() {
-        let order = PushOrder {
-            hot: vec![70, 9, 50],
-            pending: vec![3, 9, 50, 70, 99],
-        };
-        assert_eq!(drain(&order, &[], &[]), vec![70, 9, 50, 3, 99]);
-        // 9 went on the control connection; a fault on 80 during the hot
-        // pages moves the sweep, which starts once they are out.
-        assert_eq!(drain(&order, &[9], &[(1, 80)]), vec![70, 50, 99, 3]);
-    }
-
-    #[test]
     fn the_push_sweep_jumps_to_a_fault_and_wraps_around() {
         let order = PushOrder {
-            hot: Vec::new(),
             pending: vec![10, 20, 30, 40, 50, 60],
         };
         // After two pages the VM faults on 45: the sweep goes on from 45

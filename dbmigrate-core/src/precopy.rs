@@ -25,7 +25,6 @@ use xxhash_rust::xxh3::xxh3_128;
 use crate::bitmap::PageBitmap;
 use crate::control::ControlWriter;
 use crate::dirty::{DirtyError, DirtyTracker};
-use crate::heat::{self, Heat};
 use crate::limiter::RateLimiter;
 use crate::protocol::{
     self, connection_for_page, BatchBuilder, Hello, Message, PageEncoding, ProtocolError, Welcome,
@@ -379,9 +378,6 @@ pub struct SourceSession {
     digests: Option<Vec<u128>>,
     /// Dirty tracking was armed and the first round's pages chosen.
     armed: bool,
-    /// How often each page was seen written, when the migration may end in
-    /// post-copy (its push goes by it).
-    pub(crate) heat: Option<Heat>,
     /// Statistics so far.
     pub stats: MigrationStats,
 }
@@ -445,7 +441,6 @@ impl SourceSession {
         }
         let pages = ram.pages();
         let ctrl_tx = ControlWriter::new(ctrl_tx, cfg.peer_timeout);
-        let (cfg_mode, postcopy) = (cfg.mode, welcome.postcopy);
         Ok(Self {
             ram: Arc::new(ram),
             tracker,
@@ -461,7 +456,6 @@ impl SourceSession {
             source_digests: Some(verify::SourceDigests::new(pages, verify::CHUNK_PAGES)),
             digests: None,
             armed: false,
-            heat: (cfg_mode != Mode::Precopy && postcopy).then(|| Heat::new(pages)),
             stats,
         })
     }
@@ -510,7 +504,7 @@ impl SourceSession {
             let first_only = self.cfg.mode == Mode::Postcopy && self.welcome.postcopy;
             // Round 0 skips zero pages: the destination RAM starts as holes.
             let sent = self
-                .send_round_with(&to_send, round, round == 0, !first_only, true)
+                .send_round_with(&to_send, round, round == 0, !first_only)
                 .await;
             let mut rs = sent?;
             // The round hashed what it read; what it did not read (holes,
@@ -526,9 +520,7 @@ impl SourceSession {
                 self.source_digests = Some(Self::refreshed(hashing).await?);
             }
             let scan = Instant::now();
-            let written = self.collect_written()?;
-            let dirty = written.count();
-            self.pending.union_with(&written);
+            let dirty = self.tracker.collect(&mut self.pending)?;
             self.mark_written();
             tracing::debug!(
                 round,
@@ -578,8 +570,7 @@ impl SourceSession {
     pub async fn final_round(&mut self) -> Result<RoundStats, PrecopyError> {
         // Writes between the last collect and the pause are caught here; with
         // the VM paused nothing can be written after this collect.
-        let written = self.collect_written()?;
-        self.pending.union_with(&written);
+        self.tracker.collect(&mut self.pending)?;
         self.mark_written();
         let to_send = std::mem::replace(&mut self.pending, PageBitmap::new(self.ram.pages()));
         // RAM no longer changes: hash what changed since the last refresh
@@ -772,17 +763,6 @@ impl SourceSession {
         }
     }
 
-    /// The pages written since the last collect (tracking re-armed for
-    /// them), counted in the heat if it is kept.
-    pub(crate) fn collect_written(&mut self) -> Result<PageBitmap, PrecopyError> {
-        let mut written = PageBitmap::new(self.ram.pages());
-        self.tracker.collect(&mut written)?;
-        if let Some(h) = self.heat.as_mut() {
-            h.add(&written);
-        }
-        Ok(written)
-    }
-
     /// Marks for hashing every pending page: all the last collect reported
     /// are among them (the others, pages the destination asked for, cost
     /// only a needless re-hash of the page).
@@ -822,21 +802,16 @@ impl SourceSession {
         round: u32,
         skip_zero: bool,
     ) -> Result<RoundStats, PrecopyError> {
-        self.send_round_with(pages, round, skip_zero, true, false)
-            .await
+        self.send_round_with(pages, round, skip_zero, true).await
     }
 
-    /// Sends one round; with `drain`, waits until the destination applied
-    /// it. `live`: the VM runs meanwhile (while the heat is kept, written
-    /// pages are then collected every [`heat::COLLECT_EVERY`] to count them,
-    /// and become pending).
+    /// Sends one round; with `drain`, waits until the destination applied it.
     async fn send_round_with(
         &mut self,
         pages: &PageBitmap,
         round: u32,
         skip_zero: bool,
         drain: bool,
-        live: bool,
     ) -> Result<RoundStats, PrecopyError> {
         let t = Instant::now();
         let ram = self.ram.clone();
@@ -853,25 +828,10 @@ impl SourceSession {
             disk_sizes: self.cfg.disk_sizes.clone(),
             no_ref: self.no_ref.clone(),
         };
-        let mut producer = tokio::task::spawn_blocking(move || produce_round(&ram, &job, &txs));
-        let mut written_meanwhile = PageBitmap::new(self.ram.pages());
-        let produced = if live && self.heat.is_some() {
-            let mut tick = tokio::time::interval_at(
-                tokio::time::Instant::now() + heat::COLLECT_EVERY,
-                heat::COLLECT_EVERY,
-            );
-            loop {
-                tokio::select! {
-                    p = &mut producer => break p,
-                    _ = tick.tick() => written_meanwhile.union_with(&self.collect_written()?),
-                }
-            }
-        } else {
-            producer.await
-        };
-        // Pending from now on: the next round resends them.
-        self.pending.union_with(&written_meanwhile);
-        let produced = produced.map_err(|e| PrecopyError::Worker(e.to_string()))?;
+        let producer = tokio::task::spawn_blocking(move || produce_round(&ram, &job, &txs));
+        let produced = producer
+            .await
+            .map_err(|e| PrecopyError::Worker(e.to_string()))?;
         let Some((rs, hashes)) = produced else {
             return Err(self.writer_error().await);
         };
