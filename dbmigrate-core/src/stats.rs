@@ -29,6 +29,9 @@ pub struct RoundStats {
     pub elapsed_ms: u64,
     /// Pages found dirty after the round (what the next round must send).
     pub dirty_after: u64,
+    /// Pages written while the round ran, before it read them: the round
+    /// sent them with that write, and the next one does not send them again.
+    pub written_before_read: u64,
     /// Link rate measured over the round, Mbit/s.
     pub rate_mbit: f64,
 }
