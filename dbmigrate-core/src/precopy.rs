@@ -25,7 +25,7 @@ use xxhash_rust::xxh3::xxh3_128;
 
 use crate::bitmap::PageBitmap;
 use crate::control::ControlWriter;
-use crate::dirty::{DirtyError, DirtyTracker};
+use crate::dirty::{DirtyError, DirtyTracker, TrackerKind};
 use crate::limiter::RateLimiter;
 use crate::protocol::{
     self, connection_for_page, BatchBuilder, Hello, Message, PageEncoding, ProtocolError, Welcome,
@@ -841,9 +841,12 @@ impl SourceSession {
         };
         let mut producer = tokio::task::spawn_blocking(move || produce_round(&ram, &job, &txs));
         let mut written_before_read = 0;
-        let produced = if live {
-            let mut tick =
-                tokio::time::interval_at(tokio::time::Instant::now() + COLLECT_EVERY, COLLECT_EVERY);
+        // Only where a collect is cheap: soft-dirty stops QEMU for each.
+        let produced = if live && self.tracker.kind() == TrackerKind::UffdWp {
+            let mut tick = tokio::time::interval_at(
+                tokio::time::Instant::now() + COLLECT_EVERY,
+                COLLECT_EVERY,
+            );
             loop {
                 tokio::select! {
                     p = &mut producer => break p,
@@ -991,6 +994,65 @@ struct RoundJob {
     no_ref: PageBitmap,
 }
 
+/// Batch size of a round's frames.
+const ROUND_BATCH_BYTES: usize = 256 << 10;
+
+/// A round's references, in disk order, handed to the connections in step
+/// with its raw pass (see [`refs_due`]).
+struct RefFeed {
+    refs: Vec<(Hint, u64, u128)>,
+    sent: usize,
+    builder: BatchBuilder,
+    /// Whole batches of consecutive references take turns on the
+    /// connections: split page by page, each connection would carry every
+    /// other stretch of the same disk area, and the destination would read
+    /// each area in pieces, twice. (Each page is sent once per round, so
+    /// any connection may carry it.)
+    conn: usize,
+}
+
+impl RefFeed {
+    /// Batches the references up to `upto`, sending each batch once full.
+    fn release(
+        &mut self,
+        upto: usize,
+        round: u32,
+        txs: &[mpsc::Sender<WriterCmd>],
+        bytes: &mut u64,
+    ) -> Option<()> {
+        while self.sent < upto.min(self.refs.len()) {
+            let (hint, page, hash) = self.refs[self.sent];
+            self.sent += 1;
+            self.builder.push(
+                page,
+                PageEncoding::Reference,
+                &protocol::encode_reference(hint, hash),
+            );
+            if self.builder.encoded_len() >= ROUND_BATCH_BYTES {
+                send_batch(&mut self.builder, round, &txs[self.conn], bytes)?;
+                self.conn = (self.conn + 1) % txs.len();
+            }
+        }
+        Some(())
+    }
+}
+
+/// How many of a round's `refs` references should be on their way once
+/// `raw_done` of its `raw_total` other pages are: the storage reads then
+/// spread over the round as the raw pages do, instead of running at full
+/// speed at its start, where the destination's rebuild (reads, hashing,
+/// copies, and the storage server serving them) took the CPU and memory
+/// bandwidth the guest needs. An eighth go at once, so that the rebuild
+/// keeps ahead and is done when the raw pages are (pure).
+fn refs_due(refs: usize, raw_done: u64, raw_total: u64) -> usize {
+    if raw_total == 0 || raw_done >= raw_total {
+        return refs;
+    }
+    let head = refs / 8;
+    let rest = (refs - head) as u128 * u128::from(raw_done) / u128::from(raw_total);
+    head + usize::try_from(rest).unwrap_or(refs)
+}
+
 /// Reads, classifies and batches the pages of one round; returns None if a
 /// connection went away.
 fn produce_round(
@@ -999,7 +1061,7 @@ fn produce_round(
     txs: &[mpsc::Sender<WriterCmd>],
 ) -> Option<(RoundStats, Vec<(u64, u64)>)> {
     let round = job.round;
-    const BATCH_BYTES: usize = 256 << 10;
+    const BATCH_BYTES: usize = ROUND_BATCH_BYTES;
     let conns = u16::try_from(txs.len()).expect("at most 16 connections");
     let mut builders: Vec<BatchBuilder> =
         (0..txs.len()).map(|_| BatchBuilder::new(round)).collect();
@@ -1014,11 +1076,17 @@ fn produce_round(
     };
     let mut cbuf = vec![0u8; PAGE_SIZE];
     let mut hashes: Vec<(u64, u64)> = Vec::new();
-    // References first, in disk order: the destination then has the whole
-    // rebuild to do from the start, in parallel with the raw pages, and finds
-    // long runs of consecutive blocks to read at once. (Within a round each
-    // page is sent once, so the order between pages is free.)
+    // References are read and hashed first, and go in disk order, mixed
+    // into the raw pages (see [`refs_due`]): the destination finds long
+    // runs of consecutive blocks to read at once. (Within a round each page
+    // is sent once, so the order between pages is free.)
     let mut referenced = None;
+    let mut feed = RefFeed {
+        refs: Vec::new(),
+        sent: 0,
+        builder: BatchBuilder::new(round),
+        conn: 0,
+    };
     if let Some(hints) = job.hints.as_ref() {
         let mut refs: Vec<(Hint, u64, u128)> = Vec::new();
         let mut done = PageBitmap::new(job.pages.len());
@@ -1069,34 +1137,19 @@ fn produce_round(
                 "reference gaps on disk in pages: 0, 1-3, 4-15, 16-63, 64-255, more"
             );
         }
-        // Whole batches of consecutive references take turns on the
-        // connections: split page by page, each connection would carry every
-        // other stretch of the same disk area, and the destination would
-        // read each area in pieces, twice. (Each page is sent once per
-        // round, so any connection may carry it.)
-        let mut c = 0;
-        for (hint, page, hash) in refs {
+        for &(_, page, hash) in &refs {
             if job.hash_pages {
                 hashes.push((page, verify::low_half(hash)));
             }
-            rs.pages += 1;
-            rs.ref_pages += 1;
-            builders[c].push(
-                page,
-                PageEncoding::Reference,
-                &protocol::encode_reference(hint, hash),
-            );
-            if builders[c].encoded_len() >= BATCH_BYTES {
-                send_batch(&mut builders[c], round, &txs[c], &mut rs.bytes)?;
-                c = (c + 1) % txs.len();
-            }
         }
-        // Flush so that the references leave before the raw pages.
-        for (b, tx) in builders.iter_mut().zip(txs) {
-            if b.count() > 0 {
-                send_batch(b, round, tx, &mut rs.bytes)?;
-            }
-        }
+        rs.pages += refs.len() as u64;
+        rs.ref_pages += refs.len() as u64;
+        feed = RefFeed {
+            refs,
+            sent: 0,
+            builder: BatchBuilder::new(round),
+            conn: 0,
+        };
         referenced = Some(done);
     }
     let _ = job.progress.referenced.set(
@@ -1104,10 +1157,19 @@ fn produce_round(
             .clone()
             .unwrap_or_else(|| PageBitmap::new(job.pages.len())),
     );
+    let raw_total = job.pages.count() - referenced.as_ref().map_or(0, PageBitmap::count);
+    let mut raw_done = 0;
     for page in job.pages.iter() {
         if referenced.as_ref().is_some_and(|d| d.get(page)) {
             continue;
         }
+        feed.release(
+            refs_due(feed.refs.len(), raw_done, raw_total),
+            round,
+            txs,
+            &mut rs.bytes,
+        )?;
+        raw_done += 1;
         // Before the read: a collect that sees `page` here or below keeps
         // the pages it reports at or below it pending.
         job.progress.raw_at.store(page, Ordering::SeqCst);
@@ -1171,6 +1233,10 @@ fn produce_round(
         if builders[c].encoded_len() >= BATCH_BYTES {
             send_batch(&mut builders[c], round, &txs[c], &mut rs.bytes)?;
         }
+    }
+    feed.release(feed.refs.len(), round, txs, &mut rs.bytes)?;
+    if feed.builder.count() > 0 {
+        send_batch(&mut feed.builder, round, &txs[feed.conn], &mut rs.bytes)?;
     }
     for (b, tx) in builders.iter_mut().zip(txs) {
         if b.count() > 0 {
@@ -1414,6 +1480,17 @@ mod tests {
         assert!((r - 100.0 * MB as f64).abs() < 1.0);
         assert_eq!(link_rate(&[obs(MB, 1000, 0)], Some(5000)), 5000.0);
         assert_eq!(link_rate(&[], None), 1e9);
+    }
+
+    #[test]
+    fn references_go_in_step_with_the_raw_pages_after_a_head_start() {
+        assert_eq!(refs_due(800, 0, 1000), 100);
+        assert_eq!(refs_due(800, 500, 1000), 450);
+        assert_eq!(refs_due(800, 999, 1000), 799);
+        assert_eq!(refs_due(800, 1000, 1000), 800);
+        // No raw pages (every page rebuildable): all at once.
+        assert_eq!(refs_due(800, 0, 0), 800);
+        assert_eq!(refs_due(0, 10, 1000), 0);
     }
 
     #[test]

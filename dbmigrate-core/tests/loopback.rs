@@ -71,8 +71,49 @@ fn page_bytes(seed: u64) -> Vec<u8> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn source_and_destination_agree_byte_for_byte_under_writes() {
-    let src_path = ram_file("src");
-    let dst_path = ram_file("dst");
+    // The "guest" keeps rewriting a working set of 64 pages until paused.
+    let cfg = SourceConfig {
+        connections: 3,
+        compress: true,
+        ..SourceConfig::default()
+    };
+    migrate_under_writes("ws", cfg, (100..164).collect(), None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pages_written_ahead_of_the_round_go_once_and_the_copy_stays_exact() {
+    // A slow first round (8 MiB at 4 MB/s; the round reads at most the
+    // 2 MiB its one connection queues ahead of the wire) while every 16th
+    // page is written once, from the top of RAM down, 8 ms apart: the
+    // collects during the round find pages the round has not read yet
+    // (sent with their writes, not again), and pages it read already,
+    // which must go again: each is written once, so no later collect
+    // would report it.
+    let cfg = SourceConfig {
+        connections: 1,
+        bandwidth: Some(4_000_000),
+        ..SourceConfig::default()
+    };
+    let pages = (0..PAGES / 16).rev().map(|i| i * 16).collect();
+    let stats = migrate_under_writes("ahead", cfg, pages, Some(Duration::from_millis(8))).await;
+    let first = &stats.rounds[0];
+    assert!(
+        first.written_before_read > 0,
+        "no page was found written ahead of the first round: {first:?}"
+    );
+}
+
+/// Migrates a RAM file while a thread rewrites `working_set` until the
+/// VM is "paused" (or, with `once_every`, writes each of its pages once,
+/// that long apart); asserts byte-exact RAM and returns the source's stats.
+async fn migrate_under_writes(
+    tag: &str,
+    cfg: SourceConfig,
+    working_set: Vec<u64>,
+    once_every: Option<Duration>,
+) -> dbmigrate_core::stats::MigrationStats {
+    let src_path = ram_file(&format!("{tag}-src"));
+    let dst_path = ram_file(&format!("{tag}-dst"));
     let src_file = OpenOptions::new()
         .read(true)
         .write(true)
@@ -115,7 +156,6 @@ async fn source_and_destination_agree_byte_for_byte_under_writes() {
         s.stats.clone()
     });
 
-    // The "guest": keeps rewriting a working set of 64 pages until paused.
     let written = Arc::new(Mutex::new(Vec::new()));
     let paused = Arc::new(AtomicBool::new(false));
     let writer = {
@@ -125,10 +165,16 @@ async fn source_and_destination_agree_byte_for_byte_under_writes() {
         std::thread::spawn(move || {
             let mut gen = 1000u64;
             while !paused.load(Ordering::SeqCst) {
-                for p in 100..164u64 {
+                for &p in &working_set {
                     gen += 1;
                     f.write_all_at(&page_bytes(gen), p * 4096).unwrap();
                     written.lock().unwrap().push(p);
+                    if let Some(d) = once_every {
+                        std::thread::sleep(d);
+                    }
+                }
+                if once_every.is_some() {
+                    break;
                 }
                 std::thread::sleep(Duration::from_millis(1));
             }
@@ -136,11 +182,6 @@ async fn source_and_destination_agree_byte_for_byte_under_writes() {
     };
 
     let ram = SourceRam::open(&src_path, PAGES * 4096).unwrap();
-    let cfg = SourceConfig {
-        connections: 3,
-        compress: true,
-        ..SourceConfig::default()
-    };
     let mut s = SourceSession::connect(addr, ram, Box::new(Scripted(written.clone())), cfg)
         .await
         .unwrap();
@@ -154,12 +195,14 @@ async fn source_and_destination_agree_byte_for_byte_under_writes() {
     s.commit().await.unwrap();
     let stats = receiver.await.unwrap();
     assert!(stats.raw_pages + stats.compressed_pages > 0);
+    let source_stats = s.stats.clone();
 
     let a = std::fs::read(&src_path).unwrap();
     let b = std::fs::read(&dst_path).unwrap();
     assert!(a == b, "destination RAM differs from the source");
     std::fs::remove_file(src_path).unwrap();
     std::fs::remove_file(dst_path).unwrap();
+    source_stats
 }
 
 #[tokio::test]
