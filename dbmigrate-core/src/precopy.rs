@@ -1012,6 +1012,15 @@ struct RefFeed {
 }
 
 impl RefFeed {
+    fn new(refs: Vec<(Hint, u64, u128)>, round: u32) -> Self {
+        Self {
+            refs,
+            sent: 0,
+            builder: BatchBuilder::new(round),
+            conn: 0,
+        }
+    }
+
     /// Batches the references up to `upto`, sending each batch once full.
     fn release(
         &mut self,
@@ -1061,7 +1070,6 @@ fn produce_round(
     txs: &[mpsc::Sender<WriterCmd>],
 ) -> Option<(RoundStats, Vec<(u64, u64)>)> {
     let round = job.round;
-    const BATCH_BYTES: usize = ROUND_BATCH_BYTES;
     let conns = u16::try_from(txs.len()).expect("at most 16 connections");
     let mut builders: Vec<BatchBuilder> =
         (0..txs.len()).map(|_| BatchBuilder::new(round)).collect();
@@ -1081,12 +1089,7 @@ fn produce_round(
     // runs of consecutive blocks to read at once. (Within a round each page
     // is sent once, so the order between pages is free.)
     let mut referenced = None;
-    let mut feed = RefFeed {
-        refs: Vec::new(),
-        sent: 0,
-        builder: BatchBuilder::new(round),
-        conn: 0,
-    };
+    let mut feed = RefFeed::new(Vec::new(), round);
     if let Some(hints) = job.hints.as_ref() {
         let mut refs: Vec<(Hint, u64, u128)> = Vec::new();
         let mut done = PageBitmap::new(job.pages.len());
@@ -1144,12 +1147,7 @@ fn produce_round(
         }
         rs.pages += refs.len() as u64;
         rs.ref_pages += refs.len() as u64;
-        feed = RefFeed {
-            refs,
-            sent: 0,
-            builder: BatchBuilder::new(round),
-            conn: 0,
-        };
+        feed = RefFeed::new(refs, round);
         referenced = Some(done);
     }
     let _ = job.progress.referenced.set(
@@ -1230,7 +1228,7 @@ fn produce_round(
                 }
             }
         }
-        if builders[c].encoded_len() >= BATCH_BYTES {
+        if builders[c].encoded_len() >= ROUND_BATCH_BYTES {
             send_batch(&mut builders[c], round, &txs[c], &mut rs.bytes)?;
         }
     }
