@@ -1088,11 +1088,10 @@ fn produce_round(
     // into the raw pages (see [`refs_due`]): the destination finds long
     // runs of consecutive blocks to read at once. (Within a round each page
     // is sent once, so the order between pages is free.)
-    let mut referenced = None;
+    let mut done = PageBitmap::new(job.pages.len());
     let mut feed = RefFeed::new(Vec::new(), round);
     if let Some(hints) = job.hints.as_ref() {
         let mut refs: Vec<(Hint, u64, u128)> = Vec::new();
-        let mut done = PageBitmap::new(job.pages.len());
         for page in job.pages.iter() {
             if job.no_ref.get(page) {
                 continue;
@@ -1108,7 +1107,11 @@ fn produce_round(
             if is_zero(data) {
                 continue;
             }
-            refs.push((hint, page, xxh3_128(data)));
+            let hash = xxh3_128(data);
+            if job.hash_pages {
+                hashes.push((page, verify::low_half(hash)));
+            }
+            refs.push((hint, page, hash));
             done.set(page);
         }
         refs.sort_unstable_by_key(|r| (r.0.disk, r.0.offset));
@@ -1140,25 +1143,16 @@ fn produce_round(
                 "reference gaps on disk in pages: 0, 1-3, 4-15, 16-63, 64-255, more"
             );
         }
-        for &(_, page, hash) in &refs {
-            if job.hash_pages {
-                hashes.push((page, verify::low_half(hash)));
-            }
-        }
         rs.pages += refs.len() as u64;
         rs.ref_pages += refs.len() as u64;
         feed = RefFeed::new(refs, round);
-        referenced = Some(done);
     }
-    let _ = job.progress.referenced.set(
-        referenced
-            .clone()
-            .unwrap_or_else(|| PageBitmap::new(job.pages.len())),
-    );
-    let raw_total = job.pages.count() - referenced.as_ref().map_or(0, PageBitmap::count);
+    // Set once per round, here: the collects meanwhile read it from now on.
+    let referenced = job.progress.referenced.get_or_init(|| done);
+    let raw_total = job.pages.count() - referenced.count();
     let mut raw_done = 0;
     for page in job.pages.iter() {
-        if referenced.as_ref().is_some_and(|d| d.get(page)) {
+        if referenced.get(page) {
             continue;
         }
         feed.release(
