@@ -614,6 +614,9 @@ pub(crate) fn check_after(s: &DbSetup, bed: &DbBed, vm_ip: &str, dst: &Vm, run: 
 }
 
 fn run_one(s: &DbSetup, guest: &MariadbGuest, bed: &DbBed, method: &str) -> Result<Run> {
+    if let Some(separate) = crate::storage_read_server(method) {
+        return storage_read(s, guest, bed, method, separate);
+    }
     let dbm = crate::dbmigrate_mode(method).is_some();
     let (src, dst, uffd_sock) = boot(s, guest, bed, 0, dbm, dbm && method != "dbmigrate-precopy")?;
     // The destination agent sets up before the load starts, as QEMU's
@@ -661,6 +664,80 @@ fn run_one(s: &DbSetup, guest: &MariadbGuest, bed: &DbBed, method: &str) -> Resu
     Ok(run)
 }
 
+/// A reference run, not a migration: while the load runs, the
+/// destination host reads the VM's whole disk from shared storage
+/// (`qemu-img convert` over NBD into a scratch file it then deletes), the
+/// kind of read a rebuild makes of the buffer pool, with no migration, no
+/// hashing and no dbmigrate process. Through the VM's own storage server,
+/// or (`separate`) a second read-only one on the same file. The "during"
+/// window is the read; `storage_bytes` what the destination's storage
+/// link received meanwhile.
+fn storage_read(
+    s: &DbSetup,
+    guest: &MariadbGuest,
+    bed: &DbBed,
+    method: &str,
+    separate: bool,
+) -> Result<Run> {
+    let src = bed.start_slot_vm(
+        0, guest, true, false, s.ram_mib, &s.pool, false, None, false,
+    )?;
+    src.wait_console("DBM-READY pool", Duration::from_secs(900))?;
+    let second = if separate {
+        Some(bed.second_storage_server(0, 10_900)?)
+    } else {
+        None
+    };
+    let url = second
+        .as_ref()
+        .map_or_else(|| bed.nbd_from_dst.clone(), |(_, url)| url.clone());
+    let load_secs = s.warmup_s + s.timeout.as_secs() + s.after_s;
+    let load = start_load(s, guest, bed, &bed.vm_ip, "db", load_secs)?;
+    std::thread::sleep(Duration::from_secs(s.warmup_s));
+    let scratch = PathBuf::from(format!("/dev/shm/{}-storage-read.img", bed.tb.tag));
+    let rx_before = bed.dst_storage_rx_bytes()?;
+    let from = timeline::now_us();
+    let out = bed
+        .tb
+        .in_ns(&bed.tb.dst_ns, Path::new("qemu-img"))
+        .args(["convert", "-f", "raw", "-O", "raw", "-m", "4", "-W", &url])
+        .arg(&scratch)
+        .stdin(Stdio::null())
+        .output()
+        .context("running qemu-img convert (install qemu-utils)")?;
+    let to = timeline::now_us();
+    let _ = std::fs::remove_file(&scratch);
+    let storage_bytes = bed.dst_storage_rx_bytes()?.saturating_sub(rx_before);
+    if !out.status.success() {
+        eprintln!(
+            "   the storage read failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    let read_ms = (to - from) / 1000;
+    let mut run = Run {
+        method: method.into(),
+        completed: out.status.success(),
+        storage_bytes,
+        detail: json!({
+            "reference": "no migration: the destination host read the VM's whole disk over NBD (qemu-img convert) while the load ran; the during window is the read",
+            "storage_server": if separate { "a second, read-only qemu-nbd on the same file" } else { "the VM's own qemu-nbd" },
+            "read_ms": read_ms,
+            "read_mbyte_per_s": storage_bytes as f64 / 1e3 / read_ms.max(1) as f64,
+        }),
+        ..Run::default()
+    };
+    fill_workload(&mut run, vec![wait_load(load)?], from, to, None);
+    // The VM never moved: its database is checked where it runs.
+    run.guest_verified_after = run.completed.then(|| consistent(s, bed, &bed.vm_ip));
+    if let Some((mut server, _)) = second {
+        let _ = server.kill();
+        let _ = server.wait();
+    }
+    drop(src);
+    Ok(run)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -673,5 +750,19 @@ mod tests {
 ";
         assert_eq!(parse_errors(log), Some(3));
         assert_eq!(parse_errors("no summary"), None);
+    }
+
+    #[test]
+    fn storage_reads_are_known_only_to_compare_db() {
+        assert_eq!(crate::storage_read_server("storage-read"), Some(false));
+        assert_eq!(
+            crate::storage_read_server("storage-read-separate"),
+            Some(true)
+        );
+        assert_eq!(crate::storage_read_server("dbmigrate-precopy"), None);
+        let m = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert!(crate::check_db_methods(&m(&["qemu-precopy", "storage-read"])).is_ok());
+        assert!(crate::check_db_methods(&m(&["storage-reads"])).is_err());
+        assert!(crate::check_methods(&m(&["storage-read"])).is_err());
     }
 }

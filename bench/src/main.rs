@@ -144,7 +144,9 @@ struct RunArgs {
     /// Give up on a method's migration after this many seconds (reported as not completed).
     #[arg(long, default_value_t = 60)]
     timeout_s: u64,
-    /// Methods, comma separated.
+    /// Methods, comma separated (`compare-db` also takes the references
+    /// `storage-read` and `storage-read-separate`: no migration, the
+    /// destination host reads the VM's disk from shared storage).
     #[arg(
         long,
         default_value = "qemu-precopy,qemu-postcopy,dbmigrate-precopy,dbmigrate-postcopy,dbmigrate-hybrid",
@@ -409,7 +411,7 @@ fn main() -> Result<()> {
                 };
                 format!("mariadb-{}{congestion}", db.workload)
             });
-            check_methods(&db.run.methods)?;
+            check_db_methods(&db.run.methods)?;
             let setup = db.setup(ram_mib, pool, competing_streams);
             let (runs, guest) = db::compare(&setup, &db.run.methods)?;
             write_db_report(scenario, &setup, &guest, None, runs, db.run.out)
@@ -604,6 +606,34 @@ fn check_methods(methods: &[String]) -> Result<()> {
     for m in methods {
         if !METHODS.contains(&m.as_str()) {
             bail!("unknown method `{m}`: use {}", METHODS.join(", "));
+        }
+    }
+    Ok(())
+}
+
+/// Reference runs of `compare-db` that migrate nothing: the destination
+/// host only reads the VM's disk from shared storage while the load runs.
+const STORAGE_READS: [&str; 2] = ["storage-read", "storage-read-separate"];
+
+/// Whether `method` is a storage-read reference, and if so whether it
+/// reads through a second storage server (pure).
+fn storage_read_server(method: &str) -> Option<bool> {
+    match method {
+        "storage-read" => Some(false),
+        "storage-read-separate" => Some(true),
+        _ => None,
+    }
+}
+
+/// [`check_methods`] for `compare-db`, which also takes the storage-read references.
+fn check_db_methods(methods: &[String]) -> Result<()> {
+    for m in methods {
+        if !METHODS.contains(&m.as_str()) && !STORAGE_READS.contains(&m.as_str()) {
+            bail!(
+                "unknown method `{m}`: use {}, or the references {}",
+                METHODS.join(", "),
+                STORAGE_READS.join(", ")
+            );
         }
     }
     Ok(())

@@ -47,6 +47,15 @@ fn runs(report: &Value) -> &[Value] {
     report["runs"].as_array().map_or(&[], Vec::as_slice)
 }
 
+/// The runs that migrated: a reference run (`detail.reference`, e.g.
+/// `compare-db`'s storage reads) has no migration time to compare (pure).
+fn migrations(report: &Value) -> Vec<&Value> {
+    runs(report)
+        .iter()
+        .filter(|r| r["detail"]["reference"].is_null())
+        .collect()
+}
+
 fn cell_f(v: &Value) -> String {
     v.as_f64().map_or("-".into(), |x| format!("{x:.1}"))
 }
@@ -76,7 +85,11 @@ pub fn markdown_table(report: &Value) -> String {
             "| {} | {} | {} | {} | {} | {} | {} | {} | {} / {} | {} | {} |",
             r["method"].as_str().unwrap_or("?"),
             r["completed"].as_bool().unwrap_or(false),
-            cell_u(&r["total_ms"]),
+            match r["detail"]["read_ms"].as_u64() {
+                Some(ms) if !r["detail"]["reference"].is_null() =>
+                    format!("no migration (read {ms})"),
+                _ => cell_u(&r["total_ms"]),
+            },
             cell_u(&r["downtime_ms"]),
             r["link_bytes"].as_u64().unwrap_or(0) / 1_000_000,
             r["storage_bytes"].as_u64().unwrap_or(0) / 1_000_000,
@@ -97,7 +110,7 @@ fn plot_err<E: std::fmt::Debug>(e: E) -> anyhow::Error {
 
 /// Bars of total time (s) and downtime (ms) per method.
 fn times_svg(report: &Value, path: &Path) -> Result<()> {
-    let runs = runs(report);
+    let runs = migrations(report);
     let scenario = report["scenario"].as_str().unwrap_or("?");
     let names: Vec<String> = runs
         .iter()
@@ -325,7 +338,7 @@ fn timeline_svg(report: &Value, path: &Path) -> Result<bool> {
 pub fn overview(reports: &[Value]) -> String {
     let mut methods: Vec<String> = Vec::new();
     for r in reports {
-        for run in runs(r) {
+        for run in migrations(r) {
             let m = run["method"].as_str().unwrap_or("?").to_string();
             if !methods.contains(&m) {
                 methods.push(m);
@@ -338,21 +351,20 @@ pub fn overview(reports: &[Value]) -> String {
     for r in reports {
         let _ = write!(s, "| {} |", r["scenario"].as_str().unwrap_or("?"));
         for m in &methods {
-            let cell =
-                runs(r)
-                    .iter()
-                    .find(|x| x["method"] == m.as_str())
-                    .map_or(" |".to_string(), |x| match x["total_ms"].as_f64() {
-                        Some(ms) if x["completed"] == Value::Bool(true) => {
-                            let failed = x["guest_verified_after"] == Value::Bool(false);
-                            format!(
-                                " {:.1} s{} |",
-                                ms / 1000.0,
-                                if failed { " (guest failed after)" } else { "" }
-                            )
-                        }
-                        _ => " did not complete |".to_string(),
-                    });
+            let cell = migrations(r)
+                .into_iter()
+                .find(|x| x["method"] == m.as_str())
+                .map_or(" |".to_string(), |x| match x["total_ms"].as_f64() {
+                    Some(ms) if x["completed"] == Value::Bool(true) => {
+                        let failed = x["guest_verified_after"] == Value::Bool(false);
+                        format!(
+                            " {:.1} s{} |",
+                            ms / 1000.0,
+                            if failed { " (guest failed after)" } else { "" }
+                        )
+                    }
+                    _ => " did not complete |".to_string(),
+                });
             s += &cell;
         }
         s.push('\n');
@@ -437,7 +449,10 @@ mod tests {
                               "seconds": [{"t": 14, "tps": 20.0, "p90_ms": 50.0, "p99_ms": 90.0, "errors": 0, "tpmc": 480.0},
                                           {"t": 16, "tps": 10.0, "p90_ms": 70.0, "p99_ms": null, "errors": 0, "tpmc": 240.0}]}},
                 {"method": "dbmigrate-precopy", "completed": false, "total_ms": null, "downtime_ms": null,
-                 "link_bytes": 0, "storage_bytes": 0, "workload": {"errors": 2}}
+                 "link_bytes": 0, "storage_bytes": 0, "workload": {"errors": 2}},
+                {"method": "storage-read", "completed": true, "total_ms": null, "downtime_ms": null,
+                 "link_bytes": 0, "storage_bytes": 2_700_000_000u64, "workload": {"errors": 0},
+                 "detail": {"reference": "no migration"}}
             ]
         })
     }
@@ -472,8 +487,12 @@ mod tests {
         let out = write(std::slice::from_ref(&input), &dir.join("out")).unwrap();
         let o = overview(&[sample()]);
         assert!(
-            o.contains("| mariadb-tpcc | 15.0 s | did not complete |"),
+            o.contains("| mariadb-tpcc | 15.0 s | did not complete |\n"),
             "{o}"
+        );
+        assert!(
+            !o.contains("storage-read"),
+            "a reference run is no migration: {o}"
         );
         assert_eq!(out.len(), 3);
         let svg = std::fs::read_to_string(dir.join("out/mariadb-tpcc-timeline.svg")).unwrap();

@@ -1287,6 +1287,47 @@ impl DbBed {
         Ok(())
     }
 
+    /// Bytes the destination host has received on its storage link.
+    pub fn dst_storage_rx_bytes(&self) -> Result<u64> {
+        let p = format!("/sys/class/net/{}da/statistics/rx_bytes", self.tb.tag);
+        let out = sh(&["ip", "netns", "exec", &self.tb.dst_ns, "cat", &p])?;
+        Ok(String::from_utf8_lossy(&out.stdout).trim().parse()?)
+    }
+
+    /// A second, read-only NBD server of VM `slot`'s disk in the storage
+    /// namespace, on `port` of the destination host's storage link: the
+    /// same file (so the same page cache), its own process. Image locking
+    /// is off, since the VM's own server holds the file's write lock.
+    pub fn second_storage_server(&self, slot: usize, port: u16) -> Result<(Child, String)> {
+        let sl = self
+            .slots
+            .get(slot)
+            .with_context(|| format!("the bed has no VM slot {slot}"))?;
+        let host = sl
+            .nbd_from_dst
+            .trim_start_matches("nbd://")
+            .rsplit_once(':')
+            .map(|(h, _)| h.to_string())
+            .context("the destination's NBD address has no port")?;
+        let log = std::fs::File::create(self.tb.dir.join(format!("qemu-nbd-second{slot}.log")))?;
+        let child = self
+            .tb
+            .in_ns(&self.stor_ns, Path::new("qemu-nbd"))
+            .env("GLIBC_TUNABLES", QEMU_NBD_MALLOC)
+            .args(["--persistent", "--shared=8", "-r", "-b", &host, "-p"])
+            .arg(port.to_string())
+            .arg("--image-opts")
+            .arg(format!(
+                "driver=raw,file.driver=file,file.filename={},file.locking=off",
+                sl.disk.display()
+            ))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .context("starting a second qemu-nbd (install qemu-utils)")?;
+        Ok((child, format!("nbd://{host}:{port}")))
+    }
+
     /// Takes the storage link of the destination host down (as a pulled
     /// cable would) or brings it back up.
     pub fn set_dst_storage_link(&self, up: bool) -> Result<()> {
