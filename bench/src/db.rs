@@ -40,6 +40,10 @@ pub struct DbSetup {
     pub after_s: u64,
     /// Competing TCP streams (iperf3) on the migration link during the migration; 0 for none.
     pub competing_streams: u32,
+    /// Pace of the reads from shared storage, MB/s (the references'
+    /// `qemu-img convert -r`, dbmigrate's `receive --storage-bandwidth`);
+    /// 0 for none.
+    pub storage_read_mbyte_s: u32,
 }
 
 /// sysbench's closing count of ignored errors (pure).
@@ -433,6 +437,7 @@ fn receive_log(dir: &Path, dst_name: &str) -> PathBuf {
 /// destination's set-up (allocating the guest's RAM), as it leaves out
 /// QEMU's own for its `-incoming` (`prealloc=on`).
 pub(crate) fn start_receiver(
+    s: &DbSetup,
     bed: &DbBed,
     slot: usize,
     dst: &Vm,
@@ -446,6 +451,12 @@ pub(crate) fn start_receiver(
     let recv_log = receive_log(&bed.tb.dir, &sl.dst_name);
     let mut recv = bed.tb.receive_cmd_on(dst, sl.port)?;
     recv.args(["--storage", &sl.nbd_from_dst]);
+    if s.storage_read_mbyte_s > 0 {
+        recv.args([
+            "--storage-bandwidth",
+            &format!("{}MB", s.storage_read_mbyte_s),
+        ]);
+    }
     if let Some(sock) = uffd_sock {
         recv.arg("--postcopy-socket").arg(sock);
     }
@@ -621,7 +632,7 @@ fn run_one(s: &DbSetup, guest: &MariadbGuest, bed: &DbBed, method: &str) -> Resu
     let (src, dst, uffd_sock) = boot(s, guest, bed, 0, dbm, dbm && method != "dbmigrate-precopy")?;
     // The destination agent sets up before the load starts, as QEMU's
     // destination does at boot.
-    let recv = start_receiver(bed, 0, &dst, uffd_sock.as_deref(), method)?;
+    let recv = start_receiver(s, bed, 0, &dst, uffd_sock.as_deref(), method)?;
     let load_secs = s.warmup_s + s.timeout.as_secs() + s.after_s;
     let load = start_load(s, guest, bed, &bed.vm_ip, "db", load_secs)?;
     // Competing traffic fills the link from 2 s before the migration starts.
@@ -697,10 +708,16 @@ fn storage_read(
     let scratch = PathBuf::from(format!("/dev/shm/{}-storage-read.img", bed.tb.tag));
     let rx_before = bed.dst_storage_rx_bytes()?;
     let from = timeline::now_us();
-    let out = bed
-        .tb
-        .in_ns(&bed.tb.dst_ns, Path::new("qemu-img"))
-        .args(["convert", "-f", "raw", "-O", "raw", "-m", "4", "-W", &url])
+    let mut convert = bed.tb.in_ns(&bed.tb.dst_ns, Path::new("qemu-img"));
+    convert.args(["convert", "-f", "raw", "-O", "raw", "-m", "4", "-W"]);
+    if s.storage_read_mbyte_s > 0 {
+        convert.args([
+            "-r",
+            &format!("{}", u64::from(s.storage_read_mbyte_s) * 1_000_000),
+        ]);
+    }
+    let out = convert
+        .arg(&url)
         .arg(&scratch)
         .stdin(Stdio::null())
         .output()
@@ -723,6 +740,7 @@ fn storage_read(
             "reference": "no migration: the destination host read the VM's whole disk over NBD (qemu-img convert) while the load ran; the during window is the read",
             "storage_server": if separate { "a second, read-only qemu-nbd on the same file" } else { "the VM's own qemu-nbd" },
             "read_ms": read_ms,
+            "read_rate_limit_mbyte_per_s": (s.storage_read_mbyte_s > 0).then_some(s.storage_read_mbyte_s),
             "read_mbyte_per_s": storage_bytes as f64 / 1e3 / read_ms.max(1) as f64,
         }),
         ..Run::default()

@@ -112,7 +112,7 @@ fn run_fleet(
         .iter()
         .enumerate()
         .map(|(i, (_, dst, sock))| {
-            db::start_receiver(bed, i, dst, sock.as_deref(), method).map(std::sync::Mutex::new)
+            db::start_receiver(s, bed, i, dst, sock.as_deref(), method).map(std::sync::Mutex::new)
         })
         .collect::<Result<Vec<_>>>()?;
     // Evicting one by one takes up to n migrations' time.

@@ -69,6 +69,11 @@ enum Cmd {
         /// from 2 s before the migration until its end; 0 for none.
         #[arg(long, default_value_t = 0)]
         competing_streams: u32,
+        /// Pace of the reads from shared storage, MB/s: the storage-read
+        /// references' (qemu-img convert `-r`) and dbmigrate's rebuild
+        /// (`receive --storage-bandwidth`); 0 reads as fast as it goes.
+        #[arg(long, default_value_t = 0)]
+        storage_read_mbyte_s: u32,
     },
     /// Several MariaDB VMs leave one host: all at once (batch) or one after
     /// another (evict); reports the time until the last VM left.
@@ -180,6 +185,7 @@ impl DbArgs {
             timeout: Duration::from_secs(self.run.timeout_s),
             after_s: 10,
             competing_streams,
+            storage_read_mbyte_s: 0,
         }
     }
 }
@@ -402,6 +408,7 @@ fn main() -> Result<()> {
             ram_mib,
             pool,
             competing_streams,
+            storage_read_mbyte_s,
         } => {
             let scenario = db.scenario.clone().unwrap_or_else(|| {
                 let congestion = if competing_streams > 0 {
@@ -412,7 +419,10 @@ fn main() -> Result<()> {
                 format!("mariadb-{}{congestion}", db.workload)
             });
             check_db_methods(&db.run.methods)?;
-            let setup = db.setup(ram_mib, pool, competing_streams);
+            let setup = db::DbSetup {
+                storage_read_mbyte_s,
+                ..db.setup(ram_mib, pool, competing_streams)
+            };
             let (runs, guest) = db::compare(&setup, &db.run.methods)?;
             write_db_report(scenario, &setup, &guest, None, runs, db.run.out)
         }
@@ -529,6 +539,12 @@ fn write_db_report(
         workload += &format!(
             "; congestion: {} competing TCP streams (iperf3) on the migration link",
             setup.competing_streams
+        );
+    }
+    if setup.storage_read_mbyte_s > 0 {
+        workload += &format!(
+            "; reads from shared storage paced to {} MB/s",
+            setup.storage_read_mbyte_s
         );
     }
     if let Some((policy, vms)) = fleet {

@@ -138,6 +138,8 @@ pub struct DestSession {
     data: Vec<TcpStream>,
     hello: Hello,
     peer_timeout: Duration,
+    /// Pace of the background storage reads, bytes/s (None: as fast as they go).
+    storage_rate: Option<u64>,
     /// What arrived.
     pub stats: DestStats,
 }
@@ -267,6 +269,7 @@ pub async fn accept(
         data: slots.into_iter().flatten().collect(),
         hello,
         peer_timeout,
+        storage_rate: None,
         stats: DestStats::default(),
     })
 }
@@ -377,6 +380,8 @@ struct StorageReaders {
     heard: Arc<Heard>,
     breaker: Mutex<rebuild::StorageBreaker>,
     buffers: Arc<ReadBuffers>,
+    /// Pace of the background reads (see [`DestSession::set_storage_rate`]).
+    pace: Option<crate::limiter::Pacer>,
 }
 
 /// Storage read buffers, handed back by the applier once their pages are
@@ -520,6 +525,10 @@ fn serve_runs(
         let end = group_end(runs, start);
         let group = &runs[start..end];
         start = end;
+        // Background reads keep to the pace; urgent ones (a vCPU waits) never wait for it.
+        if let (true, Some(pace)) = (urgent_first, &r.pace) {
+            pace.take(group.iter().map(|run| (run.pages * PAGE_SIZE) as u64).sum());
+        }
         read_group(r, group[0].disk, group)?;
     }
     Ok(())
@@ -1262,6 +1271,15 @@ impl DestSession {
         &self.hello
     }
 
+    /// Paces the rebuild's background storage reads to `bytes_per_sec`
+    /// (None or 0: no pace): a guest whose host shares its cores or its
+    /// storage with the rebuild loses less while the migration takes
+    /// longer. Reads a vCPU waits for in post-copy are not paced: they go
+    /// to the next reader that comes free.
+    pub fn set_storage_rate(&mut self, bytes_per_sec: Option<u64>) {
+        self.storage_rate = bytes_per_sec;
+    }
+
     /// Receives pages until every data connection ended, rebuilding
     /// referenced pages from `storage`, then answers the source's digest
     /// comparison; or, if the source switches to post-copy (only offered
@@ -1296,6 +1314,7 @@ impl DestSession {
                     heard: heard.clone(),
                     breaker: Mutex::new(rebuild::StorageBreaker::default()),
                     buffers: read_buffers.clone(),
+                    pace: crate::limiter::Pacer::new(self.storage_rate),
                 });
                 for _ in 0..READERS {
                     let r = readers.clone();

@@ -137,6 +137,15 @@ enum Command {
         /// failed; the pages are then asked of the source instead.
         #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=600))]
         storage_timeout: u64,
+        /// Pace of the rebuild's reads from shared storage, e.g. `1200mbit`,
+        /// `150MB` (per second); default: as fast as storage answers. The
+        /// reads cost a guest whose host shares cores or storage with them;
+        /// a pace spares it and lengthens the migration (the first round
+        /// lasts at least the buffer pool's size over the pace). Reads a
+        /// vCPU waits for in post-copy are not paced: they go to the next
+        /// reader that comes free.
+        #[arg(long, value_parser = parse_rate)]
+        storage_bandwidth: Option<u64>,
         /// Unix socket where the destination QEMU's preload library offers
         /// its RAM's userfaultfd (`DBMIGRATE_POSTCOPY_SOCKET`, see `dbmigrate
         /// env --postcopy-socket`): lets the source hand over by post-copy.
@@ -390,9 +399,13 @@ fn run(cli: Cli, rt: &tokio::runtime::Runtime, priority: priority::Priority) -> 
             keep_qemu,
             storage,
             storage_timeout,
+            storage_bandwidth,
             postcopy_socket,
             no_prealloc,
         } => {
+            if storage_bandwidth.is_some() && storage.is_empty() {
+                bail!("--storage-bandwidth paces reads from shared storage: give the VM's disks with --storage too");
+            }
             let storage = open_storage(&storage, Duration::from_secs(storage_timeout))?;
             let stats = rt.block_on(receive::receive(receive::ReceiveArgs {
                 qmp,
@@ -401,6 +414,7 @@ fn run(cli: Cli, rt: &tokio::runtime::Runtime, priority: priority::Priority) -> 
                 peer_timeout: Duration::from_secs(timeout),
                 keep_qemu,
                 storage,
+                storage_bandwidth,
                 postcopy_socket,
                 prealloc: !no_prealloc,
                 priority,

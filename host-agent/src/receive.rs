@@ -31,6 +31,8 @@ pub struct ReceiveArgs {
     pub keep_qemu: bool,
     /// The VM's disks, for rebuilding pages from references.
     pub storage: Option<std::sync::Arc<dyn dbmigrate_core::rebuild::Storage>>,
+    /// Pace of the rebuild's background storage reads, bytes/s.
+    pub storage_bandwidth: Option<u64>,
     /// Where QEMU's preload library offers the RAM's userfaultfd (post-copy).
     pub postcopy_socket: Option<PathBuf>,
     /// Allocate the RAM before the source connects.
@@ -198,6 +200,7 @@ async fn session(
     let mut s: DestSession = dest::accept(listener, ram_bytes, uri, postcopy, args.peer_timeout)
         .await
         .context("accepting the source agent")?;
+    s.set_storage_rate(args.storage_bandwidth);
     let t = Instant::now();
     let received = match s.receive(ram, args.storage.clone(), faults).await {
         Ok(r) => r,
