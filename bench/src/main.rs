@@ -628,27 +628,28 @@ fn check_methods(methods: &[String]) -> Result<()> {
 }
 
 /// Reference runs of `compare-db` that migrate nothing: the destination
-/// host only reads the VM's disk from shared storage while the load runs.
-const STORAGE_READS: [&str; 2] = ["storage-read", "storage-read-separate"];
+/// host only reads the VM's disk from shared storage while the load runs,
+/// each with whether it reads through a second storage server.
+const STORAGE_READS: [(&str, bool); 2] = [("storage-read", false), ("storage-read-separate", true)];
 
 /// Whether `method` is a storage-read reference, and if so whether it
 /// reads through a second storage server (pure).
 fn storage_read_server(method: &str) -> Option<bool> {
-    match method {
-        "storage-read" => Some(false),
-        "storage-read-separate" => Some(true),
-        _ => None,
-    }
+    STORAGE_READS
+        .iter()
+        .find(|(name, _)| *name == method)
+        .map(|&(_, separate)| separate)
 }
 
 /// [`check_methods`] for `compare-db`, which also takes the storage-read references.
 fn check_db_methods(methods: &[String]) -> Result<()> {
     for m in methods {
-        if !METHODS.contains(&m.as_str()) && !STORAGE_READS.contains(&m.as_str()) {
+        if !METHODS.contains(&m.as_str()) && storage_read_server(m).is_none() {
+            let refs: Vec<&str> = STORAGE_READS.iter().map(|(name, _)| *name).collect();
             bail!(
                 "unknown method `{m}`: use {}, or the references {}",
                 METHODS.join(", "),
-                STORAGE_READS.join(", ")
+                refs.join(", ")
             );
         }
     }

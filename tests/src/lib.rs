@@ -181,12 +181,8 @@ impl Testbed {
 
     /// Bytes sent plus received on the source end of the link.
     pub fn link_bytes(&self) -> Result<u64> {
-        let read = |f: &str| -> Result<u64> {
-            let p = format!("/sys/class/net/{}/statistics/{f}", self.src_if);
-            let out = sh(&["ip", "netns", "exec", &self.src_ns, "cat", &p])?;
-            Ok(String::from_utf8_lossy(&out.stdout).trim().parse()?)
-        };
-        Ok(read("tx_bytes")? + read("rx_bytes")?)
+        Ok(net_counter(&self.src_ns, &self.src_if, "tx_bytes")?
+            + net_counter(&self.src_ns, &self.src_if, "rx_bytes")?)
     }
 
     /// A command that runs inside namespace `ns`.
@@ -1289,9 +1285,12 @@ impl DbBed {
 
     /// Bytes the destination host has received on its storage link.
     pub fn dst_storage_rx_bytes(&self) -> Result<u64> {
-        let p = format!("/sys/class/net/{}da/statistics/rx_bytes", self.tb.tag);
-        let out = sh(&["ip", "netns", "exec", &self.tb.dst_ns, "cat", &p])?;
-        Ok(String::from_utf8_lossy(&out.stdout).trim().parse()?)
+        net_counter(&self.tb.dst_ns, &self.dst_storage_if(), "rx_bytes")
+    }
+
+    /// The destination host's end of its storage link.
+    fn dst_storage_if(&self) -> String {
+        format!("{}da", self.tb.tag)
     }
 
     /// A second, read-only NBD server of VM `slot`'s disk in the storage
@@ -1331,10 +1330,18 @@ impl DbBed {
     /// Takes the storage link of the destination host down (as a pulled
     /// cable would) or brings it back up.
     pub fn set_dst_storage_link(&self, up: bool) -> Result<()> {
-        let dev = format!("{}da", self.tb.tag);
+        let dev = self.dst_storage_if();
         let state = if up { "up" } else { "down" };
         sh(&["ip", "-n", &self.tb.dst_ns, "link", "set", &dev, state]).map(drop)
     }
+}
+
+/// A counter of network device `dev` in namespace `ns`
+/// (`/sys/class/net/DEV/statistics/FIELD`).
+fn net_counter(ns: &str, dev: &str, field: &str) -> Result<u64> {
+    let p = format!("/sys/class/net/{dev}/statistics/{field}");
+    let out = sh(&["ip", "netns", "exec", ns, "cat", &p])?;
+    Ok(String::from_utf8_lossy(&out.stdout).trim().parse()?)
 }
 
 /// Waits for `child` to exit and collects its output; kills it and fails
