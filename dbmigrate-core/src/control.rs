@@ -9,11 +9,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::AsyncWriteExt;
-use tokio::net::tcp::OwnedWriteHalf;
 use tokio::sync::Mutex;
 use tokio::task::JoinHandle;
 
 use crate::protocol::{self, Message, ProtocolError, HEARTBEAT_INTERVAL};
+use crate::transport::ConnWriter;
 
 /// A control connection's writer that sends a [`Message::Heartbeat`] every
 /// [`HEARTBEAT_INTERVAL`] until dropped or shut down.
@@ -23,7 +23,7 @@ pub struct ControlWriter {
 }
 
 struct Conn {
-    w: OwnedWriteHalf,
+    w: ConnWriter,
     patience: Duration,
     /// A write gave up part-way: the stream may hold half a frame, so
     /// nothing more may follow it.
@@ -68,7 +68,7 @@ impl Conn {
 impl ControlWriter {
     /// Takes over `w` and starts the heartbeats (on the current tokio
     /// runtime). A write that cannot finish within `patience` fails.
-    pub fn new(w: OwnedWriteHalf, patience: Duration) -> Self {
+    pub fn new(w: ConnWriter, patience: Duration) -> Self {
         let inner = Arc::new(Mutex::new(Conn {
             w,
             patience,
@@ -136,7 +136,7 @@ mod tests {
             tokio::join!(tokio::net::TcpStream::connect(addr), listener.accept());
         // The peer keeps its socket open and never reads, as a cut link would.
         let (_peer, _) = accepted.unwrap();
-        let (_r, w) = client.unwrap().into_split();
+        let (_r, w) = crate::transport::Conn::Plain(client.unwrap()).split();
         let ctrl = ControlWriter::new(w, Duration::from_millis(300));
         let frame = vec![0u8; 1 << 20];
         let started = std::time::Instant::now();

@@ -11,16 +11,16 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use thiserror::Error;
-use tokio::net::tcp::OwnedReadHalf;
-use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot};
 use xxhash_rust::xxh3::xxh3_128;
 
 use crate::bitmap::PageBitmap;
 use crate::control::ControlWriter;
+use crate::gate::Gate;
 use crate::protocol::{self, Hello, Message, PageEncoding, PageEntry, ProtocolError, Welcome};
 use crate::ram::{DestRam, Prepared, RamError};
 use crate::rebuild::{self, RefRequest, Storage};
+use crate::transport::{Conn, ConnReader};
 use crate::verify;
 use crate::PAGE_SIZE;
 
@@ -56,9 +56,9 @@ pub enum DestError {
     /// RAM access failed.
     #[error(transparent)]
     Ram(#[from] RamError),
-    /// Accepting connections failed.
-    #[error("accepting a connection failed")]
-    Accept(#[source] std::io::Error),
+    /// The listener stopped accepting connections.
+    #[error("the listener stopped accepting connections")]
+    ListenerGone,
     /// A peer stayed silent too long.
     #[error("no word from the source agent for {secs} s while {doing}")]
     Timeout {
@@ -135,7 +135,7 @@ pub struct DestSession {
     /// are never cancelled halfway through a frame).
     ctrl_in: mpsc::Receiver<Result<Message, ProtocolError>>,
     ctrl_tx: ControlWriter,
-    data: Vec<TcpStream>,
+    data: Vec<Conn>,
     hello: Hello,
     peer_timeout: Duration,
     /// Pace of the background storage reads, bytes/s (None: as fast as they go).
@@ -165,36 +165,76 @@ impl FaultSource {
     }
 }
 
-/// Accepts one source: checks its Hello against `ram_bytes`, answers with
-/// `incoming_uri` (and whether this side can serve post-copy faults), then
-/// accepts its data connections.
+/// Takes the first connection through `gate` that introduces itself as a
+/// control connection as the source (the gate already dropped strangers),
+/// checks its Hello against `ram_bytes`, answers whether this side can
+/// serve post-copy faults, then waits for its data connections. Other
+/// connections meanwhile are dropped with a warning.
 pub async fn accept(
-    listener: &TcpListener,
+    gate: &mut Gate,
     ram_bytes: u64,
-    incoming_uri: &str,
     postcopy: bool,
     peer_timeout: Duration,
 ) -> Result<DestSession, DestError> {
-    let (ctrl, peer) = listener.accept().await.map_err(DestError::Accept)?;
-    ctrl.set_nodelay(true).ok();
-    tracing::info!(%peer, "source agent connected");
-    let (mut ctrl_rx, mut ctrl_tx) = ctrl.into_split();
-    let (msg, _) = within(
-        peer_timeout,
-        "waiting for Hello",
-        protocol::read_message(&mut ctrl_rx, "waiting for Hello"),
-    )
-    .await??;
-    let hello = match msg {
-        Message::Hello(h) if h.conn_index == 0 => h,
-        other => {
-            return Err(DestError::Unexpected {
-                got: other.name(),
-                expected: "Hello on the control connection",
-            })
+    let (ctrl, hello) = loop {
+        let a = gate.next().await.ok_or(DestError::ListenerGone)?;
+        if a.hello.conn_index == 0 {
+            tracing::info!(peer = %a.peer, "source agent connected");
+            break (a.conn, a.hello);
         }
+        tracing::warn!(peer = %a.peer, conn = a.hello.conn_index, "ignored a connection before any control connection");
     };
-    let problem = if hello.ram_bytes != ram_bytes {
+    let (ctrl_rx, mut ctrl_tx) = ctrl.split();
+    if let Some(reason) = hello_problem(&hello, ram_bytes) {
+        let _ = protocol::write_message(
+            &mut ctrl_tx,
+            &Message::Refuse {
+                reason: reason.clone(),
+            },
+            "refusing",
+        )
+        .await;
+        return Err(DestError::Refused { reason });
+    }
+    protocol::write_message(
+        &mut ctrl_tx,
+        &Message::Welcome(Welcome {
+            version: protocol::PROTOCOL_VERSION,
+            postcopy,
+        }),
+        "sending Welcome",
+    )
+    .await?;
+    let mut slots: Vec<Option<Conn>> = (0..hello.data_connections).map(|_| None).collect();
+    while slots.iter().any(Option::is_none) {
+        let a = within(peer_timeout, "waiting for data connections", gate.next())
+            .await?
+            .ok_or(DestError::ListenerGone)?;
+        let h = &a.hello;
+        match h.conn_index.checked_sub(1).map(usize::from) {
+            Some(i) if h.session == hello.session && i < slots.len() && slots[i].is_none() => {
+                slots[i] = Some(a.conn);
+            }
+            // Another session, a duplicate: drop it, keep waiting.
+            _ => tracing::warn!(peer = %a.peer, conn = h.conn_index, "ignored a stray connection"),
+        }
+    }
+    let (in_tx, ctrl_in) = mpsc::channel(16);
+    tokio::spawn(read_control(ctrl_rx, in_tx));
+    Ok(DestSession {
+        ctrl_in,
+        ctrl_tx: ControlWriter::new(ctrl_tx, peer_timeout),
+        data: slots.into_iter().flatten().collect(),
+        hello,
+        peer_timeout,
+        storage_rate: None,
+        stats: DestStats::default(),
+    })
+}
+
+/// Why a source's Hello does not fit this VM, if it does not.
+fn hello_problem(hello: &Hello, ram_bytes: u64) -> Option<String> {
+    if hello.ram_bytes != ram_bytes {
         Some(format!(
             "source RAM is {} bytes but the destination VM has {} bytes: start the destination QEMU with the same -m and memory backend size",
             hello.ram_bytes, ram_bytes
@@ -211,67 +251,7 @@ pub async fn accept(
         ))
     } else {
         None
-    };
-    if let Some(reason) = problem {
-        let _ = protocol::write_message(
-            &mut ctrl_tx,
-            &Message::Refuse {
-                reason: reason.clone(),
-            },
-            "refusing",
-        )
-        .await;
-        return Err(DestError::Refused { reason });
     }
-    protocol::write_message(
-        &mut ctrl_tx,
-        &Message::Welcome(Welcome {
-            version: protocol::PROTOCOL_VERSION,
-            incoming_uri: incoming_uri.to_string(),
-            postcopy,
-        }),
-        "sending Welcome",
-    )
-    .await?;
-    let mut slots: Vec<Option<TcpStream>> = (0..hello.data_connections).map(|_| None).collect();
-    while slots.iter().any(Option::is_none) {
-        let (mut s, _) = within(
-            peer_timeout,
-            "waiting for data connections",
-            listener.accept(),
-        )
-        .await?
-        .map_err(DestError::Accept)?;
-        let (msg, _) = within(
-            peer_timeout,
-            "waiting for a data Hello",
-            protocol::read_message(&mut s, "waiting for a data Hello"),
-        )
-        .await??;
-        match msg {
-            Message::Hello(h)
-                if h.session == hello.session
-                    && h.conn_index >= 1
-                    && h.conn_index <= hello.data_connections
-                    && slots[usize::from(h.conn_index - 1)].is_none() =>
-            {
-                slots[usize::from(h.conn_index - 1)] = Some(s);
-            }
-            // A stray connection (another session, a scanner): drop it, keep waiting.
-            other => tracing::warn!(msg = other.name(), "ignored a stray connection"),
-        }
-    }
-    let (in_tx, ctrl_in) = mpsc::channel(16);
-    tokio::spawn(read_control(ctrl_rx, in_tx));
-    Ok(DestSession {
-        ctrl_in,
-        ctrl_tx: ControlWriter::new(ctrl_tx, peer_timeout),
-        data: slots.into_iter().flatten().collect(),
-        hello,
-        peer_timeout,
-        storage_rate: None,
-        stats: DestStats::default(),
-    })
 }
 
 /// What the RAM owner thread hands back once every stream ended.
@@ -1266,6 +1246,11 @@ pub struct PostcopyOutcome {
 }
 
 impl DestSession {
+    /// The id the source gave this session: its other connections carry it.
+    pub fn session_id(&self) -> u64 {
+        self.hello.session
+    }
+
     /// The source's announcement.
     pub fn hello(&self) -> &Hello {
         &self.hello
@@ -1725,7 +1710,7 @@ fn bitmap_from_bytes(bytes: &[u8], pages: u64) -> Result<PageBitmap, DestError> 
     Ok(bits)
 }
 
-async fn read_control(mut rx: OwnedReadHalf, tx: mpsc::Sender<Result<Message, ProtocolError>>) {
+async fn read_control(mut rx: ConnReader, tx: mpsc::Sender<Result<Message, ProtocolError>>) {
     loop {
         let m = protocol::read_message(&mut rx, "reading the control connection")
             .await
@@ -1737,7 +1722,7 @@ async fn read_control(mut rx: OwnedReadHalf, tx: mpsc::Sender<Result<Message, Pr
     }
 }
 
-async fn read_pages(s: TcpStream, tx: mpsc::Sender<ApplyInput>, pages: u64, heard: Arc<Heard>) {
+async fn read_pages(s: Conn, tx: mpsc::Sender<ApplyInput>, pages: u64, heard: Arc<Heard>) {
     let last = match read_stream(s, &tx, pages, |_| heard.touch()).await {
         Ok(bytes) => ApplyInput::End { bytes },
         Err(e) => ApplyInput::Failed(e),
@@ -1746,7 +1731,7 @@ async fn read_pages(s: TcpStream, tx: mpsc::Sender<ApplyInput>, pages: u64, hear
 }
 
 async fn read_stream(
-    mut s: TcpStream,
+    mut s: Conn,
     tx: &mpsc::Sender<ApplyInput>,
     pages: u64,
     mut heard: impl FnMut(u64),

@@ -11,6 +11,7 @@ pub mod bitmap;
 pub mod control;
 pub mod dest;
 pub mod dirty;
+pub mod gate;
 pub mod layout;
 pub mod limiter;
 pub mod postcopy;
@@ -21,6 +22,7 @@ pub mod ram;
 pub mod rebuild;
 pub mod stats;
 mod sys;
+pub mod transport;
 pub mod verify;
 
 /// Size of a guest page as dbmigrate moves it.

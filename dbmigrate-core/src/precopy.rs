@@ -17,7 +17,6 @@ use std::time::{Duration, Instant};
 
 use thiserror::Error;
 use tokio::io::AsyncWriteExt;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
@@ -33,6 +32,7 @@ use crate::protocol::{
 use crate::ram::{is_zero, RamError, SourceRam};
 use crate::rebuild::{check_hint, Hint, HintSource};
 use crate::stats::{mbit_per_s, MigrationStats, RoundStats};
+use crate::transport::{Conn, ConnReader, ConnWriter, Connector, TransportError};
 use crate::verify;
 use crate::{PAGE_SIZE, PAGE_SIZE_U64};
 
@@ -51,6 +51,9 @@ pub enum PrecopyError {
     /// Protocol or transport failure.
     #[error(transparent)]
     Protocol(#[from] ProtocolError),
+    /// The connection could not be secured (TLS handshake, certificate, name).
+    #[error(transparent)]
+    Transport(#[from] TransportError),
     /// The destination refused or aborted.
     #[error("destination agent refused: {reason}")]
     Refused {
@@ -313,6 +316,10 @@ pub struct SourceConfig {
     pub hints: Option<Arc<dyn HintSource>>,
     /// Sizes of the VM's disks, by the index hints use.
     pub disk_sizes: Vec<u64>,
+    /// How connections to the destination are secured. The default is
+    /// plain TCP, for tests on loopback; the `dbmigrate` command uses
+    /// mutual TLS unless told otherwise by name.
+    pub connector: Connector,
 }
 
 impl Default for SourceConfig {
@@ -327,6 +334,7 @@ impl Default for SourceConfig {
             peer_timeout: Duration::from_secs(30),
             hints: None,
             disk_sizes: Vec::new(),
+            connector: Connector::InsecurePlaintext,
         }
     }
 }
@@ -365,10 +373,14 @@ pub struct SourceSession {
     pub(crate) tracker: Box<dyn DirtyTracker>,
     pub(crate) cfg: SourceConfig,
     /// None once post-copy hands it to its reader task.
-    pub(crate) ctrl_rx: Option<OwnedReadHalf>,
+    pub(crate) ctrl_rx: Option<ConnReader>,
     pub(crate) ctrl_tx: ControlWriter,
     pub(crate) data: Vec<DataConn>,
     welcome: Welcome,
+    /// The destination agent.
+    addr: SocketAddr,
+    /// The id of this session, carried by every connection's Hello.
+    session_id: u64,
     pub(crate) history: Vec<RoundObservation>,
     pub(crate) pending: PageBitmap,
     /// Pages the destination could not rebuild: always sent raw from now on.
@@ -403,9 +415,8 @@ impl SourceSession {
                 conn_index,
             })
         };
-        let ctrl = connect_retrying(addr, cfg.peer_timeout.min(Duration::from_secs(10))).await?;
-        ctrl.set_nodelay(true).ok();
-        let (mut ctrl_rx, mut ctrl_tx) = ctrl.into_split();
+        let tcp = connect_retrying(addr, cfg.peer_timeout.min(Duration::from_secs(10))).await?;
+        let (mut ctrl_rx, mut ctrl_tx) = cfg.connector.secure(tcp, addr).await?.split();
         let mut stats = MigrationStats::default();
         stats.bytes_sent +=
             protocol::write_message(&mut ctrl_tx, &hello(0), "sending Hello").await?;
@@ -431,10 +442,7 @@ impl SourceSession {
         let limiter = Arc::new(RateLimiter::new(cfg.bandwidth));
         let mut data = Vec::new();
         for i in 1..=conns {
-            let s = TcpStream::connect(addr)
-                .await
-                .map_err(|source| PrecopyError::Connect { addr, source })?;
-            let (_r, mut w) = s.into_split();
+            let (_r, mut w) = cfg.connector.connect(addr).await?.split();
             stats.bytes_sent += protocol::write_message(&mut w, &hello(i), "sending Hello").await?;
             let (tx, rx) = mpsc::channel(8);
             let task = tokio::spawn(data_writer(w, rx, limiter.clone(), cfg.peer_timeout));
@@ -450,6 +458,8 @@ impl SourceSession {
             ctrl_tx,
             data,
             welcome,
+            addr,
+            session_id: session,
             history: Vec::new(),
             pending: PageBitmap::new(pages),
             no_ref: PageBitmap::new(pages),
@@ -479,9 +489,23 @@ impl SourceSession {
         self.cfg.disk_sizes = disk_sizes;
     }
 
-    /// Where the VMM must send device state.
-    pub fn incoming_uri(&self) -> &str {
-        &self.welcome.incoming_uri
+    /// Opens the connection that carries the VMM's device state to the
+    /// destination agent, secured as the others and introduced as this
+    /// session's [`protocol::DEVICE_STATE_CONN`]. The caller relays the
+    /// VMM's stream over it; the destination agent relays it to its VMM.
+    pub async fn open_device_state(&self) -> Result<Conn, PrecopyError> {
+        let mut conn = self.cfg.connector.connect(self.addr).await?;
+        let hello = Message::Hello(Hello {
+            version: protocol::PROTOCOL_VERSION,
+            session: self.session_id,
+            ram_bytes: self.ram.len(),
+            page_size: u32::try_from(PAGE_SIZE).expect("4096"),
+            data_connections: u16::try_from(self.data.len()).expect("at most 16"),
+            conn_index: protocol::DEVICE_STATE_CONN,
+        });
+        protocol::write_message(&mut conn, &hello, "introducing the device-state connection")
+            .await?;
+        Ok(conn)
     }
 
     /// Whether the destination can serve post-copy faults.
@@ -1252,7 +1276,7 @@ pub(crate) fn send_batch(
 }
 
 async fn data_writer(
-    mut w: OwnedWriteHalf,
+    mut w: ConnWriter,
     mut rx: mpsc::Receiver<WriterCmd>,
     limiter: Arc<RateLimiter>,
     patience: Duration,

@@ -14,7 +14,7 @@
 //! ```text
 //! source                                   destination
 //!   | Hello{version, ram, conn 0}  ------------> |  control
-//!   | <--------------------- Welcome{incoming uri} |  (RAM reserved, QEMU waiting)
+//!   | <--------------------------- Welcome{post-copy} |  (RAM reserved, QEMU waiting)
 //!   | Hello{conn 1..N} ------------------------> |  data
 //!   | PageBatch{round, pages} ... (data conns) -> |  applied in arrival order;
 //!   |                                             |  references read from storage
@@ -26,7 +26,10 @@
 //!   | EndOfStream (each data conn) ------------> |
 //!   | VerifyRequest{chunk digests} ------------> |  control
 //!   | <--------------------- VerifyResult{bad chunks}
-//!   |            ... QEMU moves device state (x-ignore-shared) ...
+//!   | Hello{conn DEVICE_STATE_CONN} -----------> |  QEMU's device state
+//!   |            (x-ignore-shared), relayed between each agent's
+//!   |            private unix socket and its QEMU: no QEMU listens
+//!   |            on the network and no peer chooses a QEMU URI
 //!   | Commit ----------------------------------> |  point of no return
 //!   | <-------------------------- Activated{resume time}
 //! ```
@@ -51,7 +54,7 @@ use crate::PAGE_SIZE;
 /// First four bytes of every frame: "DMG1" little-endian.
 pub const MAGIC: u32 = u32::from_le_bytes(*b"DMG1");
 /// Protocol version carried in [`Hello`] and [`Welcome`].
-pub const PROTOCOL_VERSION: u32 = 6;
+pub const PROTOCOL_VERSION: u32 = 7;
 /// Size of the fixed frame header.
 pub const HEADER_LEN: usize = 16;
 /// Largest payload a peer may announce; larger frames are refused unread.
@@ -60,6 +63,8 @@ pub const MAX_PAYLOAD: u64 = 8 << 20;
 pub const MAX_STRING: usize = 4096;
 /// How often each side sends a [`Message::Heartbeat`] on the control connection.
 pub const HEARTBEAT_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+/// [`Hello::conn_index`] of the connection that carries QEMU's device state.
+pub const DEVICE_STATE_CONN: u16 = u16::MAX;
 /// Pages per chunk that stay on one data connection.
 pub const PAGES_PER_STRIPE: u64 = 64;
 
@@ -175,7 +180,8 @@ pub struct Hello {
     pub page_size: u32,
     /// Number of data connections that will follow.
     pub data_connections: u16,
-    /// 0 for the control connection, 1..=N for data connections.
+    /// 0 for the control connection, 1..=N for data connections,
+    /// [`DEVICE_STATE_CONN`] for the device-state relay.
     pub conn_index: u16,
 }
 
@@ -184,8 +190,6 @@ pub struct Hello {
 pub struct Welcome {
     /// [`PROTOCOL_VERSION`] of the destination.
     pub version: u32,
-    /// Where the source VMM must send device state (e.g. `tcp:10.0.0.2:4444`).
-    pub incoming_uri: String,
     /// The destination can serve the VM's page faults (post-copy).
     pub postcopy: bool,
 }
@@ -397,7 +401,6 @@ impl Message {
             }
             Message::Welcome(w) => {
                 p.extend_from_slice(&w.version.to_le_bytes());
-                put_str(&mut p, &w.incoming_uri);
                 p.push(u8::from(w.postcopy));
             }
             Message::Refuse { reason } | Message::Abort { reason } => put_str(&mut p, reason),
@@ -484,17 +487,12 @@ impl Message {
                 if version != PROTOCOL_VERSION {
                     return Err(ProtocolError::Version { peer: version });
                 }
-                let incoming_uri = r.string()?;
                 let postcopy = match r.u8()? {
                     0 => false,
                     1 => true,
                     b => return Err(r.bad(format!("post-copy flag {b}"))),
                 };
-                Message::Welcome(Welcome {
-                    version,
-                    incoming_uri,
-                    postcopy,
-                })
+                Message::Welcome(Welcome { version, postcopy })
             }
             K_REFUSE => Message::Refuse {
                 reason: r.string()?,
@@ -822,6 +820,47 @@ pub async fn read_message_with<R: AsyncRead + Unpin>(
     Ok((msg, HEADER_LEN as u64 + len))
 }
 
+/// Largest [`Hello`] payload (it is 28 bytes).
+const MAX_HELLO: u64 = 64;
+
+/// Reads the first frame of a connection, which must be a [`Hello`]: any
+/// other kind, or a longer payload, is refused before the payload is read,
+/// so a stranger cannot make the listener allocate or wait for more.
+pub async fn read_hello<R: AsyncRead + Unpin>(r: &mut R) -> Result<Hello, ProtocolError> {
+    let doing = "waiting for Hello";
+    let mut h = [0u8; HEADER_LEN];
+    r.read_exact(&mut h).await.map_err(|e| io_error(e, doing))?;
+    let (kind, len) = parse_header(&h)?;
+    if kind != K_HELLO {
+        return Err(ProtocolError::Malformed {
+            kind: kind_name(kind)?,
+            problem: "the first message of a connection must be Hello".into(),
+        });
+    }
+    if len > MAX_HELLO {
+        return Err(ProtocolError::TooLong { len });
+    }
+    let mut payload = vec![0u8; usize::try_from(len).expect("at most MAX_HELLO")];
+    r.read_exact(&mut payload)
+        .await
+        .map_err(|e| io_error(e, doing))?;
+    match Message::decode(kind, &payload)? {
+        Message::Hello(hello) => Ok(hello),
+        other => Err(ProtocolError::Malformed {
+            kind: "Hello",
+            problem: format!("decoded as {}", other.name()),
+        }),
+    }
+}
+
+fn io_error(e: io::Error, doing: &'static str) -> ProtocolError {
+    if e.kind() == io::ErrorKind::UnexpectedEof {
+        ProtocolError::Closed { doing }
+    } else {
+        ProtocolError::Io { doing, source: e }
+    }
+}
+
 /// Checks a header and returns (kind, payload length).
 pub fn parse_header(h: &[u8; HEADER_LEN]) -> Result<(u16, u64), ProtocolError> {
     let magic = u32::from_le_bytes(h[0..4].try_into().expect("4 bytes"));
@@ -875,7 +914,6 @@ mod tests {
             }),
             Message::Welcome(Welcome {
                 version: PROTOCOL_VERSION,
-                incoming_uri: "tcp:10.0.0.2:4444".into(),
                 postcopy: true,
             }),
             Message::Refuse {

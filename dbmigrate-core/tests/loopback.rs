@@ -13,9 +13,11 @@ use std::time::Duration;
 use dbmigrate_core::bitmap::PageBitmap;
 use dbmigrate_core::dest;
 use dbmigrate_core::dirty::{DirtyError, DirtyTracker, TrackerKind};
+use dbmigrate_core::gate::Gate;
 use dbmigrate_core::precopy::{Decision, PrecopyError, SourceConfig, SourceSession};
 use dbmigrate_core::protocol::{self, BatchBuilder, Hello, Message, PageEncoding};
 use dbmigrate_core::ram::{DestRam, SourceRam};
+use dbmigrate_core::transport::Acceptor;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 
@@ -141,9 +143,8 @@ async fn migrate_under_writes(
         // receive() itself zeroes the RAM: the stale page must not survive.
         let ram = DestRam::open(&dst_path2, PAGES * 4096).unwrap();
         let mut s = dest::accept(
-            &listener,
+            &mut plain_gate(listener),
             PAGES * 4096,
-            "tcp:127.0.0.1:1",
             false,
             Duration::from_secs(10),
         )
@@ -213,7 +214,7 @@ async fn destination_refuses_a_page_beyond_ram_and_says_why() {
     let p2 = dst_path.clone();
     let receiver = tokio::spawn(async move {
         let ram = DestRam::open(&p2, PAGES * 4096).unwrap();
-        let mut s = accept_source(&listener, false, Duration::from_secs(10)).await;
+        let mut s = accept_source(listener, false, Duration::from_secs(10)).await;
         let err = s.receive(ram, None, None).await.err().expect("must refuse");
         s.abort(&err.to_string()).await;
         err.to_string()
@@ -342,7 +343,7 @@ async fn rebuild_case(tag: &str, pace: Option<u64>) -> (dest::DestStats, Duratio
     let dst2 = dst_path.clone();
     let receiver = tokio::spawn(async move {
         let ram = DestRam::open(&dst2, PAGES * 4096).unwrap();
-        let mut s = accept_source(&listener, false, Duration::from_secs(10)).await;
+        let mut s = accept_source(listener, false, Duration::from_secs(10)).await;
         s.set_storage_rate(pace);
         let (_ram, matched) = complete(s.receive(ram, Some(storage), None).await.unwrap());
         assert!(matched);
@@ -455,9 +456,14 @@ async fn rebuild_throughput() {
     let dst2 = dst_path.clone();
     let receiver = tokio::spawn(async move {
         let ram = DestRam::open(&dst2, N * 4096).unwrap();
-        let mut s = dest::accept(&listener, N * 4096, "tcp:x", false, Duration::from_secs(30))
-            .await
-            .unwrap();
+        let mut s = dest::accept(
+            &mut plain_gate(listener),
+            N * 4096,
+            false,
+            Duration::from_secs(30),
+        )
+        .await
+        .unwrap();
         let (_ram, matched) = complete(s.receive(ram, Some(storage), None).await.unwrap());
         assert!(matched);
         s.wait_commit().await.unwrap();
@@ -546,7 +552,7 @@ async fn postcopy_to_a_real_userfaultfd(
     let p2 = dst_path.clone();
     let receiver = tokio::spawn(async move {
         let ram = DestRam::open(&p2, PAGES * 4096).unwrap();
-        let mut s = accept_source(&listener, true, Duration::from_secs(3)).await;
+        let mut s = accept_source(listener, true, Duration::from_secs(3)).await;
         let faults = dest::FaultSource {
             uffd,
             base,
@@ -738,7 +744,7 @@ async fn idle_but_alive_peers_are_waited_for_past_their_timeouts() {
     let p2 = dst_path.clone();
     let receiver = tokio::spawn(async move {
         let ram = DestRam::open(&p2, PAGES * 4096).unwrap();
-        let mut s = accept_source(&listener, false, timeout).await;
+        let mut s = accept_source(listener, false, timeout).await;
         let (_ram, matched) = complete(s.receive(ram, None, None).await.unwrap());
         assert!(matched);
         s.wait_commit().await.unwrap();
@@ -778,7 +784,7 @@ async fn a_silent_source_is_given_up_on_with_a_clear_error() {
     let p2 = dst_path.clone();
     let receiver = tokio::spawn(async move {
         let ram = DestRam::open(&p2, PAGES * 4096).unwrap();
-        let mut s = accept_source(&listener, false, Duration::from_secs(2)).await;
+        let mut s = accept_source(listener, false, Duration::from_secs(2)).await;
         s.receive(ram, None, None)
             .await
             .err()
@@ -833,13 +839,18 @@ async fn scripted_source(
 /// The destination side of a session: accepts one source on `listener`
 /// for a RAM of [`PAGES`] pages.
 async fn accept_source(
-    listener: &TcpListener,
+    listener: TcpListener,
     postcopy: bool,
     timeout: Duration,
 ) -> dest::DestSession {
-    dest::accept(listener, PAGES * 4096, "tcp:x", postcopy, timeout)
+    dest::accept(&mut plain_gate(listener), PAGES * 4096, postcopy, timeout)
         .await
         .unwrap()
+}
+
+/// A gate on `listener` for plain TCP.
+fn plain_gate(listener: TcpListener) -> Gate {
+    Gate::open(listener, Acceptor::InsecurePlaintext)
 }
 
 /// Shared storage that takes `delay` per batch of reads and logs the
@@ -926,7 +937,7 @@ async fn a_fault_on_a_page_whose_storage_read_is_queued_is_read_ahead_of_the_que
         // Allocated as receive() has it: the switch must punch the pages it
         // still waits for, or the touch below would read zeros, not fault.
         ram.zero_and_allocate().unwrap();
-        let mut s = accept_source(&listener, true, Duration::from_secs(10)).await;
+        let mut s = accept_source(listener, true, Duration::from_secs(10)).await;
         let faults = dest::FaultSource {
             uffd,
             base,
@@ -1026,7 +1037,7 @@ async fn a_page_placed_with_other_bytes_than_the_source_holds_fails_verification
     let dst_path2 = dst_path.clone();
     let receiver = tokio::spawn(async move {
         let ram = DestRam::open(&dst_path2, PAGES * 4096).unwrap();
-        let mut s = accept_source(&listener, false, Duration::from_secs(10)).await;
+        let mut s = accept_source(listener, false, Duration::from_secs(10)).await;
         s.receive(ram, None, None).await
     });
     let (mut ctrl, _welcome, mut data) = scripted_source(addr, 77).await;

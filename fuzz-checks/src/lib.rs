@@ -150,7 +150,6 @@ mod tests {
             }),
             Message::Welcome(Welcome {
                 version: protocol::PROTOCOL_VERSION,
-                incoming_uri: "tcp:10.0.0.2:7001".into(),
                 postcopy: true,
             }),
             Message::PageBatch {

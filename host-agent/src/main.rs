@@ -1,6 +1,7 @@
 //! `dbmigrate`: live-migrates a running QEMU VM's RAM between hosts, with
 //! QEMU moving only device state (`x-ignore-shared`).
 
+mod devstate;
 mod failpoint;
 mod framescan;
 mod hints;
@@ -11,6 +12,7 @@ mod qemu;
 mod qmp;
 mod receive;
 mod report;
+mod security;
 mod source;
 
 use std::io::IsTerminal;
@@ -52,6 +54,12 @@ enum Command {
         /// Address of `dbmigrate receive` on the destination host.
         #[arg(long)]
         to: SocketAddr,
+        /// Name the destination's certificate must be valid for (as QEMU's
+        /// `tls-hostname`); default: the address of --to.
+        #[arg(long)]
+        tls_hostname: Option<String>,
+        #[command(flatten)]
+        security: security::SecurityArgs,
         /// Parallel data connections.
         #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=16))]
         connections: u16,
@@ -110,7 +118,9 @@ enum Command {
         #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(3..=3600))]
         timeout: u64,
     },
-    /// Receive a VM into a QEMU started with `-S -incoming defer` (run on the destination host).
+    /// Receive a VM into a QEMU started with `-incoming defer` (run on the
+    /// destination host). QEMU is kept paused until the source commits and
+    /// takes device state from this agent only, over a private unix socket.
     Receive {
         /// QMP socket of the waiting destination QEMU.
         #[arg(long)]
@@ -118,9 +128,8 @@ enum Command {
         /// Address the source agent connects to.
         #[arg(long)]
         listen: SocketAddr,
-        /// Address where the destination QEMU listens for device state.
-        #[arg(long)]
-        incoming: SocketAddr,
+        #[command(flatten)]
+        security: security::SecurityArgs,
         /// Seconds of silence from the source agent before giving up (it
         /// sends a heartbeat every second).
         #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(3..=3600))]
@@ -323,6 +332,8 @@ fn run(cli: Cli, rt: &tokio::runtime::Runtime, priority: priority::Priority) -> 
             mode,
             allow_postcopy,
             timeout,
+            tls_hostname,
+            security,
         } => {
             if max_bytes_factor.is_nan() || max_bytes_factor <= 0.0 {
                 bail!("--max-bytes-factor must be positive");
@@ -350,6 +361,7 @@ fn run(cli: Cli, rt: &tokio::runtime::Runtime, priority: priority::Priority) -> 
                     max_bytes_factor,
                     ..StopPolicy::default()
                 },
+                connector: security.connector(to, tls_hostname.as_deref())?,
                 ..SourceConfig::default()
             };
             let r = rt.block_on(source::migrate(source::MigrateArgs {
@@ -362,6 +374,7 @@ fn run(cli: Cli, rt: &tokio::runtime::Runtime, priority: priority::Priority) -> 
                 hints_refresh: Duration::from_millis(hints_refresh_ms),
                 hint_scan,
                 priority,
+                run_dir: security.run_dir,
             }));
             let json = serde_json::to_string_pretty(&r).context("encoding the report")?;
             if let Some(path) = report {
@@ -394,7 +407,7 @@ fn run(cli: Cli, rt: &tokio::runtime::Runtime, priority: priority::Priority) -> 
         Command::Receive {
             qmp,
             listen,
-            incoming,
+            security,
             timeout,
             keep_qemu,
             storage,
@@ -410,7 +423,8 @@ fn run(cli: Cli, rt: &tokio::runtime::Runtime, priority: priority::Priority) -> 
             let stats = rt.block_on(receive::receive(receive::ReceiveArgs {
                 qmp,
                 listen,
-                incoming,
+                acceptor: security.acceptor()?,
+                run_dir: security.run_dir.clone(),
                 peer_timeout: Duration::from_secs(timeout),
                 keep_qemu,
                 storage,

@@ -10,10 +10,14 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use dbmigrate_core::dest::{self, DestSession, FaultSource, Received};
+use dbmigrate_core::gate::Gate;
+use dbmigrate_core::protocol::DEVICE_STATE_CONN;
 use dbmigrate_core::ram::DestRam;
+use dbmigrate_core::transport::Acceptor;
 use serde_json::json;
 use tokio::net::TcpListener;
 
+use crate::devstate::{self, PrivateDir};
 use crate::qemu;
 use crate::qmp::Qmp;
 
@@ -23,8 +27,10 @@ pub struct ReceiveArgs {
     pub qmp: PathBuf,
     /// Where the source agent connects.
     pub listen: SocketAddr,
-    /// Where QEMU listens for device state.
-    pub incoming: SocketAddr,
+    /// How connections are secured.
+    pub acceptor: Acceptor,
+    /// Where this agent makes its private directory (QEMU's device-state socket).
+    pub run_dir: PathBuf,
     /// Longest silence of the source tolerated.
     pub peer_timeout: Duration,
     /// Keep the destination QEMU after a failed attempt (default: quit it).
@@ -50,9 +56,17 @@ pub async fn receive(args: ReceiveArgs) -> Result<dest::DestStats> {
     if status != "inmigrate" {
         bail!("the destination QEMU is `{status}`, not waiting for a migration: start it with `-S -incoming defer` and the same machine options as the source");
     }
+    // While `inmigrate`, `stop` clears QEMU's autostart: a QEMU started
+    // without -S then also waits for this agent's `cont` after Commit
+    // instead of running the guest as soon as device state has loaded.
+    qmp.execute("stop", None)
+        .await
+        .context("keeping the destination QEMU paused until Commit")?;
     let backend = qemu::ram_backend(&mut qmp).await?;
     qemu::set_capability(&mut qmp, "x-ignore-shared", true).await?;
-    let uri = format!("tcp:{}", args.incoming);
+    let dir = PrivateDir::create(&args.run_dir, "receive")?;
+    let incoming = dir.path().join("incoming.sock");
+    let uri = devstate::unix_uri(&incoming);
     qmp.execute("migrate-incoming", Some(json!({"uri": uri})))
         .await
         .context("making the destination QEMU listen for device state")?;
@@ -79,10 +93,11 @@ pub async fn receive(args: ReceiveArgs) -> Result<dest::DestStats> {
     let listener = TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("listening on {} (is another agent using it?)", args.listen))?;
-    tracing::info!(listen = %args.listen, %uri, ram = %backend.mem_path.display(), size = backend.size, "waiting for the source agent");
+    let gate = Gate::open(listener, args.acceptor.clone());
+    tracing::info!(listen = %args.listen, tls = args.acceptor.is_tls(), %uri, ram = %backend.mem_path.display(), size = backend.size, "waiting for the source agent");
 
     let result = tokio::select! {
-        r = session(&args, &mut qmp, &listener, ram, faults, backend.size, &uri) => r,
+        r = session(&args, &mut qmp, gate, ram, faults, backend.size, &incoming) => r,
         s = crate::interrupted() => Err(anyhow!("interrupted by {s} before the VM was resumed here")),
     };
     if let Err(e) = &result {
@@ -187,19 +202,55 @@ async fn stop_incomplete_vm(qmp: &mut Qmp) {
     tracing::error!("destination VM stopped: its memory could not be completed");
 }
 
+/// Serves the connections that arrive once the session is set up: the
+/// session's device-state connection is relayed into QEMU (once); any
+/// other is dropped. Runs until aborted.
+async fn serve_device_state(mut gate: Gate, session: u64, incoming: PathBuf) {
+    let mut served = false;
+    while let Some(a) = gate.next().await {
+        let ours = a.hello.session == session && a.hello.conn_index == DEVICE_STATE_CONN;
+        if !ours || served {
+            tracing::warn!(peer = %a.peer, conn = a.hello.conn_index, "ignored a connection that is not this session's device state");
+            continue;
+        }
+        served = true;
+        let incoming = incoming.clone();
+        tokio::spawn(async move {
+            match devstate::into_vmm(a.conn, &incoming).await {
+                Ok(bytes) => tracing::info!(bytes, "device state relayed into QEMU"),
+                Err(e) => tracing::warn!(error = %e, "relaying device state into QEMU failed"),
+            }
+        });
+    }
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 async fn session(
     args: &ReceiveArgs,
     qmp: &mut Qmp,
-    listener: &TcpListener,
+    mut gate: Gate,
     ram: DestRam,
     faults: Option<FaultSource>,
     ram_bytes: u64,
-    uri: &str,
+    incoming: &std::path::Path,
 ) -> Result<dest::DestStats> {
     let postcopy = faults.is_some();
-    let mut s: DestSession = dest::accept(listener, ram_bytes, uri, postcopy, args.peer_timeout)
+    let mut s: DestSession = dest::accept(&mut gate, ram_bytes, postcopy, args.peer_timeout)
         .await
         .context("accepting the source agent")?;
+    let _relay = AbortOnDrop(tokio::spawn(serve_device_state(
+        gate,
+        s.session_id(),
+        incoming.to_path_buf(),
+    )));
     s.set_storage_rate(args.storage_bandwidth);
     let t = Instant::now();
     let received = match s.receive(ram, args.storage.clone(), faults).await {

@@ -18,6 +18,7 @@ use dbmigrate_core::ram::SourceRam;
 use dbmigrate_core::stats::RoundStats;
 use serde_json::json;
 
+use crate::devstate::{PrivateDir, RelayError, SourceRelay};
 use crate::progress::Progress;
 use crate::qemu;
 use crate::qmp::Qmp;
@@ -43,6 +44,57 @@ pub struct MigrateArgs {
     pub hint_scan: HintScan,
     /// Back to full priority when the VM pauses.
     pub priority: crate::priority::Priority,
+    /// Where this agent makes its private directory (QEMU's device-state socket).
+    pub run_dir: PathBuf,
+}
+
+/// QEMU's device-state migration under way through this agent's relay.
+struct DeviceRelay {
+    _dir: PrivateDir,
+    task: tokio::task::JoinHandle<Result<u64, RelayError>>,
+}
+
+/// How long the relay may take to pass on QEMU's last bytes once QEMU
+/// reports its migration complete.
+const RELAY_DRAIN: Duration = Duration::from_secs(10);
+
+/// Opens the session's device-state connection, has QEMU migrate to a
+/// socket in this agent's private directory and relays it there. The URI
+/// is built here; nothing from the destination goes into it.
+async fn start_device_state(
+    args: &MigrateArgs,
+    qmp: &mut Qmp,
+    session: &SourceSession,
+) -> Result<DeviceRelay> {
+    let dir = PrivateDir::create(&args.run_dir, "migrate")?;
+    let relay = SourceRelay::bind(&dir)?;
+    let uri = relay.uri();
+    let peer = session
+        .open_device_state()
+        .await
+        .context("opening the device-state connection to the destination agent")?;
+    let task = tokio::spawn(relay.run(peer));
+    qmp.execute("migrate", Some(json!({ "uri": uri })))
+        .await
+        .context("starting QEMU's device-state migration")?;
+    Ok(DeviceRelay { _dir: dir, task })
+}
+
+/// Waits for QEMU's device-state migration to complete and for the relay
+/// to have passed its every byte on. Returns QEMU's count of bytes sent.
+async fn finish_device_state(qmp: &mut Qmp, relay: DeviceRelay) -> Result<u64> {
+    let info = qemu::wait_migration(qmp, Duration::from_secs(60))
+        .await
+        .context("moving device state")?;
+    let relayed = tokio::time::timeout(RELAY_DRAIN, relay.task)
+        .await
+        .map_err(|_| anyhow!("QEMU sent its device state but the relay to the destination agent did not finish within {} s", RELAY_DRAIN.as_secs()))?
+        .map_err(|e| anyhow!("the device-state relay failed: {e}"))??;
+    tracing::info!(
+        bytes = relayed,
+        "device state relayed to the destination agent"
+    );
+    Ok(info["ram"]["transferred"].as_u64().unwrap_or(0))
 }
 
 /// Who finds the buffer-pool pages in guest RAM.
@@ -435,13 +487,8 @@ async fn drive(
     parts.verify_ms = lap();
 
     undo.device_migration_started = true;
-    qmp.execute("migrate", Some(json!({"uri": session.incoming_uri()})))
-        .await
-        .context("starting QEMU's device-state migration")?;
-    let info = qemu::wait_migration(qmp, Duration::from_secs(60))
-        .await
-        .context("moving device state")?;
-    report.device_state_bytes = info["ram"]["transferred"].as_u64().unwrap_or(0);
+    let relay = start_device_state(args, qmp, session).await?;
+    report.device_state_bytes = finish_device_state(qmp, relay).await?;
     parts.device_state_ms = lap();
 
     crate::failpoint::hit("src-before-commit");
@@ -520,16 +567,14 @@ async fn drive_postcopy(
         .await
         .context("switching to post-copy")?;
     undo.device_migration_started = true;
-    let uri = session.incoming_uri().to_string();
+    // QMP `migrate` returns at once; the wait for it runs beside the
+    // post-copy service (loading device state may fault on guest pages).
+    let relay = start_device_state(args, qmp, session).await?;
     let mut device_bytes = 0;
     let handover = async {
-        qmp.execute("migrate", Some(json!({ "uri": uri })))
+        device_bytes = finish_device_state(qmp, relay)
             .await
-            .map_err(|e| format!("starting QEMU's device-state migration: {e:#}"))?;
-        let info = qemu::wait_migration(qmp, Duration::from_secs(60))
-            .await
-            .map_err(|e| format!("moving device state: {e:#}"))?;
-        device_bytes = info["ram"]["transferred"].as_u64().unwrap_or(0);
+            .map_err(|e| format!("{e:#}"))?;
         Ok(())
     };
     let mut activated_at = None;

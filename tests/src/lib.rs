@@ -23,6 +23,34 @@ pub fn repo_root() -> PathBuf {
         .to_path_buf()
 }
 
+/// Makes the test hosts' certificates under `dir` with the project's
+/// `scripts/make-pki.sh` (openssl): see [`Testbed::tls_dir`].
+pub fn make_pki(dir: &Path) -> Result<()> {
+    let script = repo_root().join("scripts/make-pki.sh");
+    let issue = |ca: &str, host: &str, name: &str| -> Result<()> {
+        let out = Command::new("bash")
+            .arg(&script)
+            .arg(dir.join(ca))
+            .arg(dir.join(host))
+            .arg(name)
+            .output()
+            .context("running scripts/make-pki.sh")?;
+        if !out.status.success() {
+            bail!(
+                "make-pki.sh failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(())
+    };
+    issue("ca", "src", "source.test")?;
+    issue("ca", "dst", "destination.test")?;
+    issue("ca", "rogue", "rogue.test")?;
+    issue("other-ca", "impostor", "source.test")?;
+    std::fs::copy(dir.join("ca/ca-cert.pem"), dir.join("impostor/ca-cert.pem"))?;
+    Ok(())
+}
+
 /// Directory with the built `dbmigrate` binary and preload library: the
 /// profile directory of the running test or bench executable, or
 /// `DBMIGRATE_BIN_DIR`.
@@ -155,6 +183,7 @@ impl Testbed {
         };
         tb.teardown_quiet();
         std::fs::create_dir_all(&tb.dir)?;
+        make_pki(&tb.dir.join("pki"))?;
         sh(&["ip", "netns", "add", &tb.src_ns])?;
         sh(&["ip", "netns", "add", &tb.dst_ns])?;
         sh(&[
@@ -192,19 +221,30 @@ impl Testbed {
         c
     }
 
-    /// `dbmigrate receive` for `dst`, in the destination namespace, on ports 7000 (agent) and 7001 (QEMU).
+    /// The TLS directory of a test host: `src`, `dst` (signed by the test
+    /// CA, for `source.test` and `destination.test`), `rogue` (the same CA,
+    /// `rogue.test`) or `impostor` (another CA, `source.test`).
+    pub fn tls_dir(&self, host: &str) -> PathBuf {
+        self.dir.join("pki").join(host)
+    }
+
+    /// `dbmigrate receive` for `dst`, in the destination namespace, on port
+    /// 7000, over mutual TLS, admitting only `source.test`.
     pub fn receive_cmd(&self, dst: &Vm) -> Result<Command> {
         self.receive_cmd_on(dst, 7000)
     }
 
-    /// [`Testbed::receive_cmd`] on ports `port` (agent) and `port + 1`
-    /// (QEMU), so that several migrations can run side by side.
+    /// [`Testbed::receive_cmd`] on port `port`, so that several
+    /// migrations can run side by side.
     pub fn receive_cmd_on(&self, dst: &Vm, port: u16) -> Result<Command> {
         let mut c = self.in_ns(&self.dst_ns, &bin_dir()?.join("dbmigrate"));
         c.args(["receive", "--qmp"])
             .arg(&dst.qmp)
             .args(["--listen", &format!("{}:{port}", self.dst_ip)])
-            .args(["--incoming", &format!("{}:{}", self.dst_ip, port + 1)]);
+            .arg("--tls-dir")
+            .arg(self.tls_dir("dst"))
+            .args(["--tls-allow", "source.test", "--run-dir"])
+            .arg(self.dir.join(format!("run-dst-{port}")));
         Ok(c)
     }
 
@@ -220,7 +260,11 @@ impl Testbed {
             .arg(&src.qmp)
             .args(["--to", &format!("{}:{port}", self.dst_ip)])
             .arg("--report")
-            .arg(report);
+            .arg(report)
+            .arg("--tls-dir")
+            .arg(self.tls_dir("src"))
+            .args(["--tls-hostname", "destination.test", "--run-dir"])
+            .arg(self.dir.join(format!("run-src-{port}")));
         Ok(c)
     }
 

@@ -186,6 +186,23 @@ fn interrupted_migration_resumes_the_source() -> Result<()> {
 #[test]
 fn clear_errors_for_bad_input() -> Result<()> {
     let bin = bin_dir()?.join("dbmigrate");
+    // No certificates: TLS is the default, and the error names the file and the ways out.
+    let out = Command::new(&bin)
+        .args([
+            "migrate",
+            "--qmp",
+            "/nonexistent/qmp.sock",
+            "--to",
+            "127.0.0.1:9",
+        ])
+        .args(["--tls-dir", "/nonexistent/pki"])
+        .output()?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("/nonexistent/pki/ca-cert.pem") && err.contains("--insecure-plaintext"),
+        "{err}"
+    );
     // Missing QMP socket.
     let out = Command::new(&bin)
         .args([
@@ -194,6 +211,7 @@ fn clear_errors_for_bad_input() -> Result<()> {
             "/nonexistent/qmp.sock",
             "--to",
             "127.0.0.1:9",
+            "--insecure-plaintext",
         ])
         .output()?;
     let err = String::from_utf8_lossy(&out.stderr);

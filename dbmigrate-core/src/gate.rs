@@ -1,0 +1,111 @@
+//! The receiving agent's listener. Every connection is secured (the TLS
+//! handshake, see [`crate::transport`]) and must introduce itself with a
+//! [`Hello`] within [`HELLO_TIMEOUT`]; a connection that fails either is
+//! dropped alone, with a warning naming the peer, and the listener keeps
+//! listening. Handshakes run side by side, so a silent stranger does not
+//! hold up the real source.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, Semaphore};
+use tokio::task::JoinHandle;
+
+use crate::protocol::{self, Hello};
+use crate::transport::{Acceptor, Conn};
+
+/// How long an accepted peer may take to send its [`Hello`] after the handshake.
+pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connections being secured or introduced at once; more are closed at once.
+pub const MAX_PENDING: usize = 32;
+
+/// A connection that passed the handshake and introduced itself.
+pub struct Admitted {
+    /// The connection.
+    pub conn: Conn,
+    /// Who connected.
+    pub peer: SocketAddr,
+    /// Its introduction.
+    pub hello: Hello,
+}
+
+/// Accepts connections until dropped; yields those that pass.
+pub struct Gate {
+    rx: mpsc::Receiver<Admitted>,
+    task: JoinHandle<()>,
+    addr: Option<SocketAddr>,
+}
+
+impl Gate {
+    /// Starts accepting on `listener`.
+    pub fn open(listener: TcpListener, acceptor: Acceptor) -> Self {
+        let addr = listener.local_addr().ok();
+        let (tx, rx) = mpsc::channel(4);
+        let task = tokio::spawn(accept_loop(listener, acceptor, tx));
+        Self { rx, task, addr }
+    }
+
+    /// The next admitted connection (None only if the listener failed for good).
+    pub async fn next(&mut self) -> Option<Admitted> {
+        self.rx.recv().await
+    }
+
+    /// The address listened on.
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.addr
+    }
+}
+
+impl Drop for Gate {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn accept_loop(listener: TcpListener, acceptor: Acceptor, tx: mpsc::Sender<Admitted>) {
+    let pending = Arc::new(Semaphore::new(MAX_PENDING));
+    loop {
+        let (tcp, peer) = match listener.accept().await {
+            Ok(a) => a,
+            Err(e) => {
+                // Out of descriptors or the like: wait and go on listening.
+                tracing::warn!(error = %e, "accepting a connection failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = pending.clone().try_acquire_owned() else {
+            tracing::warn!(%peer, "too many connections being set up at once: closed this one");
+            continue;
+        };
+        let (acceptor, tx) = (acceptor.clone(), tx.clone());
+        tokio::spawn(async move {
+            let admitted = admit(&acceptor, tcp, peer).await;
+            drop(permit);
+            match admitted {
+                Ok(a) => {
+                    let _ = tx.send(a).await;
+                }
+                Err(reason) => tracing::warn!(%peer, %reason, "refused a connection"),
+            }
+        });
+    }
+}
+
+async fn admit(
+    acceptor: &Acceptor,
+    tcp: tokio::net::TcpStream,
+    peer: SocketAddr,
+) -> Result<Admitted, String> {
+    let mut conn = acceptor
+        .secure(tcp, peer)
+        .await
+        .map_err(|e| e.to_string())?;
+    let hello = tokio::time::timeout(HELLO_TIMEOUT, protocol::read_hello(&mut conn))
+        .await
+        .map_err(|_| format!("no Hello within {} s", HELLO_TIMEOUT.as_secs()))?
+        .map_err(|e| e.to_string())?;
+    Ok(Admitted { conn, peer, hello })
+}
