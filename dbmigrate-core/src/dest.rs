@@ -1493,16 +1493,20 @@ impl DestSession {
     /// Finishes a post-copy: serves the VM's faults and places the pages
     /// still to come while the source hands the VM over. On Commit it runs
     /// `resume` (which must resume the VM here) and confirms; the pages then
-    /// keep arriving until none is missing, and the placed pages are
+    /// keep arriving until none is missing (then `placed` runs, at once:
+    /// the VM no longer depends on this session), and the placed pages are
     /// compared with the source's frozen RAM.
-    pub async fn postcopy<F>(
+    pub async fn postcopy<F, P>(
         &mut self,
         mut run: PostcopyRun,
         resume: F,
+        placed: P,
     ) -> Result<PostcopyOutcome, DestError>
     where
         F: std::future::Future<Output = Result<(), String>>,
+        P: FnOnce(),
     {
+        let mut placed = Some(placed);
         let mut resume = std::pin::pin!(resume);
         let (mut committed, mut resumed) = (false, false);
         let mut request: Option<Message> = None;
@@ -1530,6 +1534,9 @@ impl DestSession {
                 r = &mut run.applier, if applied.is_none() => {
                     applied = Some(writer_outcome(r)?);
                     run.stop.faults_done();
+                    if let Some(f) = placed.take() {
+                        f();
+                    }
                 }
                 r = &mut resume, if committed && !resumed => {
                     resumed = true;
@@ -1560,6 +1567,9 @@ impl DestSession {
                                 // this batch is one more late answer.
                                 applied = Some(writer_outcome((&mut run.applier).await)?);
                                 run.stop.faults_done();
+                                if let Some(f) = placed.take() {
+                        f();
+                    }
                             }
                         }
                         m @ Message::VerifyRequest { .. } => request = Some(m),

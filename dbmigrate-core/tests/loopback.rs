@@ -562,7 +562,7 @@ async fn postcopy_to_a_real_userfaultfd(
             dest::Received::Postcopy(run) => run,
             dest::Received::Complete { .. } => panic!("no switch to post-copy"),
         };
-        s.postcopy(run, async { Ok(()) }).await
+        s.postcopy(run, async { Ok(()) }, || {}).await
     });
     let (mut ctrl, welcome, mut data) = scripted_source(addr, 9).await;
     assert!(welcome.postcopy);
@@ -947,7 +947,14 @@ async fn a_fault_on_a_page_whose_storage_read_is_queued_is_read_ahead_of_the_que
             dest::Received::Postcopy(run) => run,
             dest::Received::Complete { .. } => panic!("no switch to post-copy"),
         };
-        let outcome = s.postcopy(run, async { Ok(()) }).await;
+        let placed = AtomicBool::new(false);
+        let outcome = s
+            .postcopy(run, async { Ok(()) }, || {
+                placed.store(true, Ordering::SeqCst)
+            })
+            .await;
+        // Every page is in place when post-copy ends well: the hook ran.
+        assert!(outcome.is_err() || placed.load(Ordering::SeqCst));
         (outcome, s.stats.clone())
     });
     let (mut ctrl, _, mut data) = scripted_source(addr, 11).await;

@@ -185,10 +185,11 @@ fn maybe_track(addr: u64, len: u64, fd: i32) {
     }
 }
 
-/// Waits for the agent that took the descriptor to say it is done ("D").
-/// If it goes away without a word it may have died while this QEMU's page
-/// faults depended on it: a vCPU would wait forever for a page, so QEMU
-/// stops instead (before the hand-over it never ran the VM anyway).
+/// Waits for the agent that took the descriptor to say it is done ("D":
+/// every page is in place). If it goes away without a word it may have
+/// died while this QEMU's page faults depended on it: a vCPU would wait
+/// forever for a page, so QEMU stops instead (before the hand-over it never
+/// ran the VM anyway).
 fn watch_agent(mut conn: std::os::unix::net::UnixStream) {
     use std::io::Read;
     let mut b = [0u8; 1];
@@ -208,11 +209,43 @@ fn postcopy_socket() -> Option<std::path::PathBuf> {
     std::env::var_os("DBMIGRATE_POSTCOPY_SOCKET").map(std::path::PathBuf::from)
 }
 
+/// Makes sure `dir` is a directory only this process's user may enter
+/// (mode 0700, owned by it), creating it if missing; Err says why not.
+fn private_dir(dir: &std::path::Path) -> Result<(), String> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+    match std::fs::DirBuilder::new().mode(0o700).create(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(format!("cannot create {}: {e}", dir.display())),
+    }
+    let meta = std::fs::symlink_metadata(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let me = unsafe { libc::geteuid() };
+    if !meta.is_dir() || meta.mode() & 0o077 != 0 || meta.uid() != me {
+        return Err(format!(
+            "{} must be a directory of uid {me} with mode 0700 (it is mode {:o}, uid {}): the post-copy socket hands out the guest's memory",
+            dir.display(),
+            meta.mode() & 0o7777,
+            meta.uid()
+        ));
+    }
+    Ok(())
+}
+
+/// Whether a process of `uid` may take the descriptor: root (the agent) or
+/// this QEMU's own user.
+fn trusted_uid(uid: u32) -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    uid == 0 || uid == unsafe { libc::geteuid() }
+}
+
 /// Post-copy destination: registers the RAM mapping for missing-page faults
-/// and hands the descriptor, with the mapping's address and length, to
-/// whoever connects to `sock` (the destination agent). QEMU keeps its own
-/// copy open, so an agent that dies leaves faults blocked, never filled
-/// with zeros behind the guest's back.
+/// and hands the descriptor, with the mapping's address and length, to the
+/// first process of a trusted user (`SO_PEERCRED`: root or QEMU's own user)
+/// that connects to `sock` (the destination agent), once: the socket, in a
+/// directory of mode 0700, is then removed. QEMU keeps its own copy open,
+/// so an agent that dies leaves faults blocked, never filled with zeros
+/// behind the guest's back, and this library then stops QEMU.
 fn serve_postcopy(path: &str, addr: u64, len: u64, sock: std::path::PathBuf) {
     // Not on an allocation path: the RAM file is mapped once, at startup.
     let uffd = match dbmigrate_uffd::register_missing(addr, len) {
@@ -224,6 +257,13 @@ fn serve_postcopy(path: &str, addr: u64, len: u64, sock: std::path::PathBuf) {
             return;
         }
     };
+    let dir = sock.parent().unwrap_or(std::path::Path::new("/"));
+    if let Err(why) = private_dir(dir) {
+        say(format_args!(
+            "dbmigrate-preload: no post-copy socket: {why}\n"
+        ));
+        return;
+    }
     let _ = std::fs::remove_file(&sock);
     let listener = match std::os::unix::net::UnixListener::bind(&sock) {
         Ok(l) => l,
@@ -235,8 +275,12 @@ fn serve_postcopy(path: &str, addr: u64, len: u64, sock: std::path::PathBuf) {
             return;
         }
     };
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o600));
+    }
     say(format_args!(
-        "dbmigrate-preload: post-copy for {path} at {addr:#x}-{:#x}, descriptor offered on {}\n",
+        "dbmigrate-preload: post-copy for {path} at {addr:#x}-{:#x}, descriptor offered once on {}\n",
         addr.wrapping_add(len),
         sock.display()
     ));
@@ -246,15 +290,33 @@ fn serve_postcopy(path: &str, addr: u64, len: u64, sock: std::path::PathBuf) {
     let spawned = std::thread::Builder::new()
         .name("dbmigrate-uffd".into())
         .spawn(move || {
-            for conn in listener.incoming().flatten() {
+            let conn = loop {
+                let Ok((conn, _)) = listener.accept() else {
+                    continue;
+                };
+                match dbmigrate_uffd::peer_cred(&conn) {
+                    Ok(c) if trusted_uid(c.uid) => {}
+                    Ok(c) => {
+                        say(format_args!(
+                            "dbmigrate-preload: refused the post-copy descriptor to pid {} (uid {})\n",
+                            c.pid, c.uid
+                        ));
+                        continue;
+                    }
+                    Err(_) => continue,
+                }
                 if let Err(e) = dbmigrate_uffd::send_fd(&conn, &uffd, &payload) {
                     say(format_args!(
                         "dbmigrate-preload: handing over the post-copy descriptor failed: {e}\n"
                     ));
                     continue;
                 }
-                watch_agent(conn);
-            }
+                break conn;
+            };
+            // Served once: nobody else gets the guest's memory.
+            drop(listener);
+            let _ = std::fs::remove_file(&sock);
+            watch_agent(conn);
         });
     if let Err(e) = spawned {
         say(format_args!(

@@ -3,46 +3,69 @@
 //! `<name>`, dies at once (`abort`, as `kill -9` would leave it), or stops
 //! there until the file `<path>` is removed (`pause:<path>`: the test cuts
 //! a link meanwhile, so the fault hits exactly at that stage). A failpoint
-//! fires the first time its stage is reached, not again. Unset, it costs
-//! one environment lookup per stage.
+//! fires the first time its stage is reached, not again.
+//!
+//! Only in test builds: the code exists with the cargo feature `failpoints`,
+//! which cannot be combined with a build without debug assertions (as
+//! `cargo build --release` and packages are); `scripts/test.sh` builds such
+//! an agent into its own target directory. Elsewhere [`hit`] is empty.
 
-use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+#[cfg(all(feature = "failpoints", not(debug_assertions)))]
+compile_error!("the `failpoints` feature is for test builds only: build it with CARGO_PROFILE_RELEASE_DEBUG_ASSERTIONS=true into a --target-dir of its own, as scripts/test.sh does");
 
-static FIRED: AtomicBool = AtomicBool::new(false);
+/// The stage `name` is reached (nothing happens: not a test build).
+#[cfg(not(feature = "failpoints"))]
+#[inline(always)]
+pub fn hit(_name: &str) {}
 
-/// The stage `name` is reached.
-pub fn hit(name: &str) {
-    let Ok(spec) = std::env::var("DBMIGRATE_FAILPOINT") else {
-        return;
-    };
-    let mut parts = spec.splitn(3, ':');
-    if parts.next() != Some(name) || FIRED.swap(true, Ordering::SeqCst) {
-        return;
-    }
-    match (parts.next(), parts.next()) {
-        (Some("abort"), _) => {
-            tracing::error!(failpoint = name, "fault injected: the agent dies here");
-            std::process::abort();
+#[cfg(feature = "failpoints")]
+pub use injected::hit;
+
+#[cfg(feature = "failpoints")]
+mod injected {
+    use std::path::Path;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::OnceLock;
+    use std::time::Duration;
+
+    static FIRED: AtomicBool = AtomicBool::new(false);
+    static SPEC: OnceLock<Option<String>> = OnceLock::new();
+
+    /// The stage `name` is reached.
+    pub fn hit(name: &str) {
+        let Some(spec) = SPEC
+            .get_or_init(|| std::env::var("DBMIGRATE_FAILPOINT").ok())
+            .as_deref()
+        else {
+            return;
+        };
+        let mut parts = spec.splitn(3, ':');
+        if parts.next() != Some(name) || FIRED.swap(true, Ordering::SeqCst) {
+            return;
         }
-        (Some("pause"), Some(path)) => {
-            tracing::warn!(
-                failpoint = name,
-                path,
-                "fault injected: paused until the file is removed"
-            );
-            let path = Path::new(path);
-            if std::fs::write(path, name).is_err() {
-                return;
+        match (parts.next(), parts.next()) {
+            (Some("abort"), _) => {
+                tracing::error!(failpoint = name, "fault injected: the agent dies here");
+                std::process::abort();
             }
-            while path.exists() {
-                std::thread::sleep(Duration::from_millis(10));
+            (Some("pause"), Some(path)) => {
+                tracing::warn!(
+                    failpoint = name,
+                    path,
+                    "fault injected: paused until the file is removed"
+                );
+                let path = Path::new(path);
+                if std::fs::write(path, name).is_err() {
+                    return;
+                }
+                while path.exists() {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
             }
+            _ => tracing::warn!(
+                spec,
+                "DBMIGRATE_FAILPOINT not understood (use NAME:abort or NAME:pause:PATH)"
+            ),
         }
-        _ => tracing::warn!(
-            spec,
-            "DBMIGRATE_FAILPOINT not understood (use NAME:abort or NAME:pause:PATH)"
-        ),
     }
 }

@@ -83,9 +83,9 @@ pub async fn receive(args: ReceiveArgs) -> Result<dest::DestStats> {
             "guest RAM allocated"
         );
     }
-    let (faults, _lease) = match &args.postcopy_socket {
+    let (faults, lease) = match &args.postcopy_socket {
         Some(path) => {
-            let (f, lease) = fault_source(path, backend.size)?;
+            let (f, lease) = fault_source(path, backend.size, qmp.pid())?;
             (Some(f), Some(lease))
         }
         None => (None, None),
@@ -97,7 +97,7 @@ pub async fn receive(args: ReceiveArgs) -> Result<dest::DestStats> {
     tracing::info!(listen = %args.listen, tls = args.acceptor.is_tls(), %uri, ram = %backend.mem_path.display(), size = backend.size, "waiting for the source agent");
 
     let result = tokio::select! {
-        r = session(&args, &mut qmp, gate, ram, faults, backend.size, &incoming) => r,
+        r = session(&args, &mut qmp, gate, ram, (faults, lease), backend.size, &incoming) => r,
         s = crate::interrupted() => Err(anyhow!("interrupted by {s} before the VM was resumed here")),
     };
     if let Err(e) = &result {
@@ -112,19 +112,30 @@ pub async fn receive(args: ReceiveArgs) -> Result<dest::DestStats> {
 
 /// The connection to the preload library inside the destination QEMU. While
 /// it is open without a word, QEMU's page faults may depend on this agent:
-/// if the agent dies, the library stops QEMU rather than leave a vCPU
-/// blocked on a page nobody will bring. Dropping it says "done".
+/// if the agent dies or drops it (an attempt that failed, an interruption
+/// with pages missing), the library stops QEMU rather than leave a vCPU
+/// blocked on a page nobody will bring. [`FaultLease::done`] says every
+/// page is in place.
 struct FaultLease(std::os::unix::net::UnixStream);
 
-impl Drop for FaultLease {
-    fn drop(&mut self) {
+impl FaultLease {
+    /// Every page is in place: QEMU no longer depends on this agent.
+    fn done(self) {
         use std::io::Write;
-        let _ = self.0.write_all(b"D");
+        if let Err(e) = (&self.0).write_all(b"D") {
+            tracing::warn!(error = %e, "could not tell the destination QEMU that every page is in place");
+        }
+        tracing::info!("every page in place: the destination QEMU no longer depends on this agent");
     }
 }
 
-/// Takes the RAM's userfaultfd from the destination QEMU's preload library.
-fn fault_source(path: &std::path::Path, ram_bytes: u64) -> Result<(FaultSource, FaultLease)> {
+/// Takes the RAM's userfaultfd from the destination QEMU's preload library;
+/// the process at the other end must be `qemu_pid`.
+fn fault_source(
+    path: &std::path::Path,
+    ram_bytes: u64,
+    qemu_pid: Option<u32>,
+) -> Result<(FaultSource, FaultLease)> {
     let sock = std::os::unix::net::UnixStream::connect(path).with_context(|| {
         format!(
             "connecting to {} for the destination QEMU's fault descriptor: start QEMU with LD_PRELOAD and DBMIGRATE_POSTCOPY_SOCKET={} (see `dbmigrate env --postcopy-socket`)",
@@ -132,6 +143,13 @@ fn fault_source(path: &std::path::Path, ram_bytes: u64) -> Result<(FaultSource, 
             path.display()
         )
     })?;
+    let peer = dbmigrate_uffd::peer_cred(&sock)
+        .with_context(|| format!("reading who listens on {}", path.display()))?;
+    let qemu_pid = qemu_pid
+        .context("could not learn the destination QEMU's pid from its QMP socket (SO_PEERCRED)")?;
+    if peer.pid != qemu_pid {
+        bail!("{} is served by pid {}, not by the destination QEMU (pid {qemu_pid}): refusing its descriptor; check DBMIGRATE_POSTCOPY_SOCKET", path.display(), peer.pid);
+    }
     sock.set_read_timeout(Some(Duration::from_secs(5)))
         .context("setting a timeout on the fault-descriptor socket")?;
     let (uffd, payload) = dbmigrate_uffd::recv_fd(&sock)
@@ -183,6 +201,62 @@ async fn resume_vm(qmp: &mut Qmp) -> Result<(), String> {
         other => Err(format!(
             "destination QEMU is `{other}` after device state, cannot resume it"
         )),
+    }
+}
+
+/// Whether the destination VM runs, as confirmed after a failed resume.
+enum VmState {
+    Running,
+    Stopped,
+    Unknown,
+}
+
+/// Makes sure the destination VM does not run, on a fresh QMP connection
+/// (the old one may hold a late answer): `stop` and check, or if QEMU does
+/// not answer, SIGKILL it and wait for it to be gone.
+async fn confirm_stopped(path: &std::path::Path, pid: Option<u32>) -> VmState {
+    let asked = async {
+        let mut q = Qmp::connect(path).await?;
+        if q.status().await? == "running" {
+            return Ok::<_, crate::qmp::QmpError>(VmState::Running);
+        }
+        q.execute("stop", None).await?;
+        Ok(if q.status().await? == "running" {
+            VmState::Running
+        } else {
+            VmState::Stopped
+        })
+    };
+    if let Ok(Ok(state)) = tokio::time::timeout(Duration::from_secs(10), asked).await {
+        return state;
+    }
+    let Some(pid) = pid else {
+        return VmState::Unknown;
+    };
+    let _ = std::process::Command::new("kill")
+        .args(["-KILL", &pid.to_string()])
+        .status();
+    for _ in 0..100 {
+        if process_gone(pid) {
+            tracing::error!(
+                pid,
+                "destination QEMU killed: it did not answer after a failed resume"
+            );
+            return VmState::Stopped;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    VmState::Unknown
+}
+
+/// Whether `pid` has exited (gone, or a zombie its parent has not reaped).
+fn process_gone(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        // The state follows the command name's closing parenthesis.
+        Ok(stat) => stat
+            .rsplit_once(") ")
+            .is_some_and(|(_, rest)| rest.starts_with('Z') || rest.starts_with('X')),
     }
 }
 
@@ -238,7 +312,7 @@ async fn session(
     qmp: &mut Qmp,
     mut gate: Gate,
     ram: DestRam,
-    faults: Option<FaultSource>,
+    (faults, mut lease): (Option<FaultSource>, Option<FaultLease>),
     ram_bytes: u64,
     incoming: &std::path::Path,
 ) -> Result<dest::DestStats> {
@@ -261,7 +335,13 @@ async fn session(
         }
     };
     let (ram, matched) = match received {
-        Received::Complete { ram, matched } => (ram, matched),
+        Received::Complete { ram, matched } => {
+            // Every page arrived by pre-copy: no fault will wait on this agent.
+            if let Some(l) = lease.take() {
+                l.done();
+            }
+            (ram, matched)
+        }
         Received::Postcopy(run) => {
             args.priority
                 .restore("post-copy: the guest runs here and waits on its faults");
@@ -275,7 +355,12 @@ async fn session(
                 }
                 r
             };
-            let outcome = s.postcopy(run, resume).await;
+            let placed = || {
+                if let Some(l) = lease.take() {
+                    l.done();
+                }
+            };
+            let outcome = s.postcopy(run, resume, placed).await;
             return match outcome {
                 Ok(o) => {
                     tracing::info!(
@@ -333,8 +418,20 @@ async fn session(
     // QEMU has loaded device state by now (the source waited for its
     // migration to complete before committing); confirm before resuming.
     if let Err(reason) = resume_vm(qmp).await {
-        s.abort(&reason).await;
-        bail!(reason);
+        // An Abort makes the source resume its VM: only once this one is
+        // known not to run (a `cont` that timed out may still take effect).
+        match confirm_stopped(&args.qmp, qmp.pid()).await {
+            VmState::Running => {
+                tracing::warn!(%reason, "the resume reported a failure, but the VM runs here");
+            }
+            VmState::Stopped => {
+                s.abort(&reason).await;
+                bail!(reason);
+            }
+            VmState::Unknown => bail!(
+                "{reason}; whether the destination VM runs is unknown, so the source was not told to take the VM back: check the destination QEMU, then resume the source (QMP `cont`) only if it does not run"
+            ),
+        }
     }
     // The VM runs here now, whether or not the source hears it.
     if let Err(e) = s.activated().await {

@@ -51,6 +51,23 @@ pub fn make_pki(dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Directory with the `dbmigrate` built with the `failpoints` feature, for
+/// the fault tests: `target/failpoints/release` (scripts/test.sh builds
+/// it), or `DBMIGRATE_FAILPOINT_BIN_DIR`. Release builds have no failpoints.
+pub fn failpoint_bin_dir() -> Result<PathBuf> {
+    let dir = match std::env::var("DBMIGRATE_FAILPOINT_BIN_DIR") {
+        Ok(d) => PathBuf::from(d),
+        Err(_) => repo_root().join("target/failpoints/release"),
+    };
+    if !dir.join("dbmigrate").exists() {
+        bail!(
+            "{} has no dbmigrate built with failpoints: run `CARGO_PROFILE_RELEASE_DEBUG_ASSERTIONS=true cargo build --release -p host-agent --features failpoints --target-dir target/failpoints` (the README's test command does)",
+            dir.display()
+        );
+    }
+    Ok(dir)
+}
+
 /// Directory with the built `dbmigrate` binary and preload library: the
 /// profile directory of the running test or bench executable, or
 /// `DBMIGRATE_BIN_DIR`.
@@ -162,6 +179,9 @@ pub struct Testbed {
     pub dst_if: String,
     /// Scratch directory for sockets, logs and reports.
     pub dir: PathBuf,
+    /// Where the `dbmigrate` the agents run comes from: [`bin_dir`], or
+    /// [`failpoint_bin_dir`] after [`Testbed::use_failpoint_agents`].
+    pub agent_dir: PathBuf,
 }
 
 impl Testbed {
@@ -179,6 +199,7 @@ impl Testbed {
             src_if: format!("{tag}a"),
             dst_if: format!("{tag}b"),
             dir: std::env::temp_dir().join(format!("dbmigrate-{tag}-{}", std::process::id())),
+            agent_dir: bin_dir()?,
             tag,
         };
         tb.teardown_quiet();
@@ -221,6 +242,12 @@ impl Testbed {
         c
     }
 
+    /// Runs the agents built with fault injection (`DBMIGRATE_FAILPOINT`).
+    pub fn use_failpoint_agents(&mut self) -> Result<()> {
+        self.agent_dir = failpoint_bin_dir()?;
+        Ok(())
+    }
+
     /// The TLS directory of a test host: `src`, `dst` (signed by the test
     /// CA, for `source.test` and `destination.test`), `rogue` (the same CA,
     /// `rogue.test`) or `impostor` (another CA, `source.test`).
@@ -237,7 +264,7 @@ impl Testbed {
     /// [`Testbed::receive_cmd`] on port `port`, so that several
     /// migrations can run side by side.
     pub fn receive_cmd_on(&self, dst: &Vm, port: u16) -> Result<Command> {
-        let mut c = self.in_ns(&self.dst_ns, &bin_dir()?.join("dbmigrate"));
+        let mut c = self.in_ns(&self.dst_ns, &self.agent_dir.join("dbmigrate"));
         c.args(["receive", "--qmp"])
             .arg(&dst.qmp)
             .args(["--listen", &format!("{}:{port}", self.dst_ip)])
@@ -255,7 +282,7 @@ impl Testbed {
 
     /// [`Testbed::migrate_cmd`] to the destination agent on `port`.
     pub fn migrate_cmd_to(&self, src: &Vm, report: &Path, port: u16) -> Result<Command> {
-        let mut c = self.in_ns(&self.src_ns, &bin_dir()?.join("dbmigrate"));
+        let mut c = self.in_ns(&self.src_ns, &self.agent_dir.join("dbmigrate"));
         c.args(["migrate", "--qmp"])
             .arg(&src.qmp)
             .args(["--to", &format!("{}:{port}", self.dst_ip)])

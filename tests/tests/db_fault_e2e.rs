@@ -34,7 +34,8 @@ impl DbCase {
     /// waiting destination QEMU (ready for post-copy with `postcopy`).
     fn start(postcopy: bool) -> Result<Self> {
         let guest = mariadb_guest(TABLES, ROWS)?;
-        let bed = DbBed::new(&guest, 1000, 1000)?;
+        let mut bed = DbBed::new(&guest, 1000, 1000)?;
+        bed.tb.use_failpoint_agents()?;
         let src = bed.start_vm(&guest, true, false, 1024, "256M")?;
         src.wait_console("DBM-READY pool", Duration::from_secs(300))?;
         let (dst, postcopy_socket) = if postcopy {

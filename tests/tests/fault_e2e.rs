@@ -24,7 +24,8 @@ struct Case {
 }
 
 fn start(ws_mib: u64) -> Result<Case> {
-    let tb = Testbed::new(LINK_MBIT)?;
+    let mut tb = Testbed::new(LINK_MBIT)?;
+    tb.use_failpoint_agents()?;
     let sock = tb.dir.join("dst.uffd");
     let (src, dst) = start_dirtier_pair(&tb, ws_mib, Some(sock.clone()))?;
     Ok(Case { tb, src, dst, sock })
