@@ -63,12 +63,17 @@ echo "== destination VM waits (-S -incoming defer)"
 qemu $DST dst -S -incoming defer
 until [ -S "$WORK/dst.qmp" ]; do sleep 0.2; done
 
-ip netns exec $DST "$BIN/dbmigrate" receive --qmp "$WORK/dst.qmp" --listen 10.78.0.2:7000 --incoming 10.78.0.2:7001 \
+echo "== certificates: a CA and one certificate set per host (mutual TLS between the agents)"
+bash scripts/make-pki.sh "$WORK/pki/ca" "$WORK/pki/src" source.demo 10.78.0.1 2>/dev/null
+bash scripts/make-pki.sh "$WORK/pki/ca" "$WORK/pki/dst" destination.demo 10.78.0.2 2>/dev/null
+
+ip netns exec $DST "$BIN/dbmigrate" receive --qmp "$WORK/dst.qmp" --listen 10.78.0.2:7000 \
+  --tls-dir "$WORK/pki/dst" --tls-allow source.demo --run-dir "$WORK/run" \
   >"$WORK/receive.json" 2>"$WORK/receive.log" &
 recv_pid=$!
 echo "== migrating"
 ip netns exec $SRC "$BIN/dbmigrate" migrate --qmp "$WORK/src.qmp" --to 10.78.0.2:7000 --progress always \
-  --report "$WORK/report.json" >/dev/null
+  --tls-dir "$WORK/pki/src" --run-dir "$WORK/run" --report "$WORK/report.json" >/dev/null
 wait "$recv_pid" 2>/dev/null || true
 
 echo "== after migration: the guest runs on the destination and keeps verifying its memory"

@@ -111,6 +111,52 @@ impl PageBitmap {
     }
 }
 
+/// Pages in the order they were first added, each at most once until it
+/// is taken out: however often a peer names a page, the queue holds no
+/// more entries than the RAM has pages.
+#[derive(Clone, Debug)]
+pub struct PageQueue {
+    queued: PageBitmap,
+    order: std::collections::VecDeque<u64>,
+}
+
+impl PageQueue {
+    /// An empty queue for a RAM of `pages` pages.
+    pub fn new(pages: u64) -> Self {
+        Self {
+            queued: PageBitmap::new(pages),
+            order: std::collections::VecDeque::new(),
+        }
+    }
+
+    /// Adds `page` unless it is queued already (or beyond the RAM).
+    pub fn push(&mut self, page: u64) {
+        if self.queued.set(page) {
+            self.order.push_back(page);
+        }
+    }
+
+    /// Pages queued.
+    pub fn len(&self) -> usize {
+        self.order.len()
+    }
+
+    /// True if nothing is queued.
+    pub fn is_empty(&self) -> bool {
+        self.order.is_empty()
+    }
+
+    /// Takes out the first `n` pages (fewer if fewer are queued).
+    pub fn take(&mut self, n: usize) -> Vec<u64> {
+        let n = n.min(self.order.len());
+        let out: Vec<u64> = self.order.drain(..n).collect();
+        for &p in &out {
+            self.queued.unset(p);
+        }
+        out
+    }
+}
+
 struct BitIter(u64);
 
 impl Iterator for BitIter {
@@ -141,6 +187,21 @@ mod tests {
         assert_eq!(bm.count(), 3);
         assert_eq!(bm.iter().collect::<Vec<_>>(), vec![0, 64, 129]);
         assert!(bm.get(64) && !bm.get(65) && !bm.get(1000));
+    }
+
+    #[test]
+    fn a_queue_holds_each_page_once_until_taken() {
+        let mut q = PageQueue::new(100);
+        for _ in 0..1000 {
+            q.push(7);
+        }
+        q.push(3);
+        q.push(500); // beyond the RAM
+        assert_eq!(q.len(), 2);
+        assert_eq!(q.take(1), vec![7]);
+        q.push(7); // may be needed again once taken
+        assert_eq!(q.take(10), vec![3, 7]);
+        assert!(q.is_empty());
     }
 
     #[test]

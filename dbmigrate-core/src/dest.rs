@@ -14,7 +14,7 @@ use thiserror::Error;
 use tokio::sync::{mpsc, oneshot};
 use xxhash_rust::xxh3::xxh3_128;
 
-use crate::bitmap::PageBitmap;
+use crate::bitmap::{PageBitmap, PageQueue};
 use crate::control::ControlWriter;
 use crate::gate::Gate;
 use crate::protocol::{self, Hello, Message, PageEncoding, PageEntry, ProtocolError, Welcome};
@@ -610,7 +610,8 @@ struct Applier {
     outstanding: u64,
     /// Pages with a storage read in flight for their current version.
     inflight: PageBitmap,
-    need: Vec<u64>,
+    /// Pages whose reference storage could not match: asked of the source.
+    need: PageQueue,
     /// Hash of each page as last written: the switchover digests fold them.
     placed: Vec<u64>,
     faults: Option<Arc<FaultSource>>,
@@ -862,7 +863,9 @@ impl Applier {
         let allocated = self.ram.prepared() == Prepared::ZeroedAllocated;
         let pending_only = (!allocated).then(|| missing.clone());
         missing.union_with(&self.inflight);
-        let need: Vec<u64> = std::mem::take(&mut self.need)
+        let need: Vec<u64> = self
+            .need
+            .take(usize::MAX)
             .into_iter()
             .filter(|&p| missing.set(p))
             .collect();
@@ -1077,8 +1080,7 @@ impl Applier {
             }
             if drains == self.conns && self.outstanding == 0 {
                 drains = 0;
-                let n = self.need.len().min(protocol::MAX_NEED);
-                let need: Vec<u64> = self.need.drain(..n).collect();
+                let need = self.need.take(protocol::MAX_NEED);
                 let _ = self.out.send(Message::Drained {
                     round: drain_round,
                     need,
@@ -1341,7 +1343,7 @@ impl DestSession {
             ref_of: HashMap::new(),
             outstanding: 0,
             inflight: PageBitmap::new(pages),
-            need: Vec::new(),
+            need: PageQueue::new(pages),
             placed: vec![verify::zero_page_hash(); upages],
             faults: faults.clone(),
             marks: 0,

@@ -14,6 +14,7 @@ pub mod dirty;
 pub mod gate;
 pub mod layout;
 pub mod limiter;
+pub mod mappers;
 pub mod postcopy;
 pub mod precopy;
 pub mod priority;

@@ -768,7 +768,7 @@ fn push(
         }
         n += 1;
         // Small batches: a fault's neighbours must not wait behind a big one.
-        if builders[c].encoded_len() >= BATCH_BYTES {
+        if builders[c].is_full(BATCH_BYTES) {
             send_batch(&mut builders[c], 0, &txs[c], &mut bytes)?;
             pacer.keep(pace, bytes)?;
         }

@@ -1061,7 +1061,7 @@ impl RefFeed {
                 PageEncoding::Reference,
                 &protocol::encode_reference(hint, hash),
             );
-            if self.builder.encoded_len() >= ROUND_BATCH_BYTES {
+            if self.builder.is_full(ROUND_BATCH_BYTES) {
                 send_batch(&mut self.builder, round, &txs[self.conn], bytes)?;
                 self.conn = (self.conn + 1) % txs.len();
             }
@@ -1246,7 +1246,7 @@ fn produce_round(
                 }
             }
         }
-        if builders[c].encoded_len() >= ROUND_BATCH_BYTES {
+        if builders[c].is_full(ROUND_BATCH_BYTES) {
             send_batch(&mut builders[c], round, &txs[c], &mut rs.bytes)?;
         }
     }

@@ -65,6 +65,10 @@ pub const MAX_STRING: usize = 4096;
 pub const HEARTBEAT_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 /// [`Hello::conn_index`] of the connection that carries QEMU's device state.
 pub const DEVICE_STATE_CONN: u16 = u16::MAX;
+/// Most pages one [`Message::PageBatch`] may hold: a frame of zero or
+/// reference entries decodes to a few hundred KiB at most, whatever the
+/// peer packs into [`MAX_PAYLOAD`].
+pub const MAX_BATCH_PAGES: usize = 8192;
 /// Pages per chunk that stay on one data connection.
 pub const PAGES_PER_STRIPE: u64 = 64;
 
@@ -503,6 +507,11 @@ impl Message {
             K_PAGE_BATCH => {
                 let round = r.u32()?;
                 let count = r.u32()? as usize;
+                if count > MAX_BATCH_PAGES {
+                    return Err(r.bad(format!(
+                        "{count} pages in one batch, limit {MAX_BATCH_PAGES}"
+                    )));
+                }
                 // Each entry takes at least 13 bytes: bound the count before allocating.
                 if count > r.buf.len() / 13 {
                     return Err(r.bad(format!("{count} pages announced in {} bytes", r.buf.len())));
@@ -652,6 +661,12 @@ impl BatchBuilder {
     /// Encoded size so far, header included.
     pub fn encoded_len(&self) -> usize {
         self.buf.len()
+    }
+
+    /// Whether the batch should go now: it reached `bytes`, or holds
+    /// [`MAX_BATCH_PAGES`] pages (the most a peer accepts).
+    pub fn is_full(&self, bytes: usize) -> bool {
+        self.buf.len() >= bytes || self.count as usize >= MAX_BATCH_PAGES
     }
 
     /// Finishes the frame.
@@ -1042,6 +1057,49 @@ mod tests {
             parse_header(&h),
             Err(ProtocolError::UnknownKind { kind: 999 })
         ));
+    }
+
+    #[test]
+    fn a_batch_holds_at_most_max_batch_pages() {
+        let mut b = BatchBuilder::new(0);
+        for p in 0..MAX_BATCH_PAGES as u64 {
+            assert!(!b.is_full(usize::MAX), "full before the cap");
+            b.push(p, PageEncoding::Zero, &[]);
+        }
+        assert!(b.is_full(usize::MAX));
+        let f = b.finish();
+        let (k, p) = split(&f);
+        assert!(Message::decode(k, p).is_ok());
+        // One zero page more than the cap: ~13 bytes, refused unread.
+        let mut b = BatchBuilder::new(0);
+        for p in 0..=MAX_BATCH_PAGES as u64 {
+            b.push(p, PageEncoding::Zero, &[]);
+        }
+        let f = b.finish();
+        let (k, p) = split(&f);
+        let e = Message::decode(k, p).unwrap_err().to_string();
+        assert!(e.contains("limit"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn a_first_frame_must_be_a_short_hello() {
+        let hello = Message::Hello(Hello {
+            version: PROTOCOL_VERSION,
+            session: 1,
+            ram_bytes: 1 << 20,
+            page_size: 4096,
+            data_connections: 1,
+            conn_index: 0,
+        });
+        let f = hello.encode();
+        assert_eq!(read_hello(&mut &f[..]).await.unwrap().session, 1);
+        let commit = Message::Commit.encode();
+        assert!(read_hello(&mut &commit[..]).await.is_err());
+        // A Hello header announcing a long payload is refused before it is read.
+        let mut h = [0u8; HEADER_LEN];
+        write_header(&mut h, K_HELLO, MAX_PAYLOAD);
+        let e = read_hello(&mut &h[..]).await.unwrap_err();
+        assert!(matches!(e, ProtocolError::TooLong { .. }), "{e}");
     }
 
     #[test]

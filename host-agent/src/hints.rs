@@ -15,7 +15,7 @@ use dbmigrate_core::layout::{decode_layout, encode_layout_request, LayoutSet};
 use dbmigrate_core::ram::SourceRam;
 use dbmigrate_core::rebuild::{
     decode_hints, encode_hint_request, parse_answer_header, GuestHint, Hint, HintAnswer,
-    HintSource, PageMap, HINTS_HEADER_LEN,
+    HintSource, PageMap, HINTS_HEADER_LEN, HINT_RECORD_LEN,
 };
 use thiserror::Error;
 
@@ -60,11 +60,17 @@ pub struct HintChannel {
     path: PathBuf,
     stream: UnixStream,
     tag: u32,
+    /// Most hints an answer may hold: one per page of the guest's RAM.
+    max_hints: usize,
 }
 
+/// Bytes an answer's body is read in at a time: memory follows the bytes
+/// that arrive, never the length the guest announces.
+const READ_CHUNK: usize = 1 << 20;
+
 impl HintChannel {
-    /// Connects to QEMU's end of the port.
-    pub fn connect(path: &Path) -> Result<Self, HintChannelError> {
+    /// Connects to QEMU's end of the port, for a guest of `ram_pages` pages.
+    pub fn connect(path: &Path, ram_pages: u64) -> Result<Self, HintChannelError> {
         let stream = UnixStream::connect(path).map_err(|source| HintChannelError::Io {
             path: path.into(),
             doing: "connecting (is QEMU started with a virtserialport named org.dbmigrate.hints on this chardev socket?)",
@@ -74,6 +80,7 @@ impl HintChannel {
             path: path.into(),
             stream,
             tag: 0,
+            max_hints: usize::try_from(ram_pages).unwrap_or(usize::MAX),
         })
     }
 
@@ -136,11 +143,25 @@ impl HintChannel {
                     }
                     continue;
                 }
-                HintAnswer::Hints { body, tag } | HintAnswer::Layout { body, tag } => (body, tag),
+                HintAnswer::Hints { body, tag } => {
+                    let hints = body / HINT_RECORD_LEN;
+                    if hints > self.max_hints {
+                        return Err(self.malformed(format!(
+                            "{hints} hints announced for a guest of {} pages",
+                            self.max_hints
+                        )));
+                    }
+                    (body, tag)
+                }
+                HintAnswer::Layout { body, tag } => (body, tag),
             };
-            let mut set = vec![0u8; HINTS_HEADER_LEN + body];
-            set[..HINTS_HEADER_LEN].copy_from_slice(&head);
-            self.read_until(&mut set[HINTS_HEADER_LEN..], deadline)?;
+            let mut set = head.to_vec();
+            while set.len() < HINTS_HEADER_LEN + body {
+                let start = set.len();
+                let n = (HINTS_HEADER_LEN + body - start).min(READ_CHUNK);
+                set.resize(start + n, 0);
+                self.read_until(&mut set[start..], deadline)?;
+            }
             if tag == self.tag {
                 return Ok(match answer {
                     HintAnswer::Layout { .. } => Answer::Layout(set),
@@ -281,7 +302,8 @@ impl LiveHints {
         every: Duration,
         finder: Finder,
     ) -> Result<Arc<Self>, HintChannelError> {
-        let mut ch = HintChannel::connect(path)?;
+        let ram_pages = layout.iter().map(|r| r.len / 4096).sum();
+        let mut ch = HintChannel::connect(path, ram_pages)?;
         let live = Arc::new(Self::default());
         live.refresh(&mut ch, &layout, disks, &finder, Duration::from_secs(30))?;
         let bg = live.clone();
@@ -301,7 +323,7 @@ impl LiveHints {
                             "hint refresh failed (pages go raw until the next one): {e}"
                         );
                         // A failed read may leave half an answer in the stream.
-                        match HintChannel::connect(&ch.path) {
+                        match HintChannel::connect(&ch.path, ram_pages) {
                             Ok(c) => ch = c,
                             Err(_) => break,
                         }

@@ -63,6 +63,7 @@ pub async fn receive(args: ReceiveArgs) -> Result<dest::DestStats> {
         .await
         .context("keeping the destination QEMU paused until Commit")?;
     let backend = qemu::ram_backend(&mut qmp).await?;
+    refuse_shared_ram(&backend.mem_path, qmp.pid())?;
     qemu::set_capability(&mut qmp, "x-ignore-shared", true).await?;
     let dir = PrivateDir::create(&args.run_dir, "receive")?;
     let incoming = dir.path().join("incoming.sock");
@@ -274,6 +275,27 @@ async fn stop_incomplete_vm(qmp: &mut Qmp) {
         }
     }
     tracing::error!("destination VM stopped: its memory could not be completed");
+}
+
+/// Refuses a RAM file that a process other than the destination QEMU (and
+/// this agent) maps: its pages are about to be overwritten.
+fn refuse_shared_ram(path: &std::path::Path, qemu_pid: Option<u32>) -> Result<()> {
+    let me = std::process::id();
+    let others: Vec<u32> = dbmigrate_core::mappers::processes_mapping(path)
+        .with_context(|| format!("finding the processes that map {}", path.display()))?
+        .into_iter()
+        .filter(|&p| Some(p) != qemu_pid && p != me)
+        .collect();
+    if let Some(&pid) = others.first() {
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+        bail!(
+            "the destination RAM file {} is also mapped by pid {pid} ({}){}: receiving would overwrite that process's memory (a source QEMU on this host with the same mem-path?); give the destination QEMU a RAM file of its own",
+            path.display(),
+            comm.trim(),
+            if others.len() > 1 { format!(" and {} other process(es)", others.len() - 1) } else { String::new() }
+        );
+    }
+    Ok(())
 }
 
 /// Serves the connections that arrive once the session is set up: the

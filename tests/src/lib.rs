@@ -204,6 +204,12 @@ impl Testbed {
         };
         tb.teardown_quiet();
         std::fs::create_dir_all(&tb.dir)?;
+        // Private: it holds QMP and post-copy sockets (the preload library
+        // offers the guest's memory only from a directory of mode 0700).
+        std::fs::set_permissions(
+            &tb.dir,
+            <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o700),
+        )?;
         make_pki(&tb.dir.join("pki"))?;
         sh(&["ip", "netns", "add", &tb.src_ns])?;
         sh(&["ip", "netns", "add", &tb.dst_ns])?;
@@ -353,6 +359,9 @@ pub struct VmOptions {
     /// as soon as QEMU has loaded it (no `-S`; dbmigrate's receive resumes
     /// the VM itself).
     pub qemu_fills: bool,
+    /// An incoming VM started without `-S`, as an operator might: QEMU
+    /// would run the guest as soon as device state has loaded.
+    pub autostart: bool,
 }
 
 impl Default for VmOptions {
@@ -369,6 +378,7 @@ impl Default for VmOptions {
             smp: 1,
             postcopy_socket: None,
             qemu_fills: false,
+            autostart: false,
         }
     }
 }
@@ -517,7 +527,7 @@ impl Vm {
             ])
             .args(&o.extra);
         if o.incoming {
-            if !o.qemu_fills {
+            if !o.qemu_fills && !o.autostart {
                 c.arg("-S");
             }
             c.args(["-incoming", "defer"]);
@@ -1595,6 +1605,16 @@ pub fn start_dirtier_pair(
     ws_mib: u64,
     postcopy_socket: Option<PathBuf>,
 ) -> Result<(Vm, Vm)> {
+    let dst = VmOptions {
+        postcopy_socket,
+        ..VmOptions::default()
+    };
+    start_dirtier_pair_with(tb, ws_mib, dst)
+}
+
+/// [`start_dirtier_pair`] with the destination's options (made incoming,
+/// without the preload library unless it has a post-copy socket).
+pub fn start_dirtier_pair_with(tb: &Testbed, ws_mib: u64, dst: VmOptions) -> Result<(Vm, Vm)> {
     let img = dirtier_guest()?;
     let src = Vm::start(
         tb,
@@ -1617,8 +1637,7 @@ pub fn start_dirtier_pair(
             ws_mib,
             incoming: true,
             preload: false,
-            postcopy_socket,
-            ..VmOptions::default()
+            ..dst
         },
     )?;
     Ok((src, dst))

@@ -11,7 +11,9 @@ use std::process::{Child, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
-use dbmigrate_testbed::{corrupting_relay, sh, start_dirtier_pair, wait_limit, Testbed, Vm};
+use dbmigrate_testbed::{
+    corrupting_relay, sh, start_dirtier_pair_with, wait_limit, Testbed, Vm, VmOptions,
+};
 use serde_json::Value;
 
 const LINK_MBIT: u32 = 1000;
@@ -24,10 +26,20 @@ struct Case {
 }
 
 fn start(ws_mib: u64) -> Result<Case> {
+    start_with(ws_mib, false)
+}
+
+/// [`start`], the destination QEMU without `-S` if `autostart`.
+fn start_with(ws_mib: u64, autostart: bool) -> Result<Case> {
     let mut tb = Testbed::new(LINK_MBIT)?;
     tb.use_failpoint_agents()?;
     let sock = tb.dir.join("dst.uffd");
-    let (src, dst) = start_dirtier_pair(&tb, ws_mib, Some(sock.clone()))?;
+    let dst = VmOptions {
+        postcopy_socket: Some(sock.clone()),
+        autostart,
+        ..VmOptions::default()
+    };
+    let (src, dst) = start_dirtier_pair_with(&tb, ws_mib, dst)?;
     Ok(Case { tb, src, dst, sock })
 }
 
@@ -211,6 +223,28 @@ fn destination_agent_killed_at_commit_leaves_the_source_paused_with_exit_3() -> 
     let mut q = c.src.qmp()?;
     assert_eq!(q.status()?, "postmigrate");
     Ok(())
+}
+
+#[test]
+fn destination_qemu_without_s_runs_only_after_commit() -> Result<()> {
+    // QEMU without -S would run the guest as soon as its device state has
+    // loaded; the receive keeps it stopped until the source commits.
+    let c = start_with(16, true)?;
+    let marker = c.tb.dir.join("paused");
+    let recv = receive(&c, None)?;
+    let spec = format!("src-before-commit:pause:{}", marker.display());
+    let mig = migrate(&c, None, Some(&spec), &[])?;
+    wait_paused(&marker)?;
+    // The device state has moved (the source waited for QEMU to finish).
+    std::thread::sleep(Duration::from_secs(1));
+    let before = c.dst.qmp()?.status()?;
+    assert_ne!(before, "running", "the destination ran before Commit");
+    assert_ne!(c.src.qmp()?.status()?, "running", "the source is paused");
+    std::fs::remove_file(&marker)?;
+    assert!(finish(&c, mig, "migrate")?.status.success());
+    assert!(finish(&c, recv, "receive")?.status.success());
+    assert_eq!(c.dst.qmp()?.status()?, "running");
+    destination_intact(&c)
 }
 
 #[test]

@@ -86,6 +86,29 @@ fn guest_intact_after(p: &Pair) -> Result<()> {
 fn postcopy_runs_the_guest_on_the_destination_and_places_every_page_exactly() -> Result<()> {
     let tb = Testbed::new(LINK_MBIT)?;
     let mut p = start_pair(&tb, 64)?;
+    // Another user cannot take the guest's memory from the preload library,
+    // and trying does not stop QEMU.
+    let stranger = std::process::Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "python3",
+            "-c",
+        ])
+        .arg("import socket, sys; socket.socket(socket.AF_UNIX).connect(sys.argv[1])")
+        .arg(&p.sock)
+        .output()?;
+    assert!(
+        !stranger.status.success(),
+        "uid 65534 reached the post-copy socket"
+    );
+    assert!(
+        String::from_utf8_lossy(&stranger.stderr).contains("PermissionError"),
+        "{}",
+        String::from_utf8_lossy(&stranger.stderr)
+    );
+    assert_eq!(p.dst.qmp()?.status()?, "inmigrate", "QEMU keeps waiting");
     let (r, d) = migrate(&tb, &p, &["--mode", "postcopy", "--allow-postcopy"])?;
     assert_eq!(r["method"], json!("dbmigrate-postcopy"));
     assert_eq!(r["completed"], json!(true));

@@ -97,6 +97,117 @@ fn precopy_moves_a_running_guest_byte_exact() -> Result<()> {
     Ok(())
 }
 
+/// Knocks on the destination agent's port for `secs` seconds as strangers
+/// would: connect and close, garbage, a plain-TCP dbmigrate frame, TLS with
+/// a certificate of another CA and with one for a name not allowed, and
+/// connections that stay silent.
+const SCANNER: &str = r#"
+import socket, ssl, sys, time
+host, port, pki, secs = sys.argv[1], int(sys.argv[2]), sys.argv[3], float(sys.argv[4])
+silent, end, n = [], time.time() + secs, 0
+def tls(who):
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    ctx.load_cert_chain(f"{pki}/{who}/client-cert.pem", f"{pki}/{who}/client-key.pem")
+    s = ctx.wrap_socket(socket.create_connection((host, port), timeout=5))
+    s.sendall(b"DMG1" + bytes(12))
+    try: s.recv(16)
+    except Exception: pass
+    s.close()
+while time.time() < end:
+    for knock in range(6):
+        try:
+            if knock == 0: socket.create_connection((host, port), timeout=5).close()
+            elif knock == 1: socket.create_connection((host, port), timeout=5).sendall(b"GET / HTTP/1.0\r\n\r\n" * 50)
+            elif knock == 2: socket.create_connection((host, port), timeout=5).sendall(b"DMG1\x01\x00\x00\x00" + (1 << 22).to_bytes(8, "little"))
+            elif knock == 3: tls("impostor")
+            elif knock == 4: tls("rogue")
+            elif len(silent) < 20: silent.append(socket.create_connection((host, port), timeout=5))
+            n += 1
+        except Exception:
+            pass
+    time.sleep(0.2)
+print(n)
+"#;
+
+#[test]
+fn strangers_neither_reach_qemu_nor_end_the_migration() -> Result<()> {
+    let tb = Testbed::new(LINK_MBIT)?;
+    let (src, dst) = start_pair(&tb, 16)?;
+    // Another process maps the destination's RAM file: refused, by pid.
+    let ram = format!("/dev/shm/{}-dst", tb.tag);
+    let mut mapper = Command::new("python3")
+        .args(["-c", "import mmap, sys, time; f = open(sys.argv[1], 'r+b'); m = mmap.mmap(f.fileno(), 4096); print(flush=True); time.sleep(300)"])
+        .arg(&ram)
+        .stdout(Stdio::piped())
+        .spawn()?;
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(mapper.stdout.take().context("mapper stdout")?),
+        &mut line,
+    )?;
+    let refused = tb.receive_cmd(&dst)?.arg("--keep-qemu").output()?;
+    let _ = mapper.kill();
+    let _ = mapper.wait();
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success(),
+        "receive took a RAM file another process maps"
+    );
+    assert!(err.contains(&format!("pid {}", mapper.id())), "{err}");
+    assert_eq!(
+        dst.qmp()?.status()?,
+        "inmigrate",
+        "the destination QEMU is kept"
+    );
+
+    // Strangers knock on the agent's port throughout the migration.
+    let mut recv = receive(&tb, &dst)?;
+    let scanner = tb
+        .in_ns(&tb.src_ns, std::path::Path::new("python3"))
+        .args(["-c", SCANNER, &tb.dst_ip, "7000"])
+        .arg(tb.dir.join("pki"))
+        .arg("12")
+        .stdout(Stdio::piped())
+        .spawn()?;
+    std::thread::sleep(Duration::from_secs(2));
+    let (out, report) = migrate(&tb, &src, &["--bandwidth", "400mbit"])?;
+    let knocks = String::from_utf8_lossy(&scanner.wait_with_output()?.stdout)
+        .trim()
+        .to_string();
+    let recv_status = recv.wait()?;
+    let recv_log = std::fs::read_to_string(tb.dir.join("receive.log")).unwrap_or_default();
+    eprintln!("--- dbmigrate receive stderr ---\n{recv_log}\n--- knocks: {knocks}");
+    ensure!(out.status.success(), "migrate failed: {report}");
+    ensure!(recv_status.success(), "receive failed");
+    assert_eq!(report["ram_verified"], json!(true));
+    assert!(
+        knocks.parse::<u32>().unwrap_or(0) > 10,
+        "the scanner knocked {knocks} times"
+    );
+    assert!(
+        recv_log.contains("refused a connection"),
+        "the strangers were seen"
+    );
+    // No QEMU listened on the network: device state came through the agents.
+    let sockets = Command::new("ip")
+        .args(["netns", "exec", &tb.dst_ns, "ss", "-Hltnp"])
+        .output()?;
+    let sockets = String::from_utf8_lossy(&sockets.stdout);
+    assert!(!sockets.contains("qemu"), "QEMU listens on TCP: {sockets}");
+    let last = src
+        .heartbeats()
+        .last()
+        .cloned()
+        .context("no source heartbeat")?;
+    let after = dst.wait_heartbeat(Duration::from_secs(180), |h| {
+        h.seq > last.seq && h.passes >= last.passes + 2
+    })?;
+    assert_eq!(after.errors, 0, "{}", dst.console());
+    Ok(())
+}
+
 #[test]
 fn killed_destination_agent_leaves_the_source_running_intact() -> Result<()> {
     let tb = Testbed::new(LINK_MBIT)?;
