@@ -74,7 +74,8 @@ pub fn compare(s: &DbSetup, methods: &[String]) -> Result<(Vec<Run>, MariadbGues
     let mut runs = Vec::new();
     for m in methods {
         eprintln!("== mariadb: {m}");
-        let bed = DbBed::new(&guest, s.link_mbit, s.storage_mbit)?;
+        let mut bed = DbBed::new(&guest, s.link_mbit, s.storage_mbit)?;
+        bed.tb.plaintext_agents = crate::plaintext_agents(m);
         let run = run_one(s, &guest, &bed, m).with_context(|| format!("method {m}"))?;
         eprintln!(
             "   completed={} total_ms={:?} downtime_ms={:?} link_MB={} storage_MB={} tps before/during={:?}/{:?} errors={:?}",
@@ -559,6 +560,9 @@ pub(crate) fn migrate_slot(
             &mut dq,
             &format!("tcp:{}:{}", bed.tb.dst_ip, sl.port + 1),
             method == "qemu-postcopy",
+            (method == "qemu-precopy-tls")
+                .then(|| crate::QemuTls::of(&bed.tb))
+                .as_ref(),
             s.link_mbit,
             s.downtime_ms,
             s.timeout,
@@ -629,7 +633,7 @@ fn run_one(s: &DbSetup, guest: &MariadbGuest, bed: &DbBed, method: &str) -> Resu
         return storage_read(s, guest, bed, method, separate);
     }
     let dbm = crate::dbmigrate_mode(method).is_some();
-    let (src, dst, uffd_sock) = boot(s, guest, bed, 0, dbm, dbm && method != "dbmigrate-precopy")?;
+    let (src, dst, uffd_sock) = boot(s, guest, bed, 0, dbm, crate::may_postcopy(method))?;
     // The destination agent sets up before the load starts, as QEMU's
     // destination does at boot.
     let recv = start_receiver(s, bed, 0, &dst, uffd_sock.as_deref(), method)?;
@@ -782,5 +786,18 @@ mod tests {
         assert!(crate::check_db_methods(&m(&["qemu-precopy", "storage-read"])).is_ok());
         assert!(crate::check_db_methods(&m(&["storage-reads"])).is_err());
         assert!(crate::check_methods(&m(&["storage-read"])).is_err());
+    }
+
+    #[test]
+    fn tls_methods_are_known_only_to_compare_db() {
+        let m = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let tls = m(&["dbmigrate-precopy-plaintext", "qemu-precopy-tls"]);
+        assert!(crate::check_db_methods(&tls).is_ok());
+        assert!(crate::check_methods(&tls).is_err());
+        assert!(crate::plaintext_agents("dbmigrate-precopy-plaintext"));
+        assert!(!crate::plaintext_agents("dbmigrate-precopy"));
+        assert!(!crate::may_postcopy("dbmigrate-precopy-plaintext"));
+        assert!(crate::may_postcopy("dbmigrate-hybrid"));
+        assert!(!crate::may_postcopy("qemu-precopy-tls"));
     }
 }

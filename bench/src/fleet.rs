@@ -94,7 +94,7 @@ fn run_fleet(
 ) -> Result<Run> {
     let n = bed.slots.len();
     let dbm = crate::dbmigrate_mode(method).is_some();
-    let postcopy = dbm && method != "dbmigrate-precopy";
+    let postcopy = crate::may_postcopy(method);
     // Every source boots before any is waited for: their pools load together.
     let mut srcs = Vec::new();
     for i in 0..n {

@@ -13,7 +13,7 @@ mod report;
 mod timeline;
 mod tpcc;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
@@ -582,14 +582,32 @@ const METHODS: [&str; 5] = [
     "dbmigrate-hybrid",
 ];
 
+/// Methods only `compare-db` runs: what TLS costs each migration (the
+/// `mariadb-sysbench-tls` scenario): dbmigrate's pre-copy with its agents
+/// on plain TCP (`--insecure-plaintext`; every other dbmigrate method runs
+/// over mutual TLS), and QEMU's pre-copy with its own `tls-creds-x509`
+/// (the same certificates).
+const TLS_METHODS: [&str; 2] = ["dbmigrate-precopy-plaintext", "qemu-precopy-tls"];
+
 /// `dbmigrate migrate` arguments of a dbmigrate method, or None for QEMU's.
 fn dbmigrate_mode(method: &str) -> Option<&'static [&'static str]> {
     match method {
-        "dbmigrate-precopy" => Some(&["--mode", "precopy"]),
+        "dbmigrate-precopy" | "dbmigrate-precopy-plaintext" => Some(&["--mode", "precopy"]),
         "dbmigrate-postcopy" => Some(&["--mode", "postcopy", "--allow-postcopy"]),
         "dbmigrate-hybrid" => Some(&["--mode", "hybrid", "--allow-postcopy"]),
         _ => None,
     }
+}
+
+/// Whether a dbmigrate method may hand over by post-copy (its destination
+/// QEMU then needs the post-copy socket).
+fn may_postcopy(method: &str) -> bool {
+    dbmigrate_mode(method).is_some_and(|m| m.contains(&"--allow-postcopy"))
+}
+
+/// Whether a method's agents talk plain TCP instead of mutual TLS.
+fn plaintext_agents(method: &str) -> bool {
+    method == "dbmigrate-precopy-plaintext"
 }
 
 /// Post-copy figures of a run: faults the destination took, those that
@@ -644,11 +662,15 @@ fn storage_read_server(method: &str) -> Option<bool> {
 /// [`check_methods`] for `compare-db`, which also takes the storage-read references.
 fn check_db_methods(methods: &[String]) -> Result<()> {
     for m in methods {
-        if !METHODS.contains(&m.as_str()) && storage_read_server(m).is_none() {
+        if !METHODS.contains(&m.as_str())
+            && !TLS_METHODS.contains(&m.as_str())
+            && storage_read_server(m).is_none()
+        {
             let refs: Vec<&str> = STORAGE_READS.iter().map(|(name, _)| *name).collect();
             bail!(
-                "unknown method `{m}`: use {}, or the references {}",
+                "unknown method `{m}`: use {}, {}, or the references {}",
                 METHODS.join(", "),
+                TLS_METHODS.join(", "),
                 refs.join(", ")
             );
         }
@@ -797,21 +819,69 @@ fn guest_check(src: &Vm, dst: &Vm) -> Option<bool> {
     Some(h.errors == 0 && !dst.console().contains("DIRTIER ERROR"))
 }
 
+/// QEMU's own migration TLS (`tls-creds-x509`), with the test bed's
+/// certificates: the source's client set, the destination's server set
+/// (it checks the source's certificate), and the name the destination's
+/// certificate must carry.
+pub(crate) struct QemuTls {
+    /// The source host's TLS directory.
+    pub src_dir: PathBuf,
+    /// The destination host's TLS directory.
+    pub dst_dir: PathBuf,
+    /// The destination's name in its certificate.
+    pub hostname: String,
+}
+
+impl QemuTls {
+    /// The test bed's certificates.
+    pub(crate) fn of(tb: &dbmigrate_testbed::Testbed) -> Self {
+        Self {
+            src_dir: tb.tls_dir("src"),
+            dst_dir: tb.tls_dir("dst"),
+            hostname: "destination.test".into(),
+        }
+    }
+
+    fn apply(
+        &self,
+        sq: &mut dbmigrate_testbed::SyncQmp,
+        dq: &mut dbmigrate_testbed::SyncQmp,
+    ) -> Result<()> {
+        let creds = |dir: &Path, endpoint: &str| {
+            json!({"qom-type": "tls-creds-x509", "id": "bench-tls", "dir": dir,
+                   "endpoint": endpoint, "verify-peer": true})
+        };
+        sq.cmd("object-add", creds(&self.src_dir, "client"))?;
+        dq.cmd("object-add", creds(&self.dst_dir, "server"))?;
+        sq.cmd(
+            "migrate-set-parameters",
+            json!({"tls-creds": "bench-tls", "tls-hostname": self.hostname}),
+        )?;
+        dq.cmd("migrate-set-parameters", json!({"tls-creds": "bench-tls"}))?;
+        Ok(())
+    }
+}
+
 /// QEMU's own migration from `sq` to `dq` (waiting with `-incoming defer`):
 /// pre-copy, or post-copy switched on after the first full pass, as it is
 /// normally used. QEMU 7.2 limits itself to 32 MiB/s by default: the limit is
 /// lifted so that only the shaped link limits it, like dbmigrate. Gives up
 /// (cancels) after `timeout` unless post-copy has started. Returns the last
 /// `query-migrate` answer, with the destination resumed if it completed.
+#[allow(clippy::too_many_arguments)]
 fn qemu_migrate(
     sq: &mut dbmigrate_testbed::SyncQmp,
     dq: &mut dbmigrate_testbed::SyncQmp,
     uri: &str,
     postcopy: bool,
+    tls: Option<&QemuTls>,
     link_mbit: u32,
     downtime_ms: u64,
     timeout: Duration,
 ) -> Result<Value> {
+    if let Some(t) = tls {
+        t.apply(sq, dq)?;
+    }
     if postcopy {
         let caps = json!([{"capability": "postcopy-ram", "state": true}]);
         sq.cmd("migrate-set-capabilities", json!({"capabilities": caps}))?;
@@ -931,7 +1001,7 @@ fn run_method(s: &Setup<'_>, method: &str) -> Result<Run> {
     match method {
         m if dbmigrate_mode(m).is_some() => {
             let mode = dbmigrate_mode(m).expect("checked");
-            let postcopy = m != "dbmigrate-precopy";
+            let postcopy = may_postcopy(m);
             let (src, dst) = start_vms(s, true, &[], postcopy)?;
             let (se, de) = (src.watch_events()?, dst.watch_events()?);
             let before = s.tb.link_bytes()?;
@@ -996,6 +1066,7 @@ fn run_method(s: &Setup<'_>, method: &str) -> Result<Run> {
                 &mut dq,
                 &format!("tcp:{}:7001", s.tb.dst_ip),
                 method == "qemu-postcopy",
+                None,
                 s.link_mbit,
                 s.downtime_ms,
                 s.timeout,

@@ -137,11 +137,28 @@ pub struct DestSession {
     ctrl_tx: ControlWriter,
     data: Vec<Conn>,
     hello: Hello,
+    /// The source's certificate (TLS): its other connections must match.
+    peer_cert: Option<Vec<u8>>,
     peer_timeout: Duration,
     /// Pace of the background storage reads, bytes/s (None: as fast as they go).
     storage_rate: Option<u64>,
     /// What arrived.
     pub stats: DestStats,
+}
+
+/// A session's id and its source's certificate: a later connection belongs
+/// to the session only if it carries both.
+#[derive(Clone, Debug)]
+pub struct SessionPeer {
+    session: u64,
+    cert: Option<Vec<u8>>,
+}
+
+impl SessionPeer {
+    /// Whether `a` belongs to the session.
+    pub fn owns(&self, a: &crate::gate::Admitted) -> bool {
+        a.hello.session == self.session && a.conn.peer_certificate() == self.cert.as_deref()
+    }
 }
 
 /// The VM's page faults, for post-copy: the userfaultfd registered over
@@ -184,6 +201,8 @@ pub async fn accept(
         }
         tracing::warn!(peer = %a.peer, conn = a.hello.conn_index, "ignored a connection before any control connection");
     };
+    // Every later connection of the session must come from the same peer.
+    let peer_cert = ctrl.peer_certificate().map(<[u8]>::to_vec);
     let (ctrl_rx, mut ctrl_tx) = ctrl.split();
     if let Some(reason) = hello_problem(&hello, ram_bytes) {
         let _ = protocol::write_message(
@@ -212,7 +231,12 @@ pub async fn accept(
             .ok_or(DestError::ListenerGone)?;
         let h = &a.hello;
         match h.conn_index.checked_sub(1).map(usize::from) {
-            Some(i) if h.session == hello.session && i < slots.len() && slots[i].is_none() => {
+            Some(i)
+                if h.session == hello.session
+                    && i < slots.len()
+                    && slots[i].is_none()
+                    && a.conn.peer_certificate() == peer_cert.as_deref() =>
+            {
                 slots[i] = Some(a.conn);
             }
             // Another session, a duplicate: drop it, keep waiting.
@@ -226,6 +250,7 @@ pub async fn accept(
         ctrl_tx: ControlWriter::new(ctrl_tx, peer_timeout),
         data: slots.into_iter().flatten().collect(),
         hello,
+        peer_cert,
         peer_timeout,
         storage_rate: None,
         stats: DestStats::default(),
@@ -1253,6 +1278,14 @@ impl DestSession {
         self.hello.session
     }
 
+    /// What tells this session's later connections from others.
+    pub fn peer(&self) -> SessionPeer {
+        SessionPeer {
+            session: self.hello.session,
+            cert: self.peer_cert.clone(),
+        }
+    }
+
     /// The source's announcement.
     pub fn hello(&self) -> &Hello {
         &self.hello
@@ -1520,7 +1553,10 @@ impl DestSession {
                 let (req, pages) = (req.clone(), run.pages);
                 let digests = a.digests.clone();
                 self.stats = a.stats.clone();
-                let total = self.compare(req, &digests, pages).await?;
+                let total = match self.compare(req, &digests, pages).await {
+                    Ok(t) => t,
+                    Err(e) => return Ok(self.unverified(a, &e)),
+                };
                 self.drain_until_closed().await;
                 return Ok(PostcopyOutcome {
                     matched: total == 0,
@@ -1550,7 +1586,16 @@ impl DestSession {
                 }
                 m = self.ctrl_in.recv() => {
                     last_word = Instant::now();
-                    match m.ok_or(ProtocolError::Closed { doing: "post-copy" })?? {
+                    let m = match m.ok_or(ProtocolError::Closed { doing: "post-copy" }).and_then(|r| r) {
+                        Ok(m) => m,
+                        Err(e) => match (&applied, resumed) {
+                            // The VM runs here with every page: losing the
+                            // source now costs only the comparison.
+                            (Some(a), true) => return Ok(self.unverified(a, &e)),
+                            _ => return Err(e.into()),
+                        },
+                    };
+                    match m {
                         Message::Commit => committed = true,
                         Message::PageBatch { pages, .. } => {
                             if let Some(bad) = pages.iter().find(|e| e.page >= run.pages) {
@@ -1583,11 +1628,8 @@ impl DestSession {
                 () = tokio::time::sleep(Duration::from_secs(1)) => {
                     if last_word.elapsed() > self.peer_timeout {
                         if let (Some(a), true) = (&applied, resumed) {
-                            // Every page is placed and the VM runs here: only
-                            // the comparison is missing. Stopping the VM now
-                            // would lose it; the source cannot take it back.
-                            self.stats = DestStats { postcopy_unverified: true, ..a.stats.clone() };
-                            return Ok(PostcopyOutcome { matched: false, compared: false, mismatched_chunks: 0 });
+                            let silent = format!("no word for {} s", self.peer_timeout.as_secs());
+                            return Ok(self.unverified(a, &silent));
                         }
                         return Err(DestError::Timeout {
                             secs: self.peer_timeout.as_secs(),
@@ -1596,6 +1638,22 @@ impl DestSession {
                     }
                 }
             }
+        }
+    }
+
+    /// Every page is placed and the VM runs here, but the source can no
+    /// longer compare them: stopping the VM now would lose it (the source
+    /// cannot take it back), so it keeps running, unverified.
+    fn unverified(&mut self, a: &Applied, why: &dyn std::fmt::Display) -> PostcopyOutcome {
+        tracing::error!(%why, "post-copy: every page is placed and the VM runs here, but the source is gone before the comparison");
+        self.stats = DestStats {
+            postcopy_unverified: true,
+            ..a.stats.clone()
+        };
+        PostcopyOutcome {
+            matched: false,
+            compared: false,
+            mismatched_chunks: 0,
         }
     }
 

@@ -5,21 +5,26 @@
 //! listening. Handshakes run side by side, so a silent stranger does not
 //! hold up the real source.
 
+use std::collections::VecDeque;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio::sync::{mpsc, Semaphore};
-use tokio::task::JoinHandle;
+use tokio::sync::mpsc;
+use tokio::task::{AbortHandle, JoinHandle};
 
 use crate::protocol::{self, Hello};
 use crate::transport::{Acceptor, Conn};
 
 /// How long an accepted peer may take to send its [`Hello`] after the handshake.
 pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
-/// Connections being secured or introduced at once; more are closed at once.
-pub const MAX_PENDING: usize = 32;
+/// Connections being secured or introduced at once. A new one beyond
+/// that drops the one waiting longest: a real peer's handshake takes
+/// milliseconds, a stranger's silence the whole timeout, so strangers
+/// cannot crowd out the real source.
+pub const MAX_PENDING: usize = 64;
 
 /// A connection that passed the handshake and introduced itself.
 pub struct Admitted {
@@ -65,7 +70,7 @@ impl Drop for Gate {
 }
 
 async fn accept_loop(listener: TcpListener, acceptor: Acceptor, tx: mpsc::Sender<Admitted>) {
-    let pending = Arc::new(Semaphore::new(MAX_PENDING));
+    let mut pending: VecDeque<Pending> = VecDeque::new();
     loop {
         let (tcp, peer) = match listener.accept().await {
             Ok(a) => a,
@@ -76,22 +81,40 @@ async fn accept_loop(listener: TcpListener, acceptor: Acceptor, tx: mpsc::Sender
                 continue;
             }
         };
-        let Ok(permit) = pending.clone().try_acquire_owned() else {
-            tracing::warn!(%peer, "too many connections being set up at once: closed this one");
-            continue;
-        };
+        // Only connections still being set up: an admitted one waits for
+        // its turn to be handed over and is never dropped.
+        pending.retain(|p| !p.task.is_finished() && !p.admitted.load(Ordering::Relaxed));
+        if pending.len() >= MAX_PENDING {
+            if let Some(oldest) = pending.pop_front() {
+                oldest.task.abort();
+                tracing::warn!(peer = %oldest.peer, "dropped the connection waiting longest to set up: too many at once");
+            }
+        }
         let (acceptor, tx) = (acceptor.clone(), tx.clone());
-        tokio::spawn(async move {
-            let admitted = admit(&acceptor, tcp, peer).await;
-            drop(permit);
-            match admitted {
+        let admitted = Arc::new(AtomicBool::new(false));
+        let flag = admitted.clone();
+        let task = tokio::spawn(async move {
+            match admit(&acceptor, tcp, peer).await {
                 Ok(a) => {
+                    flag.store(true, Ordering::Relaxed);
                     let _ = tx.send(a).await;
                 }
                 Err(reason) => tracing::warn!(%peer, %reason, "refused a connection"),
             }
         });
+        pending.push_back(Pending {
+            peer,
+            task: task.abort_handle(),
+            admitted,
+        });
     }
+}
+
+/// A connection being set up.
+struct Pending {
+    peer: SocketAddr,
+    task: AbortHandle,
+    admitted: Arc<AtomicBool>,
 }
 
 async fn admit(

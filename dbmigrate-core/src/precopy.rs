@@ -60,6 +60,9 @@ pub enum PrecopyError {
         /// Its reason.
         reason: String,
     },
+    /// The destination closed the secured connection without a word.
+    #[error("the destination agent closed the connection before answering: if its log shows a refused connection, check that its --tls-allow admits this host's certificate name and that both hosts trust the same CA")]
+    Unwelcome,
     /// The peer sent a message that does not belong here.
     #[error("destination agent sent {got} while the source expected {expected}")]
     Unexpected {
@@ -420,12 +423,19 @@ impl SourceSession {
         let mut stats = MigrationStats::default();
         stats.bytes_sent +=
             protocol::write_message(&mut ctrl_tx, &hello(0), "sending Hello").await?;
-        let (msg, n) = timeout(
+        let (msg, n) = match timeout(
             cfg.peer_timeout,
             "waiting for the destination to reserve RAM",
             protocol::read_message(&mut ctrl_rx, "waiting for Welcome"),
         )
-        .await??;
+        .await?
+        {
+            Ok(r) => r,
+            Err(ProtocolError::Closed { .. }) if cfg.connector.is_tls() => {
+                return Err(PrecopyError::Unwelcome)
+            }
+            Err(e) => return Err(e.into()),
+        };
         stats.bytes_received += n;
         let welcome = match msg {
             Message::Welcome(w) => w,
@@ -1339,13 +1349,7 @@ async fn timeout<T>(
 }
 
 fn session_id() -> u64 {
-    let t = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0);
-    #[allow(clippy::cast_possible_truncation)] // mixing bits, truncation intended
-    let id = (t as u64) ^ (u64::from(std::process::id()) << 32);
-    id
+    crate::transport::random_id()
 }
 
 #[cfg(test)]

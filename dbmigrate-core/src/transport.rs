@@ -298,6 +298,22 @@ impl Acceptor {
     }
 }
 
+/// A random number from the TLS library's generator (an id that a peer
+/// cannot guess); from the clock and pid only if that generator fails.
+pub fn random_id() -> u64 {
+    let mut b = [0u8; 8];
+    if provider().secure_random.fill(&mut b).is_ok() {
+        return u64::from_le_bytes(b);
+    }
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    #[allow(clippy::cast_possible_truncation)] // mixing bits, truncation intended
+    let id = (t as u64) ^ (u64::from(std::process::id()) << 32);
+    id
+}
+
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::aws_lc_rs::default_provider())
 }
@@ -363,6 +379,16 @@ pub type ConnReader = tokio::io::ReadHalf<Conn>;
 pub type ConnWriter = tokio::io::WriteHalf<Conn>;
 
 impl Conn {
+    /// The peer's certificate (DER), on a TLS connection.
+    pub fn peer_certificate(&self) -> Option<&[u8]> {
+        let certs = match self {
+            Conn::Plain(_) => None,
+            Conn::Client(s) => s.get_ref().1.peer_certificates(),
+            Conn::Server(s) => s.get_ref().1.peer_certificates(),
+        };
+        certs.and_then(|c| c.first()).map(|c| c.as_ref())
+    }
+
     /// Halves that can be used from different tasks.
     pub fn split(self) -> (ConnReader, ConnWriter) {
         tokio::io::split(self)

@@ -171,8 +171,12 @@ async fn strangers_are_refused_and_the_real_source_then_migrates_byte_exact() {
         matched
     });
 
-    // A silent stranger holds a connection open throughout.
-    let _silent = TcpStream::connect(addr).await.unwrap();
+    // Silent strangers hold more connections open than the listener sets
+    // up at once, throughout: the oldest give way to newer ones.
+    let mut silent = Vec::new();
+    for _ in 0..(dbmigrate_core::gate::MAX_PENDING + 40) {
+        silent.push(TcpStream::connect(addr).await.unwrap());
+    }
     // Garbage, and a plain-TCP dbmigrate Hello.
     let mut garbage = TcpStream::connect(addr).await.unwrap();
     garbage.write_all(b"GET / HTTP/1.0\r\n\r\n").await.unwrap();

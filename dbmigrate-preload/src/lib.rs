@@ -292,6 +292,8 @@ fn serve_postcopy(path: &str, addr: u64, len: u64, sock: std::path::PathBuf) {
         .spawn(move || {
             let conn = loop {
                 let Ok((conn, _)) = listener.accept() else {
+                    // Out of descriptors or the like: do not spin.
+                    std::thread::sleep(std::time::Duration::from_millis(100));
                     continue;
                 };
                 match dbmigrate_uffd::peer_cred(&conn) {

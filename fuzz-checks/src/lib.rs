@@ -7,11 +7,19 @@
 
 #![deny(missing_docs)]
 
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
 use dbmigrate_core::layout::{decode_layout, encode_layout, frame_pages};
+use dbmigrate_core::protocol::Hello;
 use dbmigrate_core::protocol::{self, Message, HEADER_LEN, MAX_PAYLOAD};
 use dbmigrate_core::rebuild::{
     decode_hints, encode_hints, parse_answer_header, parse_guest_request, HintAnswer,
 };
+use dbmigrate_core::transport::{Acceptor, AllowList};
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
 
 /// A frame from a peer: header, then payload decoded as the header says.
 pub fn protocol_frame(data: &[u8]) {
@@ -24,6 +32,12 @@ pub fn protocol_frame(data: &[u8]) {
     };
     assert!(len <= MAX_PAYLOAD, "header accepted an oversized payload");
     let payload = &data[HEADER_LEN..];
+    if let Ok(Message::PageBatch { pages, .. }) = Message::decode(kind, payload) {
+        assert!(
+            pages.len() <= protocol::MAX_BATCH_PAGES,
+            "a batch past the cap decoded"
+        );
+    }
     if let Ok(m) = Message::decode(kind, payload) {
         let again = m.encode();
         let h2: [u8; HEADER_LEN] = again[..HEADER_LEN].try_into().expect("header length");
@@ -34,6 +48,93 @@ pub fn protocol_frame(data: &[u8]) {
         assert_eq!(m, m2, "round trip changed the message");
     }
     let _ = protocol::decode_reference(payload);
+}
+
+/// The destination's listener as a stranger meets it: a runtime, a
+/// loopback listener and a TLS acceptor with certificates made by
+/// `scripts/make-pki.sh`.
+struct Listener {
+    rt: tokio::runtime::Runtime,
+    listener: TcpListener,
+    addr: SocketAddr,
+    tls: Acceptor,
+    _pki: PkiDir,
+}
+
+struct PkiDir(PathBuf);
+
+impl Drop for PkiDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+impl Listener {
+    fn new() -> Self {
+        let dir = std::env::temp_dir().join(format!("dbmigrate-fuzz-pki-{}", std::process::id()));
+        let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scripts/make-pki.sh");
+        let ok = std::process::Command::new("bash")
+            .arg(script)
+            .arg(dir.join("ca"))
+            .arg(dir.join("dst"))
+            .arg("127.0.0.1")
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "scripts/make-pki.sh failed (is openssl installed?)");
+        let tls = Acceptor::tls(&dir.join("dst"), AllowList::default()).expect("test PKI loads");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let listener = rt
+            .block_on(TcpListener::bind("127.0.0.1:0"))
+            .expect("loopback listener");
+        let addr = listener.local_addr().expect("bound");
+        Self {
+            rt,
+            listener,
+            addr,
+            tls,
+            _pki: PkiDir(dir),
+        }
+    }
+}
+
+thread_local! {
+    static LISTENER: Listener = Listener::new();
+}
+
+/// What a stranger sends first on a connection to the destination's
+/// listener, through plain TCP (the Hello reader) and through TLS (the
+/// handshake, then the Hello reader): an error, never a panic, and no wait
+/// once the stranger has stopped sending. Returns the Hello plain TCP
+/// admitted, if the bytes began with one.
+pub fn first_frame(data: &[u8]) -> Option<Hello> {
+    LISTENER.with(|l| {
+        l.rt.block_on(async {
+            let mut admitted = None;
+            for acceptor in [&Acceptor::InsecurePlaintext, &l.tls] {
+                let mut client = TcpStream::connect(l.addr).await.expect("loopback connect");
+                let (server, peer) = l.listener.accept().await.expect("loopback accept");
+                let _ = client.write_all(data).await;
+                let _ = client.shutdown().await;
+                let met = async {
+                    let mut conn = acceptor.secure(server, peer).await.ok()?;
+                    protocol::read_hello(&mut conn).await.ok()
+                };
+                let hello = tokio::time::timeout(Duration::from_secs(10), met)
+                    .await
+                    .expect("the listener kept waiting on a stranger that had stopped sending");
+                if acceptor.is_tls() {
+                    assert!(hello.is_none(), "TLS admitted bytes that are no TLS client");
+                } else {
+                    admitted = hello;
+                }
+            }
+            admitted
+        })
+    })
 }
 
 /// An answer from a guest agent on the hint port.
@@ -226,6 +327,34 @@ mod tests {
         for seed in [hints, layout] {
             for data in mutations(&seed, &mut rng, 5000) {
                 guest_answer(&data);
+            }
+        }
+    }
+
+    #[test]
+    fn strangers_first_bytes_are_refused_by_the_listener() {
+        let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
+        let hello = Hello {
+            version: protocol::PROTOCOL_VERSION,
+            session: 3,
+            ram_bytes: 1 << 30,
+            page_size: 4096,
+            data_connections: 2,
+            conn_index: 0,
+        };
+        let seed = Message::Hello(hello.clone()).encode();
+        assert_eq!(
+            first_frame(&seed),
+            Some(hello),
+            "a Hello over plain TCP is admitted"
+        );
+        // A TLS ClientHello's first bytes, and mutations of both.
+        let tls_start = [
+            0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc, 0x03, 0x03,
+        ];
+        for s in [&seed[..], &tls_start[..], &Message::Commit.encode()[..]] {
+            for data in mutations(s, &mut rng, 150) {
+                first_frame(&data);
             }
         }
     }

@@ -5,7 +5,7 @@
 //! the peer sends becomes a QMP argument.
 
 use std::io;
-use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -42,13 +42,12 @@ pub enum RelayError {
         uid: u32,
     },
     /// The unix socket could not be bound or connected.
-    #[error("device-state socket {path}")]
+    #[error("device-state socket {path}: {error}")]
     Socket {
         /// The socket.
         path: PathBuf,
         /// Why.
-        #[source]
-        source: io::Error,
+        error: io::Error,
     },
     /// QEMU never connected.
     #[error("QEMU did not connect to {path} within {} s after `migrate`", VMM_CONNECT_TIMEOUT.as_secs())]
@@ -57,8 +56,8 @@ pub enum RelayError {
         path: PathBuf,
     },
     /// The relay broke.
-    #[error("relaying device state failed")]
-    Relay(#[source] io::Error),
+    #[error("relaying device state failed: {0}")]
+    Relay(io::Error),
 }
 
 /// A directory only this agent may enter (mode 0700), for its sockets;
@@ -68,8 +67,10 @@ pub struct PrivateDir {
 }
 
 impl PrivateDir {
-    /// Creates `base/<role>-<pid>` (and `base`, mode 0755, if missing).
-    pub fn create(base: &Path, role: &str) -> Result<Self, RelayError> {
+    /// Creates `base/<role>-<pid>` (and `base`, mode 0755, if missing),
+    /// owned by `owner` (QEMU's user, so that it can reach its socket; this
+    /// agent's by default). `base` must not let others replace what is in it.
+    pub fn create(base: &Path, role: &str, owner: Option<u32>) -> Result<Self, RelayError> {
         let dir_err = |path: &Path| {
             let path = path.to_path_buf();
             move |source| RelayError::Dir { path, source }
@@ -79,6 +80,17 @@ impl PrivateDir {
             .mode(0o755)
             .create(base)
             .map_err(dir_err(base))?;
+        let meta = std::fs::metadata(base).map_err(dir_err(base))?;
+        let mode = meta.permissions().mode();
+        // Writable by others without the sticky bit: another user could
+        // swap our directory for theirs after the checks below.
+        if mode & 0o022 != 0 && mode & 0o1000 == 0 {
+            return Err(RelayError::NotPrivate {
+                path: base.to_path_buf(),
+                mode: mode & 0o7777,
+                uid: meta.uid(),
+            });
+        }
         let path = base.join(format!("{role}-{}", std::process::id()));
         // A leftover of an earlier agent with the same pid: it held only sockets.
         if path.exists() {
@@ -88,15 +100,19 @@ impl PrivateDir {
             .mode(0o700)
             .create(&path)
             .map_err(dir_err(&path))?;
-        let meta = std::fs::symlink_metadata(&path).map_err(dir_err(&path))?;
-        let mode = meta.permissions().mode() & 0o7777;
         // SAFETY: geteuid has no preconditions and cannot fail.
         let me = unsafe { libc::geteuid() };
-        if !meta.is_dir() || mode & 0o077 != 0 || std::os::unix::fs::MetadataExt::uid(&meta) != me {
+        let owner = owner.unwrap_or(me);
+        if owner != me {
+            std::os::unix::fs::chown(&path, Some(owner), None).map_err(dir_err(&path))?;
+        }
+        let meta = std::fs::symlink_metadata(&path).map_err(dir_err(&path))?;
+        let mode = meta.permissions().mode() & 0o7777;
+        if !meta.is_dir() || mode & 0o077 != 0 || meta.uid() != owner {
             return Err(RelayError::NotPrivate {
                 path,
                 mode,
-                uid: std::os::unix::fs::MetadataExt::uid(&meta),
+                uid: meta.uid(),
             });
         }
         Ok(Self { path })
@@ -112,6 +128,13 @@ impl Drop for PrivateDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.path);
     }
+}
+
+/// The user a process runs as (the owner of its `/proc` entry).
+pub fn process_uid(pid: Option<u32>) -> Option<u32> {
+    std::fs::metadata(format!("/proc/{}", pid?))
+        .ok()
+        .map(|m| m.uid())
 }
 
 /// The QEMU URI of a unix socket.
@@ -130,9 +153,9 @@ impl SourceRelay {
     pub fn bind(dir: &PrivateDir) -> Result<Self, RelayError> {
         let path = dir.path().join("device-state.sock");
         let _ = std::fs::remove_file(&path);
-        let listener = UnixListener::bind(&path).map_err(|source| RelayError::Socket {
+        let listener = UnixListener::bind(&path).map_err(|error| RelayError::Socket {
             path: path.clone(),
-            source,
+            error,
         })?;
         Ok(Self { listener, path })
     }
@@ -150,41 +173,57 @@ impl SourceRelay {
             .map_err(|_| RelayError::VmmSilent {
                 path: self.path.clone(),
             })?
-            .map_err(|source| RelayError::Socket {
+            .map_err(|error| RelayError::Socket {
                 path: self.path.clone(),
-                source,
+                error,
             })?;
-        relay(vmm, peer).await.map_err(RelayError::Relay)
+        // One way: nothing from the destination reaches the source QEMU.
+        let (mut from_vmm, _) = vmm.into_split();
+        let (_, mut to_peer) = peer.split();
+        copy_then_close(&mut from_vmm, &mut to_peer)
+            .await
+            .map_err(RelayError::Relay)
     }
 }
 
 /// The destination's end: relays `peer` into the QEMU listening on `socket`
-/// (its `migrate-incoming`) until QEMU closes its end.
+/// (its `migrate-incoming`), one way, and waits until QEMU has closed its
+/// end (it has loaded the device state). A relay that breaks drops QEMU's
+/// socket, so that QEMU's load fails rather than waits.
 pub async fn into_vmm(peer: Conn, socket: &Path) -> Result<u64, RelayError> {
     let vmm = UnixStream::connect(socket)
         .await
-        .map_err(|source| RelayError::Socket {
+        .map_err(|error| RelayError::Socket {
             path: socket.to_path_buf(),
-            source,
+            error,
         })?;
-    relay(vmm, peer).await.map_err(RelayError::Relay)
+    let (mut from_vmm, mut to_vmm) = vmm.into_split();
+    let (mut from_peer, _) = peer.split();
+    let forward = copy_then_close(&mut from_peer, &mut to_vmm);
+    // QEMU sends nothing back; its end closing is the news.
+    let closed = async {
+        let _ = tokio::io::copy(&mut from_vmm, &mut tokio::io::sink()).await;
+    };
+    tokio::pin!(forward, closed);
+    let bytes = tokio::select! {
+        r = &mut forward => r.map_err(RelayError::Relay)?,
+        () = &mut closed => {
+            // QEMU may close as soon as it read its end-of-stream mark,
+            // before the peer's close arrives here.
+            match tokio::time::timeout(VMM_CLOSE_GRACE, &mut forward).await {
+                Ok(r) => return r.map_err(RelayError::Relay),
+                Err(_) => return Err(RelayError::Relay(io::Error::other(
+                    "QEMU closed its device-state socket before the stream ended: it refused the device state (see its log)",
+                ))),
+            }
+        }
+    };
+    closed.await;
+    Ok(bytes)
 }
 
-/// Copies both ways until the VMM's side of the stream ends: QEMU closes
-/// its channel when it has sent (source) or loaded (destination) the
-/// device state. Returns the bytes the VMM sent.
-async fn relay(vmm: UnixStream, peer: Conn) -> io::Result<u64> {
-    let (mut vr, mut vw) = vmm.into_split();
-    let (mut pr, mut pw) = peer.split();
-    let from_vmm = copy_then_close(&mut vr, &mut pw);
-    let to_vmm = copy_then_close(&mut pr, &mut vw);
-    tokio::pin!(from_vmm, to_vmm);
-    tokio::select! {
-        r = &mut from_vmm => r,
-        // The peer closed first: the VMM's side still decides.
-        _ = &mut to_vmm => from_vmm.await,
-    }
-}
+/// How long the stream may go on after the destination QEMU closed its end.
+const VMM_CLOSE_GRACE: Duration = Duration::from_secs(5);
 
 async fn copy_then_close<R, W>(r: &mut R, w: &mut W) -> io::Result<u64>
 where

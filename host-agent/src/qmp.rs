@@ -125,6 +125,25 @@ impl Qmp {
         Ok(q)
     }
 
+    /// Closes this connection and opens a fresh one. QEMU serves one QMP
+    /// client at a time and, when a client goes away, drops the commands it
+    /// had queued; the greeting on the new connection comes only after
+    /// that: nothing sent on the old one (a `cont` that timed out) can run
+    /// after this returns.
+    pub async fn reconnect(&mut self) -> Result<(), QmpError> {
+        let _ = self.tx.shutdown().await;
+        // QEMU answers the shutdown by closing its end: read to EOF.
+        let drained = async {
+            let mut line = String::new();
+            while matches!(self.rx.read_line(&mut line).await, Ok(n) if n > 0) {
+                line.clear();
+            }
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(5), drained).await;
+        *self = Qmp::connect(&self.path.clone()).await?;
+        Ok(())
+    }
+
     /// QEMU's process id, if the kernel told it.
     pub fn pid(&self) -> Option<u32> {
         self.pid

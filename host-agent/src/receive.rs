@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
-use dbmigrate_core::dest::{self, DestSession, FaultSource, Received};
+use dbmigrate_core::dest::{self, DestSession, FaultSource, Received, SessionPeer};
 use dbmigrate_core::gate::Gate;
 use dbmigrate_core::protocol::DEVICE_STATE_CONN;
 use dbmigrate_core::ram::DestRam;
@@ -65,7 +65,7 @@ pub async fn receive(args: ReceiveArgs) -> Result<dest::DestStats> {
     let backend = qemu::ram_backend(&mut qmp).await?;
     refuse_shared_ram(&backend.mem_path, qmp.pid())?;
     qemu::set_capability(&mut qmp, "x-ignore-shared", true).await?;
-    let dir = PrivateDir::create(&args.run_dir, "receive")?;
+    let dir = PrivateDir::create(&args.run_dir, "receive", devstate::process_uid(qmp.pid()))?;
     let incoming = dir.path().join("incoming.sock");
     let uri = devstate::unix_uri(&incoming);
     qmp.execute("migrate-incoming", Some(json!({"uri": uri})))
@@ -213,22 +213,24 @@ enum VmState {
 }
 
 /// Makes sure the destination VM does not run, on a fresh QMP connection
-/// (the old one may hold a late answer): `stop` and check, or if QEMU does
-/// not answer, SIGKILL it and wait for it to be gone.
-async fn confirm_stopped(path: &std::path::Path, pid: Option<u32>) -> VmState {
+/// (the old one may hold a late answer, and QEMU drops what it queued when
+/// it closes): `stop` and check, or if QEMU does not answer, SIGKILL it and
+/// wait for it to be gone.
+async fn confirm_stopped(qmp: &mut Qmp) -> VmState {
+    let pid = qmp.pid();
     let asked = async {
-        let mut q = Qmp::connect(path).await?;
-        if q.status().await? == "running" {
+        qmp.reconnect().await?;
+        if qmp.status().await? == "running" {
             return Ok::<_, crate::qmp::QmpError>(VmState::Running);
         }
-        q.execute("stop", None).await?;
-        Ok(if q.status().await? == "running" {
+        qmp.execute("stop", None).await?;
+        Ok(if qmp.status().await? == "running" {
             VmState::Running
         } else {
             VmState::Stopped
         })
     };
-    if let Ok(Ok(state)) = tokio::time::timeout(Duration::from_secs(10), asked).await {
+    if let Ok(Ok(state)) = tokio::time::timeout(Duration::from_secs(20), asked).await {
         return state;
     }
     let Some(pid) = pid else {
@@ -299,25 +301,36 @@ fn refuse_shared_ram(path: &std::path::Path, qemu_pid: Option<u32>) -> Result<()
 }
 
 /// Serves the connections that arrive once the session is set up: the
-/// session's device-state connection is relayed into QEMU (once); any
-/// other is dropped. Runs until aborted.
-async fn serve_device_state(mut gate: Gate, session: u64, incoming: PathBuf) {
-    let mut served = false;
+/// session's device-state connection (its id, its source's certificate) is
+/// relayed into QEMU, once; any other is dropped. Runs until aborted, and
+/// the relay with it.
+async fn serve_device_state(mut gate: Gate, peer: SessionPeer, incoming: PathBuf) {
+    let mut relay = tokio::task::JoinSet::new();
     while let Some(a) = gate.next().await {
-        let ours = a.hello.session == session && a.hello.conn_index == DEVICE_STATE_CONN;
-        if !ours || served {
+        if !peer.owns(&a) || a.hello.conn_index != DEVICE_STATE_CONN || !relay.is_empty() {
             tracing::warn!(peer = %a.peer, conn = a.hello.conn_index, "ignored a connection that is not this session's device state");
             continue;
         }
-        served = true;
         let incoming = incoming.clone();
-        tokio::spawn(async move {
+        relay.spawn(async move {
             match devstate::into_vmm(a.conn, &incoming).await {
                 Ok(bytes) => tracing::info!(bytes, "device state relayed into QEMU"),
-                Err(e) => tracing::warn!(error = %e, "relaying device state into QEMU failed"),
+                Err(e) => tracing::error!(error = %format!("{e:#}"), "relaying device state into QEMU failed: QEMU's load fails with it"),
             }
         });
     }
+}
+
+/// An error with its causes, for the source to read in an Abort.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        out.push_str(": ");
+        out.push_str(&c.to_string());
+        cause = c.source();
+    }
+    out
 }
 
 /// Aborts a task when dropped.
@@ -344,7 +357,7 @@ async fn session(
         .context("accepting the source agent")?;
     let _relay = AbortOnDrop(tokio::spawn(serve_device_state(
         gate,
-        s.session_id(),
+        s.peer(),
         incoming.to_path_buf(),
     )));
     s.set_storage_rate(args.storage_bandwidth);
@@ -352,7 +365,7 @@ async fn session(
     let received = match s.receive(ram, args.storage.clone(), faults).await {
         Ok(r) => r,
         Err(e) => {
-            s.abort(&e.to_string()).await;
+            s.abort(&chain(&e)).await;
             return Err(anyhow!(e).context("receiving guest RAM"));
         }
     };
@@ -415,7 +428,7 @@ async fn session(
                             "post-copy failed after the VM was resumed here; the destination VM was stopped (its memory is incomplete) and the source holds the VM's frozen RAM",
                         ))
                     } else {
-                        s.abort(&e.to_string()).await;
+                        s.abort(&chain(&e)).await;
                         Err(anyhow!(e).context("post-copy failed before the VM was resumed here; the source keeps the VM"))
                     }
                 }
@@ -442,7 +455,7 @@ async fn session(
     if let Err(reason) = resume_vm(qmp).await {
         // An Abort makes the source resume its VM: only once this one is
         // known not to run (a `cont` that timed out may still take effect).
-        match confirm_stopped(&args.qmp, qmp.pid()).await {
+        match confirm_stopped(qmp).await {
             VmState::Running => {
                 tracing::warn!(%reason, "the resume reported a failure, but the VM runs here");
             }

@@ -66,7 +66,11 @@ async fn start_device_state(
     qmp: &mut Qmp,
     session: &SourceSession,
 ) -> Result<DeviceRelay> {
-    let dir = PrivateDir::create(&args.run_dir, "migrate")?;
+    let dir = PrivateDir::create(
+        &args.run_dir,
+        "migrate",
+        crate::devstate::process_uid(qmp.pid()),
+    )?;
     let relay = SourceRelay::bind(&dir)?;
     let uri = relay.uri();
     let peer = session
@@ -74,18 +78,27 @@ async fn start_device_state(
         .await
         .context("opening the device-state connection to the destination agent")?;
     let task = tokio::spawn(relay.run(peer));
-    qmp.execute("migrate", Some(json!({ "uri": uri })))
-        .await
-        .context("starting QEMU's device-state migration")?;
+    if let Err(e) = qmp.execute("migrate", Some(json!({ "uri": uri }))).await {
+        task.abort();
+        return Err(anyhow!(e).context("starting QEMU's device-state migration"));
+    }
     Ok(DeviceRelay { _dir: dir, task })
 }
 
 /// Waits for QEMU's device-state migration to complete and for the relay
 /// to have passed its every byte on. Returns QEMU's count of bytes sent.
 async fn finish_device_state(qmp: &mut Qmp, relay: DeviceRelay) -> Result<u64> {
-    let info = qemu::wait_migration(qmp, Duration::from_secs(60))
-        .await
-        .context("moving device state")?;
+    let info = match qemu::wait_migration(qmp, Duration::from_secs(60)).await {
+        Ok(info) => info,
+        Err(e) => {
+            // QEMU sees only a broken socket; the relay knows why.
+            let why = match tokio::time::timeout(Duration::from_secs(1), relay.task).await {
+                Ok(Ok(Err(r))) => format!(" (the relay to the destination agent: {r})"),
+                _ => String::new(),
+            };
+            return Err(anyhow!(e).context(format!("moving device state{why}")));
+        }
+    };
     let relayed = tokio::time::timeout(RELAY_DRAIN, relay.task)
         .await
         .map_err(|_| anyhow!("QEMU sent its device state but the relay to the destination agent did not finish within {} s", RELAY_DRAIN.as_secs()))?

@@ -182,6 +182,9 @@ pub struct Testbed {
     /// Where the `dbmigrate` the agents run comes from: [`bin_dir`], or
     /// [`failpoint_bin_dir`] after [`Testbed::use_failpoint_agents`].
     pub agent_dir: PathBuf,
+    /// The agents talk plain TCP (`--insecure-plaintext`) instead of mutual
+    /// TLS: for measuring what TLS costs.
+    pub plaintext_agents: bool,
 }
 
 impl Testbed {
@@ -200,6 +203,7 @@ impl Testbed {
             dst_if: format!("{tag}b"),
             dir: std::env::temp_dir().join(format!("dbmigrate-{tag}-{}", std::process::id())),
             agent_dir: bin_dir()?,
+            plaintext_agents: false,
             tag,
         };
         tb.teardown_quiet();
@@ -274,10 +278,15 @@ impl Testbed {
         c.args(["receive", "--qmp"])
             .arg(&dst.qmp)
             .args(["--listen", &format!("{}:{port}", self.dst_ip)])
-            .arg("--tls-dir")
-            .arg(self.tls_dir("dst"))
-            .args(["--tls-allow", "source.test", "--run-dir"])
+            .arg("--run-dir")
             .arg(self.dir.join(format!("run-dst-{port}")));
+        if self.plaintext_agents {
+            c.arg("--insecure-plaintext");
+        } else {
+            c.arg("--tls-dir")
+                .arg(self.tls_dir("dst"))
+                .args(["--tls-allow", "source.test"]);
+        }
         Ok(c)
     }
 
@@ -294,10 +303,15 @@ impl Testbed {
             .args(["--to", &format!("{}:{port}", self.dst_ip)])
             .arg("--report")
             .arg(report)
-            .arg("--tls-dir")
-            .arg(self.tls_dir("src"))
-            .args(["--tls-hostname", "destination.test", "--run-dir"])
+            .arg("--run-dir")
             .arg(self.dir.join(format!("run-src-{port}")));
+        if self.plaintext_agents {
+            c.arg("--insecure-plaintext");
+        } else {
+            c.arg("--tls-dir")
+                .arg(self.tls_dir("src"))
+                .args(["--tls-hostname", "destination.test"]);
+        }
         Ok(c)
     }
 
