@@ -891,13 +891,19 @@ pub fn parse_header(h: &[u8; HEADER_LEN]) -> Result<(u16, u64), ProtocolError> {
     Ok((kind, len))
 }
 
-/// Writes an already encoded frame.
+/// Writes an already encoded frame, and flushes it: over TLS the end of a
+/// frame may otherwise wait in the session's buffer for a next write that
+/// never comes (a round's last frame, a Drain: both sides would then wait
+/// for each other while their heartbeats keep the session alive).
 pub async fn write_frame<W: AsyncWrite + Unpin>(
     w: &mut W,
     frame: &[u8],
     doing: &'static str,
 ) -> Result<(), ProtocolError> {
     w.write_all(frame)
+        .await
+        .map_err(|e| ProtocolError::Io { doing, source: e })?;
+    w.flush()
         .await
         .map_err(|e| ProtocolError::Io { doing, source: e })
 }
@@ -1079,6 +1085,21 @@ mod tests {
         let (k, p) = split(&f);
         let e = Message::decode(k, p).unwrap_err().to_string();
         assert!(e.contains("limit"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn a_written_frame_leaves_the_writer_s_buffer() {
+        // A buffering writer (as a TLS session is) must not keep a frame's tail.
+        let (a, mut b) = tokio::io::duplex(1 << 16);
+        let mut w = tokio::io::BufWriter::new(a);
+        let frame = Message::Commit.encode();
+        write_frame(&mut w, &frame, "t").await.unwrap();
+        let got =
+            tokio::time::timeout(std::time::Duration::from_secs(2), read_message(&mut b, "t"))
+                .await
+                .expect("the frame stayed in the writer's buffer")
+                .unwrap();
+        assert_eq!(got.0, Message::Commit);
     }
 
     #[tokio::test]
