@@ -678,6 +678,12 @@ impl Applier {
                     .ok_or_else(|| DestError::BadPage(format!("page {}: bad reference", e.page)))?;
                 let valid = rebuild::check_hint(hint, &self.disk_sizes);
                 match (&self.refs, valid) {
+                    (Some(_), Ok(())) if self.outstanding >= self.max_outstanding() => {
+                        return Err(DestError::BadPage(format!(
+                            "{} references wait for storage, more than twice the RAM's pages: the source sends references it does not wait for",
+                            self.outstanding
+                        )));
+                    }
                     (Some(tx), Ok(())) => {
                         let req = RefRequest {
                             page: e.page,
@@ -713,6 +719,14 @@ impl Applier {
             }
         }
         Ok(())
+    }
+
+    /// Most storage reads that may wait at once: a source waits for a
+    /// round's reads before the next round, so twice the RAM's pages (and a
+    /// batch) is more than any round needs, and bounds the read queue a
+    /// hostile source could grow with references to one page.
+    fn max_outstanding(&self) -> u64 {
+        2 * self.version.len() as u64 + protocol::MAX_BATCH_PAGES as u64
     }
 
     /// A page storage could not give: before the switch the source resends

@@ -218,11 +218,7 @@ impl Connector {
                 allow,
             } => {
                 let c = tokio_rustls::TlsConnector::from(config.clone());
-                let s =
-                    tokio::time::timeout(HANDSHAKE_TIMEOUT, c.connect(server_name.clone(), tcp))
-                        .await
-                        .map_err(|_| TransportError::HandshakeTimeout { peer })?
-                        .map_err(|source| TransportError::Handshake { peer, source })?;
+                let s = handshake(peer, c.connect(server_name.clone(), tcp)).await?;
                 allow.check(peer, s.get_ref().1.peer_certificates())?;
                 Ok(Conn::Client(Box::new(s)))
             }
@@ -287,15 +283,23 @@ impl Acceptor {
         match self {
             Self::InsecurePlaintext => Ok(Conn::Plain(tcp)),
             Self::Tls { acceptor, allow } => {
-                let s = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp))
-                    .await
-                    .map_err(|_| TransportError::HandshakeTimeout { peer })?
-                    .map_err(|source| TransportError::Handshake { peer, source })?;
+                let s = handshake(peer, acceptor.accept(tcp)).await?;
                 allow.check(peer, s.get_ref().1.peer_certificates())?;
                 Ok(Conn::Server(Box::new(s)))
             }
         }
     }
+}
+
+/// A TLS handshake with `peer`, bounded by [`HANDSHAKE_TIMEOUT`].
+async fn handshake<S>(
+    peer: SocketAddr,
+    shake: impl std::future::Future<Output = io::Result<S>>,
+) -> Result<S, TransportError> {
+    tokio::time::timeout(HANDSHAKE_TIMEOUT, shake)
+        .await
+        .map_err(|_| TransportError::HandshakeTimeout { peer })?
+        .map_err(|source| TransportError::Handshake { peer, source })
 }
 
 /// A random number from the TLS library's generator (an id that a peer

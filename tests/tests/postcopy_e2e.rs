@@ -93,7 +93,7 @@ fn postcopy_runs_the_guest_on_the_destination_and_places_every_page_exactly() ->
             "--reuid=65534",
             "--regid=65534",
             "--clear-groups",
-            "python3",
+            "/usr/bin/python3",
             "-c",
         ])
         .arg("import socket, sys; socket.socket(socket.AF_UNIX).connect(sys.argv[1])")
