@@ -1087,6 +1087,24 @@ mod tests {
         assert!(e.contains("limit"), "{e}");
     }
 
+    #[test]
+    fn a_welcome_carries_no_uri_for_the_source_to_use() {
+        // Protocol 6's Welcome carried the destination's QEMU URI; a peer
+        // that still sends one (or anything more) is refused.
+        let w = Message::Welcome(Welcome {
+            version: PROTOCOL_VERSION,
+            postcopy: false,
+        })
+        .encode();
+        let (k, p) = split(&w);
+        let mut with_uri = p[..4].to_vec();
+        with_uri.extend_from_slice(&(13u32).to_le_bytes());
+        with_uri.extend_from_slice(b"exec:rm -rf /");
+        with_uri.push(0);
+        assert!(Message::decode(k, &with_uri).is_err());
+        assert!(Message::decode(k, p).is_ok());
+    }
+
     #[tokio::test]
     async fn a_written_frame_leaves_the_writer_s_buffer() {
         // A buffering writer (as a TLS session is) must not keep a frame's tail.

@@ -234,3 +234,44 @@ where
     w.shutdown().await?;
     Ok(n)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn qemu_is_given_only_a_socket_in_the_agent_s_own_directory() {
+        let base = std::env::temp_dir().join(format!("dbmigrate-devstate-{}", std::process::id()));
+        let dir = PrivateDir::create(&base, "migrate", None).unwrap();
+        let relay = SourceRelay::bind(&dir).unwrap();
+        let uri = relay.uri();
+        assert_eq!(
+            uri,
+            format!("unix:{}/device-state.sock", dir.path().display())
+        );
+        assert!(dir.path().starts_with(&base));
+        let mode = std::fs::metadata(dir.path()).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o700);
+        drop(relay);
+        let path = dir.path().to_path_buf();
+        drop(dir);
+        assert!(!path.exists(), "the private directory is removed");
+        std::fs::remove_dir_all(base).unwrap();
+    }
+
+    #[test]
+    fn a_base_directory_others_may_write_is_refused() {
+        let base =
+            std::env::temp_dir().join(format!("dbmigrate-devstate-open-{}", std::process::id()));
+        std::fs::create_dir_all(&base).unwrap();
+        std::fs::set_permissions(&base, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let err = PrivateDir::create(&base, "receive", None)
+            .err()
+            .expect("refused");
+        assert!(err.to_string().contains("not a directory private"), "{err}");
+        // The sticky bit (as /tmp has) keeps others from replacing our entries.
+        std::fs::set_permissions(&base, std::fs::Permissions::from_mode(0o1777)).unwrap();
+        assert!(PrivateDir::create(&base, "receive", None).is_ok());
+        std::fs::remove_dir_all(base).unwrap();
+    }
+}
