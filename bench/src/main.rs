@@ -12,6 +12,7 @@ mod fleet;
 mod report;
 mod timeline;
 mod tpcc;
+mod transport;
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -100,6 +101,19 @@ enum Cmd {
         /// Output directory.
         #[arg(long, default_value = "bench/results/plots")]
         out_dir: PathBuf,
+    },
+    /// One agent connection over loopback, plain TCP against mutual TLS:
+    /// what each carries per second on this machine's CPU.
+    Transport {
+        /// MiB sent per run.
+        #[arg(long, default_value_t = 2048)]
+        mib: u64,
+        /// Runs of each, alternating.
+        #[arg(long, default_value_t = 5)]
+        repeats: u32,
+        /// Report path (default bench/results/micro/transport-tls.json).
+        #[arg(long)]
+        out: Option<PathBuf>,
     },
     /// TPC-C: load a database, run the driver, check consistency.
     #[command(subcommand)]
@@ -385,6 +399,9 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Cmd::Tpcc(cmd) => tpcc_cmd(cmd),
+        Cmd::Transport { mib, repeats, out } => {
+            transport::run(mib, repeats, &out.unwrap_or_else(transport::default_out))
+        }
         Cmd::Report { inputs, out_dir } => {
             let inputs = if inputs.is_empty() {
                 let dir = dbmigrate_testbed::repo_root().join("bench/results");
@@ -638,7 +655,7 @@ fn faults_cell(run: &Run) -> String {
 
 fn check_methods(methods: &[String]) -> Result<()> {
     for m in methods {
-        if !METHODS.contains(&m.as_str()) {
+        if !METHODS.contains(&m.as_str()) && m != "qemu-precopy-tls" {
             bail!("unknown method `{m}`: use {}", METHODS.join(", "));
         }
     }
@@ -1055,7 +1072,7 @@ fn run_method(s: &Setup<'_>, method: &str) -> Result<Run> {
                 run.workload.errors = run.guest_verified_after.map(|ok| u64::from(!ok));
             }
         }
-        "qemu-precopy" | "qemu-postcopy" => {
+        "qemu-precopy" | "qemu-postcopy" | "qemu-precopy-tls" => {
             let (src, dst) = start_vms(s, false, &[], false)?;
             let (se, de) = (src.watch_events()?, dst.watch_events()?);
             let mut dq = dst.qmp()?;
@@ -1066,7 +1083,9 @@ fn run_method(s: &Setup<'_>, method: &str) -> Result<Run> {
                 &mut dq,
                 &format!("tcp:{}:7001", s.tb.dst_ip),
                 method == "qemu-postcopy",
-                None,
+                (method == "qemu-precopy-tls")
+                    .then(|| QemuTls::of(s.tb))
+                    .as_ref(),
                 s.link_mbit,
                 s.downtime_ms,
                 s.timeout,
