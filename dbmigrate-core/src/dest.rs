@@ -137,8 +137,8 @@ pub struct DestSession {
     ctrl_tx: ControlWriter,
     data: Vec<Conn>,
     hello: Hello,
-    /// The source's certificate (TLS): its other connections must match.
-    peer_cert: Option<Vec<u8>>,
+    /// What the session's other connections must carry (id, certificate).
+    peer: SessionPeer,
     peer_timeout: Duration,
     /// Pace of the background storage reads, bytes/s (None: as fast as they go).
     storage_rate: Option<u64>,
@@ -202,7 +202,10 @@ pub async fn accept(
         tracing::warn!(peer = %a.peer, conn = a.hello.conn_index, "ignored a connection before any control connection");
     };
     // Every later connection of the session must come from the same peer.
-    let peer_cert = ctrl.peer_certificate().map(<[u8]>::to_vec);
+    let peer = SessionPeer {
+        session: hello.session,
+        cert: ctrl.peer_certificate().map(<[u8]>::to_vec),
+    };
     let (ctrl_rx, mut ctrl_tx) = ctrl.split();
     if let Some(reason) = hello_problem(&hello, ram_bytes) {
         let _ = protocol::write_message(
@@ -229,18 +232,14 @@ pub async fn accept(
         let a = within(peer_timeout, "waiting for data connections", gate.next())
             .await?
             .ok_or(DestError::ListenerGone)?;
-        let h = &a.hello;
-        match h.conn_index.checked_sub(1).map(usize::from) {
-            Some(i)
-                if h.session == hello.session
-                    && i < slots.len()
-                    && slots[i].is_none()
-                    && a.conn.peer_certificate() == peer_cert.as_deref() =>
-            {
+        match a.hello.conn_index.checked_sub(1).map(usize::from) {
+            Some(i) if i < slots.len() && slots[i].is_none() && peer.owns(&a) => {
                 slots[i] = Some(a.conn);
             }
-            // Another session, a duplicate: drop it, keep waiting.
-            _ => tracing::warn!(peer = %a.peer, conn = h.conn_index, "ignored a stray connection"),
+            // Another session or peer, a duplicate: drop it, keep waiting.
+            _ => {
+                tracing::warn!(peer = %a.peer, conn = a.hello.conn_index, "ignored a stray connection")
+            }
         }
     }
     let (in_tx, ctrl_in) = mpsc::channel(16);
@@ -250,7 +249,7 @@ pub async fn accept(
         ctrl_tx: ControlWriter::new(ctrl_tx, peer_timeout),
         data: slots.into_iter().flatten().collect(),
         hello,
-        peer_cert,
+        peer,
         peer_timeout,
         storage_rate: None,
         stats: DestStats::default(),
@@ -1287,17 +1286,9 @@ pub struct PostcopyOutcome {
 }
 
 impl DestSession {
-    /// The id the source gave this session: its other connections carry it.
-    pub fn session_id(&self) -> u64 {
-        self.hello.session
-    }
-
     /// What tells this session's later connections from others.
     pub fn peer(&self) -> SessionPeer {
-        SessionPeer {
-            session: self.hello.session,
-            cert: self.peer_cert.clone(),
-        }
+        self.peer.clone()
     }
 
     /// The source's announcement.
@@ -1629,8 +1620,8 @@ impl DestSession {
                                 applied = Some(writer_outcome((&mut run.applier).await)?);
                                 run.stop.faults_done();
                                 if let Some(f) = placed.take() {
-                        f();
-                    }
+                                    f();
+                                }
                             }
                         }
                         m @ Message::VerifyRequest { .. } => request = Some(m),

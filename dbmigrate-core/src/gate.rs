@@ -40,26 +40,19 @@ pub struct Admitted {
 pub struct Gate {
     rx: mpsc::Receiver<Admitted>,
     task: JoinHandle<()>,
-    addr: Option<SocketAddr>,
 }
 
 impl Gate {
     /// Starts accepting on `listener`.
     pub fn open(listener: TcpListener, acceptor: Acceptor) -> Self {
-        let addr = listener.local_addr().ok();
         let (tx, rx) = mpsc::channel(4);
         let task = tokio::spawn(accept_loop(listener, acceptor, tx));
-        Self { rx, task, addr }
+        Self { rx, task }
     }
 
     /// The next admitted connection (None only if the listener failed for good).
     pub async fn next(&mut self) -> Option<Admitted> {
         self.rx.recv().await
-    }
-
-    /// The address listened on.
-    pub fn local_addr(&self) -> Option<SocketAddr> {
-        self.addr
     }
 }
 

@@ -408,16 +408,7 @@ impl SourceSession {
     ) -> Result<Self, PrecopyError> {
         let conns = cfg.connections.clamp(1, 16);
         let session = session_id();
-        let hello = |conn_index| {
-            Message::Hello(Hello {
-                version: protocol::PROTOCOL_VERSION,
-                session,
-                ram_bytes: ram.len(),
-                page_size: u32::try_from(PAGE_SIZE).expect("4096"),
-                data_connections: conns,
-                conn_index,
-            })
-        };
+        let hello = |conn_index| session_hello(session, ram.len(), conns, conn_index);
         let tcp = connect_retrying(addr, cfg.peer_timeout.min(Duration::from_secs(10))).await?;
         let (mut ctrl_rx, mut ctrl_tx) = cfg.connector.secure(tcp, addr).await?.split();
         let mut stats = MigrationStats::default();
@@ -505,14 +496,13 @@ impl SourceSession {
     /// VMM's stream over it; the destination agent relays it to its VMM.
     pub async fn open_device_state(&self) -> Result<Conn, PrecopyError> {
         let mut conn = self.cfg.connector.connect(self.addr).await?;
-        let hello = Message::Hello(Hello {
-            version: protocol::PROTOCOL_VERSION,
-            session: self.session_id,
-            ram_bytes: self.ram.len(),
-            page_size: u32::try_from(PAGE_SIZE).expect("4096"),
-            data_connections: u16::try_from(self.data.len()).expect("at most 16"),
-            conn_index: protocol::DEVICE_STATE_CONN,
-        });
+        let conns = u16::try_from(self.data.len()).expect("at most 16");
+        let hello = session_hello(
+            self.session_id,
+            self.ram.len(),
+            conns,
+            protocol::DEVICE_STATE_CONN,
+        );
         protocol::write_message(&mut conn, &hello, "introducing the device-state connection")
             .await?;
         Ok(conn)
@@ -1346,6 +1336,18 @@ async fn timeout<T>(
             secs: limit.as_secs(),
             doing,
         })
+}
+
+/// The Hello that opens each of a session's connections.
+fn session_hello(session: u64, ram_bytes: u64, conns: u16, conn_index: u16) -> Message {
+    Message::Hello(Hello {
+        version: protocol::PROTOCOL_VERSION,
+        session,
+        ram_bytes,
+        page_size: u32::try_from(PAGE_SIZE).expect("4096"),
+        data_connections: conns,
+        conn_index,
+    })
 }
 
 fn session_id() -> u64 {

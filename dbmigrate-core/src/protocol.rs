@@ -815,22 +815,12 @@ pub async fn read_message_with<R: AsyncRead + Unpin>(
     payload: &mut Vec<u8>,
 ) -> Result<(Message, u64), ProtocolError> {
     let mut h = [0u8; HEADER_LEN];
-    if let Err(e) = r.read_exact(&mut h).await {
-        return Err(if e.kind() == io::ErrorKind::UnexpectedEof {
-            ProtocolError::Closed { doing }
-        } else {
-            ProtocolError::Io { doing, source: e }
-        });
-    }
+    r.read_exact(&mut h).await.map_err(|e| io_error(e, doing))?;
     let (kind, len) = parse_header(&h)?;
     payload.resize(usize::try_from(len).expect("bounded by MAX_PAYLOAD"), 0);
-    r.read_exact(payload).await.map_err(|e| {
-        if e.kind() == io::ErrorKind::UnexpectedEof {
-            ProtocolError::Closed { doing }
-        } else {
-            ProtocolError::Io { doing, source: e }
-        }
-    })?;
+    r.read_exact(payload)
+        .await
+        .map_err(|e| io_error(e, doing))?;
     let msg = Message::decode(kind, payload)?;
     Ok((msg, HEADER_LEN as u64 + len))
 }

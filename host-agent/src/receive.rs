@@ -236,9 +236,7 @@ async fn confirm_stopped(qmp: &mut Qmp) -> VmState {
     let Some(pid) = pid else {
         return VmState::Unknown;
     };
-    let _ = std::process::Command::new("kill")
-        .args(["-KILL", &pid.to_string()])
-        .status();
+    sigkill(pid);
     for _ in 0..100 {
         if process_gone(pid) {
             tracing::error!(
@@ -250,6 +248,13 @@ async fn confirm_stopped(qmp: &mut Qmp) -> VmState {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     VmState::Unknown
+}
+
+/// Kills the destination QEMU at once (it may be stuck on a page or not answering).
+fn sigkill(pid: u32) {
+    let _ = std::process::Command::new("kill")
+        .args(["-KILL", &pid.to_string()])
+        .status();
 }
 
 /// Whether `pid` has exited (gone, or a zombie its parent has not reaped).
@@ -271,9 +276,7 @@ async fn stop_incomplete_vm(qmp: &mut Qmp) {
     let quit = tokio::time::timeout(Duration::from_secs(3), qmp.execute("quit", None)).await;
     if !matches!(quit, Ok(Ok(_))) {
         if let Some(pid) = pid {
-            let _ = std::process::Command::new("kill")
-                .args(["-KILL", &pid.to_string()])
-                .status();
+            sigkill(pid);
         }
     }
     tracing::error!("destination VM stopped: its memory could not be completed");
