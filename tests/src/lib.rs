@@ -585,6 +585,11 @@ impl Vm {
         std::fs::read_to_string(tb.dir.join(format!("{}.qemu.log", self.name))).unwrap_or_default()
     }
 
+    /// QEMU's process id (`ip netns exec` runs QEMU in its own process).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Serial console text so far.
     pub fn console(&self) -> String {
         std::fs::read_to_string(&self.serial).unwrap_or_default()

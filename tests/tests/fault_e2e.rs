@@ -252,6 +252,40 @@ fn destination_qemu_without_s_runs_only_after_commit() -> Result<()> {
 }
 
 #[test]
+fn a_destination_that_cannot_resume_is_killed_and_only_the_source_runs() -> Result<()> {
+    // A destination QEMU without -S that hangs at Commit: its `cont` is
+    // never answered, so the receive cannot know whether the VM runs. It
+    // kills QEMU before it tells the source to take the VM back, and the
+    // rollback leaves exactly one VM running, the source.
+    let mut c = start_with(16, true)?;
+    let marker = c.tb.dir.join("paused");
+    let recv = receive(&c, Some(&format!("dst-commit:pause:{}", marker.display())))?;
+    let mig = migrate(&c, None, None, &[])?;
+    wait_paused(&marker)?;
+    sh(&["kill", "-STOP", &c.dst.pid().to_string()])?;
+    std::fs::remove_file(&marker)?;
+    let r = finish(&c, recv, "receive")?;
+    assert!(!r.status.success());
+    let out = finish(&c, mig, "migrate")?;
+    assert_eq!(out.status.code(), Some(1), "the source takes the VM back");
+    assert_eq!(report(&c)["vm_runs_on"], "source");
+    assert!(
+        log(&c, "receive.log").contains("killed"),
+        "the receive says it killed QEMU"
+    );
+    assert!(
+        c.dst.wait_exit(Duration::from_secs(20)),
+        "destination QEMU killed"
+    );
+    assert!(
+        !c.dst.console().contains("DIRTIER HB"),
+        "the destination ran:\n{}",
+        c.dst.console()
+    );
+    source_intact(&c)
+}
+
+#[test]
 fn source_agent_killed_after_commit_lets_the_destination_run_byte_exact() -> Result<()> {
     let c = start(16)?;
     let recv = receive(&c, None)?;
@@ -265,8 +299,6 @@ fn source_agent_killed_after_commit_lets_the_destination_run_byte_exact() -> Res
 }
 
 /// Cuts the migration link (at the destination's end, as a pulled cable
-/// would) while the source agent waits at `stage`; the source must keep or
-/// resume the VM after its timeout.
 /// Starts a migration (with `extra` flags) whose source agent stops at
 /// `stage`, takes the migration link down at the destination's end (as a
 /// pulled cable would), lets the agent go on, and returns the case with

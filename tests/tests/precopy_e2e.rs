@@ -205,6 +205,130 @@ fn strangers_neither_reach_qemu_nor_end_the_migration() -> Result<()> {
     reverified_on(&dst, &src)
 }
 
+/// A destination agent that a source may meet: TLS with the certificate in
+/// directory argv[3] (client certificates of the CA required), one
+/// connection, the first frame read, then a Welcome of the current version
+/// that also carries a QEMU URI (argv[4]) as protocol 6's did, and every
+/// byte after it counted. Prints one JSON line of what it saw.
+const FAKE_DESTINATION: &str = r#"
+import json, socket, ssl, struct, sys
+host, port, tls, uri, version = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], int(sys.argv[5])
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+ctx.load_cert_chain(f"{tls}/server-cert.pem", f"{tls}/server-key.pem")
+ctx.load_verify_locations(f"{tls}/ca-cert.pem")
+ctx.verify_mode = ssl.CERT_REQUIRED
+srv = socket.create_server((host, port))
+print("listening", flush=True)
+raw, _ = srv.accept()
+raw.settimeout(20)
+seen = {}
+def exact(s, n):
+    b = b""
+    while len(b) < n:
+        c = s.recv(n - len(b))
+        if not c: raise EOFError("closed")
+        b += c
+    return b
+try:
+    s = ctx.wrap_socket(raw, server_side=True)
+    head = exact(s, 16)
+    seen["kind"] = struct.unpack_from("<H", head, 4)[0]
+    exact(s, struct.unpack_from("<Q", head, 8)[0])
+    p = struct.pack("<II", version, len(uri)) + uri.encode() + b"\0"
+    s.sendall(b"DMG1" + struct.pack("<HHQ", 2, 0, len(p)) + p)
+    seen["after_welcome"] = 0
+    while True:
+        b = s.recv(65536)
+        if not b: break
+        seen["after_welcome"] += len(b)
+except Exception as e:
+    seen["error"] = str(e)
+print(json.dumps(seen), flush=True)
+"#;
+
+/// Runs [`FAKE_DESTINATION`] with the certificate of test host `cert` in
+/// the destination's namespace on `port`, migrates `src` to it, and
+/// returns the agent's output, its report and what the fake saw.
+fn migrate_to_fake(
+    tb: &Testbed,
+    src: &Vm,
+    cert: &str,
+    uri: &str,
+    port: u16,
+) -> Result<(Output, Value, Value)> {
+    let mut fake = tb
+        .in_ns(&tb.dst_ns, std::path::Path::new("python3"))
+        .args(["-c", FAKE_DESTINATION, &tb.dst_ip, &port.to_string()])
+        .arg(tb.tls_dir(cert))
+        .arg(uri)
+        .arg(dbmigrate_core::protocol::PROTOCOL_VERSION.to_string())
+        .stdout(Stdio::piped())
+        .spawn()?;
+    let mut out = std::io::BufReader::new(fake.stdout.take().context("fake stdout")?);
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut out, &mut line)?;
+    ensure!(line.trim() == "listening", "fake destination: {line}");
+    let report = tb.dir.join("report.json");
+    let _ = std::fs::remove_file(&report);
+    let agent = tb.migrate_cmd_to(src, &report, port)?.output()?;
+    let stderr = String::from_utf8_lossy(&agent.stderr);
+    eprintln!("--- dbmigrate migrate stderr ---\n{stderr}");
+    assert!(!stderr.contains("panicked"), "the agent panicked");
+    line.clear();
+    std::io::BufRead::read_line(&mut out, &mut line)?;
+    let _ = fake.kill();
+    let _ = fake.wait();
+    let report = serde_json::from_str(&std::fs::read_to_string(&report)?)?;
+    Ok((
+        agent,
+        report,
+        serde_json::from_str(&line).context("fake's summary")?,
+    ))
+}
+
+#[test]
+fn a_hostile_destination_reaches_neither_qemu_nor_the_source_host() -> Result<()> {
+    let tb = Testbed::new(LINK_MBIT)?;
+    let (src, dst) = start_pair(&tb, 16)?;
+    let pwned = tb.dir.join("pwned");
+    let uri = format!("exec:touch {}", pwned.display());
+    let untouched = |report: &Value| -> Result<()> {
+        assert_eq!(report["vm_runs_on"], "source");
+        let mut q = src.qmp()?;
+        assert_eq!(q.status()?, "running", "the source VM must run");
+        // QEMU was never asked to migrate anywhere.
+        let migration = q.cmd("query-migrate", json!({}))?;
+        assert!(migration.get("status").is_none(), "{migration}");
+        assert!(!pwned.exists(), "the peer's command ran");
+        Ok(())
+    };
+    // A host of the same CA whose certificate is not for destination.test:
+    // refused in the handshake, before the source says anything.
+    let (out, report, seen) = migrate_to_fake(&tb, &src, "rogue", &uri, 7001)?;
+    assert_eq!(out.status.code(), Some(1));
+    let err = report["error"].as_str().unwrap_or_default();
+    assert!(err.contains("TLS handshake"), "{err}");
+    assert!(seen.get("kind").is_none(), "the source spoke: {seen}");
+    untouched(&report)?;
+    // The destination's own certificate, and a Welcome that carries a
+    // QEMU URI: refused, nothing of it reaches QMP, and nothing is sent.
+    let (out, report, seen) = migrate_to_fake(&tb, &src, "dst", &uri, 7002)?;
+    assert_eq!(out.status.code(), Some(1));
+    let err = report["error"].as_str().unwrap_or_default();
+    assert!(err.contains("Welcome"), "{err}");
+    assert_eq!(seen["kind"], json!(1), "the source's Hello: {seen}");
+    assert_eq!(seen["after_welcome"], json!(0), "{seen}");
+    untouched(&report)?;
+    // The source is as it was: the real destination then gets it byte-exact.
+    let mut recv = receive(&tb, &dst)?;
+    let (out, report) = migrate(&tb, &src, &[])?;
+    ensure!(recv.wait()?.success(), "receive failed");
+    ensure!(out.status.success(), "migrate failed: {report}");
+    assert_eq!(report["ram_verified"], json!(true));
+    reverified_on(&dst, &src)
+}
+
 #[test]
 fn killed_destination_agent_leaves_the_source_running_intact() -> Result<()> {
     let tb = Testbed::new(LINK_MBIT)?;
