@@ -918,7 +918,7 @@ fn qemu_migrate(
         let mut v = sq.cmd("query-migrate", json!({}))?;
         let st = v["status"].as_str().unwrap_or("");
         if switch_ms.is_none() && !matches!(st, "setup" | "active") {
-            switch_ms = Some(u64::try_from(t.elapsed().as_millis()).unwrap_or(u64::MAX));
+            switch_ms = Some(dbmigrate_core::stats::millis(t.elapsed()));
         }
         v["bench_switch_ms"] = json!(switch_ms);
         let st = v["status"].as_str().unwrap_or("").to_string();
@@ -926,7 +926,7 @@ fn qemu_migrate(
         if st == "completed" {
             // QEMU 7.2 has answered a completed migration with a total
             // time of 0: the bench's own clock (20 ms polls) stands in then.
-            v["bench_total_ms"] = json!(u64::try_from(t.elapsed().as_millis()).unwrap_or(u64::MAX));
+            v["bench_total_ms"] = json!(dbmigrate_core::stats::millis(t.elapsed()));
             // The destination waits paused (-S) after pre-copy; post-copy
             // already runs it.
             if dq.status()? != "running" {
@@ -1101,7 +1101,7 @@ fn run_method(s: &Setup<'_>, method: &str) -> Result<Run> {
                 "expected_downtime_ms": info["expected-downtime"],
                 "dirty_sync_count": info["ram"]["dirty-sync-count"],
                 "ram_transferred": info["ram"]["transferred"],
-                "elapsed_ms_when_stopped": u64::try_from(t.elapsed().as_millis()).unwrap_or(u64::MAX),
+                "elapsed_ms_when_stopped": dbmigrate_core::stats::millis(t.elapsed()),
             });
             measured_downtime(&mut run, &se, &de);
         }

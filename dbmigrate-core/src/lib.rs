@@ -12,7 +12,6 @@ pub mod control;
 pub mod dest;
 pub mod dirty;
 pub mod gate;
-pub mod layout;
 pub mod limiter;
 pub mod mappers;
 pub mod postcopy;

@@ -42,10 +42,9 @@ use tokio::sync::mpsc;
 use crate::bitmap::PageBitmap;
 use crate::limiter::wait_for;
 use crate::precopy::{link_rate, send_batch, PrecopyError, SourceSession, WriterCmd};
-use crate::protocol::{self, connection_for_page, BatchBuilder, Message, PageEncoding};
-use crate::ram::{is_zero, SourceRam};
+use crate::protocol::{self, connection_for_page, BatchBuilder, Message, PageEncoder};
+use crate::ram::SourceRam;
 use crate::verify;
-use crate::PAGE_SIZE;
 
 /// Pages around a faulting page pushed next (the sysbench VM's faults
 /// come in runs going up and down from the first one).
@@ -176,7 +175,7 @@ impl SourceSession {
         // out now rather than inside the pause (11-13 ms for 64 MiB).
         self.tracker.collect(&mut self.pending)?;
         self.mark_written();
-        let stale = bitmap_bytes(&self.pending);
+        let stale = protocol::encode_page_bitmap(&self.pending);
         self.stats.bytes_sent += self
             .ctrl_tx
             .send(
@@ -226,7 +225,7 @@ impl SourceSession {
         );
         let started = Instant::now();
         self.mark_data_connections(&Message::SwitchMark).await?;
-        let bytes = bitmap_bytes(&pending);
+        let bytes = protocol::encode_page_bitmap(&pending);
         self.stats.bytes_sent += self
             .ctrl_tx
             .send(
@@ -415,10 +414,8 @@ impl SourceSession {
                     self.stats.bytes_received += n;
                     match m {
                         Message::PageRequest { pages: asked } => {
-                            if let Some(&bad) = asked.iter().find(|&&p| p >= pages) {
-                                return Err(fail(PrecopyError::Refused {
-                                    reason: format!("the destination asked for page {bad}, beyond the {pages} pages of RAM"),
-                                }));
+                            if let Err(e) = protocol::check_pages("PageRequest", asked.iter().copied(), pages) {
+                                return Err(fail(e.into()));
                             }
                             stats.requested_pages += asked.len() as u64;
                             stats.storage_mismatch +=
@@ -443,7 +440,7 @@ impl SourceSession {
                             return Ok(());
                         }
                         Message::Heartbeat => {}
-                        Message::Abort { reason } => return Err(fail(PrecopyError::Refused { reason })),
+                        Message::Abort { reason } => return Err(fail(PrecopyError::PeerAbort { reason })),
                         other => return Err(fail(self.unexpected(other, "PageRequest, Activated or VerifyResult"))),
                     }
                 }
@@ -460,7 +457,7 @@ impl SourceSession {
                 }
                 r = &mut sw.pusher, if !pushed => {
                     pushed = true;
-                    stats.push_ms = u64::try_from(sw.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+                    stats.push_ms = crate::stats::millis(sw.started.elapsed());
                     sw.start_digests();
                     let (n, bytes) = r
                         .map_err(|e| fail(PrecopyError::Worker(e.to_string())))?
@@ -534,8 +531,7 @@ impl SourceSession {
                 already_pushed,
                 prefetched = prefetch.len(),
                 first = asked.first().copied().unwrap_or_default(),
-                ms_since_switch =
-                    u64::try_from(sw.started.elapsed().as_millis()).unwrap_or(u64::MAX),
+                ms_since_switch = crate::stats::millis(sw.started.elapsed()),
                 "page request"
             );
             prefetch
@@ -551,15 +547,12 @@ impl SourceSession {
     /// frame; returns the bytes sent.
     async fn send_on_control(&mut self, pages: &[u64]) -> Result<u64, PrecopyError> {
         let mut bytes = 0;
+        // Uncompressed: a vCPU waits for these.
+        let mut encoder = PageEncoder::new(false);
         for chunk in pages.chunks(256) {
             let mut b = BatchBuilder::new(u32::MAX);
             for &p in chunk {
-                let data = self.ram.page(p)?;
-                if is_zero(data) {
-                    b.push(p, PageEncoding::Zero, &[]);
-                } else {
-                    b.push(p, PageEncoding::Raw, data);
-                }
+                encoder.push(&mut b, p, self.ram.page(p)?);
             }
             let frame = b.finish();
             bytes += frame.len() as u64;
@@ -635,7 +628,7 @@ async fn explain_transport_failure(
     while let Ok(Some(m)) = tokio::time::timeout_at(deadline, ctrl_in.recv()).await {
         match m {
             Ok((Message::Abort { reason }, _)) => {
-                *inner = PrecopyError::Refused { reason };
+                *inner = PrecopyError::PeerAbort { reason };
                 return;
             }
             Ok(_) => continue,
@@ -651,15 +644,6 @@ fn no_postcopy_destination() -> PrecopyError {
     PrecopyError::Worker(
         "the destination agent cannot serve post-copy (start `dbmigrate receive` with --postcopy-socket)".into(),
     )
-}
-
-/// Pending pages as the wire bitmap: bit i of byte i/8 is page i.
-fn bitmap_bytes(b: &PageBitmap) -> Vec<u8> {
-    let mut out = vec![0u8; usize::try_from(b.len().div_ceil(8)).expect("bitmap fits")];
-    for p in b.iter() {
-        out[usize::try_from(p / 8).expect("inside")] |= 1 << (p % 8);
-    }
-    out
 }
 
 impl Drop for Switched {
@@ -708,7 +692,7 @@ impl PushOrder {
 
 /// The background push: every pending page once, neighbours of faults
 /// first, then `todo`'s order, paced to a share of `link` bytes/s (see
-/// [`Pacer`]). Returns (pages, bytes), or None if a connection went away
+/// [`PushPace`]). Returns (pages, bytes), or None if a connection went away
 /// or the push was stopped.
 fn push(
     ram: &SourceRam,
@@ -722,14 +706,9 @@ fn push(
     const BATCH_BYTES: usize = 64 << 10;
     let conns = u16::try_from(txs.len()).expect("at most 16 connections");
     let mut builders: Vec<BatchBuilder> = (0..txs.len()).map(|_| BatchBuilder::new(0)).collect();
-    let mut compressor = if compress {
-        zstd::bulk::Compressor::new(1).ok()
-    } else {
-        None
-    };
-    let mut cbuf = vec![0u8; PAGE_SIZE];
+    let mut encoder = PageEncoder::new(compress);
     let (mut n, mut bytes) = (0u64, 0u64);
-    let mut pacer = Pacer::new(link, Instant::now());
+    let mut pacer = PushPace::new(link, Instant::now());
     let mut sweep = Sweep::default();
     loop {
         // Hot pages first; then the next page in order not sent yet.
@@ -754,18 +733,7 @@ fn push(
         let Some(page) = next else { break };
         let Ok(data) = ram.page(page) else { continue };
         let c = usize::from(connection_for_page(page, conns) - 1);
-        if is_zero(data) {
-            builders[c].push(page, PageEncoding::Zero, &[]);
-        } else {
-            let packed = compressor
-                .as_mut()
-                .and_then(|z| z.compress_to_buffer(data, &mut cbuf[..]).ok())
-                .filter(|&k| k < PAGE_SIZE * 7 / 8);
-            match packed {
-                Some(k) => builders[c].push(page, PageEncoding::Zstd, &cbuf[..k]),
-                None => builders[c].push(page, PageEncoding::Raw, data),
-            }
-        }
+        encoder.push(&mut builders[c], page, data);
         n += 1;
         // Small batches: a fault's neighbours must not wait behind a big one.
         if builders[c].is_full(BATCH_BYTES) {
@@ -784,14 +752,14 @@ fn push(
 /// The push's rate: [`PRE_COMMIT_SHARE`] of the link until Commit, then
 /// [`POST_COMMIT_SHARE`], each phase counted from its own start (the
 /// second must not spend in a burst what the first left unused).
-struct Pacer {
+struct PushPace {
     link: f64,
     committed: bool,
     since: Instant,
     bytes_at: u64,
 }
 
-impl Pacer {
+impl PushPace {
     fn new(link: f64, now: Instant) -> Self {
         Self {
             link,
@@ -859,7 +827,7 @@ mod tests {
     fn the_push_paces_each_phase_from_its_own_start() {
         let t0 = Instant::now();
         let link = 100e6;
-        let mut p = Pacer::new(link, t0);
+        let mut p = PushPace::new(link, t0);
         // Before Commit: half the link. 50 MB after 1 s is on time.
         let at = |ms| t0 + Duration::from_millis(ms);
         assert_eq!(p.wait(PACED, 50_000_000, at(1000)), Some(Duration::ZERO));
@@ -959,15 +927,6 @@ mod tests {
         );
         assert!(again.iter().all(|p| !picked.contains(p)));
         assert!(pick_neighbours(&[500], pages, &pending, &mut q).is_empty());
-    }
-
-    #[test]
-    fn wire_bitmap_sets_bit_i_of_byte_i_over_8() {
-        let mut b = PageBitmap::new(20);
-        b.set(0);
-        b.set(9);
-        b.set(19);
-        assert_eq!(bitmap_bytes(&b), vec![0b1, 0b10, 0b1000]);
     }
 
     #[test]

@@ -27,7 +27,8 @@ use crate::control::ControlWriter;
 use crate::dirty::{DirtyError, DirtyTracker, TrackerKind};
 use crate::limiter::RateLimiter;
 use crate::protocol::{
-    self, connection_for_page, BatchBuilder, Hello, Message, PageEncoding, ProtocolError, Welcome,
+    self, connection_for_page, BatchBuilder, Hello, Message, PageEncoder, PageEncoding,
+    ProtocolError, Welcome,
 };
 use crate::ram::{is_zero, RamError, SourceRam};
 use crate::rebuild::{check_hint, Hint, HintSource};
@@ -54,9 +55,10 @@ pub enum PrecopyError {
     /// The connection could not be secured (TLS handshake, certificate, name).
     #[error(transparent)]
     Transport(#[from] TransportError),
-    /// The destination refused or aborted.
+    /// The destination said it gives up (Refuse or Abort): the only
+    /// variant that carries the peer's own word, never a local check.
     #[error("destination agent refused: {reason}")]
-    Refused {
+    PeerAbort {
         /// Its reason.
         reason: String,
     },
@@ -303,7 +305,7 @@ pub fn switch_to_postcopy(mode: Mode, reason: StopReason, destination_can: bool)
 pub struct SourceConfig {
     /// Pre-copy, post-copy or hybrid.
     pub mode: Mode,
-    /// Data connections (1..=16).
+    /// Data connections (1 to [`protocol::MAX_DATA_CONNECTIONS`]).
     pub connections: u16,
     /// Bandwidth limit over all connections, bytes/s.
     pub bandwidth: Option<u64>,
@@ -398,6 +400,19 @@ pub struct SourceSession {
     pub stats: MigrationStats,
 }
 
+/// How a round is sent.
+#[derive(Clone, Copy, Debug)]
+struct RoundOptions {
+    /// Zero pages are not sent (the destination's RAM starts as holes).
+    skip_zero: bool,
+    /// Wait until the destination applied the round, storage reads included.
+    drain: bool,
+    /// The VM runs meanwhile: the pages it writes are collected as the
+    /// round goes (see [`COLLECT_EVERY`]); those the round had read
+    /// already are pending.
+    live: bool,
+}
+
 impl SourceSession {
     /// Connects to the destination agent, announces the RAM and opens the data connections.
     pub async fn connect(
@@ -406,7 +421,7 @@ impl SourceSession {
         tracker: Box<dyn DirtyTracker>,
         cfg: SourceConfig,
     ) -> Result<Self, PrecopyError> {
-        let conns = cfg.connections.clamp(1, 16);
+        let conns = cfg.connections.clamp(1, protocol::MAX_DATA_CONNECTIONS);
         let session = session_id();
         let hello = |conn_index| session_hello(session, ram.len(), conns, conn_index);
         let tcp = connect_retrying(addr, cfg.peer_timeout.min(Duration::from_secs(10))).await?;
@@ -431,7 +446,7 @@ impl SourceSession {
         let welcome = match msg {
             Message::Welcome(w) => w,
             Message::Refuse { reason } | Message::Abort { reason } => {
-                return Err(PrecopyError::Refused { reason })
+                return Err(PrecopyError::PeerAbort { reason })
             }
             other => {
                 return Err(PrecopyError::Unexpected {
@@ -529,7 +544,15 @@ impl SourceSession {
             let first_only = self.cfg.mode == Mode::Postcopy && self.welcome.postcopy;
             // Round 0 skips zero pages: the destination RAM starts as holes.
             let sent = self
-                .send_round_with(&to_send, round, round == 0, !first_only, true)
+                .send_round_with(
+                    &to_send,
+                    round,
+                    RoundOptions {
+                        skip_zero: round == 0,
+                        drain: !first_only,
+                        live: true,
+                    },
+                )
                 .await;
             let mut rs = sent?;
             // The round hashed what it read; what it did not read (holes,
@@ -584,8 +607,7 @@ impl SourceSession {
             } = d
             {
                 self.stats.stop_reason = Some(reason.to_string());
-                self.stats.expected_downtime_ms =
-                    Some(u64::try_from(expected_downtime.as_millis()).unwrap_or(u64::MAX));
+                self.stats.expected_downtime_ms = Some(crate::stats::millis(expected_downtime));
                 return Ok(d);
             }
         }
@@ -644,7 +666,7 @@ impl SourceSession {
             return Err(PrecopyError::Worker("hashing the source RAM failed".into()));
         }
         tracing::debug!(
-            hash_ms = u64::try_from(t.elapsed().as_millis()).unwrap_or(u64::MAX),
+            hash_ms = crate::stats::millis(t.elapsed()),
             "source RAM hashed"
         );
         self.digests = Some(d.digests().to_vec());
@@ -673,7 +695,7 @@ impl SourceSession {
         let msg = self
             .read_ctrl("waiting for the destination's RAM comparison")
             .await?;
-        self.stats.verify_ms = Some(u64::try_from(t.elapsed().as_millis()).unwrap_or(u64::MAX));
+        self.stats.verify_ms = Some(crate::stats::millis(t.elapsed()));
         match msg {
             Message::VerifyResult {
                 mismatched,
@@ -691,15 +713,10 @@ impl SourceSession {
         }
     }
 
-    /// Hands the VM over. After this returns Ok the destination runs the VM;
-    /// if it fails, the outcome on the destination is unknown and the source
-    /// must NOT be resumed blindly.
-    pub async fn commit(&mut self) -> Result<(), PrecopyError> {
-        self.send_commit().await?;
-        self.wait_activated().await
-    }
-
-    /// First half of [`SourceSession::commit`]: the point of no return.
+    /// Hands the VM over, the point of no return: once Commit is sent the
+    /// destination may run the VM, so if [`SourceSession::wait_activated`]
+    /// then fails the outcome is unknown and the source must NOT be resumed
+    /// blindly.
     pub async fn send_commit(&mut self) -> Result<(), PrecopyError> {
         self.stats.bytes_sent += self
             .ctrl_tx
@@ -708,7 +725,7 @@ impl SourceSession {
         Ok(())
     }
 
-    /// Second half of [`SourceSession::commit`]: the destination runs the VM.
+    /// After [`SourceSession::send_commit`]: Ok once the destination runs the VM.
     pub async fn wait_activated(&mut self) -> Result<(), PrecopyError> {
         match self
             .read_ctrl("waiting for the destination to resume the VM")
@@ -776,7 +793,7 @@ impl SourceSession {
             }
         };
         if let Message::Abort { reason } = msg {
-            return Err(PrecopyError::Refused { reason });
+            return Err(PrecopyError::PeerAbort { reason });
         }
         Ok(msg)
     }
@@ -827,21 +844,24 @@ impl SourceSession {
         round: u32,
         skip_zero: bool,
     ) -> Result<RoundStats, PrecopyError> {
-        self.send_round_with(pages, round, skip_zero, true, false)
-            .await
+        let opts = RoundOptions {
+            skip_zero,
+            drain: true,
+            live: false,
+        };
+        self.send_round_with(pages, round, opts).await
     }
 
-    /// Sends one round; with `drain`, waits until the destination applied
-    /// it. `live`: the VM runs meanwhile, and the pages it writes are
-    /// collected as the round goes (see [`COLLECT_EVERY`]); those the round
-    /// had read already are pending.
+    /// Sends one round (see [`RoundOptions`]).
     async fn send_round_with(
         &mut self,
         pages: &PageBitmap,
         round: u32,
-        skip_zero: bool,
-        drain: bool,
-        live: bool,
+        RoundOptions {
+            skip_zero,
+            drain,
+            live,
+        }: RoundOptions,
     ) -> Result<RoundStats, PrecopyError> {
         let t = Instant::now();
         let ram = self.ram.clone();
@@ -907,7 +927,7 @@ impl SourceSession {
         if !drain {
             let mut rs = rs.take().expect("checked above");
             let elapsed = t.elapsed();
-            rs.elapsed_ms = u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX);
+            rs.elapsed_ms = crate::stats::millis(elapsed);
             rs.rate_mbit = mbit_per_s(rs.bytes, elapsed.as_secs_f64() * 1000.0);
             return Ok(rs);
         }
@@ -930,13 +950,8 @@ impl SourceSession {
         {
             Message::Drained { round: r, need } if r == round => {
                 rs.rebuild_mismatch = need.len() as u64;
+                protocol::check_pages("Drained", need.iter().copied(), self.ram.pages())?;
                 for p in need {
-                    if p >= self.ram.pages() {
-                        return Err(PrecopyError::Unexpected {
-                            got: "a request for a page beyond RAM",
-                            expected: "pages of this VM",
-                        });
-                    }
                     self.pending.set(p);
                     self.no_ref.set(p);
                 }
@@ -944,7 +959,7 @@ impl SourceSession {
             other => return Err(self.unexpected(other, "Drained for this round")),
         }
         let elapsed = t.elapsed();
-        rs.elapsed_ms = u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX);
+        rs.elapsed_ms = crate::stats::millis(elapsed);
         rs.rate_mbit = mbit_per_s(rs.bytes, elapsed.as_secs_f64() * 1000.0);
         Ok(rs)
     }
@@ -956,13 +971,13 @@ impl SourceSession {
             drop(c.tx);
             if let Ok(Err(e)) = c.task.await {
                 return match reason {
-                    Some(reason) => PrecopyError::Refused { reason },
+                    Some(reason) => PrecopyError::PeerAbort { reason },
                     None => PrecopyError::Protocol(e),
                 };
             }
         }
         match reason {
-            Some(reason) => PrecopyError::Refused { reason },
+            Some(reason) => PrecopyError::PeerAbort { reason },
             None => PrecopyError::Worker("a data connection stopped".into()),
         }
     }
@@ -1101,12 +1116,7 @@ fn produce_round(
         round,
         ..RoundStats::default()
     };
-    let mut compressor = if job.compress {
-        zstd::bulk::Compressor::new(1).ok()
-    } else {
-        None
-    };
-    let mut cbuf = vec![0u8; PAGE_SIZE];
+    let mut encoder = PageEncoder::new(job.compress);
     let mut hashes: Vec<(u64, u64)> = Vec::new();
     // References are read and hashed first, and go in disk order, mixed
     // into the raw pages (see [`refs_due`]): the destination finds long
@@ -1231,19 +1241,9 @@ fn produce_round(
             if job.hash_pages {
                 hashes.push((page, verify::page_hash(data)));
             }
-            let packed = compressor
-                .as_mut()
-                .and_then(|z| z.compress_to_buffer(data, &mut cbuf[..]).ok())
-                .filter(|&n| n < PAGE_SIZE * 7 / 8);
-            match packed {
-                Some(n) => {
-                    rs.compressed_pages += 1;
-                    builders[c].push(page, PageEncoding::Zstd, &cbuf[..n]);
-                }
-                None => {
-                    rs.raw_pages += 1;
-                    builders[c].push(page, PageEncoding::Raw, data);
-                }
+            match encoder.push_data(&mut builders[c], page, data) {
+                PageEncoding::Zstd => rs.compressed_pages += 1,
+                _ => rs.raw_pages += 1,
             }
         }
         if builders[c].is_full(ROUND_BATCH_BYTES) {

@@ -108,6 +108,11 @@ fn mib(b: u64) -> f64 {
     b as f64 / (1024.0 * 1024.0)
 }
 
+/// Whole milliseconds of `d`, as the reports count them (saturating).
+pub fn millis(d: std::time::Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
 /// Mbit/s for `bytes` over `ms` milliseconds.
 #[allow(clippy::cast_precision_loss)]
 pub fn mbit_per_s(bytes: u64, ms: f64) -> f64 {

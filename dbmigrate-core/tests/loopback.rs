@@ -193,7 +193,8 @@ async fn migrate_under_writes(
     s.final_round().await.unwrap();
     let v = s.verify().await.unwrap();
     assert!(v.matched(), "{v:?}");
-    s.commit().await.unwrap();
+    s.send_commit().await.unwrap();
+    s.wait_activated().await.unwrap();
     let stats = receiver.await.unwrap();
     assert!(stats.raw_pages + stats.compressed_pages > 0);
     let source_stats = s.stats.clone();
@@ -386,7 +387,8 @@ async fn rebuild_case(tag: &str, pace: Option<u64>) -> (dest::DestStats, Duratio
     writer.join().unwrap();
     s.final_round().await.unwrap();
     assert!(s.verify().await.unwrap().matched());
-    s.commit().await.unwrap();
+    s.send_commit().await.unwrap();
+    s.wait_activated().await.unwrap();
     let d = receiver.await.unwrap();
     let took = started.elapsed();
 
@@ -489,7 +491,8 @@ async fn rebuild_throughput() {
     s.run_live(&mut |_, _| {}).await.unwrap();
     s.final_round().await.unwrap();
     assert!(s.verify().await.unwrap().matched());
-    s.commit().await.unwrap();
+    s.send_commit().await.unwrap();
+    s.wait_activated().await.unwrap();
     let d = receiver.await.unwrap();
     eprintln!(
         "1 GiB, 3/4 rebuilt: {:?}; rounds: {:?}; dest {d:?}",
@@ -764,7 +767,8 @@ async fn idle_but_alive_peers_are_waited_for_past_their_timeouts() {
     s.final_round().await.unwrap();
     assert!(s.verify().await.unwrap().matched());
     tokio::time::sleep(idle).await;
-    s.commit().await.unwrap();
+    s.send_commit().await.unwrap();
+    s.wait_activated().await.unwrap();
     receiver.await.unwrap();
     assert_eq!(
         std::fs::read(&src_path).unwrap(),

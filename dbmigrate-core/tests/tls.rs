@@ -205,7 +205,8 @@ async fn strangers_are_refused_and_the_real_source_then_migrates_byte_exact() {
     s.run_live(&mut |_, _| {}).await.unwrap();
     s.final_round().await.unwrap();
     assert!(s.verify().await.unwrap().matched());
-    s.commit().await.unwrap();
+    s.send_commit().await.unwrap();
+    s.wait_activated().await.unwrap();
     assert!(receiver.await.unwrap(), "digests differ");
     assert!(
         std::fs::read(&src_path).unwrap() == std::fs::read(&dst_path).unwrap(),

@@ -11,12 +11,12 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use dbmigrate_core::layout::{decode_layout, encode_layout, frame_pages};
-use dbmigrate_core::protocol::Hello;
-use dbmigrate_core::protocol::{self, Message, HEADER_LEN, MAX_PAYLOAD};
-use dbmigrate_core::rebuild::{
+use dbmigrate_core::protocol::guest::{
     decode_hints, encode_hints, parse_answer_header, parse_guest_request, HintAnswer,
 };
+use dbmigrate_core::protocol::guest::{decode_layout, encode_layout, frame_pages};
+use dbmigrate_core::protocol::Hello;
+use dbmigrate_core::protocol::{self, Message, HEADER_LEN, MAX_PAYLOAD};
 use dbmigrate_core::transport::{Acceptor, AllowList};
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
@@ -192,9 +192,9 @@ pub fn innodb_frame(data: &[u8]) {
 #[allow(clippy::cast_possible_truncation)] // random bytes: truncation intended
 mod tests {
     use super::*;
-    use dbmigrate_core::layout::{Extent, FileLayout, LayoutSet};
+    use dbmigrate_core::protocol::guest::GuestHint;
+    use dbmigrate_core::protocol::guest::{Extent, FileLayout, LayoutSet};
     use dbmigrate_core::protocol::{Hello, PageEncoding, PageEntry, Welcome};
-    use dbmigrate_core::rebuild::GuestHint;
 
     /// xorshift64*: deterministic, so a failure reproduces.
     struct Rng(u64);

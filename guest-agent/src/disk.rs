@@ -26,14 +26,14 @@ pub fn map_range(extents: &[Extent], file_offset: u64, len: u64) -> Option<u64> 
 
 /// The plain extents of a placed file as disk extents (partition start
 /// added), in file order; what [`map_range`] would refuse is left out.
-pub fn plain_extents(p: &Placed) -> Vec<dbmigrate_core::layout::Extent> {
+pub fn plain_extents(p: &Placed) -> Vec<dbmigrate_core::protocol::guest::Extent> {
     let mut v: Vec<_> = p
         .extents
         .iter()
         .filter(|e| e.flags & UNSAFE_FLAGS == 0 && e.length > 0)
         .filter(|e| (e.logical | e.physical | e.length) % 4096 == 0)
         .filter_map(|e| {
-            Some(dbmigrate_core::layout::Extent {
+            Some(dbmigrate_core::protocol::guest::Extent {
                 file_offset: e.logical,
                 disk_offset: p.base.checked_add(e.physical)?,
                 len: e.length,

@@ -15,7 +15,7 @@ pub mod sys;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use dbmigrate_core::rebuild::GuestHint;
+use dbmigrate_core::protocol::guest::GuestHint;
 use dbmigrate_innodb as innodb;
 use mysql_async::prelude::Queryable;
 use serde::Serialize;
@@ -175,7 +175,7 @@ pub async fn query_server(conn: &mut mysql_async::Conn) -> Result<ServerSnapshot
         pool,
         listed,
         files,
-        sql_ms: u64::try_from(sql_started.elapsed().as_millis()).unwrap_or(u64::MAX),
+        sql_ms: dbmigrate_core::stats::millis(sql_started.elapsed()),
     })
 }
 
@@ -186,8 +186,8 @@ pub async fn query_server(conn: &mut mysql_async::Conn) -> Result<ServerSnapshot
 pub async fn layout(
     conn: &mut mysql_async::Conn,
     cfg: &Config,
-) -> Result<dbmigrate_core::layout::LayoutSet, AgentError> {
-    use dbmigrate_core::layout::{FileLayout, LayoutSet};
+) -> Result<dbmigrate_core::protocol::guest::LayoutSet, AgentError> {
+    use dbmigrate_core::protocol::guest::{FileLayout, LayoutSet};
     let (page_size, pool, files) = server_files(conn).await?;
     let frames = pool_frames(cfg, pool, page_size)?;
     let disks =
@@ -195,7 +195,7 @@ pub async fn layout(
     let mut out = LayoutSet {
         page_size: u32::try_from(page_size).unwrap_or(0),
         files: Vec::new(),
-        frames: dbmigrate_core::layout::frame_entries(&frames),
+        frames: dbmigrate_core::protocol::guest::frame_entries(&frames),
     };
     for (space, file) in files {
         if space == innodb::TEMP_SPACE {
@@ -457,7 +457,7 @@ pub fn scan(
             at += len;
         }
     }
-    out.stats.scan_ms = u64::try_from(scan_started.elapsed().as_millis()).unwrap_or(u64::MAX);
+    out.stats.scan_ms = dbmigrate_core::stats::millis(scan_started.elapsed());
     out.stats.sql_ms = sql_ms;
     out.stats.ambiguous = claims
         .values()

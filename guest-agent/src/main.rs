@@ -165,7 +165,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         s.into_bytes()
     } else {
-        dbmigrate_core::rebuild::encode_hints(&collected.hints, 0)
+        dbmigrate_core::protocol::guest::encode_hints(&collected.hints, 0)
     };
     match out {
         Some(p) => std::fs::write(&p, bytes).with_context(|| format!("writing {}", p.display()))?,
@@ -195,7 +195,7 @@ fn scan_reported(
 ) -> Result<guest_agent::Collected> {
     let (taken, s) = snap;
     let col = guest_agent::scan(s, cfg, taken.elapsed() < std::time::Duration::from_secs(1))?;
-    let ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+    let ms = dbmigrate_core::stats::millis(started.elapsed());
     tracing::info!(ms, stats = ?col.stats, "hints collected");
     println!(
         "DBM-AGENT collected ms={ms} {}",
@@ -230,7 +230,7 @@ async fn make_layout(
     socket: &std::path::Path,
     user: &str,
     cfg: &guest_agent::Config,
-) -> Result<dbmigrate_core::layout::LayoutSet> {
+) -> Result<dbmigrate_core::protocol::guest::LayoutSet> {
     if conn.is_none() {
         *conn = Some(connect(socket, user).await?);
     }
@@ -277,23 +277,34 @@ async fn answer_layout(
                 "DBM-AGENT layout ms={ms} files={} extents={extents}{kept}",
                 set.files.len()
             );
-            dbmigrate_core::layout::encode_layout(&set, tag)
+            dbmigrate_core::protocol::guest::encode_layout(&set, tag)
         }
-        Err(e) => dbmigrate_core::rebuild::encode_hint_error(tag, &format!("{e:#}")),
+        Err(e) => dbmigrate_core::protocol::guest::encode_hint_error(tag, &format!("{e:#}")),
     }
 }
 
 /// The layout a background thread keeps (when it was made, the server's
 /// resident pages then), and at least how often it renews it.
 struct KeptLayout {
-    newest: std::sync::Mutex<Option<(std::time::Instant, dbmigrate_core::layout::LayoutSet, u64)>>,
+    newest: std::sync::Mutex<
+        Option<(
+            std::time::Instant,
+            dbmigrate_core::protocol::guest::LayoutSet,
+            u64,
+        )>,
+    >,
     refresh: std::time::Duration,
 }
 
 impl KeptLayout {
     /// The kept layout and its age, unless it is older than two renewals
     /// (the keeper failed or starves: a layout made now is better).
-    fn young(&self) -> Option<(std::time::Duration, dbmigrate_core::layout::LayoutSet)> {
+    fn young(
+        &self,
+    ) -> Option<(
+        std::time::Duration,
+        dbmigrate_core::protocol::guest::LayoutSet,
+    )> {
         let newest = self.newest.lock().ok()?;
         let (made, set, _) = newest.as_ref()?;
         let age = made.elapsed();
@@ -385,7 +396,7 @@ fn collector(
     sql_refresh: std::time::Duration,
     nice: i32,
 ) {
-    use dbmigrate_core::rebuild::encode_hints;
+    use dbmigrate_core::protocol::guest::encode_hints;
     let rt = match background_runtime("collector", nice) {
         Ok(rt) => rt,
         Err(e) => {
@@ -447,7 +458,7 @@ fn serve(
     nice: i32,
     answer_nice: i32,
 ) -> Result<()> {
-    use dbmigrate_core::rebuild::{encode_hint_error, parse_guest_request, GuestRequest};
+    use dbmigrate_core::protocol::guest::{encode_hint_error, parse_guest_request, GuestRequest};
     use std::io::Read;
     // This thread only waits for requests and answers them; the background
     // collector sets its own priority.
@@ -549,7 +560,7 @@ fn serve(
                 scan_reported(snap.as_ref().expect("taken above"), &cfg, started)
             });
             let answer = match answer {
-                Ok(col) => dbmigrate_core::rebuild::encode_hints(&col.hints, tag),
+                Ok(col) => dbmigrate_core::protocol::guest::encode_hints(&col.hints, tag),
                 Err(e) => encode_hint_error(tag, &format!("{e:#}")),
             };
             dev.write_all(&answer)
@@ -590,7 +601,7 @@ fn serve(
 #[cfg(test)]
 mod tests {
     use super::KeptLayout;
-    use dbmigrate_core::layout::LayoutSet;
+    use dbmigrate_core::protocol::guest::LayoutSet;
     use std::time::{Duration, Instant};
 
     #[test]

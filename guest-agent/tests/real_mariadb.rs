@@ -179,9 +179,9 @@ async fn clean_frames_match_the_disk_at_their_exported_offsets() {
     gpas.dedup();
     assert_eq!(gpas.len(), c.hints.len());
     // The format round-trips.
-    let enc = dbmigrate_core::rebuild::encode_hints(&c.hints, 0);
+    let enc = dbmigrate_core::protocol::guest::encode_hints(&c.hints, 0);
     assert_eq!(
-        dbmigrate_core::rebuild::decode_hints(&enc).unwrap(),
+        dbmigrate_core::protocol::guest::decode_hints(&enc).unwrap(),
         c.hints
     );
     conn.disconnect().await.unwrap();
@@ -278,7 +278,7 @@ async fn file_layout_places_every_page_where_the_disk_holds_it() {
     let layout = guest_agent::layout(&mut conn, &cfg).await.expect("layout");
     assert_eq!(layout.page_size, 16384);
     // The buffer pool's frames, as guest-physical pages (here: host-physical).
-    let frames = dbmigrate_core::layout::frame_pages(&layout.frames, 4).unwrap();
+    let frames = dbmigrate_core::protocol::guest::frame_pages(&layout.frames, 4).unwrap();
     assert!(frames.len() > 500, "{} frames listed", frames.len());
     let spaces: Vec<(u32, String)> = conn
         .query("SELECT SPACE, FILENAME FROM information_schema.INNODB_SYS_TABLESPACES")
@@ -318,7 +318,10 @@ async fn file_layout_places_every_page_where_the_disk_holds_it() {
         }
     }
     assert!(checked > 1000, "only {checked} blocks were placed");
-    let enc = dbmigrate_core::layout::encode_layout(&layout, 1);
-    assert_eq!(dbmigrate_core::layout::decode_layout(&enc).unwrap(), layout);
+    let enc = dbmigrate_core::protocol::guest::encode_layout(&layout, 1);
+    assert_eq!(
+        dbmigrate_core::protocol::guest::decode_layout(&enc).unwrap(),
+        layout
+    );
     conn.disconnect().await.unwrap();
 }

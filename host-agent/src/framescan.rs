@@ -10,7 +10,7 @@
 use std::collections::HashMap;
 
 use dbmigrate_core::bitmap::PageBitmap;
-use dbmigrate_core::layout::{frame_pages, FileLayout, LayoutSet};
+use dbmigrate_core::protocol::guest::{frame_pages, FileLayout, LayoutSet};
 use dbmigrate_core::rebuild::{Hint, PageMap};
 use dbmigrate_core::{PAGE_SIZE, PAGE_SIZE_U64};
 use serde::Serialize;
@@ -186,7 +186,7 @@ pub fn scan_frames(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use dbmigrate_core::layout::Extent;
+    use dbmigrate_core::protocol::guest::Extent;
 
     /// A flushed 16 KiB page in MariaDB's full_crc32 layout.
     fn page(space: u32, no: u32, lsn: u64) -> Vec<u8> {
@@ -291,7 +291,7 @@ mod tests {
             ram2[at * 4096..(at + 1) * 4096].copy_from_slice(&p[k * 4096..(k + 1) * 4096]);
         }
         let mut listed = layout.clone();
-        listed.frames = dbmigrate_core::layout::frame_entries(&[
+        listed.frames = dbmigrate_core::protocol::guest::frame_entries(&[
             vec![60 * 4096, 50 * 4096, 51 * 4096, 52 * 4096],
             vec![
                 1 << 40,

@@ -11,12 +11,13 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-use dbmigrate_core::layout::{decode_layout, encode_layout_request, LayoutSet};
-use dbmigrate_core::ram::SourceRam;
-use dbmigrate_core::rebuild::{
-    decode_hints, encode_hint_request, parse_answer_header, GuestHint, Hint, HintAnswer,
-    HintSource, PageMap, HINTS_HEADER_LEN, HINT_RECORD_LEN,
+use dbmigrate_core::protocol::guest::{
+    decode_hints, encode_hint_request, parse_answer_header, GuestHint, HintAnswer,
+    HINTS_HEADER_LEN, HINT_RECORD_LEN,
 };
+use dbmigrate_core::protocol::guest::{decode_layout, encode_layout_request, LayoutSet};
+use dbmigrate_core::ram::SourceRam;
+use dbmigrate_core::rebuild::{Hint, HintSource, PageMap};
 use thiserror::Error;
 
 use crate::framescan::ScanStats;
@@ -376,8 +377,8 @@ impl LiveHints {
                     crate::framescan::scan_frames(ram.bytes(), &data, layout, &files, disks);
                 tracing::info!(
                     layout_reused = reused,
-                    layout_ms = u64::try_from(asked.as_millis()).unwrap_or(u64::MAX),
-                    scan_ms = u64::try_from((t.elapsed() - asked).as_millis()).unwrap_or(u64::MAX),
+                    layout_ms = dbmigrate_core::stats::millis(asked),
+                    scan_ms = dbmigrate_core::stats::millis(t.elapsed() - asked),
                     files = files.files.len(),
                     ?stats,
                     "guest RAM scanned for buffer-pool pages"
@@ -390,7 +391,7 @@ impl LiveHints {
         };
         let c = &self.counters;
         c.last_fetch_ms.store(
-            u64::try_from(t.elapsed().as_millis()).unwrap_or(u64::MAX),
+            dbmigrate_core::stats::millis(t.elapsed()),
             Ordering::Relaxed,
         );
         c.refreshes.fetch_add(1, Ordering::Relaxed);
@@ -399,7 +400,7 @@ impl LiveHints {
         tracing::debug!(
             hints = table.len(),
             dropped,
-            ms = u64::try_from(t.elapsed().as_millis()).unwrap_or(u64::MAX),
+            ms = dbmigrate_core::stats::millis(t.elapsed()),
             "hints refreshed"
         );
         if let Ok(mut t) = self.table.write() {

@@ -61,7 +61,7 @@ enum Command {
         #[command(flatten)]
         security: security::SecurityArgs,
         /// Parallel data connections.
-        #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=16))]
+        #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=i64::from(dbmigrate_core::protocol::MAX_DATA_CONNECTIONS)))]
         connections: u16,
         /// Bandwidth limit over all connections, e.g. `1gbit`, `500mbit`, `100MB` (per second).
         #[arg(long, value_parser = parse_rate)]
@@ -278,7 +278,12 @@ fn main() -> ExitCode {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
-    if !dbmigrate_core::allocator::keep_freed_memory() {
+    // Only the receive: it frees what it decodes on the RAM writer's thread,
+    // which glibc would otherwise hand back and fault in again. The source
+    // keeps the allocator's defaults, so a guest's hint sets are returned.
+    if matches!(cli.command, Command::Receive { .. })
+        && !dbmigrate_core::allocator::keep_freed_memory()
+    {
         tracing::warn!(
             "the allocator refused to keep freed memory; receiving will cost more page faults"
         );
@@ -364,7 +369,7 @@ fn run(cli: Cli, rt: &tokio::runtime::Runtime, priority: priority::Priority) -> 
                 connector: security.connector(to, tls_hostname.as_deref())?,
                 ..SourceConfig::default()
             };
-            let r = rt.block_on(source::migrate(source::MigrateArgs {
+            let mut r = rt.block_on(source::migrate(source::MigrateArgs {
                 qmp,
                 to,
                 config,
@@ -376,33 +381,28 @@ fn run(cli: Cli, rt: &tokio::runtime::Runtime, priority: priority::Priority) -> 
                 priority,
                 run_dir: security.run_dir,
             }));
+            r.agent_peak_rss_bytes = report::peak_rss_bytes();
             let json = serde_json::to_string_pretty(&r).context("encoding the report")?;
             if let Some(path) = report {
                 std::fs::write(&path, &json)
                     .with_context(|| format!("writing the report to {}", path.display()))?;
             }
             println!("{json}");
-            match (&r.error, r.vm_runs_on.as_str()) {
-                (None, _) => {
-                    eprintln!(
-                        "dbmigrate: VM runs on the destination: total {} ms, downtime {} ms, {} MiB sent, RAM verified",
-                        r.total_ms,
-                        r.downtime_ms,
-                        r.link_bytes >> 20
-                    );
-                    Ok(ExitCode::SUCCESS)
-                }
-                (Some(e), "source") => {
-                    eprintln!(
-                        "dbmigrate: migration failed, the VM keeps running on the source: {e}"
-                    );
-                    Ok(ExitCode::from(1))
-                }
+            match (&r.error, r.vm_runs_on) {
+                (None, _) => eprintln!(
+                    "dbmigrate: VM runs on the destination: total {} ms, downtime {} ms, {} MiB sent, RAM verified",
+                    r.total_ms,
+                    r.downtime_ms,
+                    r.link_bytes >> 20
+                ),
+                (Some(e), report::VmLocation::Source) => eprintln!(
+                    "dbmigrate: migration failed, the VM keeps running on the source: {e}"
+                ),
                 (Some(e), _) => {
-                    eprintln!("dbmigrate: migration outcome UNKNOWN, source paused: {e}");
-                    Ok(ExitCode::from(3))
+                    eprintln!("dbmigrate: migration outcome UNKNOWN, source paused: {e}")
                 }
             }
+            Ok(ExitCode::from(r.vm_runs_on.exit_code(r.error.is_some())))
         }
         Command::Receive {
             qmp,
@@ -433,6 +433,10 @@ fn run(cli: Cli, rt: &tokio::runtime::Runtime, priority: priority::Priority) -> 
                 prealloc: !no_prealloc,
                 priority,
             }))?;
+            tracing::info!(
+                peak_rss_mib = report::peak_rss_bytes().unwrap_or(0) >> 20,
+                "receive done"
+            );
             println!("{}", serde_json::to_string_pretty(&stats)?);
             Ok(ExitCode::SUCCESS)
         }

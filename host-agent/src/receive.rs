@@ -79,7 +79,7 @@ pub async fn receive(args: ReceiveArgs) -> Result<dest::DestStats> {
             "allocating the guest's RAM before the migration (`--no-prealloc` skips this)",
         )?;
         tracing::info!(
-            ms = u64::try_from(t.elapsed().as_millis()).unwrap_or(u64::MAX),
+            ms = dbmigrate_core::stats::millis(t.elapsed()),
             bytes = backend.size,
             "guest RAM allocated"
         );
@@ -402,7 +402,7 @@ async fn session(
             return match outcome {
                 Ok(o) => {
                     tracing::info!(
-                        ms = u64::try_from(t.elapsed().as_millis()).unwrap_or(u64::MAX),
+                        ms = dbmigrate_core::stats::millis(t.elapsed()),
                         faults = s.stats.faults,
                         network_faults = s.stats.network_faults,
                         storage_faults = s.stats.storage_faults,
@@ -439,7 +439,7 @@ async fn session(
         }
     };
     tracing::info!(
-        ms = u64::try_from(t.elapsed().as_millis()).unwrap_or(u64::MAX),
+        ms = dbmigrate_core::stats::millis(t.elapsed()),
         raw = s.stats.raw_pages,
         zero = s.stats.zero_pages,
         verify_ms = s.stats.verify_ms,

@@ -33,8 +33,6 @@ pub struct MigrationReport {
     pub paused_at_ms: Option<u64>,
     /// Bytes between the agents, both directions (device state not included; see `device_state_bytes`).
     pub link_bytes: u64,
-    /// Bytes read from shared storage.
-    pub storage_bytes: u64,
     /// Page counts.
     pub pages: PageCounts,
     /// Full-RAM digests matched at switchover.
@@ -49,14 +47,57 @@ pub struct MigrationReport {
     pub tracker: String,
     /// Error that stopped the migration, if any.
     pub error: Option<String>,
-    /// Where the VM runs after the attempt: `source` or `destination` or `unknown`.
-    pub vm_runs_on: String,
+    /// Where the VM runs after the attempt.
+    pub vm_runs_on: VmLocation,
     /// Guest hints, when rebuild was on.
     pub hints: Option<HintReport>,
     /// Post-copy phase, if the VM was handed over by post-copy.
     pub postcopy: Option<dbmigrate_core::postcopy::PostcopyStats>,
     /// Engine details.
     pub stats: MigrationStats,
+    /// The source agent's peak resident memory (`VmHWM`), bytes.
+    pub agent_peak_rss_bytes: Option<u64>,
+}
+
+/// This process's peak resident memory, from `/proc/self/status`.
+pub fn peak_rss_bytes() -> Option<u64> {
+    parse_vm_hwm(&std::fs::read_to_string("/proc/self/status").ok()?)
+}
+
+/// The `VmHWM:` line of a `/proc/PID/status` text, in bytes.
+fn parse_vm_hwm(status: &str) -> Option<u64> {
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let mut words = line["VmHWM:".len()..].split_whitespace();
+    let kib: u64 = words.next()?.parse().ok()?;
+    (words.next() == Some("kB")).then_some(kib * 1024)
+}
+
+/// Where the VM runs after an attempt (`source`, `destination` or
+/// `unknown` in the report).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VmLocation {
+    /// The source runs it (or will, once rolled back): nothing was handed over.
+    #[default]
+    Source,
+    /// The destination runs it.
+    Destination,
+    /// Commit was sent but not confirmed, or the rollback failed: the
+    /// operator must look before resuming either side.
+    Unknown,
+}
+
+impl VmLocation {
+    /// The agent's exit status for an attempt that ended here, failed or
+    /// not: 0 on success, 1 when the VM stays on the source, 3 when
+    /// nobody knows.
+    pub fn exit_code(self, failed: bool) -> u8 {
+        match (failed, self) {
+            (false, _) => 0,
+            (true, VmLocation::Source) => 1,
+            (true, VmLocation::Destination | VmLocation::Unknown) => 3,
+        }
+    }
 }
 
 /// The steps of a stop-and-copy, in the order they run while the VM is paused.
@@ -105,5 +146,30 @@ impl From<&crate::hints::LiveHints> for HintReport {
             failures: c.failures.load(Relaxed),
             last_fetch_ms: c.last_fetch_ms.load(Relaxed),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peak_resident_memory_is_read_from_vm_hwm() {
+        let status = "Name:\tdbmigrate\nVmPeak:\t  900 kB\nVmHWM:\t   4096 kB\nVmRSS:\t 100 kB\n";
+        assert_eq!(parse_vm_hwm(status), Some(4096 * 1024));
+        assert_eq!(parse_vm_hwm("VmRSS:\t1 kB\n"), None);
+        assert_eq!(parse_vm_hwm("VmHWM:\t12 MB\n"), None);
+        assert!(peak_rss_bytes().is_some_and(|b| b > 0));
+    }
+
+    #[test]
+    fn where_the_vm_runs_decides_the_exit_status_and_reads_as_before() {
+        assert_eq!(VmLocation::Destination.exit_code(false), 0);
+        assert_eq!(VmLocation::Source.exit_code(true), 1);
+        assert_eq!(VmLocation::Unknown.exit_code(true), 3);
+        // A VM handed over whose check failed afterwards: not the source's.
+        assert_eq!(VmLocation::Destination.exit_code(true), 3);
+        let json = serde_json::to_string(&VmLocation::Unknown).unwrap();
+        assert_eq!(json, "\"unknown\"");
     }
 }

@@ -18,11 +18,13 @@ use dbmigrate_core::ram::SourceRam;
 use dbmigrate_core::stats::RoundStats;
 use serde_json::json;
 
+use dbmigrate_core::stats::millis as ms;
+
 use crate::devstate::{PrivateDir, RelayError, SourceRelay};
 use crate::progress::Progress;
 use crate::qemu;
 use crate::qmp::Qmp;
-use crate::report::{MigrationReport, PageCounts};
+use crate::report::{MigrationReport, PageCounts, VmLocation};
 
 /// Settings of one outgoing migration.
 pub struct MigrateArgs {
@@ -170,7 +172,7 @@ pub async fn migrate(args: MigrateArgs) -> MigrationReport {
     };
     let mut report = MigrationReport {
         method: format!("dbmigrate-{mode}"),
-        vm_runs_on: "source".into(),
+        vm_runs_on: VmLocation::Source,
         ..MigrationReport::default()
     };
     let mut qmp = match Qmp::connect(&args.qmp).await {
@@ -192,10 +194,10 @@ pub async fn migrate(args: MigrateArgs) -> MigrationReport {
     match outcome {
         Ok(()) => {
             report.completed = true;
-            report.vm_runs_on = "destination".into();
+            report.vm_runs_on = VmLocation::Destination;
         }
         Err(e) => {
-            let committed = report.vm_runs_on != "source";
+            let committed = report.vm_runs_on != VmLocation::Source;
             report.error = Some(format!("{e:#}"));
             if !committed {
                 // The failed step may have left a QMP command half-answered
@@ -210,7 +212,7 @@ pub async fn migrate(args: MigrateArgs) -> MigrationReport {
                     report.error = Some(format!(
                         "{e:#}; ALSO FAILED TO RESUME THE SOURCE: {undo_err:#}"
                     ));
-                    report.vm_runs_on = "unknown".into();
+                    report.vm_runs_on = VmLocation::Unknown;
                 }
             }
         }
@@ -338,7 +340,7 @@ async fn run(
     report.ram_verified = session.stats.ram_verified;
     report.link_bytes = session.stats.bytes_sent + session.stats.bytes_received;
     if let Err(e) = result {
-        if report.vm_runs_on == "source" {
+        if report.vm_runs_on == VmLocation::Source {
             session.abort(&format!("{e:#}")).await;
         }
         return Err(e);
@@ -507,7 +509,7 @@ async fn drive(
     crate::failpoint::hit("src-before-commit");
     // Point of no return: after Commit the destination may run the VM, so a
     // failure from here on must not resume the source blindly.
-    report.vm_runs_on = "unknown".into();
+    report.vm_runs_on = VmLocation::Unknown;
     let committed = match session.send_commit().await {
         Ok(()) => {
             crate::failpoint::hit("src-after-commit");
@@ -517,9 +519,9 @@ async fn drive(
     };
     match committed {
         Ok(()) => {}
-        Err(dbmigrate_core::precopy::PrecopyError::Refused { reason }) => {
+        Err(dbmigrate_core::precopy::PrecopyError::PeerAbort { reason }) => {
             // The destination said explicitly that it did not resume the VM.
-            report.vm_runs_on = "source".into();
+            report.vm_runs_on = VmLocation::Source;
             bail!("destination did not resume the VM: {reason}");
         }
         Err(e) => {
@@ -528,7 +530,7 @@ async fn drive(
             ))
         }
     }
-    report.vm_runs_on = "destination".into();
+    report.vm_runs_on = VmLocation::Destination;
     report.downtime_ms = ms(paused_at.elapsed());
     parts.commit_ms = lap();
     report.downtime_parts = Some(parts);
@@ -602,7 +604,7 @@ async fn drive_postcopy(
     }
     match result {
         Ok(stats) => {
-            report.vm_runs_on = "destination".into();
+            report.vm_runs_on = VmLocation::Destination;
             if !stats.ram_verified {
                 report.postcopy = Some(stats.clone());
                 bail!(
@@ -617,9 +619,9 @@ async fn drive_postcopy(
         }
         Err(e @ PostcopyError::AfterCommit(_)) => {
             report.vm_runs_on = if activated_at.is_some() {
-                "destination".into()
+                VmLocation::Destination
             } else {
-                "unknown".into()
+                VmLocation::Unknown
             };
             return Err(anyhow!(e));
         }
@@ -634,8 +636,4 @@ async fn drive_postcopy(
         let _ = qmp.execute("quit", None).await;
     }
     Ok(())
-}
-
-fn ms(d: Duration) -> u64 {
-    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }

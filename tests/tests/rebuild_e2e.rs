@@ -257,7 +257,7 @@ fn mariadb_under_sysbench_migrates_by_hybrid_when_precopy_cannot_converge() {
 /// hostile guest agent: shifts a third of the offsets, adds hints for pages
 /// that hold something else, and adds hints no host may follow.
 fn corrupting_relay(qemu_socket: &Path, listen: &Path) -> std::thread::JoinHandle<()> {
-    use dbmigrate_core::rebuild::{
+    use dbmigrate_core::protocol::guest::{
         decode_hints, encode_hints, parse_answer_header, HintAnswer, HINTS_HEADER_LEN,
     };
     use std::io::{Read, Write};
@@ -333,7 +333,7 @@ fn corrupting_relay(qemu_socket: &Path, listen: &Path) -> std::thread::JoinHandl
 /// the tablespaces shifted by one page on disk (every page of theirs
 /// mismatches), one placed beyond any disk, one on a disk the VM lacks.
 fn corrupt_layout(set: &[u8], tag: u32) -> Vec<u8> {
-    use dbmigrate_core::layout::{decode_layout, encode_layout};
+    use dbmigrate_core::protocol::guest::{decode_layout, encode_layout};
     let mut l = decode_layout(set).unwrap();
     let n = l.files.len();
     for (i, f) in l.files.iter_mut().enumerate() {

@@ -16,7 +16,7 @@
 
 use thiserror::Error;
 
-use crate::rebuild::{HintFormatError, HINTS_HEADER_LEN, HINTS_VERSION};
+use super::{HintFormatError, HINTS_HEADER_LEN, HINTS_VERSION};
 
 /// Magic of a layout answer: "DBML".
 pub const LAYOUT_MAGIC: u32 = u32::from_le_bytes(*b"DBML");
@@ -433,8 +433,8 @@ mod tests {
         bad[8..12].copy_from_slice(&u32::MAX.to_le_bytes()); // body length
         assert!(decode_layout(&bad).is_err());
         assert_eq!(
-            crate::rebuild::parse_guest_request(&encode_layout_request(4)),
-            Some(crate::rebuild::GuestRequest::Layout(4))
+            crate::protocol::guest::parse_guest_request(&encode_layout_request(4)),
+            Some(crate::protocol::guest::GuestRequest::Layout(4))
         );
     }
 }

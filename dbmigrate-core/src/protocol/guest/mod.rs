@@ -1,0 +1,306 @@
+//! The guest channel: what the host agent and the guest agent say over
+//! the VM's virtio-serial port. The host asks (8 bytes: magic, tag); the
+//! guest answers with a 16-byte header {magic, version, reserved, body
+//! length or count, tag} and a body: a hint set (below), a file layout
+//! ([`layout`]) or an error message. Everything from the guest is bounded
+//! before use.
+
+mod layout;
+
+use thiserror::Error;
+
+pub use layout::*;
+
+/// One hint as the guest agent exports it: a guest-physical page that should
+/// equal 4 KiB of a VM disk, with the InnoDB identity of the page it came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GuestHint {
+    /// Guest-physical address of the 4 KiB page.
+    pub gpa: u64,
+    /// Disk index (0 = the guest's first virtio disk).
+    pub disk: u16,
+    /// True if the server reported the page clean (flushed).
+    pub clean: bool,
+    /// Byte offset on the disk.
+    pub disk_offset: u64,
+    /// InnoDB space id.
+    pub space: u32,
+    /// InnoDB page number.
+    pub page_no: u32,
+    /// LSN in the page header.
+    pub lsn: u64,
+}
+
+/// Magic of a hint set: "DBMH".
+pub const HINTS_MAGIC: u32 = u32::from_le_bytes(*b"DBMH");
+/// Version of the hint set format.
+pub const HINTS_VERSION: u16 = 1;
+/// Bytes per encoded [`GuestHint`].
+pub const HINT_RECORD_LEN: usize = 40;
+/// Most hints one set may carry (64 GiB of guest pages).
+pub const MAX_HINTS: usize = 1 << 24;
+
+/// Why a hint set was refused.
+#[derive(Clone, Debug, PartialEq, Eq, Error)]
+pub enum HintFormatError {
+    /// Too short for its header.
+    #[error("hint set of {0} bytes is shorter than its 16-byte header")]
+    Short(usize),
+    /// Wrong magic.
+    #[error("not a dbmigrate hint set (magic {0:#010x})")]
+    Magic(u32),
+    /// Unknown version.
+    #[error("hint set version {0} is not supported (this agent reads version {HINTS_VERSION}): update the guest agent")]
+    Version(u16),
+    /// Count and length disagree or exceed the limit.
+    #[error("hint set announces {count} hints in {bytes} bytes (limit {MAX_HINTS})")]
+    Count {
+        /// Announced count.
+        count: u64,
+        /// Bytes present.
+        bytes: usize,
+    },
+}
+
+/// Encodes hints: 16-byte header {magic, version, reserved, count, tag} then
+/// 40-byte records, little-endian. The tag echoes the request the set answers.
+pub fn encode_hints(hints: &[GuestHint], tag: u32) -> Vec<u8> {
+    let mut out = Vec::with_capacity(16 + hints.len() * HINT_RECORD_LEN);
+    out.extend_from_slice(&HINTS_MAGIC.to_le_bytes());
+    out.extend_from_slice(&HINTS_VERSION.to_le_bytes());
+    out.extend_from_slice(&0u16.to_le_bytes());
+    out.extend_from_slice(&u32::try_from(hints.len()).unwrap_or(u32::MAX).to_le_bytes());
+    out.extend_from_slice(&tag.to_le_bytes());
+    for h in hints {
+        out.extend_from_slice(&h.gpa.to_le_bytes());
+        out.extend_from_slice(&h.disk.to_le_bytes());
+        out.extend_from_slice(&u16::from(h.clean).to_le_bytes());
+        out.extend_from_slice(&h.space.to_le_bytes());
+        out.extend_from_slice(&h.disk_offset.to_le_bytes());
+        out.extend_from_slice(&h.page_no.to_le_bytes());
+        out.extend_from_slice(&0u32.to_le_bytes());
+        out.extend_from_slice(&h.lsn.to_le_bytes());
+    }
+    out
+}
+
+/// Magic of a request for hints (host to guest, 8 bytes: magic, tag): "DBMQ".
+pub const HINT_REQUEST_MAGIC: u32 = u32::from_le_bytes(*b"DBMQ");
+/// Magic of an error answer (guest to host): "DBME", same 16-byte header
+/// layout as a hint set, with the message length where the count is.
+pub const HINT_ERROR_MAGIC: u32 = u32::from_le_bytes(*b"DBME");
+/// Longest error message a guest may send.
+pub const MAX_HINT_ERROR_LEN: usize = 4096;
+
+/// A request for a fresh hint set, tagged so that a late answer to an
+/// earlier request can be told apart.
+pub fn encode_hint_request(tag: u32) -> [u8; 8] {
+    let mut b = [0u8; 8];
+    b[..4].copy_from_slice(&HINT_REQUEST_MAGIC.to_le_bytes());
+    b[4..].copy_from_slice(&tag.to_le_bytes());
+    b
+}
+
+/// What the host asks the guest agent for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GuestRequest {
+    /// A hint set (the guest finds the pages).
+    Hints(u32),
+    /// The file layout (the host finds the pages).
+    Layout(u32),
+}
+
+/// Parses an 8-byte request {magic, tag}; None if the magic is unknown.
+pub fn parse_guest_request(b: &[u8; 8]) -> Option<GuestRequest> {
+    let tag = u32::from_le_bytes([b[4], b[5], b[6], b[7]]);
+    match u32::from_le_bytes([b[0], b[1], b[2], b[3]]) {
+        HINT_REQUEST_MAGIC => Some(GuestRequest::Hints(tag)),
+        layout::LAYOUT_REQUEST_MAGIC => Some(GuestRequest::Layout(tag)),
+        _ => None,
+    }
+}
+
+/// An error answer: the guest could not collect hints.
+pub fn encode_hint_error(tag: u32, msg: &str) -> Vec<u8> {
+    let mut end = msg.len().min(MAX_HINT_ERROR_LEN);
+    while !msg.is_char_boundary(end) {
+        end -= 1;
+    }
+    let m = &msg.as_bytes()[..end];
+    let mut out = Vec::with_capacity(HINTS_HEADER_LEN + m.len());
+    out.extend_from_slice(&HINT_ERROR_MAGIC.to_le_bytes());
+    out.extend_from_slice(&HINTS_VERSION.to_le_bytes());
+    out.extend_from_slice(&0u16.to_le_bytes());
+    out.extend_from_slice(&u32::try_from(m.len()).unwrap_or(0).to_le_bytes());
+    out.extend_from_slice(&tag.to_le_bytes());
+    out.extend_from_slice(m);
+    out
+}
+
+/// What a 16-byte answer header announces.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HintAnswer {
+    /// A hint set with this many record bytes following.
+    Hints {
+        /// Bytes of records that follow.
+        body: usize,
+        /// Request tag.
+        tag: u32,
+    },
+    /// A file layout with this many body bytes following.
+    Layout {
+        /// Bytes of body that follow.
+        body: usize,
+        /// Request tag.
+        tag: u32,
+    },
+    /// An error message of this many bytes follows.
+    Error {
+        /// Bytes of message that follow.
+        len: usize,
+        /// Request tag.
+        tag: u32,
+    },
+}
+
+/// Parses the header of a guest's answer, bounding what follows.
+pub fn parse_answer_header(b: &[u8]) -> Result<HintAnswer, HintFormatError> {
+    if b.len() >= HINTS_HEADER_LEN && b[..4] == HINT_ERROR_MAGIC.to_le_bytes() {
+        let len = u32::from_le_bytes([b[8], b[9], b[10], b[11]]) as usize;
+        if len > MAX_HINT_ERROR_LEN {
+            return Err(HintFormatError::Count {
+                count: len as u64,
+                bytes: b.len(),
+            });
+        }
+        return Ok(HintAnswer::Error {
+            len,
+            tag: u32::from_le_bytes([b[12], b[13], b[14], b[15]]),
+        });
+    }
+    if b.len() >= HINTS_HEADER_LEN && b[..4] == layout::LAYOUT_MAGIC.to_le_bytes() {
+        let (body, tag) = layout::layout_header(b)?;
+        return Ok(HintAnswer::Layout { body, tag });
+    }
+    let (body, tag) = hint_set_header(b)?;
+    Ok(HintAnswer::Hints { body, tag })
+}
+
+/// Bytes of a hint set's header.
+pub const HINTS_HEADER_LEN: usize = 16;
+
+/// Checks a hint set's 16-byte header and returns (record bytes that follow, tag).
+pub fn hint_set_header(b: &[u8]) -> Result<(usize, u32), HintFormatError> {
+    if b.len() < HINTS_HEADER_LEN {
+        return Err(HintFormatError::Short(b.len()));
+    }
+    let u32_at = |i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
+    let magic = u32_at(0);
+    if magic != HINTS_MAGIC {
+        return Err(HintFormatError::Magic(magic));
+    }
+    let version = u16::from_le_bytes([b[4], b[5]]);
+    if version != HINTS_VERSION {
+        return Err(HintFormatError::Version(version));
+    }
+    let count = u32_at(8);
+    if count as usize > MAX_HINTS {
+        return Err(HintFormatError::Count {
+            count: u64::from(count),
+            bytes: b.len(),
+        });
+    }
+    Ok((count as usize * HINT_RECORD_LEN, u32_at(12)))
+}
+
+/// Decodes a hint set from an untrusted guest, checking every length first.
+pub fn decode_hints(b: &[u8]) -> Result<Vec<GuestHint>, HintFormatError> {
+    let (body, _tag) = hint_set_header(b)?;
+    if body != b.len() - HINTS_HEADER_LEN {
+        return Err(HintFormatError::Count {
+            count: (body / HINT_RECORD_LEN) as u64,
+            bytes: b.len(),
+        });
+    }
+    Ok(b[16..]
+        .chunks_exact(HINT_RECORD_LEN)
+        .map(|r| GuestHint {
+            gpa: u64::from_le_bytes(r[0..8].try_into().expect("8 bytes")),
+            disk: u16::from_le_bytes([r[8], r[9]]),
+            clean: u16::from_le_bytes([r[10], r[11]]) & 1 == 1,
+            space: u32::from_le_bytes(r[12..16].try_into().expect("4 bytes")),
+            disk_offset: u64::from_le_bytes(r[16..24].try_into().expect("8 bytes")),
+            page_no: u32::from_le_bytes(r[24..28].try_into().expect("4 bytes")),
+            lsn: u64::from_le_bytes(r[32..40].try_into().expect("8 bytes")),
+        })
+        .collect())
+}
+
+#[cfg(test)]
+mod format_tests {
+    use super::*;
+
+    #[test]
+    fn hint_sets_round_trip_and_reject_garbage() {
+        let h = vec![
+            GuestHint {
+                gpa: 0x1000,
+                disk: 0,
+                clean: true,
+                disk_offset: 0x20000,
+                space: 5,
+                page_no: 8,
+                lsn: 77,
+            },
+            GuestHint {
+                gpa: 0x7fff_f000,
+                disk: 1,
+                clean: false,
+                disk_offset: 0,
+                space: 0,
+                page_no: 0,
+                lsn: u64::MAX,
+            },
+        ];
+        let b = encode_hints(&h, 7);
+        assert_eq!(decode_hints(&b).unwrap(), h);
+        assert_eq!(hint_set_header(&b).unwrap(), (80, 7));
+        assert_eq!(
+            parse_answer_header(&b).unwrap(),
+            HintAnswer::Hints { body: 80, tag: 7 }
+        );
+        let e = encode_hint_error(9, "no server");
+        assert_eq!(
+            parse_answer_header(&e).unwrap(),
+            HintAnswer::Error { len: 9, tag: 9 }
+        );
+        assert_eq!(
+            parse_guest_request(&encode_hint_request(5)),
+            Some(GuestRequest::Hints(5))
+        );
+        assert_eq!(parse_guest_request(b"DBMX\0\0\0\0"), None);
+        assert!(matches!(
+            decode_hints(&b[..b.len() - 1]),
+            Err(HintFormatError::Count { .. })
+        ));
+        assert!(matches!(
+            decode_hints(&b[..10]),
+            Err(HintFormatError::Short(10))
+        ));
+        let mut bad = b.clone();
+        bad[0] ^= 1;
+        assert!(matches!(decode_hints(&bad), Err(HintFormatError::Magic(_))));
+        let mut bad = b.clone();
+        bad[4] = 9;
+        assert!(matches!(
+            decode_hints(&bad),
+            Err(HintFormatError::Version(9))
+        ));
+        let mut bad = b;
+        bad[8..12].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(matches!(
+            decode_hints(&bad),
+            Err(HintFormatError::Count { .. })
+        ));
+    }
+}

@@ -1,0 +1,212 @@
+//! Pages on the wire: how one travels ([`PageEncoding`], chosen by
+//! [`PageEncoder`]), batches of them ([`BatchBuilder`]), references to
+//! shared storage, page bitmaps, and the check that a message names only
+//! pages of the RAM.
+
+use super::frame::write_header;
+use super::{Kind, ProtocolError, HEADER_LEN, MAX_BATCH_PAGES, PAGES_PER_STRIPE};
+use crate::bitmap::PageBitmap;
+use crate::rebuild::Hint;
+use crate::PAGE_SIZE;
+
+/// How a page travels.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum PageEncoding {
+    /// 4096 bytes as they are.
+    Raw = 0,
+    /// All zero; no bytes follow.
+    Zero = 1,
+    /// zstd frame that decompresses to exactly 4096 bytes.
+    Zstd = 2,
+    /// A reference to shared storage: see [`encode_reference`].
+    Reference = 3,
+}
+
+/// Bytes of a [`PageEncoding::Reference`] entry: disk u16, offset u64, xxh3-128 u128.
+pub const REFERENCE_LEN: usize = 26;
+
+/// Checks that every page a `kind` message names is one of the RAM's `pages`.
+pub fn check_pages(
+    kind: &'static str,
+    named: impl IntoIterator<Item = u64>,
+    pages: u64,
+) -> Result<(), ProtocolError> {
+    match named.into_iter().find(|&p| p >= pages) {
+        Some(page) => Err(ProtocolError::PageBeyondRam { kind, page, pages }),
+        None => Ok(()),
+    }
+}
+
+/// Pages as a wire bitmap (the switch's stale and pending pages): bit i
+/// of byte i/8 is page i.
+pub fn encode_page_bitmap(b: &PageBitmap) -> Vec<u8> {
+    let mut out = vec![0u8; usize::try_from(b.len().div_ceil(8)).expect("bitmap fits")];
+    for p in b.iter() {
+        out[usize::try_from(p / 8).expect("inside")] |= 1 << (p % 8);
+    }
+    out
+}
+
+/// The wire bitmap of a `kind` message, checked against a RAM of `pages`.
+pub fn decode_page_bitmap(
+    bytes: &[u8],
+    pages: u64,
+    kind: &'static str,
+) -> Result<PageBitmap, ProtocolError> {
+    let malformed = |problem: String| ProtocolError::Malformed { kind, problem };
+    if bytes.len() as u64 != pages.div_ceil(8) {
+        return Err(malformed(format!(
+            "page bitmap of {} bytes for {pages} pages",
+            bytes.len()
+        )));
+    }
+    let mut bits = PageBitmap::new(pages);
+    for (i, &b) in bytes.iter().enumerate() {
+        for bit in 0..8u64 {
+            if b & (1 << bit) != 0 {
+                let p = i as u64 * 8 + bit;
+                check_pages(kind, [p], pages)?;
+                bits.set(p);
+            }
+        }
+    }
+    Ok(bits)
+}
+
+/// Encodes a reference entry's data.
+pub fn encode_reference(hint: Hint, hash: u128) -> [u8; REFERENCE_LEN] {
+    let mut b = [0u8; REFERENCE_LEN];
+    b[0..2].copy_from_slice(&hint.disk.to_le_bytes());
+    b[2..10].copy_from_slice(&hint.offset.to_le_bytes());
+    b[10..26].copy_from_slice(&hash.to_le_bytes());
+    b
+}
+
+/// Decodes a reference entry's data (length checked by the frame decoder).
+pub fn decode_reference(data: &[u8]) -> Option<(Hint, u128)> {
+    let b: &[u8; REFERENCE_LEN] = data.try_into().ok()?;
+    let disk = u16::from_le_bytes([b[0], b[1]]);
+    let offset = u64::from_le_bytes(b[2..10].try_into().ok()?);
+    let hash = u128::from_le_bytes(b[10..26].try_into().ok()?);
+    Some((Hint { disk, offset }, hash))
+}
+
+impl PageEncoding {
+    pub(super) fn from_u8(v: u8) -> Option<Self> {
+        match v {
+            0 => Some(Self::Raw),
+            1 => Some(Self::Zero),
+            2 => Some(Self::Zstd),
+            3 => Some(Self::Reference),
+            _ => None,
+        }
+    }
+}
+
+/// Data connection (1-based) that carries `page` when `conns` data connections exist.
+pub fn connection_for_page(page: u64, conns: u16) -> u16 {
+    let conns = u64::from(conns.max(1));
+    let idx = (page / PAGES_PER_STRIPE) % conns;
+    u16::try_from(idx).expect("index below a u16 count") + 1
+}
+
+/// Chooses how a page travels: zero pages as [`PageEncoding::Zero`], pages
+/// that zstd shrinks by an eighth or more compressed (when compression is
+/// on), the rest raw; and adds it to a batch.
+pub struct PageEncoder {
+    zstd: Option<zstd::bulk::Compressor<'static>>,
+    buf: Vec<u8>,
+}
+
+impl PageEncoder {
+    /// An encoder that compresses if `compress` (and zstd starts).
+    pub fn new(compress: bool) -> Self {
+        Self {
+            zstd: compress
+                .then(|| zstd::bulk::Compressor::new(1).ok())
+                .flatten(),
+            buf: vec![0u8; PAGE_SIZE],
+        }
+    }
+
+    /// Adds `page` holding `data` to `batch`; returns how it went.
+    pub fn push(&mut self, batch: &mut BatchBuilder, page: u64, data: &[u8]) -> PageEncoding {
+        if crate::ram::is_zero(data) {
+            batch.push(page, PageEncoding::Zero, &[]);
+            return PageEncoding::Zero;
+        }
+        self.push_data(batch, page, data)
+    }
+
+    /// [`PageEncoder::push`] for a page known not to be zero.
+    pub fn push_data(&mut self, batch: &mut BatchBuilder, page: u64, data: &[u8]) -> PageEncoding {
+        let buf = &mut self.buf;
+        let packed = self
+            .zstd
+            .as_mut()
+            .and_then(|z| z.compress_to_buffer(data, &mut buf[..]).ok())
+            .filter(|&n| n < PAGE_SIZE * 7 / 8);
+        match packed {
+            Some(n) => {
+                batch.push(page, PageEncoding::Zstd, &buf[..n]);
+                PageEncoding::Zstd
+            }
+            None => {
+                batch.push(page, PageEncoding::Raw, data);
+                PageEncoding::Raw
+            }
+        }
+    }
+}
+
+/// Builds a [`Message::PageBatch`] frame directly, without intermediate copies.
+pub struct BatchBuilder {
+    buf: Vec<u8>,
+    count: u32,
+}
+
+impl BatchBuilder {
+    /// Starts a batch for `round`.
+    pub fn new(round: u32) -> Self {
+        let mut buf = Vec::with_capacity(HEADER_LEN + 8 + 64 * (PAGE_SIZE + 13));
+        buf.resize(HEADER_LEN, 0);
+        buf.extend_from_slice(&round.to_le_bytes());
+        buf.extend_from_slice(&0u32.to_le_bytes());
+        Self { buf, count: 0 }
+    }
+
+    /// Appends a page.
+    pub fn push(&mut self, page: u64, encoding: PageEncoding, data: &[u8]) {
+        self.buf.extend_from_slice(&page.to_le_bytes());
+        self.buf.push(encoding as u8);
+        let len = u32::try_from(data.len()).expect("page data is at most a page");
+        self.buf.extend_from_slice(&len.to_le_bytes());
+        self.buf.extend_from_slice(data);
+        self.count += 1;
+    }
+
+    /// Pages in the batch so far.
+    pub fn count(&self) -> u32 {
+        self.count
+    }
+
+    /// Encoded size so far, header included.
+    pub fn encoded_len(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// Whether the batch should go now: it reached `bytes`, or holds
+    /// [`MAX_BATCH_PAGES`] pages (the most a peer accepts).
+    pub fn is_full(&self, bytes: usize) -> bool {
+        self.buf.len() >= bytes || self.count as usize >= MAX_BATCH_PAGES
+    }
+
+    /// Finishes the frame.
+    pub fn finish(mut self) -> Vec<u8> {
+        let payload_len = (self.buf.len() - HEADER_LEN) as u64;
+        write_header(&mut self.buf[..HEADER_LEN], Kind::PageBatch, payload_len);
+        self.buf[HEADER_LEN + 4..HEADER_LEN + 8].copy_from_slice(&self.count.to_le_bytes());
+        self.buf
+    }
+}
