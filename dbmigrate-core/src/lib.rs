@@ -1,8 +1,10 @@
 //! dbmigrate engine: copies the RAM of a running VM from a source host to a
 //! destination host with iterative pre-copy, tracking dirty pages from outside
 //! the VMM. It knows nothing of QEMU or databases: a VMM is a process that
-//! maps a RAM file, a [`dirty::DirtyTracker`] says which pages it wrote, and a
-//! [`precopy::VmControl`] pauses and resumes it.
+//! maps a RAM file, a [`dirty::DirtyTracker`] says which pages it wrote, and
+//! the caller pauses and resumes it between the stages of a
+//! [`source::SourceSession`] (source side) or a [`dest::DestSession`]
+//! (destination side).
 
 #![deny(missing_docs)]
 
@@ -14,12 +16,11 @@ pub mod dirty;
 pub mod gate;
 pub mod limiter;
 pub mod mappers;
-pub mod postcopy;
-pub mod precopy;
 pub mod priority;
 pub mod protocol;
 pub mod ram;
 pub mod rebuild;
+pub mod source;
 pub mod stats;
 mod sys;
 pub mod transport;

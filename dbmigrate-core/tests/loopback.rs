@@ -14,9 +14,9 @@ use dbmigrate_core::bitmap::PageBitmap;
 use dbmigrate_core::dest;
 use dbmigrate_core::dirty::{DirtyError, DirtyTracker, TrackerKind};
 use dbmigrate_core::gate::Gate;
-use dbmigrate_core::precopy::{Decision, PrecopyError, SourceConfig, SourceSession};
 use dbmigrate_core::protocol::{self, BatchBuilder, Hello, Message, PageEncoding};
 use dbmigrate_core::ram::{DestRam, SourceRam};
+use dbmigrate_core::source::{Decision, SourceConfig, SourceError, SourceSession};
 use dbmigrate_core::transport::Acceptor;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
@@ -253,7 +253,7 @@ async fn source_fails_cleanly_on_garbage_from_the_destination() {
     )
     .await;
     match r {
-        Err(PrecopyError::Protocol(e)) => assert!(e.to_string().contains("magic"), "{e}"),
+        Err(SourceError::Protocol(e)) => assert!(e.to_string().contains("magic"), "{e}"),
         Err(e) => panic!("unexpected error {e}"),
         Ok(_) => panic!("garbage accepted"),
     }

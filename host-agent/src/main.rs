@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
-use dbmigrate_core::precopy::{SourceConfig, StopPolicy};
+use dbmigrate_core::source::{SourceConfig, StopPolicy};
 
 /// Database-aware live migration for QEMU VMs.
 #[derive(Parser)]

@@ -1,7 +1,7 @@
 //! Progress display for an operator at a terminal: rounds, bytes, rate,
 //! what is left. Hidden when stderr is not a terminal (logs carry the same).
 
-use dbmigrate_core::precopy::Decision;
+use dbmigrate_core::source::Decision;
 use dbmigrate_core::stats::RoundStats;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 

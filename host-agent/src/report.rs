@@ -52,7 +52,7 @@ pub struct MigrationReport {
     /// Guest hints, when rebuild was on.
     pub hints: Option<HintReport>,
     /// Post-copy phase, if the VM was handed over by post-copy.
-    pub postcopy: Option<dbmigrate_core::postcopy::PostcopyStats>,
+    pub postcopy: Option<dbmigrate_core::source::PostcopyStats>,
     /// Engine details.
     pub stats: MigrationStats,
     /// The source agent's peak resident memory (`VmHWM`), bytes.

@@ -12,9 +12,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use dbmigrate_core::dirty;
-use dbmigrate_core::postcopy::PostcopyError;
-use dbmigrate_core::precopy::{self, Decision, Mode, SourceConfig, SourceSession};
 use dbmigrate_core::ram::SourceRam;
+use dbmigrate_core::source::{
+    switch_to_postcopy, Decision, Mode, PostcopyError, SourceConfig, SourceSession, StopReason,
+};
 use dbmigrate_core::stats::RoundStats;
 use serde_json::json;
 
@@ -452,7 +453,7 @@ async fn drive(
         expected_downtime,
     } = decision
     {
-        if precopy::switch_to_postcopy(args.config.mode, reason, session.destination_postcopy()) {
+        if switch_to_postcopy(args.config.mode, reason, session.destination_postcopy()) {
             return drive_postcopy(args, qmp, undo, report, start, &progress, session, reason)
                 .await;
         }
@@ -519,7 +520,7 @@ async fn drive(
     };
     match committed {
         Ok(()) => {}
-        Err(dbmigrate_core::precopy::PrecopyError::PeerAbort { reason }) => {
+        Err(dbmigrate_core::source::SourceError::PeerAbort { reason }) => {
             // The destination said explicitly that it did not resume the VM.
             report.vm_runs_on = VmLocation::Source;
             bail!("destination did not resume the VM: {reason}");
@@ -557,7 +558,7 @@ async fn drive_postcopy(
     start: Instant,
     progress: &Progress,
     session: &mut SourceSession,
-    reason: precopy::StopReason,
+    reason: StopReason,
 ) -> Result<()> {
     progress.note(&format!(
         "switching to post-copy ({reason}): once the VM runs on the destination, the source can no longer take it back"

@@ -123,32 +123,8 @@ impl Message {
             kind: kind.name(),
         };
         let msg = match kind {
-            Kind::Hello => {
-                let h = Hello {
-                    version: r.u32()?,
-                    session: r.u64()?,
-                    ram_bytes: r.u64()?,
-                    page_size: r.u32()?,
-                    data_connections: r.u16()?,
-                    conn_index: r.u16()?,
-                };
-                if h.version != PROTOCOL_VERSION {
-                    return Err(ProtocolError::Version { peer: h.version });
-                }
-                Message::Hello(h)
-            }
-            Kind::Welcome => {
-                let version = r.u32()?;
-                if version != PROTOCOL_VERSION {
-                    return Err(ProtocolError::Version { peer: version });
-                }
-                let postcopy = match r.u8()? {
-                    0 => false,
-                    1 => true,
-                    b => return Err(r.bad(format!("post-copy flag {b}"))),
-                };
-                Message::Welcome(Welcome { version, postcopy })
-            }
+            Kind::Hello => Message::Hello(r.hello()?),
+            Kind::Welcome => Message::Welcome(r.welcome()?),
             Kind::Refuse => Message::Refuse {
                 reason: r.string()?,
             },
@@ -157,55 +133,19 @@ impl Message {
             },
             Kind::PageBatch => {
                 let round = r.u32()?;
-                let count = r.u32()? as usize;
-                if count > MAX_BATCH_PAGES {
-                    return Err(r.bad(format!(
-                        "{count} pages in one batch, limit {MAX_BATCH_PAGES}"
-                    )));
+                Message::PageBatch {
+                    round,
+                    pages: r.page_entries()?,
                 }
-                // Each entry takes at least 13 bytes: bound the count before allocating.
-                if count > r.buf.len() / 13 {
-                    return Err(r.bad(format!("{count} pages announced in {} bytes", r.buf.len())));
-                }
-                let mut pages = Vec::with_capacity(count);
-                for _ in 0..count {
-                    let page = r.u64()?;
-                    let enc = r.u8()?;
-                    let encoding = PageEncoding::from_u8(enc)
-                        .ok_or_else(|| r.bad(format!("unknown page encoding {enc}")))?;
-                    let len = r.u32()? as usize;
-                    let ok = match encoding {
-                        PageEncoding::Raw => len == PAGE_SIZE,
-                        PageEncoding::Zero => len == 0,
-                        PageEncoding::Zstd => len > 0 && len <= PAGE_SIZE,
-                        PageEncoding::Reference => len == REFERENCE_LEN,
-                    };
-                    if !ok {
-                        return Err(r.bad(format!(
-                            "page {page}: {len} bytes is not valid for {encoding:?}"
-                        )));
-                    }
-                    pages.push(PageEntry {
-                        page,
-                        encoding,
-                        data: r.bytes(len)?.to_vec(),
-                    });
-                }
-                Message::PageBatch { round, pages }
             }
             Kind::EndOfStream => Message::EndOfStream,
             Kind::Drain => Message::Drain { round: r.u32()? },
             Kind::Drained => {
                 let round = r.u32()?;
-                let n = r.len(8)?;
-                if n > MAX_NEED {
-                    return Err(r.bad(format!("{n} pages asked for, limit {MAX_NEED}")));
+                Message::Drained {
+                    round,
+                    need: r.page_list()?,
                 }
-                let mut need = Vec::with_capacity(n);
-                for _ in 0..n {
-                    need.push(r.u64()?);
-                }
-                Message::Drained { round, need }
             }
             Kind::Commit => Message::Commit,
             Kind::Activated => Message::Activated,
@@ -226,17 +166,9 @@ impl Message {
                     pending: r.bytes(n)?.to_vec(),
                 }
             }
-            Kind::PageRequest => {
-                let n = r.len(8)?;
-                if n > MAX_NEED {
-                    return Err(r.bad(format!("{n} pages asked for, limit {MAX_NEED}")));
-                }
-                let mut pages = Vec::with_capacity(n);
-                for _ in 0..n {
-                    pages.push(r.u64()?);
-                }
-                Message::PageRequest { pages }
-            }
+            Kind::PageRequest => Message::PageRequest {
+                pages: r.page_list()?,
+            },
             Kind::VerifyRequest => {
                 let chunk_pages = r.u32()?;
                 if chunk_pages == 0 {
@@ -354,5 +286,88 @@ impl<'a> Reader<'a> {
         }
         let b = self.bytes(n)?;
         String::from_utf8(b.to_vec()).map_err(|_| self.bad("string is not UTF-8".into()))
+    }
+
+    fn hello(&mut self) -> Result<Hello, ProtocolError> {
+        let h = Hello {
+            version: self.u32()?,
+            session: self.u64()?,
+            ram_bytes: self.u64()?,
+            page_size: self.u32()?,
+            data_connections: self.u16()?,
+            conn_index: self.u16()?,
+        };
+        if h.version != PROTOCOL_VERSION {
+            return Err(ProtocolError::Version { peer: h.version });
+        }
+        Ok(h)
+    }
+
+    fn welcome(&mut self) -> Result<Welcome, ProtocolError> {
+        let version = self.u32()?;
+        if version != PROTOCOL_VERSION {
+            return Err(ProtocolError::Version { peer: version });
+        }
+        let postcopy = match self.u8()? {
+            0 => false,
+            1 => true,
+            b => return Err(self.bad(format!("post-copy flag {b}"))),
+        };
+        Ok(Welcome { version, postcopy })
+    }
+
+    /// A page batch's entries, count and lengths bounded before allocating.
+    fn page_entries(&mut self) -> Result<Vec<PageEntry>, ProtocolError> {
+        let count = self.u32()? as usize;
+        if count > MAX_BATCH_PAGES {
+            return Err(self.bad(format!(
+                "{count} pages in one batch, limit {MAX_BATCH_PAGES}"
+            )));
+        }
+        // Each entry takes at least 13 bytes: bound the count before allocating.
+        if count > self.buf.len() / 13 {
+            return Err(self.bad(format!(
+                "{count} pages announced in {} bytes",
+                self.buf.len()
+            )));
+        }
+        let mut pages = Vec::with_capacity(count);
+        for _ in 0..count {
+            let page = self.u64()?;
+            let enc = self.u8()?;
+            let encoding = PageEncoding::from_u8(enc)
+                .ok_or_else(|| self.bad(format!("unknown page encoding {enc}")))?;
+            let len = self.u32()? as usize;
+            let ok = match encoding {
+                PageEncoding::Raw => len == PAGE_SIZE,
+                PageEncoding::Zero => len == 0,
+                PageEncoding::Zstd => len > 0 && len <= PAGE_SIZE,
+                PageEncoding::Reference => len == REFERENCE_LEN,
+            };
+            if !ok {
+                return Err(self.bad(format!(
+                    "page {page}: {len} bytes is not valid for {encoding:?}"
+                )));
+            }
+            pages.push(PageEntry {
+                page,
+                encoding,
+                data: self.bytes(len)?.to_vec(),
+            });
+        }
+        Ok(pages)
+    }
+
+    /// A list of page numbers (pages asked for), at most [`MAX_NEED`].
+    fn page_list(&mut self) -> Result<Vec<u64>, ProtocolError> {
+        let n = self.len(8)?;
+        if n > MAX_NEED {
+            return Err(self.bad(format!("{n} pages asked for, limit {MAX_NEED}")));
+        }
+        let mut pages = Vec::with_capacity(n);
+        for _ in 0..n {
+            pages.push(self.u64()?);
+        }
+        Ok(pages)
     }
 }

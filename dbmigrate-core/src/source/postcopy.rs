@@ -32,18 +32,17 @@
 //! After Commit the source can no longer take the VM back; it keeps its
 //! (frozen) RAM until the destination has confirmed every page.
 
-use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 
+use super::push::{push, PushOrder, PushQueue, FREE, PACED, STOPPED};
+use super::session::WriterCmd;
+use super::{link_rate, SourceError, SourceSession};
 use crate::bitmap::PageBitmap;
-use crate::limiter::wait_for;
-use crate::precopy::{link_rate, send_batch, PrecopyError, SourceSession, WriterCmd};
-use crate::protocol::{self, connection_for_page, BatchBuilder, Message, PageEncoder};
-use crate::ram::SourceRam;
+use crate::protocol::{self, BatchBuilder, Message, PageEncoder};
 use crate::verify;
 
 /// Pages around a faulting page pushed next (the sysbench VM's faults
@@ -64,24 +63,6 @@ const HOTTEST_ON_CONTROL: usize = 512;
 /// Last-written pages sent at a time between other work of the post-copy
 /// loop (256 KiB, 2 ms at 1 Gbit/s: the longest a page request waits behind them).
 const HOTTEST_PER_TURN: usize = 64;
-
-/// Share of the link the push may take before Commit. The pages it moves
-/// then are pages the VM does not have to fault on after it resumes; the
-/// rest of the link is left to QEMU's device state, which would otherwise
-/// queue behind the push at the bottleneck and lengthen the pause.
-const PRE_COMMIT_SHARE: f64 = 0.5;
-
-/// Share of the link the push may take after Commit. Just below the link:
-/// a push at full speed fills the bottleneck's queue (tens of
-/// milliseconds of data on a shaped link), and every answer to a page
-/// request on the control connection then waits behind it, while the
-/// vCPU waits for the answer.
-const POST_COMMIT_SHARE: f64 = 0.9;
-
-/// The push's pace, set by the hand-over and read by the pusher thread.
-const PACED: u8 = 0;
-const FREE: u8 = 1;
-const STOPPED: u8 = 2;
 
 /// What a finished post-copy did.
 #[derive(Clone, Debug, Default, serde::Serialize)]
@@ -105,23 +86,6 @@ pub struct PostcopyStats {
     pub ram_verified: bool,
     /// Chunks that differed.
     pub mismatched_chunks: u32,
-}
-
-/// Shared between the pusher thread and the request handler.
-struct PushQueue {
-    /// Pages to push first (neighbours of faults).
-    hot: VecDeque<u64>,
-    /// Pages already sent, on either connection.
-    sent: PageBitmap,
-    /// Pages sent on the control connection. A page the push handed to a
-    /// data connection may still be queued there behind the first round's
-    /// last megabytes: a fault's neighbours go on the control connection
-    /// unless they went that way already.
-    on_control: PageBitmap,
-    /// The page the VM last waited for, not yet seen by the pusher: its
-    /// sweep through the pending pages goes on from there (faults come in
-    /// areas, and the sweep then covers the area ahead of the vCPU).
-    jump_to: Option<u64>,
 }
 
 /// A switch to post-copy in progress.
@@ -161,7 +125,7 @@ impl SourceSession {
     /// pages still waiting for storage out of its RAM now (after a first
     /// round, most of the buffer pool), which would otherwise be done
     /// inside the pause.
-    pub async fn prepare_switch(&mut self) -> Result<(), PrecopyError> {
+    pub async fn prepare_switch(&mut self) -> Result<(), SourceError> {
         if !self.destination_postcopy() {
             return Err(no_postcopy_destination());
         }
@@ -193,7 +157,7 @@ impl SourceSession {
     }
 
     /// Sends `mark` on every data connection, behind what each already carries.
-    async fn mark_data_connections(&mut self, mark: &Message) -> Result<(), PrecopyError> {
+    async fn mark_data_connections(&mut self, mark: &Message) -> Result<(), SourceError> {
         let frame = mark.encode();
         for c in &self.data {
             if c.tx.send(WriterCmd::Frame(frame.clone())).await.is_err() {
@@ -206,7 +170,7 @@ impl SourceSession {
     /// Call with the VM paused, after [`SourceSession::run_live`]: tells the
     /// destination which pages it still lacks and starts pushing them. The
     /// source stays authoritative until [`SourceSession::postcopy`] commits.
-    pub async fn switch_to_postcopy(&mut self) -> Result<Switched, PrecopyError> {
+    pub async fn switch_to_postcopy(&mut self) -> Result<Switched, SourceError> {
         if !self.destination_postcopy() {
             return Err(no_postcopy_destination());
         }
@@ -336,11 +300,11 @@ impl SourceSession {
             pushed_pages: sw.hottest.len() as u64,
             ..PostcopyStats::default()
         };
-        let before = |e: PrecopyError| PostcopyError::BeforeCommit(e);
+        let before = |e: SourceError| PostcopyError::BeforeCommit(e);
         // Reads are done by their own task: a frame is never cut in half by
         // another branch of the loop below.
         let rx = self.ctrl_rx.take().ok_or_else(|| {
-            before(PrecopyError::Worker(
+            before(SourceError::Worker(
                 "control connection already taken".into(),
             ))
         })?;
@@ -393,7 +357,7 @@ impl SourceSession {
         let mut hot_next = 0;
         loop {
             let was_committed = committed;
-            let fail = move |e: PrecopyError| {
+            let fail = move |e: SourceError| {
                 if was_committed {
                     PostcopyError::AfterCommit(e)
                 } else {
@@ -440,13 +404,13 @@ impl SourceSession {
                             return Ok(());
                         }
                         Message::Heartbeat => {}
-                        Message::Abort { reason } => return Err(fail(PrecopyError::PeerAbort { reason })),
+                        Message::Abort { reason } => return Err(fail(SourceError::PeerAbort { reason })),
                         other => return Err(fail(self.unexpected(other, "PageRequest, Activated or VerifyResult"))),
                     }
                 }
                 r = &mut handover, if !committed => {
                     if let Err(reason) = r {
-                        return Err(PostcopyError::BeforeCommit(PrecopyError::Worker(reason)));
+                        return Err(PostcopyError::BeforeCommit(SourceError::Worker(reason)));
                     }
                     // Point of no return: the destination resumes the VM on Commit.
                     committed = true;
@@ -459,22 +423,7 @@ impl SourceSession {
                     pushed = true;
                     stats.push_ms = crate::stats::millis(sw.started.elapsed());
                     sw.start_digests();
-                    let (n, bytes) = r
-                        .map_err(|e| fail(PrecopyError::Worker(e.to_string())))?
-                        .ok_or_else(|| fail(PrecopyError::Worker("a data connection stopped during post-copy".into())))?;
-                    stats.pushed_pages += n;
-                    stats.bytes += bytes;
-                    let end = Message::EndOfStream.encode();
-                    for c in std::mem::take(&mut self.data) {
-                        if c.tx.send(WriterCmd::Frame(end.clone())).await.is_err() {
-                            return Err(fail(PrecopyError::Worker("a data connection stopped during post-copy".into())));
-                        }
-                        drop(c.tx);
-                        let sent = c.task.await.map_err(|e| fail(PrecopyError::Worker(e.to_string())))?;
-                        // A data connection's count covers its whole life:
-                        // the rounds before the switch and the push after it.
-                        self.stats.bytes_sent += sent.map_err(|e| fail(e.into()))?;
-                    }
+                    self.end_push(r, stats).await.map_err(fail)?;
                 }
                 // Ready at once: taken when none of the branches above is
                 // (the digests below come only after the push, long after).
@@ -485,7 +434,7 @@ impl SourceSession {
                     stats.bytes += self.send_on_control(&chunk).await.map_err(fail)?;
                 }
                 d = &mut sw.digests, if pushed && !verify_sent => {
-                    let digests = d.map_err(|e| fail(PrecopyError::Worker(e.to_string())))?;
+                    let digests = d.map_err(|e| fail(SourceError::Worker(e.to_string())))?;
                     verify_sent = true;
                     self.stats.bytes_sent += self.ctrl_tx.send(&Message::VerifyRequest { chunk_pages: verify::CHUNK_PAGES, digests },
                         "sending the digests of the frozen RAM",
@@ -495,7 +444,7 @@ impl SourceSession {
                 }
                 () = tokio::time::sleep(Duration::from_secs(1)) => {
                     if last_word.elapsed() > timeout && (committed || pushed) {
-                        return Err(fail(PrecopyError::Timeout { secs: timeout.as_secs(), doing: "post-copy" }));
+                        return Err(fail(SourceError::Timeout { secs: timeout.as_secs(), doing: "post-copy" }));
                     }
                 }
             }
@@ -510,13 +459,13 @@ impl SourceSession {
         asked: &[u64],
         sw: &Switched,
         stats: &mut PostcopyStats,
-    ) -> Result<(), PrecopyError> {
+    ) -> Result<(), SourceError> {
         let pages = self.ram.pages();
         let prefetch = {
             let mut q = sw
                 .queue
                 .lock()
-                .map_err(|_| PrecopyError::Worker("push queue poisoned".into()))?;
+                .map_err(|_| SourceError::Worker("push queue poisoned".into()))?;
             // A page the push already handed to a connection is on its way
             // but queued behind other pages: a sign of a deep pipeline.
             let already_pushed = asked.iter().filter(|&&p| !q.sent.set(p)).count();
@@ -543,9 +492,39 @@ impl SourceSession {
         Ok(())
     }
 
+    /// The push handed its last page to the data connections (`pushed`):
+    /// each connection ends its stream.
+    async fn end_push(
+        &mut self,
+        pushed: Result<Option<(u64, u64)>, tokio::task::JoinError>,
+        stats: &mut PostcopyStats,
+    ) -> Result<(), SourceError> {
+        let stopped = || SourceError::Worker("a data connection stopped during post-copy".into());
+        let (n, bytes) = pushed
+            .map_err(|e| SourceError::Worker(e.to_string()))?
+            .ok_or_else(stopped)?;
+        stats.pushed_pages += n;
+        stats.bytes += bytes;
+        let end = Message::EndOfStream.encode();
+        for c in std::mem::take(&mut self.data) {
+            if c.tx.send(WriterCmd::Frame(end.clone())).await.is_err() {
+                return Err(stopped());
+            }
+            drop(c.tx);
+            let sent = c
+                .task
+                .await
+                .map_err(|e| SourceError::Worker(e.to_string()))?;
+            // A data connection's count covers its whole life: the rounds
+            // before the switch and the push after it.
+            self.stats.bytes_sent += sent?;
+        }
+        Ok(())
+    }
+
     /// Sends `pages` of the frozen RAM on the control connection, 256 to a
     /// frame; returns the bytes sent.
-    async fn send_on_control(&mut self, pages: &[u64]) -> Result<u64, PrecopyError> {
+    async fn send_on_control(&mut self, pages: &[u64]) -> Result<u64, SourceError> {
         let mut bytes = 0;
         // Uncompressed: a vCPU waits for these.
         let mut encoder = PageEncoder::new(false);
@@ -604,10 +583,10 @@ fn neighbours(page: u64, pages: u64) -> impl Iterator<Item = u64> {
 pub enum PostcopyError {
     /// Before Commit: the destination never ran the VM; resume the source.
     #[error("post-copy failed before the hand-over (the source VM is still authoritative)")]
-    BeforeCommit(#[source] PrecopyError),
+    BeforeCommit(#[source] SourceError),
     /// After Commit: the destination may run the VM; it must not be resumed here.
     #[error("post-copy failed after the hand-over: the VM runs (or ran) on the destination and cannot be resumed on the source; its RAM stays frozen here")]
-    AfterCommit(#[source] PrecopyError),
+    AfterCommit(#[source] SourceError),
 }
 
 /// A write that failed because the destination closed the connection hides
@@ -621,14 +600,14 @@ async fn explain_transport_failure(
     let inner = match e {
         PostcopyError::BeforeCommit(i) | PostcopyError::AfterCommit(i) => i,
     };
-    if !matches!(inner, PrecopyError::Protocol(_)) {
+    if !matches!(inner, SourceError::Protocol(_)) {
         return;
     }
     let deadline = tokio::time::Instant::now() + ABORT_GRACE;
     while let Ok(Some(m)) = tokio::time::timeout_at(deadline, ctrl_in.recv()).await {
         match m {
             Ok((Message::Abort { reason }, _)) => {
-                *inner = PrecopyError::PeerAbort { reason };
+                *inner = SourceError::PeerAbort { reason };
                 return;
             }
             Ok(_) => continue,
@@ -640,8 +619,8 @@ async fn explain_transport_failure(
 /// How long a failed post-copy waits for the destination's reason.
 const ABORT_GRACE: Duration = Duration::from_millis(500);
 
-fn no_postcopy_destination() -> PrecopyError {
-    PrecopyError::Worker(
+fn no_postcopy_destination() -> SourceError {
+    SourceError::Worker(
         "the destination agent cannot serve post-copy (start `dbmigrate receive` with --postcopy-socket)".into(),
     )
 }
@@ -656,236 +635,11 @@ impl Drop for Switched {
     }
 }
 
-/// The pages a push sends: a sweep through every pending page, ascending,
-/// that starts at the bottom and jumps to wherever the VM last faulted,
-/// wrapping around at the top, as QEMU's own post-copy does.
-struct PushOrder {
-    pending: Vec<u64>,
-}
-
-/// Where a push's sweep stands: the next index of `pending`.
-#[derive(Default)]
-struct Sweep {
-    at: usize,
-}
-
-impl PushOrder {
-    /// The next page to push that `sent` does not hold, after moving the
-    /// sweep to `jump_to` if the VM faulted there (pure but for the sweep).
-    fn next(
-        &self,
-        sweep: &mut Sweep,
-        jump_to: Option<u64>,
-        sent: impl Fn(u64) -> bool,
-    ) -> Option<u64> {
-        if let Some(fault) = jump_to {
-            sweep.at = self.pending.partition_point(|&p| p < fault);
-        }
-        let n = self.pending.len();
-        let i = (0..n)
-            .map(|k| (sweep.at + k) % n)
-            .find(|&i| !sent(self.pending[i]))?;
-        sweep.at = i + 1;
-        Some(self.pending[i])
-    }
-}
-
-/// The background push: every pending page once, neighbours of faults
-/// first, then `todo`'s order, paced to a share of `link` bytes/s (see
-/// [`PushPace`]). Returns (pages, bytes), or None if a connection went away
-/// or the push was stopped.
-fn push(
-    ram: &SourceRam,
-    todo: &PushOrder,
-    queue: &Mutex<PushQueue>,
-    txs: &[mpsc::Sender<WriterCmd>],
-    compress: bool,
-    pace: &AtomicU8,
-    link: f64,
-) -> Option<(u64, u64)> {
-    const BATCH_BYTES: usize = 64 << 10;
-    let conns = u16::try_from(txs.len()).expect("at most 16 connections");
-    let mut builders: Vec<BatchBuilder> = (0..txs.len()).map(|_| BatchBuilder::new(0)).collect();
-    let mut encoder = PageEncoder::new(compress);
-    let (mut n, mut bytes) = (0u64, 0u64);
-    let mut pacer = PushPace::new(link, Instant::now());
-    let mut sweep = Sweep::default();
-    loop {
-        // Hot pages first; then the next page in order not sent yet.
-        let next = {
-            let mut q = queue.lock().ok()?;
-            let mut pick = None;
-            while let Some(h) = q.hot.pop_front() {
-                if q.sent.set(h) {
-                    pick = Some(h);
-                    break;
-                }
-            }
-            if pick.is_none() {
-                let jump = q.jump_to.take();
-                pick = todo.next(&mut sweep, jump, |p| q.sent.get(p));
-                if let Some(p) = pick {
-                    q.sent.set(p);
-                }
-            }
-            pick
-        };
-        let Some(page) = next else { break };
-        let Ok(data) = ram.page(page) else { continue };
-        let c = usize::from(connection_for_page(page, conns) - 1);
-        encoder.push(&mut builders[c], page, data);
-        n += 1;
-        // Small batches: a fault's neighbours must not wait behind a big one.
-        if builders[c].is_full(BATCH_BYTES) {
-            send_batch(&mut builders[c], 0, &txs[c], &mut bytes)?;
-            pacer.keep(pace, bytes)?;
-        }
-    }
-    for (b, tx) in builders.iter_mut().zip(txs) {
-        if b.count() > 0 {
-            send_batch(b, 0, tx, &mut bytes)?;
-        }
-    }
-    Some((n, bytes))
-}
-
-/// The push's rate: [`PRE_COMMIT_SHARE`] of the link until Commit, then
-/// [`POST_COMMIT_SHARE`], each phase counted from its own start (the
-/// second must not spend in a burst what the first left unused).
-struct PushPace {
-    link: f64,
-    committed: bool,
-    since: Instant,
-    bytes_at: u64,
-}
-
-impl PushPace {
-    fn new(link: f64, now: Instant) -> Self {
-        Self {
-            link,
-            committed: false,
-            since: now,
-            bytes_at: 0,
-        }
-    }
-
-    /// How long to wait, at `now`, having pushed `bytes` in all, with the
-    /// hand-over in state `pace`; None once the push is stopped.
-    fn wait(&mut self, pace: u8, bytes: u64, now: Instant) -> Option<Duration> {
-        let share = match pace {
-            STOPPED => return None,
-            FREE => {
-                if !self.committed {
-                    self.committed = true;
-                    self.since = now;
-                    self.bytes_at = bytes;
-                }
-                POST_COMMIT_SHARE
-            }
-            _ => PRE_COMMIT_SHARE,
-        };
-        Some(pace_wait(
-            bytes - self.bytes_at,
-            now.saturating_duration_since(self.since),
-            self.link * share,
-        ))
-    }
-
-    /// Sleeps while the push is ahead of its pace; None once it is stopped.
-    fn keep(&mut self, pace: &AtomicU8, bytes: u64) -> Option<()> {
-        loop {
-            let wait = self.wait(pace.load(Ordering::Acquire), bytes, Instant::now())?;
-            if wait.is_zero() {
-                return Some(());
-            }
-            // Short naps: Commit must change the pace at once.
-            std::thread::sleep(wait.min(Duration::from_millis(2)));
-        }
-    }
-}
-
-/// How long a paced sender that has sent `bytes` in `elapsed` waits to be
-/// back at `rate` bytes/s (pure).
-fn pace_wait(bytes: u64, elapsed: Duration, rate: f64) -> Duration {
-    #[allow(clippy::cast_precision_loss)] // byte counts far below 2^52
-    let allowed = elapsed.as_secs_f64() * rate;
-    #[allow(clippy::cast_precision_loss)]
-    let want = bytes as f64;
-    if rate <= 0.0 {
-        return Duration::from_secs(1);
-    }
-    wait_for(allowed, want, rate)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    use crate::precopy::{switch_to_postcopy, Mode, StopReason};
-
-    #[test]
-    fn the_push_paces_each_phase_from_its_own_start() {
-        let t0 = Instant::now();
-        let link = 100e6;
-        let mut p = PushPace::new(link, t0);
-        // Before Commit: half the link. 50 MB after 1 s is on time.
-        let at = |ms| t0 + Duration::from_millis(ms);
-        assert_eq!(p.wait(PACED, 50_000_000, at(1000)), Some(Duration::ZERO));
-        assert!(p.wait(PACED, 60_000_000, at(1000)).unwrap() > Duration::from_millis(150));
-        // Commit at 1 s with 50 MB pushed: the new phase counts from there,
-        // at 90 MB/s, not from the start (which would allow a 40 MB burst).
-        assert_eq!(p.wait(FREE, 50_000_000, at(1000)), Some(Duration::ZERO));
-        let w = p.wait(FREE, 59_000_000, at(1000)).unwrap();
-        assert!(
-            w > Duration::from_millis(90) && w < Duration::from_millis(110),
-            "{w:?}"
-        );
-        assert_eq!(p.wait(FREE, 59_000_000, at(1100)), Some(Duration::ZERO));
-        assert_eq!(p.wait(STOPPED, 59_000_000, at(1100)), None);
-    }
-
-    /// Drains a push order as the pusher does, `already_sent` gone on the
-    /// control connection, with faults at the given steps, returning the
-    /// pages in push order.
-    fn drain(order: &PushOrder, already_sent: &[u64], faults: &[(usize, u64)]) -> Vec<u64> {
-        let mut sent: std::collections::HashSet<u64> = already_sent.iter().copied().collect();
-        let mut sweep = Sweep::default();
-        let mut out = Vec::new();
-        loop {
-            let jump = faults.iter().find(|f| f.0 == out.len()).map(|f| f.1);
-            if let Some(f) = jump {
-                // The vCPU's page itself goes on the control connection.
-                sent.insert(f);
-            }
-            let Some(p) = order.next(&mut sweep, jump, |p| sent.contains(&p)) else {
-                return out;
-            };
-            sent.insert(p);
-            out.push(p);
-        }
-    }
-
-    #[test]
-    fn the_push_sweeps_up_and_skips_pages_sent_on_the_control_connection() {
-        let order = PushOrder {
-            pending: vec![3, 9, 50, 70, 99],
-        };
-        assert_eq!(drain(&order, &[9, 70], &[]), vec![3, 50, 99]);
-    }
-
-    #[test]
-    fn the_push_sweep_jumps_to_a_fault_and_wraps_around() {
-        let order = PushOrder {
-            pending: vec![10, 20, 30, 40, 50, 60],
-        };
-        // After two pages the VM faults on 45: the sweep goes on from 45
-        // (50, 60), wraps to the bottom and sends each page once.
-        assert_eq!(drain(&order, &[], &[(2, 45)]), vec![10, 20, 50, 60, 30, 40]);
-        // A fault on a pending page: that page is not pushed again.
-        assert_eq!(drain(&order, &[], &[(1, 40)]), vec![10, 50, 60, 20, 30]);
-        // A fault above every pending page wraps to the bottom.
-        assert_eq!(drain(&order, &[], &[(0, 99)]), vec![10, 20, 30, 40, 50, 60]);
-    }
+    use std::collections::VecDeque;
 
     #[test]
     fn a_faults_neighbours_go_on_the_control_connection_even_if_pushed_already() {
@@ -938,33 +692,5 @@ mod tests {
         assert!(neighbours(0, 1).next().is_none());
         let edge: Vec<u64> = neighbours(1, 3).collect();
         assert_eq!(edge, vec![2, 0]);
-    }
-
-    #[test]
-    fn paced_push_waits_until_it_is_back_at_its_rate() {
-        // 1 MB at 1 MB/s: may go after one second, not before.
-        assert_eq!(
-            pace_wait(1_000_000, Duration::from_secs(1), 1e6),
-            Duration::ZERO
-        );
-        assert_eq!(
-            pace_wait(1_000_000, Duration::from_millis(500), 1e6),
-            Duration::from_millis(500)
-        );
-        // No rate known: nothing goes before Commit.
-        assert!(!pace_wait(1, Duration::from_secs(5), 0.0).is_zero());
-    }
-
-    #[test]
-    fn hybrid_switches_only_when_pre_copy_would_not_converge() {
-        use StopReason::*;
-        assert!(!switch_to_postcopy(Mode::Hybrid, Converged, true));
-        for r in [MaxRounds, MaxBytes, NotShrinking] {
-            assert!(switch_to_postcopy(Mode::Hybrid, r, true));
-            assert!(!switch_to_postcopy(Mode::Precopy, r, true));
-            // Never without a destination that can serve faults.
-            assert!(!switch_to_postcopy(Mode::Hybrid, r, false));
-        }
-        assert!(switch_to_postcopy(Mode::Postcopy, FirstRound, true));
     }
 }
