@@ -1,6 +1,8 @@
-//! The writing half of a control connection, shared by its session and a
-//! heartbeat task. Whole frames go out under one lock, so a heartbeat never
-//! lands inside another message. Every write is bounded by the session's
+//! A control connection's two halves. The reading half is a task of its
+//! own ([`spawn_reader`]): a read is never cancelled halfway through a
+//! frame by another branch of a session's loop. The writing half is shared
+//! by its session and a heartbeat task. Whole frames go out under one
+//! lock, so a heartbeat never lands inside another message. Every write is bounded by the session's
 //! peer timeout: on a cut link the kernel keeps a TCP send buffer full for
 //! many minutes, and a writer blocked there (holding the lock) would keep
 //! the session from ever reaching its own timeout.
@@ -9,11 +11,53 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::AsyncWriteExt;
-use tokio::sync::Mutex;
+use tokio::sync::{mpsc, Mutex};
 use tokio::task::JoinHandle;
 
 use crate::protocol::{self, Message, ProtocolError, HEARTBEAT_INTERVAL};
-use crate::transport::ConnWriter;
+use crate::transport::{ConnReader, ConnWriter};
+
+/// A peer said nothing for `secs` seconds while this side was `doing`
+/// something (each side's error type has a variant for it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Silent {
+    /// Seconds waited.
+    pub secs: u64,
+    /// What was awaited.
+    pub doing: &'static str,
+}
+
+/// `f`, unless it takes longer than `limit`.
+pub async fn within<T>(
+    limit: Duration,
+    doing: &'static str,
+    f: impl std::future::Future<Output = T>,
+) -> Result<T, Silent> {
+    tokio::time::timeout(limit, f).await.map_err(|_| Silent {
+        secs: limit.as_secs(),
+        doing,
+    })
+}
+
+/// Messages of a control connection as its reader task hands them over,
+/// each with its size on the wire; an error ends them.
+pub type Incoming = mpsc::Receiver<Result<(Message, u64), ProtocolError>>;
+
+/// Reads the control connection `rx` in a task of its own until a read
+/// fails (that error is the last item) or the receiver is dropped.
+pub fn spawn_reader(mut rx: ConnReader, doing: &'static str) -> (Incoming, JoinHandle<()>) {
+    let (tx, incoming) = mpsc::channel(16);
+    let task = tokio::spawn(async move {
+        loop {
+            let m = protocol::read_message(&mut rx, doing).await;
+            let failed = m.is_err();
+            if tx.send(m).await.is_err() || failed {
+                return;
+            }
+        }
+    });
+    (incoming, task)
+}
 
 /// A control connection's writer that sends a [`Message::Heartbeat`] every
 /// [`HEARTBEAT_INTERVAL`] until dropped or shut down.

@@ -190,10 +190,9 @@ async fn migrate_under_writes(
     assert!(matches!(d, Decision::Stop { .. }));
     paused.store(true, Ordering::SeqCst);
     writer.join().unwrap();
-    s.final_round().await.unwrap();
-    let v = s.verify().await.unwrap();
-    assert!(v.matched(), "{v:?}");
-    s.send_commit().await.unwrap();
+    let frozen = s.final_round().await.unwrap();
+    let v = s.verify(frozen).await.unwrap();
+    s.send_commit(&v).await.unwrap();
     s.wait_activated().await.unwrap();
     let stats = receiver.await.unwrap();
     assert!(stats.raw_pages + stats.compressed_pages > 0);
@@ -385,9 +384,9 @@ async fn rebuild_case(tag: &str, pace: Option<u64>) -> (dest::DestStats, Duratio
     s.run_live(&mut |_, _| {}).await.unwrap();
     paused.store(true, Ordering::SeqCst);
     writer.join().unwrap();
-    s.final_round().await.unwrap();
-    assert!(s.verify().await.unwrap().matched());
-    s.send_commit().await.unwrap();
+    let frozen = s.final_round().await.unwrap();
+    let v = s.verify(frozen).await.unwrap();
+    s.send_commit(&v).await.unwrap();
     s.wait_activated().await.unwrap();
     let d = receiver.await.unwrap();
     let took = started.elapsed();
@@ -489,9 +488,9 @@ async fn rebuild_throughput() {
     .await
     .unwrap();
     s.run_live(&mut |_, _| {}).await.unwrap();
-    s.final_round().await.unwrap();
-    assert!(s.verify().await.unwrap().matched());
-    s.send_commit().await.unwrap();
+    let frozen = s.final_round().await.unwrap();
+    let v = s.verify(frozen).await.unwrap();
+    s.send_commit(&v).await.unwrap();
     s.wait_activated().await.unwrap();
     let d = receiver.await.unwrap();
     eprintln!(
@@ -764,10 +763,10 @@ async fn idle_but_alive_peers_are_waited_for_past_their_timeouts() {
         .unwrap();
     tokio::time::sleep(idle).await;
     s.run_live(&mut |_, _| {}).await.unwrap();
-    s.final_round().await.unwrap();
-    assert!(s.verify().await.unwrap().matched());
+    let frozen = s.final_round().await.unwrap();
+    let v = s.verify(frozen).await.unwrap();
     tokio::time::sleep(idle).await;
-    s.send_commit().await.unwrap();
+    s.send_commit(&v).await.unwrap();
     s.wait_activated().await.unwrap();
     receiver.await.unwrap();
     assert_eq!(

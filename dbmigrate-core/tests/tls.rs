@@ -203,9 +203,9 @@ async fn strangers_are_refused_and_the_real_source_then_migrates_byte_exact() {
         .await
         .unwrap();
     s.run_live(&mut |_, _| {}).await.unwrap();
-    s.final_round().await.unwrap();
-    assert!(s.verify().await.unwrap().matched());
-    s.send_commit().await.unwrap();
+    let frozen = s.final_round().await.unwrap();
+    let v = s.verify(frozen).await.unwrap();
+    s.send_commit(&v).await.unwrap();
     s.wait_activated().await.unwrap();
     assert!(receiver.await.unwrap(), "digests differ");
     assert!(

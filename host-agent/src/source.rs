@@ -14,7 +14,8 @@ use anyhow::{anyhow, bail, Context, Result};
 use dbmigrate_core::dirty;
 use dbmigrate_core::ram::SourceRam;
 use dbmigrate_core::source::{
-    switch_to_postcopy, Decision, Mode, PostcopyError, SourceConfig, SourceSession, StopReason,
+    switch_to_postcopy, Decision, Mode, PostcopyError, SourceConfig, SourceError, SourceSession,
+    StopReason,
 };
 use dbmigrate_core::stats::RoundStats;
 use serde_json::json;
@@ -479,26 +480,22 @@ async fn drive(
         let now = Instant::now();
         ms(now.duration_since(std::mem::replace(&mut step, now)))
     };
-    let last = session.final_round().await.context("stop-and-copy")?;
+    let frozen = session.final_round().await.context("stop-and-copy")?;
     parts.final_round_ms = lap();
+    let last = &frozen.last_round;
     tracing::info!(
         pages = last.pages,
         bytes = last.bytes,
         ms = last.elapsed_ms,
         "final round sent"
     );
-    let outcome = session
-        .verify()
-        .await
-        .context("comparing RAM at switchover")?;
-    if !outcome.matched() {
-        bail!(
-            "RAM differs at switchover in {} chunk(s) of {} pages (first: {:?}): the destination is discarded and the source resumes",
-            outcome.mismatched_total,
-            outcome.chunk_pages,
-            &outcome.mismatched[..outcome.mismatched.len().min(8)]
-        );
-    }
+    let verified = match session.verify(frozen).await {
+        Ok(v) => v,
+        Err(e @ SourceError::RamDiffers(_)) => {
+            bail!("{e}: the destination is discarded and the source resumes")
+        }
+        Err(e) => return Err(anyhow!(e).context("comparing RAM at switchover")),
+    };
     tracing::info!(verify_ms = session.stats.verify_ms, "RAM digests match");
     parts.verify_ms = lap();
 
@@ -511,7 +508,7 @@ async fn drive(
     // Point of no return: after Commit the destination may run the VM, so a
     // failure from here on must not resume the source blindly.
     report.vm_runs_on = VmLocation::Unknown;
-    let committed = match session.send_commit().await {
+    let committed = match session.send_commit(&verified).await {
         Ok(()) => {
             crate::failpoint::hit("src-after-commit");
             session.wait_activated().await
@@ -520,7 +517,7 @@ async fn drive(
     };
     match committed {
         Ok(()) => {}
-        Err(dbmigrate_core::source::SourceError::PeerAbort { reason }) => {
+        Err(SourceError::PeerAbort { reason }) => {
             // The destination said explicitly that it did not resume the VM.
             report.vm_runs_on = VmLocation::Source;
             bail!("destination did not resume the VM: {reason}");

@@ -5,11 +5,9 @@
 
 use std::time::Duration;
 
-use tokio::sync::mpsc;
-
 use super::session::DestSession;
-use super::streams::read_control;
-use super::{within, DestError, DestStats};
+use super::{DestError, DestStats};
+use crate::control::within;
 use crate::control::ControlWriter;
 use crate::gate::Gate;
 use crate::protocol::{self, Hello, Message, Welcome};
@@ -91,8 +89,8 @@ pub async fn accept(
             }
         }
     }
-    let (in_tx, ctrl_in) = mpsc::channel(16);
-    tokio::spawn(read_control(ctrl_rx, in_tx));
+    let (ctrl_in, _reader) =
+        crate::control::spawn_reader(ctrl_rx, "reading the control connection");
     Ok(DestSession {
         ctrl_in,
         ctrl_tx: ControlWriter::new(ctrl_tx, peer_timeout),

@@ -554,8 +554,9 @@ impl Applier {
                 }
             }
             ApplyInput::Phase(event) => {
+                // Its name only: a bitmap's Debug would print every word.
                 tracing::debug!(
-                    ?event,
+                    event = event.name(),
                     phase = self.phase.name(),
                     outstanding = self.outstanding,
                     "phase event"

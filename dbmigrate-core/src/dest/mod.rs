@@ -26,8 +26,6 @@ mod session;
 mod storage;
 mod streams;
 
-use std::time::Duration;
-
 use thiserror::Error;
 
 use crate::protocol::ProtocolError;
@@ -147,15 +145,11 @@ pub struct DestStats {
     pub postcopy_unverified: bool,
 }
 
-async fn within<T>(
-    limit: Duration,
-    doing: &'static str,
-    f: impl std::future::Future<Output = T>,
-) -> Result<T, DestError> {
-    tokio::time::timeout(limit, f)
-        .await
-        .map_err(|_| DestError::Timeout {
-            secs: limit.as_secs(),
-            doing,
-        })
+impl From<crate::control::Silent> for DestError {
+    fn from(s: crate::control::Silent) -> Self {
+        DestError::Timeout {
+            secs: s.secs,
+            doing: s.doing,
+        }
+    }
 }

@@ -45,7 +45,8 @@ pub(super) enum Event {
 }
 
 impl Event {
-    fn name(&self) -> &'static str {
+    /// The message's name, for errors and logs.
+    pub(super) fn name(&self) -> &'static str {
         match self {
             Event::Drain { .. } => "Drain",
             Event::PrepareMark => "PrepareMark",

@@ -89,7 +89,7 @@ impl DestSession {
                 m = self.ctrl_in.recv() => {
                     last_word = Instant::now();
                     let m = match m.ok_or(ProtocolError::Closed { doing: "post-copy" }).and_then(|r| r) {
-                        Ok(m) => m,
+                        Ok((m, _)) => m,
                         Err(e) => match (&applied, resumed) {
                             // The VM runs here with every page: losing the
                             // source now costs only the comparison.

@@ -14,7 +14,8 @@ use super::faults::{fault_reader, FaultSource};
 use super::phase::Event;
 use super::storage::{StorageReaders, RESULTS_QUEUED};
 use super::streams::{read_pages, Heard};
-use super::{within, DestError, DestStats};
+use super::{DestError, DestStats};
+use crate::control::within;
 use crate::control::ControlWriter;
 use crate::protocol::{self, Hello, Message, ProtocolError};
 use crate::ram::DestRam;
@@ -26,7 +27,7 @@ use crate::verify;
 pub struct DestSession {
     /// Messages of the control connection, read by their own task (reads
     /// are never cancelled halfway through a frame).
-    pub(super) ctrl_in: mpsc::Receiver<Result<Message, ProtocolError>>,
+    pub(super) ctrl_in: crate::control::Incoming,
     pub(super) ctrl_tx: ControlWriter,
     pub(super) data: Vec<Conn>,
     pub(super) hello: Hello,
@@ -174,7 +175,7 @@ impl DestSession {
                 }
                 m = self.ctrl_in.recv(), if early_request.is_none() => {
                     heard.touch();
-                    match m.ok_or(ProtocolError::Closed { doing: "watching the control connection" })? {
+                    match m.ok_or(ProtocolError::Closed { doing: "watching the control connection" })?.map(|(m, _)| m) {
                         Ok(req @ Message::VerifyRequest { .. }) => early_request = Some(req),
                         Ok(Message::PrepareSwitch { stale }) => {
                             let stale = protocol::decode_page_bitmap(&stale, pages, "PrepareSwitch")?;
@@ -326,7 +327,7 @@ impl DestSession {
         // The timeout runs from the last message: heartbeats show the
         // source alive while it waits for QEMU or hashes its RAM.
         let msg = loop {
-            let msg = within(self.peer_timeout, doing, self.ctrl_in.recv())
+            let (msg, _) = within(self.peer_timeout, doing, self.ctrl_in.recv())
                 .await?
                 .ok_or(ProtocolError::Closed { doing })??;
             if msg != Message::Heartbeat {

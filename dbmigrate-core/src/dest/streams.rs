@@ -11,8 +11,8 @@ use tokio::sync::mpsc;
 use super::applier::ApplyInput;
 use super::phase::Event;
 use super::DestError;
-use crate::protocol::{self, Message, ProtocolError};
-use crate::transport::{Conn, ConnReader};
+use crate::protocol::{self, Message};
+use crate::transport::Conn;
 
 /// When the session last made progress: a message from the source on any
 /// connection, or a storage read done (the source waits for those).
@@ -38,21 +38,6 @@ impl Heard {
         self.t0
             .elapsed()
             .saturating_sub(Duration::from_millis(self.last_ms.load(Ordering::Relaxed)))
-    }
-}
-
-pub(super) async fn read_control(
-    mut rx: ConnReader,
-    tx: mpsc::Sender<Result<Message, ProtocolError>>,
-) {
-    loop {
-        let m = protocol::read_message(&mut rx, "reading the control connection")
-            .await
-            .map(|(m, _)| m);
-        let failed = m.is_err();
-        if tx.send(m).await.is_err() || failed {
-            return;
-        }
     }
 }
 

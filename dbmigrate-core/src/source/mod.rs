@@ -35,6 +35,7 @@ use crate::dirty::DirtyError;
 use crate::protocol::ProtocolError;
 use crate::ram::RamError;
 use crate::rebuild::HintSource;
+use crate::stats::RoundStats;
 use crate::transport::{Connector, TransportError};
 
 pub use policy::{
@@ -61,6 +62,9 @@ pub enum SourceError {
     /// The connection could not be secured (TLS handshake, certificate, name).
     #[error(transparent)]
     Transport(#[from] TransportError),
+    /// The destination's RAM differs from the source's at switchover.
+    #[error("RAM differs at switchover in {} chunk(s) of {} pages (first: {:?})", .0.mismatched_total, .0.chunk_pages, .0.first())]
+    RamDiffers(VerifyOutcome),
     /// The destination said it gives up (Refuse or Abort): the only
     /// variant that carries the peer's own word, never a local check.
     #[error("destination agent refused: {reason}")]
@@ -96,6 +100,15 @@ pub enum SourceError {
         /// What was awaited.
         doing: &'static str,
     },
+}
+
+impl From<crate::control::Silent> for SourceError {
+    fn from(s: crate::control::Silent) -> Self {
+        SourceError::Timeout {
+            secs: s.secs,
+            doing: s.doing,
+        }
+    }
 }
 
 /// Source-side settings.
@@ -142,6 +155,23 @@ impl Default for SourceConfig {
     }
 }
 
+/// The stage after [`SourceSession::final_round`]: the VM paused, its last
+/// pages sent, its RAM hashed. Only this lets [`SourceSession::verify`]
+/// run, so a comparison before the final round cannot be written.
+#[must_use = "the comparison needs it"]
+#[derive(Debug)]
+pub struct Frozen {
+    digests: Vec<u128>,
+    /// What the final round sent.
+    pub last_round: RoundStats,
+}
+
+/// Proof that the destination holds the exact RAM (from
+/// [`SourceSession::verify`]): [`SourceSession::send_commit`] takes it.
+#[must_use = "Commit needs it"]
+#[derive(Debug)]
+pub struct Verified(());
+
 /// Result of the switchover check.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct VerifyOutcome {
@@ -154,8 +184,8 @@ pub struct VerifyOutcome {
 }
 
 impl VerifyOutcome {
-    /// True when the destination holds the exact RAM.
-    pub fn matched(&self) -> bool {
-        self.mismatched_total == 0
+    /// The first few chunks that differ.
+    pub fn first(&self) -> &[u32] {
+        &self.mismatched[..self.mismatched.len().min(8)]
     }
 }

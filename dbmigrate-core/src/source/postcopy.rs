@@ -36,13 +36,11 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::sync::mpsc;
-
 use super::push::{push, PushOrder, PushQueue, FREE, PACED, STOPPED};
 use super::session::WriterCmd;
 use super::{link_rate, SourceError, SourceSession};
 use crate::bitmap::PageBitmap;
-use crate::protocol::{self, BatchBuilder, Message, PageEncoder};
+use crate::protocol::{self, BatchBuilder, Message, PageEncoder, ProtocolError};
 use crate::verify;
 
 /// Pages around a faulting page pushed next (the sysbench VM's faults
@@ -308,17 +306,7 @@ impl SourceSession {
                 "control connection already taken".into(),
             ))
         })?;
-        let (in_tx, mut ctrl_in) = mpsc::channel(16);
-        let reader = tokio::spawn(async move {
-            let mut rx = rx;
-            loop {
-                let m = protocol::read_message(&mut rx, "post-copy").await;
-                let failed = m.is_err();
-                if in_tx.send(m).await.is_err() || failed {
-                    return;
-                }
-            }
-        });
+        let (mut ctrl_in, reader) = crate::control::spawn_reader(rx, "post-copy");
         let mut result = self
             .postcopy_loop(&mut sw, handover, on_activated, &mut ctrl_in, &mut stats)
             .await;
@@ -336,7 +324,7 @@ impl SourceSession {
         sw: &mut Switched,
         handover: F,
         on_activated: &mut (dyn FnMut() + Send),
-        ctrl_in: &mut mpsc::Receiver<Result<(Message, u64), protocol::ProtocolError>>,
+        ctrl_in: &mut crate::control::Incoming,
         stats: &mut PostcopyStats,
     ) -> Result<(), PostcopyError>
     where
@@ -593,14 +581,15 @@ pub enum PostcopyError {
 /// why it did: the destination says so in an Abort just before closing.
 /// Looks briefly for that Abort among the messages already read, and puts
 /// its reason in place of the transport error.
-async fn explain_transport_failure(
-    e: &mut PostcopyError,
-    ctrl_in: &mut mpsc::Receiver<Result<(Message, u64), protocol::ProtocolError>>,
-) {
+async fn explain_transport_failure(e: &mut PostcopyError, ctrl_in: &mut crate::control::Incoming) {
     let inner = match e {
         PostcopyError::BeforeCommit(i) | PostcopyError::AfterCommit(i) => i,
     };
-    if !matches!(inner, SourceError::Protocol(_)) {
+    // Only a failed read or write: a malformed message is this side's finding.
+    if !matches!(
+        inner,
+        SourceError::Protocol(ProtocolError::Io { .. } | ProtocolError::Closed { .. })
+    ) {
         return;
     }
     let deadline = tokio::time::Instant::now() + ABORT_GRACE;

@@ -15,9 +15,9 @@ use super::policy::{decide, Decision, Mode, RoundObservation, StopReason};
 use super::round::{
     produce_round, read_after_collect, RoundJob, RoundProgress, COLLECT_EVERY, RAW_PASS_NOT_STARTED,
 };
-use super::{SourceConfig, SourceError, VerifyOutcome};
+use super::{Frozen, SourceConfig, SourceError, Verified, VerifyOutcome};
 use crate::bitmap::PageBitmap;
-use crate::control::ControlWriter;
+use crate::control::{within, ControlWriter};
 use crate::dirty::{DirtyTracker, TrackerKind};
 use crate::limiter::RateLimiter;
 use crate::protocol::{self, Hello, Message, ProtocolError, Welcome};
@@ -59,7 +59,6 @@ pub struct SourceSession {
     round: u32,
     /// Digests kept current while the VM runs (None while a refresh has them).
     pub(super) source_digests: Option<verify::SourceDigests>,
-    digests: Option<Vec<u128>>,
     /// Dirty tracking was armed and the first round's pages chosen.
     armed: bool,
     /// Statistics so far.
@@ -95,7 +94,7 @@ impl SourceSession {
         let mut stats = MigrationStats::default();
         stats.bytes_sent +=
             protocol::write_message(&mut ctrl_tx, &hello(0), "sending Hello").await?;
-        let (msg, n) = match timeout(
+        let (msg, n) = match within(
             cfg.peer_timeout,
             "waiting for the destination to reserve RAM",
             protocol::read_message(&mut ctrl_rx, "waiting for Welcome"),
@@ -147,7 +146,6 @@ impl SourceSession {
             no_ref: PageBitmap::new(pages),
             round: 0,
             source_digests: Some(verify::SourceDigests::new(pages, verify::CHUNK_PAGES)),
-            digests: None,
             armed: false,
             stats,
         })
@@ -280,7 +278,7 @@ impl SourceSession {
     }
 
     /// Stop-and-copy: call with the VM paused. Sends the last dirty pages and ends the streams.
-    pub async fn final_round(&mut self) -> Result<RoundStats, SourceError> {
+    pub async fn final_round(&mut self) -> Result<Frozen, SourceError> {
         // Writes between the last collect and the pause are caught here; with
         // the VM paused nothing can be written after this collect.
         self.tracker.collect(&mut self.pending)?;
@@ -335,25 +333,24 @@ impl SourceSession {
             hash_ms = crate::stats::millis(t.elapsed()),
             "source RAM hashed"
         );
-        self.digests = Some(d.digests().to_vec());
+        let digests = d.digests().to_vec();
         self.source_digests = Some(d);
-        Ok(rs)
+        Ok(Frozen {
+            digests,
+            last_round: rs,
+        })
     }
 
     /// Has the destination compare its RAM with the digests taken in
     /// [`SourceSession::final_round`] (VM paused).
-    pub async fn verify(&mut self) -> Result<VerifyOutcome, SourceError> {
+    pub async fn verify(&mut self, frozen: Frozen) -> Result<Verified, SourceError> {
         let t = Instant::now();
-        let digests = self
-            .digests
-            .take()
-            .ok_or_else(|| SourceError::Worker("verify called before final_round".into()))?;
         self.stats.bytes_sent += self
             .ctrl_tx
             .send(
                 &Message::VerifyRequest {
                     chunk_pages: verify::CHUNK_PAGES,
-                    digests,
+                    digests: frozen.digests,
                 },
                 "sending RAM digests",
             )
@@ -369,11 +366,15 @@ impl SourceSession {
             } => {
                 self.stats.ram_verified = Some(mismatched_total == 0);
                 self.stats.mismatched_chunks = mismatched_total;
-                Ok(VerifyOutcome {
-                    mismatched,
-                    mismatched_total,
-                    chunk_pages: verify::CHUNK_PAGES,
-                })
+                if mismatched_total == 0 {
+                    Ok(Verified(()))
+                } else {
+                    Err(SourceError::RamDiffers(VerifyOutcome {
+                        mismatched,
+                        mismatched_total,
+                        chunk_pages: verify::CHUNK_PAGES,
+                    }))
+                }
             }
             other => Err(self.unexpected(other, "VerifyResult")),
         }
@@ -383,7 +384,7 @@ impl SourceSession {
     /// destination may run the VM, so if [`SourceSession::wait_activated`]
     /// then fails the outcome is unknown and the source must NOT be resumed
     /// blindly.
-    pub async fn send_commit(&mut self) -> Result<(), SourceError> {
+    pub async fn send_commit(&mut self, _verified: &Verified) -> Result<(), SourceError> {
         self.stats.bytes_sent += self
             .ctrl_tx
             .send(&Message::Commit, "sending Commit")
@@ -447,7 +448,7 @@ impl SourceSession {
         // The timeout runs from the last message: a heartbeat shows the
         // destination alive however long its work takes.
         let msg = loop {
-            let (msg, n) = timeout(
+            let (msg, n) = within(
                 self.cfg.peer_timeout,
                 doing,
                 protocol::read_message(rx, doing),
@@ -697,19 +698,6 @@ async fn connect_retrying(addr: SocketAddr, patience: Duration) -> Result<TcpStr
             Err(source) => return Err(SourceError::Connect { addr, source }),
         }
     }
-}
-
-async fn timeout<T>(
-    limit: Duration,
-    doing: &'static str,
-    f: impl std::future::Future<Output = T>,
-) -> Result<T, SourceError> {
-    tokio::time::timeout(limit, f)
-        .await
-        .map_err(|_| SourceError::Timeout {
-            secs: limit.as_secs(),
-            doing,
-        })
 }
 
 /// The Hello that opens each of a session's connections.
