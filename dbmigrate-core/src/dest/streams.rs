@@ -11,7 +11,7 @@ use tokio::sync::mpsc;
 use super::applier::ApplyInput;
 use super::phase::Event;
 use super::DestError;
-use crate::protocol::{self, Message};
+use crate::protocol::{self, DataMessage};
 use crate::transport::Conn;
 
 /// When the session last made progress: a message from the source on any
@@ -63,24 +63,18 @@ async fn read_stream(
     let mut bytes = 0;
     let mut payload = Vec::new();
     loop {
-        let (msg, n) = protocol::read_message_with(&mut s, "receiving pages", &mut payload).await?;
+        let (msg, n) = protocol::read_data_message(&mut s, "receiving pages", &mut payload).await?;
         heard(n);
         bytes += n;
         let input = match msg {
-            Message::PageBatch { pages: entries, .. } => {
+            DataMessage::PageBatch { pages: entries, .. } => {
                 protocol::check_pages("PageBatch", entries.iter().map(|e| e.page), pages)?;
                 ApplyInput::Batch(entries)
             }
-            Message::Drain { round } => ApplyInput::Phase(Event::Drain { round }),
-            Message::SwitchMark => ApplyInput::Phase(Event::SwitchMark),
-            Message::PrepareMark => ApplyInput::Phase(Event::PrepareMark),
-            Message::EndOfStream => return Ok(bytes),
-            other => {
-                return Err(DestError::Unexpected {
-                    got: other.name(),
-                    expected: "PageBatch, Drain, PrepareMark, SwitchMark or EndOfStream",
-                })
-            }
+            DataMessage::Drain { round } => ApplyInput::Phase(Event::Drain { round }),
+            DataMessage::SwitchMark => ApplyInput::Phase(Event::SwitchMark),
+            DataMessage::PrepareMark => ApplyInput::Phase(Event::PrepareMark),
+            DataMessage::EndOfStream => return Ok(bytes),
         };
         if tx.send(input).await.is_err() {
             return Err(DestError::Worker("RAM writer stopped".into()));

@@ -47,11 +47,13 @@
 //! |---|---|
 //! | `kind` | the message kinds on the wire and their names |
 //! | `codec` | each message's payload, encoded and decoded |
+//! | `data` | what a data connection carries, as types of its own |
 //! | `pages` | page batches, how a page travels, references, page bitmaps, the page-range check |
 //! | `frame` | the frame header, reading and writing one frame |
 //! | [`guest`] | the guest channel: hint sets, file layouts, requests and error answers |
 
 mod codec;
+mod data;
 mod frame;
 pub mod guest;
 mod kind;
@@ -61,6 +63,7 @@ use std::io;
 
 use thiserror::Error;
 
+pub use data::{read_data_message, DataFrame, DataMessage, DATA_KINDS};
 pub use frame::{
     parse_header, read_hello, read_message, read_message_with, write_frame, write_message,
 };
@@ -134,6 +137,14 @@ pub enum ProtocolError {
         kind: &'static str,
         /// What is wrong.
         problem: String,
+    },
+    /// A message that does not belong on this connection.
+    #[error("{kind} is not a message of this connection (it carries {expected})")]
+    WrongConnection {
+        /// Message name.
+        kind: &'static str,
+        /// What the connection carries.
+        expected: &'static str,
     },
     /// A message names a page the RAM does not have.
     #[error("{kind} names page {page}, beyond the {pages} pages of RAM")]

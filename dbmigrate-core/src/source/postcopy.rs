@@ -40,7 +40,7 @@ use super::push::{push, PushOrder, PushQueue, FREE, PACED, STOPPED};
 use super::session::WriterCmd;
 use super::{link_rate, SourceError, SourceSession};
 use crate::bitmap::PageBitmap;
-use crate::protocol::{self, BatchBuilder, Message, PageEncoder, ProtocolError};
+use crate::protocol::{self, BatchBuilder, DataMessage, Message, PageEncoder, ProtocolError};
 use crate::verify;
 
 /// Pages around a faulting page pushed next (the sysbench VM's faults
@@ -131,7 +131,7 @@ impl SourceSession {
         // The pause then starts with empty connections, and the switch's
         // markers do not wait inside it for megabytes still in the sockets
         // and the link's queue (35-40 ms at 1 Gbit/s, measured).
-        self.mark_data_connections(&Message::PrepareMark).await?;
+        self.mark_data_connections(DataMessage::PrepareMark).await?;
         // Pages written since the round's collect will be pending too; with
         // the others they are stale at the destination, which punches them
         // out now rather than inside the pause (11-13 ms for 64 MiB).
@@ -155,8 +155,8 @@ impl SourceSession {
     }
 
     /// Sends `mark` on every data connection, behind what each already carries.
-    async fn mark_data_connections(&mut self, mark: &Message) -> Result<(), SourceError> {
-        let frame = mark.encode();
+    async fn mark_data_connections(&mut self, mark: DataMessage) -> Result<(), SourceError> {
+        let frame = mark.frame();
         for c in &self.data {
             if c.tx.send(WriterCmd::Frame(frame.clone())).await.is_err() {
                 return Err(self.writer_error().await);
@@ -186,7 +186,7 @@ impl SourceSession {
             "switching to post-copy"
         );
         let started = Instant::now();
-        self.mark_data_connections(&Message::SwitchMark).await?;
+        self.mark_data_connections(DataMessage::SwitchMark).await?;
         let bytes = protocol::encode_page_bitmap(&pending);
         self.stats.bytes_sent += self
             .ctrl_tx
@@ -493,7 +493,7 @@ impl SourceSession {
             .ok_or_else(stopped)?;
         stats.pushed_pages += n;
         stats.bytes += bytes;
-        let end = Message::EndOfStream.encode();
+        let end = DataMessage::EndOfStream.frame();
         for c in std::mem::take(&mut self.data) {
             if c.tx.send(WriterCmd::Frame(end.clone())).await.is_err() {
                 return Err(stopped());

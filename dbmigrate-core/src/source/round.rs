@@ -11,7 +11,9 @@ use xxhash_rust::xxh3::xxh3_128;
 
 use super::session::WriterCmd;
 use crate::bitmap::PageBitmap;
-use crate::protocol::{self, connection_for_page, BatchBuilder, PageEncoder, PageEncoding};
+use crate::protocol::{
+    self, connection_for_page, BatchBuilder, DataFrame, PageEncoder, PageEncoding,
+};
 use crate::ram::{is_zero, SourceRam};
 use crate::rebuild::{check_hint, Hint, HintSource};
 use crate::stats::RoundStats;
@@ -322,8 +324,8 @@ pub(super) fn send_batch(
     tx: &mpsc::Sender<WriterCmd>,
     bytes: &mut u64,
 ) -> Option<()> {
-    let frame = std::mem::replace(b, BatchBuilder::new(round)).finish();
-    *bytes += frame.len() as u64;
+    let frame = DataFrame::batch(std::mem::replace(b, BatchBuilder::new(round)));
+    *bytes += frame.bytes().len() as u64;
     tx.blocking_send(WriterCmd::Frame(frame)).ok()
 }
 

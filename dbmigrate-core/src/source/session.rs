@@ -20,7 +20,7 @@ use crate::bitmap::PageBitmap;
 use crate::control::{within, ControlWriter};
 use crate::dirty::{DirtyTracker, TrackerKind};
 use crate::limiter::RateLimiter;
-use crate::protocol::{self, Hello, Message, ProtocolError, Welcome};
+use crate::protocol::{self, DataFrame, DataMessage, Hello, Message, ProtocolError, Welcome};
 use crate::ram::{RamError, SourceRam};
 use crate::rebuild::HintSource;
 use crate::stats::{mbit_per_s, MigrationStats, RoundStats};
@@ -28,8 +28,11 @@ use crate::transport::{Conn, ConnReader, ConnWriter};
 use crate::verify;
 use crate::PAGE_SIZE;
 
+/// What a data connection's writer task is asked to do.
 pub(super) enum WriterCmd {
-    Frame(Vec<u8>),
+    /// Send a frame that belongs on a data connection.
+    Frame(DataFrame),
+    /// Answer once every frame before this one was written.
     Barrier(oneshot::Sender<()>),
 }
 
@@ -314,7 +317,7 @@ impl SourceSession {
         let data = std::mem::take(&mut self.data);
         for conn in data {
             conn.tx
-                .send(WriterCmd::Frame(Message::EndOfStream.encode()))
+                .send(WriterCmd::Frame(DataMessage::EndOfStream.frame()))
                 .await
                 .map_err(|_| SourceError::Worker("data connection closed".into()))?;
             drop(conn.tx);
@@ -600,7 +603,7 @@ impl SourceSession {
         }
         // End the round on every connection and wait for the destination to
         // have applied it, storage reads included.
-        let drain = Message::Drain { round }.encode();
+        let drain = DataMessage::Drain { round }.frame();
         for c in &self.data {
             let (tx, rx) = oneshot::channel();
             if c.tx.send(WriterCmd::Frame(drain.clone())).await.is_err()
@@ -660,10 +663,11 @@ async fn data_writer(
     while let Some(cmd) = rx.recv().await {
         match cmd {
             WriterCmd::Frame(f) => {
+                let f = f.bytes();
                 limiter.acquire(f.len()).await;
                 // A peer (or link) that takes nothing for this long is gone:
                 // without the limit a cut cable would block the round forever.
-                tokio::time::timeout(patience, protocol::write_frame(&mut w, &f, "sending pages"))
+                tokio::time::timeout(patience, protocol::write_frame(&mut w, f, "sending pages"))
                     .await
                     .map_err(|_| ProtocolError::Io {
                         doing: "sending pages (the destination took nothing for the whole timeout)",
