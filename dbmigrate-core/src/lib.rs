@@ -22,6 +22,7 @@ pub mod ram;
 pub mod rebuild;
 pub mod source;
 pub mod stats;
+pub mod storage;
 mod sys;
 pub mod transport;
 pub mod verify;

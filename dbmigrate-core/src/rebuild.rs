@@ -7,11 +7,6 @@
 //! if the hash matches, otherwise it asks for the real page. A wrong hint can
 //! slow a migration, never corrupt one.
 
-use std::fs::File;
-use std::io;
-use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
-
 use thiserror::Error;
 
 use crate::PAGE_SIZE_U64;
@@ -134,108 +129,6 @@ impl HintTable {
 impl HintSource for HintTable {
     fn hint(&self, page: u64) -> Option<Hint> {
         self.hints.get(&page).copied()
-    }
-}
-
-/// Storage errors.
-#[derive(Debug, Error)]
-pub enum StorageError {
-    /// A disk could not be opened.
-    #[error("cannot open shared disk {path}")]
-    Open {
-        /// The disk.
-        path: PathBuf,
-        /// Why.
-        #[source]
-        source: io::Error,
-    },
-    /// A read failed.
-    #[error("reading {len} bytes at {offset:#x} of disk {disk} failed")]
-    Read {
-        /// Disk index.
-        disk: u16,
-        /// Offset.
-        offset: u64,
-        /// Length.
-        len: usize,
-        /// Why.
-        #[source]
-        source: io::Error,
-    },
-}
-
-/// Read access to the VM's disks on shared storage (destination side).
-pub trait Storage: Send + Sync {
-    /// Sizes of the disks, by index.
-    fn disk_sizes(&self) -> &[u64];
-    /// Fills `buf` from `offset` of `disk`.
-    fn read_at(&self, disk: u16, offset: u64, buf: &mut [u8]) -> Result<(), StorageError>;
-    /// Fills each buffer from its offset of `disk`. The default reads them
-    /// one after the other; a networked store keeps them all in flight, so
-    /// that short scattered reads are not paid one round trip each.
-    fn read_many(&self, disk: u16, reads: &mut [(u64, &mut [u8])]) -> Result<(), StorageError> {
-        for (offset, buf) in reads.iter_mut() {
-            self.read_at(disk, *offset, buf)?;
-        }
-        Ok(())
-    }
-}
-
-/// Disks as files or block devices of this host (an NBD-attached device, an image on a shared mount).
-pub struct FileStorage {
-    files: Vec<File>,
-    sizes: Vec<u64>,
-}
-
-impl FileStorage {
-    /// Opens each path read-only.
-    pub fn open(paths: &[&Path]) -> Result<Self, StorageError> {
-        let mut files = Vec::new();
-        let mut sizes = Vec::new();
-        for p in paths {
-            let f = File::open(p).map_err(|source| StorageError::Open {
-                path: p.to_path_buf(),
-                source,
-            })?;
-            // Block devices report size 0 in metadata; seeking to the end works for both.
-            let size = {
-                use std::io::Seek;
-                let mut g = &f;
-                g.seek(io::SeekFrom::End(0))
-                    .map_err(|source| StorageError::Open {
-                        path: p.to_path_buf(),
-                        source,
-                    })?
-            };
-            files.push(f);
-            sizes.push(size);
-        }
-        Ok(Self { files, sizes })
-    }
-}
-
-impl Storage for FileStorage {
-    fn disk_sizes(&self) -> &[u64] {
-        &self.sizes
-    }
-
-    fn read_at(&self, disk: u16, offset: u64, buf: &mut [u8]) -> Result<(), StorageError> {
-        let f = self
-            .files
-            .get(usize::from(disk))
-            .ok_or_else(|| StorageError::Read {
-                disk,
-                offset,
-                len: buf.len(),
-                source: io::Error::new(io::ErrorKind::NotFound, "no such disk"),
-            })?;
-        f.read_exact_at(buf, offset)
-            .map_err(|source| StorageError::Read {
-                disk,
-                offset,
-                len: buf.len(),
-                source,
-            })
     }
 }
 

@@ -282,7 +282,8 @@ async fn a_paced_rebuild_is_byte_exact_and_keeps_to_its_pace() {
 /// guest rewriting hinted pages; checks the copy and the counts and
 /// returns the destination's figures and how long the migration took.
 async fn rebuild_case(tag: &str, pace: Option<u64>) -> (dest::DestStats, Duration) {
-    use dbmigrate_core::rebuild::{FileStorage, Hint, HintTable, Storage};
+    use dbmigrate_core::rebuild::{Hint, HintTable};
+    use dbmigrate_core::storage::{FileStorage, Storage};
 
     let src_path = ram_file(&format!("{tag}-src"));
     let dst_path = ram_file(&format!("{tag}-dst"));
@@ -417,7 +418,8 @@ async fn rebuild_case(tag: &str, pace: Option<u64>) -> (dest::DestStats, Duratio
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore]
 async fn rebuild_throughput() {
-    use dbmigrate_core::rebuild::{FileStorage, Hint, HintTable, Storage};
+    use dbmigrate_core::rebuild::{Hint, HintTable};
+    use dbmigrate_core::storage::{FileStorage, Storage};
     const N: u64 = 262_144;
     let path = |t: &str| PathBuf::from(format!("/dev/shm/dbm-tp-{}-{t}", std::process::id()));
     let (src_path, dst_path, disk_path) = (path("src"), path("dst"), path("disk"));
@@ -865,7 +867,7 @@ struct SlowStorage {
     log: Mutex<Vec<u64>>,
 }
 
-impl dbmigrate_core::rebuild::Storage for SlowStorage {
+impl dbmigrate_core::storage::Storage for SlowStorage {
     fn disk_sizes(&self) -> &[u64] {
         &self.sizes
     }
@@ -874,7 +876,7 @@ impl dbmigrate_core::rebuild::Storage for SlowStorage {
         _disk: u16,
         offset: u64,
         buf: &mut [u8],
-    ) -> Result<(), dbmigrate_core::rebuild::StorageError> {
+    ) -> Result<(), dbmigrate_core::storage::StorageError> {
         let at = usize::try_from(offset).unwrap();
         buf.copy_from_slice(&self.disk[at..at + buf.len()]);
         self.log.lock().unwrap().push(offset);
@@ -884,7 +886,7 @@ impl dbmigrate_core::rebuild::Storage for SlowStorage {
         &self,
         disk: u16,
         reads: &mut [(u64, &mut [u8])],
-    ) -> Result<(), dbmigrate_core::rebuild::StorageError> {
+    ) -> Result<(), dbmigrate_core::storage::StorageError> {
         std::thread::sleep(self.delay);
         for (offset, buf) in reads.iter_mut() {
             self.read_at(disk, *offset, buf)?;
@@ -898,7 +900,8 @@ impl dbmigrate_core::rebuild::Storage for SlowStorage {
 /// (the vCPU waits for it), and the RAM must still end byte-exact.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fault_on_a_page_whose_storage_read_is_queued_is_read_ahead_of_the_queue() {
-    use dbmigrate_core::rebuild::{Hint, Storage};
+    use dbmigrate_core::rebuild::Hint;
+    use dbmigrate_core::storage::Storage;
 
     const REFS: u64 = 2000;
     let target = REFS - 1;

@@ -18,8 +18,16 @@ compile_error!("the `failpoints` feature is for test builds only: build it with 
 #[inline(always)]
 pub fn hit(_name: &str) {}
 
+/// Shared storage as it is (not a test build).
+#[cfg(not(feature = "failpoints"))]
+pub fn around_storage(
+    s: std::sync::Arc<dyn dbmigrate_core::storage::Storage>,
+) -> std::sync::Arc<dyn dbmigrate_core::storage::Storage> {
+    s
+}
+
 #[cfg(feature = "failpoints")]
-pub use injected::hit;
+pub use injected::{around_storage, hit};
 
 #[cfg(feature = "failpoints")]
 mod injected {
@@ -28,7 +36,32 @@ mod injected {
     use std::sync::OnceLock;
     use std::time::Duration;
 
+    use dbmigrate_core::storage::{Storage, StorageError};
+
     static FIRED: AtomicBool = AtomicBool::new(false);
+
+    /// Shared storage whose batched reads pass the stage `dst-storage-read`.
+    struct AtStorageRead(std::sync::Arc<dyn Storage>);
+
+    impl Storage for AtStorageRead {
+        fn disk_sizes(&self) -> &[u64] {
+            self.0.disk_sizes()
+        }
+
+        fn read_at(&self, disk: u16, offset: u64, buf: &mut [u8]) -> Result<(), StorageError> {
+            self.0.read_at(disk, offset, buf)
+        }
+
+        fn read_many(&self, disk: u16, reads: &mut [(u64, &mut [u8])]) -> Result<(), StorageError> {
+            hit("dst-storage-read");
+            self.0.read_many(disk, reads)
+        }
+    }
+
+    /// `s` with the storage failpoint in front of its reads.
+    pub fn around_storage(s: std::sync::Arc<dyn Storage>) -> std::sync::Arc<dyn Storage> {
+        std::sync::Arc::new(AtStorageRead(s))
+    }
     static SPEC: OnceLock<Option<String>> = OnceLock::new();
 
     /// The stage `name` is reached.

@@ -5,7 +5,6 @@ mod devstate;
 mod failpoint;
 mod framescan;
 mod hints;
-mod nbd;
 mod priority;
 mod progress;
 mod qemu;
@@ -236,27 +235,15 @@ fn parse_rate(s: &str) -> Result<u64, String> {
     Ok(v as u64)
 }
 
-/// Opens the destination's view of the VM's disks: all NBD or all local paths.
+/// The VM's disks on shared storage (`--storage`), with the fault suite's
+/// storage failpoint around them in a test build.
 fn open_storage(
     specs: &[String],
     timeout: Duration,
-) -> Result<Option<std::sync::Arc<dyn dbmigrate_core::rebuild::Storage>>> {
-    if specs.is_empty() {
-        return Ok(None);
-    }
-    if u16::try_from(specs.len()).is_err() {
-        bail!("too many --storage disks ({})", specs.len());
-    }
-    if specs.iter().all(|s| s.starts_with("nbd://")) {
-        let s = nbd::NbdStorage::open(specs, timeout).context("opening shared storage over NBD")?;
-        return Ok(Some(std::sync::Arc::new(s)));
-    }
-    if specs.iter().any(|s| s.contains("://")) {
-        bail!("--storage takes nbd://HOST:PORT[/EXPORT] addresses or local paths, not a mix of both or another scheme");
-    }
-    let paths: Vec<&std::path::Path> = specs.iter().map(std::path::Path::new).collect();
-    let s = dbmigrate_core::rebuild::FileStorage::open(&paths).context("opening shared storage")?;
-    Ok(Some(std::sync::Arc::new(s)))
+) -> Result<Option<std::sync::Arc<dyn dbmigrate_core::storage::Storage>>> {
+    let storage =
+        dbmigrate_core::storage::open(specs, timeout).context("opening shared storage")?;
+    Ok(storage.map(failpoint::around_storage))
 }
 
 fn preload_path() -> Option<PathBuf> {

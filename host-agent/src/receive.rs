@@ -36,7 +36,7 @@ pub struct ReceiveArgs {
     /// Keep the destination QEMU after a failed attempt (default: quit it).
     pub keep_qemu: bool,
     /// The VM's disks, for rebuilding pages from references.
-    pub storage: Option<std::sync::Arc<dyn dbmigrate_core::rebuild::Storage>>,
+    pub storage: Option<std::sync::Arc<dyn dbmigrate_core::storage::Storage>>,
     /// Pace of the rebuild's background storage reads, bytes/s.
     pub storage_bandwidth: Option<u64>,
     /// Where QEMU's preload library offers the RAM's userfaultfd (post-copy).

@@ -19,7 +19,7 @@ use crate::control::within;
 use crate::control::ControlWriter;
 use crate::protocol::{self, Hello, Message, ProtocolError};
 use crate::ram::DestRam;
-use crate::rebuild::Storage;
+use crate::storage::Storage;
 use crate::transport::Conn;
 use crate::verify;
 

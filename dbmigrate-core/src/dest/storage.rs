@@ -12,7 +12,8 @@ use xxhash_rust::xxh3::xxh3_128;
 
 use super::applier::{ApplyInput, Resolved};
 use super::streams::Heard;
-use crate::rebuild::{self, RefRequest, Storage};
+use crate::rebuild::{self, RefRequest};
+use crate::storage::Storage;
 use crate::verify;
 use crate::PAGE_SIZE;
 

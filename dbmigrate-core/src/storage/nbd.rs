@@ -8,7 +8,7 @@ use std::net::{TcpStream, ToSocketAddrs};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use dbmigrate_core::rebuild::{Storage, StorageError};
+use super::{Storage, StorageError};
 use thiserror::Error;
 
 const NBDMAGIC: u64 = 0x4e42_444d_4147_4943; // "NBDMAGIC"
@@ -369,7 +369,6 @@ impl Storage for NbdStorage {
     }
 
     fn read_many(&self, disk: u16, reads: &mut [(u64, &mut [u8])]) -> Result<(), StorageError> {
-        crate::failpoint::hit("dst-storage-read");
         let (offset, len) = reads.first().map_or((0, 0), |(o, b)| (*o, b.len()));
         let err = |source| StorageError::Read {
             disk,
