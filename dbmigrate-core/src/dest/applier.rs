@@ -632,16 +632,34 @@ impl Applier {
 /// storage readers, and what cannot wait (the control connection's
 /// switch, faults, pages a vCPU waits for).
 pub(super) struct Inputs {
-    pub(super) data: mpsc::Receiver<ApplyInput>,
-    pub(super) stored: mpsc::Receiver<ApplyInput>,
-    pub(super) urgent: mpsc::Receiver<ApplyInput>,
-    pub(super) rt: tokio::runtime::Handle,
+    data: mpsc::Receiver<ApplyInput>,
+    stored: mpsc::Receiver<ApplyInput>,
+    urgent: mpsc::Receiver<ApplyInput>,
+    rt: tokio::runtime::Handle,
     /// Fires when the session gave up (timeout, abort).
-    pub(super) ended_session: oneshot::Receiver<()>,
-    pub(super) turn: bool,
+    ended_session: oneshot::Receiver<()>,
+    /// Which of data and storage goes first next (they alternate before the switch).
+    turn: bool,
 }
 
 impl Inputs {
+    /// The RAM owner's inputs, read on the runtime of the calling task.
+    pub(super) fn new(
+        data: mpsc::Receiver<ApplyInput>,
+        stored: mpsc::Receiver<ApplyInput>,
+        urgent: mpsc::Receiver<ApplyInput>,
+        ended_session: oneshot::Receiver<()>,
+    ) -> Self {
+        Self {
+            data,
+            stored,
+            urgent,
+            rt: tokio::runtime::Handle::current(),
+            ended_session,
+            turn: false,
+        }
+    }
+
     /// The next input. After the switch (`post`), pages from the source
     /// come before storage results: a page missing from the network costs
     /// the VM a round trip, one from storage is read again at once when it

@@ -140,14 +140,7 @@ impl DestSession {
         }
         let (out_tx, mut out_rx) = mpsc::unbounded_channel();
         let applier = Applier::new(ram, conns, readers, faults, out_tx)?;
-        let inputs = Inputs {
-            data: rx,
-            stored: stored_rx,
-            urgent: urgent_rx,
-            rt: tokio::runtime::Handle::current(),
-            ended_session: end_rx,
-            turn: false,
-        };
+        let inputs = Inputs::new(rx, stored_rx, urgent_rx, end_rx);
         // The RAM has one owner thread: ordering per page is the arrival order
         // on its connection, and pages never cross connections.
         let mut applier = tokio::task::spawn_blocking(move || applier.start(inputs));

@@ -58,13 +58,7 @@ impl Message {
                 p.push(u8::from(w.postcopy));
             }
             Message::Refuse { reason } | Message::Abort { reason } => put_str(&mut p, reason),
-            Message::PageBatch { round, pages } => {
-                let mut b = BatchBuilder::new(*round);
-                for e in pages {
-                    b.push(e.page, e.encoding, &e.data);
-                }
-                return b.finish();
-            }
+            Message::PageBatch { round, pages } => return BatchBuilder::encode(*round, pages),
             Message::EndOfStream
             | Message::Commit
             | Message::Activated

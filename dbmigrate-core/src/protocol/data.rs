@@ -58,13 +58,7 @@ impl DataMessage {
     /// The frame that carries it.
     pub fn frame(&self) -> DataFrame {
         DataFrame(match self {
-            DataMessage::PageBatch { round, pages } => {
-                let mut b = BatchBuilder::new(*round);
-                for e in pages {
-                    b.push(e.page, e.encoding, &e.data);
-                }
-                b.finish()
-            }
+            DataMessage::PageBatch { round, pages } => BatchBuilder::encode(*round, pages),
             DataMessage::Drain { round } => Message::Drain { round: *round }.encode(),
             DataMessage::PrepareMark => Message::PrepareMark.encode(),
             DataMessage::SwitchMark => Message::SwitchMark.encode(),

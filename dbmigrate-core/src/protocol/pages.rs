@@ -4,7 +4,7 @@
 //! pages of the RAM.
 
 use super::frame::write_header;
-use super::{Kind, ProtocolError, HEADER_LEN, MAX_BATCH_PAGES, PAGES_PER_STRIPE};
+use super::{Kind, PageEntry, ProtocolError, HEADER_LEN, MAX_BATCH_PAGES, PAGES_PER_STRIPE};
 use crate::bitmap::PageBitmap;
 use crate::rebuild::Hint;
 use crate::PAGE_SIZE;
@@ -174,6 +174,15 @@ impl BatchBuilder {
         buf.extend_from_slice(&round.to_le_bytes());
         buf.extend_from_slice(&0u32.to_le_bytes());
         Self { buf, count: 0 }
+    }
+
+    /// The whole frame of a batch of already decoded `pages`.
+    pub fn encode(round: u32, pages: &[PageEntry]) -> Vec<u8> {
+        let mut b = Self::new(round);
+        for e in pages {
+            b.push(e.page, e.encoding, &e.data);
+        }
+        b.finish()
     }
 
     /// Appends a page.

@@ -49,12 +49,7 @@ impl Storage for FileStorage {
         let f = self
             .files
             .get(usize::from(disk))
-            .ok_or_else(|| StorageError::Read {
-                disk,
-                offset,
-                len: buf.len(),
-                source: io::Error::new(io::ErrorKind::NotFound, "no such disk"),
-            })?;
+            .ok_or_else(|| StorageError::no_such_disk(disk, offset, buf.len()))?;
         f.read_exact_at(buf, offset)
             .map_err(|source| StorageError::Read {
                 disk,

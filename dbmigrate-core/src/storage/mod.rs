@@ -42,6 +42,18 @@ pub enum StorageError {
     },
 }
 
+impl StorageError {
+    /// A read of `len` bytes at `offset` of a disk the VM does not have.
+    pub(crate) fn no_such_disk(disk: u16, offset: u64, len: usize) -> Self {
+        StorageError::Read {
+            disk,
+            offset,
+            len,
+            source: io::Error::new(io::ErrorKind::NotFound, "no such disk"),
+        }
+    }
+}
+
 /// Read access to the VM's disks on shared storage (destination side).
 pub trait Storage: Send + Sync {
     /// Sizes of the disks, by index.

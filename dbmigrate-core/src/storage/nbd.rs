@@ -354,12 +354,7 @@ impl Storage for NbdStorage {
         let d = self
             .disks
             .get(usize::from(disk))
-            .ok_or_else(|| StorageError::Read {
-                disk,
-                offset,
-                len,
-                source: io::Error::new(io::ErrorKind::NotFound, "no such disk"),
-            })?;
+            .ok_or_else(|| StorageError::no_such_disk(disk, offset, len))?;
         d.read_at(offset, buf).map_err(|e| StorageError::Read {
             disk,
             offset,
@@ -379,7 +374,7 @@ impl Storage for NbdStorage {
         let d = self
             .disks
             .get(usize::from(disk))
-            .ok_or_else(|| err(io::Error::new(io::ErrorKind::NotFound, "no such disk")))?;
+            .ok_or_else(|| StorageError::no_such_disk(disk, offset, len))?;
         d.read_many(reads)
             .map_err(|e| err(io::Error::other(e.to_string())))
     }
