@@ -14,7 +14,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::sync::{mpsc, Mutex};
 use tokio::task::JoinHandle;
 
-use crate::protocol::{self, Message, ProtocolError, HEARTBEAT_INTERVAL};
+use crate::protocol::{self, Control, Message, ProtocolError, HEARTBEAT_INTERVAL};
 use crate::transport::{ConnReader, ConnWriter};
 
 /// A peer said nothing for `secs` seconds while this side was `doing`
@@ -39,17 +39,21 @@ pub async fn within<T>(
     })
 }
 
-/// Messages of a control connection as its reader task hands them over,
-/// each with its size on the wire; an error ends them.
-pub type Incoming = mpsc::Receiver<Result<(Message, u64), ProtocolError>>;
+/// Messages of a control connection (`T`: the direction this side reads)
+/// as its reader task hands them over, each with its size on the wire; an
+/// error ends them.
+pub type Incoming<T> = mpsc::Receiver<Result<(T, u64), ProtocolError>>;
 
 /// Reads the control connection `rx` in a task of its own until a read
 /// fails (that error is the last item) or the receiver is dropped.
-pub fn spawn_reader(mut rx: ConnReader, doing: &'static str) -> (Incoming, JoinHandle<()>) {
+pub fn spawn_reader<T: Control>(
+    mut rx: ConnReader,
+    doing: &'static str,
+) -> (Incoming<T>, JoinHandle<()>) {
     let (tx, incoming) = mpsc::channel(16);
     let task = tokio::spawn(async move {
         loop {
-            let m = protocol::read_message(&mut rx, doing).await;
+            let m = protocol::read_control(&mut rx, doing).await;
             let failed = m.is_err();
             if tx.send(m).await.is_err() || failed {
                 return;
@@ -59,11 +63,13 @@ pub fn spawn_reader(mut rx: ConnReader, doing: &'static str) -> (Incoming, JoinH
     (incoming, task)
 }
 
-/// A control connection's writer that sends a [`Message::Heartbeat`] every
-/// [`HEARTBEAT_INTERVAL`] until dropped or shut down.
-pub struct ControlWriter {
+/// A control connection's writer (`T`: the direction this side sends)
+/// that sends a [`Message::Heartbeat`] every [`HEARTBEAT_INTERVAL`] until
+/// dropped or shut down.
+pub struct ControlWriter<T> {
     inner: Arc<Mutex<Conn>>,
     beat: JoinHandle<()>,
+    sends: std::marker::PhantomData<fn(T)>,
 }
 
 struct Conn {
@@ -109,7 +115,7 @@ impl Conn {
     }
 }
 
-impl ControlWriter {
+impl<T: Control> ControlWriter<T> {
     /// Takes over `w` and starts the heartbeats (on the current tokio
     /// runtime). A write that cannot finish within `patience` fails.
     pub fn new(w: ConnWriter, patience: Duration) -> Self {
@@ -119,11 +125,15 @@ impl ControlWriter {
             broken: false,
         }));
         let beat = tokio::spawn(heartbeats(inner.clone()));
-        Self { inner, beat }
+        Self {
+            inner,
+            beat,
+            sends: std::marker::PhantomData,
+        }
     }
 
     /// Writes one message; returns the bytes written.
-    pub async fn send(&self, msg: &Message, doing: &'static str) -> Result<u64, ProtocolError> {
+    pub async fn send(&self, msg: T, doing: &'static str) -> Result<u64, ProtocolError> {
         let f = msg.encode();
         self.send_frame(&f, doing).await?;
         Ok(f.len() as u64)
@@ -143,7 +153,7 @@ impl ControlWriter {
     }
 }
 
-impl Drop for ControlWriter {
+impl<T> Drop for ControlWriter<T> {
     fn drop(&mut self) {
         self.beat.abort();
     }
@@ -181,7 +191,7 @@ mod tests {
         // The peer keeps its socket open and never reads, as a cut link would.
         let (_peer, _) = accepted.unwrap();
         let (_r, w) = crate::transport::Conn::Plain(client.unwrap()).split();
-        let ctrl = ControlWriter::new(w, Duration::from_millis(300));
+        let ctrl = ControlWriter::<protocol::ToDestination>::new(w, Duration::from_millis(300));
         let frame = vec![0u8; 1 << 20];
         let started = std::time::Instant::now();
         let err = loop {
@@ -196,7 +206,7 @@ mod tests {
         };
         assert!(err.to_string().contains("filling the link"), "{err}");
         let later = ctrl
-            .send(&Message::Commit, "sending Commit")
+            .send(protocol::ToDestination::Commit, "sending Commit")
             .await
             .unwrap_err();
         assert!(format!("{later:?}").contains("timed out"), "{later:?}");

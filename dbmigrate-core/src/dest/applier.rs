@@ -16,7 +16,7 @@ use super::phase::{self, Event, Phase, Transition};
 use super::storage::{ReadBuffers, ReaderLink, StorageTally};
 use super::{DestError, DestStats};
 use crate::bitmap::{PageBitmap, PageQueue};
-use crate::protocol::{self, Message, PageEncoding, PageEntry};
+use crate::protocol::{self, PageEncoding, PageEntry, ToSource};
 use crate::ram::{DestRam, Prepared};
 use crate::rebuild::{self, RefRequest};
 use crate::verify;
@@ -92,7 +92,7 @@ pub(super) struct Applier {
     faults: Option<Arc<FaultSource>>,
     /// Where the migration stands.
     phase: Phase,
-    out: mpsc::UnboundedSender<Message>,
+    out: mpsc::UnboundedSender<ToSource>,
     /// What the storage readers read (final once no read is outstanding).
     storage: Arc<StorageTally>,
     read_buffers: Arc<ReadBuffers>,
@@ -108,7 +108,7 @@ impl Applier {
         conns: usize,
         readers: Option<ReaderLink>,
         faults: Option<Arc<FaultSource>>,
-        out: mpsc::UnboundedSender<Message>,
+        out: mpsc::UnboundedSender<ToSource>,
     ) -> Result<Self, DestError> {
         let pages = ram.pages();
         let upages = usize::try_from(pages).expect("RAM pages fit in memory");
@@ -232,7 +232,7 @@ impl Applier {
         match self.phase.post_mut() {
             Some(post) => {
                 if post.requested.set(page) {
-                    let _ = self.out.send(Message::PageRequest { pages: vec![page] });
+                    let _ = self.out.send(ToSource::PageRequest { pages: vec![page] });
                 }
             }
             None => self.need.push(page),
@@ -372,7 +372,7 @@ impl Applier {
             );
             holes = Some(punched);
         }
-        let _ = self.out.send(Message::SwitchPrepared);
+        let _ = self.out.send(ToSource::SwitchPrepared);
         Ok(holes)
     }
 
@@ -434,9 +434,9 @@ impl Applier {
             punch_ms = punch_started.elapsed().as_millis(),
             "switched to post-copy"
         );
-        let _ = self.out.send(Message::Switched);
+        let _ = self.out.send(ToSource::Switched);
         for chunk in need.chunks(protocol::MAX_NEED) {
-            let _ = self.out.send(Message::PageRequest {
+            let _ = self.out.send(ToSource::PageRequest {
                 pages: chunk.to_vec(),
             });
         }
@@ -514,7 +514,7 @@ impl Applier {
             }
         }
         if !ask.is_empty() {
-            let _ = self.out.send(Message::PageRequest { pages: ask });
+            let _ = self.out.send(ToSource::PageRequest { pages: ask });
         }
         Ok(())
     }
@@ -581,7 +581,7 @@ impl Applier {
         }
         if let Some(round) = self.phase.round_drained(self.conns, self.outstanding) {
             let need = self.need.take(protocol::MAX_NEED);
-            let _ = self.out.send(Message::Drained { round, need });
+            let _ = self.out.send(ToSource::Drained { round, need });
         }
         Ok(())
     }

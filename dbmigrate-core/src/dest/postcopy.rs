@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use super::applier::{Applied, ApplyInput};
 use super::session::{writer_outcome, DestSession, PostcopyRun};
 use super::{DestError, DestStats};
-use crate::protocol::{self, Message, ProtocolError};
+use crate::protocol::{self, Control, ProtocolError, ToDestination, ToSource};
 
 /// How long a finished post-copy waits for the source to close the control
 /// connection (see [`DestSession::drain_until_closed`]).
@@ -46,7 +46,7 @@ impl DestSession {
         let mut placed = Some(placed);
         let mut resume = std::pin::pin!(resume);
         let (mut committed, mut resumed) = (false, false);
-        let mut request: Option<Message> = None;
+        let mut request: Option<ToDestination> = None;
         let mut applied: Option<Applied> = None;
         let mut last_word = Instant::now();
         loop {
@@ -69,7 +69,7 @@ impl DestSession {
             tokio::select! {
                 biased;
                 Some(m) = run.out.recv() => {
-                    self.ctrl_tx.send(&m, "asking for pages").await?;
+                    self.ctrl_tx.send(m, "asking for pages").await?;
                 }
                 r = &mut run.applier, if applied.is_none() => {
                     applied = Some(writer_outcome(r)?);
@@ -84,7 +84,7 @@ impl DestSession {
                         self.abort(&reason).await;
                         return Err(DestError::Resume(reason));
                     }
-                    self.ctrl_tx.send(&Message::Activated, "sending Activated").await?;
+                    self.ctrl_tx.send(ToSource::Activated, "sending Activated").await?;
                 }
                 m = self.ctrl_in.recv() => {
                     last_word = Instant::now();
@@ -98,8 +98,8 @@ impl DestSession {
                         },
                     };
                     match m {
-                        Message::Commit => committed = true,
-                        Message::PageBatch { pages, .. } => {
+                        ToDestination::Commit => committed = true,
+                        ToDestination::PageBatch { pages, .. } => {
                             protocol::check_pages("PageBatch", pages.iter().map(|e| e.page), run.pages)?;
                             // Every page is placed already: this is the answer to a
                             // request that storage or the background push beat.
@@ -117,10 +117,12 @@ impl DestSession {
                                 }
                             }
                         }
-                        m @ Message::VerifyRequest { .. } => request = Some(m),
-                        Message::Heartbeat => {}
-                        Message::Abort { reason } => return Err(DestError::SourceAborted { reason }),
-                        other => return Err(DestError::Unexpected { got: other.name(), expected: "post-copy pages" }),
+                        m @ ToDestination::VerifyRequest { .. } => request = Some(m),
+                        ToDestination::Heartbeat => {}
+                        ToDestination::Abort { reason } => return Err(DestError::SourceAborted { reason }),
+                        other @ (ToDestination::PrepareSwitch { .. } | ToDestination::Switch { .. }) => {
+                            return Err(DestError::Unexpected { got: other.name(), expected: "post-copy pages" })
+                        }
                     }
                 }
                 () = tokio::time::sleep(Duration::from_secs(1)) => {

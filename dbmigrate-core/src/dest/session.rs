@@ -17,7 +17,7 @@ use super::streams::{read_pages, Heard};
 use super::{DestError, DestStats};
 use crate::control::within;
 use crate::control::ControlWriter;
-use crate::protocol::{self, Hello, Message, ProtocolError};
+use crate::protocol::{self, Control, Hello, ProtocolError, ToDestination, ToSource};
 use crate::ram::DestRam;
 use crate::storage::Storage;
 use crate::transport::Conn;
@@ -27,8 +27,8 @@ use crate::verify;
 pub struct DestSession {
     /// Messages of the control connection, read by their own task (reads
     /// are never cancelled halfway through a frame).
-    pub(super) ctrl_in: crate::control::Incoming,
-    pub(super) ctrl_tx: ControlWriter,
+    pub(super) ctrl_in: crate::control::Incoming<ToDestination>,
+    pub(super) ctrl_tx: ControlWriter<ToSource>,
     pub(super) data: Vec<Conn>,
     pub(super) hello: Hello,
     /// What the session's other connections must carry (id, certificate).
@@ -57,7 +57,7 @@ pub enum Received {
 pub struct PostcopyRun {
     pub(super) applier: tokio::task::JoinHandle<Result<Applied, DestError>>,
     pub(super) urgent: mpsc::Sender<ApplyInput>,
-    pub(super) out: mpsc::UnboundedReceiver<Message>,
+    pub(super) out: mpsc::UnboundedReceiver<ToSource>,
     pub(super) stop: SessionStop,
     pub(super) pages: u64,
 }
@@ -153,7 +153,7 @@ impl DestSession {
             tokio::select! {
                 biased;
                 Some(m) = out_rx.recv() => {
-                    self.ctrl_tx.send(&m, "answering the source").await?;
+                    self.ctrl_tx.send(m, "answering the source").await?;
                 }
                 r = &mut applier => break writer_outcome(r)?,
                 () = tokio::time::sleep(Duration::from_secs(1)) => {
@@ -169,14 +169,14 @@ impl DestSession {
                 m = self.ctrl_in.recv(), if early_request.is_none() => {
                     heard.touch();
                     match m.ok_or(ProtocolError::Closed { doing: "watching the control connection" })?.map(|(m, _)| m) {
-                        Ok(req @ Message::VerifyRequest { .. }) => early_request = Some(req),
-                        Ok(Message::PrepareSwitch { stale }) => {
+                        Ok(req @ ToDestination::VerifyRequest { .. }) => early_request = Some(req),
+                        Ok(ToDestination::PrepareSwitch { stale }) => {
                             let stale = protocol::decode_page_bitmap(&stale, pages, "PrepareSwitch")?;
                             if urgent_tx.send(ApplyInput::Phase(Event::PrepareSwitch(stale))).await.is_err() {
                                 return Err(stopped_writer(&mut applier).await);
                             }
                         }
-                        Ok(Message::Switch { pending }) => {
+                        Ok(ToDestination::Switch { pending }) => {
                             let bits = protocol::decode_page_bitmap(&pending, pages, "Switch")?;
                             if urgent_tx.send(ApplyInput::Phase(Event::Switch(bits))).await.is_err() {
                                 return Err(stopped_writer(&mut applier).await);
@@ -189,9 +189,11 @@ impl DestSession {
                                 pages,
                             }));
                         }
-                        Ok(Message::Heartbeat) => {}
-                        Ok(Message::Abort { reason }) => return Err(DestError::SourceAborted { reason }),
-                        Ok(other) => return Err(DestError::Unexpected { got: other.name(), expected: "pages" }),
+                        Ok(ToDestination::Heartbeat) => {}
+                        Ok(ToDestination::Abort { reason }) => return Err(DestError::SourceAborted { reason }),
+                        Ok(other @ (ToDestination::Commit | ToDestination::PageBatch { .. })) => {
+                            return Err(DestError::Unexpected { got: other.name(), expected: "pages" })
+                        }
                         Err(e) => return Err(e.into()),
                     }
                 }
@@ -199,7 +201,7 @@ impl DestSession {
         };
         drop(stop);
         while let Ok(m) = out_rx.try_recv() {
-            self.ctrl_tx.send(&m, "answering the source").await?;
+            self.ctrl_tx.send(m, "answering the source").await?;
         }
         self.compare_rounds(applied, early_request, pages).await
     }
@@ -209,7 +211,7 @@ impl DestSession {
     async fn compare_rounds(
         &mut self,
         applied: Applied,
-        early: Option<Message>,
+        early: Option<ToDestination>,
         pages: u64,
     ) -> Result<Received, DestError> {
         let Applied {
@@ -238,11 +240,11 @@ impl DestSession {
     /// Answers a VerifyRequest with the chunks that differ from `ours`.
     pub(super) async fn compare(
         &mut self,
-        msg: Message,
+        msg: ToDestination,
         ours: &[u128],
         pages: u64,
     ) -> Result<u32, DestError> {
-        let Message::VerifyRequest {
+        let ToDestination::VerifyRequest {
             chunk_pages,
             digests,
         } = msg
@@ -273,7 +275,7 @@ impl DestSession {
             .collect();
         self.ctrl_tx
             .send(
-                &Message::VerifyResult {
+                ToSource::VerifyResult {
                     mismatched: listed,
                     mismatched_total: total,
                 },
@@ -286,7 +288,7 @@ impl DestSession {
     /// Waits for the source to hand over the VM. Ok(()) means: resume it now.
     pub async fn wait_commit(&mut self) -> Result<(), DestError> {
         match self.read_ctrl("waiting for Commit").await? {
-            Message::Commit => Ok(()),
+            ToDestination::Commit => Ok(()),
             other => Err(DestError::Unexpected {
                 got: other.name(),
                 expected: "Commit",
@@ -297,7 +299,7 @@ impl DestSession {
     /// Tells the source the VM runs here now.
     pub async fn activated(&mut self) -> Result<(), DestError> {
         self.ctrl_tx
-            .send(&Message::Activated, "sending Activated")
+            .send(ToSource::Activated, "sending Activated")
             .await?;
         Ok(())
     }
@@ -307,7 +309,7 @@ impl DestSession {
         let _ = tokio::time::timeout(
             Duration::from_secs(2),
             self.ctrl_tx.send(
-                &Message::Abort {
+                ToSource::Abort {
                     reason: reason.to_string(),
                 },
                 "sending Abort",
@@ -316,18 +318,21 @@ impl DestSession {
         .await;
     }
 
-    pub(super) async fn read_ctrl(&mut self, doing: &'static str) -> Result<Message, DestError> {
+    pub(super) async fn read_ctrl(
+        &mut self,
+        doing: &'static str,
+    ) -> Result<ToDestination, DestError> {
         // The timeout runs from the last message: heartbeats show the
         // source alive while it waits for QEMU or hashes its RAM.
         let msg = loop {
             let (msg, _) = within(self.peer_timeout, doing, self.ctrl_in.recv())
                 .await?
                 .ok_or(ProtocolError::Closed { doing })??;
-            if msg != Message::Heartbeat {
+            if msg != ToDestination::Heartbeat {
                 break msg;
             }
         };
-        if let Message::Abort { reason } = msg {
+        if let ToDestination::Abort { reason } = msg {
             return Err(DestError::SourceAborted { reason });
         }
         Ok(msg)

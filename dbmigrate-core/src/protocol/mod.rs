@@ -47,12 +47,14 @@
 //! |---|---|
 //! | `kind` | the message kinds on the wire and their names |
 //! | `codec` | each message's payload, encoded and decoded |
+//! | `control` | what the control connection carries, one type per direction |
 //! | `data` | what a data connection carries, as types of its own |
 //! | `pages` | page batches, how a page travels, references, page bitmaps, the page-range check |
 //! | `frame` | the frame header, reading and writing one frame |
 //! | [`guest`] | the guest channel: hint sets, file layouts, requests and error answers |
 
 mod codec;
+mod control;
 mod data;
 mod frame;
 pub mod guest;
@@ -63,6 +65,9 @@ use std::io;
 
 use thiserror::Error;
 
+pub use control::{
+    read_control, Control, ToDestination, ToSource, TO_DESTINATION_KINDS, TO_SOURCE_KINDS,
+};
 pub use data::{read_data_message, DataFrame, DataMessage, DATA_KINDS};
 pub use frame::{
     parse_header, read_hello, read_message, read_message_with, write_frame, write_message,

@@ -40,7 +40,9 @@ use super::push::{push, PushOrder, PushQueue, FREE, PACED, STOPPED};
 use super::session::WriterCmd;
 use super::{link_rate, SourceError, SourceSession};
 use crate::bitmap::PageBitmap;
-use crate::protocol::{self, BatchBuilder, DataMessage, Message, PageEncoder, ProtocolError};
+use crate::protocol::{
+    self, BatchBuilder, DataMessage, PageEncoder, ProtocolError, ToDestination, ToSource,
+};
 use crate::verify;
 
 /// Pages around a faulting page pushed next (the sysbench VM's faults
@@ -141,7 +143,7 @@ impl SourceSession {
         self.stats.bytes_sent += self
             .ctrl_tx
             .send(
-                &Message::PrepareSwitch { stale },
+                ToDestination::PrepareSwitch { stale },
                 "preparing the switch to post-copy",
             )
             .await?;
@@ -149,7 +151,7 @@ impl SourceSession {
             .read_ctrl("waiting for the destination to prepare the switch")
             .await?
         {
-            Message::SwitchPrepared => Ok(()),
+            ToSource::SwitchPrepared => Ok(()),
             other => Err(self.unexpected(other, "SwitchPrepared")),
         }
     }
@@ -191,7 +193,7 @@ impl SourceSession {
         self.stats.bytes_sent += self
             .ctrl_tx
             .send(
-                &Message::Switch { pending: bytes },
+                ToDestination::Switch { pending: bytes },
                 "switching to post-copy",
             )
             .await?;
@@ -199,7 +201,7 @@ impl SourceSession {
             .read_ctrl("waiting for the destination to take over faults")
             .await?
         {
-            Message::Switched => {}
+            ToSource::Switched => {}
             other => return Err(self.unexpected(other, "Switched")),
         }
         // The pages written since the last collect, the ones the guest is
@@ -324,7 +326,7 @@ impl SourceSession {
         sw: &mut Switched,
         handover: F,
         on_activated: &mut (dyn FnMut() + Send),
-        ctrl_in: &mut crate::control::Incoming,
+        ctrl_in: &mut crate::control::Incoming<ToSource>,
         stats: &mut PostcopyStats,
     ) -> Result<(), PostcopyError>
     where
@@ -365,7 +367,7 @@ impl SourceSession {
                     };
                     self.stats.bytes_received += n;
                     match m {
-                        Message::PageRequest { pages: asked } => {
+                        ToSource::PageRequest { pages: asked } => {
                             if let Err(e) = protocol::check_pages("PageRequest", asked.iter().copied(), pages) {
                                 return Err(fail(e.into()));
                             }
@@ -379,20 +381,20 @@ impl SourceSession {
                                 }
                             }
                         }
-                        Message::Activated if committed => {
+                        ToSource::Activated if committed => {
                             activated = true;
                             sw.start_digests();
                             on_activated();
                         }
-                        Message::VerifyResult { mismatched_total, .. } if activated && verify_sent => {
+                        ToSource::VerifyResult { mismatched_total, .. } if activated && verify_sent => {
                             stats.ram_verified = mismatched_total == 0;
                             stats.mismatched_chunks = mismatched_total;
                             self.stats.ram_verified = Some(mismatched_total == 0);
                             self.stats.mismatched_chunks = mismatched_total;
                             return Ok(());
                         }
-                        Message::Heartbeat => {}
-                        Message::Abort { reason } => return Err(fail(SourceError::PeerAbort { reason })),
+                        ToSource::Heartbeat => {}
+                        ToSource::Abort { reason } => return Err(fail(SourceError::PeerAbort { reason })),
                         other => return Err(fail(self.unexpected(other, "PageRequest, Activated or VerifyResult"))),
                     }
                 }
@@ -402,7 +404,7 @@ impl SourceSession {
                     }
                     // Point of no return: the destination resumes the VM on Commit.
                     committed = true;
-                    self.stats.bytes_sent += self.ctrl_tx.send(&Message::Commit, "sending Commit")
+                    self.stats.bytes_sent += self.ctrl_tx.send(ToDestination::Commit, "sending Commit")
                         .await
                         .map_err(|e| PostcopyError::AfterCommit(e.into()))?;
                     sw.free_push();
@@ -424,7 +426,7 @@ impl SourceSession {
                 d = &mut sw.digests, if pushed && !verify_sent => {
                     let digests = d.map_err(|e| fail(SourceError::Worker(e.to_string())))?;
                     verify_sent = true;
-                    self.stats.bytes_sent += self.ctrl_tx.send(&Message::VerifyRequest { chunk_pages: verify::CHUNK_PAGES, digests },
+                    self.stats.bytes_sent += self.ctrl_tx.send(ToDestination::VerifyRequest { chunk_pages: verify::CHUNK_PAGES, digests },
                         "sending the digests of the frozen RAM",
                     )
                     .await
@@ -581,7 +583,10 @@ pub enum PostcopyError {
 /// why it did: the destination says so in an Abort just before closing.
 /// Looks briefly for that Abort among the messages already read, and puts
 /// its reason in place of the transport error.
-async fn explain_transport_failure(e: &mut PostcopyError, ctrl_in: &mut crate::control::Incoming) {
+async fn explain_transport_failure(
+    e: &mut PostcopyError,
+    ctrl_in: &mut crate::control::Incoming<ToSource>,
+) {
     let inner = match e {
         PostcopyError::BeforeCommit(i) | PostcopyError::AfterCommit(i) => i,
     };
@@ -595,7 +600,7 @@ async fn explain_transport_failure(e: &mut PostcopyError, ctrl_in: &mut crate::c
     let deadline = tokio::time::Instant::now() + ABORT_GRACE;
     while let Ok(Some(m)) = tokio::time::timeout_at(deadline, ctrl_in.recv()).await {
         match m {
-            Ok((Message::Abort { reason }, _)) => {
+            Ok((ToSource::Abort { reason }, _)) => {
                 *inner = SourceError::PeerAbort { reason };
                 return;
             }

@@ -20,7 +20,10 @@ use crate::bitmap::PageBitmap;
 use crate::control::{within, ControlWriter};
 use crate::dirty::{DirtyTracker, TrackerKind};
 use crate::limiter::RateLimiter;
-use crate::protocol::{self, DataFrame, DataMessage, Hello, Message, ProtocolError, Welcome};
+use crate::protocol::{
+    self, Control, DataFrame, DataMessage, Hello, Message, ProtocolError, ToDestination, ToSource,
+    Welcome,
+};
 use crate::ram::{RamError, SourceRam};
 use crate::rebuild::HintSource;
 use crate::stats::{mbit_per_s, MigrationStats, RoundStats};
@@ -48,7 +51,7 @@ pub struct SourceSession {
     pub(super) cfg: SourceConfig,
     /// None once post-copy hands it to its reader task.
     pub(super) ctrl_rx: Option<ConnReader>,
-    pub(super) ctrl_tx: ControlWriter,
+    pub(super) ctrl_tx: ControlWriter<ToDestination>,
     pub(super) data: Vec<DataConn>,
     welcome: Welcome,
     /// The destination agent.
@@ -351,7 +354,7 @@ impl SourceSession {
         self.stats.bytes_sent += self
             .ctrl_tx
             .send(
-                &Message::VerifyRequest {
+                ToDestination::VerifyRequest {
                     chunk_pages: verify::CHUNK_PAGES,
                     digests: frozen.digests,
                 },
@@ -363,7 +366,7 @@ impl SourceSession {
             .await?;
         self.stats.verify_ms = Some(crate::stats::millis(t.elapsed()));
         match msg {
-            Message::VerifyResult {
+            ToSource::VerifyResult {
                 mismatched,
                 mismatched_total,
             } => {
@@ -390,7 +393,7 @@ impl SourceSession {
     pub async fn send_commit(&mut self, _verified: &Verified) -> Result<(), SourceError> {
         self.stats.bytes_sent += self
             .ctrl_tx
-            .send(&Message::Commit, "sending Commit")
+            .send(ToDestination::Commit, "sending Commit")
             .await?;
         Ok(())
     }
@@ -401,19 +404,19 @@ impl SourceSession {
             .read_ctrl("waiting for the destination to resume the VM")
             .await?
         {
-            Message::Activated => Ok(()),
+            ToSource::Activated => Ok(()),
             other => Err(self.unexpected(other, "Activated")),
         }
     }
 
     /// Tells the destination to give up (best effort) and closes the session.
     pub async fn abort(self, reason: &str) {
-        let msg = Message::Abort {
+        let msg = ToDestination::Abort {
             reason: reason.to_string(),
         };
         let _ = tokio::time::timeout(
             Duration::from_secs(2),
-            self.ctrl_tx.send(&msg, "sending Abort"),
+            self.ctrl_tx.send(msg, "sending Abort"),
         )
         .await;
         self.ctrl_tx.shutdown().await;
@@ -428,11 +431,9 @@ impl SourceSession {
         let rx = self.ctrl_rx.as_mut()?;
         let reason = async {
             loop {
-                match protocol::read_message(rx, "reading the destination's reason").await {
-                    Ok((Message::Abort { reason } | Message::Refuse { reason }, _)) => {
-                        return Some(reason)
-                    }
-                    Ok((Message::Heartbeat, _)) => {}
+                match protocol::read_control(rx, "reading the destination's reason").await {
+                    Ok((ToSource::Abort { reason }, _)) => return Some(reason),
+                    Ok((ToSource::Heartbeat, _)) => {}
                     _ => return None,
                 }
             }
@@ -443,7 +444,7 @@ impl SourceSession {
             .flatten()
     }
 
-    pub(super) async fn read_ctrl(&mut self, doing: &'static str) -> Result<Message, SourceError> {
+    pub(super) async fn read_ctrl(&mut self, doing: &'static str) -> Result<ToSource, SourceError> {
         let rx = self
             .ctrl_rx
             .as_mut()
@@ -454,21 +455,21 @@ impl SourceSession {
             let (msg, n) = within(
                 self.cfg.peer_timeout,
                 doing,
-                protocol::read_message(rx, doing),
+                protocol::read_control(rx, doing),
             )
             .await??;
             self.stats.bytes_received += n;
-            if msg != Message::Heartbeat {
+            if msg != ToSource::Heartbeat {
                 break msg;
             }
         };
-        if let Message::Abort { reason } = msg {
+        if let ToSource::Abort { reason } = msg {
             return Err(SourceError::PeerAbort { reason });
         }
         Ok(msg)
     }
 
-    pub(super) fn unexpected(&self, got: Message, expected: &'static str) -> SourceError {
+    pub(super) fn unexpected(&self, got: ToSource, expected: &'static str) -> SourceError {
         SourceError::Unexpected {
             got: got.name(),
             expected,
@@ -618,7 +619,7 @@ impl SourceSession {
             .read_ctrl("waiting for the destination to apply the round")
             .await?
         {
-            Message::Drained { round: r, need } if r == round => {
+            ToSource::Drained { round: r, need } if r == round => {
                 rs.rebuild_mismatch = need.len() as u64;
                 protocol::check_pages("Drained", need.iter().copied(), self.ram.pages())?;
                 for p in need {
