@@ -8,6 +8,7 @@
 
 #![deny(missing_docs)]
 
+pub mod addr;
 pub mod allocator;
 pub mod bitmap;
 pub mod control;

@@ -9,6 +9,7 @@
 
 use thiserror::Error;
 
+use crate::addr::{DiskOffset, PageIndex};
 use crate::PAGE_SIZE_U64;
 
 /// Where a page's content may be found on shared storage.
@@ -17,7 +18,7 @@ pub struct Hint {
     /// Index of the VM's disk (as the agents both number them).
     pub disk: u16,
     /// Byte offset on that disk.
-    pub offset: u64,
+    pub offset: DiskOffset,
 }
 
 /// Why a hint was not followed.
@@ -32,16 +33,16 @@ pub enum HintReject {
         disks: usize,
     },
     /// Not on a page boundary.
-    #[error("offset {offset:#x} is not 4 KiB aligned")]
+    #[error("offset {offset} is not 4 KiB aligned")]
     Misaligned {
         /// The offset.
-        offset: u64,
+        offset: DiskOffset,
     },
     /// Past the end of the disk.
-    #[error("offset {offset:#x} + 4 KiB is beyond the disk's {size} bytes")]
+    #[error("offset {offset} + 4 KiB is beyond the disk's {size} bytes")]
     OutOfRange {
         /// The offset.
-        offset: u64,
+        offset: DiskOffset,
         /// Disk size.
         size: u64,
     },
@@ -55,10 +56,11 @@ pub fn check_hint(h: Hint, disk_sizes: &[u64]) -> Result<(), HintReject> {
             disk: h.disk,
             disks: disk_sizes.len(),
         })?;
-    if h.offset % PAGE_SIZE_U64 != 0 {
+    if h.offset.0 % PAGE_SIZE_U64 != 0 {
         return Err(HintReject::Misaligned { offset: h.offset });
     }
     if h.offset
+        .0
         .checked_add(PAGE_SIZE_U64)
         .is_none_or(|end| end > size)
     {
@@ -73,7 +75,7 @@ pub fn check_hint(h: Hint, disk_sizes: &[u64]) -> Result<(), HintReject> {
 /// Hints for the source, per page of the RAM file.
 pub trait HintSource: Send + Sync + std::fmt::Debug {
     /// The hint for `page`, if any.
-    fn hint(&self, page: u64) -> Option<Hint>;
+    fn hint(&self, page: PageIndex) -> Option<Hint>;
 }
 
 /// Hashes a page number for a [`PageMap`]: one multiplication. The keys
@@ -98,8 +100,9 @@ impl std::hash::Hasher for PageHasher {
     }
 }
 
-/// A map keyed by page number.
-pub type PageMap<V> = std::collections::HashMap<u64, V, std::hash::BuildHasherDefault<PageHasher>>;
+/// A map keyed by page of the RAM file.
+pub type PageMap<V> =
+    std::collections::HashMap<PageIndex, V, std::hash::BuildHasherDefault<PageHasher>>;
 
 /// A table of hints indexed by page.
 #[derive(Clone, Debug, Default)]
@@ -113,7 +116,7 @@ impl HintTable {
         Self::default()
     }
     /// Sets the hint of `page`.
-    pub fn insert(&mut self, page: u64, hint: Hint) {
+    pub fn insert(&mut self, page: PageIndex, hint: Hint) {
         self.hints.insert(page, hint);
     }
     /// Number of hinted pages.
@@ -127,7 +130,7 @@ impl HintTable {
 }
 
 impl HintSource for HintTable {
-    fn hint(&self, page: u64) -> Option<Hint> {
+    fn hint(&self, page: PageIndex) -> Option<Hint> {
         self.hints.get(&page).copied()
     }
 }
@@ -152,7 +155,7 @@ pub struct Run {
     /// Disk the run is on.
     pub disk: u16,
     /// Disk offset of the first block.
-    pub offset: u64,
+    pub offset: DiskOffset,
     /// Blocks to read, gaps between the requested ones included.
     pub pages: usize,
     /// The requests, sorted by offset; several may share a block.
@@ -162,7 +165,8 @@ pub struct Run {
 impl Run {
     /// The block of the read that holds `req`.
     pub fn slot(&self, req: &RefRequest) -> usize {
-        usize::try_from((req.hint.offset - self.offset) / PAGE_SIZE_U64).expect("inside the run")
+        usize::try_from((req.hint.offset.0 - self.offset.0) / PAGE_SIZE_U64)
+            .expect("inside the run")
     }
 }
 
@@ -178,13 +182,14 @@ pub fn coalesce(mut reqs: Vec<RefRequest>, max_run: usize, max_gap: usize) -> Ve
     let mut runs: Vec<Run> = Vec::new();
     for r in reqs {
         if let Some(run) = runs.last_mut() {
-            let end = run.offset + run.pages as u64 * PAGE_SIZE_U64;
+            let (at, start) = (r.hint.offset.0, run.offset.0);
+            let end = start + run.pages as u64 * PAGE_SIZE_U64;
             let joins = run.disk == r.hint.disk
-                && (r.hint.offset - run.offset) % PAGE_SIZE_U64 == 0
-                && r.hint.offset < end + (max_gap as u64 + 1) * PAGE_SIZE_U64
-                && (r.hint.offset - run.offset) / PAGE_SIZE_U64 < max_run;
+                && (at - start) % PAGE_SIZE_U64 == 0
+                && at < end + (max_gap as u64 + 1) * PAGE_SIZE_U64
+                && (at - start) / PAGE_SIZE_U64 < max_run;
             if joins {
-                let blocks = (r.hint.offset - run.offset) / PAGE_SIZE_U64 + 1;
+                let blocks = (at - start) / PAGE_SIZE_U64 + 1;
                 run.pages = run
                     .pages
                     .max(usize::try_from(blocks).expect("below max_run"));
@@ -257,7 +262,7 @@ mod tests {
             check_hint(
                 Hint {
                     disk: 0,
-                    offset: 4096
+                    offset: DiskOffset(4096)
                 },
                 &disks
             ),
@@ -267,7 +272,7 @@ mod tests {
             check_hint(
                 Hint {
                     disk: 1,
-                    offset: 4096
+                    offset: DiskOffset(4096)
                 },
                 &disks
             ),
@@ -277,7 +282,7 @@ mod tests {
             check_hint(
                 Hint {
                     disk: 1,
-                    offset: 8192
+                    offset: DiskOffset(8192)
                 },
                 &disks
             ),
@@ -287,21 +292,27 @@ mod tests {
             check_hint(
                 Hint {
                     disk: 0,
-                    offset: 100
+                    offset: DiskOffset(100)
                 },
                 &disks
             ),
             Err(HintReject::Misaligned { .. })
         ));
         assert!(matches!(
-            check_hint(Hint { disk: 2, offset: 0 }, &disks),
+            check_hint(
+                Hint {
+                    disk: 2,
+                    offset: DiskOffset(0)
+                },
+                &disks
+            ),
             Err(HintReject::ForeignDisk { .. })
         ));
         assert!(matches!(
             check_hint(
                 Hint {
                     disk: 0,
-                    offset: u64::MAX - 4095
+                    offset: DiskOffset(u64::MAX - 4095)
                 },
                 &disks
             ),
@@ -342,13 +353,13 @@ mod tests {
             hash: 0,
         };
         let reqs = vec![
-            r(1, 0, 8192),
-            r(2, 0, 4096),
-            r(3, 1, 12288),
-            r(4, 0, 0),
-            r(5, 0, 20480),
-            r(6, 0, 20480),
-            r(7, 0, 5 * 4096 + 100),
+            r(1, 0, DiskOffset(8192)),
+            r(2, 0, DiskOffset(4096)),
+            r(3, 1, DiskOffset(12288)),
+            r(4, 0, DiskOffset(0)),
+            r(5, 0, DiskOffset(20480)),
+            r(6, 0, DiskOffset(20480)),
+            r(7, 0, DiskOffset(5 * 4096 + 100)),
         ];
         // (disk, offset, blocks, [(RAM page, block)]) of each run.
         type Shape = (u16, u64, usize, Vec<(u64, usize)>);
@@ -356,7 +367,7 @@ mod tests {
             runs.iter()
                 .map(|run| {
                     let reqs = run.reqs.iter().map(|x| (x.page, run.slot(x))).collect();
-                    (run.disk, run.offset, run.pages, reqs)
+                    (run.disk, run.offset.0, run.pages, reqs)
                 })
                 .collect()
         };
@@ -387,6 +398,14 @@ mod tests {
             shape(&coalesce(reqs, 5, 2))[1],
             (0, 20480, 1, vec![(5, 0), (6, 0)])
         );
-        assert_eq!(coalesce(vec![r(1, 0, 0), r(2, 0, 4096)], 1, 0).len(), 2);
+        assert_eq!(
+            coalesce(
+                vec![r(1, 0, DiskOffset(0)), r(2, 0, DiskOffset(4096))],
+                1,
+                0
+            )
+            .len(),
+            2
+        );
     }
 }

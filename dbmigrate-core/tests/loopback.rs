@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use dbmigrate_core::addr::{DiskOffset, PageIndex};
 use dbmigrate_core::bitmap::PageBitmap;
 use dbmigrate_core::dest;
 use dbmigrate_core::dirty::{DirtyError, DirtyTracker, TrackerKind};
@@ -315,26 +316,29 @@ async fn rebuild_case(tag: &str, pace: Option<u64>) -> (dest::DestStats, Duratio
             // Correct hints (including the working set, whose pages then change).
             0..=1199 => Hint {
                 disk: 0,
-                offset: disk_base + p * 4096,
+                offset: DiskOffset(disk_base + p * 4096),
             },
             // Wrong offsets: storage holds another page there.
             1200..=1299 => Hint {
                 disk: 0,
-                offset: disk_base + (p + 1) * 4096,
+                offset: DiskOffset(disk_base + (p + 1) * 4096),
             },
             // Misaligned, foreign disk, beyond the end: refused at the source.
             1300..=1309 => Hint {
                 disk: 0,
-                offset: disk_base + p * 4096 + 512,
+                offset: DiskOffset(disk_base + p * 4096 + 512),
             },
-            1310..=1319 => Hint { disk: 3, offset: 0 },
+            1310..=1319 => Hint {
+                disk: 3,
+                offset: DiskOffset(0),
+            },
             1320..=1329 => Hint {
                 disk: 0,
-                offset: disk_base + PAGES * 4096,
+                offset: DiskOffset(disk_base + PAGES * 4096),
             },
             _ => continue,
         };
-        hints.insert(p, hint);
+        hints.insert(PageIndex(p), hint);
     }
     let storage: Arc<dyn Storage> = Arc::new(FileStorage::open(&[disk_path.as_path()]).unwrap());
     let disk_sizes = storage.disk_sizes().to_vec();
@@ -444,10 +448,10 @@ async fn rebuild_throughput() {
             let off = group * 16384 + (p % 4) * 4096;
             disk.write_all_at(&data, off).unwrap();
             hints.insert(
-                p,
+                PageIndex(p),
                 Hint {
                     disk: 0,
-                    offset: off,
+                    offset: DiskOffset(off),
                 },
             );
         }
@@ -874,18 +878,18 @@ impl dbmigrate_core::storage::Storage for SlowStorage {
     fn read_at(
         &self,
         _disk: u16,
-        offset: u64,
+        offset: DiskOffset,
         buf: &mut [u8],
     ) -> Result<(), dbmigrate_core::storage::StorageError> {
-        let at = usize::try_from(offset).unwrap();
+        let at = usize::try_from(offset.0).unwrap();
         buf.copy_from_slice(&self.disk[at..at + buf.len()]);
-        self.log.lock().unwrap().push(offset);
+        self.log.lock().unwrap().push(offset.0);
         Ok(())
     }
     fn read_many(
         &self,
         disk: u16,
-        reads: &mut [(u64, &mut [u8])],
+        reads: &mut [(DiskOffset, &mut [u8])],
     ) -> Result<(), dbmigrate_core::storage::StorageError> {
         std::thread::sleep(self.delay);
         for (offset, buf) in reads.iter_mut() {
@@ -971,7 +975,7 @@ async fn a_fault_on_a_page_whose_storage_read_is_queued_is_read_ahead_of_the_que
     for p in 0..REFS {
         let hint = Hint {
             disk: 0,
-            offset: disk_offset(p),
+            offset: DiskOffset(disk_offset(p)),
         };
         let hash = xxhash_rust::xxh3::xxh3_128(&page_bytes(p));
         b.push(

@@ -192,6 +192,7 @@ pub fn innodb_frame(data: &[u8]) {
 #[allow(clippy::cast_possible_truncation)] // random bytes: truncation intended
 mod tests {
     use super::*;
+    use dbmigrate_core::addr::{DiskOffset, GuestAddr};
     use dbmigrate_core::protocol::guest::GuestHint;
     use dbmigrate_core::protocol::guest::{Extent, FileLayout, LayoutSet};
     use dbmigrate_core::protocol::{Hello, PageEncoding, PageEntry, Welcome};
@@ -298,11 +299,11 @@ mod tests {
         let mut rng = Rng(0xD1B5_4A32_D192_ED03);
         let hints = encode_hints(
             &[GuestHint {
-                gpa: 0x10_0000,
+                gpa: GuestAddr(0x10_0000),
                 disk: 0,
                 clean: true,
                 space: 5,
-                disk_offset: 0x20_0000,
+                disk_offset: DiskOffset(0x20_0000),
                 page_no: 3,
                 lsn: 99,
             }],
@@ -316,7 +317,7 @@ mod tests {
                     disk: 0,
                     extents: vec![Extent {
                         file_offset: 0,
-                        disk_offset: 1 << 20,
+                        disk_offset: DiskOffset(1 << 20),
                         len: 1 << 20,
                     }],
                 }],

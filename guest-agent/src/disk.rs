@@ -1,5 +1,6 @@
 //! From a tablespace file offset to a byte offset on one of the VM's disks.
 
+use dbmigrate_core::addr::DiskOffset;
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::MetadataExt;
@@ -35,7 +36,7 @@ pub fn plain_extents(p: &Placed) -> Vec<dbmigrate_core::protocol::guest::Extent>
         .filter_map(|e| {
             Some(dbmigrate_core::protocol::guest::Extent {
                 file_offset: e.logical,
-                disk_offset: p.base.checked_add(e.physical)?,
+                disk_offset: DiskOffset(p.base.checked_add(e.physical)?),
                 len: e.length,
             })
         })

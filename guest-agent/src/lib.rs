@@ -15,6 +15,7 @@ pub mod sys;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+use dbmigrate_core::addr::{DiskOffset, GuestAddr};
 use dbmigrate_core::protocol::guest::GuestHint;
 use dbmigrate_innodb as innodb;
 use mysql_async::prelude::Queryable;
@@ -442,10 +443,10 @@ pub fn scan(
                     };
                     let Some(pfn) = pfn else { continue };
                     out.hints.push(GuestHint {
-                        gpa: pfn * 4096,
+                        gpa: GuestAddr(pfn * 4096),
                         disk: place.disk,
                         clean: true,
-                        disk_offset: place.base + dev_off,
+                        disk_offset: DiskOffset(place.base + dev_off),
                         space: h.space,
                         page_no: h.page,
                         lsn: h.lsn,

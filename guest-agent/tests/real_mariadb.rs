@@ -133,9 +133,9 @@ fn check_against_image(s: &Server, c: &guest_agent::Collected) -> usize {
     for (h, &vaddr) in c.hints.iter().zip(&c.vaddrs) {
         assert_eq!(h.disk, 0);
         assert!(h.clean);
-        assert_eq!(h.disk_offset % 4096, 0, "hint not block-aligned: {h:?}");
+        assert_eq!(h.disk_offset.0 % 4096, 0, "hint not block-aligned: {h:?}");
         mem.read_exact_at(&mut a, vaddr).unwrap();
-        image.read_exact_at(&mut b, h.disk_offset).unwrap();
+        image.read_exact_at(&mut b, h.disk_offset.0).unwrap();
         if a != b {
             eprintln!("differs from the disk: {h:?}");
             bad += 1;
@@ -174,7 +174,7 @@ async fn clean_frames_match_the_disk_at_their_exported_offsets() {
         c.hints.len()
     );
     // Hints are unique per physical page.
-    let mut gpas: Vec<u64> = c.hints.iter().map(|h| h.gpa).collect();
+    let mut gpas: Vec<u64> = c.hints.iter().map(|h| h.gpa.0).collect();
     gpas.sort_unstable();
     gpas.dedup();
     assert_eq!(gpas.len(), c.hints.len());
@@ -308,7 +308,7 @@ async fn file_layout_places_every_page_where_the_disk_holds_it() {
                 continue;
             };
             file.read_exact_at(&mut a, off).unwrap();
-            image.read_exact_at(&mut b, disk_off).unwrap();
+            image.read_exact_at(&mut b, disk_off.0).unwrap();
             assert!(
                 a == b,
                 "{} at {off}: disk offset {disk_off} differs",

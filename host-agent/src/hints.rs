@@ -20,8 +20,8 @@ use dbmigrate_core::ram::SourceRam;
 use dbmigrate_core::rebuild::{Hint, HintSource, PageMap};
 use thiserror::Error;
 
-use crate::framescan::ScanStats;
-use crate::qemu::GpaRange;
+use dbmigrate_core::addr::{ram_offset, GpaRange, PageIndex};
+use dbmigrate_innodb::scan::ScanStats;
 
 /// Failures of the hint channel.
 #[derive(Debug, Error)]
@@ -226,10 +226,10 @@ pub fn to_table(hints: &[GuestHint], layout: &[GpaRange], disks: usize) -> (Page
     let mut table = PageMap::with_capacity_and_hasher(hints.len(), Default::default());
     let mut dropped = 0;
     for h in hints {
-        match crate::framescan::ram_offset(layout, h.gpa) {
-            Some(off) if off % 4096 == 0 && usize::from(h.disk) < disks && h.clean => {
+        match ram_offset(layout, h.gpa) {
+            Some(off) if off.0 % 4096 == 0 && usize::from(h.disk) < disks && h.clean => {
                 table.insert(
-                    off / 4096,
+                    off.page(),
                     Hint {
                         disk: h.disk,
                         offset: h.disk_offset,
@@ -288,7 +288,7 @@ pub enum Finder {
 }
 
 impl HintSource for LiveHints {
-    fn hint(&self, page: u64) -> Option<Hint> {
+    fn hint(&self, page: PageIndex) -> Option<Hint> {
         self.table.read().ok()?.get(&page).copied()
     }
 }
@@ -374,7 +374,7 @@ impl LiveHints {
                     source: io::Error::other(e.to_string()),
                 })?;
                 let (table, stats) =
-                    crate::framescan::scan_frames(ram.bytes(), &data, layout, &files, disks);
+                    dbmigrate_innodb::scan::scan_frames(ram.bytes(), &data, layout, &files, disks);
                 tracing::info!(
                     layout_reused = reused,
                     layout_ms = dbmigrate_core::stats::millis(asked),
@@ -418,13 +418,14 @@ impl LiveHints {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use dbmigrate_core::addr::{DiskOffset, GuestAddr, PageIndex, RamOffset};
 
     fn gh(gpa: u64, disk: u16, clean: bool) -> GuestHint {
         GuestHint {
-            gpa,
+            gpa: GuestAddr(gpa),
             disk,
             clean,
-            disk_offset: 0x10000,
+            disk_offset: DiskOffset(0x10000),
             space: 1,
             page_no: 2,
             lsn: 3,
@@ -435,14 +436,14 @@ mod tests {
     fn layout_maps_and_drops() {
         let layout = [
             GpaRange {
-                gpa: 0,
+                gpa: GuestAddr(0),
                 len: 0xa0000,
-                offset: 0,
+                offset: RamOffset(0),
             },
             GpaRange {
-                gpa: 0x1_0000_0000,
+                gpa: GuestAddr(0x1_0000_0000),
                 len: 0x4000_0000,
-                offset: 0xc000_0000,
+                offset: RamOffset(0xc000_0000),
             },
         ];
         let hints = [
@@ -455,7 +456,10 @@ mod tests {
         ];
         let (t, dropped) = to_table(&hints, &layout, 1);
         assert_eq!(dropped, 4);
-        assert_eq!(t.get(&1).map(|h| h.offset), Some(0x10000));
-        assert!(t.contains_key(&((0xc000_0000 + 0x2000) / 4096)));
+        assert_eq!(
+            t.get(&PageIndex(1)).map(|h| h.offset),
+            Some(DiskOffset(0x10000))
+        );
+        assert!(t.contains_key(&RamOffset(0xc000_0000 + 0x2000).page()));
     }
 }

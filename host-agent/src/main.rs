@@ -3,7 +3,6 @@
 
 mod devstate;
 mod failpoint;
-mod framescan;
 mod hints;
 mod priority;
 mod progress;

@@ -47,16 +47,8 @@ pub struct RamBackend {
     pub size: u64,
 }
 
-/// One guest-physical range backed by the RAM file.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
-pub struct GpaRange {
-    /// First guest-physical address.
-    pub gpa: u64,
-    /// Length in bytes.
-    pub len: u64,
-    /// Offset of `gpa` in the RAM file.
-    pub offset: u64,
-}
+pub use dbmigrate_core::addr::GpaRange;
+use dbmigrate_core::addr::{GuestAddr, RamOffset};
 
 /// Sizes of the VM's disks with a medium, in QEMU's order (for `-drive
 /// if=virtio` that is the guest's vda, vdb, ...), skipping CD-ROMs.
@@ -174,9 +166,9 @@ pub fn parse_mtree(text: &str, backend_id: &str) -> Vec<GpaRange> {
             continue;
         }
         let r = GpaRange {
-            gpa: a,
+            gpa: GuestAddr(a),
             len: b - a + 1,
-            offset,
+            offset: RamOffset(offset),
         };
         if !out.contains(&r) {
             out.push(r);
@@ -254,19 +246,19 @@ mod tests {
             r,
             vec![
                 GpaRange {
-                    gpa: 0,
+                    gpa: GuestAddr(0),
                     len: 0xc0000,
-                    offset: 0
+                    offset: RamOffset(0)
                 },
                 GpaRange {
-                    gpa: 0x100000,
+                    gpa: GuestAddr(0x100000),
                     len: 0xff00000,
-                    offset: 0x100000
+                    offset: RamOffset(0x100000)
                 },
                 GpaRange {
-                    gpa: 0x1_0000_0000,
+                    gpa: GuestAddr(0x1_0000_0000),
                     len: 0x4000_0000,
-                    offset: 0x8000_0000
+                    offset: RamOffset(0x8000_0000)
                 },
             ]
         );

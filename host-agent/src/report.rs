@@ -129,7 +129,7 @@ pub struct HintReport {
     /// Who found the pages: `host` (guest RAM scanned here) or `guest`.
     pub finder: &'static str,
     /// What the newest host-side scan found.
-    pub last_scan: Option<crate::framescan::ScanStats>,
+    pub last_scan: Option<dbmigrate_innodb::scan::ScanStats>,
 }
 
 impl From<&crate::hints::LiveHints> for HintReport {

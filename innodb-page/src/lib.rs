@@ -8,6 +8,11 @@
 //! bytes (classic format) or in the 4 bytes before the CRC-32C (MariaDB's
 //! `full_crc32` format), which lets a frame that merely looks like a page
 //! header be told from a real page.
+//!
+//! [`scan`] finds such pages in a copy of guest RAM (the source host's view)
+//! and turns them into hints through the guest's file layout.
+
+pub mod scan;
 
 /// What a frame's header says.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -301,13 +301,13 @@ fn corrupting_relay(qemu_socket: &Path, listen: &Path) -> std::thread::JoinHandl
             let real = hints.clone();
             for (i, h) in hints.iter_mut().enumerate() {
                 if i % 3 == 0 {
-                    h.disk_offset += 16384;
+                    h.disk_offset.0 += 16384;
                 }
             }
             // Valid-looking hints for pages that are not those blocks.
             for (i, h) in real.iter().enumerate().take(2000) {
                 let mut w = *h;
-                w.gpa = (4096 * 977 * (i as u64 + 1)) % (1 << 30);
+                w.gpa.0 = (4096 * 977 * (i as u64 + 1)) % (1 << 30);
                 hints.push(w);
             }
             // Hints no host may follow: off the disk, misaligned, foreign disk.
@@ -316,8 +316,8 @@ fn corrupting_relay(qemu_socket: &Path, listen: &Path) -> std::thread::JoinHandl
             for (i, h) in real.iter().enumerate().skip(1).step_by(7).take(90) {
                 let mut w = *h;
                 match i % 3 {
-                    0 => w.disk_offset = 1 << 50,
-                    1 => w.disk_offset += 100,
+                    0 => w.disk_offset.0 = 1 << 50,
+                    1 => w.disk_offset.0 += 100,
                     _ => w.disk = 7,
                 }
                 hints.push(w);
@@ -339,10 +339,10 @@ fn corrupt_layout(set: &[u8], tag: u32) -> Vec<u8> {
     for (i, f) in l.files.iter_mut().enumerate() {
         for e in &mut f.extents {
             if i % 3 == 0 {
-                e.disk_offset += 16384;
+                e.disk_offset.0 += 16384;
             }
             if i == n - 1 {
-                e.disk_offset += 1 << 50;
+                e.disk_offset.0 += 1 << 50;
             }
         }
         if i == n - 2 {

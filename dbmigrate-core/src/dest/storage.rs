@@ -12,6 +12,7 @@ use xxhash_rust::xxh3::xxh3_128;
 
 use super::applier::{ApplyInput, Resolved};
 use super::streams::Heard;
+use crate::addr::DiskOffset;
 use crate::rebuild::{self, RefRequest};
 use crate::storage::Storage;
 use crate::verify;
@@ -248,7 +249,7 @@ fn read_group(r: &StorageReaders, disk: u16, group: &[rebuild::Run]) -> Result<(
         .unwrap_or(false);
     let read_ok = allowed
         && {
-            let mut reads: Vec<(u64, &mut [u8])> = group
+            let mut reads: Vec<(DiskOffset, &mut [u8])> = group
                 .iter()
                 .zip(bufs.iter_mut())
                 .map(|(run, b)| (run.offset, b.as_mut_slice()))
@@ -308,7 +309,7 @@ mod tests {
     fn run(disk: u16, pages: usize) -> rebuild::Run {
         rebuild::Run {
             disk,
-            offset: 0,
+            offset: DiskOffset(0),
             pages,
             reqs: Vec::new(),
         }

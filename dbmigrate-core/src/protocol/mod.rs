@@ -316,6 +316,7 @@ pub const MAX_REPORTED_MISMATCHES: usize = 1024;
 mod tests {
     use super::frame::write_header;
     use super::*;
+    use crate::addr::DiskOffset;
     use crate::bitmap::PageBitmap;
     use crate::rebuild::Hint;
     use crate::PAGE_SIZE;
@@ -361,7 +362,7 @@ mod tests {
                         data: encode_reference(
                             Hint {
                                 disk: 1,
-                                offset: 8192,
+                                offset: DiskOffset(8192),
                             },
                             0xfeed,
                         )

@@ -5,6 +5,7 @@
 
 use super::frame::write_header;
 use super::{Kind, PageEntry, ProtocolError, HEADER_LEN, MAX_BATCH_PAGES, PAGES_PER_STRIPE};
+use crate::addr::DiskOffset;
 use crate::bitmap::PageBitmap;
 use crate::rebuild::Hint;
 use crate::PAGE_SIZE;
@@ -78,7 +79,7 @@ pub fn decode_page_bitmap(
 pub fn encode_reference(hint: Hint, hash: u128) -> [u8; REFERENCE_LEN] {
     let mut b = [0u8; REFERENCE_LEN];
     b[0..2].copy_from_slice(&hint.disk.to_le_bytes());
-    b[2..10].copy_from_slice(&hint.offset.to_le_bytes());
+    b[2..10].copy_from_slice(&hint.offset.0.to_le_bytes());
     b[10..26].copy_from_slice(&hash.to_le_bytes());
     b
 }
@@ -89,7 +90,13 @@ pub fn decode_reference(data: &[u8]) -> Option<(Hint, u128)> {
     let disk = u16::from_le_bytes([b[0], b[1]]);
     let offset = u64::from_le_bytes(b[2..10].try_into().ok()?);
     let hash = u128::from_le_bytes(b[10..26].try_into().ok()?);
-    Some((Hint { disk, offset }, hash))
+    Some((
+        Hint {
+            disk,
+            offset: DiskOffset(offset),
+        },
+        hash,
+    ))
 }
 
 impl PageEncoding {

@@ -10,6 +10,7 @@ use tokio::sync::mpsc;
 use xxhash_rust::xxh3::xxh3_128;
 
 use super::session::WriterCmd;
+use crate::addr::PageIndex;
 use crate::bitmap::PageBitmap;
 use crate::protocol::{
     self, connection_for_page, BatchBuilder, DataFrame, PageEncoder, PageEncoding,
@@ -153,7 +154,7 @@ fn reference_pass(
         if job.no_ref.get(page) {
             continue;
         }
-        let Some(hint) = hints.hint(page) else {
+        let Some(hint) = hints.hint(PageIndex(page)) else {
             continue;
         };
         if check_hint(hint, &job.disk_sizes).is_err() {
@@ -186,7 +187,7 @@ fn log_reference_gaps(round: u32, refs: &[(Hint, u64, u128)]) {
         let gap = if a.disk != b.disk {
             u64::MAX
         } else {
-            b.offset.saturating_sub(a.offset + PAGE_SIZE as u64) / PAGE_SIZE as u64
+            b.offset.0.saturating_sub(a.offset.0 + PAGE_SIZE as u64) / PAGE_SIZE as u64
         };
         let i = match gap {
             0 => 0,
@@ -269,7 +270,7 @@ pub(super) fn produce_round(
             .hints
             .as_ref()
             .filter(|_| !job.no_ref.get(page))
-            .and_then(|h| h.hint(page))
+            .and_then(|h| h.hint(PageIndex(page)))
             .filter(|&h| match check_hint(h, &job.disk_sizes) {
                 Ok(()) => true,
                 Err(_) => {

@@ -1,5 +1,6 @@
 //! Disks as files or block devices of this host.
 
+use crate::addr::DiskOffset;
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
@@ -45,12 +46,12 @@ impl Storage for FileStorage {
         &self.sizes
     }
 
-    fn read_at(&self, disk: u16, offset: u64, buf: &mut [u8]) -> Result<(), StorageError> {
+    fn read_at(&self, disk: u16, offset: DiskOffset, buf: &mut [u8]) -> Result<(), StorageError> {
         let f = self
             .files
             .get(usize::from(disk))
             .ok_or_else(|| StorageError::no_such_disk(disk, offset, buf.len()))?;
-        f.read_exact_at(buf, offset)
+        f.read_exact_at(buf, offset.0)
             .map_err(|source| StorageError::Read {
                 disk,
                 offset,

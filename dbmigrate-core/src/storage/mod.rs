@@ -6,6 +6,7 @@
 pub mod file;
 pub mod nbd;
 
+use crate::addr::DiskOffset;
 use std::io;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -28,12 +29,12 @@ pub enum StorageError {
         source: io::Error,
     },
     /// A read failed.
-    #[error("reading {len} bytes at {offset:#x} of disk {disk} failed")]
+    #[error("reading {len} bytes at {offset} of disk {disk} failed")]
     Read {
         /// Disk index.
         disk: u16,
         /// Offset.
-        offset: u64,
+        offset: DiskOffset,
         /// Length.
         len: usize,
         /// Why.
@@ -44,7 +45,7 @@ pub enum StorageError {
 
 impl StorageError {
     /// A read of `len` bytes at `offset` of a disk the VM does not have.
-    pub(crate) fn no_such_disk(disk: u16, offset: u64, len: usize) -> Self {
+    pub(crate) fn no_such_disk(disk: u16, offset: DiskOffset, len: usize) -> Self {
         StorageError::Read {
             disk,
             offset,
@@ -59,11 +60,15 @@ pub trait Storage: Send + Sync {
     /// Sizes of the disks, by index.
     fn disk_sizes(&self) -> &[u64];
     /// Fills `buf` from `offset` of `disk`.
-    fn read_at(&self, disk: u16, offset: u64, buf: &mut [u8]) -> Result<(), StorageError>;
+    fn read_at(&self, disk: u16, offset: DiskOffset, buf: &mut [u8]) -> Result<(), StorageError>;
     /// Fills each buffer from its offset of `disk`. The default reads them
     /// one after the other; a networked store keeps them all in flight, so
     /// that short scattered reads are not paid one round trip each.
-    fn read_many(&self, disk: u16, reads: &mut [(u64, &mut [u8])]) -> Result<(), StorageError> {
+    fn read_many(
+        &self,
+        disk: u16,
+        reads: &mut [(DiskOffset, &mut [u8])],
+    ) -> Result<(), StorageError> {
         for (offset, buf) in reads.iter_mut() {
             self.read_at(disk, *offset, buf)?;
         }

@@ -3,6 +3,7 @@
 //! the same `qemu-nbd` server the QEMUs use. One connection per concurrent
 //! reader, kept in a pool; every length from the server is bounded.
 
+use crate::addr::DiskOffset;
 use std::io::{self, Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
 use std::sync::Mutex;
@@ -104,13 +105,17 @@ impl NbdDisk {
     }
 
     /// Reads `buf.len()` bytes at `offset`.
-    pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), NbdError> {
+    pub fn read_at(&self, offset: DiskOffset, buf: &mut [u8]) -> Result<(), NbdError> {
         self.check_range(offset, buf.len(), usize::MAX)?;
         self.with_conn(|conn| {
             let mut done = 0;
             while done < buf.len() {
                 let n = (buf.len() - done).min(MAX_READ);
-                self.read_one(conn, offset + done as u64, &mut buf[done..done + n])?;
+                self.read_one(
+                    conn,
+                    DiskOffset(offset.0 + done as u64),
+                    &mut buf[done..done + n],
+                )?;
                 done += n;
             }
             Ok(())
@@ -120,7 +125,7 @@ impl NbdDisk {
     /// Reads every `(offset, buffer)` with all requests in flight on one
     /// connection (the server may answer in any order; replies are matched
     /// by handle). Each read must fit one request ([`MAX_READ`]).
-    pub fn read_many(&self, reads: &mut [(u64, &mut [u8])]) -> Result<(), NbdError> {
+    pub fn read_many(&self, reads: &mut [(DiskOffset, &mut [u8])]) -> Result<(), NbdError> {
         for (offset, buf) in reads.iter() {
             self.check_range(*offset, buf.len(), MAX_READ)?;
         }
@@ -128,13 +133,13 @@ impl NbdDisk {
     }
 
     /// Refuses, before anything is sent, a read beyond the export or longer than `max`.
-    fn check_range(&self, offset: u64, len: usize, max: usize) -> Result<(), NbdError> {
-        let end = offset.checked_add(len as u64);
+    fn check_range(&self, offset: DiskOffset, len: usize, max: usize) -> Result<(), NbdError> {
+        let end = offset.0.checked_add(len as u64);
         if len > max || end.is_none_or(|e| e > self.size) {
             return Err(NbdError::Protocol {
                 addr: self.addr.clone(),
                 problem: format!(
-                    "export is {} bytes; refusing a read of {len} at {offset:#x}",
+                    "export is {} bytes; refusing a read of {len} at {offset}",
                     self.size
                 ),
             });
@@ -160,7 +165,11 @@ impl NbdDisk {
         Ok(r)
     }
 
-    fn pipelined(&self, c: &mut Conn, reads: &mut [(u64, &mut [u8])]) -> Result<(), NbdError> {
+    fn pipelined(
+        &self,
+        c: &mut Conn,
+        reads: &mut [(DiskOffset, &mut [u8])],
+    ) -> Result<(), NbdError> {
         let io = |doing| {
             let addr = self.addr.clone();
             move |source| NbdError::Io {
@@ -177,7 +186,7 @@ impl NbdDisk {
             req.extend_from_slice(&0u16.to_be_bytes());
             req.extend_from_slice(&CMD_READ.to_be_bytes());
             req.extend_from_slice(&(base + i as u64).to_be_bytes());
-            req.extend_from_slice(&offset.to_be_bytes());
+            req.extend_from_slice(&offset.0.to_be_bytes());
             req.extend_from_slice(&u32::try_from(buf.len()).unwrap_or(u32::MAX).to_be_bytes());
         }
         c.s.write_all(&req).map_err(io("sending read requests"))?;
@@ -215,7 +224,7 @@ impl NbdDisk {
     }
 
     /// One read: the pipelined path with a single request in flight.
-    fn read_one(&self, c: &mut Conn, offset: u64, buf: &mut [u8]) -> Result<(), NbdError> {
+    fn read_one(&self, c: &mut Conn, offset: DiskOffset, buf: &mut [u8]) -> Result<(), NbdError> {
         self.pipelined(c, &mut [(offset, buf)])
     }
 }
@@ -349,7 +358,7 @@ impl Storage for NbdStorage {
         &self.sizes
     }
 
-    fn read_at(&self, disk: u16, offset: u64, buf: &mut [u8]) -> Result<(), StorageError> {
+    fn read_at(&self, disk: u16, offset: DiskOffset, buf: &mut [u8]) -> Result<(), StorageError> {
         let len = buf.len();
         let d = self
             .disks
@@ -363,8 +372,14 @@ impl Storage for NbdStorage {
         })
     }
 
-    fn read_many(&self, disk: u16, reads: &mut [(u64, &mut [u8])]) -> Result<(), StorageError> {
-        let (offset, len) = reads.first().map_or((0, 0), |(o, b)| (*o, b.len()));
+    fn read_many(
+        &self,
+        disk: u16,
+        reads: &mut [(DiskOffset, &mut [u8])],
+    ) -> Result<(), StorageError> {
+        let (offset, len) = reads
+            .first()
+            .map_or((DiskOffset(0), 0), |(o, b)| (*o, b.len()));
         let err = |source| StorageError::Read {
             disk,
             offset,
@@ -418,7 +433,7 @@ mod tests {
         let url = format!("nbd://127.0.0.1:{port}");
         assert_eq!(disk.size(), 64 << 20);
         let mut buf = vec![0u8; 1 << 20];
-        disk.read_at(5 << 20, &mut buf).unwrap();
+        disk.read_at(DiskOffset(5 << 20), &mut buf).unwrap();
         assert!(buf == pattern);
         // Concurrent readers get their own connections.
         std::thread::scope(|s| {
@@ -429,7 +444,7 @@ mod tests {
                     let mut b = vec![0u8; 4096];
                     for i in 0..50u64 {
                         let off = ((t * 50 + i) * 4096) % (1 << 20);
-                        disk.read_at((5 << 20) + off, &mut b).unwrap();
+                        disk.read_at(DiskOffset((5 << 20) + off), &mut b).unwrap();
                         assert!(b[..] == pattern[off as usize..off as usize + 4096]);
                     }
                 });
@@ -439,10 +454,10 @@ mod tests {
         // order, each land in their own buffer.
         let offs: Vec<u64> = (0..40u64).map(|i| (i * 7919 * 4096) % (1 << 20)).collect();
         let mut bufs: Vec<Vec<u8>> = offs.iter().map(|_| vec![0u8; 16384]).collect();
-        let mut reads: Vec<(u64, &mut [u8])> = offs
+        let mut reads: Vec<(DiskOffset, &mut [u8])> = offs
             .iter()
             .zip(bufs.iter_mut())
-            .map(|(&o, b)| ((5 << 20) + o, b.as_mut_slice()))
+            .map(|(&o, b)| (DiskOffset((5 << 20) + o), b.as_mut_slice()))
             .collect();
         disk.read_many(&mut reads).unwrap();
         for (&o, b) in offs.iter().zip(&bufs) {
@@ -453,10 +468,12 @@ mod tests {
             }
         }
         // Out of range reads are refused before anything is sent.
-        assert!(disk.read_at((64 << 20) - 100, &mut buf).is_err());
+        assert!(disk
+            .read_at(DiskOffset((64 << 20) - 100), &mut buf)
+            .is_err());
         let mut far = [0u8; 4096];
         assert!(disk
-            .read_many(&mut [((64 << 20) - 100, &mut far[..])])
+            .read_many(&mut [(DiskOffset((64 << 20) - 100), &mut far[..])])
             .is_err());
         // A wrong export name is a clear error.
         let e = NbdDisk::open(&format!("{url}/nope"), Duration::from_secs(10))
@@ -517,7 +534,7 @@ mod tests {
                         let mut buf = vec![0u8; size];
                         let mut off = k * size as u64;
                         while off < total {
-                            d.read_at(off, &mut buf).unwrap();
+                            d.read_at(DiskOffset(off), &mut buf).unwrap();
                             off += threads * size as u64;
                         }
                     });

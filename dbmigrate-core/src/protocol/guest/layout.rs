@@ -16,6 +16,8 @@
 
 use thiserror::Error;
 
+use crate::addr::{DiskOffset, GuestAddr};
+
 use super::{HintFormatError, HINTS_HEADER_LEN, HINTS_VERSION};
 
 /// Magic of a layout answer: "DBML".
@@ -35,7 +37,7 @@ pub struct Extent {
     /// Byte offset in the file.
     pub file_offset: u64,
     /// Byte offset on the disk (partition start included).
-    pub disk_offset: u64,
+    pub disk_offset: DiskOffset,
     /// Bytes.
     pub len: u64,
 }
@@ -95,9 +97,11 @@ pub fn frame_entries(frames: &[Vec<u64>]) -> Vec<u64> {
 /// Decodes [`frame_entries`] for frames of `sub` 4 KiB pages into the
 /// address of each page, frame after frame; None if the list is malformed
 /// (misaligned, cut short, or a frame running past 2^64).
-pub fn frame_pages(entries: &[u64], sub: usize) -> Option<Vec<Vec<u64>>> {
+pub fn frame_pages(entries: &[u64], sub: usize) -> Option<Vec<Vec<GuestAddr>>> {
     let mut out = Vec::new();
-    walk_frames(entries, sub, |f| out.push(f.to_vec()))?;
+    walk_frames(entries, sub, |f| {
+        out.push(f.iter().map(|&a| GuestAddr(a)).collect());
+    })?;
     Some(out)
 }
 
@@ -152,14 +156,15 @@ pub enum LayoutError {
 impl FileLayout {
     /// Disk offset of `len` bytes at `file_offset`, if they sit inside one
     /// extent. Pure.
-    pub fn locate(&self, file_offset: u64, len: u64) -> Option<u64> {
+    pub fn locate(&self, file_offset: u64, len: u64) -> Option<DiskOffset> {
         let i = self
             .extents
             .partition_point(|e| e.file_offset <= file_offset)
             .checked_sub(1)?;
         let e = &self.extents[i];
         let end = file_offset.checked_add(len)?;
-        (end <= e.file_offset + e.len).then(|| e.disk_offset + (file_offset - e.file_offset))
+        (end <= e.file_offset + e.len)
+            .then(|| DiskOffset(e.disk_offset.0 + (file_offset - e.file_offset)))
     }
 }
 
@@ -191,7 +196,7 @@ pub fn encode_layout(set: &LayoutSet, tag: u32) -> Vec<u8> {
         );
         for e in &f.extents {
             body.extend_from_slice(&e.file_offset.to_le_bytes());
-            body.extend_from_slice(&e.disk_offset.to_le_bytes());
+            body.extend_from_slice(&e.disk_offset.0.to_le_bytes());
             body.extend_from_slice(&e.len.to_le_bytes());
         }
     }
@@ -269,10 +274,10 @@ pub fn decode_layout(b: &[u8]) -> Result<LayoutSet, LayoutError> {
         for _ in 0..n {
             let e = Extent {
                 file_offset: r.u64()?,
-                disk_offset: r.u64()?,
+                disk_offset: DiskOffset(r.u64()?),
                 len: r.u64()?,
             };
-            let aligned = (e.file_offset | e.disk_offset | e.len) % 4096 == 0;
+            let aligned = (e.file_offset | e.disk_offset.0 | e.len) % 4096 == 0;
             if !aligned || e.len == 0 {
                 return Err(LayoutError::Body("an extent is empty or not 4 KiB aligned"));
             }
@@ -350,12 +355,12 @@ mod tests {
                     extents: vec![
                         Extent {
                             file_offset: 0,
-                            disk_offset: 1 << 20,
+                            disk_offset: DiskOffset(1 << 20),
                             len: 65536,
                         },
                         Extent {
                             file_offset: 65536,
-                            disk_offset: 8 << 20,
+                            disk_offset: DiskOffset(8 << 20),
                             len: 16384,
                         },
                     ],
@@ -380,8 +385,11 @@ mod tests {
         assert_eq!(layout_header(&b).unwrap().1, 3);
         assert_eq!(decode_layout(&b).unwrap(), s);
         let f = &s.files[0];
-        assert_eq!(f.locate(4096, 4096), Some((1 << 20) + 4096));
-        assert_eq!(f.locate(65536 + 8192, 4096), Some((8 << 20) + 8192));
+        assert_eq!(f.locate(4096, 4096), Some(DiskOffset((1 << 20) + 4096)));
+        assert_eq!(
+            f.locate(65536 + 8192, 4096),
+            Some(DiskOffset((8 << 20) + 8192))
+        );
         assert_eq!(f.locate(61440, 8192), None, "straddles two extents");
         assert_eq!(f.locate(81920, 4096), None, "beyond the file");
         assert_eq!(f.locate(u64::MAX - 10, 4096), None);
@@ -396,7 +404,11 @@ mod tests {
         ];
         let e = frame_entries(&f);
         assert_eq!(e.len(), 1 + 4);
-        assert_eq!(frame_pages(&e, 4).unwrap(), f);
+        let addrs: Vec<Vec<GuestAddr>> = f
+            .iter()
+            .map(|p| p.iter().map(|&a| GuestAddr(a)).collect())
+            .collect();
+        assert_eq!(frame_pages(&e, 4).unwrap(), addrs);
         assert_eq!(frame_pages(&e[..3], 4), None, "cut short");
         assert_eq!(frame_pages(&[0x10001 & !1 | 0x800], 4), None, "misaligned");
         // A frame whose pages would run past 2^64 is refused, not wrapped.

@@ -9,6 +9,8 @@ mod layout;
 
 use thiserror::Error;
 
+use crate::addr::{DiskOffset, GuestAddr};
+
 pub use layout::*;
 
 /// One hint as the guest agent exports it: a guest-physical page that should
@@ -16,13 +18,13 @@ pub use layout::*;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct GuestHint {
     /// Guest-physical address of the 4 KiB page.
-    pub gpa: u64,
+    pub gpa: GuestAddr,
     /// Disk index (0 = the guest's first virtio disk).
     pub disk: u16,
     /// True if the server reported the page clean (flushed).
     pub clean: bool,
     /// Byte offset on the disk.
-    pub disk_offset: u64,
+    pub disk_offset: DiskOffset,
     /// InnoDB space id.
     pub space: u32,
     /// InnoDB page number.
@@ -72,11 +74,11 @@ pub fn encode_hints(hints: &[GuestHint], tag: u32) -> Vec<u8> {
     out.extend_from_slice(&u32::try_from(hints.len()).unwrap_or(u32::MAX).to_le_bytes());
     out.extend_from_slice(&tag.to_le_bytes());
     for h in hints {
-        out.extend_from_slice(&h.gpa.to_le_bytes());
+        out.extend_from_slice(&h.gpa.0.to_le_bytes());
         out.extend_from_slice(&h.disk.to_le_bytes());
         out.extend_from_slice(&u16::from(h.clean).to_le_bytes());
         out.extend_from_slice(&h.space.to_le_bytes());
-        out.extend_from_slice(&h.disk_offset.to_le_bytes());
+        out.extend_from_slice(&h.disk_offset.0.to_le_bytes());
         out.extend_from_slice(&h.page_no.to_le_bytes());
         out.extend_from_slice(&0u32.to_le_bytes());
         out.extend_from_slice(&h.lsn.to_le_bytes());
@@ -225,11 +227,11 @@ pub fn decode_hints(b: &[u8]) -> Result<Vec<GuestHint>, HintFormatError> {
     Ok(b[16..]
         .chunks_exact(HINT_RECORD_LEN)
         .map(|r| GuestHint {
-            gpa: u64::from_le_bytes(r[0..8].try_into().expect("8 bytes")),
+            gpa: GuestAddr(u64::from_le_bytes(r[0..8].try_into().expect("8 bytes"))),
             disk: u16::from_le_bytes([r[8], r[9]]),
             clean: u16::from_le_bytes([r[10], r[11]]) & 1 == 1,
             space: u32::from_le_bytes(r[12..16].try_into().expect("4 bytes")),
-            disk_offset: u64::from_le_bytes(r[16..24].try_into().expect("8 bytes")),
+            disk_offset: DiskOffset(u64::from_le_bytes(r[16..24].try_into().expect("8 bytes"))),
             page_no: u32::from_le_bytes(r[24..28].try_into().expect("4 bytes")),
             lsn: u64::from_le_bytes(r[32..40].try_into().expect("8 bytes")),
         })
@@ -244,19 +246,19 @@ mod format_tests {
     fn hint_sets_round_trip_and_reject_garbage() {
         let h = vec![
             GuestHint {
-                gpa: 0x1000,
+                gpa: GuestAddr(0x1000),
                 disk: 0,
                 clean: true,
-                disk_offset: 0x20000,
+                disk_offset: DiskOffset(0x20000),
                 space: 5,
                 page_no: 8,
                 lsn: 77,
             },
             GuestHint {
-                gpa: 0x7fff_f000,
+                gpa: GuestAddr(0x7fff_f000),
                 disk: 1,
                 clean: false,
-                disk_offset: 0,
+                disk_offset: DiskOffset(0),
                 space: 0,
                 page_no: 0,
                 lsn: u64::MAX,

@@ -9,13 +9,12 @@
 
 use std::collections::HashMap;
 
+use dbmigrate_core::addr::{ram_offset, GpaRange, PageIndex, RamOffset};
 use dbmigrate_core::bitmap::PageBitmap;
 use dbmigrate_core::protocol::guest::{frame_pages, FileLayout, LayoutSet};
 use dbmigrate_core::rebuild::{Hint, PageMap};
 use dbmigrate_core::{PAGE_SIZE, PAGE_SIZE_U64};
 use serde::Serialize;
-
-use crate::qemu::GpaRange;
 
 /// What one scan found.
 #[derive(Clone, Debug, Default, Serialize, PartialEq, Eq)]
@@ -43,8 +42,8 @@ pub struct ScanStats {
 fn ram_spans(gpa_layout: &[GpaRange], ps: u64) -> Vec<(u64, u64)> {
     let mut spans: Vec<(u64, u64)> = gpa_layout
         .iter()
-        .filter(|r| r.gpa.wrapping_sub(r.offset) % ps == 0)
-        .filter_map(|r| Some((r.offset, r.offset.checked_add(r.len)?)))
+        .filter(|r| r.keeps_alignment(ps))
+        .filter_map(|r| Some((r.offset.0, r.offset.0.checked_add(r.len)?)))
         .collect();
     spans.sort_unstable();
     let mut merged: Vec<(u64, u64)> = Vec::with_capacity(spans.len());
@@ -55,14 +54,6 @@ fn ram_spans(gpa_layout: &[GpaRange], ps: u64) -> Vec<(u64, u64)> {
         }
     }
     merged
-}
-
-/// RAM-file offset of guest-physical address `gpa`, if RAM is there. Pure.
-pub fn ram_offset(gpa_layout: &[GpaRange], gpa: u64) -> Option<u64> {
-    gpa_layout
-        .iter()
-        .find(|r| gpa >= r.gpa && gpa - r.gpa < r.len)
-        .map(|r| r.offset + (gpa - r.gpa))
 }
 
 /// Finds flushed InnoDB pages in `ram` (the RAM file's bytes; `data` marks
@@ -85,7 +76,7 @@ pub fn scan_frames(
     let sub = ps / PAGE_SIZE_U64;
     let sub_n = usize::try_from(sub).expect("at most 16");
     // Each candidate frame as the RAM-file page of each of its 4 KiB pages.
-    let candidates: Vec<Vec<u64>> = if layout.frames.is_empty() {
+    let candidates: Vec<Vec<PageIndex>> = if layout.frames.is_empty() {
         ram_spans(gpa_layout, ps)
             .into_iter()
             .flat_map(|(start, end)| {
@@ -93,7 +84,7 @@ pub fn scan_frames(
                 let count = end.saturating_sub(first) / ps;
                 (0..count).map(move |i| {
                     let p0 = (first + i * ps) / PAGE_SIZE_U64;
-                    (p0..p0 + sub).collect()
+                    (p0..p0 + sub).map(PageIndex).collect()
                 })
             })
             .collect()
@@ -103,8 +94,8 @@ pub fn scan_frames(
             .into_iter()
             .filter_map(|f| {
                 f.iter()
-                    .map(|&gpa| ram_offset(gpa_layout, gpa).map(|o| o / PAGE_SIZE_U64))
-                    .collect::<Option<Vec<u64>>>()
+                    .map(|&gpa| ram_offset(gpa_layout, gpa).map(RamOffset::page))
+                    .collect::<Option<Vec<PageIndex>>>()
             })
             .collect()
     };
@@ -120,13 +111,13 @@ pub fn scan_frames(
     // are all hinted; older copies (free frames, stale reads) are not: the
     // disk holds the newest flushed version.
     let mut newest: HashMap<(u32, u32), u64> = HashMap::new();
-    let mut found: Vec<(usize, dbmigrate_innodb::FilHeader)> = Vec::new();
-    let page_bytes = |p: u64| {
-        let s = usize::try_from(p * PAGE_SIZE_U64).expect("inside the mapping");
+    let mut found: Vec<(usize, crate::FilHeader)> = Vec::new();
+    let page_bytes = |p: PageIndex| {
+        let s = usize::try_from(p.0 * PAGE_SIZE_U64).expect("inside the mapping");
         &ram[s..s + PAGE_SIZE]
     };
     for (i, f) in candidates.iter().enumerate() {
-        if f.iter().any(|&p| p >= ram_pages || !data.get(p)) {
+        if f.iter().any(|&p| p.0 >= ram_pages || !data.get(p.0)) {
             continue;
         }
         stats.frames += 1;
@@ -136,9 +127,9 @@ pub fn scan_frames(
         // (a frame changed but not yet stamped with its new LSN is in the
         // dirty set anyway, and is resent).
         let (first, last) = (page_bytes(f[0]), page_bytes(f[sub_n - 1]));
-        let Some(h) = dbmigrate_innodb::parse_parts(
-            &first[..dbmigrate_innodb::HEAD_LEN],
-            &last[PAGE_SIZE - dbmigrate_innodb::TAIL_LEN..],
+        let Some(h) = crate::parse_parts(
+            &first[..crate::HEAD_LEN],
+            &last[PAGE_SIZE - crate::TAIL_LEN..],
         ) else {
             continue;
         };
@@ -186,6 +177,7 @@ pub fn scan_frames(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use dbmigrate_core::addr::{DiskOffset, GuestAddr};
     use dbmigrate_core::protocol::guest::Extent;
 
     /// A flushed 16 KiB page in MariaDB's full_crc32 layout.
@@ -235,7 +227,7 @@ mod tests {
                     disk: 0,
                     extents: vec![Extent {
                         file_offset: 0,
-                        disk_offset: 1 << 20,
+                        disk_offset: DiskOffset(1 << 20),
                         len: 5 * 16384,
                     }],
                 },
@@ -244,7 +236,7 @@ mod tests {
                     disk: 0,
                     extents: vec![Extent {
                         file_offset: 0,
-                        disk_offset: 0,
+                        disk_offset: DiskOffset(0),
                         len: 16384,
                     }],
                 },
@@ -252,19 +244,22 @@ mod tests {
             frames: vec![],
         };
         let gpa = [GpaRange {
-            gpa: 0,
+            gpa: GuestAddr(0),
             len: ram.len() as u64,
-            offset: 0,
+            offset: RamOffset(0),
         }];
         let (t, s) = scan_frames(&ram, &data, &gpa, &layout, 1);
         assert_eq!(t.len(), 16, "{s:?}");
-        assert_eq!(t[&0].offset, 1 << 20);
-        assert_eq!(t[&3].offset, (1 << 20) + 3 * 4096);
-        assert_eq!(t[&4].offset, (1 << 20) + 3 * 16384);
+        assert_eq!(t[&PageIndex(0)].offset.0, 1 << 20);
+        assert_eq!(t[&PageIndex(3)].offset.0, (1 << 20) + 3 * 4096);
+        assert_eq!(t[&PageIndex(4)].offset.0, (1 << 20) + 3 * 16384);
         assert_eq!(s.older_copies, 1);
-        assert_eq!(t[&16].offset, 0);
-        assert_eq!(t[&23].offset, 3 * 4096);
-        assert!(!t.contains_key(&24), "the older copy is not hinted");
+        assert_eq!(t[&PageIndex(16)].offset.0, 0);
+        assert_eq!(t[&PageIndex(23)].offset.0, 3 * 4096);
+        assert!(
+            !t.contains_key(&PageIndex(24)),
+            "the older copy is not hinted"
+        );
         assert_eq!(s.no_file, 1);
         assert_eq!(s.no_file_spaces, vec![(9, 1)]);
         assert_eq!(s.unmapped, 4);
@@ -273,9 +268,9 @@ mod tests {
         let aliased = [
             gpa[0],
             GpaRange {
-                gpa: 1 << 32,
+                gpa: GuestAddr(1 << 32),
                 len: 65536,
-                offset: 0,
+                offset: RamOffset(0),
             },
         ];
         assert_eq!(
@@ -303,8 +298,8 @@ mod tests {
         let (t2, s2) = scan_frames(&ram2, &data, &gpa, &listed, 1);
         assert_eq!(s2.frames, 1);
         assert_eq!(t2.len(), 4);
-        assert_eq!(t2[&60].offset, (1 << 20) + 16384);
-        assert_eq!(t2[&52].offset, (1 << 20) + 16384 + 3 * 4096);
+        assert_eq!(t2[&PageIndex(60)].offset.0, (1 << 20) + 16384);
+        assert_eq!(t2[&PageIndex(52)].offset.0, (1 << 20) + 16384 + 3 * 4096);
         // A foreign disk index is never used.
         let (t, _) = scan_frames(&ram, &data, &gpa, &layout, 0);
         assert!(t.is_empty());
