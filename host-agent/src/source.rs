@@ -532,16 +532,28 @@ async fn drive(
     report.downtime_ms = ms(paused_at.elapsed());
     parts.commit_ms = lap();
     report.downtime_parts = Some(parts);
+    finished(args, qmp, &progress, start, report, "").await;
+    Ok(())
+}
+
+/// The VM runs on the destination with every page: says so and, if asked,
+/// ends the source QEMU (in `postmigrate`; its RAM is no longer the VM's).
+async fn finished(
+    args: &MigrateArgs,
+    qmp: &mut Qmp,
+    progress: &Progress,
+    start: Instant,
+    report: &MigrationReport,
+    how: &str,
+) {
     progress.finish(&format!(
-        "migrated in {} ms, downtime {} ms",
+        "migrated in {} ms{how}, downtime {} ms",
         ms(start.elapsed()),
         report.downtime_ms
     ));
     if args.quit_source {
-        // The source QEMU is in `postmigrate`; its RAM is no longer the VM's.
         let _ = qmp.execute("quit", None).await;
     }
-    Ok(())
 }
 
 /// The hand-over by post-copy: pause, switch, move device state while the
@@ -624,14 +636,6 @@ async fn drive_postcopy(
             return Err(anyhow!(e));
         }
     }
-    progress.finish(&format!(
-        "migrated in {} ms by post-copy, downtime {} ms",
-        ms(start.elapsed()),
-        report.downtime_ms
-    ));
-    if args.quit_source {
-        // Every page is placed and verified: the source's RAM is no longer needed.
-        let _ = qmp.execute("quit", None).await;
-    }
+    finished(args, qmp, progress, start, report, " by post-copy").await;
     Ok(())
 }
