@@ -3,15 +3,16 @@
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-/// Token bucket in bytes; `None` rate means unlimited.
+/// Token bucket in bytes; `None` rate means unlimited. The rate may change
+/// while it is used ([`RateLimiter::set_rate`]).
 #[derive(Debug)]
 pub struct RateLimiter {
-    rate: Option<f64>,
     state: Mutex<Bucket>,
 }
 
 #[derive(Debug)]
 struct Bucket {
+    rate: Option<f64>,
     tokens: f64,
     last: Instant,
 }
@@ -29,22 +30,34 @@ impl RateLimiter {
     /// A limiter of `bytes_per_sec` (None = unlimited). Bursts up to 50 ms worth.
     pub fn new(bytes_per_sec: Option<u64>) -> Self {
         Self {
-            #[allow(clippy::cast_precision_loss)] // rates are far below 2^52
-            rate: bytes_per_sec.map(|r| r as f64),
             state: Mutex::new(Bucket {
+                #[allow(clippy::cast_precision_loss)] // rates are far below 2^52
+                rate: bytes_per_sec.map(|r| r as f64),
                 tokens: 0.0,
                 last: Instant::now(),
             }),
         }
     }
 
+    /// Changes the rate (None = unlimited); the bucket starts empty.
+    pub fn set_rate(&self, bytes_per_sec: Option<u64>) {
+        let mut b = self.state.lock().expect("limiter lock is never poisoned");
+        #[allow(clippy::cast_precision_loss)]
+        let rate = bytes_per_sec.map(|r| r as f64);
+        if b.rate != rate {
+            b.rate = rate;
+            b.tokens = b.tokens.min(0.0);
+            b.last = Instant::now();
+        }
+    }
+
     /// Waits until `bytes` may be sent, then takes them.
     pub async fn acquire(&self, bytes: usize) {
-        let Some(rate) = self.rate else { return };
         #[allow(clippy::cast_precision_loss)]
         let want = bytes as f64;
         let wait = {
             let mut b = self.state.lock().expect("limiter lock is never poisoned");
+            let Some(rate) = b.rate else { return };
             let now = Instant::now();
             let burst = rate * 0.05;
             b.tokens =

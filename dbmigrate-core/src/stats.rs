@@ -74,6 +74,10 @@ pub struct MigrationStats {
     pub ram_verified: Option<bool>,
     /// Digest chunks that differed.
     pub mismatched_chunks: u32,
+    /// The adaptive pace's decisions while the VM ran on the source (empty
+    /// when it was off).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub pacing: Vec<crate::source::PaceStep>,
 }
 
 impl MigrationStats {

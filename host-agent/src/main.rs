@@ -12,6 +12,7 @@ mod receive;
 mod report;
 mod security;
 mod source;
+mod vcpus;
 
 use std::io::IsTerminal;
 use std::net::SocketAddr;
@@ -98,6 +99,14 @@ enum Command {
         /// scan and check against the server's list of clean pages.
         #[arg(long, value_enum, default_value = "host")]
         hint_scan: source::HintScan,
+        /// Adaptive pace: the share of their runnable time (percent) the
+        /// guest's vCPU threads may wait for a CPU beyond what they waited
+        /// before the migration; the pages each round moves (raw on the
+        /// link, references read from shared storage) are paced to keep
+        /// it. `off` (the default until the benchmarks pick one) moves them
+        /// as fast as the link and storage go.
+        #[arg(long, default_value = "off", value_parser = parse_budget)]
+        guest_impact_budget: Budget,
         /// How the VM is handed over: `precopy` (stop-and-copy once the
         /// rounds converge), `postcopy` (after one round the VM runs on the
         /// destination, which fetches the rest), `hybrid` (pre-copy that
@@ -204,6 +213,24 @@ pub async fn interrupted() -> &'static str {
 }
 
 /// Parses `1gbit`, `800mbit`, `100MB`, `12345` (bytes/s).
+/// `--guest-impact-budget`: a share 0..1, or None for off.
+#[derive(Clone, Copy, Debug)]
+struct Budget(Option<f64>);
+
+/// `off`, or a percentage above 0 and at most 100 (pure).
+fn parse_budget(s: &str) -> Result<Budget, String> {
+    let t = s.trim().trim_end_matches('%');
+    if t.eq_ignore_ascii_case("off") {
+        return Ok(Budget(None));
+    }
+    match t.parse::<f64>() {
+        Ok(p) if p > 0.0 && p <= 100.0 => Ok(Budget(Some(p / 100.0))),
+        _ => Err(format!(
+            "`{s}` is not a budget: give a percentage above 0 and at most 100 (e.g. 10), or `off`"
+        )),
+    }
+}
+
 fn parse_rate(s: &str) -> Result<u64, String> {
     let t = s.trim().to_ascii_lowercase();
     let split = t
@@ -320,6 +347,7 @@ fn run(cli: Cli, rt: &tokio::runtime::Runtime, priority: priority::Priority) -> 
             guest_hints,
             hints_refresh_ms,
             hint_scan,
+            guest_impact_budget,
             mode,
             allow_postcopy,
             timeout,
@@ -366,6 +394,7 @@ fn run(cli: Cli, rt: &tokio::runtime::Runtime, priority: priority::Priority) -> 
                 hint_scan,
                 priority,
                 run_dir: security.run_dir,
+                guest_impact_budget: guest_impact_budget.0,
             }));
             r.agent_peak_rss_bytes = report::peak_rss_bytes();
             let json = serde_json::to_string_pretty(&r).context("encoding the report")?;

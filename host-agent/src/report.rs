@@ -57,6 +57,17 @@ pub struct MigrationReport {
     pub stats: MigrationStats,
     /// The source agent's peak resident memory (`VmHWM`), bytes.
     pub agent_peak_rss_bytes: Option<u64>,
+    /// The adaptive pace's setting (its decisions are in `stats.pacing`).
+    pub guest_impact: Option<GuestImpact>,
+}
+
+/// The adaptive pace of a migration.
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct GuestImpact {
+    /// The wait share the migration may add to the guest's vCPUs, percent.
+    pub budget_pct: f64,
+    /// Their wait share from the agent's start to the first round, percent.
+    pub baseline_wait_pct: f64,
 }
 
 /// This process's peak resident memory, from `/proc/self/status`.

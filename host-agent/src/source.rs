@@ -14,8 +14,8 @@ use anyhow::{anyhow, bail, Context, Result};
 use dbmigrate_core::dirty;
 use dbmigrate_core::ram::SourceRam;
 use dbmigrate_core::source::{
-    switch_to_postcopy, Decision, Mode, PostcopyError, SourceConfig, SourceError, SourceSession,
-    StopReason,
+    switch_to_postcopy, Decision, GuestSignal, Mode, PostcopyError, SourceConfig, SourceError,
+    SourceSession, StopReason,
 };
 use dbmigrate_core::stats::RoundStats;
 use serde_json::json;
@@ -50,6 +50,9 @@ pub struct MigrateArgs {
     pub priority: crate::priority::Priority,
     /// Where this agent makes its private directory (QEMU's device-state socket).
     pub run_dir: PathBuf,
+    /// Pace the pages so that the guest's vCPUs wait at most this share
+    /// (0..1) of their runnable time more than before (None: unpaced).
+    pub guest_impact_budget: Option<f64>,
 }
 
 /// QEMU's device-state migration under way through this agent's relay.
@@ -277,6 +280,15 @@ async fn run(
         )
     })?;
     let tracker = dirty::open_tracker(range).context("starting dirty-page tracking")?;
+    // The guest's wait share from here to the first round is its baseline.
+    let vcpus = match args.guest_impact_budget {
+        Some(_) => {
+            let mut v = crate::vcpus::VcpuThreads::of(qmp, pid).await?;
+            let first = v.sample();
+            Some((v, first))
+        }
+        None => None,
+    };
     report.tracker = format!("{:?}", tracker.kind());
     tracing::info!(tracker = ?tracker.kind(), pid, "dirty tracking ready");
     let ram =
@@ -311,8 +323,22 @@ async fn run(
     }
     let (mut session, live_hints) =
         prepare_session(args, qmp, undo, ram, tracker, hint_task).await?;
+    if let (Some((mut v, Some(first))), Some(budget)) = (vcpus, args.guest_impact_budget) {
+        let baseline = v.sample().map_or(0.0, |now| now.wait_share_since(first));
+        tracing::info!(
+            budget_pct = budget * 100.0,
+            baseline_wait_pct = baseline * 100.0,
+            "adaptive pace on"
+        );
+        report.guest_impact = Some(crate::report::GuestImpact {
+            budget_pct: budget * 100.0,
+            baseline_wait_pct: baseline * 100.0,
+        });
+        session.pace_by_guest(Box::new(v), budget, baseline);
+    }
 
     let result = drive(args, qmp, undo, report, start, backend.size, &mut session).await;
+    session.stop_pacing();
     if let Some(l) = &live_hints {
         l.stop();
         report.hints = Some(crate::report::HintReport::from(l.as_ref()));

@@ -69,7 +69,8 @@ fn precopy_moves_a_running_guest_byte_exact() -> Result<()> {
     let tb = Testbed::new(LINK_MBIT)?;
     let (mut src, dst) = start_pair(&tb, 16)?;
     let mut recv = receive(&tb, &dst)?;
-    let (out, report) = migrate(&tb, &src, &[])?;
+    // With the adaptive pace on, reading QEMU's real vCPU threads.
+    let (out, report) = migrate(&tb, &src, &["--guest-impact-budget", "50"])?;
     let recv_status = recv.wait()?;
     let recv_log = std::fs::read_to_string(tb.dir.join("receive.log")).unwrap_or_default();
     eprintln!("--- dbmigrate receive stderr ---\n{recv_log}");
@@ -90,6 +91,23 @@ fn precopy_moves_a_running_guest_byte_exact() -> Result<()> {
         report["stats"]["rounds"].as_array().map_or(0, Vec::len) >= 2,
         "live rounds plus stop-and-copy"
     );
+    assert_eq!(report["guest_impact"]["budget_pct"], json!(50.0));
+    let baseline = report["guest_impact"]["baseline_wait_pct"].as_f64();
+    ensure!(
+        baseline.is_some_and(|b| (0.0..=100.0).contains(&b)),
+        "the vCPUs' baseline wait share: {report}"
+    );
+    // A step every half second while the VM ran here (seconds: RAM over
+    // the link), each a share of time.
+    let steps = report["stats"]["pacing"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    ensure!(!steps.is_empty(), "no adaptive pace step: {report}");
+    for step in &steps {
+        let wait = step["wait_pct"].as_f64().unwrap_or(-1.0);
+        ensure!((0.0..=100.0).contains(&wait), "pace step {step}");
+    }
 
     // The source QEMU is gone once the destination runs.
     assert!(

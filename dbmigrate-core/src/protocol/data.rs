@@ -57,30 +57,46 @@ impl TryFrom<Message> for DataMessage {
 impl DataMessage {
     /// The frame that carries it.
     pub fn frame(&self) -> DataFrame {
-        DataFrame(match self {
-            DataMessage::PageBatch { round, pages } => BatchBuilder::encode(*round, pages),
+        let bytes = match self {
+            DataMessage::PageBatch { round, pages } => {
+                return DataFrame::batch(BatchBuilder::of(*round, pages))
+            }
             DataMessage::Drain { round } => Message::Drain { round: *round }.encode(),
             DataMessage::PrepareMark => Message::PrepareMark.encode(),
             DataMessage::SwitchMark => Message::SwitchMark.encode(),
             DataMessage::EndOfStream => Message::EndOfStream.encode(),
-        })
+        };
+        DataFrame { bytes, costly: 0 }
     }
 }
 
 /// An encoded frame that may go on a data connection: made only from a
 /// [`DataMessage`] or a page batch.
 #[derive(Clone, Debug)]
-pub struct DataFrame(Vec<u8>);
+pub struct DataFrame {
+    bytes: Vec<u8>,
+    costly: u32,
+}
 
 impl DataFrame {
     /// A finished page batch.
     pub fn batch(b: BatchBuilder) -> Self {
-        DataFrame(b.finish())
+        let costly = b.costly();
+        DataFrame {
+            bytes: b.finish(),
+            costly,
+        }
     }
 
     /// The bytes to write.
     pub fn bytes(&self) -> &[u8] {
-        &self.0
+        &self.bytes
+    }
+
+    /// The pages it carries that cost a transfer or a storage read (see
+    /// [`BatchBuilder::costly`]).
+    pub fn costly_pages(&self) -> u32 {
+        self.costly
     }
 }
 

@@ -171,6 +171,8 @@ impl PageEncoder {
 pub struct BatchBuilder {
     buf: Vec<u8>,
     count: u32,
+    /// Pages that are not zero pages.
+    costly: u32,
 }
 
 impl BatchBuilder {
@@ -180,16 +182,25 @@ impl BatchBuilder {
         buf.resize(HEADER_LEN, 0);
         buf.extend_from_slice(&round.to_le_bytes());
         buf.extend_from_slice(&0u32.to_le_bytes());
-        Self { buf, count: 0 }
+        Self {
+            buf,
+            count: 0,
+            costly: 0,
+        }
     }
 
     /// The whole frame of a batch of already decoded `pages`.
     pub fn encode(round: u32, pages: &[PageEntry]) -> Vec<u8> {
+        Self::of(round, pages).finish()
+    }
+
+    /// A batch of already decoded `pages`.
+    pub fn of(round: u32, pages: &[PageEntry]) -> Self {
         let mut b = Self::new(round);
         for e in pages {
             b.push(e.page, e.encoding, &e.data);
         }
-        b.finish()
+        b
     }
 
     /// Appends a page.
@@ -200,6 +211,13 @@ impl BatchBuilder {
         self.buf.extend_from_slice(&len.to_le_bytes());
         self.buf.extend_from_slice(data);
         self.count += 1;
+        self.costly += u32::from(encoding != PageEncoding::Zero);
+    }
+
+    /// Pages in the batch that cost a transfer or a storage read: raw,
+    /// compressed or references (a zero page costs neither).
+    pub fn costly(&self) -> u32 {
+        self.costly
     }
 
     /// Pages in the batch so far.

@@ -19,6 +19,7 @@
 //! | `postcopy` | the switch to post-copy, page requests, the hand-over |
 //! | `push` | post-copy's background push and its pace |
 
+mod adaptive;
 mod policy;
 mod postcopy;
 mod push;
@@ -38,6 +39,7 @@ use crate::rebuild::HintSource;
 use crate::stats::RoundStats;
 use crate::transport::{Connector, TransportError};
 
+pub use adaptive::{CpuTimes, GuestSignal, PaceController, PaceStep, Pacing};
 pub use policy::{
     decide, link_rate, switch_to_postcopy, Decision, Mode, RoundObservation, StopPolicy, StopReason,
 };

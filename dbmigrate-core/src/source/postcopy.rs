@@ -174,6 +174,7 @@ impl SourceSession {
         if !self.destination_postcopy() {
             return Err(no_postcopy_destination());
         }
+        self.stop_pacing();
         // With the VM paused nothing is written after this collect. What it
         // reports was written since the last collect, the moments before the
         // pause: the pages the guest is likeliest to touch first, sent first.

@@ -11,6 +11,7 @@ use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
+use super::adaptive::{GuestSignal, Pacing};
 use super::policy::{decide, Decision, Mode, RoundObservation, StopReason};
 use super::round::{
     produce_round, read_after_collect, RoundJob, RoundProgress, COLLECT_EVERY, RAW_PASS_NOT_STARTED,
@@ -67,6 +68,8 @@ pub struct SourceSession {
     pub(super) source_digests: Option<verify::SourceDigests>,
     /// Dirty tracking was armed and the first round's pages chosen.
     armed: bool,
+    /// The pace of the pages while the VM runs here (see [`Pacing`]).
+    pacing: Pacing,
     /// Statistics so far.
     pub stats: MigrationStats,
 }
@@ -127,12 +130,18 @@ impl SourceSession {
             }
         };
         let limiter = Arc::new(RateLimiter::new(cfg.bandwidth));
+        let pacing = Pacing::off();
         let mut data = Vec::new();
         for i in 1..=conns {
             let (_r, mut w) = cfg.connector.connect(addr).await?.split();
             stats.bytes_sent += protocol::write_message(&mut w, &hello(i), "sending Hello").await?;
             let (tx, rx) = mpsc::channel(8);
-            let task = tokio::spawn(data_writer(w, rx, limiter.clone(), cfg.peer_timeout));
+            let paces = Paces {
+                link: limiter.clone(),
+                pages: pacing.pace.clone(),
+                moved: pacing.moved.clone(),
+            };
+            let task = tokio::spawn(data_writer(w, rx, paces, cfg.peer_timeout));
             data.push(DataConn { tx, task });
         }
         let pages = ram.pages();
@@ -153,8 +162,26 @@ impl SourceSession {
             round: 0,
             source_digests: Some(verify::SourceDigests::new(pages, verify::CHUNK_PAGES)),
             armed: false,
+            pacing,
             stats,
         })
+    }
+
+    /// Paces the pages the rounds move so that the guest's vCPUs, read
+    /// from `signal`, wait at most `budget` (0..1 of their runnable time)
+    /// more than their `baseline` share before the migration (see
+    /// [`Pacing`]). Until the VM pauses.
+    pub fn pace_by_guest(&mut self, signal: Box<dyn GuestSignal>, budget: f64, baseline: f64) {
+        self.pacing.start(signal, budget, baseline);
+    }
+
+    /// The VM no longer runs here: the pages go unpaced; the controller's
+    /// decisions go into the statistics.
+    pub fn stop_pacing(&mut self) {
+        let steps = self.pacing.stop();
+        if !steps.is_empty() {
+            self.stats.pacing = steps;
+        }
     }
 
     /// Arms dirty tracking and takes every page with data for the first
@@ -287,6 +314,7 @@ impl SourceSession {
     pub async fn final_round(&mut self) -> Result<Frozen, SourceError> {
         // Writes between the last collect and the pause are caught here; with
         // the VM paused nothing can be written after this collect.
+        self.stop_pacing();
         self.tracker.collect(&mut self.pending)?;
         self.mark_written();
         let to_send = std::mem::replace(&mut self.pending, PageBitmap::new(self.ram.pages()));
@@ -654,18 +682,34 @@ impl SourceSession {
     }
 }
 
+/// The paces a data connection keeps to.
+struct Paces {
+    /// The operator's link bandwidth, in bytes on the wire.
+    link: Arc<RateLimiter>,
+    /// The adaptive pace, in bytes of the pages that cost a transfer or a
+    /// storage read.
+    pages: Arc<RateLimiter>,
+    /// Those bytes sent so far, for the controller.
+    moved: Arc<AtomicU64>,
+}
+
 async fn data_writer(
     mut w: ConnWriter,
     mut rx: mpsc::Receiver<WriterCmd>,
-    limiter: Arc<RateLimiter>,
+    paces: Paces,
     patience: Duration,
 ) -> Result<u64, ProtocolError> {
     let mut sent = 0;
     while let Some(cmd) = rx.recv().await {
         match cmd {
             WriterCmd::Frame(f) => {
+                let content = f.costly_pages() as usize * PAGE_SIZE;
+                if content > 0 {
+                    paces.pages.acquire(content).await;
+                    paces.moved.fetch_add(content as u64, Ordering::Relaxed);
+                }
                 let f = f.bytes();
-                limiter.acquire(f.len()).await;
+                paces.link.acquire(f.len()).await;
                 // A peer (or link) that takes nothing for this long is gone:
                 // without the limit a cut cable would block the round forever.
                 tokio::time::timeout(patience, protocol::write_frame(&mut w, f, "sending pages"))
