@@ -1,28 +1,32 @@
-//! `bench compare`: migrates the same guest over the same shaped link with
-//! QEMU's own pre-copy, QEMU's own post-copy and dbmigrate, in one run, and
-//! writes a report in the format of `shared/bench-report.md`.
-//!
-//! Every method gets a freshly booted guest that has filled its memory and
-//! finished one verification pass; after each migration the guest must finish
-//! another full verification pass on the destination, and the errors it
-//! finds are reported (`workload.errors`).
+//! `bench`: migrates the same guests over the same shaped links with
+//! QEMU's own pre-copy and post-copy and dbmigrate's methods, and writes
+//! reports in the format of `shared/bench-report.md`: the dirtier guest
+//! (`compare`, [`dirtier`]), the MariaDB VM (`compare-db`, [`db`]),
+//! several VMs leaving a host (`compare-fleet`, [`fleet`]).
 
 mod db;
+mod dirtier;
 mod fleet;
+mod methods;
+mod qemu;
 mod report;
 mod timeline;
 mod tpcc;
 mod transport;
 
-use std::path::{Path, PathBuf};
-use std::process::Stdio;
-use std::time::{Duration, Instant};
+use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
-use dbmigrate_testbed::{dirtier_guest, GuestImage, Testbed, Vm, VmOptions};
 use serde::Serialize;
 use serde_json::{json, Value};
+
+pub(crate) use methods::{
+    check_db_methods, check_methods, dbmigrate_mode, faults_cell, may_postcopy, plaintext_agents,
+    postcopy_figures, storage_read_server,
+};
+pub(crate) use qemu::{measured_downtime, qemu_migrate, record_qemu_result, QemuTls};
 
 #[derive(Parser)]
 #[command(name = "bench", about = "dbmigrate benchmarks")]
@@ -384,17 +388,6 @@ struct Report {
     runs: Vec<Run>,
 }
 
-struct Setup<'a> {
-    tb: &'a Testbed,
-    img: &'a GuestImage,
-    ram_mib: u64,
-    ws_mib: u64,
-    fill_pct: u64,
-    link_mbit: u32,
-    downtime_ms: u64,
-    timeout: Duration,
-}
-
 fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
@@ -485,51 +478,17 @@ fn main() -> Result<()> {
                     methods,
                     out,
                 },
-        } => {
-            let scenario = scenario.unwrap_or_else(|| format!("dirtier-ws{ws_mib}"));
-            check_methods(&methods)?;
-            let img = dirtier_guest()?;
-            let tb = Testbed::new(link_mbit)?;
-            let setup = Setup {
-                tb: &tb,
-                img: &img,
-                ram_mib,
-                ws_mib,
-                fill_pct,
-                link_mbit,
-                downtime_ms,
-                timeout: Duration::from_secs(timeout_s),
-            };
-            let mut runs = Vec::new();
-            for m in &methods {
-                eprintln!("== {scenario}: {m}");
-                let run = run_method(&setup, m).with_context(|| format!("method {m}"))?;
-                eprintln!(
-                    "   completed={} total_ms={:?} downtime_ms={:?} link_MB={} guest_ok={:?}",
-                    run.completed,
-                    run.total_ms,
-                    run.downtime_ms,
-                    run.link_bytes / 1_000_000,
-                    run.guest_verified_after
-                );
-                runs.push(run);
-            }
-            let report = Report {
-                scenario: scenario.clone(),
-                link_mbit,
-                storage_mbit: None,
-                vm: json!({"ram_mib": ram_mib, "vcpus": 1, "workload": format!("dirtier ws={ws_mib}MiB fill={fill_pct}%")}),
-                runs,
-            };
-            let path = out.unwrap_or_else(|| {
-                dbmigrate_testbed::repo_root().join(format!("bench/results/{scenario}.json"))
-            });
-            std::fs::write(&path, serde_json::to_string_pretty(&report)? + "\n")
-                .with_context(|| format!("writing {}", path.display()))?;
-            print_table(&report);
-            eprintln!("report: {}", path.display());
-            Ok(())
-        }
+        } => dirtier::compare(
+            scenario,
+            ram_mib,
+            ws_mib,
+            fill_pct,
+            link_mbit,
+            downtime_ms,
+            timeout_s,
+            methods,
+            out,
+        ),
     }
 }
 
@@ -590,111 +549,6 @@ fn write_db_report(
     Ok(())
 }
 
-/// The methods `bench` can run.
-const METHODS: [&str; 5] = [
-    "qemu-precopy",
-    "qemu-postcopy",
-    "dbmigrate-precopy",
-    "dbmigrate-postcopy",
-    "dbmigrate-hybrid",
-];
-
-/// Methods only `compare-db` runs: what TLS costs each migration (the
-/// `mariadb-sysbench-tls` scenario): dbmigrate's pre-copy with its agents
-/// on plain TCP (`--insecure-plaintext`; every other dbmigrate method runs
-/// over mutual TLS), and QEMU's pre-copy with its own `tls-creds-x509`
-/// (the same certificates).
-const TLS_METHODS: [&str; 2] = ["dbmigrate-precopy-plaintext", "qemu-precopy-tls"];
-
-/// `dbmigrate migrate` arguments of a dbmigrate method, or None for QEMU's.
-fn dbmigrate_mode(method: &str) -> Option<&'static [&'static str]> {
-    match method {
-        "dbmigrate-precopy" | "dbmigrate-precopy-plaintext" => Some(&["--mode", "precopy"]),
-        "dbmigrate-postcopy" => Some(&["--mode", "postcopy", "--allow-postcopy"]),
-        "dbmigrate-hybrid" => Some(&["--mode", "hybrid", "--allow-postcopy"]),
-        _ => None,
-    }
-}
-
-/// Whether a dbmigrate method may hand over by post-copy (its destination
-/// QEMU then needs the post-copy socket).
-fn may_postcopy(method: &str) -> bool {
-    dbmigrate_mode(method).is_some_and(|m| m.contains(&"--allow-postcopy"))
-}
-
-/// Whether a method's agents talk plain TCP instead of mutual TLS.
-fn plaintext_agents(method: &str) -> bool {
-    method == "dbmigrate-precopy-plaintext"
-}
-
-/// Post-copy figures of a run: faults the destination took, those that
-/// needed the network, and the longest a vCPU waited for a page.
-fn postcopy_figures(dest: &Value, report: &Value) -> Option<Faults> {
-    report["postcopy"].is_object().then(|| Faults {
-        faults: dest["faults"].as_u64(),
-        network_faults: dest["network_faults"].as_u64(),
-        storage_faults: dest["storage_faults"].as_u64(),
-        longest_stall_ms: dest["longest_stall_us"]
-            .as_u64()
-            .map(|us| us as f64 / 1000.0),
-    })
-}
-
-/// "network faults / longest stall" cell of a table.
-fn faults_cell(run: &Run) -> String {
-    match &run.postcopy {
-        None => "-".into(),
-        Some(f) => format!(
-            "{} / {}",
-            f.network_faults.map_or("?".into(), |n| n.to_string()),
-            f.longest_stall_ms
-                .map_or("?".into(), |ms| format!("{ms:.0} ms"))
-        ),
-    }
-}
-
-fn check_methods(methods: &[String]) -> Result<()> {
-    for m in methods {
-        if !METHODS.contains(&m.as_str()) && m != "qemu-precopy-tls" {
-            bail!("unknown method `{m}`: use {}", METHODS.join(", "));
-        }
-    }
-    Ok(())
-}
-
-/// Reference runs of `compare-db` that migrate nothing: the destination
-/// host only reads the VM's disk from shared storage while the load runs,
-/// each with whether it reads through a second storage server.
-const STORAGE_READS: [(&str, bool); 2] = [("storage-read", false), ("storage-read-separate", true)];
-
-/// Whether `method` is a storage-read reference, and if so whether it
-/// reads through a second storage server (pure).
-fn storage_read_server(method: &str) -> Option<bool> {
-    STORAGE_READS
-        .iter()
-        .find(|(name, _)| *name == method)
-        .map(|&(_, separate)| separate)
-}
-
-/// [`check_methods`] for `compare-db`, which also takes the storage-read references.
-fn check_db_methods(methods: &[String]) -> Result<()> {
-    for m in methods {
-        if !METHODS.contains(&m.as_str())
-            && !TLS_METHODS.contains(&m.as_str())
-            && storage_read_server(m).is_none()
-        {
-            let refs: Vec<&str> = STORAGE_READS.iter().map(|(name, _)| *name).collect();
-            bail!(
-                "unknown method `{m}`: use {}, {}, or the references {}",
-                METHODS.join(", "),
-                TLS_METHODS.join(", "),
-                refs.join(", ")
-            );
-        }
-    }
-    Ok(())
-}
-
 fn print_db_table(r: &Report) {
     println!(
         "\n{} — {} MiB guest, {} Mbit/s migration link, {:?} Mbit/s storage links\n",
@@ -745,7 +599,7 @@ fn print_db_table(r: &Report) {
 }
 
 /// What each side said about a run that did not complete.
-fn print_failures(r: &Report) {
+pub(crate) fn print_failures(r: &Report) {
     for run in r.runs.iter().filter(|run| !run.completed) {
         for (side, key) in [("source", "error"), ("destination", "destination_error")] {
             if let Some(e) = run.detail[key].as_str() {
@@ -753,359 +607,4 @@ fn print_failures(r: &Report) {
             }
         }
     }
-}
-
-fn print_table(r: &Report) {
-    println!(
-        "\n{} — {} MiB guest, {} Mbit/s link\n",
-        r.scenario, r.vm["ram_mib"], r.link_mbit
-    );
-    println!("| method | completed | total (ms) | downtime (ms) | link MB | network faults / longest stall | RAM verified | guest check after |");
-    println!("|---|---|---|---|---|---|---|---|");
-    let opt = |v: Option<u64>| v.map_or("-".to_string(), |v| v.to_string());
-    for run in &r.runs {
-        println!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} |",
-            run.method,
-            run.completed,
-            opt(run.total_ms),
-            opt(run.downtime_ms),
-            run.link_bytes / 1_000_000,
-            faults_cell(run),
-            run.ram_verified.map_or("n/a".into(), |b| b.to_string()),
-            run.guest_verified_after.map_or("n/a".into(), |b| if b {
-                "clean".to_string()
-            } else {
-                "ERRORS".to_string()
-            })
-        );
-    }
-    print_failures(r);
-}
-
-fn start_vms(
-    s: &Setup<'_>,
-    preload: bool,
-    dst_incoming_extra: &[&str],
-    postcopy: bool,
-) -> Result<(Vm, Vm)> {
-    let src = Vm::start(
-        s.tb,
-        &s.tb.src_ns,
-        "src",
-        s.img,
-        &VmOptions {
-            ram_mib: s.ram_mib,
-            ws_mib: s.ws_mib,
-            fill_pct: s.fill_pct,
-            preload,
-            ..VmOptions::default()
-        },
-    )?;
-    src.wait_console("DIRTIER READY", Duration::from_secs(300))?;
-    src.wait_heartbeat(Duration::from_secs(300), |h| h.passes >= 1)?;
-    let dst = Vm::start(
-        s.tb,
-        &s.tb.dst_ns,
-        "dst",
-        s.img,
-        &VmOptions {
-            ram_mib: s.ram_mib,
-            ws_mib: s.ws_mib,
-            fill_pct: s.fill_pct,
-            preload: false,
-            incoming: true,
-            extra: dst_incoming_extra.iter().map(|s| s.to_string()).collect(),
-            postcopy_socket: postcopy.then(|| s.tb.dir.join("dst.uffd")),
-            qemu_fills: !preload,
-            ..VmOptions::default()
-        },
-    )?;
-    Ok((src, dst))
-}
-
-/// After a completed migration: the guest on `dst` must complete two more
-/// full verification passes; returns whether it found no error.
-fn guest_check(src: &Vm, dst: &Vm) -> Option<bool> {
-    let last = src.heartbeats().last().cloned()?;
-    let h = dst
-        .wait_heartbeat(Duration::from_secs(240), |h| {
-            h.seq > last.seq && h.passes >= last.passes + 2
-        })
-        .ok()?;
-    Some(h.errors == 0 && !dst.console().contains("DIRTIER ERROR"))
-}
-
-/// QEMU's own migration TLS (`tls-creds-x509`), with the test bed's
-/// certificates: the source's client set, the destination's server set
-/// (it checks the source's certificate), and the name the destination's
-/// certificate must carry.
-pub(crate) struct QemuTls {
-    /// The source host's TLS directory.
-    pub src_dir: PathBuf,
-    /// The destination host's TLS directory.
-    pub dst_dir: PathBuf,
-    /// The destination's name in its certificate.
-    pub hostname: String,
-}
-
-impl QemuTls {
-    /// The test bed's certificates.
-    pub(crate) fn of(tb: &dbmigrate_testbed::Testbed) -> Self {
-        Self {
-            src_dir: tb.tls_dir("src"),
-            dst_dir: tb.tls_dir("dst"),
-            hostname: "destination.test".into(),
-        }
-    }
-
-    fn apply(
-        &self,
-        sq: &mut dbmigrate_testbed::SyncQmp,
-        dq: &mut dbmigrate_testbed::SyncQmp,
-    ) -> Result<()> {
-        let creds = |dir: &Path, endpoint: &str| {
-            json!({"qom-type": "tls-creds-x509", "id": "bench-tls", "dir": dir,
-                   "endpoint": endpoint, "verify-peer": true})
-        };
-        sq.cmd("object-add", creds(&self.src_dir, "client"))?;
-        dq.cmd("object-add", creds(&self.dst_dir, "server"))?;
-        sq.cmd(
-            "migrate-set-parameters",
-            json!({"tls-creds": "bench-tls", "tls-hostname": self.hostname}),
-        )?;
-        dq.cmd("migrate-set-parameters", json!({"tls-creds": "bench-tls"}))?;
-        Ok(())
-    }
-}
-
-/// QEMU's own migration from `sq` to `dq` (waiting with `-incoming defer`):
-/// pre-copy, or post-copy switched on after the first full pass, as it is
-/// normally used. QEMU 7.2 limits itself to 32 MiB/s by default: the limit is
-/// lifted so that only the shaped link limits it, like dbmigrate. Gives up
-/// (cancels) after `timeout` unless post-copy has started. Returns the last
-/// `query-migrate` answer, with the destination resumed if it completed.
-#[allow(clippy::too_many_arguments)]
-fn qemu_migrate(
-    sq: &mut dbmigrate_testbed::SyncQmp,
-    dq: &mut dbmigrate_testbed::SyncQmp,
-    uri: &str,
-    postcopy: bool,
-    tls: Option<&QemuTls>,
-    link_mbit: u32,
-    downtime_ms: u64,
-    timeout: Duration,
-) -> Result<Value> {
-    if let Some(t) = tls {
-        t.apply(sq, dq)?;
-    }
-    if postcopy {
-        let caps = json!([{"capability": "postcopy-ram", "state": true}]);
-        sq.cmd("migrate-set-capabilities", json!({"capabilities": caps}))?;
-        dq.cmd("migrate-set-capabilities", json!({"capabilities": caps}))?;
-    }
-    sq.cmd(
-        "migrate-set-parameters",
-        json!({"max-bandwidth": u64::from(link_mbit) * 1_000_000 / 8 * 4, "downtime-limit": downtime_ms}),
-    )?;
-    dq.cmd("migrate-incoming", json!({"uri": uri}))?;
-    let t = Instant::now();
-    sq.cmd("migrate", json!({"uri": uri}))?;
-    let mut switched = false;
-    // When QEMU left its live phase (stop-and-copy or post-copy), as seen by polling.
-    let mut switch_ms = None;
-    loop {
-        let mut v = sq.cmd("query-migrate", json!({}))?;
-        let st = v["status"].as_str().unwrap_or("");
-        if switch_ms.is_none() && !matches!(st, "setup" | "active") {
-            switch_ms = Some(dbmigrate_core::stats::millis(t.elapsed()));
-        }
-        v["bench_switch_ms"] = json!(switch_ms);
-        let st = v["status"].as_str().unwrap_or("").to_string();
-        let st = st.as_str();
-        if st == "completed" {
-            // QEMU 7.2 has answered a completed migration with a total
-            // time of 0: the bench's own clock (20 ms polls) stands in then.
-            v["bench_total_ms"] = json!(dbmigrate_core::stats::millis(t.elapsed()));
-            // The destination waits paused (-S) after pre-copy; post-copy
-            // already runs it.
-            if dq.status()? != "running" {
-                dq.cmd("cont", json!({}))?;
-            }
-            return Ok(v);
-        }
-        if st == "failed" {
-            return Ok(v);
-        }
-        if postcopy && !switched && v["ram"]["dirty-sync-count"].as_u64().unwrap_or(0) >= 2 {
-            sq.cmd("migrate-start-postcopy", json!({}))?;
-            switched = true;
-        }
-        if t.elapsed() > timeout && !(postcopy && switched) {
-            let _ = sq.cmd("migrate_cancel", json!({}));
-            return Ok(v);
-        }
-        // After the switch QEMU cannot cancel; a post-copy that does not
-        // finish in another `timeout` is reported as not completed.
-        if postcopy && switched && t.elapsed() > timeout * 2 {
-            let status = format!("stuck in {st} after {} s", t.elapsed().as_secs());
-            let mut v = v;
-            v["status"] = json!(status);
-            return Ok(v);
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// Replaces a completed run's downtime, as its method reported it, by the
-/// one measured the same way for every method (source `STOP` to
-/// destination `RESUME`, [`dbmigrate_testbed::downtime_ms`]); the
-/// method's own figure stays in `detail.reported_downtime_ms`. QEMU's own
-/// figure ends when the source has sent the last byte, before the
-/// destination has loaded it; dbmigrate's when the destination said the
-/// VM runs.
-pub(crate) fn measured_downtime(
-    run: &mut Run,
-    src: &dbmigrate_testbed::EventWatch,
-    dst: &dbmigrate_testbed::EventWatch,
-) {
-    if !run.completed {
-        return;
-    }
-    let reported = run.downtime_ms;
-    let measured = dbmigrate_testbed::downtime_ms(src, dst);
-    if let Some(d) = run.detail.as_object_mut() {
-        d.insert("reported_downtime_ms".into(), json!(reported));
-        d.insert(
-            "downtime_from".into(),
-            json!(if measured.is_some() {
-                "qmp-events"
-            } else {
-                "reported (no STOP/RESUME pair seen)"
-            }),
-        );
-    }
-    run.downtime_ms = measured.or(reported);
-}
-
-/// Fills `run` from QEMU's last `query-migrate` answer.
-fn record_qemu_result(run: &mut Run, info: &Value) {
-    run.completed = info["status"] == json!("completed");
-    if run.completed {
-        run.total_ms = info["total-time"]
-            .as_u64()
-            .filter(|&t| t > 0)
-            .or_else(|| info["bench_total_ms"].as_u64());
-        run.downtime_ms = info["downtime"].as_u64();
-    }
-    run.pages.raw = info["ram"]["normal"].as_u64().unwrap_or(0);
-    run.pages.zero = info["ram"]["duplicate"].as_u64().unwrap_or(0);
-    if run.method == "qemu-postcopy" {
-        // QEMU counts the destination's page requests; it does not say how
-        // long a vCPU waited for one.
-        run.postcopy = Some(Faults {
-            network_faults: info["ram"]["postcopy-requests"].as_u64(),
-            ..Faults::default()
-        });
-    }
-}
-
-fn run_method(s: &Setup<'_>, method: &str) -> Result<Run> {
-    let mut run = Run {
-        method: method.into(),
-        ..Run::default()
-    };
-    match method {
-        m if dbmigrate_mode(m).is_some() => {
-            let mode = dbmigrate_mode(m).expect("checked");
-            let postcopy = may_postcopy(m);
-            let (src, dst) = start_vms(s, true, &[], postcopy)?;
-            let (se, de) = (src.watch_events()?, dst.watch_events()?);
-            let before = s.tb.link_bytes()?;
-            let mut recv = s.tb.receive_cmd(&dst)?;
-            if postcopy {
-                recv.arg("--postcopy-socket").arg(s.tb.dir.join("dst.uffd"));
-            }
-            // The source starts once the destination is set up, as an
-            // operator would (QEMU's destination allocates at boot).
-            // One log per method: a failed run's log must survive the next run.
-            let recv_log = s.tb.dir.join(format!("receive-{method}.log"));
-            let recv = dbmigrate_testbed::spawn_listening(&mut recv, &recv_log)?;
-            let report_path = s.tb.dir.join("dbmigrate-report.json");
-            let out =
-                s.tb.migrate_cmd(&src, &report_path)?
-                    .args([
-                        "--downtime-ms",
-                        &s.downtime_ms.to_string(),
-                        "--progress",
-                        "never",
-                    ])
-                    .args(mode)
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::inherit())
-                    .output()?;
-            let recv_out = recv.wait_with_output()?;
-            let dest: Value = serde_json::from_slice(&recv_out.stdout).unwrap_or(Value::Null);
-            run.link_bytes = s.tb.link_bytes()? - before;
-            let r: Value = serde_json::from_str(&std::fs::read_to_string(&report_path)?)?;
-            run.completed = out.status.success() && r["completed"] == json!(true);
-            run.total_ms = r["total_ms"].as_u64();
-            run.downtime_ms = r["downtime_ms"].as_u64().filter(|_| run.completed);
-            run.ram_verified = r["ram_verified"].as_bool();
-            run.pages.raw = r["pages"]["raw"].as_u64().unwrap_or(0);
-            run.pages.zero = r["pages"]["zero"].as_u64().unwrap_or(0);
-            run.postcopy = postcopy_figures(&dest, &r);
-            run.detail = json!({
-                "stop_reason": r["stats"]["stop_reason"],
-                "expected_downtime_ms": r["stats"]["expected_downtime_ms"],
-                "verify_ms": r["stats"]["verify_ms"],
-                "rounds": r["stats"]["rounds"],
-                "postcopy": r["postcopy"],
-                "destination": dest,
-                "device_state_bytes": r["device_state_bytes"],
-                "error": r["error"],
-                "destination_error": dbmigrate_testbed::agent_error(&recv_log),
-            });
-            measured_downtime(&mut run, &se, &de);
-            if run.completed {
-                run.guest_verified_after = guest_check(&src, &dst);
-                run.workload.errors = run.guest_verified_after.map(|ok| u64::from(!ok));
-            }
-        }
-        "qemu-precopy" | "qemu-postcopy" | "qemu-precopy-tls" => {
-            let (src, dst) = start_vms(s, false, &[], false)?;
-            let (se, de) = (src.watch_events()?, dst.watch_events()?);
-            let mut dq = dst.qmp()?;
-            let before = s.tb.link_bytes()?;
-            let t = Instant::now();
-            let info = qemu_migrate(
-                &mut src.qmp()?,
-                &mut dq,
-                &format!("tcp:{}:7001", s.tb.dst_ip),
-                method == "qemu-postcopy",
-                (method == "qemu-precopy-tls")
-                    .then(|| QemuTls::of(s.tb))
-                    .as_ref(),
-                s.link_mbit,
-                s.downtime_ms,
-                s.timeout,
-            )?;
-            run.link_bytes = s.tb.link_bytes()? - before;
-            record_qemu_result(&mut run, &info);
-            if run.completed {
-                run.guest_verified_after = guest_check(&src, &dst);
-                run.workload.errors = run.guest_verified_after.map(|ok| u64::from(!ok));
-            }
-            run.detail = json!({
-                "status": info["status"],
-                "expected_downtime_ms": info["expected-downtime"],
-                "dirty_sync_count": info["ram"]["dirty-sync-count"],
-                "ram_transferred": info["ram"]["transferred"],
-                "elapsed_ms_when_stopped": dbmigrate_core::stats::millis(t.elapsed()),
-            });
-            measured_downtime(&mut run, &se, &de);
-        }
-        other => bail!("unknown method {other}"),
-    }
-    Ok(run)
 }
