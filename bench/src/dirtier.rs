@@ -14,7 +14,7 @@ use dbmigrate_testbed::{dirtier_guest, GuestImage, Testbed, Vm, VmOptions};
 use serde_json::{json, Value};
 
 use crate::methods::{check_methods, dbmigrate_mode, faults_cell, may_postcopy, postcopy_figures};
-use crate::qemu::{measured_downtime, qemu_migrate, record_qemu_result, QemuTls};
+use crate::qemu::{measured_downtime, qemu_migrate, record_qemu_result, QemuWay};
 use crate::{print_failures, Report, Run};
 
 /// Runs every method on the dirtier guest and writes the report.
@@ -62,6 +62,8 @@ pub(crate) fn compare(
         scenario: scenario.clone(),
         link_mbit,
         storage_mbit: None,
+        hosts: None,
+        host_cpus: None,
         vm: json!({"ram_mib": ram_mib, "vcpus": 1, "workload": format!("dirtier ws={ws_mib}MiB fill={fill_pct}%")}),
         runs,
     };
@@ -239,10 +241,7 @@ pub(crate) fn run_method(s: &Setup<'_>, method: &str) -> Result<Run> {
                 &mut src.qmp()?,
                 &mut dq,
                 &format!("tcp:{}:7001", s.tb.dst_ip),
-                method == "qemu-postcopy",
-                (method == "qemu-precopy-tls")
-                    .then(|| QemuTls::of(s.tb))
-                    .as_ref(),
+                &QemuWay::of(method, s.tb),
                 s.link_mbit,
                 s.downtime_ms,
                 s.timeout,

@@ -4,12 +4,18 @@
 //! (`compare`, [`dirtier`]), the MariaDB VM (`compare-db`, [`db`]),
 //! several VMs leaving a host (`compare-fleet`, [`fleet`]).
 
+mod competing;
 mod db;
 mod dirtier;
 mod fleet;
+mod guest_cost;
+mod hosts;
+mod load;
 mod methods;
 mod qemu;
 mod report;
+mod steady;
+mod storage_read;
 mod timeline;
 mod tpcc;
 mod transport;
@@ -26,7 +32,7 @@ pub(crate) use methods::{
     check_db_methods, check_methods, dbmigrate_mode, faults_cell, may_postcopy, plaintext_agents,
     postcopy_figures, storage_read_server,
 };
-pub(crate) use qemu::{measured_downtime, qemu_migrate, record_qemu_result, QemuTls};
+pub(crate) use qemu::{measured_downtime, qemu_migrate, record_qemu_result};
 
 #[derive(Parser)]
 #[command(name = "bench", about = "dbmigrate benchmarks")]
@@ -79,6 +85,8 @@ enum Cmd {
         /// (`receive --storage-bandwidth`); 0 reads as fast as it goes.
         #[arg(long, default_value_t = 0)]
         storage_read_mbyte_s: u32,
+        #[command(flatten)]
+        cost: GuestCostArgs,
     },
     /// Several MariaDB VMs leave one host: all at once (batch) or one after
     /// another (evict); reports the time until the last VM left.
@@ -154,7 +162,8 @@ struct DbArgs {
     /// Downtime target for every method, ms.
     #[arg(long, default_value_t = 300)]
     downtime_ms: u64,
-    /// Seconds of load before the migration starts.
+    /// Seconds of load before the migration starts (`compare-db`: at least;
+    /// the steady-state rule may take longer, see --steady-max-s).
     #[arg(long, default_value_t = 15)]
     warmup_s: u64,
     #[command(flatten)]
@@ -204,8 +213,42 @@ impl DbArgs {
             after_s: 10,
             competing_streams,
             storage_read_mbyte_s: 0,
+            // compare-fleet: a fixed warm-up of --warmup-s.
+            steady: steady::Rule {
+                min_s: self.warmup_s,
+                max_s: 0,
+                window_s: 20,
+                tolerance: 0.10,
+            },
+            hosts: hosts::Hosts::Shared,
+            repeat: 1,
         }
     }
+}
+
+/// `compare-db`'s warm-up, repetitions and host layout.
+#[derive(clap::Args)]
+struct GuestCostArgs {
+    /// Longest warm-up, s: the migration starts when the load is steady
+    /// (the last --steady-window-s seconds each within
+    /// --steady-tolerance-pct of their mean, after at least --warmup-s),
+    /// or after this long anyway. At or below --warmup-s: a fixed warm-up.
+    #[arg(long, default_value_t = 120)]
+    steady_max_s: u64,
+    /// Seconds the steady-state rule judges.
+    #[arg(long, default_value_t = 20)]
+    steady_window_s: u32,
+    /// Largest distance of one second's rate from their mean, percent.
+    #[arg(long, default_value_t = 10.0)]
+    steady_tolerance_pct: f64,
+    /// Runs of every method; the methods take turns (a, b, c, a, b, c, ...).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    repeat: u32,
+    /// `shared`: every process may run on every CPU; `isolated`: separate
+    /// hosts emulated with CPU affinity (source host on CPU 0; destination,
+    /// storage server and client on CPU 1).
+    #[arg(long, value_enum, default_value_t = hosts::Hosts::Shared)]
+    hosts: hosts::Hosts,
 }
 
 #[derive(Subcommand)]
@@ -240,6 +283,10 @@ enum TpccCmd {
         /// Directory for per-terminal latency logs (`<end µs> <latency µs> <kind>`).
         #[arg(long)]
         latency_dir: Option<PathBuf>,
+        /// End before the duration once this file exists (each terminal
+        /// finishes its transaction in flight).
+        #[arg(long)]
+        stop_file: Option<PathBuf>,
         /// Random seed.
         #[arg(long, default_value_t = 2)]
         seed: u64,
@@ -276,6 +323,7 @@ fn tpcc_cmd(cmd: TpccCmd) -> Result<()> {
                 duration_s,
                 think,
                 latency_dir,
+                stop_file,
                 seed,
             } => {
                 let cfg = tpcc::driver::RunConfig {
@@ -283,6 +331,7 @@ fn tpcc_cmd(cmd: TpccCmd) -> Result<()> {
                     duration: Duration::from_secs(duration_s),
                     think,
                     latency_dir,
+                    stop_file,
                     seed,
                 };
                 let s = tpcc::driver::run(&target, &cfg)
@@ -330,6 +379,32 @@ struct Workload {
     tpmc_before: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     tpmc_during: Option<f64>,
+    /// Seconds of load before the migration started (the steady-state rule's warm-up).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    warmup_s: Option<u64>,
+    /// Whether the load was steady then (false: the warm-up's cap was reached).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    warmup_steady: Option<bool>,
+    /// The window from the migration's start, the same for every run of the
+    /// scenario, and the guest's cost in it ([`guest_cost`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    window_s: Option<u64>,
+    /// Transactions that ended in the window.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    work_done: Option<u64>,
+    /// The control runs' median work done minus this run's, and as percent of the control's.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    work_lost: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    work_lost_pct: Option<f64>,
+    /// Latency percentiles over every transaction in the window.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    p90_ms_window: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    p99_ms_window: Option<f64>,
+    /// Longest run of seconds in the window with no transaction.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    longest_stall_s: Option<u64>,
 }
 
 /// The workload second by second, with the migration's events (seconds
@@ -347,6 +422,9 @@ struct Timeline {
 #[derive(Serialize, Default, Clone)]
 struct Run {
     method: String,
+    /// Which repetition of its method this run is (0-based; `compare-db --repeat`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    repeat: Option<u32>,
     completed: bool,
     total_ms: Option<u64>,
     downtime_ms: Option<u64>,
@@ -365,6 +443,9 @@ struct Run {
     timeline: Option<Timeline>,
     /// Method-specific details (rounds, stop reason, QEMU's counters).
     detail: Value,
+    /// The run's transactions, until the guest's cost is worked out (not reported).
+    #[serde(skip)]
+    raw_load: Option<guest_cost::RawLoad>,
 }
 
 #[derive(Serialize, Default, Clone)]
@@ -385,6 +466,12 @@ struct Report {
     link_mbit: u32,
     storage_mbit: Option<u32>,
     vm: Value,
+    /// How the emulated hosts share the machine's CPUs (`compare-db --hosts`:
+    /// `shared` or `isolated`), and which CPUs each host had.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    hosts: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    host_cpus: Option<Value>,
     runs: Vec<Run>,
 }
 
@@ -419,6 +506,7 @@ fn main() -> Result<()> {
             pool,
             competing_streams,
             storage_read_mbyte_s,
+            cost,
         } => {
             let scenario = db.scenario.clone().unwrap_or_else(|| {
                 let congestion = if competing_streams > 0 {
@@ -431,6 +519,14 @@ fn main() -> Result<()> {
             check_db_methods(&db.run.methods)?;
             let setup = db::DbSetup {
                 storage_read_mbyte_s,
+                steady: steady::Rule {
+                    min_s: db.warmup_s,
+                    max_s: cost.steady_max_s,
+                    window_s: cost.steady_window_s as usize,
+                    tolerance: cost.steady_tolerance_pct / 100.0,
+                },
+                hosts: cost.hosts,
+                repeat: cost.repeat,
                 ..db.setup(ram_mib, pool, competing_streams)
             };
             let (runs, guest) = db::compare(&setup, &db.run.methods)?;
@@ -523,6 +619,17 @@ fn write_db_report(
             setup.storage_read_mbyte_s
         );
     }
+    let rule = &setup.steady;
+    if fleet.is_none() && rule.max_s > rule.min_s {
+        workload += &format!(
+            "; migration once the load is steady (the last {} s within ±{:.0} % of their mean, after {}-{} s of load), load until {} s after the migration's start",
+            rule.window_s,
+            rule.tolerance * 100.0,
+            rule.min_s,
+            rule.max_s,
+            setup.tail_s()
+        );
+    }
     if let Some((policy, vms)) = fleet {
         workload = format!(
             "{vms} VMs leave the host ({}), each: {workload}",
@@ -537,6 +644,8 @@ fn write_db_report(
         link_mbit: setup.link_mbit,
         storage_mbit: Some(setup.storage_mbit),
         vm: json!({ "ram_mib": setup.ram_mib, "vcpus": 1, "workload": workload }),
+        hosts: Some(setup.hosts.name().into()),
+        host_cpus: Some(setup.hosts.layout()),
         runs,
     };
     let path = out.unwrap_or_else(|| {

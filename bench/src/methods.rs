@@ -18,8 +18,13 @@ pub(crate) const METHODS: [&str; 5] = [
 /// `mariadb-sysbench-tls` scenario): dbmigrate's pre-copy with its agents
 /// on plain TCP (`--insecure-plaintext`; every other dbmigrate method runs
 /// over mutual TLS), and QEMU's pre-copy with its own `tls-creds-x509`
-/// (the same certificates).
-pub(crate) const TLS_METHODS: [&str; 2] = ["dbmigrate-precopy-plaintext", "qemu-precopy-tls"];
+/// (the same certificates); QEMU's best pre-copy (multifd, 2 channels,
+/// zstd: [`crate::qemu::multifd_of`]).
+pub(crate) const DB_METHODS: [&str; 3] = [
+    "dbmigrate-precopy-plaintext",
+    "qemu-precopy-tls",
+    "qemu-precopy-multifd",
+];
 
 /// `dbmigrate migrate` arguments of a dbmigrate method, or None for QEMU's.
 pub(crate) fn dbmigrate_mode(method: &str) -> Option<&'static [&'static str]> {
@@ -92,18 +97,21 @@ pub(crate) fn storage_read_server(method: &str) -> Option<bool> {
         .map(|&(_, separate)| separate)
 }
 
-/// [`check_methods`] for `compare-db`, which also takes the storage-read references.
+/// [`check_methods`] for `compare-db`, which also takes the control run
+/// (`none`) and the storage-read references.
 pub(crate) fn check_db_methods(methods: &[String]) -> Result<()> {
     for m in methods {
         if !METHODS.contains(&m.as_str())
-            && !TLS_METHODS.contains(&m.as_str())
+            && !DB_METHODS.contains(&m.as_str())
+            && m != crate::guest_cost::CONTROL
             && storage_read_server(m).is_none()
         {
             let refs: Vec<&str> = STORAGE_READS.iter().map(|(name, _)| *name).collect();
             bail!(
-                "unknown method `{m}`: use {}, {}, or the references {}",
+                "unknown method `{m}`: use {}, {}, the control `{}` (no migration), or the references {}",
                 METHODS.join(", "),
-                TLS_METHODS.join(", "),
+                DB_METHODS.join(", "),
+                crate::guest_cost::CONTROL,
                 refs.join(", ")
             );
         }

@@ -51,24 +51,64 @@ impl QemuTls {
     }
 }
 
+/// QEMU's multifd: RAM on several connections, each compressing its pages.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct Multifd {
+    pub channels: u32,
+    /// `none`, `zlib` or `zstd` (QEMU 7.2's `MultiFDCompression`; zstd
+    /// when QEMU was built with it, as Debian's is).
+    pub compression: &'static str,
+}
+
+/// How QEMU migrates: the method's settings beyond the link and downtime.
+#[derive(Default)]
+pub(crate) struct QemuWay {
+    /// Post-copy, switched on after the first full pass.
+    pub postcopy: bool,
+    /// QEMU's own migration TLS.
+    pub tls: Option<QemuTls>,
+    pub multifd: Option<Multifd>,
+}
+
+impl QemuWay {
+    /// The settings of QEMU method `method` (`tb` gives TLS its certificates).
+    pub(crate) fn of(method: &str, tb: &dbmigrate_testbed::Testbed) -> Self {
+        Self {
+            postcopy: method == "qemu-postcopy",
+            tls: (method == "qemu-precopy-tls").then(|| QemuTls::of(tb)),
+            multifd: multifd_of(method),
+        }
+    }
+}
+
+/// QEMU's best pre-copy as 7.2 offers it: multifd, 2 channels, zstd (pure).
+pub(crate) fn multifd_of(method: &str) -> Option<Multifd> {
+    (method == "qemu-precopy-multifd").then_some(Multifd {
+        channels: 2,
+        compression: "zstd",
+    })
+}
+
 /// QEMU's own migration from `sq` to `dq` (waiting with `-incoming defer`):
 /// pre-copy, or post-copy switched on after the first full pass, as it is
 /// normally used. QEMU 7.2 limits itself to 32 MiB/s by default: the limit is
-/// lifted so that only the shaped link limits it, like dbmigrate. Gives up
-/// (cancels) after `timeout` unless post-copy has started. Returns the last
-/// `query-migrate` answer, with the destination resumed if it completed.
-#[allow(clippy::too_many_arguments)]
+/// lifted so that only the shaped link limits it, like dbmigrate. Multifd's
+/// capability and parameters are set on both sides before the destination
+/// listens (a `tcp:` URI: the channels are further connections to it).
+/// Gives up (cancels) after `timeout` unless post-copy has started.
+/// Returns the last `query-migrate` answer, with the destination resumed
+/// if it completed.
 pub(crate) fn qemu_migrate(
     sq: &mut dbmigrate_testbed::SyncQmp,
     dq: &mut dbmigrate_testbed::SyncQmp,
     uri: &str,
-    postcopy: bool,
-    tls: Option<&QemuTls>,
+    way: &QemuWay,
     link_mbit: u32,
     downtime_ms: u64,
     timeout: Duration,
 ) -> Result<Value> {
-    if let Some(t) = tls {
+    let postcopy = way.postcopy;
+    if let Some(t) = &way.tls {
         t.apply(sq, dq)?;
     }
     if postcopy {
@@ -76,6 +116,23 @@ pub(crate) fn qemu_migrate(
         sq.cmd("migrate-set-capabilities", json!({"capabilities": caps}))?;
         dq.cmd("migrate-set-capabilities", json!({"capabilities": caps}))?;
     }
+    if let Some(m) = &way.multifd {
+        let caps = json!([{"capability": "multifd", "state": true}]);
+        let params = json!({"multifd-channels": m.channels, "multifd-compression": m.compression});
+        for q in [&mut *sq, &mut *dq] {
+            q.cmd("migrate-set-capabilities", json!({"capabilities": caps}))?;
+            q.cmd("migrate-set-parameters", params.clone())?;
+        }
+    }
+    // What each side will use, as QEMU says (a multifd run's report shows it).
+    let applied = |q: &mut dbmigrate_testbed::SyncQmp| -> Result<Value> {
+        let p = q.cmd("query-migrate-parameters", json!({}))?;
+        Ok(json!({"channels": p["multifd-channels"], "compression": p["multifd-compression"]}))
+    };
+    let multifd_applied = match way.multifd {
+        Some(_) => json!({"source": applied(sq)?, "destination": applied(dq)?}),
+        None => Value::Null,
+    };
     sq.cmd(
         "migrate-set-parameters",
         json!({"max-bandwidth": u64::from(link_mbit) * 1_000_000 / 8 * 4, "downtime-limit": downtime_ms}),
@@ -93,6 +150,7 @@ pub(crate) fn qemu_migrate(
             switch_ms = Some(dbmigrate_core::stats::millis(t.elapsed()));
         }
         v["bench_switch_ms"] = json!(switch_ms);
+        v["bench_multifd"] = multifd_applied.clone();
         let st = v["status"].as_str().unwrap_or("").to_string();
         let st = st.as_str();
         if st == "completed" {
