@@ -5,6 +5,7 @@
 //! several VMs leaving a host (`compare-fleet`, [`fleet`]).
 
 mod competing;
+mod cost_report;
 mod db;
 mod dirtier;
 mod fleet;
@@ -176,7 +177,10 @@ struct RunArgs {
     /// Give up on a method's migration after this many seconds (reported as not completed).
     #[arg(long, default_value_t = 60)]
     timeout_s: u64,
-    /// Methods, comma separated (`compare-db` also takes the references
+    /// Methods, comma separated (`compare-db` also takes the control `none`:
+    /// the same load and timeline, no migration; `qemu-precopy-multifd`:
+    /// QEMU's pre-copy on 2 multifd channels with zstd; the TLS methods
+    /// `dbmigrate-precopy-plaintext`, `qemu-precopy-tls`; and the references
     /// `storage-read` and `storage-read-separate`: no migration, the
     /// destination host reads the VM's disk from shared storage).
     #[arg(
@@ -698,6 +702,14 @@ fn print_db_table(r: &Report) {
                 "FAILED".to_string()
             })
         );
+    }
+    if let Ok(v) = serde_json::to_value(r) {
+        for table in [cost_report::method_summary(&v), cost_report::cost_table(&v)]
+            .into_iter()
+            .flatten()
+        {
+            println!("\n{table}");
+        }
     }
     for run in &r.runs {
         if let Some(b) = run.detail["physical_bound_ms"].as_f64() {
