@@ -222,6 +222,7 @@ impl DbArgs {
                 min_s: self.warmup_s,
                 max_s: 0,
                 window_s: 20,
+                block_s: 5,
                 tolerance: 0.10,
             },
             hosts: hosts::Hosts::Shared,
@@ -234,15 +235,19 @@ impl DbArgs {
 #[derive(clap::Args)]
 struct GuestCostArgs {
     /// Longest warm-up, s: the migration starts when the load is steady
-    /// (the last --steady-window-s seconds each within
-    /// --steady-tolerance-pct of their mean, after at least --warmup-s),
+    /// (over the last --steady-window-s seconds, each --steady-block-s
+    /// block's rate within --steady-tolerance-pct of their mean, after at
+    /// least --warmup-s),
     /// or after this long anyway. At or below --warmup-s: a fixed warm-up.
     #[arg(long, default_value_t = 120)]
     steady_max_s: u64,
     /// Seconds the steady-state rule judges.
     #[arg(long, default_value_t = 20)]
     steady_window_s: u32,
-    /// Largest distance of one second's rate from their mean, percent.
+    /// Seconds averaged into one block of the rule's window (1: every second is judged).
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
+    steady_block_s: u32,
+    /// Largest distance of one block's rate from the window's mean, percent.
     #[arg(long, default_value_t = 10.0)]
     steady_tolerance_pct: f64,
     /// Runs of every method; the methods take turns (a, b, c, a, b, c, ...).
@@ -527,6 +532,7 @@ fn main() -> Result<()> {
                     min_s: db.warmup_s,
                     max_s: cost.steady_max_s,
                     window_s: cost.steady_window_s as usize,
+                    block_s: cost.steady_block_s as usize,
                     tolerance: cost.steady_tolerance_pct / 100.0,
                 },
                 hosts: cost.hosts,
@@ -626,8 +632,9 @@ fn write_db_report(
     let rule = &setup.steady;
     if fleet.is_none() && rule.max_s > rule.min_s {
         workload += &format!(
-            "; migration once the load is steady (the last {} s within ±{:.0} % of their mean, after {}-{} s of load), load until {} s after the migration's start",
+            "; migration once the load is steady (the last {} s in blocks of {} s within ±{:.0} % of their mean, after {}-{} s of load), load until {} s after the migration's start",
             rule.window_s,
+            rule.block_s,
             rule.tolerance * 100.0,
             rule.min_s,
             rule.max_s,
