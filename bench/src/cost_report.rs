@@ -125,7 +125,14 @@ pub fn method_summary(report: &Value) -> Option<String> {
                 "no migration".into()
             },
             spread_cell(&fig(&done, &|r| r["downtime_ms"].as_f64()), 1.0, 0),
-            spread_cell(&fig(&done, &|r| r["link_bytes"].as_f64()), 1e6, 0),
+            // Whole MB, as the run table shows them.
+            spread_cell(
+                &fig(&done, &|r| r["link_bytes"]
+                    .as_u64()
+                    .map(|b| (b / 1_000_000) as f64)),
+                1.0,
+                0
+            ),
             spread_cell(&fig(&all, &|r| r["workload"]["work_lost"].as_f64()), 1.0, 0),
             spread_cell(
                 &fig(&all, &|r| r["workload"]["work_lost_pct"].as_f64()),
