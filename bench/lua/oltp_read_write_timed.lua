@@ -3,6 +3,10 @@
 -- "<end µs since the epoch> <latency µs> rw" (bench/src/timeline.rs reads
 -- them). sysbench's per-second report gives only one percentile; the bench
 -- needs p90 and p99 per second, lined up with the migration's events.
+-- When the file $DBM_STOP_FILE exists, each thread ends its loop before its
+-- next transaction (sysbench ends a thread whose event() returns true) and
+-- sysbench prints its summary as at the end of --time: the bench ends the
+-- load when it has what it measures.
 require("oltp_read_write")
 
 local ffi = require("ffi")
@@ -29,8 +33,25 @@ function thread_init()
    end
 end
 
+local stop_file = os.getenv("DBM_STOP_FILE")
+
+local function stopped()
+   if not stop_file then
+      return false
+   end
+   local f = io.open(stop_file, "r")
+   if f then
+      f:close()
+      return true
+   end
+   return false
+end
+
 local inner_event = event
 function event()
+   if stopped() then
+      return true
+   end
    local t0 = now_us()
    inner_event()
    if out then

@@ -1,8 +1,12 @@
-//! `bench compare-db`: the MariaDB VM under sysbench `oltp_read_write`,
-//! migrated by QEMU's pre-copy, QEMU's post-copy and dbmigrate with rebuild
-//! from shared storage. Every method gets a fresh copy of the disk, freshly
-//! booted VMs, the same links and the same load; sysbench's per-second
-//! throughput and p99 latency give the workload figures.
+//! `bench compare-db`: the MariaDB VM under sysbench `oltp_read_write`
+//! or TPC-C, migrated by QEMU's pre-copy, QEMU's post-copy and dbmigrate
+//! with rebuild from shared storage, beside a control run that does not
+//! migrate. Every run gets a fresh copy of the disk, freshly booted VMs,
+//! the same links and the same load; the migration starts once the load
+//! is steady ([`crate::steady`]), and the load runs on for a fixed time
+//! after it, so that every run's timeline holds the scenario's window
+//! ([`crate::guest_cost`]). With `--repeat N` the methods take turns
+//! (a, b, c, a, b, c, ...).
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
@@ -12,8 +16,13 @@ use anyhow::{Context, Result};
 use dbmigrate_testbed::{mariadb_guest, tpcc_guest, DbBed, MariadbGuest, Vm};
 use serde_json::{json, Value};
 
-use crate::timeline;
-use crate::{Pages, Run, Timeline, Workload};
+use crate::competing::Competing;
+use crate::guest_cost::{self, AFTER_SLOWEST_S, CONTROL};
+use crate::hosts::{Host, Hosts};
+use crate::load::{fill_workload, start_load, tpcc_check, wait_load};
+use crate::qemu::QemuWay;
+use crate::{steady, timeline};
+use crate::{Pages, Run};
 
 /// The client load on the database.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -44,20 +53,42 @@ pub struct DbSetup {
     /// `qemu-img convert -r`, dbmigrate's `receive --storage-bandwidth`);
     /// 0 for none.
     pub storage_read_mbyte_s: u32,
+    /// When the warm-up ends (`warmup_s` is its least).
+    pub steady: steady::Rule,
+    /// How the emulated hosts share the machine's CPUs.
+    pub hosts: Hosts,
+    /// Runs of every method, taking turns.
+    pub repeat: u32,
 }
 
-/// sysbench's closing count of ignored errors (pure).
-pub fn parse_errors(log: &str) -> Option<u64> {
-    log.lines()
-        .find(|l| l.trim_start().starts_with("ignored errors:"))
-        .and_then(|l| l.split_whitespace().nth(2))
-        .and_then(|n| n.parse().ok())
+impl DbSetup {
+    /// Seconds the load runs on from the migration's start at least: the
+    /// migration's time limit plus the window's [`AFTER_SLOWEST_S`], so
+    /// that every run's timeline holds the window of any migration that
+    /// completed within the limit (a QEMU post-copy may finish after it:
+    /// its own load runs `after_s` past its end, and the window is cut to
+    /// the shortest timeline, see [`guest_cost::window_s`]).
+    pub fn tail_s(&self) -> u64 {
+        self.timeout.as_secs() + AFTER_SLOWEST_S
+    }
+
+    /// The longest a load may run: the longest warm-up, 2 s of competing
+    /// traffic, a post-copy's two time limits, the tail and `after_s`.
+    pub fn load_max_s(&self) -> u64 {
+        self.steady.max_s.max(self.warmup_s)
+            + 2
+            + 2 * self.timeout.as_secs()
+            + self.tail_s()
+            + self.after_s
+    }
 }
 
-fn spawn_to(mut c: std::process::Command, log: &Path) -> Result<Child> {
-    let f = std::fs::File::create(log)?;
-    c.stdout(f.try_clone()?).stderr(f).stdin(Stdio::null());
-    Ok(c.spawn()?)
+/// The order of the runs: every method in turn, `repeat` times, each with
+/// its repetition number (pure).
+pub fn interleave(methods: &[String], repeat: u32) -> Vec<(u32, &str)> {
+    (0..repeat.max(1))
+        .flat_map(|k| methods.iter().map(move |m| (k, m.as_str())))
+        .collect()
 }
 
 /// The guest image with the data set of `s`'s load.
@@ -68,28 +99,34 @@ pub(crate) fn guest_for(s: &DbSetup) -> Result<MariadbGuest> {
     }
 }
 
-/// Runs every method; returns the runs.
+/// Runs every method `s.repeat` times, taking turns; then the guest's
+/// cost in the scenario's window. Returns the runs.
 pub fn compare(s: &DbSetup, methods: &[String]) -> Result<(Vec<Run>, MariadbGuest)> {
     let guest = guest_for(s)?;
+    s.hosts.setup()?;
     let mut runs = Vec::new();
-    for m in methods {
-        eprintln!("== mariadb: {m}");
+    for (k, m) in interleave(methods, s.repeat) {
+        eprintln!("== mariadb: {m} (repeat {k})");
         let mut bed = DbBed::new(&guest, s.link_mbit, s.storage_mbit)?;
         bed.tb.plaintext_agents = crate::plaintext_agents(m);
-        let run = run_one(s, &guest, &bed, m).with_context(|| format!("method {m}"))?;
+        let mut run = run_one(s, &guest, &bed, m).with_context(|| format!("method {m}"))?;
+        run.repeat = Some(k);
         eprintln!(
-            "   completed={} total_ms={:?} downtime_ms={:?} link_MB={} storage_MB={} tps before/during={:?}/{:?} errors={:?}",
+            "   completed={} total_ms={:?} downtime_ms={:?} link_MB={} storage_MB={} warm-up={:?} s (steady {:?}) tps before/during={:?}/{:?} errors={:?}",
             run.completed,
             run.total_ms,
             run.downtime_ms,
             run.link_bytes / 1_000_000,
             run.storage_bytes / 1_000_000,
+            run.workload.warmup_s,
+            run.workload.warmup_steady,
             run.workload.tps_before,
             run.workload.tps_during,
             run.workload.errors
         );
         runs.push(run);
     }
+    guest_cost::apply(&mut runs, s.timeout.as_secs() * 1000);
     Ok((runs, guest))
 }
 
@@ -106,8 +143,10 @@ pub(crate) fn boot(
     let src = bed.start_slot_vm(
         slot, guest, true, false, s.ram_mib, &s.pool, preload, None, false,
     )?;
+    s.hosts.pin_bed(bed)?;
     src.wait_console("DBM-READY pool", Duration::from_secs(900))?;
     let (dst, sock) = start_destination(s, guest, bed, slot, postcopy, !preload)?;
+    s.hosts.pin_bed(bed)?;
     Ok((src, dst, sock))
 }
 
@@ -140,243 +179,6 @@ pub(crate) fn start_destination(
         qemu_moves_ram,
     )?;
     Ok((dst, sock))
-}
-
-/// The client load while it runs.
-pub(crate) struct RunningLoad {
-    child: Child,
-    /// Its stdout and stderr.
-    log: PathBuf,
-    /// Per-connection latency logs.
-    latency_dir: PathBuf,
-    start_us: u64,
-    secs: u64,
-}
-
-/// Starts the client load on the VM at `vm_ip` for `secs` seconds in the
-/// client namespace; `tag` names its files.
-pub(crate) fn start_load(
-    s: &DbSetup,
-    guest: &MariadbGuest,
-    bed: &DbBed,
-    vm_ip: &str,
-    tag: &str,
-    secs: u64,
-) -> Result<RunningLoad> {
-    let dir = &bed.tb.dir;
-    let latency_dir = dir.join(format!("latency-{tag}"));
-    let _ = std::fs::remove_dir_all(&latency_dir);
-    std::fs::create_dir_all(&latency_dir)?;
-    let secs32 = u32::try_from(secs).unwrap_or(3600);
-    let mut cmd = match s.load {
-        DbLoad::Sysbench => {
-            let script = dir.join("oltp_read_write_timed.lua");
-            std::fs::write(&script, SYSBENCH_TIMED)?;
-            bed.sysbench_on(vm_ip, guest, &script.to_string_lossy(), s.threads, secs32)
-        }
-        DbLoad::Tpcc { .. } => {
-            let mut c = tpcc_client(bed, "run", vm_ip)?;
-            c.arg(format!("--terminals={}", s.threads))
-                .arg(format!("--duration-s={secs}"))
-                .arg("--latency-dir")
-                .arg(&latency_dir);
-            c
-        }
-    };
-    cmd.env("DBM_LATENCY_DIR", &latency_dir);
-    let log = dir.join(format!("load-{tag}.log"));
-    let start_us = timeline::now_us();
-    let child = spawn_to(cmd, &log)?;
-    Ok(RunningLoad {
-        child,
-        log,
-        latency_dir,
-        start_us,
-        secs,
-    })
-}
-
-/// Competing TCP traffic on the migration link: iperf3 streams from the
-/// source host to the destination host.
-struct Competing {
-    server: Child,
-    client: Child,
-    out: std::path::PathBuf,
-}
-
-impl Competing {
-    fn start(bed: &DbBed, streams: u32, secs: u64) -> Result<Self> {
-        let tb = &bed.tb;
-        let server = tb
-            .in_ns(&tb.dst_ns, Path::new("iperf3"))
-            .args(["-s", "-1", "-p", "5201"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("starting iperf3 (scripts/setup.sh installs it)")?;
-        std::thread::sleep(Duration::from_millis(500));
-        let out = tb.dir.join("iperf3.json");
-        let mut c = tb.in_ns(&tb.src_ns, Path::new("iperf3"));
-        c.args(["-c", &tb.dst_ip, "-p", "5201", "-J"])
-            .arg(format!("--parallel={streams}"))
-            .arg(format!("--time={secs}"));
-        let client = spawn_to(c, &out).context("starting the iperf3 client")?;
-        Ok(Self {
-            server,
-            client,
-            out,
-        })
-    }
-
-    /// Stops the flow (SIGINT: iperf3 still writes its summary); returns what it achieved.
-    fn stop(mut self) -> Value {
-        let _ = std::process::Command::new("kill")
-            .args(["-INT", &self.client.id().to_string()])
-            .status();
-        let t = std::time::Instant::now();
-        while t.elapsed() < Duration::from_secs(5) {
-            if let Ok(Some(_)) = self.client.try_wait() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        let _ = self.client.kill();
-        let _ = self.client.wait();
-        let _ = self.server.kill();
-        let _ = self.server.wait();
-        let v: Value = std::fs::read_to_string(&self.out)
-            .ok()
-            .and_then(|t| serde_json::from_str(&t).ok())
-            .unwrap_or(Value::Null);
-        let sent = &v["end"]["sum_sent"];
-        json!({
-            "tool": "iperf3",
-            "streams": v["start"]["test_start"]["num_streams"],
-            "seconds": sent["seconds"],
-            "bytes": sent["bytes"],
-            "mbit_per_s": sent["bits_per_second"].as_f64().map(|b| (b / 1e5).round() / 10.0),
-        })
-    }
-}
-
-/// `bench tpcc <sub>` (this binary) in the client namespace against the
-/// TPC-C database of the VM at `vm_ip`, as the guest image's client user.
-fn tpcc_client(bed: &DbBed, sub: &str, vm_ip: &str) -> Result<std::process::Command> {
-    let bench = std::env::current_exe().context("finding the bench binary")?;
-    let mut c = bed.client(&bench.to_string_lossy());
-    tpcc_args(&mut c, sub, vm_ip);
-    Ok(c)
-}
-
-/// The TPC-C consistency check, given at most `limit_s` seconds: a guest
-/// whose kernel died with the database's I/O in flight never answers.
-fn tpcc_check(bed: &DbBed, vm_ip: &str, limit_s: u64) -> Result<std::process::Command> {
-    let bench = std::env::current_exe().context("finding the bench binary")?;
-    let mut c = bed.client_within(&bench.to_string_lossy(), limit_s);
-    tpcc_args(&mut c, "check", vm_ip);
-    Ok(c)
-}
-
-fn tpcc_args(c: &mut std::process::Command, sub: &str, vm_ip: &str) {
-    c.args(["tpcc", sub, "--host", vm_ip]).args([
-        "--user",
-        "sbtest",
-        "--password",
-        "sbtest",
-        "--db",
-        "tpcc",
-    ]);
-}
-
-/// The sysbench script that logs every transaction (bench/lua/).
-const SYSBENCH_TIMED: &str = include_str!("../lua/oltp_read_write_timed.lua");
-
-/// What a finished load did.
-pub(crate) struct LoadResult {
-    txns: Vec<timeline::Txn>,
-    errors: u64,
-    ok: bool,
-    start_us: u64,
-    secs: u64,
-}
-
-/// Waits for the load to end (stopping it 30 s after its end: against a
-/// guest that crashed or hangs its queries never return).
-pub(crate) fn wait_load(mut load: RunningLoad) -> Result<LoadResult> {
-    let deadline = Duration::from_micros(load.start_us) + Duration::from_secs(load.secs + 30);
-    let status = loop {
-        if let Some(st) = load.child.try_wait()? {
-            break st;
-        }
-        if Duration::from_micros(timeline::now_us()) > deadline {
-            eprintln!("   the load still runs 30 s after its end: the guest is not answering; stopping it");
-            let _ = load.child.kill();
-            break load.child.wait()?;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    };
-    let out = std::fs::read_to_string(&load.log).unwrap_or_default();
-    let txns = timeline::read_dir(&load.latency_dir)?;
-    // sysbench counts the errors it ignored and retried; the TPC-C driver
-    // logs each failed transaction.
-    let errors = match parse_errors(&out) {
-        Some(n) if !txns.iter().any(|t| t.kind == timeline::NEW_ORDER) => n,
-        _ => timeline::window(&txns, load.start_us, u64::MAX).errors,
-    };
-    if !status.success() {
-        eprintln!(
-            "   the load failed: {}",
-            out.lines().rev().take(5).collect::<Vec<_>>().join(" | ")
-        );
-    }
-    Ok(LoadResult {
-        txns,
-        errors,
-        ok: status.success(),
-        start_us: load.start_us,
-        secs: load.secs,
-    })
-}
-
-/// Fills the run's workload figures and timeline from the loads on every
-/// VM of the run (their transactions together).
-pub(crate) fn fill_workload(
-    run: &mut Run,
-    loads: Vec<LoadResult>,
-    mig_from: u64,
-    mig_to: u64,
-    switch_ms: Option<u64>,
-) {
-    let start_us = loads.iter().map(|l| l.start_us).min().unwrap_or(mig_from);
-    let secs = loads.iter().map(|l| l.secs).max().unwrap_or(0);
-    let errors: u64 = loads.iter().map(|l| l.errors + u64::from(!l.ok)).sum();
-    let mut txns: Vec<timeline::Txn> = loads.into_iter().flat_map(|l| l.txns).collect();
-    txns.sort_by_key(|t| t.end_us);
-    let tpcc = txns.iter().any(|t| t.kind == timeline::NEW_ORDER);
-    let before = timeline::window(&txns, mig_from.saturating_sub(10_000_000), mig_from);
-    let during = timeline::window(&txns, mig_from, mig_to.max(mig_from + 1_000_000));
-    run.workload = Workload {
-        errors: Some(errors),
-        tps_before: before.tps,
-        tps_during: during.tps,
-        p90_ms_during: during.p90_ms,
-        p99_ms_during: during.p99_ms,
-        tpmc_before: before.tpmc,
-        tpmc_during: during.tpmc,
-    };
-    let rel = |us: u64| (us.saturating_sub(start_us) as f64 / 1e4).round() / 100.0;
-    let mig_start_s = rel(mig_from);
-    run.timeline = Some(Timeline {
-        migration_start_s: mig_start_s,
-        switchover_s: switch_ms.map(|ms| mig_start_s + ms as f64 / 1000.0),
-        end_s: rel(mig_to),
-        seconds: timeline::seconds(
-            &txns,
-            start_us,
-            u32::try_from(secs).unwrap_or(u32::MAX),
-            tpcc,
-        ),
-    });
 }
 
 /// Longest a consistency check may take (CHECK TABLE of one table, or
@@ -450,7 +252,9 @@ pub(crate) fn start_receiver(
     }
     let sl = &bed.slots[slot];
     let recv_log = receive_log(&bed.tb.dir, &sl.dst_name);
-    let mut recv = bed.tb.receive_cmd_on(dst, sl.port)?;
+    let mut recv = s
+        .hosts
+        .wrap(Host::Destination, bed.tb.receive_cmd_on(dst, sl.port)?);
     recv.args(["--storage", &sl.nbd_from_dst]);
     if s.storage_read_mbyte_s > 0 {
         recv.args([
@@ -490,9 +294,12 @@ pub(crate) fn migrate_slot(
     if let Some(mode) = crate::dbmigrate_mode(method) {
         let recv = recv.context("a dbmigrate method needs its destination agent")?;
         let report_path = dir.join(format!("dbmigrate-report-{}.json", sl.src_name));
-        let out = bed
-            .tb
-            .migrate_cmd_to(src, &report_path, sl.port)?
+        let out = s
+            .hosts
+            .wrap(
+                Host::Source,
+                bed.tb.migrate_cmd_to(src, &report_path, sl.port)?,
+            )
             .args([
                 "--downtime-ms",
                 &s.downtime_ms.to_string(),
@@ -559,10 +366,7 @@ pub(crate) fn migrate_slot(
             &mut src.qmp()?,
             &mut dq,
             &format!("tcp:{}:{}", bed.tb.dst_ip, sl.port + 1),
-            method == "qemu-postcopy",
-            (method == "qemu-precopy-tls")
-                .then(|| crate::QemuTls::of(&bed.tb))
-                .as_ref(),
+            &QemuWay::of(method, &bed.tb),
             s.link_mbit,
             s.downtime_ms,
             s.timeout,
@@ -574,6 +378,8 @@ pub(crate) fn migrate_slot(
             "dirty_sync_count": info["ram"]["dirty-sync-count"],
             "ram_transferred": info["ram"]["transferred"],
             "paused_at_ms": info["bench_switch_ms"],
+            "multifd": info["bench_multifd"],
+            "multifd_bytes": info["ram"]["multifd-bytes"],
         });
     }
     let agent: Vec<String> = src
@@ -630,133 +436,122 @@ pub(crate) fn check_after(s: &DbSetup, bed: &DbBed, vm_ip: &str, dst: &Vm, run: 
 
 fn run_one(s: &DbSetup, guest: &MariadbGuest, bed: &DbBed, method: &str) -> Result<Run> {
     if let Some(separate) = crate::storage_read_server(method) {
-        return storage_read(s, guest, bed, method, separate);
+        return crate::storage_read::run(s, guest, bed, method, separate);
+    }
+    if method == CONTROL {
+        return control(s, guest, bed);
     }
     let dbm = crate::dbmigrate_mode(method).is_some();
     let (src, dst, uffd_sock) = boot(s, guest, bed, 0, dbm, crate::may_postcopy(method))?;
     // The destination agent sets up before the load starts, as QEMU's
     // destination does at boot.
     let recv = start_receiver(s, bed, 0, &dst, uffd_sock.as_deref(), method)?;
-    let load_secs = s.warmup_s + s.timeout.as_secs() + s.after_s;
-    let load = start_load(s, guest, bed, &bed.vm_ip, "db", load_secs)?;
-    // Competing traffic fills the link from 2 s before the migration starts.
-    std::thread::sleep(Duration::from_secs(s.warmup_s.saturating_sub(2)));
+    let mut run = under_load(s, guest, bed, || {
+        let before = bed.tb.link_bytes()?;
+        let run = migrate_slot(s, bed, 0, &src, &dst, recv, method)?;
+        Ok((run, Some(bed.tb.link_bytes()? - before)))
+    })?;
+    check_after(s, bed, &bed.vm_ip, &dst, &mut run);
+    drop((src, dst));
+    Ok(run)
+}
+
+/// The control run: the same VM (started as for QEMU's methods, without
+/// the preload library), bed and load, and no migration; its timeline's
+/// `migration_start_s` is when the steady-state rule would have started
+/// one. No destination QEMU is started. It has no "during" figures.
+fn control(s: &DbSetup, guest: &MariadbGuest, bed: &DbBed) -> Result<Run> {
+    let src = bed.start_slot_vm(
+        0, guest, true, false, s.ram_mib, &s.pool, false, None, false,
+    )?;
+    s.hosts.pin_bed(bed)?;
+    src.wait_console("DBM-READY pool", Duration::from_secs(900))?;
+    let mut run = under_load(s, guest, bed, || {
+        let run = Run {
+            method: CONTROL.into(),
+            completed: true,
+            detail: json!({
+                "reference": "control: the same VM, bed, load and timeline, no migration",
+            }),
+            ..Run::default()
+        };
+        Ok((run, None))
+    })?;
+    let w = &mut run.workload;
+    (
+        w.tps_during,
+        w.p90_ms_during,
+        w.p99_ms_during,
+        w.tpmc_during,
+    ) = (None, None, None, None);
+    // The VM never moved: its database is checked where it runs.
+    run.guest_verified_after = Some(consistent(s, bed, &bed.vm_ip));
+    drop(src);
+    Ok(run)
+}
+
+/// One run under the client load: the load starts and warms up until it
+/// is steady (or the rule's cap); competing traffic, if any, starts 2 s
+/// before `action` (a migration, a storage read, nothing), which returns
+/// its run and the migration link's bytes meanwhile (None: not a
+/// migration). The load runs on until [`DbSetup::tail_s`] after the
+/// action's start and `after_s` after its end. Fills the run's workload
+/// figures, timeline and warm-up.
+pub(crate) fn under_load(
+    s: &DbSetup,
+    guest: &MariadbGuest,
+    bed: &DbBed,
+    action: impl FnOnce() -> Result<(Run, Option<u64>)>,
+) -> Result<Run> {
+    let mut load = start_load(s, guest, bed, &bed.vm_ip, "db", s.load_max_s())?;
+    let warm = steady::wait(&s.steady, &[load.latency_dir()], load.start_us());
+    eprintln!(
+        "   warm-up {} s: {}",
+        warm.secs,
+        if warm.steady {
+            "steady"
+        } else {
+            "not steady by the cap"
+        }
+    );
     let competing = if s.competing_streams > 0 {
-        Some(Competing::start(
-            bed,
-            s.competing_streams,
-            s.timeout.as_secs() * 3 + 60,
-        )?)
+        let c = Competing::start(bed, s.competing_streams, s.timeout.as_secs() * 3 + 60)?;
+        s.hosts.pin_bed(bed)?;
+        std::thread::sleep(Duration::from_secs(2));
+        Some(c)
     } else {
         None
     };
-    std::thread::sleep(Duration::from_secs(s.warmup_s.min(2)));
-    let mig_from = timeline::now_us();
-    let before = bed.tb.link_bytes()?;
-    let mut run = migrate_slot(s, bed, 0, &src, &dst, recv, method)?;
-    let link_total = bed.tb.link_bytes()? - before;
-    let mig_to = timeline::now_us();
-    match competing {
+    let from = timeline::now_us();
+    let (mut run, link_total) = action()?;
+    let to = timeline::now_us();
+    match (competing, link_total) {
         // The link also carried the competing flow: the migration's own
         // bytes are what the method counted.
-        Some(c) => {
+        (Some(c), total) => {
             let figures = c.stop();
             if let Some(d) = run.detail.as_object_mut() {
                 d.insert("competing".into(), figures);
-                d.insert("link_bytes_interface_total".into(), json!(link_total));
+                d.insert("link_bytes_interface_total".into(), json!(total));
                 d.insert(
                     "link_bytes_source".into(),
                     json!("the method's own count: the link also carried the competing flow"),
                 );
             }
         }
-        None => run.link_bytes = link_total,
+        (None, Some(total)) => run.link_bytes = total,
+        (None, None) => {}
     }
+    // A whole second more: the timeline's last bucket ends at a whole second.
+    let until = (from + (s.tail_s() + 1) * 1_000_000).max(to + s.after_s * 1_000_000);
+    std::thread::sleep(Duration::from_micros(
+        until.saturating_sub(timeline::now_us()),
+    ));
+    load.stop()?;
     let sw = switch_ms(&run);
-    fill_workload(&mut run, vec![wait_load(load)?], mig_from, mig_to, sw);
-    check_after(s, bed, &bed.vm_ip, &dst, &mut run);
-    drop((src, dst));
-    Ok(run)
-}
-
-/// A reference run, not a migration: while the load runs, the
-/// destination host reads the VM's whole disk from shared storage
-/// (`qemu-img convert` over NBD into a scratch file it then deletes), the
-/// kind of read a rebuild makes of the buffer pool, with no migration, no
-/// hashing and no dbmigrate process. Through the VM's own storage server,
-/// or (`separate`) a second read-only one on the same file. The "during"
-/// window is the read; `storage_bytes` what the destination's storage
-/// link received meanwhile.
-fn storage_read(
-    s: &DbSetup,
-    guest: &MariadbGuest,
-    bed: &DbBed,
-    method: &str,
-    separate: bool,
-) -> Result<Run> {
-    let src = bed.start_slot_vm(
-        0, guest, true, false, s.ram_mib, &s.pool, false, None, false,
-    )?;
-    src.wait_console("DBM-READY pool", Duration::from_secs(900))?;
-    let second = if separate {
-        Some(bed.second_storage_server(0, 10_900)?)
-    } else {
-        None
-    };
-    let url = second
-        .as_ref()
-        .map_or_else(|| bed.nbd_from_dst.clone(), |(_, url)| url.clone());
-    let load_secs = s.warmup_s + s.timeout.as_secs() + s.after_s;
-    let load = start_load(s, guest, bed, &bed.vm_ip, "db", load_secs)?;
-    std::thread::sleep(Duration::from_secs(s.warmup_s));
-    let scratch = PathBuf::from(format!("/dev/shm/{}-storage-read.img", bed.tb.tag));
-    let rx_before = bed.dst_storage_rx_bytes()?;
-    let from = timeline::now_us();
-    let mut convert = bed.tb.in_ns(&bed.tb.dst_ns, Path::new("qemu-img"));
-    convert.args(["convert", "-f", "raw", "-O", "raw", "-m", "4", "-W"]);
-    if s.storage_read_mbyte_s > 0 {
-        convert.args([
-            "-r",
-            &format!("{}", u64::from(s.storage_read_mbyte_s) * 1_000_000),
-        ]);
-    }
-    let out = convert
-        .arg(&url)
-        .arg(&scratch)
-        .stdin(Stdio::null())
-        .output()
-        .context("running qemu-img convert (install qemu-utils)")?;
-    let to = timeline::now_us();
-    let _ = std::fs::remove_file(&scratch);
-    let storage_bytes = bed.dst_storage_rx_bytes()?.saturating_sub(rx_before);
-    if !out.status.success() {
-        eprintln!(
-            "   the storage read failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    let read_ms = (to - from) / 1000;
-    let mut run = Run {
-        method: method.into(),
-        completed: out.status.success(),
-        storage_bytes,
-        detail: json!({
-            "reference": "no migration: the destination host read the VM's whole disk over NBD (qemu-img convert) while the load ran; the during window is the read",
-            "storage_server": if separate { "a second, read-only qemu-nbd on the same file" } else { "the VM's own qemu-nbd" },
-            "read_ms": read_ms,
-            "read_rate_limit_mbyte_per_s": (s.storage_read_mbyte_s > 0).then_some(s.storage_read_mbyte_s),
-            "read_mbyte_per_s": storage_bytes as f64 / 1e3 / read_ms.max(1) as f64,
-        }),
-        ..Run::default()
-    };
-    fill_workload(&mut run, vec![wait_load(load)?], from, to, None);
-    // The VM never moved: its database is checked where it runs.
-    run.guest_verified_after = run.completed.then(|| consistent(s, bed, &bed.vm_ip));
-    if let Some((mut server, _)) = second {
-        let _ = server.kill();
-        let _ = server.wait();
-    }
-    drop(src);
+    fill_workload(&mut run, vec![wait_load(load)?], from, to, sw);
+    run.workload.warmup_s = Some(warm.secs);
+    run.workload.warmup_steady = Some(warm.steady);
     Ok(run)
 }
 
@@ -765,13 +560,24 @@ mod tests {
     use super::*;
 
     #[test]
-    fn sysbench_error_count() {
-        let log = "\
-[ 1s ] thds: 2 tps: 27.96 qps: 577.12 (r/w/o: 404.18/115.83/57.11) lat (ms,99%): 110.66 err/s: 0.00 reconn/s: 0.00
-    ignored errors:                      3      (0.00 per sec.)
-";
-        assert_eq!(parse_errors(log), Some(3));
-        assert_eq!(parse_errors("no summary"), None);
+    fn repetitions_take_turns() {
+        let m: Vec<String> = ["a", "b", "c"].iter().map(|s| s.to_string()).collect();
+        let order = interleave(&m, 2);
+        assert_eq!(
+            order,
+            vec![(0, "a"), (0, "b"), (0, "c"), (1, "a"), (1, "b"), (1, "c")]
+        );
+        assert_eq!(interleave(&m, 0).len(), 3, "at least one run each");
+    }
+
+    #[test]
+    fn the_control_and_qemus_best_are_compare_db_methods() {
+        let m = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert!(crate::check_db_methods(&m(&["none", "qemu-precopy-multifd"])).is_ok());
+        assert!(crate::check_methods(&m(&["none"])).is_err());
+        let best = crate::qemu::multifd_of("qemu-precopy-multifd").unwrap();
+        assert_eq!((best.channels, best.compression), (2, "zstd"));
+        assert_eq!(crate::qemu::multifd_of("qemu-precopy"), None);
     }
 
     #[test]

@@ -123,7 +123,7 @@ fn run_fleet(
     let load_secs = s.warmup_s + span + s.after_s;
     let mut loads = Vec::new();
     for (i, slot) in bed.slots.iter().enumerate() {
-        loads.push(db::start_load(
+        loads.push(crate::load::start_load(
             s,
             guest,
             bed,
@@ -198,9 +198,10 @@ fn run_fleet(
         .max();
     let results = loads
         .into_iter()
-        .map(db::wait_load)
+        .map(crate::load::wait_load)
         .collect::<Result<Vec<_>>>()?;
-    db::fill_workload(&mut run, results, mig_from, mig_to, last_switch);
+    crate::load::fill_workload(&mut run, results, mig_from, mig_to, last_switch);
+    run.workload.warmup_s = Some(s.warmup_s);
     let mut per_vm = Vec::new();
     for (i, mut l) in legs.into_iter().enumerate() {
         let slot = &bed.slots[i];

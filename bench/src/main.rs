@@ -1,28 +1,39 @@
-//! `bench compare`: migrates the same guest over the same shaped link with
-//! QEMU's own pre-copy, QEMU's own post-copy and dbmigrate, in one run, and
-//! writes a report in the format of `shared/bench-report.md`.
-//!
-//! Every method gets a freshly booted guest that has filled its memory and
-//! finished one verification pass; after each migration the guest must finish
-//! another full verification pass on the destination, and the errors it
-//! finds are reported (`workload.errors`).
+//! `bench`: migrates the same guests over the same shaped links with
+//! QEMU's own pre-copy and post-copy and dbmigrate's methods, and writes
+//! reports in the format of `shared/bench-report.md`: the dirtier guest
+//! (`compare`, [`dirtier`]), the MariaDB VM (`compare-db`, [`db`]),
+//! several VMs leaving a host (`compare-fleet`, [`fleet`]).
 
+mod competing;
+mod cost_report;
 mod db;
+mod dirtier;
 mod fleet;
+mod guest_cost;
+mod hosts;
+mod load;
+mod methods;
+mod qemu;
 mod report;
+mod steady;
+mod storage_read;
 mod timeline;
 mod tpcc;
 mod transport;
 
-use std::path::{Path, PathBuf};
-use std::process::Stdio;
-use std::time::{Duration, Instant};
+use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
-use dbmigrate_testbed::{dirtier_guest, GuestImage, Testbed, Vm, VmOptions};
 use serde::Serialize;
 use serde_json::{json, Value};
+
+pub(crate) use methods::{
+    check_db_methods, check_methods, dbmigrate_mode, faults_cell, may_postcopy, plaintext_agents,
+    postcopy_figures, storage_read_server,
+};
+pub(crate) use qemu::{measured_downtime, qemu_migrate, record_qemu_result};
 
 #[derive(Parser)]
 #[command(name = "bench", about = "dbmigrate benchmarks")]
@@ -75,6 +86,8 @@ enum Cmd {
         /// (`receive --storage-bandwidth`); 0 reads as fast as it goes.
         #[arg(long, default_value_t = 0)]
         storage_read_mbyte_s: u32,
+        #[command(flatten)]
+        cost: GuestCostArgs,
     },
     /// Several MariaDB VMs leave one host: all at once (batch) or one after
     /// another (evict); reports the time until the last VM left.
@@ -150,7 +163,8 @@ struct DbArgs {
     /// Downtime target for every method, ms.
     #[arg(long, default_value_t = 300)]
     downtime_ms: u64,
-    /// Seconds of load before the migration starts.
+    /// Seconds of load before the migration starts (`compare-db`: at least;
+    /// the steady-state rule may take longer, see --steady-max-s).
     #[arg(long, default_value_t = 15)]
     warmup_s: u64,
     #[command(flatten)]
@@ -163,7 +177,10 @@ struct RunArgs {
     /// Give up on a method's migration after this many seconds (reported as not completed).
     #[arg(long, default_value_t = 60)]
     timeout_s: u64,
-    /// Methods, comma separated (`compare-db` also takes the references
+    /// Methods, comma separated (`compare-db` also takes the control `none`:
+    /// the same load and timeline, no migration; `qemu-precopy-multifd`:
+    /// QEMU's pre-copy on 2 multifd channels with zstd; the TLS methods
+    /// `dbmigrate-precopy-plaintext`, `qemu-precopy-tls`; and the references
     /// `storage-read` and `storage-read-separate`: no migration, the
     /// destination host reads the VM's disk from shared storage).
     #[arg(
@@ -200,8 +217,47 @@ impl DbArgs {
             after_s: 10,
             competing_streams,
             storage_read_mbyte_s: 0,
+            // compare-fleet: a fixed warm-up of --warmup-s.
+            steady: steady::Rule {
+                min_s: self.warmup_s,
+                max_s: 0,
+                window_s: 20,
+                block_s: 5,
+                tolerance: 0.10,
+            },
+            hosts: hosts::Hosts::Shared,
+            repeat: 1,
         }
     }
+}
+
+/// `compare-db`'s warm-up, repetitions and host layout.
+#[derive(clap::Args)]
+struct GuestCostArgs {
+    /// Longest warm-up, s: the migration starts when the load is steady
+    /// (over the last --steady-window-s seconds, each --steady-block-s
+    /// block's rate within --steady-tolerance-pct of their mean, after at
+    /// least --warmup-s),
+    /// or after this long anyway. At or below --warmup-s: a fixed warm-up.
+    #[arg(long, default_value_t = 120)]
+    steady_max_s: u64,
+    /// Seconds the steady-state rule judges.
+    #[arg(long, default_value_t = 20)]
+    steady_window_s: u32,
+    /// Seconds averaged into one block of the rule's window (1: every second is judged).
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
+    steady_block_s: u32,
+    /// Largest distance of one block's rate from the window's mean, percent.
+    #[arg(long, default_value_t = 10.0)]
+    steady_tolerance_pct: f64,
+    /// Runs of every method; the methods take turns (a, b, c, a, b, c, ...).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    repeat: u32,
+    /// `shared`: every process may run on every CPU; `isolated`: separate
+    /// hosts emulated with CPU affinity (source host on CPU 0; destination,
+    /// storage server and client on CPU 1).
+    #[arg(long, value_enum, default_value_t = hosts::Hosts::Shared)]
+    hosts: hosts::Hosts,
 }
 
 #[derive(Subcommand)]
@@ -236,6 +292,10 @@ enum TpccCmd {
         /// Directory for per-terminal latency logs (`<end µs> <latency µs> <kind>`).
         #[arg(long)]
         latency_dir: Option<PathBuf>,
+        /// End before the duration once this file exists (each terminal
+        /// finishes its transaction in flight).
+        #[arg(long)]
+        stop_file: Option<PathBuf>,
         /// Random seed.
         #[arg(long, default_value_t = 2)]
         seed: u64,
@@ -272,6 +332,7 @@ fn tpcc_cmd(cmd: TpccCmd) -> Result<()> {
                 duration_s,
                 think,
                 latency_dir,
+                stop_file,
                 seed,
             } => {
                 let cfg = tpcc::driver::RunConfig {
@@ -279,6 +340,7 @@ fn tpcc_cmd(cmd: TpccCmd) -> Result<()> {
                     duration: Duration::from_secs(duration_s),
                     think,
                     latency_dir,
+                    stop_file,
                     seed,
                 };
                 let s = tpcc::driver::run(&target, &cfg)
@@ -326,6 +388,32 @@ struct Workload {
     tpmc_before: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     tpmc_during: Option<f64>,
+    /// Seconds of load before the migration started (the steady-state rule's warm-up).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    warmup_s: Option<u64>,
+    /// Whether the load was steady then (false: the warm-up's cap was reached).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    warmup_steady: Option<bool>,
+    /// The window from the migration's start, the same for every run of the
+    /// scenario, and the guest's cost in it ([`guest_cost`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    window_s: Option<u64>,
+    /// Transactions that ended in the window.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    work_done: Option<u64>,
+    /// The control runs' median work done minus this run's, and as percent of the control's.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    work_lost: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    work_lost_pct: Option<f64>,
+    /// Latency percentiles over every transaction in the window.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    p90_ms_window: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    p99_ms_window: Option<f64>,
+    /// Longest run of seconds in the window with no transaction.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    longest_stall_s: Option<u64>,
 }
 
 /// The workload second by second, with the migration's events (seconds
@@ -343,6 +431,9 @@ struct Timeline {
 #[derive(Serialize, Default, Clone)]
 struct Run {
     method: String,
+    /// Which repetition of its method this run is (0-based; `compare-db --repeat`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    repeat: Option<u32>,
     completed: bool,
     total_ms: Option<u64>,
     downtime_ms: Option<u64>,
@@ -361,6 +452,9 @@ struct Run {
     timeline: Option<Timeline>,
     /// Method-specific details (rounds, stop reason, QEMU's counters).
     detail: Value,
+    /// The run's transactions, until the guest's cost is worked out (not reported).
+    #[serde(skip)]
+    raw_load: Option<guest_cost::RawLoad>,
 }
 
 #[derive(Serialize, Default, Clone)]
@@ -381,18 +475,13 @@ struct Report {
     link_mbit: u32,
     storage_mbit: Option<u32>,
     vm: Value,
+    /// How the emulated hosts share the machine's CPUs (`compare-db --hosts`:
+    /// `shared` or `isolated`), and which CPUs each host had.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    hosts: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    host_cpus: Option<Value>,
     runs: Vec<Run>,
-}
-
-struct Setup<'a> {
-    tb: &'a Testbed,
-    img: &'a GuestImage,
-    ram_mib: u64,
-    ws_mib: u64,
-    fill_pct: u64,
-    link_mbit: u32,
-    downtime_ms: u64,
-    timeout: Duration,
 }
 
 fn main() -> Result<()> {
@@ -426,6 +515,7 @@ fn main() -> Result<()> {
             pool,
             competing_streams,
             storage_read_mbyte_s,
+            cost,
         } => {
             let scenario = db.scenario.clone().unwrap_or_else(|| {
                 let congestion = if competing_streams > 0 {
@@ -438,6 +528,15 @@ fn main() -> Result<()> {
             check_db_methods(&db.run.methods)?;
             let setup = db::DbSetup {
                 storage_read_mbyte_s,
+                steady: steady::Rule {
+                    min_s: db.warmup_s,
+                    max_s: cost.steady_max_s,
+                    window_s: cost.steady_window_s as usize,
+                    block_s: cost.steady_block_s as usize,
+                    tolerance: cost.steady_tolerance_pct / 100.0,
+                },
+                hosts: cost.hosts,
+                repeat: cost.repeat,
                 ..db.setup(ram_mib, pool, competing_streams)
             };
             let (runs, guest) = db::compare(&setup, &db.run.methods)?;
@@ -485,51 +584,17 @@ fn main() -> Result<()> {
                     methods,
                     out,
                 },
-        } => {
-            let scenario = scenario.unwrap_or_else(|| format!("dirtier-ws{ws_mib}"));
-            check_methods(&methods)?;
-            let img = dirtier_guest()?;
-            let tb = Testbed::new(link_mbit)?;
-            let setup = Setup {
-                tb: &tb,
-                img: &img,
-                ram_mib,
-                ws_mib,
-                fill_pct,
-                link_mbit,
-                downtime_ms,
-                timeout: Duration::from_secs(timeout_s),
-            };
-            let mut runs = Vec::new();
-            for m in &methods {
-                eprintln!("== {scenario}: {m}");
-                let run = run_method(&setup, m).with_context(|| format!("method {m}"))?;
-                eprintln!(
-                    "   completed={} total_ms={:?} downtime_ms={:?} link_MB={} guest_ok={:?}",
-                    run.completed,
-                    run.total_ms,
-                    run.downtime_ms,
-                    run.link_bytes / 1_000_000,
-                    run.guest_verified_after
-                );
-                runs.push(run);
-            }
-            let report = Report {
-                scenario: scenario.clone(),
-                link_mbit,
-                storage_mbit: None,
-                vm: json!({"ram_mib": ram_mib, "vcpus": 1, "workload": format!("dirtier ws={ws_mib}MiB fill={fill_pct}%")}),
-                runs,
-            };
-            let path = out.unwrap_or_else(|| {
-                dbmigrate_testbed::repo_root().join(format!("bench/results/{scenario}.json"))
-            });
-            std::fs::write(&path, serde_json::to_string_pretty(&report)? + "\n")
-                .with_context(|| format!("writing {}", path.display()))?;
-            print_table(&report);
-            eprintln!("report: {}", path.display());
-            Ok(())
-        }
+        } => dirtier::compare(
+            scenario,
+            ram_mib,
+            ws_mib,
+            fill_pct,
+            link_mbit,
+            downtime_ms,
+            timeout_s,
+            methods,
+            out,
+        ),
     }
 }
 
@@ -564,6 +629,18 @@ fn write_db_report(
             setup.storage_read_mbyte_s
         );
     }
+    let rule = &setup.steady;
+    if fleet.is_none() && rule.max_s > rule.min_s {
+        workload += &format!(
+            "; migration once the load is steady (the last {} s in blocks of {} s within ±{:.0} % of their mean, after {}-{} s of load), load until {} s after the migration's start",
+            rule.window_s,
+            rule.block_s,
+            rule.tolerance * 100.0,
+            rule.min_s,
+            rule.max_s,
+            setup.tail_s()
+        );
+    }
     if let Some((policy, vms)) = fleet {
         workload = format!(
             "{vms} VMs leave the host ({}), each: {workload}",
@@ -578,6 +655,8 @@ fn write_db_report(
         link_mbit: setup.link_mbit,
         storage_mbit: Some(setup.storage_mbit),
         vm: json!({ "ram_mib": setup.ram_mib, "vcpus": 1, "workload": workload }),
+        hosts: Some(setup.hosts.name().into()),
+        host_cpus: Some(setup.hosts.layout()),
         runs,
     };
     let path = out.unwrap_or_else(|| {
@@ -587,111 +666,6 @@ fn write_db_report(
         .with_context(|| format!("writing {}", path.display()))?;
     print_db_table(&report);
     eprintln!("report: {}", path.display());
-    Ok(())
-}
-
-/// The methods `bench` can run.
-const METHODS: [&str; 5] = [
-    "qemu-precopy",
-    "qemu-postcopy",
-    "dbmigrate-precopy",
-    "dbmigrate-postcopy",
-    "dbmigrate-hybrid",
-];
-
-/// Methods only `compare-db` runs: what TLS costs each migration (the
-/// `mariadb-sysbench-tls` scenario): dbmigrate's pre-copy with its agents
-/// on plain TCP (`--insecure-plaintext`; every other dbmigrate method runs
-/// over mutual TLS), and QEMU's pre-copy with its own `tls-creds-x509`
-/// (the same certificates).
-const TLS_METHODS: [&str; 2] = ["dbmigrate-precopy-plaintext", "qemu-precopy-tls"];
-
-/// `dbmigrate migrate` arguments of a dbmigrate method, or None for QEMU's.
-fn dbmigrate_mode(method: &str) -> Option<&'static [&'static str]> {
-    match method {
-        "dbmigrate-precopy" | "dbmigrate-precopy-plaintext" => Some(&["--mode", "precopy"]),
-        "dbmigrate-postcopy" => Some(&["--mode", "postcopy", "--allow-postcopy"]),
-        "dbmigrate-hybrid" => Some(&["--mode", "hybrid", "--allow-postcopy"]),
-        _ => None,
-    }
-}
-
-/// Whether a dbmigrate method may hand over by post-copy (its destination
-/// QEMU then needs the post-copy socket).
-fn may_postcopy(method: &str) -> bool {
-    dbmigrate_mode(method).is_some_and(|m| m.contains(&"--allow-postcopy"))
-}
-
-/// Whether a method's agents talk plain TCP instead of mutual TLS.
-fn plaintext_agents(method: &str) -> bool {
-    method == "dbmigrate-precopy-plaintext"
-}
-
-/// Post-copy figures of a run: faults the destination took, those that
-/// needed the network, and the longest a vCPU waited for a page.
-fn postcopy_figures(dest: &Value, report: &Value) -> Option<Faults> {
-    report["postcopy"].is_object().then(|| Faults {
-        faults: dest["faults"].as_u64(),
-        network_faults: dest["network_faults"].as_u64(),
-        storage_faults: dest["storage_faults"].as_u64(),
-        longest_stall_ms: dest["longest_stall_us"]
-            .as_u64()
-            .map(|us| us as f64 / 1000.0),
-    })
-}
-
-/// "network faults / longest stall" cell of a table.
-fn faults_cell(run: &Run) -> String {
-    match &run.postcopy {
-        None => "-".into(),
-        Some(f) => format!(
-            "{} / {}",
-            f.network_faults.map_or("?".into(), |n| n.to_string()),
-            f.longest_stall_ms
-                .map_or("?".into(), |ms| format!("{ms:.0} ms"))
-        ),
-    }
-}
-
-fn check_methods(methods: &[String]) -> Result<()> {
-    for m in methods {
-        if !METHODS.contains(&m.as_str()) && m != "qemu-precopy-tls" {
-            bail!("unknown method `{m}`: use {}", METHODS.join(", "));
-        }
-    }
-    Ok(())
-}
-
-/// Reference runs of `compare-db` that migrate nothing: the destination
-/// host only reads the VM's disk from shared storage while the load runs,
-/// each with whether it reads through a second storage server.
-const STORAGE_READS: [(&str, bool); 2] = [("storage-read", false), ("storage-read-separate", true)];
-
-/// Whether `method` is a storage-read reference, and if so whether it
-/// reads through a second storage server (pure).
-fn storage_read_server(method: &str) -> Option<bool> {
-    STORAGE_READS
-        .iter()
-        .find(|(name, _)| *name == method)
-        .map(|&(_, separate)| separate)
-}
-
-/// [`check_methods`] for `compare-db`, which also takes the storage-read references.
-fn check_db_methods(methods: &[String]) -> Result<()> {
-    for m in methods {
-        if !METHODS.contains(&m.as_str())
-            && !TLS_METHODS.contains(&m.as_str())
-            && storage_read_server(m).is_none()
-        {
-            let refs: Vec<&str> = STORAGE_READS.iter().map(|(name, _)| *name).collect();
-            bail!(
-                "unknown method `{m}`: use {}, {}, or the references {}",
-                METHODS.join(", "),
-                TLS_METHODS.join(", "),
-                refs.join(", ")
-            );
-        }
-    }
     Ok(())
 }
 
@@ -736,6 +710,14 @@ fn print_db_table(r: &Report) {
             })
         );
     }
+    if let Ok(v) = serde_json::to_value(r) {
+        for table in [cost_report::method_summary(&v), cost_report::cost_table(&v)]
+            .into_iter()
+            .flatten()
+        {
+            println!("\n{table}");
+        }
+    }
     for run in &r.runs {
         if let Some(b) = run.detail["physical_bound_ms"].as_f64() {
             println!("\nphysical bound for {} (design §6): {b:.0} ms", run.method);
@@ -745,7 +727,7 @@ fn print_db_table(r: &Report) {
 }
 
 /// What each side said about a run that did not complete.
-fn print_failures(r: &Report) {
+pub(crate) fn print_failures(r: &Report) {
     for run in r.runs.iter().filter(|run| !run.completed) {
         for (side, key) in [("source", "error"), ("destination", "destination_error")] {
             if let Some(e) = run.detail[key].as_str() {
@@ -753,359 +735,4 @@ fn print_failures(r: &Report) {
             }
         }
     }
-}
-
-fn print_table(r: &Report) {
-    println!(
-        "\n{} — {} MiB guest, {} Mbit/s link\n",
-        r.scenario, r.vm["ram_mib"], r.link_mbit
-    );
-    println!("| method | completed | total (ms) | downtime (ms) | link MB | network faults / longest stall | RAM verified | guest check after |");
-    println!("|---|---|---|---|---|---|---|---|");
-    let opt = |v: Option<u64>| v.map_or("-".to_string(), |v| v.to_string());
-    for run in &r.runs {
-        println!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} |",
-            run.method,
-            run.completed,
-            opt(run.total_ms),
-            opt(run.downtime_ms),
-            run.link_bytes / 1_000_000,
-            faults_cell(run),
-            run.ram_verified.map_or("n/a".into(), |b| b.to_string()),
-            run.guest_verified_after.map_or("n/a".into(), |b| if b {
-                "clean".to_string()
-            } else {
-                "ERRORS".to_string()
-            })
-        );
-    }
-    print_failures(r);
-}
-
-fn start_vms(
-    s: &Setup<'_>,
-    preload: bool,
-    dst_incoming_extra: &[&str],
-    postcopy: bool,
-) -> Result<(Vm, Vm)> {
-    let src = Vm::start(
-        s.tb,
-        &s.tb.src_ns,
-        "src",
-        s.img,
-        &VmOptions {
-            ram_mib: s.ram_mib,
-            ws_mib: s.ws_mib,
-            fill_pct: s.fill_pct,
-            preload,
-            ..VmOptions::default()
-        },
-    )?;
-    src.wait_console("DIRTIER READY", Duration::from_secs(300))?;
-    src.wait_heartbeat(Duration::from_secs(300), |h| h.passes >= 1)?;
-    let dst = Vm::start(
-        s.tb,
-        &s.tb.dst_ns,
-        "dst",
-        s.img,
-        &VmOptions {
-            ram_mib: s.ram_mib,
-            ws_mib: s.ws_mib,
-            fill_pct: s.fill_pct,
-            preload: false,
-            incoming: true,
-            extra: dst_incoming_extra.iter().map(|s| s.to_string()).collect(),
-            postcopy_socket: postcopy.then(|| s.tb.dir.join("dst.uffd")),
-            qemu_fills: !preload,
-            ..VmOptions::default()
-        },
-    )?;
-    Ok((src, dst))
-}
-
-/// After a completed migration: the guest on `dst` must complete two more
-/// full verification passes; returns whether it found no error.
-fn guest_check(src: &Vm, dst: &Vm) -> Option<bool> {
-    let last = src.heartbeats().last().cloned()?;
-    let h = dst
-        .wait_heartbeat(Duration::from_secs(240), |h| {
-            h.seq > last.seq && h.passes >= last.passes + 2
-        })
-        .ok()?;
-    Some(h.errors == 0 && !dst.console().contains("DIRTIER ERROR"))
-}
-
-/// QEMU's own migration TLS (`tls-creds-x509`), with the test bed's
-/// certificates: the source's client set, the destination's server set
-/// (it checks the source's certificate), and the name the destination's
-/// certificate must carry.
-pub(crate) struct QemuTls {
-    /// The source host's TLS directory.
-    pub src_dir: PathBuf,
-    /// The destination host's TLS directory.
-    pub dst_dir: PathBuf,
-    /// The destination's name in its certificate.
-    pub hostname: String,
-}
-
-impl QemuTls {
-    /// The test bed's certificates.
-    pub(crate) fn of(tb: &dbmigrate_testbed::Testbed) -> Self {
-        Self {
-            src_dir: tb.tls_dir("src"),
-            dst_dir: tb.tls_dir("dst"),
-            hostname: "destination.test".into(),
-        }
-    }
-
-    fn apply(
-        &self,
-        sq: &mut dbmigrate_testbed::SyncQmp,
-        dq: &mut dbmigrate_testbed::SyncQmp,
-    ) -> Result<()> {
-        let creds = |dir: &Path, endpoint: &str| {
-            json!({"qom-type": "tls-creds-x509", "id": "bench-tls", "dir": dir,
-                   "endpoint": endpoint, "verify-peer": true})
-        };
-        sq.cmd("object-add", creds(&self.src_dir, "client"))?;
-        dq.cmd("object-add", creds(&self.dst_dir, "server"))?;
-        sq.cmd(
-            "migrate-set-parameters",
-            json!({"tls-creds": "bench-tls", "tls-hostname": self.hostname}),
-        )?;
-        dq.cmd("migrate-set-parameters", json!({"tls-creds": "bench-tls"}))?;
-        Ok(())
-    }
-}
-
-/// QEMU's own migration from `sq` to `dq` (waiting with `-incoming defer`):
-/// pre-copy, or post-copy switched on after the first full pass, as it is
-/// normally used. QEMU 7.2 limits itself to 32 MiB/s by default: the limit is
-/// lifted so that only the shaped link limits it, like dbmigrate. Gives up
-/// (cancels) after `timeout` unless post-copy has started. Returns the last
-/// `query-migrate` answer, with the destination resumed if it completed.
-#[allow(clippy::too_many_arguments)]
-fn qemu_migrate(
-    sq: &mut dbmigrate_testbed::SyncQmp,
-    dq: &mut dbmigrate_testbed::SyncQmp,
-    uri: &str,
-    postcopy: bool,
-    tls: Option<&QemuTls>,
-    link_mbit: u32,
-    downtime_ms: u64,
-    timeout: Duration,
-) -> Result<Value> {
-    if let Some(t) = tls {
-        t.apply(sq, dq)?;
-    }
-    if postcopy {
-        let caps = json!([{"capability": "postcopy-ram", "state": true}]);
-        sq.cmd("migrate-set-capabilities", json!({"capabilities": caps}))?;
-        dq.cmd("migrate-set-capabilities", json!({"capabilities": caps}))?;
-    }
-    sq.cmd(
-        "migrate-set-parameters",
-        json!({"max-bandwidth": u64::from(link_mbit) * 1_000_000 / 8 * 4, "downtime-limit": downtime_ms}),
-    )?;
-    dq.cmd("migrate-incoming", json!({"uri": uri}))?;
-    let t = Instant::now();
-    sq.cmd("migrate", json!({"uri": uri}))?;
-    let mut switched = false;
-    // When QEMU left its live phase (stop-and-copy or post-copy), as seen by polling.
-    let mut switch_ms = None;
-    loop {
-        let mut v = sq.cmd("query-migrate", json!({}))?;
-        let st = v["status"].as_str().unwrap_or("");
-        if switch_ms.is_none() && !matches!(st, "setup" | "active") {
-            switch_ms = Some(dbmigrate_core::stats::millis(t.elapsed()));
-        }
-        v["bench_switch_ms"] = json!(switch_ms);
-        let st = v["status"].as_str().unwrap_or("").to_string();
-        let st = st.as_str();
-        if st == "completed" {
-            // QEMU 7.2 has answered a completed migration with a total
-            // time of 0: the bench's own clock (20 ms polls) stands in then.
-            v["bench_total_ms"] = json!(dbmigrate_core::stats::millis(t.elapsed()));
-            // The destination waits paused (-S) after pre-copy; post-copy
-            // already runs it.
-            if dq.status()? != "running" {
-                dq.cmd("cont", json!({}))?;
-            }
-            return Ok(v);
-        }
-        if st == "failed" {
-            return Ok(v);
-        }
-        if postcopy && !switched && v["ram"]["dirty-sync-count"].as_u64().unwrap_or(0) >= 2 {
-            sq.cmd("migrate-start-postcopy", json!({}))?;
-            switched = true;
-        }
-        if t.elapsed() > timeout && !(postcopy && switched) {
-            let _ = sq.cmd("migrate_cancel", json!({}));
-            return Ok(v);
-        }
-        // After the switch QEMU cannot cancel; a post-copy that does not
-        // finish in another `timeout` is reported as not completed.
-        if postcopy && switched && t.elapsed() > timeout * 2 {
-            let status = format!("stuck in {st} after {} s", t.elapsed().as_secs());
-            let mut v = v;
-            v["status"] = json!(status);
-            return Ok(v);
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// Replaces a completed run's downtime, as its method reported it, by the
-/// one measured the same way for every method (source `STOP` to
-/// destination `RESUME`, [`dbmigrate_testbed::downtime_ms`]); the
-/// method's own figure stays in `detail.reported_downtime_ms`. QEMU's own
-/// figure ends when the source has sent the last byte, before the
-/// destination has loaded it; dbmigrate's when the destination said the
-/// VM runs.
-pub(crate) fn measured_downtime(
-    run: &mut Run,
-    src: &dbmigrate_testbed::EventWatch,
-    dst: &dbmigrate_testbed::EventWatch,
-) {
-    if !run.completed {
-        return;
-    }
-    let reported = run.downtime_ms;
-    let measured = dbmigrate_testbed::downtime_ms(src, dst);
-    if let Some(d) = run.detail.as_object_mut() {
-        d.insert("reported_downtime_ms".into(), json!(reported));
-        d.insert(
-            "downtime_from".into(),
-            json!(if measured.is_some() {
-                "qmp-events"
-            } else {
-                "reported (no STOP/RESUME pair seen)"
-            }),
-        );
-    }
-    run.downtime_ms = measured.or(reported);
-}
-
-/// Fills `run` from QEMU's last `query-migrate` answer.
-fn record_qemu_result(run: &mut Run, info: &Value) {
-    run.completed = info["status"] == json!("completed");
-    if run.completed {
-        run.total_ms = info["total-time"]
-            .as_u64()
-            .filter(|&t| t > 0)
-            .or_else(|| info["bench_total_ms"].as_u64());
-        run.downtime_ms = info["downtime"].as_u64();
-    }
-    run.pages.raw = info["ram"]["normal"].as_u64().unwrap_or(0);
-    run.pages.zero = info["ram"]["duplicate"].as_u64().unwrap_or(0);
-    if run.method == "qemu-postcopy" {
-        // QEMU counts the destination's page requests; it does not say how
-        // long a vCPU waited for one.
-        run.postcopy = Some(Faults {
-            network_faults: info["ram"]["postcopy-requests"].as_u64(),
-            ..Faults::default()
-        });
-    }
-}
-
-fn run_method(s: &Setup<'_>, method: &str) -> Result<Run> {
-    let mut run = Run {
-        method: method.into(),
-        ..Run::default()
-    };
-    match method {
-        m if dbmigrate_mode(m).is_some() => {
-            let mode = dbmigrate_mode(m).expect("checked");
-            let postcopy = may_postcopy(m);
-            let (src, dst) = start_vms(s, true, &[], postcopy)?;
-            let (se, de) = (src.watch_events()?, dst.watch_events()?);
-            let before = s.tb.link_bytes()?;
-            let mut recv = s.tb.receive_cmd(&dst)?;
-            if postcopy {
-                recv.arg("--postcopy-socket").arg(s.tb.dir.join("dst.uffd"));
-            }
-            // The source starts once the destination is set up, as an
-            // operator would (QEMU's destination allocates at boot).
-            // One log per method: a failed run's log must survive the next run.
-            let recv_log = s.tb.dir.join(format!("receive-{method}.log"));
-            let recv = dbmigrate_testbed::spawn_listening(&mut recv, &recv_log)?;
-            let report_path = s.tb.dir.join("dbmigrate-report.json");
-            let out =
-                s.tb.migrate_cmd(&src, &report_path)?
-                    .args([
-                        "--downtime-ms",
-                        &s.downtime_ms.to_string(),
-                        "--progress",
-                        "never",
-                    ])
-                    .args(mode)
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::inherit())
-                    .output()?;
-            let recv_out = recv.wait_with_output()?;
-            let dest: Value = serde_json::from_slice(&recv_out.stdout).unwrap_or(Value::Null);
-            run.link_bytes = s.tb.link_bytes()? - before;
-            let r: Value = serde_json::from_str(&std::fs::read_to_string(&report_path)?)?;
-            run.completed = out.status.success() && r["completed"] == json!(true);
-            run.total_ms = r["total_ms"].as_u64();
-            run.downtime_ms = r["downtime_ms"].as_u64().filter(|_| run.completed);
-            run.ram_verified = r["ram_verified"].as_bool();
-            run.pages.raw = r["pages"]["raw"].as_u64().unwrap_or(0);
-            run.pages.zero = r["pages"]["zero"].as_u64().unwrap_or(0);
-            run.postcopy = postcopy_figures(&dest, &r);
-            run.detail = json!({
-                "stop_reason": r["stats"]["stop_reason"],
-                "expected_downtime_ms": r["stats"]["expected_downtime_ms"],
-                "verify_ms": r["stats"]["verify_ms"],
-                "rounds": r["stats"]["rounds"],
-                "postcopy": r["postcopy"],
-                "destination": dest,
-                "device_state_bytes": r["device_state_bytes"],
-                "error": r["error"],
-                "destination_error": dbmigrate_testbed::agent_error(&recv_log),
-            });
-            measured_downtime(&mut run, &se, &de);
-            if run.completed {
-                run.guest_verified_after = guest_check(&src, &dst);
-                run.workload.errors = run.guest_verified_after.map(|ok| u64::from(!ok));
-            }
-        }
-        "qemu-precopy" | "qemu-postcopy" | "qemu-precopy-tls" => {
-            let (src, dst) = start_vms(s, false, &[], false)?;
-            let (se, de) = (src.watch_events()?, dst.watch_events()?);
-            let mut dq = dst.qmp()?;
-            let before = s.tb.link_bytes()?;
-            let t = Instant::now();
-            let info = qemu_migrate(
-                &mut src.qmp()?,
-                &mut dq,
-                &format!("tcp:{}:7001", s.tb.dst_ip),
-                method == "qemu-postcopy",
-                (method == "qemu-precopy-tls")
-                    .then(|| QemuTls::of(s.tb))
-                    .as_ref(),
-                s.link_mbit,
-                s.downtime_ms,
-                s.timeout,
-            )?;
-            run.link_bytes = s.tb.link_bytes()? - before;
-            record_qemu_result(&mut run, &info);
-            if run.completed {
-                run.guest_verified_after = guest_check(&src, &dst);
-                run.workload.errors = run.guest_verified_after.map(|ok| u64::from(!ok));
-            }
-            run.detail = json!({
-                "status": info["status"],
-                "expected_downtime_ms": info["expected-downtime"],
-                "dirty_sync_count": info["ram"]["dirty-sync-count"],
-                "ram_transferred": info["ram"]["transferred"],
-                "elapsed_ms_when_stopped": dbmigrate_core::stats::millis(t.elapsed()),
-            });
-            measured_downtime(&mut run, &se, &de);
-        }
-        other => bail!("unknown method {other}"),
-    }
-    Ok(run)
 }

@@ -5,6 +5,9 @@
 //! (`<scenario>-times.svg`) and, for database scenarios, the workload's
 //! throughput and p99 latency second by second with each method's
 //! migration start, switchover and end marked (`<scenario>-timeline.svg`).
+//! Database scenarios with the guest's cost also get a table of it, a
+//! summary per method over the repetitions, and the cumulative work since
+//! the migration's start (`<scenario>-work.svg`, [`crate::cost_report`]).
 //! Reports are read as plain JSON so that older files without timelines
 //! still make their bars and table.
 
@@ -26,7 +29,7 @@ const COLOURS: [RGBColor; 6] = [
     RGBColor(0x8c, 0x56, 0x4b),
 ];
 
-fn colour(i: usize) -> RGBColor {
+pub(crate) fn colour(i: usize) -> RGBColor {
     COLOURS[i % COLOURS.len()]
 }
 
@@ -43,7 +46,7 @@ fn rate_of(report: &Value) -> (&'static str, &'static str, &'static str) {
     }
 }
 
-fn runs(report: &Value) -> &[Value] {
+pub(crate) fn runs(report: &Value) -> &[Value] {
     report["runs"].as_array().map_or(&[], Vec::as_slice)
 }
 
@@ -88,6 +91,7 @@ pub fn markdown_table(report: &Value) -> String {
             match r["detail"]["read_ms"].as_u64() {
                 Some(ms) if !r["detail"]["reference"].is_null() =>
                     format!("no migration (read {ms})"),
+                _ if r["method"] == crate::guest_cost::CONTROL => "no migration (control)".into(),
                 _ => cell_u(&r["total_ms"]),
             },
             cell_u(&r["downtime_ms"]),
@@ -104,7 +108,7 @@ pub fn markdown_table(report: &Value) -> String {
     s
 }
 
-fn plot_err<E: std::fmt::Debug>(e: E) -> anyhow::Error {
+pub(crate) fn plot_err<E: std::fmt::Debug>(e: E) -> anyhow::Error {
     anyhow::anyhow!("drawing: {e:?}")
 }
 
@@ -414,6 +418,25 @@ pub fn write(inputs: &[PathBuf], out_dir: &Path) -> Result<Vec<PathBuf>> {
         times_svg(&report, &times).with_context(|| format!("plotting {}", times.display()))?;
         let _ = writeln!(md, "\n![{scenario}: migration time]({scenario}-times.svg)");
         written.push(times);
+        for table in [
+            crate::cost_report::method_summary(&report),
+            crate::cost_report::cost_table(&report),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            let _ = write!(md, "\n{table}");
+        }
+        let work = out_dir.join(format!("{scenario}-work.svg"));
+        if crate::cost_report::work_svg(&report, &work)
+            .with_context(|| format!("plotting {}", work.display()))?
+        {
+            let _ = writeln!(
+                md,
+                "\n![{scenario}: work done since the migration started]({scenario}-work.svg)"
+            );
+            written.push(work);
+        }
         let tl = out_dir.join(format!("{scenario}-timeline.svg"));
         if timeline_svg(&report, &tl).with_context(|| format!("plotting {}", tl.display()))? {
             let _ = writeln!(

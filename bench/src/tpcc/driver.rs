@@ -69,6 +69,8 @@ pub struct RunConfig {
     pub duration: Duration,
     pub think: bool,
     pub latency_dir: Option<PathBuf>,
+    /// The terminals end before their next transaction once this file exists.
+    pub stop_file: Option<PathBuf>,
     pub seed: u64,
 }
 
@@ -488,7 +490,7 @@ async fn terminal(
         warehouses,
     };
     let mut res = TerminalResult::default();
-    while Instant::now() < until {
+    while Instant::now() < until && !cfg.stop_file.as_ref().is_some_and(|f| f.exists()) {
         let kind = Kind::pick(t.rng.range(1, 100));
         if cfg.think {
             let (keying, think) = kind.think();

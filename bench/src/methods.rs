@@ -1,0 +1,120 @@
+//! The methods each comparison runs, and what a method's name says about it.
+
+use anyhow::{bail, Result};
+use serde_json::Value;
+
+use crate::{Faults, Run};
+
+/// The methods `bench` can run.
+pub(crate) const METHODS: [&str; 5] = [
+    "qemu-precopy",
+    "qemu-postcopy",
+    "dbmigrate-precopy",
+    "dbmigrate-postcopy",
+    "dbmigrate-hybrid",
+];
+
+/// Methods only `compare-db` runs: what TLS costs each migration (the
+/// `mariadb-sysbench-tls` scenario): dbmigrate's pre-copy with its agents
+/// on plain TCP (`--insecure-plaintext`; every other dbmigrate method runs
+/// over mutual TLS), and QEMU's pre-copy with its own `tls-creds-x509`
+/// (the same certificates); QEMU's best pre-copy (multifd, 2 channels,
+/// zstd: [`crate::qemu::multifd_of`]).
+pub(crate) const DB_METHODS: [&str; 3] = [
+    "dbmigrate-precopy-plaintext",
+    "qemu-precopy-tls",
+    "qemu-precopy-multifd",
+];
+
+/// `dbmigrate migrate` arguments of a dbmigrate method, or None for QEMU's.
+pub(crate) fn dbmigrate_mode(method: &str) -> Option<&'static [&'static str]> {
+    match method {
+        "dbmigrate-precopy" | "dbmigrate-precopy-plaintext" => Some(&["--mode", "precopy"]),
+        "dbmigrate-postcopy" => Some(&["--mode", "postcopy", "--allow-postcopy"]),
+        "dbmigrate-hybrid" => Some(&["--mode", "hybrid", "--allow-postcopy"]),
+        _ => None,
+    }
+}
+
+/// Whether a dbmigrate method may hand over by post-copy (its destination
+/// QEMU then needs the post-copy socket).
+pub(crate) fn may_postcopy(method: &str) -> bool {
+    dbmigrate_mode(method).is_some_and(|m| m.contains(&"--allow-postcopy"))
+}
+
+/// Whether a method's agents talk plain TCP instead of mutual TLS.
+pub(crate) fn plaintext_agents(method: &str) -> bool {
+    method == "dbmigrate-precopy-plaintext"
+}
+
+/// Post-copy figures of a run: faults the destination took, those that
+/// needed the network, and the longest a vCPU waited for a page.
+pub(crate) fn postcopy_figures(dest: &Value, report: &Value) -> Option<Faults> {
+    report["postcopy"].is_object().then(|| Faults {
+        faults: dest["faults"].as_u64(),
+        network_faults: dest["network_faults"].as_u64(),
+        storage_faults: dest["storage_faults"].as_u64(),
+        longest_stall_ms: dest["longest_stall_us"]
+            .as_u64()
+            .map(|us| us as f64 / 1000.0),
+    })
+}
+
+/// "network faults / longest stall" cell of a table.
+pub(crate) fn faults_cell(run: &Run) -> String {
+    match &run.postcopy {
+        None => "-".into(),
+        Some(f) => format!(
+            "{} / {}",
+            f.network_faults.map_or("?".into(), |n| n.to_string()),
+            f.longest_stall_ms
+                .map_or("?".into(), |ms| format!("{ms:.0} ms"))
+        ),
+    }
+}
+
+pub(crate) fn check_methods(methods: &[String]) -> Result<()> {
+    for m in methods {
+        if !METHODS.contains(&m.as_str()) && m != "qemu-precopy-tls" {
+            bail!("unknown method `{m}`: use {}", METHODS.join(", "));
+        }
+    }
+    Ok(())
+}
+
+/// Reference runs of `compare-db` that migrate nothing: the destination
+/// host only reads the VM's disk from shared storage while the load runs,
+/// each with whether it reads through a second storage server.
+pub(crate) const STORAGE_READS: [(&str, bool); 2] =
+    [("storage-read", false), ("storage-read-separate", true)];
+
+/// Whether `method` is a storage-read reference, and if so whether it
+/// reads through a second storage server (pure).
+pub(crate) fn storage_read_server(method: &str) -> Option<bool> {
+    STORAGE_READS
+        .iter()
+        .find(|(name, _)| *name == method)
+        .map(|&(_, separate)| separate)
+}
+
+/// [`check_methods`] for `compare-db`, which also takes the control run
+/// (`none`) and the storage-read references.
+pub(crate) fn check_db_methods(methods: &[String]) -> Result<()> {
+    for m in methods {
+        if !METHODS.contains(&m.as_str())
+            && !DB_METHODS.contains(&m.as_str())
+            && m != crate::guest_cost::CONTROL
+            && storage_read_server(m).is_none()
+        {
+            let refs: Vec<&str> = STORAGE_READS.iter().map(|(name, _)| *name).collect();
+            bail!(
+                "unknown method `{m}`: use {}, {}, the control `{}` (no migration), or the references {}",
+                METHODS.join(", "),
+                DB_METHODS.join(", "),
+                crate::guest_cost::CONTROL,
+                refs.join(", ")
+            );
+        }
+    }
+    Ok(())
+}
