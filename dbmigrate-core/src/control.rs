@@ -139,8 +139,7 @@ impl<T: Control> ControlWriter<T> {
         Ok(f.len() as u64)
     }
 
-    /// Writes one encoded frame.
-    pub async fn send_frame(&self, frame: &[u8], doing: &'static str) -> Result<(), ProtocolError> {
+    async fn send_frame(&self, frame: &[u8], doing: &'static str) -> Result<(), ProtocolError> {
         self.inner.lock().await.write(frame, doing).await
     }
 
@@ -150,6 +149,20 @@ impl<T: Control> ControlWriter<T> {
         let mut c = self.inner.lock().await;
         let patience = c.patience;
         let _ = tokio::time::timeout(patience, c.w.shutdown()).await;
+    }
+}
+
+impl ControlWriter<protocol::ToDestination> {
+    /// Writes a batch of pages built in place (post-copy's answers, a
+    /// [`protocol::ToDestination::PageBatch`]); returns the bytes written.
+    pub async fn send_batch(
+        &self,
+        batch: protocol::BatchBuilder,
+        doing: &'static str,
+    ) -> Result<u64, ProtocolError> {
+        let f = batch.finish();
+        self.send_frame(&f, doing).await?;
+        Ok(f.len() as u64)
     }
 }
 

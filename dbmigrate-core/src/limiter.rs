@@ -15,6 +15,8 @@ struct Bucket {
     rate: Option<f64>,
     tokens: f64,
     last: Instant,
+    /// Unlimited for good: later [`RateLimiter::set_rate`] calls are ignored.
+    closed: bool,
 }
 
 /// How long to wait before `want` bytes may go, given the bucket state (pure).
@@ -35,13 +37,18 @@ impl RateLimiter {
                 rate: bytes_per_sec.map(|r| r as f64),
                 tokens: 0.0,
                 last: Instant::now(),
+                closed: false,
             }),
         }
     }
 
-    /// Changes the rate (None = unlimited); the bucket starts empty.
+    /// Changes the rate (None = unlimited) unless the limiter was
+    /// [closed](RateLimiter::close); the bucket starts empty.
     pub fn set_rate(&self, bytes_per_sec: Option<u64>) {
         let mut b = self.state.lock().expect("limiter lock is never poisoned");
+        if b.closed {
+            return;
+        }
         #[allow(clippy::cast_precision_loss)]
         let rate = bytes_per_sec.map(|r| r as f64);
         if b.rate != rate {
@@ -49,6 +56,22 @@ impl RateLimiter {
             b.tokens = b.tokens.min(0.0);
             b.last = Instant::now();
         }
+    }
+
+    /// Makes the limiter unlimited for good, whatever [`RateLimiter::set_rate`]
+    /// a controller still running calls afterwards (or [`RateLimiter::reopen`]).
+    pub fn close(&self) {
+        let mut b = self.state.lock().expect("limiter lock is never poisoned");
+        b.rate = None;
+        b.closed = true;
+    }
+
+    /// Lets [`RateLimiter::set_rate`] act again after [`RateLimiter::close`].
+    pub fn reopen(&self) {
+        self.state
+            .lock()
+            .expect("limiter lock is never poisoned")
+            .closed = false;
     }
 
     /// Waits until `bytes` may be sent, then takes them.

@@ -36,6 +36,7 @@ mod injected {
     use std::sync::OnceLock;
     use std::time::Duration;
 
+    use dbmigrate_core::addr::DiskOffset;
     use dbmigrate_core::storage::{Storage, StorageError};
 
     static FIRED: AtomicBool = AtomicBool::new(false);
@@ -48,11 +49,20 @@ mod injected {
             self.0.disk_sizes()
         }
 
-        fn read_at(&self, disk: u16, offset: u64, buf: &mut [u8]) -> Result<(), StorageError> {
+        fn read_at(
+            &self,
+            disk: u16,
+            offset: DiskOffset,
+            buf: &mut [u8],
+        ) -> Result<(), StorageError> {
             self.0.read_at(disk, offset, buf)
         }
 
-        fn read_many(&self, disk: u16, reads: &mut [(u64, &mut [u8])]) -> Result<(), StorageError> {
+        fn read_many(
+            &self,
+            disk: u16,
+            reads: &mut [(DiskOffset, &mut [u8])],
+        ) -> Result<(), StorageError> {
             hit("dst-storage-read");
             self.0.read_many(disk, reads)
         }

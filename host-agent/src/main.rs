@@ -212,7 +212,6 @@ pub async fn interrupted() -> &'static str {
     }
 }
 
-/// Parses `1gbit`, `800mbit`, `100MB`, `12345` (bytes/s).
 /// `--guest-impact-budget`: a share 0..1, or None for off.
 #[derive(Clone, Copy, Debug)]
 struct Budget(Option<f64>);
@@ -231,6 +230,7 @@ fn parse_budget(s: &str) -> Result<Budget, String> {
     }
 }
 
+/// Parses `1gbit`, `800mbit`, `100MB`, `12345` (bytes/s).
 fn parse_rate(s: &str) -> Result<u64, String> {
     let t = s.trim().to_ascii_lowercase();
     let split = t

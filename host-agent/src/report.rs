@@ -66,7 +66,7 @@ pub struct MigrationReport {
 pub struct GuestImpact {
     /// The wait share the migration may add to the guest's vCPUs, percent.
     pub budget_pct: f64,
-    /// Their wait share from the agent's start to the first round, percent.
+    /// Their wait share in the half second before the migration, percent.
     pub baseline_wait_pct: f64,
 }
 

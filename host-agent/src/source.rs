@@ -55,6 +55,10 @@ pub struct MigrateArgs {
     pub guest_impact_budget: Option<f64>,
 }
 
+/// How long the adaptive pace watches the guest's vCPUs for their
+/// baseline before the migration starts.
+const BASELINE_LOOK: Duration = Duration::from_millis(500);
+
 /// QEMU's device-state migration under way through this agent's relay.
 struct DeviceRelay {
     _dir: PrivateDir,
@@ -280,12 +284,17 @@ async fn run(
         )
     })?;
     let tracker = dirty::open_tracker(range).context("starting dirty-page tracking")?;
-    // The guest's wait share from here to the first round is its baseline.
+    // The guest's wait share over a short look before this agent does
+    // anything heavy is its baseline.
     let vcpus = match args.guest_impact_budget {
         Some(_) => {
             let mut v = crate::vcpus::VcpuThreads::of(qmp, pid).await?;
             let first = v.sample();
-            Some((v, first))
+            tokio::time::sleep(BASELINE_LOOK).await;
+            let baseline = first
+                .zip(v.sample())
+                .map_or(0.0, |(a, b)| b.wait_share_since(a));
+            Some((v, baseline))
         }
         None => None,
     };
@@ -323,8 +332,7 @@ async fn run(
     }
     let (mut session, live_hints) =
         prepare_session(args, qmp, undo, ram, tracker, hint_task).await?;
-    if let (Some((mut v, Some(first))), Some(budget)) = (vcpus, args.guest_impact_budget) {
-        let baseline = v.sample().map_or(0.0, |now| now.wait_share_since(first));
+    if let (Some((v, baseline)), Some(budget)) = (vcpus, args.guest_impact_budget) {
         tracing::info!(
             budget_pct = budget * 100.0,
             baseline_wait_pct = baseline * 100.0,

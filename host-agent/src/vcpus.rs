@@ -40,14 +40,24 @@ impl VcpuThreads {
 }
 
 impl GuestSignal for VcpuThreads {
+    /// The sum over the threads that can be read (a thread that went away
+    /// drops out); None when none can.
     fn sample(&mut self) -> Option<CpuTimes> {
-        let mut sum = CpuTimes::default();
-        for f in &self.files {
-            let t = parse_schedstat(&std::fs::read_to_string(f).ok()?)?;
-            sum.ran_ns = sum.ran_ns.saturating_add(t.ran_ns);
-            sum.waited_ns = sum.waited_ns.saturating_add(t.waited_ns);
+        let times: Vec<CpuTimes> = self
+            .files
+            .iter()
+            .filter_map(|f| parse_schedstat(&std::fs::read_to_string(f).ok()?))
+            .collect();
+        if times.len() < self.files.len() {
+            // The sums would jump backwards: read only the threads left.
+            self.files.retain(|f| f.exists());
         }
-        Some(sum)
+        (!times.is_empty()).then(|| {
+            times.iter().fold(CpuTimes::default(), |s, t| CpuTimes {
+                ran_ns: s.ran_ns.saturating_add(t.ran_ns),
+                waited_ns: s.waited_ns.saturating_add(t.waited_ns),
+            })
+        })
     }
 }
 

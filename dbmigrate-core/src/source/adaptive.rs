@@ -107,18 +107,20 @@ impl PaceController {
     /// in it; returns the pace for the next interval (pure):
     /// - over budget: the pace drops in proportion to the excess (to half
     ///   at most per step, never below [`MIN_PACE`]), from what was
-    ///   actually moved when that is lower than the pace set;
+    ///   actually moved when that is lower than the pace set (but not when
+    ///   little moved at all: the pages did not hurt the guest then);
     /// - under half the budget: a paced migration speeds up by a quarter,
     ///   and goes unpaced past [`MAX_PACE`];
     /// - in between: the pace holds.
     pub fn step(&mut self, wait_share: f64, moved: f64) -> Option<f64> {
         let impact = (wait_share - self.baseline).max(0.0);
         if impact > self.budget {
+            // From what was moved, unless little was (the round hashing or
+            // draining): then the pages were not what hurt the guest.
             let from = match self.pace {
-                Some(p) if moved > 0.0 => p.min(moved),
+                Some(p) if moved >= p / 4.0 => p.min(moved),
                 Some(p) => p,
-                None if moved > 0.0 => moved,
-                None => MAX_PACE,
+                None => moved.max(2.0 * MIN_PACE),
             };
             let factor = (self.budget / impact).clamp(0.5, 0.9);
             self.pace = Some((from * factor).max(MIN_PACE));
@@ -141,7 +143,7 @@ impl PaceController {
 /// steps the controller and sets the page pace, until stopped (when the VM
 /// pauses: its signal then means nothing).
 #[derive(Debug)]
-pub struct Pacing {
+pub(crate) struct Pacing {
     /// The pace every data connection takes page bytes from.
     pub pace: Arc<RateLimiter>,
     /// Page bytes the data connections have sent.
@@ -164,55 +166,16 @@ impl Pacing {
     /// Starts the controller (on the current tokio runtime): the
     /// migration may add `budget` (0..1) to the guest's wait share
     /// `baseline` before it. A controller already running is replaced.
-    pub fn start(&mut self, mut signal: Box<dyn GuestSignal>, budget: f64, baseline: f64) {
-        let (pace, moved, steps) = (self.pace.clone(), self.moved.clone(), self.steps.clone());
-        let task = tokio::spawn(async move {
-            let mut ctl = PaceController::new(budget, baseline);
-            let started = Instant::now();
-            let mut last = (
-                signal.sample(),
-                Instant::now(),
-                moved.load(Ordering::Relaxed),
-            );
-            let mut tick = tokio::time::interval(PACE_INTERVAL);
-            tick.tick().await;
-            loop {
-                tick.tick().await;
-                let now = (
-                    signal.sample(),
-                    Instant::now(),
-                    moved.load(Ordering::Relaxed),
-                );
-                if let (Some(a), Some(b)) = (last.0, now.0) {
-                    let share = b.wait_share_since(a);
-                    #[allow(clippy::cast_precision_loss)]
-                    let rate = now.2.saturating_sub(last.2) as f64
-                        / now.1.duration_since(last.1).as_secs_f64().max(1e-3);
-                    let set = ctl.step(share, rate);
-                    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
-                    pace.set_rate(set.map(|r| r as u64));
-                    let step = PaceStep {
-                        t_ms: crate::stats::millis(started.elapsed()),
-                        wait_pct: share * 100.0,
-                        impact_pct: ctl.impact(share) * 100.0,
-                        moved_mbyte_s: rate / 1e6,
-                        pace_mbyte_s: set.map(|r| r / 1e6),
-                    };
-                    tracing::debug!(
-                        wait_pct = step.wait_pct,
-                        impact_pct = step.impact_pct,
-                        moved_mbyte_s = step.moved_mbyte_s,
-                        pace_mbyte_s = ?step.pace_mbyte_s,
-                        "adaptive pace"
-                    );
-                    if let Ok(mut s) = steps.lock() {
-                        s.push(step);
-                    }
-                }
-                last = now;
-            }
-        });
-        if let Some(old) = self.task.replace(task) {
+    pub fn start(&mut self, signal: Box<dyn GuestSignal>, budget: f64, baseline: f64) {
+        self.pace.reopen();
+        let run = PaceLoop {
+            signal,
+            ctl: PaceController::new(budget, baseline),
+            pace: self.pace.clone(),
+            moved: self.moved.clone(),
+            steps: self.steps.clone(),
+        };
+        if let Some(old) = self.task.replace(tokio::spawn(run.run())) {
             old.abort();
         }
     }
@@ -223,8 +186,89 @@ impl Pacing {
         if let Some(t) = self.task.take() {
             t.abort();
         }
-        self.pace.set_rate(None);
+        // Closed under the limiter's lock: a step of the task still under
+        // way on another thread cannot put a pace back.
+        self.pace.close();
         self.steps.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+}
+
+/// Reads of the guest's signal that may fail in a row before the pace is
+/// lifted: a controller that cannot see the guest must not hold it back.
+const BLIND_STEPS: u32 = 3;
+
+/// The controller's task.
+struct PaceLoop {
+    signal: Box<dyn GuestSignal>,
+    ctl: PaceController,
+    pace: Arc<RateLimiter>,
+    moved: Arc<AtomicU64>,
+    steps: Arc<Mutex<Vec<PaceStep>>>,
+}
+
+impl PaceLoop {
+    fn look(&mut self) -> (Option<CpuTimes>, Instant, u64) {
+        (
+            self.signal.sample(),
+            Instant::now(),
+            self.moved.load(Ordering::Relaxed),
+        )
+    }
+
+    async fn run(mut self) {
+        let started = Instant::now();
+        let mut last = self.look();
+        let mut blind = 0;
+        let mut tick = tokio::time::interval(PACE_INTERVAL);
+        // Late ticks are not made up in a burst: a near-empty interval
+        // shows no wait and would speed the pace up exactly when the host
+        // is overloaded.
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            let now = self.look();
+            let secs = now.1.duration_since(last.1).as_secs_f64();
+            if secs < PACE_INTERVAL.as_secs_f64() / 2.0 {
+                continue;
+            }
+            let (Some(a), Some(b)) = (last.0, now.0) else {
+                blind += 1;
+                if blind == BLIND_STEPS {
+                    tracing::warn!(
+                        "the guest's vCPU threads cannot be read any more: the pages go unpaced"
+                    );
+                    self.pace.set_rate(None);
+                }
+                last = now;
+                continue;
+            };
+            blind = 0;
+            let share = b.wait_share_since(a);
+            #[allow(clippy::cast_precision_loss)]
+            let rate = now.2.saturating_sub(last.2) as f64 / secs;
+            let set = self.ctl.step(share, rate);
+            #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+            self.pace.set_rate(set.map(|r| r as u64));
+            let step = PaceStep {
+                t_ms: crate::stats::millis(started.elapsed()),
+                wait_pct: share * 100.0,
+                impact_pct: self.ctl.impact(share) * 100.0,
+                moved_mbyte_s: rate / 1e6,
+                pace_mbyte_s: set.map(|r| r / 1e6),
+            };
+            tracing::debug!(
+                wait_pct = step.wait_pct,
+                impact_pct = step.impact_pct,
+                moved_mbyte_s = step.moved_mbyte_s,
+                pace_mbyte_s = ?step.pace_mbyte_s,
+                "adaptive pace"
+            );
+            if let Ok(mut s) = self.steps.lock() {
+                s.push(step);
+            }
+            last = now;
+        }
     }
 }
 

@@ -18,6 +18,7 @@
 //! | `round` | how one round reads, hashes and encodes its pages, references mixed in step with the raw pages |
 //! | `postcopy` | the switch to post-copy, page requests, the hand-over |
 //! | `push` | post-copy's background push and its pace |
+//! | `adaptive` | the adaptive pace: the guest's vCPU wait against a budget, while the VM runs here |
 
 mod adaptive;
 mod policy;
@@ -39,7 +40,7 @@ use crate::rebuild::HintSource;
 use crate::stats::RoundStats;
 use crate::transport::{Connector, TransportError};
 
-pub use adaptive::{CpuTimes, GuestSignal, PaceController, PaceStep, Pacing};
+pub use adaptive::{CpuTimes, GuestSignal, PaceController, PaceStep};
 pub use policy::{
     decide, link_rate, switch_to_postcopy, Decision, Mode, RoundObservation, StopPolicy, StopReason,
 };

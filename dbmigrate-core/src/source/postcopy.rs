@@ -524,12 +524,12 @@ impl SourceSession {
             for &p in chunk {
                 encoder.push(&mut b, p, self.ram.page(p)?);
             }
-            let frame = b.finish();
-            bytes += frame.len() as u64;
-            self.stats.bytes_sent += frame.len() as u64;
-            self.ctrl_tx
-                .send_frame(&frame, "sending pages on the control connection")
+            let n = self
+                .ctrl_tx
+                .send_batch(b, "sending pages on the control connection")
                 .await?;
+            bytes += n;
+            self.stats.bytes_sent += n;
         }
         Ok(bytes)
     }

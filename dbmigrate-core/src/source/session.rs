@@ -682,6 +682,9 @@ impl SourceSession {
     }
 }
 
+/// The most page bytes a data connection takes from the adaptive pace at once.
+const PACE_SLICE: usize = 1 << 20;
+
 /// The paces a data connection keeps to.
 struct Paces {
     /// The operator's link bandwidth, in bytes on the wire.
@@ -703,10 +706,14 @@ async fn data_writer(
     while let Some(cmd) = rx.recv().await {
         match cmd {
             WriterCmd::Frame(f) => {
-                let content = f.costly_pages() as usize * PAGE_SIZE;
-                if content > 0 {
-                    paces.pages.acquire(content).await;
-                    paces.moved.fetch_add(content as u64, Ordering::Relaxed);
+                // A frame of references stands for tens of MiB of reads:
+                // taken a slice at a time, a new pace applies at once.
+                let mut content = f.costly_pages() as usize * PAGE_SIZE;
+                while content > 0 {
+                    let slice = content.min(PACE_SLICE);
+                    paces.pages.acquire(slice).await;
+                    paces.moved.fetch_add(slice as u64, Ordering::Relaxed);
+                    content -= slice;
                 }
                 let f = f.bytes();
                 paces.link.acquire(f.len()).await;
