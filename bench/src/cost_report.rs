@@ -68,7 +68,7 @@ pub fn cost_table(report: &Value) -> Option<String> {
 }
 
 /// The spread of one figure over a method's runs (`scale` divides it),
-/// as "median (min-max)", or "median" for a single run (pure).
+/// as "median (min–max)", or "median" when they are all the same (pure).
 fn spread_cell(values: &[f64], scale: f64, digits: usize) -> String {
     let v: Vec<f64> = values.iter().map(|x| x / scale).collect();
     match spread(&v) {
@@ -77,7 +77,7 @@ fn spread_cell(values: &[f64], scale: f64, digits: usize) -> String {
             format!("{median:.digits$}")
         }
         Some(Spread { median, min, max }) => {
-            format!("{median:.digits$} ({min:.digits$}-{max:.digits$})")
+            format!("{median:.digits$} ({min:.digits$}–{max:.digits$})")
         }
     }
 }
@@ -103,7 +103,7 @@ pub fn method_summary(report: &Value) -> Option<String> {
     if !runs(report).iter().any(|r| r["repeat"].is_number()) {
         return None;
     }
-    let mut s = String::from("Per method, median (min-max) over its runs; times and bytes over the completed ones:\n\n| method | runs | completed | total (s) | downtime (ms) | link MB | work lost | work lost % |\n|---|---|---|---|---|---|---|---|\n");
+    let mut s = String::from("Per method, median (min–max) over its runs; times and bytes over the completed ones:\n\n| method | runs | completed | total (s) | downtime (ms) | link MB | work lost | work lost % |\n|---|---|---|---|---|---|---|---|\n");
     for (m, rs) in by_method(report) {
         let done: Vec<&&Value> = rs
             .iter()
@@ -271,7 +271,7 @@ mod tests {
     fn the_summary_takes_medians_and_ranges_per_method() {
         let s = method_summary(&sample()).unwrap();
         assert!(
-            s.contains("| qemu-precopy | 3 | 2 | 5.0 (4.0-6.0) | 200 | 1000 | 20 (12-30) | 20.0 (12.0-30.0) |"),
+            s.contains("| qemu-precopy | 3 | 2 | 5.0 (4.0–6.0) | 200 | 1000 | 20 (12–30) | 20.0 (12.0–30.0) |"),
             "{s}"
         );
         assert!(

@@ -232,13 +232,18 @@ pub fn shifted(run: &Value, tpcc: bool) -> Option<Shifted> {
 fn timeline_svg(report: &Value, path: &Path) -> Result<bool> {
     let (rate, _, _) = rate_of(report);
     let tpcc = rate == "tpmC";
-    let lines: Vec<(String, usize, Shifted)> = runs(report)
+    // A method's repetitions share the colour of its first run and one legend entry.
+    let all = runs(report);
+    let first_of = |m: &Value| all.iter().position(|r| r["method"] == *m).unwrap_or(0);
+    let lines: Vec<(String, usize, bool, Shifted)> = all
         .iter()
         .enumerate()
         .filter_map(|(i, r)| {
+            let first = first_of(&r["method"]);
             Some((
                 r["method"].as_str().unwrap_or("?").to_string(),
-                i,
+                first,
+                first == i,
                 shifted(r, tpcc)?,
             ))
         })
@@ -249,20 +254,20 @@ fn timeline_svg(report: &Value, path: &Path) -> Result<bool> {
     let scenario = report["scenario"].as_str().unwrap_or("?");
     let t_min = lines
         .iter()
-        .flat_map(|l| l.2 .0.first().map(|p| p.0))
+        .flat_map(|l| l.3 .0.first().map(|p| p.0))
         .fold(0.0f64, f64::min);
     let t_max = lines
         .iter()
-        .flat_map(|l| l.2 .0.last().map(|p| p.0))
+        .flat_map(|l| l.3 .0.last().map(|p| p.0))
         .fold(1.0f64, f64::max);
     let rate_max = lines
         .iter()
-        .flat_map(|l| l.2 .0.iter().map(|p| p.1))
+        .flat_map(|l| l.3 .0.iter().map(|p| p.1))
         .fold(1.0f64, f64::max)
         * 1.1;
     let p99_max = lines
         .iter()
-        .flat_map(|l| l.2 .1.iter().map(|p| p.1))
+        .flat_map(|l| l.3 .1.iter().map(|p| p.1))
         .fold(1.0f64, f64::max)
         * 1.1;
     let root = SVGBackend::new(path, (1000, 700)).into_drawing_area();
@@ -291,16 +296,17 @@ fn timeline_svg(report: &Value, path: &Path) -> Result<bool> {
             .y_desc(desc)
             .draw()
             .map_err(plot_err)?;
-        for (name, i, (rate_pts, p99_pts, switch, end)) in &lines {
+        for (name, i, labelled, (rate_pts, p99_pts, switch, end)) in &lines {
             let c = colour(*i);
             let pts = if which == 0 { rate_pts } else { p99_pts };
-            chart
+            let series = chart
                 .draw_series(LineSeries::new(pts.iter().copied(), c.stroke_width(2)))
-                .map_err(plot_err)?
-                .label(name.clone())
-                .legend(move |(x, y)| {
+                .map_err(plot_err)?;
+            if *labelled {
+                series.label(name.clone()).legend(move |(x, y)| {
                     PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(3))
                 });
+            }
             if let Some(sw) = switch {
                 chart
                     .draw_series(std::iter::once(PathElement::new(
