@@ -39,8 +39,13 @@ pub fn cost_table(report: &Value) -> Option<String> {
     let window = runs(report)
         .iter()
         .find_map(|r| r["workload"]["window_s"].as_u64())?;
+    let against = if runs(report).iter().any(|r| r["method"] == CONTROL) {
+        "against the control run (`none`, no migration)"
+    } else {
+        "no control run (`none`), so no work lost"
+    };
     let mut s = format!(
-        "Guest's cost in the {window} s window from the migration's start (the slowest migration + 10 s), against the control run (`none`, no migration):\n\n"
+        "Guest's cost in the {window} s window from the migration's start (the slowest migration + 10 s), {against}:\n\n"
     );
     s += "| method | repeat | warm-up (s) | work done | work lost | lost % | p90 / p99 in window (ms) | longest stall (s) |\n";
     s += "|---|---|---|---|---|---|---|---|\n";
