@@ -359,6 +359,8 @@ pub(crate) fn migrate_slot(
             "paused_at_ms": r["paused_at_ms"],
             "downtime_parts": r["downtime_parts"],
             "agent_link_bytes": r["link_bytes"],
+            "guest_impact": r["guest_impact"],
+            "pacing": r["stats"]["pacing"],
         });
     } else {
         let mut dq = dst.qmp()?;

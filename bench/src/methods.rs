@@ -19,17 +19,28 @@ pub(crate) const METHODS: [&str; 5] = [
 /// on plain TCP (`--insecure-plaintext`; every other dbmigrate method runs
 /// over mutual TLS), and QEMU's pre-copy with its own `tls-creds-x509`
 /// (the same certificates); QEMU's best pre-copy (multifd, 2 channels,
-/// zstd: [`crate::qemu::multifd_of`]).
-pub(crate) const DB_METHODS: [&str; 3] = [
+/// zstd: [`crate::qemu::multifd_of`]); dbmigrate's pre-copy with the
+/// adaptive pace at a budget of [`ADAPTIVE_BUDGET_PCT`].
+pub(crate) const DB_METHODS: [&str; 4] = [
     "dbmigrate-precopy-plaintext",
     "qemu-precopy-tls",
     "qemu-precopy-multifd",
+    "dbmigrate-precopy-adaptive",
 ];
+
+/// `dbmigrate-precopy-adaptive`'s `--guest-impact-budget`, percent.
+pub(crate) const ADAPTIVE_BUDGET_PCT: &str = "10";
 
 /// `dbmigrate migrate` arguments of a dbmigrate method, or None for QEMU's.
 pub(crate) fn dbmigrate_mode(method: &str) -> Option<&'static [&'static str]> {
     match method {
         "dbmigrate-precopy" | "dbmigrate-precopy-plaintext" => Some(&["--mode", "precopy"]),
+        "dbmigrate-precopy-adaptive" => Some(&[
+            "--mode",
+            "precopy",
+            "--guest-impact-budget",
+            ADAPTIVE_BUDGET_PCT,
+        ]),
         "dbmigrate-postcopy" => Some(&["--mode", "postcopy", "--allow-postcopy"]),
         "dbmigrate-hybrid" => Some(&["--mode", "hybrid", "--allow-postcopy"]),
         _ => None,
