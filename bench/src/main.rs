@@ -180,7 +180,9 @@ struct RunArgs {
     timeout_s: u64,
     /// Methods, comma separated (`compare-db` also takes the control `none`:
     /// the same load and timeline, no migration; `qemu-precopy-multifd`:
-    /// QEMU's pre-copy on 2 multifd channels with zstd; the TLS methods
+    /// QEMU's pre-copy on 2 multifd channels with zstd;
+    /// `dbmigrate-precopy-adaptive`: dbmigrate's pre-copy with
+    /// `--guest-impact-budget 10`; the TLS methods
     /// `dbmigrate-precopy-plaintext`, `qemu-precopy-tls`; and the references
     /// `storage-read` and `storage-read-separate`: no migration, the
     /// destination host reads the VM's disk from shared storage).
