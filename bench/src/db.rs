@@ -256,11 +256,9 @@ pub(crate) fn start_receiver(
         .hosts
         .wrap(Host::Destination, bed.tb.receive_cmd_on(dst, sl.port)?);
     recv.args(["--storage", &sl.nbd_from_dst]);
-    if s.storage_read_mbyte_s > 0 {
-        recv.args([
-            "--storage-bandwidth",
-            &format!("{}MB", s.storage_read_mbyte_s),
-        ]);
+    let pace = crate::methods::fixed_pace(method).unwrap_or(s.storage_read_mbyte_s);
+    if pace > 0 {
+        recv.args(["--storage-bandwidth", &format!("{pace}MB")]);
     }
     if let Some(sock) = uffd_sock {
         recv.arg("--postcopy-socket").arg(sock);

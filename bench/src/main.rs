@@ -182,7 +182,9 @@ struct RunArgs {
     /// the same load and timeline, no migration; `qemu-precopy-multifd`:
     /// QEMU's pre-copy on 2 multifd channels with zstd;
     /// `dbmigrate-precopy-adaptive`: dbmigrate's pre-copy with
-    /// `--guest-impact-budget 10`; the TLS methods
+    /// `--guest-impact-budget 10`; `dbmigrate-precopy-pace100` and
+    /// `-pace200`: dbmigrate's pre-copy with the destination's storage
+    /// reads at a fixed 100 or 200 MB/s; the TLS methods
     /// `dbmigrate-precopy-plaintext`, `qemu-precopy-tls`; and the references
     /// `storage-read` and `storage-read-separate`: no migration, the
     /// destination host reads the VM's disk from shared storage).

@@ -20,13 +20,33 @@ pub(crate) const METHODS: [&str; 5] = [
 /// over mutual TLS), and QEMU's pre-copy with its own `tls-creds-x509`
 /// (the same certificates); QEMU's best pre-copy (multifd, 2 channels,
 /// zstd: [`crate::qemu::multifd_of`]); dbmigrate's pre-copy with the
-/// adaptive pace at a budget of [`ADAPTIVE_BUDGET_PCT`].
-pub(crate) const DB_METHODS: [&str; 4] = [
+/// adaptive pace at a budget of [`ADAPTIVE_BUDGET_PCT`]; dbmigrate's
+/// pre-copy with the rebuild's storage reads at a fixed pace
+/// ([`FIXED_PACES`]).
+pub(crate) const DB_METHODS: [&str; 6] = [
     "dbmigrate-precopy-plaintext",
     "qemu-precopy-tls",
     "qemu-precopy-multifd",
     "dbmigrate-precopy-adaptive",
+    FIXED_PACES[0].0,
+    FIXED_PACES[1].0,
 ];
+
+/// Methods that run dbmigrate's pre-copy with the destination's storage
+/// reads at a fixed pace (`receive --storage-bandwidth`, MB/s): the
+/// fixed paces the adaptive one is compared with.
+pub(crate) const FIXED_PACES: [(&str, u32); 2] = [
+    ("dbmigrate-precopy-pace100", 100),
+    ("dbmigrate-precopy-pace200", 200),
+];
+
+/// The fixed storage pace of a method, MB/s, if it has one (pure).
+pub(crate) fn fixed_pace(method: &str) -> Option<u32> {
+    FIXED_PACES
+        .iter()
+        .find(|(name, _)| *name == method)
+        .map(|&(_, mbyte_s)| mbyte_s)
+}
 
 /// `dbmigrate-precopy-adaptive`'s `--guest-impact-budget`, percent.
 pub(crate) const ADAPTIVE_BUDGET_PCT: &str = "10";
@@ -35,6 +55,7 @@ pub(crate) const ADAPTIVE_BUDGET_PCT: &str = "10";
 pub(crate) fn dbmigrate_mode(method: &str) -> Option<&'static [&'static str]> {
     match method {
         "dbmigrate-precopy" | "dbmigrate-precopy-plaintext" => Some(&["--mode", "precopy"]),
+        m if fixed_pace(m).is_some() => Some(&["--mode", "precopy"]),
         "dbmigrate-precopy-adaptive" => Some(&[
             "--mode",
             "precopy",
@@ -128,4 +149,22 @@ pub(crate) fn check_db_methods(methods: &[String]) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fixed_paces_are_precopy_methods_with_their_pace() {
+        assert_eq!(fixed_pace("dbmigrate-precopy-pace100"), Some(100));
+        assert_eq!(fixed_pace("dbmigrate-precopy-pace200"), Some(200));
+        assert_eq!(fixed_pace("dbmigrate-precopy"), None);
+        assert_eq!(fixed_pace("dbmigrate-precopy-adaptive"), None);
+        for (m, _) in FIXED_PACES {
+            assert_eq!(dbmigrate_mode(m), Some(&["--mode", "precopy"][..]));
+            assert!(check_db_methods(&[m.to_string()]).is_ok());
+            assert!(!may_postcopy(m));
+        }
+    }
 }
