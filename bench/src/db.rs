@@ -255,7 +255,11 @@ pub(crate) fn start_receiver(
     let mut recv = s
         .hosts
         .wrap(Host::Destination, bed.tb.receive_cmd_on(dst, sl.port)?);
-    recv.args(["--storage", &sl.nbd_from_dst]);
+    if crate::methods::reads_block_device(method) {
+        recv.arg("--storage").arg(bed.disk_as_block_device(slot)?);
+    } else {
+        recv.args(["--storage", &sl.nbd_from_dst]);
+    }
     let pace = crate::methods::fixed_pace(method).unwrap_or(s.storage_read_mbyte_s);
     if pace > 0 {
         recv.args(["--storage-bandwidth", &format!("{pace}MB")]);
@@ -291,6 +295,7 @@ pub(crate) fn migrate_slot(
     let (se, de) = (src.watch_events()?, dst.watch_events()?);
     if let Some(mode) = crate::dbmigrate_mode(method) {
         let recv = recv.context("a dbmigrate method needs its destination agent")?;
+        let storage_cpu_before = bed.storage_server_cpu_ms(slot);
         let report_path = dir.join(format!("dbmigrate-report-{}.json", sl.src_name));
         let out = s
             .hosts
@@ -313,6 +318,9 @@ pub(crate) fn migrate_slot(
             )?)
             .output()?;
         let recv_out = recv.wait_with_output()?;
+        let storage_cpu_ms = storage_cpu_before
+            .zip(bed.storage_server_cpu_ms(slot))
+            .map(|(a, b)| b.saturating_sub(a));
         let dest: Value = serde_json::from_slice(&recv_out.stdout).unwrap_or(Value::Null);
         let r: Value = serde_json::from_str(
             &std::fs::read_to_string(&report_path)
@@ -359,6 +367,8 @@ pub(crate) fn migrate_slot(
             "agent_link_bytes": r["link_bytes"],
             "guest_impact": r["guest_impact"],
             "pacing": r["stats"]["pacing"],
+            "census": r["census"],
+            "cpu": cpu_detail(&r, &dest, storage_cpu_ms, run.storage_bytes),
         });
     } else {
         let mut dq = dst.qmp()?;
@@ -393,6 +403,25 @@ pub(crate) fn migrate_slot(
     }
     crate::measured_downtime(&mut run, &se, &de);
     Ok(run)
+}
+
+/// What the migration cost the hosts' CPUs (ms of user and system time):
+/// each agent, the storage server over the migration (which serves only
+/// the rebuild's reads), and per GB read from storage the destination
+/// agent and the storage server together (the destination agent's time
+/// includes receiving the raw pages).
+fn cpu_detail(r: &Value, dest: &Value, storage_ms: Option<u64>, storage_bytes: u64) -> Value {
+    let dest_ms = dest["agent_cpu_ms"].as_u64();
+    let per_gb = dest_ms
+        .zip(storage_ms)
+        .filter(|_| storage_bytes > 0)
+        .map(|(d, s)| (d + s) as f64 / 1000.0 / (storage_bytes as f64 / 1e9));
+    json!({
+        "source_agent_ms": r["agent_cpu_ms"],
+        "destination_agent_ms": dest_ms,
+        "storage_server_ms": storage_ms,
+        "destination_and_storage_s_per_gb_read": per_gb,
+    })
 }
 
 /// When the source paused, ms after the migration started.

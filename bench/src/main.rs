@@ -4,6 +4,7 @@
 //! (`compare`, [`dirtier`]), the MariaDB VM (`compare-db`, [`db`]),
 //! several VMs leaving a host (`compare-fleet`, [`fleet`]).
 
+mod census_report;
 mod competing;
 mod cost_report;
 mod db;
@@ -184,7 +185,10 @@ struct RunArgs {
     /// `dbmigrate-precopy-adaptive`: dbmigrate's pre-copy with
     /// `--guest-impact-budget 10`; `dbmigrate-precopy-pace100` and
     /// `-pace200`: dbmigrate's pre-copy with the destination's storage
-    /// reads at a fixed 100 or 200 MB/s; the TLS methods
+    /// reads at a fixed 100 or 200 MB/s; `dbmigrate-precopy-census`:
+    /// dbmigrate's pre-copy with `--page-census`;
+    /// `dbmigrate-precopy-blockdev`: the destination reads the disk as a
+    /// block device (a loop device), not over NBD; the TLS methods
     /// `dbmigrate-precopy-plaintext`, `qemu-precopy-tls`; and the references
     /// `storage-read` and `storage-read-separate`: no migration, the
     /// destination host reads the VM's disk from shared storage).

@@ -22,15 +22,26 @@ pub(crate) const METHODS: [&str; 5] = [
 /// zstd: [`crate::qemu::multifd_of`]); dbmigrate's pre-copy with the
 /// adaptive pace at a budget of [`ADAPTIVE_BUDGET_PCT`]; dbmigrate's
 /// pre-copy with the rebuild's storage reads at a fixed pace
-/// ([`FIXED_PACES`]).
-pub(crate) const DB_METHODS: [&str; 6] = [
+/// ([`FIXED_PACES`]); dbmigrate's pre-copy with the guest's memory census
+/// (`--page-census`: what the raw pages are); dbmigrate's pre-copy with the
+/// destination reading the disk as a block device ([`reads_block_device`]).
+pub(crate) const DB_METHODS: [&str; 8] = [
     "dbmigrate-precopy-plaintext",
     "qemu-precopy-tls",
     "qemu-precopy-multifd",
     "dbmigrate-precopy-adaptive",
     FIXED_PACES[0].0,
     FIXED_PACES[1].0,
+    "dbmigrate-precopy-census",
+    "dbmigrate-precopy-blockdev",
 ];
+
+/// Whether the destination of `method` reads the VM's disk as a local
+/// block device (a read-only loop device over the image, as a host sees a
+/// SAN LUN) rather than from the storage server over NBD (pure).
+pub(crate) fn reads_block_device(method: &str) -> bool {
+    method == "dbmigrate-precopy-blockdev"
+}
 
 /// Methods that run dbmigrate's pre-copy with the destination's storage
 /// reads at a fixed pace (`receive --storage-bandwidth`, MB/s): the
@@ -56,6 +67,8 @@ pub(crate) fn dbmigrate_mode(method: &str) -> Option<&'static [&'static str]> {
     match method {
         "dbmigrate-precopy" | "dbmigrate-precopy-plaintext" => Some(&["--mode", "precopy"]),
         m if fixed_pace(m).is_some() => Some(&["--mode", "precopy"]),
+        "dbmigrate-precopy-census" => Some(&["--mode", "precopy", "--page-census"]),
+        "dbmigrate-precopy-blockdev" => Some(&["--mode", "precopy"]),
         "dbmigrate-precopy-adaptive" => Some(&[
             "--mode",
             "precopy",

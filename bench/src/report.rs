@@ -427,6 +427,7 @@ pub fn write(inputs: &[PathBuf], out_dir: &Path) -> Result<Vec<PathBuf>> {
         for table in [
             crate::cost_report::method_summary(&report),
             crate::cost_report::cost_table(&report),
+            crate::census_report::census_table(&report),
         ]
         .into_iter()
         .flatten()

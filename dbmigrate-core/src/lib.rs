@@ -11,6 +11,7 @@
 pub mod addr;
 pub mod allocator;
 pub mod bitmap;
+pub mod census;
 pub mod control;
 pub mod dest;
 pub mod dirty;

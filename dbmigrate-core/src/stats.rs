@@ -117,6 +117,27 @@ pub fn millis(d: std::time::Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
+/// CPU time a process has used so far (user and system), ms, from
+/// `/proc/PID/stat` (`None`: this process).
+pub fn process_cpu_ms(pid: Option<u32>) -> Option<u64> {
+    let path = pid.map_or_else(
+        || "/proc/self/stat".to_string(),
+        |p| format!("/proc/{p}/stat"),
+    );
+    parse_stat_cpu_ms(&std::fs::read_to_string(path).ok()?)
+}
+
+/// utime + stime of a `/proc/PID/stat` line, ms (pure). The fields are
+/// counted after the command name, which may hold spaces and parentheses;
+/// their unit is USER_HZ, 100 per second on Linux.
+fn parse_stat_cpu_ms(stat: &str) -> Option<u64> {
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let mut f = rest.split_whitespace().skip(11);
+    let utime: u64 = f.next()?.parse().ok()?;
+    let stime: u64 = f.next()?.parse().ok()?;
+    Some((utime + stime) * 10)
+}
+
 /// Mbit/s for `bytes` over `ms` milliseconds.
 #[allow(clippy::cast_precision_loss)]
 pub fn mbit_per_s(bytes: u64, ms: f64) -> f64 {
@@ -124,5 +145,22 @@ pub fn mbit_per_s(bytes: u64, ms: f64) -> f64 {
         0.0
     } else {
         bytes as f64 * 8.0 / 1e6 / (ms / 1000.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_time_is_read_after_the_command_name() {
+        // A command name with a space and a parenthesis; utime 250 and
+        // stime 50 ticks are the 14th and 15th fields.
+        let stat = "4242 (tokio (rt) x) S 1 4242 4242 0 -1 4194560 500 0 0 0 250 50 0 0 20 0 3 0";
+        assert_eq!(parse_stat_cpu_ms(stat), Some(3000));
+        assert_eq!(parse_stat_cpu_ms("4242 (x) S 1"), None);
+        assert_eq!(parse_stat_cpu_ms("no parenthesis"), None);
+        assert!(process_cpu_ms(None).is_some());
+        assert_eq!(process_cpu_ms(Some(u32::MAX)), None);
     }
 }

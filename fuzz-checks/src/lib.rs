@@ -11,6 +11,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use dbmigrate_core::protocol::guest::{decode_census, encode_census, CENSUS_RUN_LEN};
 use dbmigrate_core::protocol::guest::{
     decode_hints, encode_hints, parse_answer_header, parse_guest_request, HintAnswer,
 };
@@ -166,6 +167,13 @@ pub fn guest_answer(data: &[u8]) {
                         }
                     }
                 }
+            }
+        }
+        Ok(HintAnswer::Census { body, tag }) => {
+            if let Ok(runs) = decode_census(data) {
+                assert_eq!(runs.len() * CENSUS_RUN_LEN, body);
+                let again = encode_census(&runs, tag);
+                assert_eq!(decode_census(&again).expect("own encoding decodes"), runs);
             }
         }
         Ok(HintAnswer::Error { .. }) | Err(_) => {}

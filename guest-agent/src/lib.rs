@@ -8,6 +8,7 @@
 
 #![deny(missing_docs)]
 
+pub mod census;
 pub mod disk;
 pub mod procmem;
 pub mod sys;
@@ -48,6 +49,9 @@ pub enum AgentError {
         #[source]
         source: std::io::Error,
     },
+    /// The page flags could not be read.
+    #[error("cannot read /proc/kpageflags for the memory census: the agent must run as root, on a kernel with CONFIG_PROC_PAGE_MONITOR")]
+    PageFlags(#[source] std::io::Error),
     /// A disk device could not be opened.
     #[error("cannot stat disk device {path}: name the VM's disks with --disk (e.g. /dev/vda)")]
     Disk {
@@ -268,6 +272,24 @@ fn server_pid(cfg: &Config) -> Result<u32, AgentError> {
             })?
             .ok_or(AgentError::NoServer),
     }
+}
+
+/// The census of this VM's memory ([`census`]), the database server's
+/// frames labelled if a server runs.
+pub fn take_census(
+    cfg: &Config,
+) -> Result<Vec<dbmigrate_core::protocol::guest::CensusRun>, AgentError> {
+    let server = match server_pid(cfg) {
+        Ok(pid) => census::ServerFrames::read(pid).map_err(|source| AgentError::Proc {
+            pid,
+            doing: "read the anonymous mappings and pagemap",
+            source,
+        })?,
+        Err(AgentError::NoServer) => census::ServerFrames::default(),
+        Err(e) => return Err(e),
+    };
+    let flags = census::read_kpageflags().map_err(AgentError::PageFlags)?;
+    Ok(census::classify(&flags, &server))
 }
 
 /// Guest-physical address of each 4 KiB page of every frame-aligned,

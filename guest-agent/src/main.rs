@@ -33,6 +33,14 @@ struct ServerArgs {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Take a census of this VM's memory and print the pages of each kind
+    /// (free, file cache, the server's buffer pool, ...) as JSON.
+    Census {
+        /// Server pid (default: the process named mariadbd or mysqld; none
+        /// found: its memory counts as any process's).
+        #[arg(long)]
+        pid: Option<u32>,
+    },
     /// Collect hints once and write them (binary hint set, or JSON lines with --json).
     Export {
         #[command(flatten)]
@@ -96,6 +104,7 @@ fn run(cli: Cli) -> Result<()> {
         .build()
         .context("starting the runtime")?;
     let (socket, user, disks, pid, out, json) = match cli.command {
+        Command::Census { pid } => return print_census(pid),
         Command::Export { server, out, json } => (
             server.socket,
             server.user,
@@ -442,6 +451,42 @@ fn collector(
     }
 }
 
+/// `census`: pages of each kind, as one JSON object.
+fn print_census(pid: Option<u32>) -> Result<()> {
+    let cfg = guest_agent::Config {
+        disks: Vec::new(),
+        pid,
+    };
+    let runs = guest_agent::take_census(&cfg)?;
+    let kinds: serde_json::Map<String, serde_json::Value> =
+        guest_agent::census::pages_by_kind(&runs)
+            .into_iter()
+            .map(|(k, n)| (k.name().to_string(), n.into()))
+            .collect();
+    println!(
+        "{}",
+        serde_json::json!({ "runs": runs.len(), "pages": kinds })
+    );
+    Ok(())
+}
+
+/// The answer to a census request: the census, or why there is none.
+fn answer_census(cfg: &guest_agent::Config, tag: u32) -> Vec<u8> {
+    use dbmigrate_core::protocol::guest::{encode_census, encode_hint_error};
+    let started = std::time::Instant::now();
+    match guest_agent::take_census(cfg) {
+        Ok(runs) => {
+            tracing::info!(
+                runs = runs.len(),
+                ms = dbmigrate_core::stats::millis(started.elapsed()),
+                "memory census taken"
+            );
+            encode_census(&runs, tag)
+        }
+        Err(e) => encode_hint_error(tag, &format!("{e:#}")),
+    }
+}
+
 /// Serves hint requests: each 8-byte request (magic, tag) is answered at
 /// once with the newest hint set (or the reason there is none), tagged
 /// alike. The port reads as end-of-file while no host agent is connected, so
@@ -530,6 +575,12 @@ fn serve(
         have = 0;
         let tag = match parse_guest_request(&req) {
             Some(GuestRequest::Hints(tag)) => tag,
+            Some(GuestRequest::Census(tag)) => {
+                let answer = answer_census(&cfg, tag);
+                dev.write_all(&answer)
+                    .context("writing to the virtio-serial port")?;
+                continue;
+            }
             Some(GuestRequest::Layout(tag)) => {
                 let answer = rt.block_on(answer_layout(
                     kept.as_deref(),

@@ -12,6 +12,9 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use dbmigrate_core::protocol::guest::{
+    decode_census, encode_census_request, CensusRun, CENSUS_RUN_LEN,
+};
+use dbmigrate_core::protocol::guest::{
     decode_hints, encode_hint_request, parse_answer_header, GuestHint, HintAnswer,
     HINTS_HEADER_LEN, HINT_RECORD_LEN,
 };
@@ -55,6 +58,7 @@ pub enum HintChannelError {
 enum Answer {
     Hints(Vec<u8>),
     Layout(Vec<u8>),
+    Census(Vec<u8>),
 }
 
 pub struct HintChannel {
@@ -93,7 +97,22 @@ impl HintChannel {
         let req = encode_hint_request(self.tag);
         match self.ask(&req, timeout)? {
             Answer::Hints(set) => decode_hints(&set).map_err(|e| self.malformed(e.to_string())),
-            Answer::Layout(_) => Err(self.malformed("a layout where hints were asked for".into())),
+            Answer::Layout(_) | Answer::Census(_) => {
+                Err(self.malformed("another answer where hints were asked for".into()))
+            }
+        }
+    }
+
+    /// Asks for a census of the guest's memory.
+    pub fn fetch_census(&mut self, timeout: Duration) -> Result<Vec<CensusRun>, HintChannelError> {
+        self.tag = self.tag.wrapping_add(1);
+        let req = encode_census_request(self.tag);
+        match self.ask(&req, timeout)? {
+            Answer::Census(b) => decode_census(&b).map_err(|e| self.malformed(e.to_string())),
+            Answer::Hints(_) | Answer::Layout(_) => Err(self.malformed(
+                "another answer where a census was asked for (is the guest agent older than the host agent?)"
+                    .into(),
+            )),
         }
     }
 
@@ -103,8 +122,8 @@ impl HintChannel {
         let req = encode_layout_request(self.tag);
         match self.ask(&req, timeout)? {
             Answer::Layout(b) => decode_layout(&b).map_err(|e| self.malformed(e.to_string())),
-            Answer::Hints(_) => Err(self.malformed(
-                "hints where the layout was asked for (is the guest agent older than the host agent?)"
+            Answer::Hints(_) | Answer::Census(_) => Err(self.malformed(
+                "another answer where the layout was asked for (is the guest agent older than the host agent?)"
                     .into(),
             )),
         }
@@ -155,6 +174,17 @@ impl HintChannel {
                     (body, tag)
                 }
                 HintAnswer::Layout { body, tag } => (body, tag),
+                HintAnswer::Census { body, tag } => {
+                    // Each run holds at least one page of the guest.
+                    let runs = body / CENSUS_RUN_LEN;
+                    if runs > self.max_hints {
+                        return Err(self.malformed(format!(
+                            "a census of {runs} runs announced for a guest of {} pages",
+                            self.max_hints
+                        )));
+                    }
+                    (body, tag)
+                }
             };
             let mut set = head.to_vec();
             while set.len() < HINTS_HEADER_LEN + body {
@@ -166,6 +196,7 @@ impl HintChannel {
             if tag == self.tag {
                 return Ok(match answer {
                     HintAnswer::Layout { .. } => Answer::Layout(set),
+                    HintAnswer::Census { .. } => Answer::Census(set),
                     _ => Answer::Hints(set),
                 });
             }
@@ -242,6 +273,10 @@ pub fn to_table(hints: &[GuestHint], layout: &[GpaRange], disks: usize) -> (Page
     (table, dropped)
 }
 
+/// A census as the guest sent it and how long it took (ms), or why there
+/// is none.
+pub type CensusTaken = Result<(Vec<CensusRun>, u64), String>;
+
 /// Counters of the refresher, for the report.
 #[derive(Debug, Default)]
 pub struct HintCounters {
@@ -267,6 +302,9 @@ pub struct LiveHints {
     pub last_scan: std::sync::Mutex<Option<ScanStats>>,
     /// The guest's file layout and when it came (host mode only).
     layout: std::sync::Mutex<Option<(Instant, Arc<LayoutSet>)>>,
+    /// The census taken before the first hints, if one was asked for: its
+    /// runs and how long the guest took (ms), or why there is none.
+    census: std::sync::Mutex<Option<CensusTaken>>,
     stop: AtomicBool,
 }
 
@@ -295,17 +333,35 @@ impl HintSource for LiveHints {
 
 impl LiveHints {
     /// Fetches one set now (so the first round already has hints), then keeps
-    /// refreshing every `every` on a thread until [`LiveHints::stop`].
+    /// refreshing every `every` on a thread until [`LiveHints::stop`]. With
+    /// `census`, asks the guest for a census of its memory first (a failed
+    /// census is logged and kept for the report, and the hints go on).
     pub fn start(
         path: &Path,
         layout: Vec<GpaRange>,
         disks: usize,
         every: Duration,
         finder: Finder,
+        census: bool,
     ) -> Result<Arc<Self>, HintChannelError> {
         let ram_pages = layout.iter().map(|r| r.len / 4096).sum();
         let mut ch = HintChannel::connect(path, ram_pages)?;
         let live = Arc::new(Self::default());
+        if census {
+            let t = Instant::now();
+            let got = ch
+                .fetch_census(Duration::from_secs(30))
+                .map(|runs| (runs, dbmigrate_core::stats::millis(t.elapsed())))
+                .map_err(|e| e.to_string());
+            if let Err(e) = &got {
+                tracing::warn!("the guest's memory census failed (the report has none): {e}");
+                // A failed read may leave half an answer in the stream.
+                ch = HintChannel::connect(path, ram_pages)?;
+            }
+            if let Ok(mut c) = live.census.lock() {
+                *c = Some(got);
+            }
+        }
         live.refresh(&mut ch, &layout, disks, &finder, Duration::from_secs(30))?;
         let bg = live.clone();
         std::thread::Builder::new()
@@ -407,6 +463,11 @@ impl LiveHints {
             *t = table;
         }
         Ok(())
+    }
+
+    /// The census taken at the start, if one was asked for (once).
+    pub fn take_census(&self) -> Option<CensusTaken> {
+        self.census.lock().ok()?.take()
     }
 
     /// Stops refreshing (the table stays as it is).

@@ -1,6 +1,7 @@
 //! `dbmigrate`: live-migrates a running QEMU VM's RAM between hosts, with
 //! QEMU moving only device state (`x-ignore-shared`).
 
+mod census;
 mod devstate;
 mod failpoint;
 mod hints;
@@ -107,6 +108,13 @@ enum Command {
         /// as fast as the link and storage go.
         #[arg(long, default_value = "off", value_parser = parse_budget)]
         guest_impact_budget: Budget,
+        /// Ask the guest agent for a census of the guest's memory (free,
+        /// file cache, buffer pool, other processes, kernel: from the
+        /// guest's /proc/kpageflags) before the first round, and report how
+        /// each kind of page was sent (`census` in the report). Needs
+        /// --guest-hints; costs the guest a pass over its page flags.
+        #[arg(long)]
+        page_census: bool,
         /// How the VM is handed over: `precopy` (stop-and-copy once the
         /// rounds converge), `postcopy` (after one round the VM runs on the
         /// destination, which fetches the rest), `hybrid` (pre-copy that
@@ -348,12 +356,16 @@ fn run(cli: Cli, rt: &tokio::runtime::Runtime, priority: priority::Priority) -> 
             hints_refresh_ms,
             hint_scan,
             guest_impact_budget,
+            page_census,
             mode,
             allow_postcopy,
             timeout,
             tls_hostname,
             security,
         } => {
+            if page_census && guest_hints.is_none() {
+                bail!("--page-census asks the guest agent for the census over the hint channel: give --guest-hints too");
+            }
             if max_bytes_factor.is_nan() || max_bytes_factor <= 0.0 {
                 bail!("--max-bytes-factor must be positive");
             }
@@ -395,8 +407,10 @@ fn run(cli: Cli, rt: &tokio::runtime::Runtime, priority: priority::Priority) -> 
                 priority,
                 run_dir: security.run_dir,
                 guest_impact_budget: guest_impact_budget.0,
+                page_census,
             }));
             r.agent_peak_rss_bytes = report::peak_rss_bytes();
+            r.agent_cpu_ms = report::cpu_ms();
             let json = serde_json::to_string_pretty(&r).context("encoding the report")?;
             if let Some(path) = report {
                 std::fs::write(&path, &json)
@@ -452,7 +466,15 @@ fn run(cli: Cli, rt: &tokio::runtime::Runtime, priority: priority::Priority) -> 
                 peak_rss_mib = report::peak_rss_bytes().unwrap_or(0) >> 20,
                 "receive done"
             );
-            println!("{}", serde_json::to_string_pretty(&stats)?);
+            let mut out = serde_json::to_value(&stats)?;
+            if let Some(o) = out.as_object_mut() {
+                o.insert("agent_cpu_ms".into(), report::cpu_ms().into());
+                o.insert(
+                    "agent_peak_rss_bytes".into(),
+                    report::peak_rss_bytes().into(),
+                );
+            }
+            println!("{}", serde_json::to_string_pretty(&out)?);
             Ok(ExitCode::SUCCESS)
         }
         Command::Check => {

@@ -57,8 +57,14 @@ pub struct MigrationReport {
     pub stats: MigrationStats,
     /// The source agent's peak resident memory (`VmHWM`), bytes.
     pub agent_peak_rss_bytes: Option<u64>,
+    /// CPU time the source agent used (user and system), ms.
+    pub agent_cpu_ms: Option<u64>,
     /// The adaptive pace's setting (its decisions are in `stats.pacing`).
     pub guest_impact: Option<GuestImpact>,
+    /// The guest's memory census and what was sent of each kind of page
+    /// (`--page-census`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub census: Option<crate::census::CensusReport>,
 }
 
 /// The adaptive pace of a migration.
@@ -76,6 +82,12 @@ pub fn peak_rss_bytes() -> Option<u64> {
 }
 
 /// The `VmHWM:` line of a `/proc/PID/status` text, in bytes.
+/// CPU time this process has used so far (user and system), ms: what a
+/// migration cost its host, beside its bytes.
+pub fn cpu_ms() -> Option<u64> {
+    dbmigrate_core::stats::process_cpu_ms(None)
+}
+
 fn parse_vm_hwm(status: &str) -> Option<u64> {
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
     let mut words = line["VmHWM:".len()..].split_whitespace();
@@ -171,6 +183,7 @@ mod tests {
         assert_eq!(parse_vm_hwm("VmRSS:\t1 kB\n"), None);
         assert_eq!(parse_vm_hwm("VmHWM:\t12 MB\n"), None);
         assert!(peak_rss_bytes().is_some_and(|b| b > 0));
+        assert!(cpu_ms().is_some());
     }
 
     #[test]

@@ -53,6 +53,9 @@ pub struct MigrateArgs {
     /// Pace the pages so that the guest's vCPUs wait at most this share
     /// (0..1) of their runnable time more than before (None: unpaced).
     pub guest_impact_budget: Option<f64>,
+    /// Ask the guest agent for a census of the guest's memory before the
+    /// first round, and report what was sent of each kind of page.
+    pub page_census: bool,
 }
 
 /// How long the adaptive pace watches the guest's vCPUs for their
@@ -312,11 +315,12 @@ async fn run(
         if disks.is_empty() {
             bail!("--guest-hints needs the VM's disks, but QEMU reports no disk with a medium");
         }
-        let (path, layout, every, n) = (
+        let (path, layout, every, n, census) = (
             path.clone(),
             report.gpa_layout.clone(),
             args.hints_refresh,
             disks.len(),
+            args.page_census,
         );
         let finder = if args.hint_scan == HintScan::Host {
             let ram = SourceRam::open(&backend.mem_path, backend.size)
@@ -326,12 +330,16 @@ async fn run(
             crate::hints::Finder::Guest
         };
         let task = tokio::task::spawn_blocking(move || {
-            crate::hints::LiveHints::start(&path, layout, n, every, finder)
+            crate::hints::LiveHints::start(&path, layout, n, every, finder, census)
         });
         hint_task = Some((task, disks));
     }
     let (mut session, live_hints) =
         prepare_session(args, qmp, undo, ram, tracker, hint_task).await?;
+    let census = live_hints
+        .as_ref()
+        .and_then(|l| l.take_census())
+        .and_then(|taken| start_census(taken, report, &mut session));
     if let (Some((v, baseline)), Some(budget)) = (vcpus, args.guest_impact_budget) {
         tracing::info!(
             budget_pct = budget * 100.0,
@@ -350,6 +358,9 @@ async fn run(
     if let Some(l) = &live_hints {
         l.stop();
         report.hints = Some(crate::report::HintReport::from(l.as_ref()));
+    }
+    if let (Some(c), Some(r)) = (&census, report.census.as_mut()) {
+        r.rows = c.table(backend.size / 4096);
     }
     report.stats = session.stats.clone();
     let (raw, zero, zstd) = session.stats.page_totals();
@@ -382,6 +393,41 @@ async fn run(
         return Err(e);
     }
     Ok(())
+}
+
+/// Labels the session's pages with the guest's census, if it came and fits
+/// the RAM layout; the report says what came of it.
+fn start_census(
+    taken: crate::hints::CensusTaken,
+    report: &mut MigrationReport,
+    session: &mut SourceSession,
+) -> Option<Arc<dbmigrate_core::census::Census>> {
+    let mut r = crate::census::CensusReport::default();
+    let census = match taken {
+        Ok((runs, ms)) => {
+            r.taken_ms = ms;
+            r.runs = runs.len();
+            match crate::census::labels(&runs, &report.gpa_layout) {
+                Ok((labels, outside)) => {
+                    r.outside_ram_pages = outside;
+                    let c = Arc::new(dbmigrate_core::census::Census::new(labels));
+                    session.set_census(c.clone());
+                    tracing::info!(runs = r.runs, ms, outside, "guest memory census taken");
+                    Some(c)
+                }
+                Err(e) => {
+                    r.error = Some(format!("the guest's census does not fit its RAM: {e}"));
+                    None
+                }
+            }
+        }
+        Err(e) => {
+            r.error = Some(e);
+            None
+        }
+    };
+    report.census = Some(r);
+    census
 }
 
 /// The first fetch of the guest's hints, on a blocking thread.

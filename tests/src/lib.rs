@@ -15,6 +15,9 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::{json, Value};
 
+mod loopdev;
+pub use loopdev::LoopDevice;
+
 /// Repository root.
 pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -885,6 +888,8 @@ pub struct DbBed {
     /// Every VM's place on the bed (the fields above are VM 0's).
     pub slots: Vec<DbSlot>,
     nbd: Vec<Child>,
+    /// Each VM's disk as a block device, once asked for.
+    loops: std::sync::Mutex<HashMap<usize, LoopDevice>>,
 }
 
 /// One VM's place on a [`DbBed`]: its disk, the disk's NBD export, its tap
@@ -1089,6 +1094,7 @@ impl DbBed {
             initrd,
             slots,
             nbd,
+            loops: Default::default(),
             tb,
         };
         for i in 0..vms {
@@ -1234,6 +1240,29 @@ impl DbBed {
             ..VmOptions::default()
         };
         Vm::start(&self.tb, ns, name, &img, &o)
+    }
+
+    /// VM `slot`'s disk as a fresh read-only loop device (the one of an
+    /// earlier call is detached: a new device starts with an empty block
+    /// cache, as a host that has not read the LUN before).
+    pub fn disk_as_block_device(&self, slot: usize) -> Result<PathBuf> {
+        let disk = &self.slots.get(slot).context("no such VM slot")?.disk;
+        let mut loops = self
+            .loops
+            .lock()
+            .map_err(|_| anyhow!("loop devices poisoned"))?;
+        loops.remove(&slot);
+        let dev = LoopDevice::attach(disk)?;
+        let path = dev.path().to_path_buf();
+        loops.insert(slot, dev);
+        Ok(path)
+    }
+
+    /// CPU time the storage server of VM `slot` (its qemu-nbd) has used so
+    /// far, ms.
+    pub fn storage_server_cpu_ms(&self, slot: usize) -> Option<u64> {
+        let pid = self.nbd.get(slot)?.id();
+        dbmigrate_core::stats::process_cpu_ms(Some(pid))
     }
 
     /// The unix socket of a VM's hint port.

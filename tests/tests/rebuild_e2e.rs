@@ -63,9 +63,13 @@ fn migrate_under_load(
     std::thread::sleep(Duration::from_secs(warmup));
     let report_path = dir.join("report.json");
     let mut mig = bed.tb.migrate_cmd(src, &report_path).unwrap();
-    mig.arg("--guest-hints")
-        .arg(hints)
-        .args(["--hint-scan", scan, "--progress", "never"]);
+    mig.arg("--guest-hints").arg(hints).args([
+        "--hint-scan",
+        scan,
+        "--progress",
+        "never",
+        "--page-census",
+    ]);
     if let Some((_, args)) = postcopy {
         mig.args(args);
     }
@@ -165,8 +169,44 @@ fn mariadb_under_sysbench_migrates_with_rebuild_from_shared_storage() {
         "destination stats: {dest:#}"
     );
 
+    census_explains_the_pages(&report);
+
     load_survived(&bed, &guest, &mut src, sysbench);
     drop(dst);
+}
+
+/// The guest's memory census came, covers the guest's RAM, agrees with
+/// the rounds' counts, and puts the rebuilt pages in the buffer pool.
+fn census_explains_the_pages(report: &Value) {
+    let census = &report["census"];
+    assert!(census["error"].is_null(), "census failed: {census:#}");
+    let rows = census["rows"].as_array().expect("census rows");
+    let row = |label: &str| rows.iter().find(|r| r["label"] == label);
+    let col = |r: &Value, c: &str| r[c].as_u64().unwrap_or(0);
+    let sum = |c: &str| rows.iter().map(|r| col(r, c)).sum::<u64>();
+    let rounds = report["stats"]["rounds"].as_array().unwrap();
+    let in_rounds = |c: &str| {
+        rounds
+            .iter()
+            .map(|r| r[c].as_u64().unwrap_or(0))
+            .sum::<u64>()
+    };
+    assert_eq!(sum("raw_pages"), in_rounds("raw_pages"), "{census:#}");
+    assert_eq!(sum("ref_pages"), in_rounds("ref_pages"), "{census:#}");
+    assert_eq!(sum("zero_pages"), in_rounds("zero_pages"), "{census:#}");
+    let ram_pages = sum("pages");
+    let unlabelled = row("unlabelled").map_or(0, |r| col(r, "pages"));
+    assert!(
+        unlabelled * 20 < ram_pages,
+        "the census leaves over 5 % of RAM unlabelled: {census:#}"
+    );
+    let pool = row("database server: buffer pool").expect("a buffer-pool row");
+    assert!(col(pool, "pages") > 16_384, "a pool of 256 MiB: {census:#}");
+    assert!(
+        col(pool, "ref_pages") * 10 >= sum("ref_pages") * 9,
+        "the references should be buffer-pool pages: {census:#}"
+    );
+    eprintln!("census: {}", serde_json::to_string(rows).unwrap());
 }
 
 /// Post-copy (or hybrid) of the MariaDB VM under sysbench: the VM runs on
@@ -280,7 +320,9 @@ fn corrupting_relay(qemu_socket: &Path, listen: &Path) -> std::thread::JoinHandl
             }
             let answer = parse_answer_header(&head).unwrap();
             let (body, tag) = match answer {
-                HintAnswer::Hints { body, tag } | HintAnswer::Layout { body, tag } => (body, tag),
+                HintAnswer::Hints { body, tag }
+                | HintAnswer::Layout { body, tag }
+                | HintAnswer::Census { body, tag } => (body, tag),
                 HintAnswer::Error { len, .. } => (len, u32::MAX),
             };
             let mut rest = vec![0u8; body];
@@ -293,6 +335,12 @@ fn corrupting_relay(qemu_socket: &Path, listen: &Path) -> std::thread::JoinHandl
             set.extend_from_slice(&rest);
             if let HintAnswer::Layout { .. } = answer {
                 if host.write_all(&corrupt_layout(&set, tag)).is_err() {
+                    return;
+                }
+                continue;
+            }
+            if let HintAnswer::Census { .. } = answer {
+                if host.write_all(&set).is_err() {
                     return;
                 }
                 continue;

@@ -139,6 +139,9 @@ pub struct SourceConfig {
     /// plain TCP, for tests on loopback; the `dbmigrate` command uses
     /// mutual TLS unless told otherwise by name.
     pub connector: Connector,
+    /// Labelled pages: the pre-copy rounds count what they send of each
+    /// label in it ([`crate::census::Census::table`]).
+    pub census: Option<Arc<crate::census::Census>>,
 }
 
 impl Default for SourceConfig {
@@ -154,6 +157,7 @@ impl Default for SourceConfig {
             hints: None,
             disk_sizes: Vec::new(),
             connector: Connector::InsecurePlaintext,
+            census: None,
         }
     }
 }

@@ -12,6 +12,7 @@ use xxhash_rust::xxh3::xxh3_128;
 use super::session::WriterCmd;
 use crate::addr::PageIndex;
 use crate::bitmap::PageBitmap;
+use crate::census::{Census, LabelTally, Sent};
 use crate::protocol::{
     self, connection_for_page, BatchBuilder, DataFrame, PageEncoder, PageEncoding,
 };
@@ -69,6 +70,8 @@ pub(super) struct RoundJob {
     pub(super) hints: Option<Arc<dyn HintSource>>,
     pub(super) disk_sizes: Vec<u64>,
     pub(super) no_ref: PageBitmap,
+    /// Where to count what the round sends of each page label.
+    pub(super) census: Option<Arc<Census>>,
 }
 
 /// Batch size of a round's frames.
@@ -224,6 +227,15 @@ pub(super) fn produce_round(
     };
     let mut encoder = PageEncoder::new(job.compress);
     let mut hashes: Vec<(u64, u64)> = Vec::new();
+    let mut tally = job.census.as_ref().map(|c| Tally {
+        census: c,
+        counts: LabelTally::new(c.labels().names().len()),
+    });
+    let mut note = |page: u64, sent: Sent| {
+        if let Some(t) = tally.as_mut() {
+            t.counts.add(t.census.labels().label(page), sent);
+        }
+    };
     // References are read and hashed first, and go in disk order, mixed
     // into the raw pages (see [`refs_due`]): the destination finds long
     // runs of consecutive blocks to read at once. (Within a round each page
@@ -232,6 +244,9 @@ pub(super) fn produce_round(
     let mut feed = RefFeed::new(Vec::new(), round);
     if let Some(hints) = job.hints.as_ref() {
         let refs = reference_pass(ram, job, hints.as_ref(), &mut done, &mut hashes);
+        for r in &refs {
+            note(r.1, Sent::Reference);
+        }
         rs.pages += refs.len() as u64;
         rs.ref_pages += refs.len() as u64;
         feed = RefFeed::new(refs, round);
@@ -262,6 +277,7 @@ pub(super) fn produce_round(
                 hashes.push((page, verify::zero_page_hash()));
             }
             rs.zero_pages += 1;
+            note(page, Sent::Zero);
             if job.skip_zero {
                 continue;
             }
@@ -283,6 +299,7 @@ pub(super) fn produce_round(
             // later, dirty tracking sends it again; if storage differs, the
             // destination asks for the page.
             rs.ref_pages += 1;
+            note(page, Sent::Reference);
             let hash = xxh3_128(data);
             if job.hash_pages {
                 hashes.push((page, verify::low_half(hash)));
@@ -297,8 +314,14 @@ pub(super) fn produce_round(
                 hashes.push((page, verify::page_hash(data)));
             }
             match encoder.push_data(&mut builders[c], page, data) {
-                PageEncoding::Zstd => rs.compressed_pages += 1,
-                _ => rs.raw_pages += 1,
+                PageEncoding::Zstd => {
+                    rs.compressed_pages += 1;
+                    note(page, Sent::Compressed);
+                }
+                _ => {
+                    rs.raw_pages += 1;
+                    note(page, Sent::Raw);
+                }
             }
         }
         if builders[c].is_full(ROUND_BATCH_BYTES) {
@@ -314,7 +337,16 @@ pub(super) fn produce_round(
             send_batch(b, round, tx, &mut rs.bytes)?;
         }
     }
+    if let Some(t) = tally {
+        t.census.record(&t.counts);
+    }
     Some((rs, hashes))
+}
+
+/// What a round has sent of each page label so far.
+struct Tally<'a> {
+    census: &'a Census,
+    counts: LabelTally,
 }
 
 /// Sends what `b` holds as one frame and starts a new batch; None if the

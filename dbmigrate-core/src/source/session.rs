@@ -12,7 +12,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 use super::adaptive::{GuestSignal, Pacing};
-use super::policy::{decide, Decision, Mode, RoundObservation, StopReason};
+use super::policy::{decide, references_in_round, Decision, Mode, RoundObservation, StopReason};
 use super::round::{
     produce_round, read_after_collect, RoundJob, RoundProgress, COLLECT_EVERY, RAW_PASS_NOT_STARTED,
 };
@@ -200,6 +200,12 @@ impl SourceSession {
     pub fn set_hints(&mut self, hints: Arc<dyn HintSource>, disk_sizes: Vec<u64>) {
         self.cfg.hints = Some(hints);
         self.cfg.disk_sizes = disk_sizes;
+    }
+
+    /// Counts what the rounds from now on send of each page label in
+    /// `census`.
+    pub fn set_census(&mut self, census: Arc<crate::census::Census>) {
+        self.cfg.census = Some(census);
     }
 
     /// Opens the connection that carries the VMM's device state to the
@@ -578,9 +584,14 @@ impl SourceSession {
             hash_pages: self.source_digests.is_some(),
             skip_zero,
             compress: self.cfg.compress,
-            hints: self.cfg.hints.clone(),
+            hints: self
+                .cfg
+                .hints
+                .clone()
+                .filter(|_| references_in_round(round)),
             disk_sizes: self.cfg.disk_sizes.clone(),
             no_ref: self.no_ref.clone(),
+            census: self.cfg.census.clone(),
         };
         let mut producer = tokio::task::spawn_blocking(move || produce_round(&ram, &job, &txs));
         let mut written_before_read = 0;

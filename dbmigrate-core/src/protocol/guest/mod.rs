@@ -2,15 +2,17 @@
 //! the VM's virtio-serial port. The host asks (8 bytes: magic, tag); the
 //! guest answers with a 16-byte header {magic, version, reserved, body
 //! length or count, tag} and a body: a hint set (below), a file layout
-//! ([`layout`]) or an error message. Everything from the guest is bounded
-//! before use.
+//! ([`layout`]), a memory census ([`census`]) or an error message.
+//! Everything from the guest is bounded before use.
 
+mod census;
 mod layout;
 
 use thiserror::Error;
 
 use crate::addr::{DiskOffset, GuestAddr};
 
+pub use census::*;
 pub use layout::*;
 
 /// One hint as the guest agent exports it: a guest-physical page that should
@@ -110,6 +112,8 @@ pub enum GuestRequest {
     Hints(u32),
     /// The file layout (the host finds the pages).
     Layout(u32),
+    /// A census of the guest's memory (for the report).
+    Census(u32),
 }
 
 /// Parses an 8-byte request {magic, tag}; None if the magic is unknown.
@@ -118,6 +122,7 @@ pub fn parse_guest_request(b: &[u8; 8]) -> Option<GuestRequest> {
     match u32::from_le_bytes([b[0], b[1], b[2], b[3]]) {
         HINT_REQUEST_MAGIC => Some(GuestRequest::Hints(tag)),
         layout::LAYOUT_REQUEST_MAGIC => Some(GuestRequest::Layout(tag)),
+        census::CENSUS_REQUEST_MAGIC => Some(GuestRequest::Census(tag)),
         _ => None,
     }
 }
@@ -156,6 +161,13 @@ pub enum HintAnswer {
         /// Request tag.
         tag: u32,
     },
+    /// A memory census with this many body bytes following.
+    Census {
+        /// Bytes of body that follow.
+        body: usize,
+        /// Request tag.
+        tag: u32,
+    },
     /// An error message of this many bytes follows.
     Error {
         /// Bytes of message that follow.
@@ -183,6 +195,10 @@ pub fn parse_answer_header(b: &[u8]) -> Result<HintAnswer, HintFormatError> {
     if b.len() >= HINTS_HEADER_LEN && b[..4] == layout::LAYOUT_MAGIC.to_le_bytes() {
         let (body, tag) = layout::layout_header(b)?;
         return Ok(HintAnswer::Layout { body, tag });
+    }
+    if b.len() >= HINTS_HEADER_LEN && b[..4] == census::CENSUS_MAGIC.to_le_bytes() {
+        let (body, tag) = census::census_header(b)?;
+        return Ok(HintAnswer::Census { body, tag });
     }
     let (body, tag) = hint_set_header(b)?;
     Ok(HintAnswer::Hints { body, tag })
