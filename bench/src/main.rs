@@ -188,7 +188,8 @@ struct RunArgs {
     /// reads at a fixed 100 or 200 MB/s; `dbmigrate-precopy-census`:
     /// dbmigrate's pre-copy with `--page-census`;
     /// `dbmigrate-precopy-blockdev`: the destination reads the disk as a
-    /// block device (a loop device), not over NBD; the TLS methods
+    /// block device (a loop device), not over NBD; `dbmigrate-precopy-zstd`:
+    /// dbmigrate's pre-copy with `--compress`; the TLS methods
     /// `dbmigrate-precopy-plaintext`, `qemu-precopy-tls`; and the references
     /// `storage-read` and `storage-read-separate`: no migration, the
     /// destination host reads the VM's disk from shared storage).

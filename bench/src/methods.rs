@@ -24,8 +24,9 @@ pub(crate) const METHODS: [&str; 5] = [
 /// pre-copy with the rebuild's storage reads at a fixed pace
 /// ([`FIXED_PACES`]); dbmigrate's pre-copy with the guest's memory census
 /// (`--page-census`: what the raw pages are); dbmigrate's pre-copy with the
-/// destination reading the disk as a block device ([`reads_block_device`]).
-pub(crate) const DB_METHODS: [&str; 8] = [
+/// destination reading the disk as a block device ([`reads_block_device`]);
+/// dbmigrate's pre-copy with its raw pages zstd-compressed (`--compress`).
+pub(crate) const DB_METHODS: [&str; 9] = [
     "dbmigrate-precopy-plaintext",
     "qemu-precopy-tls",
     "qemu-precopy-multifd",
@@ -34,6 +35,7 @@ pub(crate) const DB_METHODS: [&str; 8] = [
     FIXED_PACES[1].0,
     "dbmigrate-precopy-census",
     "dbmigrate-precopy-blockdev",
+    "dbmigrate-precopy-zstd",
 ];
 
 /// Whether the destination of `method` reads the VM's disk as a local
@@ -69,6 +71,7 @@ pub(crate) fn dbmigrate_mode(method: &str) -> Option<&'static [&'static str]> {
         m if fixed_pace(m).is_some() => Some(&["--mode", "precopy"]),
         "dbmigrate-precopy-census" => Some(&["--mode", "precopy", "--page-census"]),
         "dbmigrate-precopy-blockdev" => Some(&["--mode", "precopy"]),
+        "dbmigrate-precopy-zstd" => Some(&["--mode", "precopy", "--compress"]),
         "dbmigrate-precopy-adaptive" => Some(&[
             "--mode",
             "precopy",
