@@ -5,7 +5,6 @@
 //! another full verification pass on the destination, and the errors it
 //! finds are reported (`workload.errors`).
 
-use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
@@ -17,19 +16,46 @@ use crate::methods::{check_methods, dbmigrate_mode, faults_cell, may_postcopy, p
 use crate::qemu::{measured_downtime, qemu_migrate, record_qemu_result, QemuWay};
 use crate::{print_failures, Report, Run};
 
-/// Runs every method on the dirtier guest and writes the report.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn compare(
+/// `bench compare`'s settings.
+#[derive(clap::Args)]
+pub(crate) struct DirtierArgs {
+    /// Scenario name (report `scenario`, default file name).
+    #[arg(long)]
     scenario: Option<String>,
+    /// Guest RAM in MiB.
+    #[arg(long, default_value_t = 1024)]
     ram_mib: u64,
+    /// Working set the guest keeps rewriting, MiB.
+    #[arg(long, default_value_t = 16)]
     ws_mib: u64,
+    /// Percent of free guest RAM the guest fills.
+    #[arg(long, default_value_t = 80)]
     fill_pct: u64,
+    /// Migration link shaping, Mbit/s.
+    #[arg(long, default_value_t = 1000)]
     link_mbit: u32,
+    /// Downtime target for every method, ms.
+    #[arg(long, default_value_t = 300)]
     downtime_ms: u64,
-    timeout_s: u64,
-    methods: Vec<String>,
-    out: Option<PathBuf>,
-) -> Result<()> {
+    #[command(flatten)]
+    run: crate::RunArgs,
+}
+
+/// Runs every method on the dirtier guest and writes the report.
+pub(crate) fn compare(args: DirtierArgs) -> Result<()> {
+    let DirtierArgs {
+        scenario,
+        ram_mib,
+        ws_mib,
+        fill_pct,
+        link_mbit,
+        downtime_ms,
+        run: crate::RunArgs {
+            timeout_s,
+            methods,
+            out,
+        },
+    } = args;
     let scenario = scenario.unwrap_or_else(|| format!("dirtier-ws{ws_mib}"));
     check_methods(&methods)?;
     let img = dirtier_guest()?;

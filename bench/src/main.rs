@@ -47,28 +47,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Compare migration methods on the dirtier guest.
-    Compare {
-        /// Scenario name (report `scenario`, default file name).
-        #[arg(long)]
-        scenario: Option<String>,
-        /// Guest RAM in MiB.
-        #[arg(long, default_value_t = 1024)]
-        ram_mib: u64,
-        /// Working set the guest keeps rewriting, MiB.
-        #[arg(long, default_value_t = 16)]
-        ws_mib: u64,
-        /// Percent of free guest RAM the guest fills.
-        #[arg(long, default_value_t = 80)]
-        fill_pct: u64,
-        /// Migration link shaping, Mbit/s.
-        #[arg(long, default_value_t = 1000)]
-        link_mbit: u32,
-        /// Downtime target for every method, ms.
-        #[arg(long, default_value_t = 300)]
-        downtime_ms: u64,
-        #[command(flatten)]
-        run: RunArgs,
-    },
+    Compare(dirtier::DirtierArgs),
     /// Compare migration methods on the MariaDB VM under sysbench oltp_read_write or TPC-C.
     CompareDb {
         #[command(flatten)]
@@ -189,7 +168,8 @@ struct RunArgs {
     /// dbmigrate's pre-copy with `--page-census`;
     /// `dbmigrate-precopy-blockdev`: the destination reads the disk as a
     /// block device (a loop device), not over NBD; `dbmigrate-precopy-zstd`:
-    /// dbmigrate's pre-copy with `--compress`; the TLS methods
+    /// dbmigrate's pre-copy with `--compress`; `dbmigrate-precopy-pagecache`:
+    /// with `--hint-page-cache --page-census`; the TLS methods
     /// `dbmigrate-precopy-plaintext`, `qemu-precopy-tls`; and the references
     /// `storage-read` and `storage-read-separate`: no migration, the
     /// destination host reads the VM's disk from shared storage).
@@ -581,30 +561,7 @@ fn main() -> Result<()> {
                 db.run.out,
             )
         }
-        Cmd::Compare {
-            scenario,
-            ram_mib,
-            ws_mib,
-            fill_pct,
-            link_mbit,
-            downtime_ms,
-            run:
-                RunArgs {
-                    timeout_s,
-                    methods,
-                    out,
-                },
-        } => dirtier::compare(
-            scenario,
-            ram_mib,
-            ws_mib,
-            fill_pct,
-            link_mbit,
-            downtime_ms,
-            timeout_s,
-            methods,
-            out,
-        ),
+        Cmd::Compare(args) => dirtier::compare(args),
     }
 }
 

@@ -25,8 +25,10 @@ pub(crate) const METHODS: [&str; 5] = [
 /// ([`FIXED_PACES`]); dbmigrate's pre-copy with the guest's memory census
 /// (`--page-census`: what the raw pages are); dbmigrate's pre-copy with the
 /// destination reading the disk as a block device ([`reads_block_device`]);
-/// dbmigrate's pre-copy with its raw pages zstd-compressed (`--compress`).
-pub(crate) const DB_METHODS: [&str; 9] = [
+/// dbmigrate's pre-copy with its raw pages zstd-compressed (`--compress`);
+/// dbmigrate's pre-copy rebuilding the guest's clean page cache too
+/// (`--hint-page-cache`, with the census to show it).
+pub(crate) const DB_METHODS: [&str; 10] = [
     "dbmigrate-precopy-plaintext",
     "qemu-precopy-tls",
     "qemu-precopy-multifd",
@@ -36,6 +38,7 @@ pub(crate) const DB_METHODS: [&str; 9] = [
     "dbmigrate-precopy-census",
     "dbmigrate-precopy-blockdev",
     "dbmigrate-precopy-zstd",
+    "dbmigrate-precopy-pagecache",
 ];
 
 /// Whether the destination of `method` reads the VM's disk as a local
@@ -72,6 +75,9 @@ pub(crate) fn dbmigrate_mode(method: &str) -> Option<&'static [&'static str]> {
         "dbmigrate-precopy-census" => Some(&["--mode", "precopy", "--page-census"]),
         "dbmigrate-precopy-blockdev" => Some(&["--mode", "precopy"]),
         "dbmigrate-precopy-zstd" => Some(&["--mode", "precopy", "--compress"]),
+        "dbmigrate-precopy-pagecache" => {
+            Some(&["--mode", "precopy", "--hint-page-cache", "--page-census"])
+        }
         "dbmigrate-precopy-adaptive" => Some(&[
             "--mode",
             "precopy",

@@ -76,6 +76,11 @@ pub fn check_hint(h: Hint, disk_sizes: &[u64]) -> Result<(), HintReject> {
 pub trait HintSource: Send + Sync + std::fmt::Debug {
     /// The hint for `page`, if any.
     fn hint(&self, page: PageIndex) -> Option<Hint>;
+
+    /// Said once no round of the session will ask again (only the first
+    /// round sends references: [`crate::source::references_in_round`]): a
+    /// source that keeps itself fresh may stop.
+    fn no_longer_needed(&self) {}
 }
 
 /// Hashes a page number for a [`PageMap`]: one multiplication. The keys

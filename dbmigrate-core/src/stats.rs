@@ -135,7 +135,7 @@ fn parse_stat_cpu_ms(stat: &str) -> Option<u64> {
     let mut f = rest.split_whitespace().skip(11);
     let utime: u64 = f.next()?.parse().ok()?;
     let stime: u64 = f.next()?.parse().ok()?;
-    Some((utime + stime) * 10)
+    Some(utime.saturating_add(stime).saturating_mul(10))
 }
 
 /// Mbit/s for `bytes` over `ms` milliseconds.

@@ -11,7 +11,6 @@
 //! - A compound page (a transparent huge page, a large slab) carries most
 //!   flags on its head: its tail pages take the head's kind.
 
-use std::collections::HashMap;
 use std::fs::File;
 use std::io::{self, Read};
 
@@ -37,14 +36,20 @@ const KPF_RESERVED: u64 = 1 << 32;
 /// Largest free block of the buddy allocator, in pages (order 10).
 const MAX_BUDDY_PAGES: u64 = 1024;
 
-/// Anonymous mappings of the server at least this large are its buffer
-/// pool (glibc's malloc arenas stay below 64 MiB).
+/// Anonymous mappings of the server larger than this are its buffer pool
+/// (glibc's malloc arenas are at most 64 MiB).
 pub const POOL_MAPPING_MIN: u64 = 64 << 20;
 
-/// What the database server's anonymous memory is, by page frame number.
+/// Most page frames the server's frames are marked for: 1 TiB of guest
+/// memory (two bitmaps of 32 MiB at most).
+const MAX_PFNS: u64 = 1 << 28;
+
+/// The database server's anonymous memory, by page frame number: one bit
+/// per frame for the buffer pool, one for its other anonymous memory.
 #[derive(Debug, Default)]
 pub struct ServerFrames {
-    frames: HashMap<u64, PageKind>,
+    pool: Vec<u64>,
+    anon: Vec<u64>,
 }
 
 impl ServerFrames {
@@ -53,10 +58,10 @@ impl ServerFrames {
     pub fn read(pid: u32) -> io::Result<Self> {
         let maps = std::fs::read_to_string(format!("/proc/{pid}/maps"))?;
         let mem = procmem::ProcMem::open(pid)?;
-        let mut frames = HashMap::new();
+        let mut me = Self::default();
         const WINDOW: u64 = 64 << 20;
         for (start, end) in procmem::anon_rw_mappings(&maps, 4096) {
-            let kind = if end - start >= POOL_MAPPING_MIN {
+            let kind = if end - start > POOL_MAPPING_MIN {
                 PageKind::BufferPool
             } else {
                 PageKind::ServerAnon
@@ -68,11 +73,48 @@ impl ServerFrames {
                 let Ok(pfns) = mem.frames(at, pages) else {
                     break;
                 };
-                frames.extend(pfns.into_iter().flatten().map(|pfn| (pfn, kind)));
+                for pfn in pfns.into_iter().flatten() {
+                    me.mark(pfn, kind);
+                }
                 at += len;
             }
         }
-        Ok(Self { frames })
+        Ok(me)
+    }
+
+    /// Marks frame `pfn` as the server's memory of `kind` (frames beyond
+    /// [`MAX_PFNS`] are left unmarked).
+    fn mark(&mut self, pfn: u64, kind: PageKind) {
+        if pfn >= MAX_PFNS {
+            return;
+        }
+        let bits = if kind == PageKind::BufferPool {
+            &mut self.pool
+        } else {
+            &mut self.anon
+        };
+        let word = usize::try_from(pfn / 64).expect("below MAX_PFNS");
+        if bits.len() <= word {
+            bits.resize(word + 1, 0);
+        }
+        bits[word] |= 1 << (pfn % 64);
+    }
+
+    /// The server's kind of frame `pfn`, if it is the server's.
+    fn kind(&self, pfn: u64) -> Option<PageKind> {
+        let has = |bits: &[u64]| {
+            usize::try_from(pfn / 64)
+                .ok()
+                .and_then(|w| bits.get(w))
+                .is_some_and(|b| b & (1 << (pfn % 64)) != 0)
+        };
+        if has(&self.pool) {
+            Some(PageKind::BufferPool)
+        } else if has(&self.anon) {
+            Some(PageKind::ServerAnon)
+        } else {
+            None
+        }
     }
 }
 
@@ -108,30 +150,59 @@ pub fn kind_of(flags: u64) -> Option<PageKind> {
 /// The census of pages `0..flags.len()` from their `kpageflags` (pure):
 /// runs in address order, the server's frames labelled from `server`.
 pub fn classify(flags: &[u64], server: &ServerFrames) -> Vec<CensusRun> {
-    let mut runs: Vec<CensusRun> = Vec::new();
-    let mut head_kind = None;
-    let mut free_until = 0u64;
-    for (pfn, &f) in (0u64..).zip(flags) {
+    let mut c = Classifier::new(server);
+    for &f in flags {
+        c.push(f);
+    }
+    c.finish()
+}
+
+/// The census made page by page, in frame order (see the module's notes
+/// on free blocks and compound pages).
+pub struct Classifier<'a> {
+    server: &'a ServerFrames,
+    runs: Vec<CensusRun>,
+    pfn: u64,
+    head_kind: Option<PageKind>,
+    free_until: u64,
+}
+
+impl<'a> Classifier<'a> {
+    /// A census with no page yet.
+    pub fn new(server: &'a ServerFrames) -> Self {
+        Self {
+            server,
+            runs: Vec::new(),
+            pfn: 0,
+            head_kind: None,
+            free_until: 0,
+        }
+    }
+
+    /// Takes the flags of the next page frame.
+    pub fn push(&mut self, f: u64) {
+        let pfn = self.pfn;
+        self.pfn += 1;
         let mut kind = kind_of(f);
         if f & KPF_COMPOUND_TAIL != 0 {
-            kind = kind.filter(|&k| k != PageKind::Kernel).or(head_kind);
-        } else if f == 0 && pfn < free_until {
+            kind = kind.filter(|&k| k != PageKind::Kernel).or(self.head_kind);
+        } else if f == 0 && pfn < self.free_until {
             kind = Some(PageKind::Free);
         }
         if f & KPF_BUDDY != 0 {
             let align = 1u64 << pfn.trailing_zeros().min(MAX_BUDDY_PAGES.trailing_zeros());
-            free_until = pfn + align;
+            self.free_until = pfn + align;
         } else if f != 0 {
-            free_until = 0;
+            self.free_until = 0;
         }
         if f & KPF_COMPOUND_HEAD != 0 {
-            head_kind = kind;
+            self.head_kind = kind;
         }
-        if let Some(k) = server.frames.get(&pfn) {
-            kind = Some(*k);
+        if let Some(k) = self.server.kind(pfn) {
+            kind = Some(k);
         }
-        let Some(kind) = kind else { continue };
-        match runs.last_mut() {
+        let Some(kind) = kind else { return };
+        match self.runs.last_mut() {
             Some(r)
                 if r.kind == kind
                     && r.pages < u32::MAX
@@ -139,25 +210,43 @@ pub fn classify(flags: &[u64], server: &ServerFrames) -> Vec<CensusRun> {
             {
                 r.pages += 1
             }
-            _ => runs.push(CensusRun {
+            _ => self.runs.push(CensusRun {
                 start: GuestAddr(pfn * 4096),
                 pages: 1,
                 kind,
             }),
         }
     }
-    runs
+
+    /// The runs so far.
+    pub fn finish(self) -> Vec<CensusRun> {
+        self.runs
+    }
 }
 
-/// Reads `/proc/kpageflags` whole (eight bytes per page frame).
-pub fn read_kpageflags() -> io::Result<Vec<u64>> {
+/// Page frames read from `/proc/kpageflags` at a time.
+const FLAGS_CHUNK: usize = 65_536;
+
+/// The census of the whole of `/proc/kpageflags`, read a chunk at a time.
+pub fn take(server: &ServerFrames) -> io::Result<Vec<CensusRun>> {
     let mut f = File::open("/proc/kpageflags")?;
-    let mut raw = Vec::new();
-    f.read_to_end(&mut raw)?;
-    Ok(raw
-        .chunks_exact(8)
-        .map(|e| u64::from_le_bytes(e.try_into().expect("8 bytes")))
-        .collect())
+    let mut c = Classifier::new(server);
+    let mut buf = vec![0u8; FLAGS_CHUNK * 8];
+    loop {
+        let mut got = 0;
+        while got < buf.len() {
+            match f.read(&mut buf[got..])? {
+                0 => break,
+                n => got += n,
+            }
+        }
+        for e in buf[..got - got % 8].chunks_exact(8) {
+            c.push(u64::from_le_bytes(e.try_into().expect("8 bytes")));
+        }
+        if got < buf.len() {
+            return Ok(c.finish());
+        }
+    }
 }
 
 /// Pages of each kind in `runs`.
@@ -223,9 +312,9 @@ mod tests {
         flags[18] = KPF_NOPAGE;
         flags[19] = KPF_LRU;
         // The server's frames at 20-21.
-        let server = ServerFrames {
-            frames: [(20, PageKind::BufferPool), (21, PageKind::ServerAnon)].into(),
-        };
+        let mut server = ServerFrames::default();
+        server.mark(20, PageKind::BufferPool);
+        server.mark(21, PageKind::ServerAnon);
         flags[20] = KPF_ANON | KPF_LRU;
         flags[21] = KPF_ANON | KPF_LRU;
         assert_eq!(

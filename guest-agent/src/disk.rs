@@ -77,7 +77,11 @@ impl Disks {
     /// Finds which disk holds `file` (directly or on a partition) and its extents.
     /// None when the file is on no disk of the VM (never hinted).
     pub fn place(&self, file: &Path) -> io::Result<Option<Placed>> {
-        let f = File::open(file)?;
+        self.place_open(&File::open(file)?, true)
+    }
+
+    /// [`Disks::place`] for an open file; `sync` as in [`sys::extents`].
+    pub fn place_open(&self, f: &File, sync: bool) -> io::Result<Option<Placed>> {
         let dev = f.metadata()?.dev();
         let Some((disk, base)) = self.locate(dev) else {
             return Ok(None);
@@ -85,7 +89,7 @@ impl Disks {
         Ok(Some(Placed {
             disk,
             base,
-            extents: sys::extents(&f)?,
+            extents: sys::extents(f, sync)?,
         }))
     }
 

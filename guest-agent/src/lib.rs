@@ -10,6 +10,7 @@
 
 pub mod census;
 pub mod disk;
+pub mod pagecache;
 pub mod procmem;
 pub mod sys;
 
@@ -52,6 +53,9 @@ pub enum AgentError {
     /// The page flags could not be read.
     #[error("cannot read /proc/kpageflags for the memory census: the agent must run as root, on a kernel with CONFIG_PROC_PAGE_MONITOR")]
     PageFlags(#[source] std::io::Error),
+    /// The page cache could not be looked at.
+    #[error("cannot look at the page cache (/proc/kpageflags, /proc/self/pagemap): the agent must run as root")]
+    PageCache(#[source] std::io::Error),
     /// A disk device could not be opened.
     #[error("cannot stat disk device {path}: name the VM's disks with --disk (e.g. /dev/vda)")]
     Disk {
@@ -195,8 +199,7 @@ pub async fn layout(
     use dbmigrate_core::protocol::guest::{FileLayout, LayoutSet};
     let (page_size, pool, files) = server_files(conn).await?;
     let frames = pool_frames(cfg, pool, page_size)?;
-    let disks =
-        disk::Disks::new(&cfg.disks).map_err(|(path, source)| AgentError::Disk { path, source })?;
+    let disks = open_disks(cfg)?;
     let mut out = LayoutSet {
         page_size: u32::try_from(page_size).unwrap_or(0),
         files: Vec::new(),
@@ -288,8 +291,23 @@ pub fn take_census(
         Err(AgentError::NoServer) => census::ServerFrames::default(),
         Err(e) => return Err(e),
     };
-    let flags = census::read_kpageflags().map_err(AgentError::PageFlags)?;
-    Ok(census::classify(&flags, &server))
+    census::take(&server).map_err(AgentError::PageFlags)
+}
+
+/// The VM's disks of `cfg`, each examined.
+fn open_disks(cfg: &Config) -> Result<disk::Disks, AgentError> {
+    disk::Disks::new(&cfg.disks).map_err(|(path, source)| AgentError::Disk { path, source })
+}
+
+/// Hints for the clean page cache of the files the guest's processes have
+/// open or mapped on the VM's disks ([`pagecache`]), at most `max_hints`.
+pub fn page_cache_hints(
+    cfg: &Config,
+    max_hints: usize,
+) -> Result<(Vec<GuestHint>, pagecache::PageCacheStats), AgentError> {
+    let disks = open_disks(cfg)?;
+    let files = pagecache::open_and_mapped_files();
+    pagecache::collect(&disks, &files, max_hints).map_err(AgentError::PageCache)
 }
 
 /// Guest-physical address of each 4 KiB page of every frame-aligned,
@@ -355,8 +373,7 @@ pub fn scan(
         snap.sql_ms,
     );
     let pid = server_pid(cfg)?;
-    let disks =
-        disk::Disks::new(&cfg.disks).map_err(|(path, source)| AgentError::Disk { path, source })?;
+    let disks = open_disks(cfg)?;
     let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).map_err(|source| {
         AgentError::Proc {
             pid,

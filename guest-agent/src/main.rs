@@ -487,6 +487,24 @@ fn answer_census(cfg: &guest_agent::Config, tag: u32) -> Vec<u8> {
     }
 }
 
+/// The answer to a page-cache request: hints for the clean page cache of
+/// the guest's open and mapped files, or why there are none.
+fn answer_page_cache(cfg: &guest_agent::Config, tag: u32) -> Vec<u8> {
+    use dbmigrate_core::protocol::guest::{encode_hint_error, encode_hints, MAX_HINTS};
+    let started = std::time::Instant::now();
+    match guest_agent::page_cache_hints(cfg, MAX_HINTS) {
+        Ok((hints, stats)) => {
+            tracing::info!(
+                ms = dbmigrate_core::stats::millis(started.elapsed()),
+                ?stats,
+                "page-cache hints collected"
+            );
+            encode_hints(&hints, tag)
+        }
+        Err(e) => encode_hint_error(tag, &format!("{e:#}")),
+    }
+}
+
 /// Serves hint requests: each 8-byte request (magic, tag) is answered at
 /// once with the newest hint set (or the reason there is none), tagged
 /// alike. The port reads as end-of-file while no host agent is connected, so
@@ -581,6 +599,12 @@ fn serve(
                     .context("writing to the virtio-serial port")?;
                 continue;
             }
+            Some(GuestRequest::PageCache(tag)) => {
+                let answer = answer_page_cache(&cfg, tag);
+                dev.write_all(&answer)
+                    .context("writing to the virtio-serial port")?;
+                continue;
+            }
             Some(GuestRequest::Layout(tag)) => {
                 let answer = rt.block_on(answer_layout(
                     kept.as_deref(),
@@ -595,7 +619,16 @@ fn serve(
                 continue;
             }
             None => {
-                tracing::warn!("ignoring a malformed request");
+                // Answered, so that a newer host agent asking for something
+                // this agent lacks is told at once instead of waiting.
+                tracing::warn!("answering an unknown request with an error");
+                let tag = u32::from_le_bytes([req[4], req[5], req[6], req[7]]);
+                let answer = encode_hint_error(
+                    tag,
+                    "unknown request: this guest agent is older than the host agent (update dbmigrate-guest-agent)",
+                );
+                dev.write_all(&answer)
+                    .context("writing to the virtio-serial port")?;
                 continue;
             }
         };

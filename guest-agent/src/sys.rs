@@ -27,8 +27,10 @@ pub struct Extent {
     pub flags: u32,
 }
 
-/// All extents of `file`, in file order.
-pub fn extents(file: &File) -> io::Result<Vec<Extent>> {
+/// All extents of `file`, in file order. With `sync`, its dirty data is
+/// written first so that delayed allocations get real blocks; without,
+/// those come back flagged delayed (and are left unhinted).
+pub fn extents(file: &File, sync: bool) -> io::Result<Vec<Extent>> {
     let mut out = Vec::new();
     let mut start = 0u64;
     loop {
@@ -37,7 +39,7 @@ pub fn extents(file: &File) -> io::Result<Vec<Extent>> {
         buf[0] = start; // fm_start
         buf[1] = u64::MAX - start; // fm_length
                                    // fm_flags (low half) | fm_mapped_extents (high half, output)
-        buf[2] = u64::from(FIEMAP_FLAG_SYNC);
+        buf[2] = if sync { u64::from(FIEMAP_FLAG_SYNC) } else { 0 };
         // fm_extent_count (low half) | fm_reserved
         buf[3] = BATCH as u64;
         // SAFETY: FS_IOC_FIEMAP reads the header and writes at most
@@ -149,4 +151,65 @@ pub fn read_pieces(pid: u32, pieces: &[(u64, usize)], out: &mut [u8]) -> io::Res
         i += done;
     }
     Ok(ok)
+}
+
+/// A file mapped read-only: its resident pages are the page cache's own,
+/// which this process can then find in its pagemap.
+pub struct FileMap {
+    ptr: *mut libc::c_void,
+    len: usize,
+}
+
+impl FileMap {
+    /// Maps the first `len` bytes of `file` (nothing is read).
+    pub fn new(file: &File, len: usize) -> io::Result<Self> {
+        if len == 0 {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "an empty file"));
+        }
+        // SAFETY: a new read-only shared mapping of an open file at an
+        // address the kernel picks; nothing else refers to that range, and
+        // Drop unmaps exactly it.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Self { ptr, len })
+    }
+
+    /// The mapping's address in this process.
+    pub fn addr(&self) -> u64 {
+        self.ptr as u64
+    }
+
+    /// Which of the mapping's pages are in the page cache (`mincore`: no
+    /// page is read).
+    pub fn resident(&self) -> io::Result<Vec<bool>> {
+        let mut vec = vec![0u8; self.len.div_ceil(4096)];
+        // SAFETY: the range is exactly this live mapping, and `vec` holds
+        // one byte per page of it, as mincore writes.
+        let r = unsafe { libc::mincore(self.ptr, self.len, vec.as_mut_ptr()) };
+        if r != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(vec.iter().map(|b| b & 1 == 1).collect())
+    }
+}
+
+impl Drop for FileMap {
+    fn drop(&mut self) {
+        // SAFETY: unmaps the range `new` mapped, once; no reference into it
+        // outlives `self` (the type hands out only its address).
+        unsafe {
+            libc::munmap(self.ptr, self.len);
+        }
+    }
 }

@@ -46,7 +46,9 @@ pub fn labels(runs: &[CensusRun], layout: &[GpaRange]) -> Result<(PageLabels, u6
             pieces.push((PageIndex(first), pages, run.kind as u8));
         }
     }
-    // Aliases: the first run over a page keeps it.
+    // Aliases (two guest ranges onto one RAM page): sorted by RAM page,
+    // the piece that starts lower keeps the page (of equal starts, the
+    // earlier run).
     pieces.sort_by_key(|p| p.0 .0);
     let mut next = 0u64;
     let mut kept = Vec::with_capacity(pieces.len());

@@ -15,8 +15,8 @@ use dbmigrate_core::protocol::guest::{
     decode_census, encode_census_request, CensusRun, CENSUS_RUN_LEN,
 };
 use dbmigrate_core::protocol::guest::{
-    decode_hints, encode_hint_request, parse_answer_header, GuestHint, HintAnswer,
-    HINTS_HEADER_LEN, HINT_RECORD_LEN,
+    decode_hints, encode_hint_request, encode_page_cache_request, parse_answer_header, GuestHint,
+    HintAnswer, HINTS_HEADER_LEN, HINT_RECORD_LEN,
 };
 use dbmigrate_core::protocol::guest::{decode_layout, encode_layout_request, LayoutSet};
 use dbmigrate_core::ram::SourceRam;
@@ -101,6 +101,32 @@ impl HintChannel {
                 Err(self.malformed("another answer where hints were asked for".into()))
             }
         }
+    }
+
+    /// Asks for hints for the guest's clean page cache.
+    pub fn fetch_page_cache(
+        &mut self,
+        timeout: Duration,
+    ) -> Result<Vec<GuestHint>, HintChannelError> {
+        self.tag = self.tag.wrapping_add(1);
+        let req = encode_page_cache_request(self.tag);
+        match self.ask(&req, timeout)? {
+            Answer::Hints(set) => decode_hints(&set).map_err(|e| self.malformed(e.to_string())),
+            Answer::Layout(_) | Answer::Census(_) => {
+                Err(self.malformed("another answer where page-cache hints were asked for".into()))
+            }
+        }
+    }
+
+    /// A new connection to the same port: after a failed request, the old
+    /// one may hold half an answer.
+    /// The tags go on from where they were: a late answer to a request of
+    /// the old connection is still told apart.
+    fn reconnect(&mut self) -> Result<(), HintChannelError> {
+        let tag = self.tag;
+        *self = Self::connect(&self.path, self.max_hints as u64)?;
+        self.tag = tag;
+        Ok(())
     }
 
     /// Asks for a census of the guest's memory.
@@ -305,7 +331,21 @@ pub struct LiveHints {
     /// The census taken before the first hints, if one was asked for: its
     /// runs and how long the guest took (ms), or why there is none.
     census: std::sync::Mutex<Option<CensusTaken>>,
+    /// Whether to add the guest's page-cache hints to the table.
+    page_cache: AtomicBool,
+    /// The newest page-cache hints and when they came.
+    page_cache_table: std::sync::Mutex<Option<(Instant, Arc<PageMap<Hint>>)>>,
     stop: AtomicBool,
+}
+
+/// What the hint channel asks the guest for beside the hints.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Asks {
+    /// A census of the guest's memory, once before the first hints.
+    pub census: bool,
+    /// Hints for the guest's clean page cache, with every refresh of the
+    /// layout's age ([`LAYOUT_MAX_AGE`]).
+    pub page_cache: bool,
 }
 
 /// How long a host-mode refresh re-scans guest RAM with the file layout it
@@ -329,25 +369,32 @@ impl HintSource for LiveHints {
     fn hint(&self, page: PageIndex) -> Option<Hint> {
         self.table.read().ok()?.get(&page).copied()
     }
+
+    /// The refreshes stop: every later one would cost the guest and this
+    /// host for hints no round asks.
+    fn no_longer_needed(&self) {
+        self.stop();
+    }
 }
 
 impl LiveHints {
     /// Fetches one set now (so the first round already has hints), then keeps
     /// refreshing every `every` on a thread until [`LiveHints::stop`]. With
-    /// `census`, asks the guest for a census of its memory first (a failed
-    /// census is logged and kept for the report, and the hints go on).
+    /// `asks.census`, asks the guest for a census of its memory first (a
+    /// failed census is logged and kept for the report, and the hints go on).
     pub fn start(
         path: &Path,
         layout: Vec<GpaRange>,
         disks: usize,
         every: Duration,
         finder: Finder,
-        census: bool,
+        asks: Asks,
     ) -> Result<Arc<Self>, HintChannelError> {
         let ram_pages = layout.iter().map(|r| r.len / 4096).sum();
         let mut ch = HintChannel::connect(path, ram_pages)?;
         let live = Arc::new(Self::default());
-        if census {
+        live.page_cache.store(asks.page_cache, Ordering::Relaxed);
+        if asks.census {
             let t = Instant::now();
             let got = ch
                 .fetch_census(Duration::from_secs(30))
@@ -355,8 +402,7 @@ impl LiveHints {
                 .map_err(|e| e.to_string());
             if let Err(e) = &got {
                 tracing::warn!("the guest's memory census failed (the report has none): {e}");
-                // A failed read may leave half an answer in the stream.
-                ch = HintChannel::connect(path, ram_pages)?;
+                ch.reconnect()?;
             }
             if let Ok(mut c) = live.census.lock() {
                 *c = Some(got);
@@ -379,10 +425,8 @@ impl LiveHints {
                         tracing::warn!(
                             "hint refresh failed (pages go raw until the next one): {e}"
                         );
-                        // A failed read may leave half an answer in the stream.
-                        match HintChannel::connect(&ch.path, ram_pages) {
-                            Ok(c) => ch = c,
-                            Err(_) => break,
+                        if ch.reconnect().is_err() {
+                            break;
                         }
                     }
                 }
@@ -445,6 +489,7 @@ impl LiveHints {
                 (table, 0)
             }
         };
+        let table = self.with_page_cache(ch, layout, disks, table, timeout);
         let c = &self.counters;
         c.last_fetch_ms.store(
             dbmigrate_core::stats::millis(t.elapsed()),
@@ -463,6 +508,57 @@ impl LiveHints {
             *t = table;
         }
         Ok(())
+    }
+
+    /// `table` with the guest's page-cache hints under it (a buffer-pool
+    /// hint wins over a page-cache hint for the same page), if they were
+    /// asked for: those of the last [`LAYOUT_MAX_AGE`], or fetched now. A
+    /// failed fetch is counted and logged; the table goes on without them.
+    fn with_page_cache(
+        &self,
+        ch: &mut HintChannel,
+        layout: &[GpaRange],
+        disks: usize,
+        table: PageMap<Hint>,
+        timeout: Duration,
+    ) -> PageMap<Hint> {
+        if !self.page_cache.load(Ordering::Relaxed) {
+            return table;
+        }
+        let cached = self.page_cache_table.lock().ok().and_then(|l| {
+            l.as_ref()
+                .filter(|(at, _)| at.elapsed() < LAYOUT_MAX_AGE)
+                .map(|(_, t)| t.clone())
+        });
+        let pc = match cached {
+            Some(t) => t,
+            None => match ch.fetch_page_cache(timeout) {
+                Ok(h) => {
+                    let t = Arc::new(to_table(&h, layout, disks).0);
+                    tracing::info!(hints = t.len(), "page-cache hints received");
+                    if let Ok(mut l) = self.page_cache_table.lock() {
+                        *l = Some((Instant::now(), t.clone()));
+                    }
+                    t
+                }
+                Err(e) => {
+                    self.counters.failures.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!("page-cache hints failed (those pages go raw; asked again in {LAYOUT_MAX_AGE:?}): {e}");
+                    // Not asked again before the layout's age: a guest agent
+                    // that cannot answer would otherwise hold every refresh.
+                    if let Ok(mut l) = self.page_cache_table.lock() {
+                        *l = Some((Instant::now(), Arc::default()));
+                    }
+                    if let Err(e) = ch.reconnect() {
+                        tracing::warn!("reconnecting the hint channel failed: {e}");
+                    }
+                    return table;
+                }
+            },
+        };
+        let mut merged = (*pc).clone();
+        merged.extend(table);
+        merged
     }
 
     /// The census taken at the start, if one was asked for (once).

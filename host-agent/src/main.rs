@@ -115,6 +115,13 @@ enum Command {
         /// --guest-hints; costs the guest a pass over its page flags.
         #[arg(long)]
         page_census: bool,
+        /// Rebuild the guest's clean page cache from shared storage too:
+        /// the guest agent hints the resident, unmodified pages of the
+        /// files its processes have open or mapped on the VM's disks
+        /// (binaries, libraries, logs), checked like every hint. Needs
+        /// --guest-hints.
+        #[arg(long)]
+        hint_page_cache: bool,
         /// How the VM is handed over: `precopy` (stop-and-copy once the
         /// rounds converge), `postcopy` (after one round the VM runs on the
         /// destination, which fetches the rest), `hybrid` (pre-copy that
@@ -357,6 +364,7 @@ fn run(cli: Cli, rt: &tokio::runtime::Runtime, priority: priority::Priority) -> 
             hint_scan,
             guest_impact_budget,
             page_census,
+            hint_page_cache,
             mode,
             allow_postcopy,
             timeout,
@@ -365,6 +373,9 @@ fn run(cli: Cli, rt: &tokio::runtime::Runtime, priority: priority::Priority) -> 
         } => {
             if page_census && guest_hints.is_none() {
                 bail!("--page-census asks the guest agent for the census over the hint channel: give --guest-hints too");
+            }
+            if hint_page_cache && guest_hints.is_none() {
+                bail!("--hint-page-cache asks the guest agent for hints over the hint channel: give --guest-hints too");
             }
             if max_bytes_factor.is_nan() || max_bytes_factor <= 0.0 {
                 bail!("--max-bytes-factor must be positive");
@@ -408,6 +419,7 @@ fn run(cli: Cli, rt: &tokio::runtime::Runtime, priority: priority::Priority) -> 
                 run_dir: security.run_dir,
                 guest_impact_budget: guest_impact_budget.0,
                 page_census,
+                hint_page_cache,
             }));
             r.agent_peak_rss_bytes = report::peak_rss_bytes();
             r.agent_cpu_ms = report::cpu_ms();

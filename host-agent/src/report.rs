@@ -81,13 +81,13 @@ pub fn peak_rss_bytes() -> Option<u64> {
     parse_vm_hwm(&std::fs::read_to_string("/proc/self/status").ok()?)
 }
 
-/// The `VmHWM:` line of a `/proc/PID/status` text, in bytes.
 /// CPU time this process has used so far (user and system), ms: what a
 /// migration cost its host, beside its bytes.
 pub fn cpu_ms() -> Option<u64> {
     dbmigrate_core::stats::process_cpu_ms(None)
 }
 
+/// The `VmHWM:` line of a `/proc/PID/status` text, in bytes.
 fn parse_vm_hwm(status: &str) -> Option<u64> {
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
     let mut words = line["VmHWM:".len()..].split_whitespace();

@@ -56,6 +56,9 @@ pub struct MigrateArgs {
     /// Ask the guest agent for a census of the guest's memory before the
     /// first round, and report what was sent of each kind of page.
     pub page_census: bool,
+    /// Add hints for the guest's clean page cache (files its processes
+    /// have open or mapped on the VM's disks) to the buffer pool's.
+    pub hint_page_cache: bool,
 }
 
 /// How long the adaptive pace watches the guest's vCPUs for their
@@ -315,13 +318,16 @@ async fn run(
         if disks.is_empty() {
             bail!("--guest-hints needs the VM's disks, but QEMU reports no disk with a medium");
         }
-        let (path, layout, every, n, census) = (
+        let (path, layout, every, n) = (
             path.clone(),
             report.gpa_layout.clone(),
             args.hints_refresh,
             disks.len(),
-            args.page_census,
         );
+        let asks = crate::hints::Asks {
+            census: args.page_census,
+            page_cache: args.hint_page_cache,
+        };
         let finder = if args.hint_scan == HintScan::Host {
             let ram = SourceRam::open(&backend.mem_path, backend.size)
                 .context("mapping the source RAM file for the buffer-pool scan")?;
@@ -330,7 +336,7 @@ async fn run(
             crate::hints::Finder::Guest
         };
         let task = tokio::task::spawn_blocking(move || {
-            crate::hints::LiveHints::start(&path, layout, n, every, finder, census)
+            crate::hints::LiveHints::start(&path, layout, n, every, finder, asks)
         });
         hint_task = Some((task, disks));
     }

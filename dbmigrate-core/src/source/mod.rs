@@ -42,7 +42,8 @@ use crate::transport::{Connector, TransportError};
 
 pub use adaptive::{CpuTimes, GuestSignal, PaceController, PaceStep};
 pub use policy::{
-    decide, link_rate, switch_to_postcopy, Decision, Mode, RoundObservation, StopPolicy, StopReason,
+    decide, link_rate, references_in_round, switch_to_postcopy, Decision, Mode, RoundObservation,
+    StopPolicy, StopReason,
 };
 pub use postcopy::{PostcopyError, PostcopyStats, Switched};
 pub use session::SourceSession;

@@ -629,6 +629,11 @@ impl SourceSession {
             return Err(self.writer_error().await);
         };
         rs.written_before_read = written_before_read;
+        if !references_in_round(round.saturating_add(1)) {
+            if let Some(h) = &self.cfg.hints {
+                h.no_longer_needed();
+            }
+        }
         // Before the next collect: a write after a page was read is in it.
         if let Some(d) = self.source_digests.as_mut() {
             d.record(&hashes);

@@ -15,7 +15,7 @@ use thiserror::Error;
 
 use crate::addr::GuestAddr;
 
-use super::{HintFormatError, HINTS_HEADER_LEN, HINTS_VERSION};
+use super::{HintFormatError, HINTS_HEADER_LEN};
 
 /// Magic of a census answer: "DBMC".
 pub const CENSUS_MAGIC: u32 = u32::from_le_bytes(*b"DBMC");
@@ -117,20 +117,12 @@ pub enum CensusError {
 
 /// A request for a census.
 pub fn encode_census_request(tag: u32) -> [u8; 8] {
-    let mut b = [0u8; 8];
-    b[..4].copy_from_slice(&CENSUS_REQUEST_MAGIC.to_le_bytes());
-    b[4..].copy_from_slice(&tag.to_le_bytes());
-    b
+    super::request(CENSUS_REQUEST_MAGIC, tag)
 }
 
 /// Encodes a census answer to the request tagged `tag`.
 pub fn encode_census(runs: &[CensusRun], tag: u32) -> Vec<u8> {
-    let mut out = Vec::with_capacity(HINTS_HEADER_LEN + runs.len() * CENSUS_RUN_LEN);
-    out.extend_from_slice(&CENSUS_MAGIC.to_le_bytes());
-    out.extend_from_slice(&HINTS_VERSION.to_le_bytes());
-    out.extend_from_slice(&0u16.to_le_bytes());
-    out.extend_from_slice(&u32::try_from(runs.len()).unwrap_or(u32::MAX).to_le_bytes());
-    out.extend_from_slice(&tag.to_le_bytes());
+    let mut out = super::answer_header(CENSUS_MAGIC, runs.len(), tag, runs.len() * CENSUS_RUN_LEN);
     for r in runs {
         out.extend_from_slice(&r.start.0.to_le_bytes());
         out.extend_from_slice(&r.pages.to_le_bytes());
@@ -142,25 +134,8 @@ pub fn encode_census(runs: &[CensusRun], tag: u32) -> Vec<u8> {
 /// Checks a census answer's 16-byte header; returns (body bytes that
 /// follow, tag).
 pub fn census_header(b: &[u8]) -> Result<(usize, u32), HintFormatError> {
-    if b.len() < HINTS_HEADER_LEN {
-        return Err(HintFormatError::Short(b.len()));
-    }
-    let u32_at = |i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
-    if u32_at(0) != CENSUS_MAGIC {
-        return Err(HintFormatError::Magic(u32_at(0)));
-    }
-    let version = u16::from_le_bytes([b[4], b[5]]);
-    if version != HINTS_VERSION {
-        return Err(HintFormatError::Version(version));
-    }
-    let runs = u32_at(8) as usize;
-    if runs > MAX_CENSUS_RUNS {
-        return Err(HintFormatError::Count {
-            count: runs as u64,
-            bytes: b.len(),
-        });
-    }
-    Ok((runs * CENSUS_RUN_LEN, u32_at(12)))
+    let (runs, tag) = super::checked_header(b, CENSUS_MAGIC, MAX_CENSUS_RUNS)?;
+    Ok((runs * CENSUS_RUN_LEN, tag))
 }
 
 /// Decodes a census (header and body) from an untrusted guest: every run

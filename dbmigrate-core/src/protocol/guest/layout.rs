@@ -18,7 +18,7 @@ use thiserror::Error;
 
 use crate::addr::{DiskOffset, GuestAddr};
 
-use super::{HintFormatError, HINTS_HEADER_LEN, HINTS_VERSION};
+use super::{HintFormatError, HINTS_HEADER_LEN};
 
 /// Magic of a layout answer: "DBML".
 pub const LAYOUT_MAGIC: u32 = u32::from_le_bytes(*b"DBML");
@@ -170,10 +170,7 @@ impl FileLayout {
 
 /// A request for the layout.
 pub fn encode_layout_request(tag: u32) -> [u8; 8] {
-    let mut b = [0u8; 8];
-    b[..4].copy_from_slice(&LAYOUT_REQUEST_MAGIC.to_le_bytes());
-    b[4..].copy_from_slice(&tag.to_le_bytes());
-    b
+    super::request(LAYOUT_REQUEST_MAGIC, tag)
 }
 
 /// Encodes a layout answer to the request tagged `tag`.
@@ -208,37 +205,14 @@ pub fn encode_layout(set: &LayoutSet, tag: u32) -> Vec<u8> {
     for e in &set.frames {
         body.extend_from_slice(&e.to_le_bytes());
     }
-    let mut out = Vec::with_capacity(HINTS_HEADER_LEN + body.len());
-    out.extend_from_slice(&LAYOUT_MAGIC.to_le_bytes());
-    out.extend_from_slice(&HINTS_VERSION.to_le_bytes());
-    out.extend_from_slice(&0u16.to_le_bytes());
-    out.extend_from_slice(&u32::try_from(body.len()).unwrap_or(u32::MAX).to_le_bytes());
-    out.extend_from_slice(&tag.to_le_bytes());
+    let mut out = super::answer_header(LAYOUT_MAGIC, body.len(), tag, body.len());
     out.extend_from_slice(&body);
     out
 }
 
 /// Checks a layout answer's 16-byte header; returns (body bytes that follow, tag).
 pub fn layout_header(b: &[u8]) -> Result<(usize, u32), HintFormatError> {
-    if b.len() < HINTS_HEADER_LEN {
-        return Err(HintFormatError::Short(b.len()));
-    }
-    let u32_at = |i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
-    if u32_at(0) != LAYOUT_MAGIC {
-        return Err(HintFormatError::Magic(u32_at(0)));
-    }
-    let version = u16::from_le_bytes([b[4], b[5]]);
-    if version != HINTS_VERSION {
-        return Err(HintFormatError::Version(version));
-    }
-    let body = u32_at(8) as usize;
-    if body > MAX_LAYOUT_BYTES {
-        return Err(HintFormatError::Count {
-            count: body as u64,
-            bytes: b.len(),
-        });
-    }
-    Ok((body, u32_at(12)))
+    super::checked_header(b, LAYOUT_MAGIC, MAX_LAYOUT_BYTES)
 }
 
 /// Decodes a layout answer (header and body) from an untrusted guest.

@@ -57,7 +57,7 @@ pub enum HintFormatError {
     #[error("hint set version {0} is not supported (this agent reads version {HINTS_VERSION}): update the guest agent")]
     Version(u16),
     /// Count and length disagree or exceed the limit.
-    #[error("hint set announces {count} hints in {bytes} bytes (limit {MAX_HINTS})")]
+    #[error("the guest's answer announces {count} records (or bytes) in {bytes} bytes: more than it holds or than the format allows")]
     Count {
         /// Announced count.
         count: u64,
@@ -69,12 +69,7 @@ pub enum HintFormatError {
 /// Encodes hints: 16-byte header {magic, version, reserved, count, tag} then
 /// 40-byte records, little-endian. The tag echoes the request the set answers.
 pub fn encode_hints(hints: &[GuestHint], tag: u32) -> Vec<u8> {
-    let mut out = Vec::with_capacity(16 + hints.len() * HINT_RECORD_LEN);
-    out.extend_from_slice(&HINTS_MAGIC.to_le_bytes());
-    out.extend_from_slice(&HINTS_VERSION.to_le_bytes());
-    out.extend_from_slice(&0u16.to_le_bytes());
-    out.extend_from_slice(&u32::try_from(hints.len()).unwrap_or(u32::MAX).to_le_bytes());
-    out.extend_from_slice(&tag.to_le_bytes());
+    let mut out = answer_header(HINTS_MAGIC, hints.len(), tag, hints.len() * HINT_RECORD_LEN);
     for h in hints {
         out.extend_from_slice(&h.gpa.0.to_le_bytes());
         out.extend_from_slice(&h.disk.to_le_bytes());
@@ -96,13 +91,28 @@ pub const HINT_ERROR_MAGIC: u32 = u32::from_le_bytes(*b"DBME");
 /// Longest error message a guest may send.
 pub const MAX_HINT_ERROR_LEN: usize = 4096;
 
+/// An 8-byte request {`magic`, `tag`} (every request's format).
+pub(crate) fn request(magic: u32, tag: u32) -> [u8; 8] {
+    let mut b = [0u8; 8];
+    b[..4].copy_from_slice(&magic.to_le_bytes());
+    b[4..].copy_from_slice(&tag.to_le_bytes());
+    b
+}
+
 /// A request for a fresh hint set, tagged so that a late answer to an
 /// earlier request can be told apart.
 pub fn encode_hint_request(tag: u32) -> [u8; 8] {
-    let mut b = [0u8; 8];
-    b[..4].copy_from_slice(&HINT_REQUEST_MAGIC.to_le_bytes());
-    b[4..].copy_from_slice(&tag.to_le_bytes());
-    b
+    request(HINT_REQUEST_MAGIC, tag)
+}
+
+/// Magic of a request for page-cache hints (host to guest, 8 bytes: magic,
+/// tag): "DBMP". The answer is a hint set of the clean page cache of the
+/// guest's open and mapped files.
+pub const PAGE_CACHE_REQUEST_MAGIC: u32 = u32::from_le_bytes(*b"DBMP");
+
+/// A request for page-cache hints.
+pub fn encode_page_cache_request(tag: u32) -> [u8; 8] {
+    request(PAGE_CACHE_REQUEST_MAGIC, tag)
 }
 
 /// What the host asks the guest agent for.
@@ -114,6 +124,8 @@ pub enum GuestRequest {
     Layout(u32),
     /// A census of the guest's memory (for the report).
     Census(u32),
+    /// Hints for the guest's clean page cache.
+    PageCache(u32),
 }
 
 /// Parses an 8-byte request {magic, tag}; None if the magic is unknown.
@@ -123,6 +135,7 @@ pub fn parse_guest_request(b: &[u8; 8]) -> Option<GuestRequest> {
         HINT_REQUEST_MAGIC => Some(GuestRequest::Hints(tag)),
         layout::LAYOUT_REQUEST_MAGIC => Some(GuestRequest::Layout(tag)),
         census::CENSUS_REQUEST_MAGIC => Some(GuestRequest::Census(tag)),
+        PAGE_CACHE_REQUEST_MAGIC => Some(GuestRequest::PageCache(tag)),
         _ => None,
     }
 }
@@ -134,12 +147,7 @@ pub fn encode_hint_error(tag: u32, msg: &str) -> Vec<u8> {
         end -= 1;
     }
     let m = &msg.as_bytes()[..end];
-    let mut out = Vec::with_capacity(HINTS_HEADER_LEN + m.len());
-    out.extend_from_slice(&HINT_ERROR_MAGIC.to_le_bytes());
-    out.extend_from_slice(&HINTS_VERSION.to_le_bytes());
-    out.extend_from_slice(&0u16.to_le_bytes());
-    out.extend_from_slice(&u32::try_from(m.len()).unwrap_or(0).to_le_bytes());
-    out.extend_from_slice(&tag.to_le_bytes());
+    let mut out = answer_header(HINT_ERROR_MAGIC, m.len(), tag, m.len());
     out.extend_from_slice(m);
     out
 }
@@ -207,28 +215,52 @@ pub fn parse_answer_header(b: &[u8]) -> Result<HintAnswer, HintFormatError> {
 /// Bytes of a hint set's header.
 pub const HINTS_HEADER_LEN: usize = 16;
 
-/// Checks a hint set's 16-byte header and returns (record bytes that follow, tag).
-pub fn hint_set_header(b: &[u8]) -> Result<(usize, u32), HintFormatError> {
+/// The 16-byte header of a guest answer {`magic`, version, reserved,
+/// `count`, `tag`}, in a buffer with room for `body` more bytes. Every
+/// answer format's header is written here.
+pub(crate) fn answer_header(magic: u32, count: usize, tag: u32, body: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(HINTS_HEADER_LEN + body);
+    out.extend_from_slice(&magic.to_le_bytes());
+    out.extend_from_slice(&HINTS_VERSION.to_le_bytes());
+    out.extend_from_slice(&0u16.to_le_bytes());
+    out.extend_from_slice(&u32::try_from(count).unwrap_or(u32::MAX).to_le_bytes());
+    out.extend_from_slice(&tag.to_le_bytes());
+    out
+}
+
+/// Checks a guest answer's 16-byte header {`magic`, version, reserved,
+/// count, tag}: the count at most `limit`. Returns (count, tag). Every
+/// answer format's header goes through here.
+pub(crate) fn checked_header(
+    b: &[u8],
+    magic: u32,
+    limit: usize,
+) -> Result<(usize, u32), HintFormatError> {
     if b.len() < HINTS_HEADER_LEN {
         return Err(HintFormatError::Short(b.len()));
     }
     let u32_at = |i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
-    let magic = u32_at(0);
-    if magic != HINTS_MAGIC {
-        return Err(HintFormatError::Magic(magic));
+    if u32_at(0) != magic {
+        return Err(HintFormatError::Magic(u32_at(0)));
     }
     let version = u16::from_le_bytes([b[4], b[5]]);
     if version != HINTS_VERSION {
         return Err(HintFormatError::Version(version));
     }
-    let count = u32_at(8);
-    if count as usize > MAX_HINTS {
+    let count = u32_at(8) as usize;
+    if count > limit {
         return Err(HintFormatError::Count {
-            count: u64::from(count),
+            count: count as u64,
             bytes: b.len(),
         });
     }
-    Ok((count as usize * HINT_RECORD_LEN, u32_at(12)))
+    Ok((count, u32_at(12)))
+}
+
+/// Checks a hint set's 16-byte header and returns (record bytes that follow, tag).
+pub fn hint_set_header(b: &[u8]) -> Result<(usize, u32), HintFormatError> {
+    let (count, tag) = checked_header(b, HINTS_MAGIC, MAX_HINTS)?;
+    Ok((count * HINT_RECORD_LEN, tag))
 }
 
 /// Decodes a hint set from an untrusted guest, checking every length first.
@@ -295,6 +327,10 @@ mod format_tests {
         assert_eq!(
             parse_guest_request(&encode_hint_request(5)),
             Some(GuestRequest::Hints(5))
+        );
+        assert_eq!(
+            parse_guest_request(&encode_page_cache_request(6)),
+            Some(GuestRequest::PageCache(6))
         );
         assert_eq!(parse_guest_request(b"DBMX\0\0\0\0"), None);
         assert!(matches!(
