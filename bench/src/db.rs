@@ -406,12 +406,17 @@ pub(crate) fn migrate_slot(
 }
 
 /// What the migration cost the hosts' CPUs (ms of user and system time):
-/// each agent, the storage server over the migration (which serves only
-/// the rebuild's reads), and per GB read from storage the destination
-/// agent and the storage server together (the destination agent's time
-/// includes receiving the raw pages).
+/// each agent (the destination's from when it listened), the storage
+/// server over the migration (which serves only the rebuild's reads), and
+/// per GB read from storage the destination agent and the storage server
+/// together (the destination agent's time includes receiving the raw
+/// pages).
 fn cpu_detail(r: &Value, dest: &Value, storage_ms: Option<u64>, storage_bytes: u64) -> Value {
-    let dest_ms = dest["agent_cpu_ms"].as_u64();
+    // What the destination agent spent before it listened (allocating
+    // the guest's RAM) is not the migration's.
+    let dest_ms = dest["agent_cpu_ms"]
+        .as_u64()
+        .map(|t| t.saturating_sub(dest["agent_cpu_ms_before_listen"].as_u64().unwrap_or(0)));
     let per_gb = dest_ms
         .zip(storage_ms)
         .filter(|_| storage_bytes > 0)

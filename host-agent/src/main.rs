@@ -482,6 +482,10 @@ fn run(cli: Cli, rt: &tokio::runtime::Runtime, priority: priority::Priority) -> 
             if let Some(o) = out.as_object_mut() {
                 o.insert("agent_cpu_ms".into(), report::cpu_ms().into());
                 o.insert(
+                    "agent_cpu_ms_before_listen".into(),
+                    report::cpu_at_listen_ms().into(),
+                );
+                o.insert(
                     "agent_peak_rss_bytes".into(),
                     report::peak_rss_bytes().into(),
                 );

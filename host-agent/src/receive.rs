@@ -95,6 +95,7 @@ pub async fn receive(args: ReceiveArgs) -> Result<dest::DestStats> {
         .await
         .with_context(|| format!("listening on {} (is another agent using it?)", args.listen))?;
     let gate = Gate::open(listener, args.acceptor.clone());
+    crate::report::note_cpu_at_listen();
     tracing::info!(listen = %args.listen, tls = args.acceptor.is_tls(), %uri, ram = %backend.mem_path.display(), size = backend.size, "waiting for the source agent");
 
     let result = tokio::select! {

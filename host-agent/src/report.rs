@@ -81,6 +81,23 @@ pub fn peak_rss_bytes() -> Option<u64> {
     parse_vm_hwm(&std::fs::read_to_string("/proc/self/status").ok()?)
 }
 
+/// The destination agent's CPU time when it began to listen, ms.
+static CPU_AT_LISTEN: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+
+/// Notes, once, the CPU time used so far: what the destination agent spent
+/// before it listened (allocating the guest's RAM), which is not the
+/// migration's.
+pub fn note_cpu_at_listen() {
+    if let Some(c) = cpu_ms() {
+        let _ = CPU_AT_LISTEN.set(c);
+    }
+}
+
+/// The CPU time noted by [`note_cpu_at_listen`], ms.
+pub fn cpu_at_listen_ms() -> Option<u64> {
+    CPU_AT_LISTEN.get().copied()
+}
+
 /// CPU time this process has used so far (user and system), ms: what a
 /// migration cost its host, beside its bytes.
 pub fn cpu_ms() -> Option<u64> {
