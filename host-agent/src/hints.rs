@@ -190,26 +190,12 @@ impl HintChannel {
                     continue;
                 }
                 HintAnswer::Hints { body, tag } => {
-                    let hints = body / HINT_RECORD_LEN;
-                    if hints > self.max_hints {
-                        return Err(self.malformed(format!(
-                            "{hints} hints announced for a guest of {} pages",
-                            self.max_hints
-                        )));
-                    }
-                    (body, tag)
+                    (self.per_page(body, HINT_RECORD_LEN, "hints")?, tag)
                 }
                 HintAnswer::Layout { body, tag } => (body, tag),
+                // Each run holds at least one page of the guest.
                 HintAnswer::Census { body, tag } => {
-                    // Each run holds at least one page of the guest.
-                    let runs = body / CENSUS_RUN_LEN;
-                    if runs > self.max_hints {
-                        return Err(self.malformed(format!(
-                            "a census of {runs} runs announced for a guest of {} pages",
-                            self.max_hints
-                        )));
-                    }
-                    (body, tag)
+                    (self.per_page(body, CENSUS_RUN_LEN, "census runs")?, tag)
                 }
             };
             let mut set = head.to_vec();
@@ -227,6 +213,19 @@ impl HintChannel {
                 });
             }
         }
+    }
+
+    /// `body` bytes of `record`-byte records, at most one per page of the
+    /// guest's RAM; else the answer is malformed.
+    fn per_page(&self, body: usize, record: usize, what: &str) -> Result<usize, HintChannelError> {
+        let n = body / record;
+        if n > self.max_hints {
+            return Err(self.malformed(format!(
+                "{n} {what} announced for a guest of {} pages",
+                self.max_hints
+            )));
+        }
+        Ok(body)
     }
 
     fn read_until(&mut self, buf: &mut [u8], deadline: Instant) -> Result<(), HintChannelError> {

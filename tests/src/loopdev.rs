@@ -30,7 +30,8 @@ impl LoopDevice {
             );
         }
         let path = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
-        if !path.starts_with("/dev/loop") {
+        // A string test: `Path::starts_with` compares whole components.
+        if !path.to_string_lossy().starts_with("/dev/loop") {
             bail!("losetup answered `{}`, not a loop device", path.display());
         }
         Ok(Self { path })
@@ -45,5 +46,33 @@ impl LoopDevice {
 impl Drop for LoopDevice {
     fn drop(&mut self) {
         let _ = Command::new("losetup").arg("-d").arg(&self.path).status();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::FileExt;
+
+    #[test]
+    fn a_read_only_loop_device_reads_the_image_and_is_detached_when_dropped() {
+        let dir = std::env::temp_dir().join(format!("dbm-loop-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let img = dir.join("disk.img");
+        let mut data = vec![0u8; 1 << 20];
+        data[4096..4100].copy_from_slice(b"dbm!");
+        std::fs::write(&img, &data).unwrap();
+        let dev = LoopDevice::attach(&img).unwrap();
+        let mut b = [0u8; 4];
+        std::fs::File::open(dev.path())
+            .unwrap()
+            .read_exact_at(&mut b, 4096)
+            .unwrap();
+        assert_eq!(&b, b"dbm!");
+        drop(dev);
+        let listed = Command::new("losetup").arg("-l").output().unwrap();
+        let listed = String::from_utf8_lossy(&listed.stdout);
+        assert!(!listed.contains(&*img.to_string_lossy()), "{listed}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
