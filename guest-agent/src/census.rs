@@ -19,14 +19,14 @@ use dbmigrate_core::protocol::guest::{CensusRun, PageKind};
 
 use crate::procmem;
 
-const KPF_DIRTY: u64 = 1 << 4;
-const KPF_LRU: u64 = 1 << 5;
+pub(crate) const KPF_DIRTY: u64 = 1 << 4;
+pub(crate) const KPF_LRU: u64 = 1 << 5;
 const KPF_SLAB: u64 = 1 << 7;
-const KPF_WRITEBACK: u64 = 1 << 8;
+pub(crate) const KPF_WRITEBACK: u64 = 1 << 8;
 const KPF_BUDDY: u64 = 1 << 10;
 const KPF_MMAP: u64 = 1 << 11;
-const KPF_ANON: u64 = 1 << 12;
-const KPF_SWAPBACKED: u64 = 1 << 14;
+pub(crate) const KPF_ANON: u64 = 1 << 12;
+pub(crate) const KPF_SWAPBACKED: u64 = 1 << 14;
 const KPF_COMPOUND_HEAD: u64 = 1 << 15;
 const KPF_COMPOUND_TAIL: u64 = 1 << 16;
 const KPF_NOPAGE: u64 = 1 << 20;

@@ -24,17 +24,12 @@ use dbmigrate_core::addr::{DiskOffset, GuestAddr};
 use dbmigrate_core::protocol::guest::GuestHint;
 use serde::Serialize;
 
+use crate::census::{KPF_ANON, KPF_DIRTY, KPF_LRU, KPF_SWAPBACKED, KPF_WRITEBACK};
 use crate::disk::{map_range, Disks, Placed};
 use crate::{procmem, sys};
 
 /// Most files one collection looks at.
 pub const MAX_FILES: usize = 65_536;
-
-const KPF_DIRTY: u64 = 1 << 4;
-const KPF_LRU: u64 = 1 << 5;
-const KPF_WRITEBACK: u64 = 1 << 8;
-const KPF_ANON: u64 = 1 << 12;
-const KPF_SWAPBACKED: u64 = 1 << 14;
 
 /// What one collection found.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
