@@ -59,24 +59,16 @@ impl ServerFrames {
         let maps = std::fs::read_to_string(format!("/proc/{pid}/maps"))?;
         let mem = procmem::ProcMem::open(pid)?;
         let mut me = Self::default();
-        const WINDOW: u64 = 64 << 20;
         for (start, end) in procmem::anon_rw_mappings(&maps, 4096) {
             let kind = if end - start > POOL_MAPPING_MIN {
                 PageKind::BufferPool
             } else {
                 PageKind::ServerAnon
             };
-            let mut at = start;
-            while at < end {
-                let len = (end - at).min(WINDOW);
-                let pages = usize::try_from(len / 4096).expect("at most a window");
-                let Ok(pfns) = mem.frames(at, pages) else {
-                    break;
-                };
+            for (_, pfns) in mem.windows(start, end, 4096) {
                 for pfn in pfns.into_iter().flatten() {
                     me.mark(pfn, kind);
                 }
-                at += len;
             }
         }
         Ok(me)

@@ -329,22 +329,14 @@ pub fn pool_frames(cfg: &Config, pool: u64, page_size: u64) -> Result<Vec<Vec<u6
     })?;
     let page_size = page_size.clamp(4096, 65536);
     let sub = usize::try_from(page_size / 4096).expect("at most 16");
-    const WINDOW: u64 = 64 << 20;
     let mut out = Vec::new();
     for (start, end) in procmem::anon_rw_mappings(&maps, pool.min(16 << 20)) {
-        let mut at = start.next_multiple_of(page_size);
-        while at + page_size <= end {
-            let len = (end - at).min(WINDOW) / page_size * page_size;
-            let n = usize::try_from(len / 4096).expect("at most a window");
-            let Ok(pfns) = mem.frames(at, n) else {
-                break;
-            };
+        for (_, pfns) in mem.windows(start, end, page_size) {
             for f in pfns.chunks_exact(sub) {
                 if let Some(pages) = f.iter().map(|p| p.map(|pfn| pfn * 4096)).collect() {
                     out.push(pages);
                 }
             }
-            at += len;
         }
     }
     Ok(out)
@@ -403,17 +395,11 @@ pub fn scan(
     // Pagemap first: only frames resident in full are read, and of those
     // only the header and trailer, in batches (a whole 1 GiB pool is a few
     // MB of reads instead of 1 GiB).
-    const WINDOW: u64 = 64 << 20;
     let piece = innodb::HEAD_LEN + innodb::TAIL_LEN;
     let scan_started = std::time::Instant::now();
     for (start, end) in candidates {
-        let mut at = start.next_multiple_of(page_size);
-        while at + page_size <= end {
-            let len = (end - at).min(WINDOW) / page_size * page_size;
-            let n = usize::try_from(len).expect("at most a window");
-            let Ok(pfns) = mem.frames(at, n / 4096) else {
-                break;
-            };
+        for (at, pfns) in mem.windows(start, end, page_size) {
+            let n = pfns.len() * 4096;
             let mut idx = Vec::new();
             let mut pieces = Vec::new();
             for f in 0..n / frame_len {
@@ -494,7 +480,6 @@ pub fn scan(
                     owner.push((h.space, h.page));
                 }
             }
-            at += len;
         }
     }
     out.stats.scan_ms = dbmigrate_core::stats::millis(scan_started.elapsed());

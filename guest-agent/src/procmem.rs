@@ -46,12 +46,62 @@ pub struct ProcMem {
     pagemap: File,
 }
 
+/// Most memory one pagemap read covers (64 MiB: 128 KiB of entries).
+pub const WINDOW: u64 = 64 << 20;
+
+/// The frames of a range of memory, a window at a time (see [`ProcMem::windows`]).
+pub struct Windows<'a> {
+    mem: &'a ProcMem,
+    at: u64,
+    end: u64,
+    align: u64,
+}
+
+impl Iterator for Windows<'_> {
+    /// A window's address and the frame of each of its 4 KiB pages.
+    type Item = (u64, Vec<Option<u64>>);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let len = window_len(self.at, self.end, self.align);
+        if len == 0 {
+            return None;
+        }
+        let at = self.at;
+        let pages = usize::try_from(len / 4096).expect("at most a window");
+        // A window the pagemap cannot give (the mapping went away) ends the walk.
+        self.at = self.end;
+        let frames = self.mem.frames(at, pages).ok()?;
+        self.at = at + len;
+        Some((at, frames))
+    }
+}
+
+/// Bytes of the next window from `at` (a multiple of `align`): whole
+/// `align` units up to `end`, at most [`WINDOW`]; 0 when none fits (pure).
+fn window_len(at: u64, end: u64, align: u64) -> u64 {
+    end.saturating_sub(at).min(WINDOW) / align * align
+}
+
 impl ProcMem {
     /// Opens the pagemap (needs root for the frame numbers).
     pub fn open(pid: u32) -> io::Result<Self> {
         Ok(Self {
             pagemap: File::open(format!("/proc/{pid}/pagemap"))?,
         })
+    }
+
+    /// The frames of `[start, end)`, in windows of at most [`WINDOW`]
+    /// bytes that start at multiples of `align` (a power of two from 4096
+    /// to [`WINDOW`]) and hold whole units of it. The walk ends early at a
+    /// window the pagemap cannot give.
+    pub fn windows(&self, start: u64, end: u64, align: u64) -> Windows<'_> {
+        let align = align.clamp(4096, WINDOW).next_power_of_two();
+        Windows {
+            mem: self,
+            at: start.next_multiple_of(align),
+            end,
+            align,
+        }
     }
 
     /// Physical page number of each 4 KiB page from `addr`; None where not present.
@@ -73,6 +123,29 @@ impl ProcMem {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn windows_hold_whole_aligned_units_up_to_the_end() {
+        assert_eq!(window_len(0, 3 * WINDOW, 4096), WINDOW);
+        assert_eq!(window_len(0, 20_000, 4096), 16_384);
+        assert_eq!(window_len(0, 20_000, 16_384), 16_384);
+        assert_eq!(window_len(16_384, 20_000, 16_384), 0);
+        assert_eq!(window_len(30_000, 20_000, 4096), 0);
+    }
+
+    #[test]
+    fn walks_this_process_memory_in_windows() {
+        let mem = ProcMem::open(std::process::id()).unwrap();
+        let buf = vec![1u8; 3 * 4096 + 100];
+        let start = buf.as_ptr() as u64;
+        let end = start + buf.len() as u64;
+        let walked: Vec<_> = mem.windows(start, end, 4096).collect();
+        assert_eq!(walked.len(), 1);
+        let (at, frames) = &walked[0];
+        assert_eq!(*at, start.next_multiple_of(4096));
+        assert_eq!(frames.len() as u64, window_len(*at, end, 4096) / 4096);
+        assert_eq!(mem.windows(end, end, 4096).count(), 0);
+    }
 
     #[test]
     fn picks_large_anonymous_rw_mappings() {
