@@ -99,6 +99,7 @@ pub async fn accept(
         peer,
         peer_timeout,
         storage_rate: None,
+        storage_read_gap: super::storage::DEFAULT_READ_GAP,
         stats: DestStats::default(),
     })
 }

@@ -36,6 +36,7 @@ pub use faults::FaultSource;
 pub use phase::PhaseError;
 pub use postcopy::PostcopyOutcome;
 pub use session::{DestSession, PostcopyRun, Received};
+pub use storage::{DEFAULT_READ_GAP, MAX_READ_GAP};
 
 /// Errors of the destination side.
 #[derive(Debug, Error)]

@@ -36,6 +36,8 @@ pub struct DestSession {
     pub(super) peer_timeout: Duration,
     /// Pace of the background storage reads, bytes/s (None: as fast as they go).
     pub(super) storage_rate: Option<u64>,
+    /// Blocks a background storage read goes through unasked.
+    pub(super) storage_read_gap: usize,
     /// What arrived.
     pub stats: DestStats,
 }
@@ -102,6 +104,15 @@ impl DestSession {
         self.storage_rate = bytes_per_sec;
     }
 
+    /// Lets one background storage read go through up to `blocks` 4 KiB
+    /// blocks nobody asked for (at most [`super::storage::MAX_READ_GAP`])
+    /// rather than splitting in two: fewer, longer reads where a request
+    /// costs more than its bytes (NBD over a network), fewer bytes read
+    /// where it does not. Default [`super::storage::DEFAULT_READ_GAP`].
+    pub fn set_storage_read_gap(&mut self, blocks: usize) {
+        self.storage_read_gap = blocks.min(super::storage::MAX_READ_GAP);
+    }
+
     /// Receives pages until every data connection ended, rebuilding
     /// referenced pages from `storage`, then answers the source's digest
     /// comparison; or, if the source switches to post-copy (only offered
@@ -122,8 +133,15 @@ impl DestSession {
             tokio::spawn(read_pages(s, tx.clone(), pages, heard.clone()));
         }
         drop(tx);
-        let readers = storage
-            .map(|st| StorageReaders::start(st, stored_tx, heard.clone(), self.storage_rate));
+        let readers = storage.map(|st| {
+            StorageReaders::start(
+                st,
+                stored_tx,
+                heard.clone(),
+                self.storage_rate,
+                self.storage_read_gap,
+            )
+        });
         let faults = faults.map(Arc::new);
         let stop_faults = Arc::new(AtomicBool::new(false));
         let (end_tx, end_rx) = oneshot::channel();

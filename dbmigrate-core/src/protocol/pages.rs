@@ -124,6 +124,44 @@ pub fn connection_for_page(page: u64, conns: u16) -> u16 {
 pub struct PageEncoder {
     zstd: Option<zstd::bulk::Compressor<'static>>,
     buf: Vec<u8>,
+    backoff: Backoff,
+}
+
+/// When to leave compression alone for a while: after [`Backoff::MISSES`]
+/// pages in a row that zstd did not shrink (an incompressible guest, e.g.
+/// encrypted or random data), the next [`Backoff::SKIP`] pages go raw
+/// untried, then zstd is tried again. Pure.
+#[derive(Default, Debug, Clone, Copy, PartialEq, Eq)]
+struct Backoff {
+    misses: u32,
+    skip: u32,
+}
+
+impl Backoff {
+    const MISSES: u32 = 32;
+    const SKIP: u32 = 1024;
+
+    /// Whether to try compressing the next page.
+    fn try_next(&mut self) -> bool {
+        if self.skip > 0 {
+            self.skip -= 1;
+            return false;
+        }
+        true
+    }
+
+    /// What trying gave.
+    fn tried(&mut self, shrank: bool) {
+        if shrank {
+            self.misses = 0;
+            return;
+        }
+        self.misses += 1;
+        if self.misses >= Self::MISSES {
+            self.misses = 0;
+            self.skip = Self::SKIP;
+        }
+    }
 }
 
 impl PageEncoder {
@@ -134,6 +172,7 @@ impl PageEncoder {
                 .then(|| zstd::bulk::Compressor::new(1).ok())
                 .flatten(),
             buf: vec![0u8; PAGE_SIZE],
+            backoff: Backoff::default(),
         }
     }
 
@@ -149,11 +188,19 @@ impl PageEncoder {
     /// [`PageEncoder::push`] for a page known not to be zero.
     pub fn push_data(&mut self, batch: &mut BatchBuilder, page: u64, data: &[u8]) -> PageEncoding {
         let buf = &mut self.buf;
+        let backoff = &mut self.backoff;
         let packed = self
             .zstd
             .as_mut()
-            .and_then(|z| z.compress_to_buffer(data, &mut buf[..]).ok())
-            .filter(|&n| n < PAGE_SIZE * 7 / 8);
+            .filter(|_| backoff.try_next())
+            .and_then(|z| {
+                let n = z
+                    .compress_to_buffer(data, &mut buf[..])
+                    .ok()
+                    .filter(|&n| n < PAGE_SIZE * 7 / 8);
+                backoff.tried(n.is_some());
+                n
+            });
         match packed {
             Some(n) => {
                 batch.push(page, PageEncoding::Zstd, &buf[..n]);
@@ -242,5 +289,55 @@ impl BatchBuilder {
         write_header(&mut self.buf[..HEADER_LEN], Kind::PageBatch, payload_len);
         self.buf[HEADER_LEN + 4..HEADER_LEN + 8].copy_from_slice(&self.count.to_le_bytes());
         self.buf
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn compression_rests_after_a_run_of_misses_and_tries_again() {
+        let mut b = Backoff::default();
+        for _ in 0..Backoff::MISSES - 1 {
+            assert!(b.try_next());
+            b.tried(false);
+        }
+        // A page that shrank starts the count again.
+        assert!(b.try_next());
+        b.tried(true);
+        for _ in 0..Backoff::MISSES {
+            assert!(b.try_next());
+            b.tried(false);
+        }
+        let skipped = (0..Backoff::SKIP).filter(|_| !b.try_next()).count();
+        assert_eq!(skipped, Backoff::SKIP as usize);
+        assert!(b.try_next());
+    }
+
+    #[test]
+    fn an_encoder_compresses_what_shrinks_and_sends_the_rest_raw() {
+        let mut e = PageEncoder::new(true);
+        let mut batch = BatchBuilder::new(0);
+        let text = [b'a'; PAGE_SIZE];
+        assert_eq!(e.push(&mut batch, 1, &text), PageEncoding::Zstd);
+        assert_eq!(e.push(&mut batch, 2, &[0u8; PAGE_SIZE]), PageEncoding::Zero);
+        // Incompressible pages: raw, and after a run of them raw untried.
+        let mut x = 0x9E37_79B9_7F4A_7C15u64;
+        let mut noise = [0u8; PAGE_SIZE];
+        for _ in 0..Backoff::MISSES + 5 {
+            for c in noise.chunks_exact_mut(8) {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                c.copy_from_slice(&x.to_le_bytes());
+            }
+            assert_eq!(e.push(&mut batch, 3, &noise), PageEncoding::Raw);
+        }
+        assert!(e.backoff.skip > 0);
+        assert_eq!(
+            PageEncoder::new(false).push(&mut batch, 4, &text),
+            PageEncoding::Raw
+        );
     }
 }
