@@ -21,6 +21,7 @@ use crate::guest_cost::{self, AFTER_SLOWEST_S, CONTROL};
 use crate::hosts::{Host, Hosts};
 use crate::load::{fill_workload, start_load, tpcc_check, wait_load};
 use crate::qemu::QemuWay;
+use crate::storage_probe::{physical_bound_ms, Probe};
 use crate::{steady, timeline};
 use crate::{Pages, Run};
 
@@ -255,14 +256,13 @@ pub(crate) fn start_receiver(
     let mut recv = s
         .hosts
         .wrap(Host::Destination, bed.tb.receive_cmd_on(dst, sl.port)?);
-    if crate::methods::reads_block_device(method) {
-        recv.arg("--storage").arg(bed.disk_as_block_device(slot)?);
-    } else {
-        recv.args(["--storage", &sl.nbd_from_dst]);
-    }
+    recv.args(["--storage", &rebuild_storage(bed, slot, method)?]);
     let pace = crate::methods::fixed_pace(method).unwrap_or(s.storage_read_mbyte_s);
     if pace > 0 {
         recv.args(["--storage-bandwidth", &format!("{pace}MB")]);
+    }
+    if let Some(kib) = crate::methods::read_gap(method) {
+        recv.args(["--storage-read-gap", &kib.to_string()]);
     }
     if let Some(sock) = uffd_sock {
         recv.arg("--postcopy-socket").arg(sock);
@@ -345,12 +345,14 @@ pub(crate) fn migrate_slot(
         let first = &r["stats"]["rounds"][0];
         let nonrebuildable = first["raw_pages"].as_u64().unwrap_or(0) * 4096;
         let rebuildable = first["ref_pages"].as_u64().unwrap_or(0) * 4096;
+        // The storage side at its links' shaping until the caller measured
+        // it ([`crate::storage_probe`]).
         let link_bps = f64::from(s.link_mbit) * 1e6 / 8.0;
         let stor_bps = f64::from(s.storage_mbit) * 1e6 / 8.0;
-        let bound_ms =
-            (nonrebuildable as f64 / link_bps).max(rebuildable as f64 / stor_bps) * 1000.0;
+        let bound_ms = physical_bound_ms(nonrebuildable, rebuildable, link_bps, stor_bps);
         run.detail = json!({
             "physical_bound_ms": bound_ms.round(),
+            "physical_bound_storage": "the storage links' shaping",
             "nonrebuildable_first_pass_bytes": nonrebuildable,
             "rebuildable_first_pass_bytes": rebuildable,
             "stop_reason": r["stats"]["stop_reason"],
@@ -476,6 +478,17 @@ fn run_one(s: &DbSetup, guest: &MariadbGuest, bed: &DbBed, method: &str) -> Resu
         return control(s, guest, bed);
     }
     let dbm = crate::dbmigrate_mode(method).is_some();
+    // The storage side of the physical bound, measured on the idle bed
+    // through the path this method's rebuild reads.
+    let probe = if dbm {
+        Some(crate::storage_probe::probe(
+            s,
+            bed,
+            &rebuild_storage(bed, 0, method)?,
+        )?)
+    } else {
+        None
+    };
     let (src, dst, uffd_sock) = boot(s, guest, bed, 0, dbm, crate::may_postcopy(method))?;
     // The destination agent sets up before the load starts, as QEMU's
     // destination does at boot.
@@ -486,8 +499,44 @@ fn run_one(s: &DbSetup, guest: &MariadbGuest, bed: &DbBed, method: &str) -> Resu
         Ok((run, Some(bed.tb.link_bytes()? - before)))
     })?;
     check_after(s, bed, &bed.vm_ip, &dst, &mut run);
+    if let Some(p) = probe {
+        with_measured_bound(s, &mut run, p);
+    }
     drop((src, dst));
     Ok(run)
+}
+
+/// The run's physical bound with the storage side at the rate `probe`
+/// measured rather than the links' shaping.
+fn with_measured_bound(s: &DbSetup, run: &mut Run, probe: Probe) {
+    let d = &mut run.detail;
+    let bytes = |k: &str| d[k].as_u64().unwrap_or(0);
+    let bound = physical_bound_ms(
+        bytes("nonrebuildable_first_pass_bytes"),
+        bytes("rebuildable_first_pass_bytes"),
+        f64::from(s.link_mbit) * 1e6 / 8.0,
+        probe.mbyte_per_s * 1e6,
+    );
+    if let Some(o) = d.as_object_mut() {
+        o.insert("physical_bound_ms".into(), json!(bound.round()));
+        o.insert(
+            "physical_bound_storage".into(),
+            json!("a sequential read of the disk from the destination host, idle bed"),
+        );
+        o.insert("storage_probe".into(), json!(probe));
+    }
+}
+
+/// The disk as the destination's rebuild of `method` reads it: the local
+/// block device, or the storage server over NBD.
+fn rebuild_storage(bed: &DbBed, slot: usize, method: &str) -> Result<String> {
+    Ok(if crate::methods::reads_block_device(method) {
+        bed.disk_as_block_device(slot)?
+            .to_string_lossy()
+            .into_owned()
+    } else {
+        bed.slots[slot].nbd_from_dst.clone()
+    })
 }
 
 /// The control run: the same VM (started as for QEMU's methods, without

@@ -18,6 +18,7 @@ mod methods;
 mod qemu;
 mod report;
 mod steady;
+mod storage_probe;
 mod storage_read;
 mod timeline;
 mod tpcc;
@@ -112,6 +113,17 @@ enum Cmd {
     /// TPC-C: load a database, run the driver, check consistency.
     #[command(subcommand)]
     Tpcc(TpccCmd),
+    /// Read the start of a disk sequentially as the rebuild reads storage
+    /// (1 MiB reads, 4 threads, 8 in flight each) and print the rate as
+    /// JSON: the storage side of a run's physical bound.
+    StorageProbe {
+        /// `nbd://HOST:PORT[/EXPORT]`, or a file or block device path.
+        #[arg(long)]
+        storage: String,
+        /// Bytes to read (at most the disk).
+        #[arg(long, default_value_t = storage_probe::PROBE_BYTES)]
+        bytes: u64,
+    },
 }
 
 /// Settings shared by the database comparisons.
@@ -167,9 +179,13 @@ struct RunArgs {
     /// reads at a fixed 100 or 200 MB/s; `dbmigrate-precopy-census`:
     /// dbmigrate's pre-copy with `--page-census`;
     /// `dbmigrate-precopy-blockdev`: the destination reads the disk as a
-    /// block device (a loop device), not over NBD; `dbmigrate-precopy-zstd`:
-    /// dbmigrate's pre-copy with `--compress`; `dbmigrate-precopy-pagecache`:
-    /// with `--hint-page-cache --page-census`; the TLS methods
+    /// block device (a loop device), not over NBD;
+    /// `dbmigrate-precopy-uncompressed`: dbmigrate's pre-copy with
+    /// `--compress off`; `dbmigrate-precopy-pagecache`:
+    /// with `--hint-page-cache --page-census`; `dbmigrate-precopy-gap16` and
+    /// `-gap64`: the destination's storage reads go through up to 16 or
+    /// 64 KiB nobody asked for (`receive --storage-read-gap`; default 0);
+    /// the TLS methods
     /// `dbmigrate-precopy-plaintext`, `qemu-precopy-tls`; and the references
     /// `storage-read` and `storage-read-separate`: no migration, the
     /// destination host reads the VM's disk from shared storage).
@@ -478,6 +494,7 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Cmd::Tpcc(cmd) => tpcc_cmd(cmd),
+        Cmd::StorageProbe { storage, bytes } => storage_probe::probe_here(&storage, bytes),
         Cmd::Transport { mib, repeats, out } => {
             transport::run(mib, repeats, &out.unwrap_or_else(transport::default_out))
         }

@@ -25,10 +25,11 @@ pub(crate) const METHODS: [&str; 5] = [
 /// ([`FIXED_PACES`]); dbmigrate's pre-copy with the guest's memory census
 /// (`--page-census`: what the raw pages are); dbmigrate's pre-copy with the
 /// destination reading the disk as a block device ([`reads_block_device`]);
-/// dbmigrate's pre-copy with its raw pages zstd-compressed (`--compress`);
+/// dbmigrate's pre-copy with its raw pages not compressed (`--compress off`);
 /// dbmigrate's pre-copy rebuilding the guest's clean page cache too
-/// (`--hint-page-cache`, with the census to show it).
-pub(crate) const DB_METHODS: [&str; 10] = [
+/// (`--hint-page-cache`, with the census to show it); dbmigrate's
+/// pre-copy with other storage read gaps ([`READ_GAPS`]).
+pub(crate) const DB_METHODS: [&str; 12] = [
     "dbmigrate-precopy-plaintext",
     "qemu-precopy-tls",
     "qemu-precopy-multifd",
@@ -37,9 +38,27 @@ pub(crate) const DB_METHODS: [&str; 10] = [
     FIXED_PACES[1].0,
     "dbmigrate-precopy-census",
     "dbmigrate-precopy-blockdev",
-    "dbmigrate-precopy-zstd",
+    "dbmigrate-precopy-uncompressed",
     "dbmigrate-precopy-pagecache",
+    READ_GAPS[0].0,
+    READ_GAPS[1].0,
 ];
+
+/// Methods that run dbmigrate's pre-copy with another longest stretch one
+/// storage read goes through unasked (`receive --storage-read-gap`, KiB;
+/// the default is 0).
+pub(crate) const READ_GAPS: [(&str, u32); 2] = [
+    ("dbmigrate-precopy-gap16", 16),
+    ("dbmigrate-precopy-gap64", 64),
+];
+
+/// The storage read gap of a method, KiB, if it sets one (pure).
+pub(crate) fn read_gap(method: &str) -> Option<u32> {
+    READ_GAPS
+        .iter()
+        .find(|(name, _)| *name == method)
+        .map(|&(_, kib)| kib)
+}
 
 /// Whether the destination of `method` reads the VM's disk as a local
 /// block device (a read-only loop device over the image, as a host sees a
@@ -71,10 +90,10 @@ pub(crate) const ADAPTIVE_BUDGET_PCT: &str = "10";
 pub(crate) fn dbmigrate_mode(method: &str) -> Option<&'static [&'static str]> {
     match method {
         "dbmigrate-precopy" | "dbmigrate-precopy-plaintext" => Some(&["--mode", "precopy"]),
-        m if fixed_pace(m).is_some() => Some(&["--mode", "precopy"]),
+        m if fixed_pace(m).is_some() || read_gap(m).is_some() => Some(&["--mode", "precopy"]),
         "dbmigrate-precopy-census" => Some(&["--mode", "precopy", "--page-census"]),
         "dbmigrate-precopy-blockdev" => Some(&["--mode", "precopy"]),
-        "dbmigrate-precopy-zstd" => Some(&["--mode", "precopy", "--compress"]),
+        "dbmigrate-precopy-uncompressed" => Some(&["--mode", "precopy", "--compress", "off"]),
         "dbmigrate-precopy-pagecache" => {
             Some(&["--mode", "precopy", "--hint-page-cache", "--page-census"])
         }
@@ -180,6 +199,12 @@ mod tests {
     #[test]
     fn fixed_paces_are_precopy_methods_with_their_pace() {
         assert_eq!(fixed_pace("dbmigrate-precopy-pace100"), Some(100));
+        assert_eq!(read_gap("dbmigrate-precopy-gap64"), Some(64));
+        assert_eq!(read_gap("dbmigrate-precopy"), None);
+        assert_eq!(
+            dbmigrate_mode("dbmigrate-precopy-gap16"),
+            Some(&["--mode", "precopy"][..])
+        );
         assert_eq!(fixed_pace("dbmigrate-precopy-pace200"), Some(200));
         assert_eq!(fixed_pace("dbmigrate-precopy"), None);
         assert_eq!(fixed_pace("dbmigrate-precopy-adaptive"), None);
