@@ -114,16 +114,17 @@ pub(crate) fn probe(s: &DbSetup, bed: &DbBed, storage: &str) -> Result<Probe> {
     serde_json::from_slice(&out.stdout).context("reading the storage probe's answer")
 }
 
-/// The physical bound of design §6 (ms): the first round's pages that no
-/// disk holds over the migration link, those it does over the storage
-/// side's measured rate, whichever takes longer (pure).
+/// The physical bound of design §6 (ms): the first round's bytes on the
+/// migration link (the pages no disk holds, as they crossed) over its
+/// rate, the pages a disk holds over the storage side's measured rate,
+/// whichever takes longer (pure).
 pub(crate) fn physical_bound_ms(
-    nonrebuildable_bytes: u64,
+    link_bytes: u64,
     rebuildable_bytes: u64,
     link_bytes_per_s: f64,
     storage_bytes_per_s: f64,
 ) -> f64 {
-    let link = nonrebuildable_bytes as f64 / link_bytes_per_s.max(1.0);
+    let link = link_bytes as f64 / link_bytes_per_s.max(1.0);
     let storage = rebuildable_bytes as f64 / storage_bytes_per_s.max(1.0);
     link.max(storage) * 1000.0
 }

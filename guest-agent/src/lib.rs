@@ -39,6 +39,9 @@ pub enum AgentError {
     /// No server process was found.
     #[error("no mariadbd or mysqld process found: is the server running in this VM?")]
     NoServer,
+    /// The server reported a page size InnoDB does not have.
+    #[error("the database server reports innodb_page_size {0}: InnoDB pages are a power of two from 4 KiB to 64 KiB; is this an InnoDB server?")]
+    PageSize(u64),
     /// /proc access failed.
     #[error("cannot {doing} of process {pid}: the agent must run as root")]
     Proc {
@@ -147,6 +150,9 @@ async fn server_files(
             what: "server settings",
             source: mysql_async::Error::Other("no row".into()),
         })?;
+    if !(page_size.is_power_of_two() && (4096..=65536).contains(&page_size)) {
+        return Err(AgentError::PageSize(page_size));
+    }
     let spaces: Vec<(u32, String)> = conn
         .query(TABLESPACES_SQL)
         .await

@@ -560,7 +560,39 @@ fn run(cli: Cli, rt: &tokio::runtime::Runtime, priority: priority::Priority) -> 
 
 #[cfg(test)]
 mod tests {
-    use super::{parse_gap_kib, parse_rate};
+    use super::{parse_gap_kib, parse_rate, Cli, Command, OnOff};
+    use clap::Parser;
+
+    /// `--compress` of a `migrate` command line ending in `extra`.
+    fn compress(extra: &[&str]) -> Result<OnOff, clap::Error> {
+        let base = [
+            "dbmigrate",
+            "migrate",
+            "--qmp",
+            "/q",
+            "--to",
+            "10.0.0.2:7000",
+        ];
+        let cli = Cli::try_parse_from(base.iter().chain(extra))?;
+        match cli.command {
+            Command::Migrate { compress, .. } => Ok(compress),
+            _ => unreachable!("a migrate command line"),
+        }
+    }
+
+    #[test]
+    fn compression_is_on_unless_turned_off() {
+        assert_eq!(compress(&[]).unwrap(), OnOff::On);
+        assert_eq!(compress(&["--compress"]).unwrap(), OnOff::On);
+        assert_eq!(compress(&["--compress", "off"]).unwrap(), OnOff::Off);
+        assert_eq!(compress(&["--compress=on"]).unwrap(), OnOff::On);
+        // What follows a bare --compress is another option, not its value.
+        assert_eq!(
+            compress(&["--compress", "--keep-source"]).unwrap(),
+            OnOff::On
+        );
+        assert!(compress(&["--compress", "maybe"]).is_err());
+    }
 
     #[test]
     fn rates() {

@@ -197,7 +197,7 @@ impl PageEncoder {
                 let n = z
                     .compress_to_buffer(data, &mut buf[..])
                     .ok()
-                    .filter(|&n| n < PAGE_SIZE * 7 / 8);
+                    .filter(|&n| n <= PAGE_SIZE * 7 / 8);
                 backoff.tried(n.is_some());
                 n
             });
