@@ -184,9 +184,9 @@ enum Command {
         /// Longest stretch of the disk, KiB (a multiple of 4, at most
         /// 1024), that one storage read goes through although no page in it
         /// is wanted, rather than splitting in two: larger where a request
-        /// costs more than its bytes (NBD across a network), 0 where reads
-        /// are cheap (a local block device or NBD nearby).
-        #[arg(long, default_value_t = 0, value_parser = parse_gap_kib)]
+        /// costs more than its bytes, 0 where bytes cost more than requests
+        /// (a slow storage link).
+        #[arg(long, default_value_t = 64, value_parser = parse_gap_kib)]
         storage_read_gap: u32,
         /// Unix socket where the destination QEMU's preload library offers
         /// its RAM's userfaultfd (`DBMIGRATE_POSTCOPY_SOCKET`, see `dbmigrate

@@ -170,12 +170,12 @@ const MAX_RUN: usize = 256;
 /// Blocks nobody asked for that a background read goes through rather
 /// than splitting in two, unless the session says otherwise (see
 /// [`rebuild::coalesce`] and [`super::DestSession::set_storage_read_gap`]).
-/// None: on the sysbench VM the gaps between referenced blocks are mostly
-/// the zero 4 KiB parts of 16 KiB InnoDB pages (sent as zero pages, not
-/// referenced); reading through gaps of up to 16 blocks read 1.33 GB for
-/// 1.01 GB of references, up to 4 blocks 1.30 GB, none 1.01 GB, and the
-/// round was shorter without (`bench/results/mariadb-sysbench-reads.json`).
-pub const DEFAULT_READ_GAP: usize = 0;
+/// 16: on the sysbench VM reading through gaps of up to 16 blocks reads
+/// 1.32 GB for 1.01 GB of references in a tenth of the requests, and on
+/// this CPU-bound machine the fewer requests won over the fewer bytes
+/// (`bench/results/mariadb-sysbench-reads.json`, README "Storage reads
+/// and compression").
+pub const DEFAULT_READ_GAP: usize = 16;
 
 /// Most blocks a read may go through unasked: a gap longer than a whole
 /// read gains nothing.
