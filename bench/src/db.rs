@@ -63,6 +63,11 @@ pub struct DbSetup {
 }
 
 impl DbSetup {
+    /// The migration link's shaped rate, bytes/s.
+    fn link_bytes_per_s(&self) -> f64 {
+        f64::from(self.link_mbit) * 1e6 / 8.0
+    }
+
     /// Seconds the load runs on from the migration's start at least: the
     /// migration's time limit plus the window's [`AFTER_SLOWEST_S`], so
     /// that every run's timeline holds the window of any migration that
@@ -351,9 +356,8 @@ pub(crate) fn migrate_slot(
         let rebuildable = pages("ref_pages") * 4096;
         // The storage side at its links' shaping until the caller measured
         // it ([`crate::storage_probe`]).
-        let link_bps = f64::from(s.link_mbit) * 1e6 / 8.0;
         let stor_bps = f64::from(s.storage_mbit) * 1e6 / 8.0;
-        let bound_ms = physical_bound_ms(first_link, rebuildable, link_bps, stor_bps);
+        let bound_ms = physical_bound_ms(first_link, rebuildable, s.link_bytes_per_s(), stor_bps);
         run.detail = json!({
             "physical_bound_ms": bound_ms.round(),
             "physical_bound_storage": "the storage links' shaping",
@@ -527,7 +531,7 @@ fn with_measured_bound(s: &DbSetup, run: &mut Run, probe: Probe) {
     let bound = physical_bound_ms(
         bytes("first_pass_link_bytes"),
         bytes("rebuildable_first_pass_bytes"),
-        f64::from(s.link_mbit) * 1e6 / 8.0,
+        s.link_bytes_per_s(),
         probe.mbyte_per_s * 1e6,
     );
     if let Some(o) = d.as_object_mut() {

@@ -39,8 +39,8 @@ pub struct ReceiveArgs {
     pub storage: Option<std::sync::Arc<dyn dbmigrate_core::storage::Storage>>,
     /// Pace of the rebuild's background storage reads, bytes/s.
     pub storage_bandwidth: Option<u64>,
-    /// Blocks one storage read goes through unasked.
-    pub storage_read_gap_blocks: usize,
+    /// Blocks one storage read goes through unasked (None: the engine's default).
+    pub storage_read_gap_blocks: Option<usize>,
     /// Where QEMU's preload library offers the RAM's userfaultfd (post-copy).
     pub postcopy_socket: Option<PathBuf>,
     /// Allocate the RAM before the source connects.
@@ -367,7 +367,9 @@ async fn session(
         incoming.to_path_buf(),
     )));
     s.set_storage_rate(args.storage_bandwidth);
-    s.set_storage_read_gap(args.storage_read_gap_blocks);
+    if let Some(blocks) = args.storage_read_gap_blocks {
+        s.set_storage_read_gap(blocks);
+    }
     let t = Instant::now();
     let received = match s.receive(ram, args.storage.clone(), faults).await {
         Ok(r) => r,
