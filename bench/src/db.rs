@@ -243,8 +243,10 @@ fn receive_log(dir: &Path, dst_name: &str) -> PathBuf {
 /// Starts the destination agent of VM `slot` for a dbmigrate `method`
 /// and waits until it listens (None for QEMU's methods). As an operator
 /// would, the source starts only then: the clock leaves out the
-/// destination's set-up (allocating the guest's RAM), as it leaves out
-/// QEMU's own for its `-incoming` (`prealloc=on`).
+/// destination's set-up. By default that is only zeroing the RAM, whose
+/// allocation runs in the background during the migration (inside the
+/// clock); `dbmigrate-precopy-upfront` allocates it before listening, as
+/// QEMU's own `-incoming` does here (`prealloc=on`).
 pub(crate) fn start_receiver(
     s: &DbSetup,
     bed: &DbBed,
@@ -265,6 +267,9 @@ pub(crate) fn start_receiver(
     let pace = crate::methods::fixed_pace(method).unwrap_or(s.storage_read_mbyte_s);
     if pace > 0 {
         recv.args(["--storage-bandwidth", &format!("{pace}MB")]);
+    }
+    if crate::methods::prealloc_upfront(method) {
+        recv.args(["--prealloc", "upfront"]);
     }
     if let Some(kib) = crate::methods::read_gap(method) {
         recv.args(["--storage-read-gap", &kib.to_string()]);

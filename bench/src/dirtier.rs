@@ -37,6 +37,15 @@ pub(crate) struct DirtierArgs {
     /// Downtime target for every method, ms.
     #[arg(long, default_value_t = 300)]
     downtime_ms: u64,
+    /// The guest kernel uses only this much of its RAM (`mem=`), the rest
+    /// of the RAM file staying a hole: a large, sparse guest (with
+    /// `--ram-mib 1048576`, the 1 TiB one the agents' memory is measured on).
+    #[arg(long)]
+    guest_mem_mib: Option<u64>,
+    /// `receive --prealloc` of the dbmigrate methods (the agent's default
+    /// if not given; `off` for a guest larger than this host's memory).
+    #[arg(long)]
+    prealloc: Option<String>,
     #[command(flatten)]
     run: crate::RunArgs,
 }
@@ -50,6 +59,8 @@ pub(crate) fn compare(args: DirtierArgs) -> Result<()> {
         fill_pct,
         link_mbit,
         downtime_ms,
+        guest_mem_mib,
+        prealloc,
         run: crate::RunArgs {
             timeout_s,
             methods,
@@ -68,6 +79,8 @@ pub(crate) fn compare(args: DirtierArgs) -> Result<()> {
         fill_pct,
         link_mbit,
         downtime_ms,
+        guest_mem_mib,
+        prealloc,
         timeout: Duration::from_secs(timeout_s),
     };
     let mut runs = Vec::new();
@@ -90,7 +103,7 @@ pub(crate) fn compare(args: DirtierArgs) -> Result<()> {
         storage_mbit: None,
         hosts: None,
         host_cpus: None,
-        vm: json!({"ram_mib": ram_mib, "vcpus": 1, "workload": format!("dirtier ws={ws_mib}MiB fill={fill_pct}%")}),
+        vm: json!({"ram_mib": ram_mib, "guest_mem_mib": guest_mem_mib, "vcpus": 1, "workload": format!("dirtier ws={ws_mib}MiB fill={fill_pct}%")}),
         runs,
     };
     let path = out.unwrap_or_else(|| {
@@ -111,6 +124,8 @@ pub(crate) struct Setup<'a> {
     fill_pct: u64,
     link_mbit: u32,
     downtime_ms: u64,
+    guest_mem_mib: Option<u64>,
+    prealloc: Option<String>,
     timeout: Duration,
 }
 
@@ -158,6 +173,7 @@ pub(crate) fn start_vms(
             ws_mib: s.ws_mib,
             fill_pct: s.fill_pct,
             preload,
+            mem_limit_mib: s.guest_mem_mib,
             ..VmOptions::default()
         },
     )?;
@@ -177,6 +193,7 @@ pub(crate) fn start_vms(
             extra: dst_incoming_extra.iter().map(|s| s.to_string()).collect(),
             postcopy_socket: postcopy.then(|| s.tb.dir.join("dst.uffd")),
             qemu_fills: !preload,
+            mem_limit_mib: s.guest_mem_mib,
             ..VmOptions::default()
         },
     )?;
@@ -210,6 +227,9 @@ pub(crate) fn run_method(s: &Setup<'_>, method: &str) -> Result<Run> {
             let mut recv = s.tb.receive_cmd(&dst)?;
             if postcopy {
                 recv.arg("--postcopy-socket").arg(s.tb.dir.join("dst.uffd"));
+            }
+            if let Some(p) = &s.prealloc {
+                recv.args(["--prealloc", p]);
             }
             // The source starts once the destination is set up, as an
             // operator would (QEMU's destination allocates at boot).
@@ -248,6 +268,7 @@ pub(crate) fn run_method(s: &Setup<'_>, method: &str) -> Result<Run> {
                 "postcopy": r["postcopy"],
                 "destination": dest,
                 "device_state_bytes": r["device_state_bytes"],
+                "source_peak_own_bytes": r["agent_peak_own_bytes"],
                 "error": r["error"],
                 "destination_error": dbmigrate_testbed::agent_error(&recv_log),
             });

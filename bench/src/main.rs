@@ -182,10 +182,12 @@ struct RunArgs {
     /// block device (a loop device), not over NBD;
     /// `dbmigrate-precopy-uncompressed`: dbmigrate's pre-copy with
     /// `--compress off`; `dbmigrate-precopy-pagecache`:
-    /// with `--hint-page-cache --page-census`; `dbmigrate-precopy-gap0`,
+    /// with `--hint-page-cache --page-census` (`-pagecache-nocensus`:
+    /// without the census); `dbmigrate-precopy-gap0`,
     /// `-gap16` and `-gap64`: the destination's storage reads go through up
     /// to 0, 16 or 64 KiB nobody asked for (`receive --storage-read-gap`;
-    /// default 64);
+    /// default 64); `dbmigrate-precopy-upfront`: the destination allocates
+    /// the guest's RAM before it listens (`receive --prealloc upfront`);
     /// the TLS methods
     /// `dbmigrate-precopy-plaintext`, `qemu-precopy-tls`; and the references
     /// `storage-read` and `storage-read-separate`: no migration, the

@@ -27,9 +27,12 @@ pub(crate) const METHODS: [&str; 5] = [
 /// destination reading the disk as a block device ([`reads_block_device`]);
 /// dbmigrate's pre-copy with its raw pages not compressed (`--compress off`);
 /// dbmigrate's pre-copy rebuilding the guest's clean page cache too
-/// (`--hint-page-cache`, with the census to show it); dbmigrate's
-/// pre-copy with other storage read gaps ([`READ_GAPS`]).
-pub(crate) const DB_METHODS: [&str; 13] = [
+/// (`--hint-page-cache`, with the census to show it, and without it:
+/// `-pagecache-nocensus`, what the hints alone cost and save); dbmigrate's
+/// pre-copy with other storage read gaps ([`READ_GAPS`]); dbmigrate's
+/// pre-copy with the destination's RAM allocated before it listens
+/// ([`prealloc_upfront`]).
+pub(crate) const DB_METHODS: [&str; 15] = [
     "dbmigrate-precopy-plaintext",
     "qemu-precopy-tls",
     "qemu-precopy-multifd",
@@ -40,9 +43,11 @@ pub(crate) const DB_METHODS: [&str; 13] = [
     "dbmigrate-precopy-blockdev",
     "dbmigrate-precopy-uncompressed",
     "dbmigrate-precopy-pagecache",
+    "dbmigrate-precopy-pagecache-nocensus",
     READ_GAPS[0].0,
     READ_GAPS[1].0,
     READ_GAPS[2].0,
+    "dbmigrate-precopy-upfront",
 ];
 
 /// Methods that run dbmigrate's pre-copy with another longest stretch one
@@ -74,6 +79,13 @@ pub(crate) fn reads_block_device(method: &str) -> bool {
     method == "dbmigrate-precopy-blockdev"
 }
 
+/// Whether the destination of `method` allocates the guest's RAM before
+/// it listens (`receive --prealloc upfront`, as QEMU's `prealloc=on` does
+/// for QEMU's methods) instead of in the background (pure).
+pub(crate) fn prealloc_upfront(method: &str) -> bool {
+    method == "dbmigrate-precopy-upfront"
+}
+
 /// Methods that run dbmigrate's pre-copy with the destination's storage
 /// reads at a fixed pace (`receive --storage-bandwidth`, MB/s): the
 /// fixed paces the adaptive one is compared with.
@@ -96,11 +108,12 @@ pub(crate) fn dbmigrate_mode(method: &str) -> Option<&'static [&'static str]> {
         "dbmigrate-precopy" | "dbmigrate-precopy-plaintext" => Some(&["--mode", "precopy"]),
         m if fixed_pace(m).is_some() || read_gap(m).is_some() => Some(&["--mode", "precopy"]),
         "dbmigrate-precopy-census" => Some(&["--mode", "precopy", "--page-census"]),
-        "dbmigrate-precopy-blockdev" => Some(&["--mode", "precopy"]),
+        "dbmigrate-precopy-blockdev" | "dbmigrate-precopy-upfront" => Some(&["--mode", "precopy"]),
         "dbmigrate-precopy-uncompressed" => Some(&["--mode", "precopy", "--compress", "off"]),
         "dbmigrate-precopy-pagecache" => {
             Some(&["--mode", "precopy", "--hint-page-cache", "--page-census"])
         }
+        "dbmigrate-precopy-pagecache-nocensus" => Some(&["--mode", "precopy", "--hint-page-cache"]),
         "dbmigrate-precopy-adaptive" => Some(&[
             "--mode",
             "precopy",
@@ -205,6 +218,8 @@ mod tests {
         assert_eq!(fixed_pace("dbmigrate-precopy-pace100"), Some(100));
         assert_eq!(read_gap("dbmigrate-precopy-gap64"), Some(64));
         assert_eq!(read_gap("dbmigrate-precopy"), None);
+        assert!(prealloc_upfront("dbmigrate-precopy-upfront"));
+        assert!(!prealloc_upfront("dbmigrate-precopy"));
         assert_eq!(
             dbmigrate_mode("dbmigrate-precopy-gap16"),
             Some(&["--mode", "precopy"][..])

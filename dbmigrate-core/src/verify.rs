@@ -24,8 +24,74 @@ pub const CHUNK_PAGES: u32 = 512;
 /// `data` marks the pages that may hold non-zero bytes (from `SEEK_DATA`);
 /// a page outside it must read as zeros.
 pub fn ram_digests(ram: &[u8], data: &PageBitmap, chunk_pages: u32, threads: usize) -> Vec<u128> {
-    fold_page_hashes(&page_hashes(ram, data, threads), chunk_pages)
+    let mut d = SourceDigests::new((ram.len() / PAGE_SIZE) as u64, chunk_pages);
+    d.refresh(ram, data, threads);
+    if d.is_current() {
+        d.digests
+    } else {
+        Vec::new() // a hashing thread died: no digest then matches
+    }
 }
+
+/// The hash of every page of a RAM, kept so that pages nobody wrote cost
+/// no memory: an entry holds the page's [`page_hash`] XOR the zero page's,
+/// so a hole's entry is 0, in memory allocated zeroed, which the kernel
+/// backs only where it is written. A sparse 1 TiB RAM's hashes cost what
+/// its data pages do, not 8 bytes for each of its 2^28 pages.
+pub struct PageHashes(Vec<u64>);
+
+impl PageHashes {
+    /// Every page a zero page.
+    pub fn zeros(pages: u64) -> Self {
+        Self(vec![0; usize::try_from(pages).expect("page count fits")])
+    }
+
+    /// Pages.
+    pub fn len(&self) -> u64 {
+        self.0.len() as u64
+    }
+
+    /// True for no pages.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The hash of `page`, if inside.
+    pub fn get(&self, page: u64) -> Option<u64> {
+        let i = usize::try_from(page).ok()?;
+        self.0.get(i).map(|e| e ^ zero_page_hash())
+    }
+
+    /// Sets the hash of `page`; false if it is beyond the RAM.
+    pub fn set(&mut self, page: u64, hash: u64) -> bool {
+        let Some(e) = usize::try_from(page).ok().and_then(|i| self.0.get_mut(i)) else {
+            return false;
+        };
+        *e = hash ^ zero_page_hash();
+        true
+    }
+
+    /// Chunk digests: the destination's from the hash of every page as it
+    /// wrote it (after a switch to post-copy its RAM no longer equals the
+    /// source's, so it compares what was *placed* in either mode), the
+    /// source's from its RAM.
+    pub fn fold(&self, chunk_pages: u32) -> Vec<u128> {
+        self.0
+            .chunks(chunk_pages.max(1) as usize)
+            .map(fold_chunk)
+            .collect()
+    }
+
+    fn fold_one(&self, chunk: u64, chunk_pages: u64) -> u128 {
+        let cp = usize::try_from(chunk_pages).expect("chunk size fits");
+        let first = usize::try_from(chunk).expect("chunk index fits") * cp;
+        let last = (first + cp).min(self.0.len());
+        fold_chunk(&self.0[first..last])
+    }
+}
+
+/// Pages a refresh lists and hashes at a time (8 MiB of page numbers).
+const REFRESH_BATCH: usize = 1 << 20;
 
 /// The source's digests, kept current while the VM runs: a page is hashed
 /// again only after dirty tracking reported a write to it, so at the
@@ -37,7 +103,7 @@ pub fn ram_digests(ram: &[u8], data: &PageBitmap, chunk_pages: u32, threads: usi
 /// collect and marks the page again.
 pub struct SourceDigests {
     chunk_pages: u64,
-    hashes: Vec<u64>,
+    hashes: PageHashes,
     digests: Vec<u128>,
     /// Pages to hash again.
     stale: PageBitmap,
@@ -52,7 +118,7 @@ impl SourceDigests {
         stale.set_range(0, pages);
         Self {
             chunk_pages: cp,
-            hashes: vec![zero_page_hash(); usize::try_from(pages).expect("page count fits")],
+            hashes: PageHashes::zeros(pages),
             digests: vec![0; usize::try_from(chunks).expect("chunk count fits")],
             stale,
         }
@@ -72,10 +138,9 @@ impl SourceDigests {
     pub fn record(&mut self, hashes: &[(u64, u64)]) {
         let mut chunks = Vec::new();
         for &(p, h) in hashes {
-            let Some(slot) = usize::try_from(p).ok().and_then(|i| self.hashes.get_mut(i)) else {
+            if !self.hashes.set(p, h) {
                 continue;
-            };
-            *slot = h;
+            }
             self.stale.unset(p);
             chunks.push(p / self.chunk_pages);
         }
@@ -88,38 +153,66 @@ impl SourceDigests {
 
     /// Hashes the marked pages of `ram` (`data`: pages that are not holes)
     /// on `threads` threads and folds the chunks they are in; returns how
-    /// many pages were hashed.
+    /// many pages were hashed (holes included). A hole needs no reading (its hash is the
+    /// zero page's, and its entry is written only if it held another), and
+    /// the marked pages are listed a batch at a time, so a sparse RAM of
+    /// any size costs memory for its data only.
     pub fn refresh(&mut self, ram: &[u8], data: &PageBitmap, threads: usize) -> usize {
-        let todo: Vec<u64> = self.stale.iter().collect();
-        // A hashing thread that died leaves the pages marked.
-        let Some(hashed) = hash_pages(ram, data, &todo, threads) else {
-            return 0;
-        };
-        self.stale = PageBitmap::new(self.hashes.len() as u64);
-        let mut last_chunk = None;
-        for (&p, h) in todo.iter().zip(hashed) {
-            self.hashes[usize::try_from(p).expect("page index fits")] = h;
-            let c = p / self.chunk_pages;
-            if last_chunk != Some(c) {
-                // Pages come in order: each chunk is folded once, after its last page.
-                if let Some(prev) = last_chunk.replace(c) {
-                    self.fold(prev);
+        let marked = std::mem::replace(&mut self.stale, PageBitmap::new(self.hashes.len()));
+        let mut rest = marked.iter();
+        let mut hashed = 0;
+        loop {
+            let mut todo = Vec::new();
+            let mut chunks: Vec<u64> = Vec::new();
+            for p in rest.by_ref() {
+                let c = p / self.chunk_pages;
+                if chunks.last() != Some(&c) {
+                    chunks.push(c);
+                }
+                if data.get(p) {
+                    todo.push(p);
+                    if todo.len() == REFRESH_BATCH {
+                        break;
+                    }
+                } else {
+                    if self.hashes.get(p) != Some(zero_page_hash()) {
+                        self.hashes.set(p, zero_page_hash());
+                    }
+                    hashed += 1;
                 }
             }
+            let full = todo.len() == REFRESH_BATCH;
+            if !todo.is_empty() {
+                let Some(h) = hash_pages(ram, data, &todo, threads) else {
+                    // A hashing thread died: this batch and the rest stay marked.
+                    for p in todo.into_iter().chain(rest) {
+                        self.stale.set(p);
+                    }
+                    return hashed;
+                };
+                for (&p, h) in todo.iter().zip(h) {
+                    self.hashes.set(p, h);
+                }
+                hashed += todo.len();
+            }
+            // A chunk that goes on in the next batch is folded again there.
+            for c in chunks {
+                self.fold(c);
+            }
+            if !full {
+                return hashed;
+            }
         }
-        if let Some(c) = last_chunk {
-            self.fold(c);
-        }
-        todo.len()
     }
 
     fn fold(&mut self, chunk: u64) {
-        let cp = usize::try_from(self.chunk_pages).expect("chunk size fits");
-        let first = usize::try_from(chunk).expect("chunk index fits") * cp;
-        let last = (first + cp).min(self.hashes.len());
-        self.digests[first / cp] = fold_chunk(&self.hashes[first..last]);
+        if let Some(d) = usize::try_from(chunk)
+            .ok()
+            .and_then(|i| self.digests.get_mut(i))
+        {
+            *d = self.hashes.fold_one(chunk, self.chunk_pages);
+        }
     }
-
     /// True when every page's hash is current.
     pub fn is_current(&self) -> bool {
         self.stale.is_clear()
@@ -159,31 +252,15 @@ fn hash_at(ram: &[u8], data: &PageBitmap, p: u64) -> u64 {
     page_hash(&ram[s..s + PAGE_SIZE])
 }
 
-/// Digest of one chunk from its pages' hashes.
-fn fold_chunk(hashes: &[u64]) -> u128 {
+/// Digest of one chunk from its pages' [`PageHashes`] entries (each the
+/// page's hash XOR the zero page's).
+fn fold_chunk(entries: &[u64]) -> u128 {
+    let zero = zero_page_hash();
     let mut h = Xxh3::new();
-    for p in hashes {
-        h.update(&p.to_le_bytes());
+    for e in entries {
+        h.update(&(e ^ zero).to_le_bytes());
     }
     h.digest128()
-}
-
-/// Chunk digests from page hashes: the destination's from the hash of every
-/// page as it wrote it (after a switch to post-copy its RAM no longer
-/// equals the source's, so it compares what was *placed* in either mode),
-/// the source's from its RAM.
-pub fn fold_page_hashes(hashes: &[u64], chunk_pages: u32) -> Vec<u128> {
-    hashes
-        .chunks(chunk_pages.max(1) as usize)
-        .map(fold_chunk)
-        .collect()
-}
-
-/// Page hashes of `ram` (`data`: pages that are not holes) on `threads`
-/// threads; empty if a hashing thread died (no digest then matches).
-pub fn page_hashes(ram: &[u8], data: &PageBitmap, threads: usize) -> Vec<u64> {
-    let all: Vec<u64> = (0..(ram.len() / PAGE_SIZE) as u64).collect();
-    hash_pages(ram, data, &all, threads).unwrap_or_default()
 }
 
 /// [`hash_at`] of each of `pages`, in their order, split over `threads`
@@ -231,15 +308,18 @@ mod tests {
         let mut data = PageBitmap::new(pages);
         data.set(3);
         data.set(9); // a data page holding zeros hashes like a hole
-        let source = fold_page_hashes(&page_hashes(&ram, &data, 3), CHUNK_PAGES);
-        let mut placed = vec![zero_page_hash(); usize::try_from(pages).unwrap()];
-        placed[3] = page_hash(&ram[3 * PAGE_SIZE..4 * PAGE_SIZE]);
-        assert_eq!(fold_page_hashes(&placed, CHUNK_PAGES), source);
-        placed[1000] = page_hash(&[1u8; PAGE_SIZE]);
+        let source = ram_digests(&ram, &data, CHUNK_PAGES, 3);
+        let mut placed = PageHashes::zeros(pages);
+        assert!(placed.set(3, page_hash(&ram[3 * PAGE_SIZE..4 * PAGE_SIZE])));
+        assert_eq!(placed.fold(CHUNK_PAGES), source);
+        assert!(placed.set(1000, page_hash(&[1u8; PAGE_SIZE])));
         assert_eq!(
-            mismatched_chunks(&fold_page_hashes(&placed, CHUNK_PAGES), &source),
+            mismatched_chunks(&placed.fold(CHUNK_PAGES), &source),
             vec![1]
         );
+        assert!(!placed.set(pages, 0), "beyond the RAM");
+        assert_eq!(placed.get(2), Some(zero_page_hash()));
+        assert_eq!(placed.get(pages), None);
     }
 
     #[test]

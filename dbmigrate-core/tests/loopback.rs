@@ -694,9 +694,11 @@ async fn switch_and_commit(ctrl: &mut TcpStream, pending: Vec<u8>) {
 /// Sends the digests of the `frozen` source RAM's `data_pages` and checks
 /// that the destination found every placed page equal.
 async fn verify_against_frozen(ctrl: &mut TcpStream, frozen: &[u8], data_pages: &PageBitmap) {
-    let digests = dbmigrate_core::verify::fold_page_hashes(
-        &dbmigrate_core::verify::page_hashes(frozen, data_pages, 1),
+    let digests = dbmigrate_core::verify::ram_digests(
+        frozen,
+        data_pages,
         dbmigrate_core::verify::CHUNK_PAGES,
+        1,
     );
     protocol::write_message(
         ctrl,

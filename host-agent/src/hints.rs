@@ -18,7 +18,9 @@ use dbmigrate_core::protocol::guest::{
     decode_hints, encode_hint_request, encode_page_cache_request, parse_answer_header, GuestHint,
     HintAnswer, HINTS_HEADER_LEN, HINT_RECORD_LEN,
 };
-use dbmigrate_core::protocol::guest::{decode_layout, encode_layout_request, LayoutSet};
+use dbmigrate_core::protocol::guest::{
+    decode_layout, encode_layout_request, max_layout_bytes, LayoutSet,
+};
 use dbmigrate_core::ram::SourceRam;
 use dbmigrate_core::rebuild::{Hint, HintSource, PageMap};
 use thiserror::Error;
@@ -192,7 +194,7 @@ impl HintChannel {
                 HintAnswer::Hints { body, tag } => {
                     (self.per_page(body, HINT_RECORD_LEN, "hints")?, tag)
                 }
-                HintAnswer::Layout { body, tag } => (body, tag),
+                HintAnswer::Layout { body, tag } => (self.layout_bytes(body)?, tag),
                 // Each run holds at least one page of the guest.
                 HintAnswer::Census { body, tag } => {
                     (self.per_page(body, CENSUS_RUN_LEN, "census runs")?, tag)
@@ -213,6 +215,19 @@ impl HintChannel {
                 });
             }
         }
+    }
+
+    /// `body` bytes of layout, at most what a guest of this size needs
+    /// ([`max_layout_bytes`]); else the answer is malformed.
+    fn layout_bytes(&self, body: usize) -> Result<usize, HintChannelError> {
+        let max = max_layout_bytes(self.max_hints as u64);
+        if body > max {
+            return Err(self.malformed(format!(
+                "a layout of {body} bytes announced for a guest of {} pages (at most {max})",
+                self.max_hints
+            )));
+        }
+        Ok(body)
     }
 
     /// `body` bytes of `record`-byte records, at most one per page of the

@@ -43,10 +43,28 @@ pub struct ReceiveArgs {
     pub storage_read_gap_blocks: Option<usize>,
     /// Where QEMU's preload library offers the RAM's userfaultfd (post-copy).
     pub postcopy_socket: Option<PathBuf>,
-    /// Allocate the RAM before the source connects.
-    pub prealloc: bool,
+    /// When the RAM is allocated.
+    pub prealloc: Prealloc,
     /// Back to full priority when post-copy starts.
     pub priority: crate::priority::Priority,
+}
+
+/// When the destination allocates the guest's RAM (`receive --prealloc`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Prealloc {
+    /// While the first round arrives, on a few threads.
+    Background,
+    /// All of it before listening.
+    Upfront,
+    /// As pages arrive.
+    Off,
+}
+
+/// Threads that allocate the RAM in the background: half the host's
+/// cores, one at least and four at most (the first round needs the rest).
+fn prealloc_threads() -> usize {
+    let cores = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+    (cores / 2).clamp(1, 4)
 }
 
 /// Receives one VM. Ok when it runs here.
@@ -75,16 +93,29 @@ pub async fn receive(args: ReceiveArgs) -> Result<dest::DestStats> {
         .context("making the destination QEMU listen for device state")?;
     let mut ram = DestRam::open(&backend.mem_path, backend.size)
         .context("mapping the destination RAM file")?;
-    if args.prealloc {
-        let t = Instant::now();
-        ram.zero_and_allocate().context(
-            "allocating the guest's RAM before the migration (`--no-prealloc` skips this)",
-        )?;
-        tracing::info!(
-            ms = dbmigrate_core::stats::millis(t.elapsed()),
-            bytes = backend.size,
-            "guest RAM allocated"
-        );
+    match args.prealloc {
+        Prealloc::Upfront => {
+            let t = Instant::now();
+            ram.zero_and_allocate().context(
+                "allocating the guest's RAM before the migration (`--prealloc background` or `off` skips this)",
+            )?;
+            tracing::info!(
+                ms = dbmigrate_core::stats::millis(t.elapsed()),
+                bytes = backend.size,
+                "guest RAM allocated"
+            );
+        }
+        Prealloc::Background => {
+            let threads = prealloc_threads();
+            ram.zero_and_allocate_in_background(threads)
+                .context("starting the allocation of the guest's RAM")?;
+            tracing::info!(
+                threads,
+                bytes = backend.size,
+                "allocating the guest's RAM in the background"
+            );
+        }
+        Prealloc::Off => {}
     }
     let (faults, lease) = match &args.postcopy_socket {
         Some(path) => {

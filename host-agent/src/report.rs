@@ -57,6 +57,9 @@ pub struct MigrationReport {
     pub stats: MigrationStats,
     /// The source agent's peak resident memory (`VmHWM`), bytes.
     pub agent_peak_rss_bytes: Option<u64>,
+    /// The source agent's peak memory of its own (anonymous memory and
+    /// page tables, not the guest's RAM file it maps), bytes.
+    pub agent_peak_own_bytes: Option<u64>,
     /// CPU time the source agent used (user and system), ms.
     pub agent_cpu_ms: Option<u64>,
     /// The adaptive pace's setting (its decisions are in `stats.pacing`).
@@ -79,6 +82,48 @@ pub struct GuestImpact {
 /// This process's peak resident memory, from `/proc/self/status`.
 pub fn peak_rss_bytes() -> Option<u64> {
     parse_vm_hwm(&std::fs::read_to_string("/proc/self/status").ok()?)
+}
+
+/// The most memory this process has held of its own (anonymous memory
+/// and page tables, sampled by [`sample_own_memory`]): what the agent
+/// costs its host beyond the guest's RAM file it maps (pages of that file
+/// count in [`peak_rss_bytes`] but belong to the guest).
+static PEAK_OWN: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Samples this process's own memory every 25 ms on a thread of its own
+/// until the process ends (the peak: [`peak_own_memory_bytes`]).
+pub fn sample_own_memory() {
+    let spawned = std::thread::Builder::new()
+        .name("own-memory".into())
+        .spawn(|| loop {
+            if let Some(b) = std::fs::read_to_string("/proc/self/status")
+                .ok()
+                .and_then(|s| parse_own_memory(&s))
+            {
+                PEAK_OWN.fetch_max(b, std::sync::atomic::Ordering::Relaxed);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(25));
+        });
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "cannot sample the agent's own memory");
+    }
+}
+
+/// The peak sampled by [`sample_own_memory`], if it ran.
+pub fn peak_own_memory_bytes() -> Option<u64> {
+    let b = PEAK_OWN.load(std::sync::atomic::Ordering::Relaxed);
+    (b > 0).then_some(b)
+}
+
+/// `RssAnon:` plus `VmPTE:` of a `/proc/PID/status` text, in bytes.
+fn parse_own_memory(status: &str) -> Option<u64> {
+    let kib = |key: &str| -> Option<u64> {
+        let line = status.lines().find(|l| l.starts_with(key))?;
+        let mut words = line[key.len()..].split_whitespace();
+        let v: u64 = words.next()?.parse().ok()?;
+        (words.next() == Some("kB")).then_some(v)
+    };
+    Some((kib("RssAnon:")? + kib("VmPTE:")?) * 1024)
 }
 
 /// The destination agent's CPU time when it began to listen, ms.
@@ -192,6 +237,14 @@ impl From<&crate::hints::LiveHints> for HintReport {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn own_memory_is_anonymous_memory_and_page_tables() {
+        let status = "VmHWM:\t 2000 kB\nRssAnon:\t  300 kB\nRssFile:\t 9000 kB\nVmPTE:\t  20 kB\n";
+        assert_eq!(parse_own_memory(status), Some(320 * 1024));
+        assert_eq!(parse_own_memory("RssAnon: 3 kB\n"), None);
+        assert_eq!(parse_own_memory("RssAnon: 3 MB\nVmPTE: 1 kB\n"), None);
+    }
 
     #[test]
     fn peak_resident_memory_is_read_from_vm_hwm() {

@@ -364,6 +364,10 @@ pub struct VmOptions {
     pub extra: Vec<String>,
     /// Kernel command line instead of the dirtier's.
     pub append: Option<String>,
+    /// The guest kernel uses only this much of its RAM (`mem=`): the
+    /// rest of the RAM file stays a hole, a large guest that costs this
+    /// host only what it touches.
+    pub mem_limit_mib: Option<u64>,
     /// Virtual CPUs.
     pub smp: u32,
     /// Post-copy destination: the preload library offers the RAM's
@@ -392,6 +396,7 @@ impl Default for VmOptions {
             share: true,
             extra: Vec::new(),
             append: None,
+            mem_limit_mib: None,
             smp: 1,
             postcopy_socket: None,
             qemu_fills: false,
@@ -535,12 +540,15 @@ impl Vm {
             .arg(&img.initrd)
             .args([
                 "-append",
-                &o.append.clone().unwrap_or_else(|| {
+                &(o.append.clone().unwrap_or_else(|| {
                     format!(
                         "console=ttyS0 quiet dirtier.ws_mib={} dirtier.fill_pct={}",
                         o.ws_mib, o.fill_pct
                     )
-                }),
+                }) + &o
+                    .mem_limit_mib
+                    .map(|m| format!(" mem={m}M"))
+                    .unwrap_or_default()),
             ])
             .args(&o.extra);
         if o.incoming {

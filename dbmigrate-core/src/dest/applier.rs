@@ -87,7 +87,7 @@ pub(super) struct Applier {
     /// Pages whose reference storage could not match: asked of the source.
     need: PageQueue,
     /// Hash of each page as last written: the switchover digests fold them.
-    placed: Vec<u64>,
+    placed: verify::PageHashes,
     /// This side serves post-copy faults.
     faults: Option<Arc<FaultSource>>,
     /// Where the migration stands.
@@ -129,7 +129,7 @@ impl Applier {
             outstanding: 0,
             inflight: PageBitmap::new(pages),
             need: PageQueue::new(pages),
-            placed: vec![verify::zero_page_hash(); upages],
+            placed: verify::PageHashes::zeros(pages),
             faults,
             phase: Phase::default(),
             out,
@@ -242,7 +242,7 @@ impl Applier {
     /// Records the hash of what `page` now holds and, after the switch,
     /// that it is placed: its waiters are woken.
     fn record_placed(&mut self, page: u64, hash: u64) -> Result<(), DestError> {
-        self.placed[usize::try_from(page).expect("page inside RAM")] = hash;
+        self.placed.set(page, hash);
         let Some(post) = self.phase.post_mut() else {
             return Ok(());
         };
@@ -361,7 +361,7 @@ impl Applier {
             let t = Instant::now();
             let mut punched = stale;
             if self.ram.prepared() == Prepared::ZeroedAllocated {
-                self.ram.write_through_file();
+                self.ram.write_through_file()?;
                 punched.union_with(&self.inflight);
             }
             punch(&mut self.ram, punched.iter())?;
@@ -413,7 +413,7 @@ impl Applier {
             .filter(|&p| missing.set(p))
             .collect();
         if allocated {
-            self.ram.write_through_file();
+            self.ram.write_through_file()?;
         }
         let stale = pending_only.as_ref().unwrap_or(&missing);
         let punch_started = Instant::now();
@@ -599,6 +599,10 @@ impl Applier {
     /// Ends fault handling and folds the switchover digests.
     fn finish(mut self, bytes: u64) -> Result<Applied, DestError> {
         self.refs = None; // lets the storage readers finish
+                          // Every page is in: what a background allocation did not reach is
+                          // allocated when the guest first writes it; its failure fails the
+                          // migration while the source still holds the VM.
+        self.ram.stop_allocating()?;
         self.stats.bytes_received = bytes;
         self.stats.storage_bytes = self.storage.bytes.load(Ordering::Relaxed);
         self.stats.storage_reads = self.storage.reads.load(Ordering::Relaxed);
@@ -618,7 +622,7 @@ impl Applier {
             })?;
         }
         let t = Instant::now();
-        let digests = verify::fold_page_hashes(&self.placed, verify::CHUNK_PAGES);
+        let digests = self.placed.fold(verify::CHUNK_PAGES);
         Ok(Applied {
             ram: self.ram,
             digests,

@@ -12,6 +12,8 @@ use thiserror::Error;
 
 use crate::bitmap::PageBitmap;
 use crate::sys;
+
+mod prealloc;
 use crate::{PAGE_SIZE, PAGE_SIZE_U64};
 
 /// Errors opening or using a RAM file.
@@ -104,12 +106,14 @@ pub struct Ram<M, W = ()> {
 }
 
 /// The destination's state of its RAM file.
-#[derive(Clone, Copy, Debug)]
 pub struct DestWriter {
     prepared: Prepared,
     /// Writes go through the mapping (only while every page is allocated
     /// and the guest cannot fault on one being written).
     through_map: bool,
+    /// The threads allocating the RAM while pages arrive: a page goes
+    /// through the mapping only once they are done with it.
+    background: Option<prealloc::Background>,
 }
 
 /// What the destination has done to its RAM file before pages arrive.
@@ -119,7 +123,8 @@ pub enum Prepared {
     No,
     /// Every page reads as zero; pages are holes until written.
     Zeroed,
-    /// Every page reads as zero and is allocated.
+    /// Every page reads as zero and is allocated, or being allocated in
+    /// the background ([`Ram::zero_and_allocate_in_background`]).
     ZeroedAllocated,
 }
 
@@ -212,6 +217,7 @@ impl Ram<memmap2::MmapMut, DestWriter> {
             writer: DestWriter {
                 prepared: Prepared::No,
                 through_map: false,
+                background: None,
             },
         })
     }
@@ -219,6 +225,7 @@ impl Ram<memmap2::MmapMut, DestWriter> {
     /// Makes every page read as zero without truncating the file (the VMM has
     /// it mapped), so that zero pages never need to be sent.
     pub fn zero_all(&mut self) -> Result<(), RamError> {
+        self.stop_allocating()?;
         sys::file::punch_hole(&self.file, 0, self.len()).map_err(|source| RamError::Io {
             path: self.path.clone(),
             doing: "punching holes (fallocate)",
@@ -257,12 +264,62 @@ impl Ram<memmap2::MmapMut, DestWriter> {
         Ok(())
     }
 
+    /// Like [`Self::zero_and_allocate`], but only the zeroing is done
+    /// before returning: `threads` threads allocate and touch the RAM 2 MiB
+    /// at a time while pages arrive (see the `prealloc` module), so the
+    /// destination need not wait for it. A page is written through the
+    /// mapping once its chunk is done, through the file before.
+    /// [`Self::stop_allocating`] ends it and says whether it failed.
+    pub fn zero_and_allocate_in_background(&mut self, threads: usize) -> Result<(), RamError> {
+        self.zero_all()?;
+        let io = |doing| {
+            let path = self.path.clone();
+            move |source| RamError::Io {
+                path,
+                doing,
+                source,
+            }
+        };
+        let block = {
+            use std::os::unix::fs::MetadataExt;
+            self.file.metadata().map_err(io("stat"))?.blksize()
+        };
+        let file = self
+            .file
+            .try_clone()
+            .map_err(io("duplicating the RAM file's descriptor"))?;
+        let chunk = prealloc::chunk_bytes(block);
+        let bg = prealloc::Background::start(file, self.map.len(), chunk, threads)
+            .map_err(io("starting the threads that allocate the guest's RAM"))?;
+        self.writer.background = Some(bg);
+        self.writer.prepared = Prepared::ZeroedAllocated;
+        self.writer.through_map = true;
+        Ok(())
+    }
+
+    /// Stops a background allocation, if one runs, and waits for its
+    /// threads (each finishes the 2 MiB in hand). The chunks it did not
+    /// reach are allocated when first written. An error if it failed.
+    pub fn stop_allocating(&mut self) -> Result<(), RamError> {
+        let Some(bg) = self.writer.background.take() else {
+            return Ok(());
+        };
+        bg.stop().map_err(|source| RamError::Io {
+            path: self.path.clone(),
+            doing: "allocating the guest's RAM in the background (is the RAM filesystem, e.g. /dev/shm, big enough for the guest?)",
+            source,
+        })
+    }
+
     /// From now on writes go through the file: a running guest may fault
     /// on a punched page, and a full-page write through the file shows it
     /// the page only once written, where a store through our mapping would
-    /// first map a zeroed page.
-    pub fn write_through_file(&mut self) {
+    /// first map a zeroed page. Stops a background allocation first: it
+    /// would fill the holes about to be punched.
+    pub fn write_through_file(&mut self) -> Result<(), RamError> {
+        self.stop_allocating()?;
         self.writer.through_map = false;
+        Ok(())
     }
 
     /// What was done to the file since it was opened.
@@ -296,8 +353,8 @@ impl Ram<memmap2::MmapMut, DestWriter> {
         if data.len() % PAGE_SIZE != 0 || page.checked_add(count).is_none_or(|end| end > pages) {
             return Err(RamError::OutOfRange { page, pages });
         }
-        if self.writer.through_map {
-            let at = usize::try_from(page).expect("below pages") * PAGE_SIZE;
+        let at = usize::try_from(page).expect("below pages") * PAGE_SIZE;
+        if self.writer.through_map && self.allocated(at, data.len())? {
             self.map[at..at + data.len()].copy_from_slice(data);
             return Ok(());
         }
@@ -309,6 +366,19 @@ impl Ram<memmap2::MmapMut, DestWriter> {
                 doing: "writing pages",
                 source,
             })
+    }
+}
+
+impl DestRam {
+    /// True if `offset..offset+len` is allocated: always, unless a
+    /// background allocation has not reached it yet. Its failure is
+    /// returned at once.
+    fn allocated(&mut self, offset: usize, len: usize) -> Result<bool, RamError> {
+        match &self.writer.background {
+            None => Ok(true),
+            Some(bg) if bg.failed() => self.stop_allocating().map(|()| false),
+            Some(bg) => Ok(bg.covers(offset, len)),
+        }
     }
 }
 
@@ -425,7 +495,7 @@ mod tests {
         assert!(back.iter().all(|&b| b == 8));
         // Post-copy's switch: punched pages are holes, and a write through
         // the file fills exactly the page written.
-        dst.write_through_file();
+        dst.write_through_file().unwrap();
         dst.zero_pages(12, 4).unwrap();
         let data = dst.data_pages().unwrap();
         assert!(!data.get(12) && !data.get(15) && data.get(16));
@@ -436,6 +506,43 @@ mod tests {
         dst.zero_all().unwrap();
         assert_eq!(dst.prepared(), Prepared::Zeroed);
         assert_eq!(dst.data_pages().unwrap().count(), 0, "holes again");
+        std::fs::remove_file(path).unwrap();
+    }
+
+    #[test]
+    fn background_allocation_keeps_every_write_and_fills_the_rest() {
+        // 8 chunks on tmpfs; pages written while the threads run land
+        // through whichever path their chunk allows, and none is lost.
+        let size = 8 * prealloc::CHUNK_BYTES as u64;
+        let (path, mut f) = temp_file_in(Path::new("/dev/shm"), size);
+        use std::io::{Seek, SeekFrom};
+        f.seek(SeekFrom::Start(9 * PAGE_SIZE_U64)).unwrap();
+        f.write_all(&[5u8; PAGE_SIZE]).unwrap();
+        let mut dst = DestRam::open(&path, size).unwrap();
+        dst.zero_and_allocate_in_background(2).unwrap();
+        assert_eq!(dst.prepared(), Prepared::ZeroedAllocated);
+        let pages = size / PAGE_SIZE_U64;
+        let written: Vec<u64> = (0..pages).step_by(97).collect();
+        for &p in &written {
+            dst.write_pages(p, &[(p % 251) as u8 + 1; PAGE_SIZE])
+                .unwrap();
+        }
+        let t = std::time::Instant::now();
+        while dst.data_pages().unwrap().count() < pages {
+            assert!(t.elapsed().as_secs() < 30, "the allocation never finished");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        // Written again once every chunk is done: through the mapping.
+        dst.write_pages(1, &[7u8; PAGE_SIZE]).unwrap();
+        dst.stop_allocating().unwrap();
+        for p in 0..pages {
+            let want = match p {
+                1 => 7,
+                p if written.contains(&p) => (p % 251) as u8 + 1,
+                _ => 0,
+            };
+            assert!(dst.page(p).unwrap().iter().all(|&b| b == want), "page {p}");
+        }
         std::fs::remove_file(path).unwrap();
     }
 }

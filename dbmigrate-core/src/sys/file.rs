@@ -68,11 +68,18 @@ pub(crate) fn punch_hole(file: &File, offset: u64, len: u64) -> io::Result<()> {
 /// Allocates every block of `0..len` that is a hole (mode 0 `fallocate`);
 /// allocated holes read as zeros, and existing data is kept.
 pub(crate) fn allocate(file: &File, len: u64) -> io::Result<()> {
+    allocate_range(file, 0, len)
+}
+
+/// [`allocate`] for `offset..offset+len` only.
+pub(crate) fn allocate_range(file: &File, offset: u64, len: u64) -> io::Result<()> {
+    let off = libc::off_t::try_from(offset)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "offset beyond off_t"))?;
     let len = libc::off_t::try_from(len)
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "length beyond off_t"))?;
     // SAFETY: fallocate on a descriptor we own, mode 0 within the current
     // size: it only allocates blocks for holes and never changes data or size.
-    let r = unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, len) };
+    let r = unsafe { libc::fallocate(file.as_raw_fd(), 0, off, len) };
     if r < 0 {
         return Err(io::Error::last_os_error());
     }

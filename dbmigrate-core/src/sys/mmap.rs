@@ -103,3 +103,24 @@ pub(crate) fn populate_write(map: &mut memmap2::MmapMut) -> io::Result<()> {
     }
     Ok(())
 }
+
+/// Allocates and faults in `len` bytes of `file` at `offset` through a
+/// short-lived mapping of that range alone, so that a thread that does
+/// not own the RAM's mapping can pay the first touch of each page (the
+/// owner's mapping then only maps pages that are already there). The
+/// content of the pages is not changed.
+pub(crate) fn populate_file_range(file: &File, offset: u64, len: usize) -> io::Result<()> {
+    if len == 0 {
+        return Ok(());
+    }
+    // SAFETY: a shared mapping of a range of a regular file we opened,
+    // inside its size (the caller's range is checked against the RAM's
+    // length); it lives only for this call and is never handed out.
+    let mut map = unsafe {
+        memmap2::MmapOptions::new()
+            .offset(offset)
+            .len(len)
+            .map_mut(file)?
+    };
+    populate_write(&mut map)
+}

@@ -24,8 +24,12 @@ use super::{HintFormatError, HINTS_HEADER_LEN};
 pub const LAYOUT_MAGIC: u32 = u32::from_le_bytes(*b"DBML");
 /// Magic of a request for the layout (host to guest, 8 bytes: magic, tag): "DBMR".
 pub const LAYOUT_REQUEST_MAGIC: u32 = u32::from_le_bytes(*b"DBMR");
-/// Largest layout body accepted (about 700,000 extents).
-pub const MAX_LAYOUT_BYTES: usize = 16 << 20;
+/// Largest layout body the format carries (its length is a `u32`). The
+/// host bounds a layout by the guest's RAM ([`max_layout_bytes`]).
+pub const MAX_LAYOUT_BYTES: usize = u32::MAX as usize;
+/// Bytes a layout may spend on its files and extents (about 700,000
+/// extents), whatever the guest's size.
+pub const LAYOUT_FILE_BYTES: usize = 16 << 20;
 /// Most files one layout may describe.
 pub const MAX_FILES: usize = 1 << 16;
 const FILE_HEAD: usize = 12;
@@ -66,8 +70,18 @@ pub struct LayoutSet {
     pub frames: Vec<u64>,
 }
 
-/// Most frame entries one layout may carry (64 GiB of 4 KiB pages).
-pub const MAX_FRAME_ENTRIES: usize = 1 << 24;
+/// Most layout bytes a guest of `ram_pages` 4 KiB pages may send: the
+/// files and extents ([`LAYOUT_FILE_BYTES`]) and the frames, at most two
+/// 8-byte entries per page of RAM (a scattered frame's first entry and
+/// one per page). Grows with the VM, never past the format's limit. Pure.
+pub fn max_layout_bytes(ram_pages: u64) -> usize {
+    let frames = usize::try_from(ram_pages)
+        .unwrap_or(usize::MAX)
+        .saturating_mul(16);
+    LAYOUT_FILE_BYTES
+        .saturating_add(frames)
+        .min(MAX_LAYOUT_BYTES)
+}
 /// Low bit of a frame entry: the frame's 4 KiB pages are not contiguous and
 /// the addresses of the others follow.
 pub const SCATTERED: u64 = 1;
@@ -272,7 +286,7 @@ pub fn decode_layout(b: &[u8]) -> Result<LayoutSet, LayoutError> {
         files.push(FileLayout { id, disk, extents });
     }
     let nframes = r.u32()? as usize;
-    if nframes > MAX_FRAME_ENTRIES || nframes * 8 != r.0.len() {
+    if nframes.checked_mul(8) != Some(r.0.len()) {
         return Err(LayoutError::Body(
             "frame entries do not fill the rest of the body",
         ));
@@ -389,6 +403,18 @@ mod tests {
         assert_eq!(frame_pages(&[!0xfff_u64], 4), None, "past 2^64");
         assert!(!frames_valid(&[!0xfff_u64], 4));
         assert!(frames_valid(&e, 4));
+    }
+
+    #[test]
+    fn the_layout_bound_grows_with_the_guest() {
+        // 2 GiB: the files' share and two entries per page.
+        assert_eq!(max_layout_bytes(1 << 19), (16 << 20) + (8 << 20));
+        // 256 GiB: far past the old fixed 16 MiB.
+        assert_eq!(max_layout_bytes(1 << 26), (16 << 20) + (1 << 30));
+        // 1 TiB: at the format's limit (a contiguous pool's frames need a
+        // quarter of it, one entry per 16 KiB frame).
+        assert_eq!(max_layout_bytes(1 << 28), MAX_LAYOUT_BYTES);
+        assert_eq!(max_layout_bytes(u64::MAX), MAX_LAYOUT_BYTES);
     }
 
     #[test]

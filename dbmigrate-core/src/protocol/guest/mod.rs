@@ -41,8 +41,10 @@ pub const HINTS_MAGIC: u32 = u32::from_le_bytes(*b"DBMH");
 pub const HINTS_VERSION: u16 = 1;
 /// Bytes per encoded [`GuestHint`].
 pub const HINT_RECORD_LEN: usize = 40;
-/// Most hints one set may carry (64 GiB of guest pages).
-pub const MAX_HINTS: usize = 1 << 24;
+/// Most hints one set may carry: the format's own limit (a `u32` count).
+/// The host bounds a set by the guest's RAM (one hint per page), so the
+/// limit grows with the VM.
+pub const MAX_HINTS: usize = u32::MAX as usize;
 
 /// Why a hint set was refused.
 #[derive(Clone, Debug, PartialEq, Eq, Error)]

@@ -1,0 +1,213 @@
+//! Allocating the destination's RAM file in the background.
+//!
+//! Allocating a guest's RAM up front costs about 2.5 s per GiB on this
+//! project's test host (a nested VM whose host lends memory page by page
+//! on first touch) and delays the moment the destination listens. Done by
+//! a few threads while the first round arrives, it costs no wait: the RAM
+//! is split in chunks (2 MiB, or the file's page size on hugetlbfs if
+//! larger) that the threads claim in ascending order;
+//! each is allocated (`fallocate`) and touched through a short-lived
+//! mapping of its own. The RAM's owner writes a page through its mapping
+//! once the page's chunk is done and through the file before (a full-page
+//! write to a tmpfs hole allocates the page without zeroing it first).
+//! Neither changes what the other wrote: allocation keeps data and
+//! touching a page does not change it.
+//!
+//! Stopping it ([`Background::stop`]) waits for the chunks in hand (at
+//! most one per thread); the chunks never reached stay holes, allocated
+//! when first written, as without preallocation.
+
+use std::fs::File;
+use std::io;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use crate::sys;
+
+/// Bytes allocated and touched at a time, unless the file's pages are
+/// larger ([`chunk_bytes`]).
+pub const CHUNK_BYTES: usize = 2 << 20;
+
+/// The chunk for a file whose block size is `block` (a hugetlbfs file's
+/// is its huge page size, which `fallocate` and mappings must align to):
+/// [`CHUNK_BYTES`] or the block if it is a larger power of two, at most
+/// 1 GiB. Pure.
+pub fn chunk_bytes(block: u64) -> usize {
+    match usize::try_from(block) {
+        Ok(b) if b.is_power_of_two() && b > CHUNK_BYTES && b <= 1 << 30 => b,
+        _ => CHUNK_BYTES,
+    }
+}
+
+/// The allocating threads and what they have done.
+pub(crate) struct Background {
+    shared: Arc<Shared>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+struct Shared {
+    file: File,
+    len: usize,
+    chunk: usize,
+    /// One flag per chunk: allocated and touched.
+    done: Vec<AtomicBool>,
+    /// The next chunk to claim.
+    next: AtomicUsize,
+    stop: AtomicBool,
+    /// Set with `error` by the first thread that failed.
+    failed: AtomicBool,
+    error: Mutex<Option<io::Error>>,
+    finished: AtomicUsize,
+    started: Instant,
+}
+
+impl Background {
+    /// Starts `threads` threads (at least one) allocating `len` bytes of
+    /// `file` (a descriptor of its own) `chunk` bytes at a time.
+    pub(crate) fn start(file: File, len: usize, chunk: usize, threads: usize) -> io::Result<Self> {
+        let chunks = len.div_ceil(chunk);
+        let shared = Arc::new(Shared {
+            file,
+            len,
+            chunk,
+            done: (0..chunks).map(|_| AtomicBool::new(false)).collect(),
+            next: AtomicUsize::new(0),
+            stop: AtomicBool::new(false),
+            failed: AtomicBool::new(false),
+            error: Mutex::new(None),
+            finished: AtomicUsize::new(0),
+            started: Instant::now(),
+        });
+        let n = threads.clamp(1, 16);
+        let mut handles = Vec::with_capacity(n);
+        for i in 0..n {
+            let s = shared.clone();
+            let spawned = std::thread::Builder::new()
+                .name(format!("ram-alloc-{i}"))
+                .spawn(move || s.work(n));
+            match spawned {
+                Ok(h) => handles.push(h),
+                Err(e) if handles.is_empty() => return Err(e),
+                // Fewer threads only make it slower.
+                Err(_) => break,
+            }
+        }
+        Ok(Self {
+            shared,
+            threads: handles,
+        })
+    }
+
+    /// True if every byte of `offset..offset+len` is in chunks already
+    /// allocated and touched.
+    pub(crate) fn covers(&self, offset: usize, len: usize) -> bool {
+        covered(&self.shared.done, self.shared.chunk, offset, len)
+    }
+
+    /// True once a thread failed (the error is returned by [`Self::stop`]).
+    pub(crate) fn failed(&self) -> bool {
+        self.shared.failed.load(Ordering::Acquire)
+    }
+
+    /// Stops the threads and waits for them; the first error any of them
+    /// met, if one did.
+    pub(crate) fn stop(mut self) -> io::Result<()> {
+        self.halt();
+        match self.shared.error.lock() {
+            Ok(mut e) => e.take().map_or(Ok(()), Err),
+            Err(_) => Err(io::Error::other("an allocating thread panicked")),
+        }
+    }
+
+    fn halt(&mut self) {
+        self.shared.stop.store(true, Ordering::Release);
+        for t in self.threads.drain(..) {
+            if t.join().is_err() {
+                self.shared.failed.store(true, Ordering::Release);
+            }
+        }
+    }
+}
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        self.halt();
+    }
+}
+
+impl Shared {
+    fn work(&self, threads: usize) {
+        while !self.stop.load(Ordering::Acquire) {
+            let c = self.next.fetch_add(1, Ordering::Relaxed);
+            let Some(flag) = self.done.get(c) else { break };
+            let offset = c * self.chunk;
+            let len = self.chunk.min(self.len - offset);
+            let r = sys::file::allocate_range(&self.file, offset as u64, len as u64)
+                .and_then(|()| sys::mmap::populate_file_range(&self.file, offset as u64, len));
+            if let Err(e) = r {
+                if let Ok(mut slot) = self.error.lock() {
+                    slot.get_or_insert(e);
+                }
+                self.failed.store(true, Ordering::Release);
+                self.stop.store(true, Ordering::Release);
+                break;
+            }
+            flag.store(true, Ordering::Release);
+        }
+        if self.finished.fetch_add(1, Ordering::AcqRel) + 1 == threads {
+            let done = self
+                .done
+                .iter()
+                .filter(|d| d.load(Ordering::Acquire))
+                .count();
+            tracing::info!(
+                ms = crate::stats::millis(self.started.elapsed()),
+                chunks = done,
+                of = self.done.len(),
+                "background allocation of the guest's RAM ended"
+            );
+        }
+    }
+}
+
+/// True if every chunk that `offset..offset+len` touches is done. Pure.
+fn covered(done: &[AtomicBool], chunk: usize, offset: usize, len: usize) -> bool {
+    if len == 0 {
+        return true;
+    }
+    let first = offset / chunk;
+    let last = (offset + len - 1) / chunk;
+    (first..=last).all(|c| done.get(c).is_some_and(|d| d.load(Ordering::Acquire)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_range_is_covered_only_when_all_its_chunks_are_done() {
+        let done: Vec<AtomicBool> = [true, false, true]
+            .into_iter()
+            .map(AtomicBool::new)
+            .collect();
+        let c = CHUNK_BYTES;
+        assert!(covered(&done, c, 0, c));
+        assert!(covered(&done, c, 4096, 4096));
+        assert!(!covered(&done, c, c - 4096, 8192), "straddles chunk 1");
+        assert!(!covered(&done, c, c, 4096));
+        assert!(covered(&done, c, 2 * c, c));
+        assert!(!covered(&done, c, 3 * c, 4096), "beyond the RAM");
+        assert!(covered(&done, c, 5 * c, 0));
+    }
+
+    #[test]
+    fn chunks_follow_huge_pages() {
+        assert_eq!(chunk_bytes(4096), CHUNK_BYTES);
+        assert_eq!(chunk_bytes(2 << 20), CHUNK_BYTES);
+        assert_eq!(chunk_bytes(1 << 30), 1 << 30);
+        assert_eq!(chunk_bytes(3 << 20), CHUNK_BYTES, "not a power of two");
+        assert_eq!(chunk_bytes(2 << 30), CHUNK_BYTES, "beyond 1 GiB");
+    }
+}
