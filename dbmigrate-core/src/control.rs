@@ -44,16 +44,19 @@ pub async fn within<T>(
 /// error ends them.
 pub type Incoming<T> = mpsc::Receiver<Result<(T, u64), ProtocolError>>;
 
-/// Reads the control connection `rx` in a task of its own until a read
-/// fails (that error is the last item) or the receiver is dropped.
+/// Reads the control connection `rx` of a guest of `ram_bytes` in a task
+/// of its own until a read fails (that error is the last item) or the
+/// receiver is dropped.
 pub fn spawn_reader<T: Control>(
     mut rx: ConnReader,
     doing: &'static str,
+    ram_bytes: u64,
 ) -> (Incoming<T>, JoinHandle<()>) {
     let (tx, incoming) = mpsc::channel(16);
+    let max = protocol::control_payload_limit(ram_bytes);
     let task = tokio::spawn(async move {
         loop {
-            let m = protocol::read_control(&mut rx, doing).await;
+            let m = protocol::read_control(&mut rx, doing, max).await;
             let failed = m.is_err();
             if tx.send(m).await.is_err() || failed {
                 return;

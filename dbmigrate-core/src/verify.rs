@@ -37,37 +37,55 @@ pub fn ram_digests(ram: &[u8], data: &PageBitmap, chunk_pages: u32, threads: usi
 /// no memory: an entry holds the page's [`page_hash`] XOR the zero page's,
 /// so a hole's entry is 0, in memory allocated zeroed, which the kernel
 /// backs only where it is written. A sparse 1 TiB RAM's hashes cost what
-/// its data pages do, not 8 bytes for each of its 2^28 pages.
-pub struct PageHashes(Vec<u64>);
+/// its data pages do, not 8 bytes for each of its 2^28 pages; and folding
+/// skips the blocks of pages that never held anything but zero pages.
+pub struct PageHashes {
+    entries: Vec<u64>,
+    /// Blocks of [`BLOCK_PAGES`] pages in which an entry was ever set to
+    /// something but a zero page's hash.
+    written: PageBitmap,
+}
+
+/// Pages per block of [`PageHashes::written`].
+const BLOCK_PAGES: u64 = CHUNK_PAGES as u64;
 
 impl PageHashes {
     /// Every page a zero page.
     pub fn zeros(pages: u64) -> Self {
-        Self(vec![0; usize::try_from(pages).expect("page count fits")])
+        Self {
+            entries: vec![0; usize::try_from(pages).expect("page count fits")],
+            written: PageBitmap::new(pages.div_ceil(BLOCK_PAGES)),
+        }
     }
 
     /// Pages.
     pub fn len(&self) -> u64 {
-        self.0.len() as u64
+        self.entries.len() as u64
     }
 
     /// True for no pages.
     pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.entries.is_empty()
     }
 
     /// The hash of `page`, if inside.
     pub fn get(&self, page: u64) -> Option<u64> {
         let i = usize::try_from(page).ok()?;
-        self.0.get(i).map(|e| e ^ zero_page_hash())
+        self.entries.get(i).map(|e| e ^ zero_page_hash())
     }
 
     /// Sets the hash of `page`; false if it is beyond the RAM.
     pub fn set(&mut self, page: u64, hash: u64) -> bool {
-        let Some(e) = usize::try_from(page).ok().and_then(|i| self.0.get_mut(i)) else {
+        let Some(e) = usize::try_from(page)
+            .ok()
+            .and_then(|i| self.entries.get_mut(i))
+        else {
             return false;
         };
         *e = hash ^ zero_page_hash();
+        if *e != 0 {
+            self.written.set(page / BLOCK_PAGES);
+        }
         true
     }
 
@@ -76,18 +94,32 @@ impl PageHashes {
     /// source's, so it compares what was *placed* in either mode), the
     /// source's from its RAM.
     pub fn fold(&self, chunk_pages: u32) -> Vec<u128> {
-        self.0
-            .chunks(chunk_pages.max(1) as usize)
-            .map(fold_chunk)
+        let cp = u64::from(chunk_pages.max(1));
+        (0..self.len().div_ceil(cp))
+            .map(|c| self.fold_one(c, cp))
             .collect()
     }
 
     fn fold_one(&self, chunk: u64, chunk_pages: u64) -> u128 {
-        let cp = usize::try_from(chunk_pages).expect("chunk size fits");
-        let first = usize::try_from(chunk).expect("chunk index fits") * cp;
-        let last = (first + cp).min(self.0.len());
-        fold_chunk(&self.0[first..last])
+        let first = chunk * chunk_pages;
+        let last = (first + chunk_pages).min(self.len());
+        let blocks = first / BLOCK_PAGES..last.div_ceil(BLOCK_PAGES);
+        let range = usize::try_from(first).expect("page index fits")
+            ..usize::try_from(last).expect("page index fits");
+        if blocks.clone().all(|b| !self.written.get(b)) {
+            return zero_chunk_digest(range.len());
+        }
+        fold_chunk(&self.entries[range])
     }
+}
+
+/// The digest of a chunk of `pages` zero pages (cached for whole chunks).
+fn zero_chunk_digest(pages: usize) -> u128 {
+    static WHOLE: OnceLock<u128> = OnceLock::new();
+    if pages == CHUNK_PAGES as usize {
+        return *WHOLE.get_or_init(|| fold_chunk(&[0; CHUNK_PAGES as usize]));
+    }
+    fold_chunk(&vec![0; pages])
 }
 
 /// Pages a refresh lists and hashes at a time (8 MiB of page numbers).
@@ -184,9 +216,13 @@ impl SourceDigests {
             let full = todo.len() == REFRESH_BATCH;
             if !todo.is_empty() {
                 let Some(h) = hash_pages(ram, data, &todo, threads) else {
-                    // A hashing thread died: this batch and the rest stay marked.
+                    // A hashing thread died: this batch and the rest stay
+                    // marked; the holes already set are folded in.
                     for p in todo.into_iter().chain(rest) {
                         self.stale.set(p);
+                    }
+                    for c in chunks {
+                        self.fold(c);
                     }
                     return hashed;
                 };
@@ -213,6 +249,7 @@ impl SourceDigests {
             *d = self.hashes.fold_one(chunk, self.chunk_pages);
         }
     }
+
     /// True when every page's hash is current.
     pub fn is_current(&self) -> bool {
         self.stale.is_clear()
@@ -320,6 +357,36 @@ mod tests {
         assert!(!placed.set(pages, 0), "beyond the RAM");
         assert_eq!(placed.get(2), Some(zero_page_hash()));
         assert_eq!(placed.get(pages), None);
+    }
+
+    #[test]
+    fn folding_skips_blocks_of_zero_pages_and_agrees_with_a_full_fold() {
+        let pages = 3000u64; // the last chunk is short
+        let mut h = PageHashes::zeros(pages);
+        h.set(700, page_hash(&[4u8; PAGE_SIZE]));
+        h.set(1600, zero_page_hash()); // written, but a zero page
+        h.set(2999, page_hash(&[5u8; PAGE_SIZE]));
+        let full: Vec<u128> = h
+            .entries
+            .chunks(CHUNK_PAGES as usize)
+            .map(fold_chunk)
+            .collect();
+        assert_eq!(h.fold(CHUNK_PAGES), full);
+        assert_eq!(
+            h.written.count(),
+            2,
+            "only blocks that held a non-zero hash"
+        );
+        // Another chunk size than the blocks' folds the same way.
+        let full: Vec<u128> = h.entries.chunks(300).map(fold_chunk).collect();
+        assert_eq!(h.fold(300), full);
+        // A sparse 1 TiB RAM: folding reads only the written blocks.
+        let mut big = PageHashes::zeros(1 << 28);
+        big.set(5 << 20, 42);
+        let d = big.fold(CHUNK_PAGES);
+        assert_eq!(d.len(), 1 << 19);
+        assert_eq!(d[0], zero_chunk_digest(CHUNK_PAGES as usize));
+        assert_ne!(d[(5 << 20) / CHUNK_PAGES as usize], d[0]);
     }
 
     #[test]

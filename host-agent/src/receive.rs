@@ -107,13 +107,23 @@ pub async fn receive(args: ReceiveArgs) -> Result<dest::DestStats> {
         }
         Prealloc::Background => {
             let threads = prealloc_threads();
-            ram.zero_and_allocate_in_background(threads)
+            let t = Instant::now();
+            let upfront = ram
+                .zero_and_allocate_in_background(threads)
                 .context("starting the allocation of the guest's RAM")?;
-            tracing::info!(
-                threads,
-                bytes = backend.size,
-                "allocating the guest's RAM in the background"
-            );
+            if upfront {
+                tracing::info!(
+                    ms = dbmigrate_core::stats::millis(t.elapsed()),
+                    bytes = backend.size,
+                    "guest RAM allocated before listening: its file's pages are larger than 4 KiB (hugetlbfs)"
+                );
+            } else {
+                tracing::info!(
+                    threads,
+                    bytes = backend.size,
+                    "allocating the guest's RAM in the background"
+                );
+            }
         }
         Prealloc::Off => {}
     }

@@ -90,7 +90,7 @@ pub async fn accept(
         }
     }
     let (ctrl_in, _reader) =
-        crate::control::spawn_reader(ctrl_rx, "reading the control connection");
+        crate::control::spawn_reader(ctrl_rx, "reading the control connection", ram_bytes);
     Ok(DestSession {
         ctrl_in,
         ctrl_tx: ControlWriter::new(ctrl_tx, peer_timeout),

@@ -598,10 +598,11 @@ impl Applier {
 
     /// Ends fault handling and folds the switchover digests.
     fn finish(mut self, bytes: u64) -> Result<Applied, DestError> {
-        self.refs = None; // lets the storage readers finish
-                          // Every page is in: what a background allocation did not reach is
-                          // allocated when the guest first writes it; its failure fails the
-                          // migration while the source still holds the VM.
+        // Lets the storage readers finish.
+        self.refs = None;
+        // Every page is in: what a background allocation did not reach is
+        // allocated when the guest first writes it; its failure fails the
+        // migration while the source still holds the VM.
         self.ram.stop_allocating()?;
         self.stats.bytes_received = bytes;
         self.stats.storage_bytes = self.storage.bytes.load(Ordering::Relaxed);

@@ -9,7 +9,7 @@
 
 use tokio::io::AsyncRead;
 
-use super::{read_message, Kind, Message, PageEntry, ProtocolError};
+use super::{read_message_within, Kind, Message, PageEntry, ProtocolError};
 
 /// A control message from the source.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -231,13 +231,15 @@ impl Control for ToSource {
     }
 }
 
-/// Reads one frame of a control connection in direction `T` (see
-/// [`read_message`]).
+/// Reads one frame of a control connection in direction `T`, of at most
+/// `max` payload bytes ([`super::control_payload_limit`] of the guest's
+/// RAM; see [`read_message_within`]).
 pub async fn read_control<T: Control, R: AsyncRead + Unpin>(
     r: &mut R,
     doing: &'static str,
+    max: u64,
 ) -> Result<(T, u64), ProtocolError> {
-    let (m, n) = read_message(r, doing).await?;
+    let (m, n) = read_message_within(r, doing, max).await?;
     Ok((T::try_from(m)?, n))
 }
 

@@ -28,6 +28,24 @@ pub async fn read_message<R: AsyncRead + Unpin>(
     read_message_with(r, doing, &mut Vec::new()).await
 }
 
+/// [`read_message`] with a payload limit of `max` instead of [`MAX_PAYLOAD`]
+/// (a control connection: [`super::control_payload_limit`]).
+pub async fn read_message_within<R: AsyncRead + Unpin>(
+    r: &mut R,
+    doing: &'static str,
+    max: u64,
+) -> Result<(Message, u64), ProtocolError> {
+    let mut h = [0u8; HEADER_LEN];
+    r.read_exact(&mut h).await.map_err(|e| io_error(e, doing))?;
+    let (kind, len) = parse_header_within(&h, max)?;
+    let mut payload = vec![0u8; usize::try_from(len).expect("bounded by the limit")];
+    r.read_exact(&mut payload)
+        .await
+        .map_err(|e| io_error(e, doing))?;
+    let msg = Message::decode(kind, &payload)?;
+    Ok((msg, HEADER_LEN as u64 + len))
+}
+
 /// [`read_message`] into a payload buffer the caller keeps between frames:
 /// a fresh buffer per page batch costs the kernel a page fault and a
 /// zeroed page per 4 KiB before the bytes arrive.
@@ -65,7 +83,10 @@ pub async fn read_hello<R: AsyncRead + Unpin>(r: &mut R) -> Result<Hello, Protoc
         });
     }
     if len > MAX_HELLO {
-        return Err(ProtocolError::TooLong { len });
+        return Err(ProtocolError::TooLong {
+            len,
+            max: MAX_HELLO,
+        });
     }
     let mut payload = vec![0u8; usize::try_from(len).expect("at most MAX_HELLO")];
     r.read_exact(&mut payload)
@@ -90,14 +111,19 @@ pub(crate) fn io_error(e: io::Error, doing: &'static str) -> ProtocolError {
 
 /// Checks a header and returns (kind, payload length).
 pub fn parse_header(h: &[u8; HEADER_LEN]) -> Result<(u16, u64), ProtocolError> {
+    parse_header_within(h, MAX_PAYLOAD)
+}
+
+/// [`parse_header`] with a payload limit of `max`.
+fn parse_header_within(h: &[u8; HEADER_LEN], max: u64) -> Result<(u16, u64), ProtocolError> {
     let magic = u32::from_le_bytes(h[0..4].try_into().expect("4 bytes"));
     if magic != MAGIC {
         return Err(ProtocolError::BadMagic { found: magic });
     }
     let kind = u16::from_le_bytes(h[4..6].try_into().expect("2 bytes"));
     let len = u64::from_le_bytes(h[8..16].try_into().expect("8 bytes"));
-    if len > MAX_PAYLOAD {
-        return Err(ProtocolError::TooLong { len });
+    if len > max {
+        return Err(ProtocolError::TooLong { len, max });
     }
     Kind::from_wire(kind)?;
     Ok((kind, len))

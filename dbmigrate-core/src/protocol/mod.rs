@@ -70,7 +70,8 @@ pub use control::{
 };
 pub use data::{read_data_message, DataFrame, DataMessage, DATA_KINDS};
 pub use frame::{
-    parse_header, read_hello, read_message, read_message_with, write_frame, write_message,
+    parse_header, read_hello, read_message, read_message_with, read_message_within, write_frame,
+    write_message,
 };
 pub use kind::Kind;
 pub use pages::{
@@ -85,7 +86,20 @@ pub const PROTOCOL_VERSION: u32 = 7;
 /// Size of the fixed frame header.
 pub const HEADER_LEN: usize = 16;
 /// Largest payload a peer may announce; larger frames are refused unread.
+/// A control connection allows more for a guest whose per-page bitmaps
+/// or chunk digests need it ([`control_payload_limit`]).
 pub const MAX_PAYLOAD: u64 = 8 << 20;
+
+/// Largest control-connection payload for a guest of `ram_bytes`: the
+/// messages that carry something per page or per 2 MiB chunk (a switch's
+/// bitmap, one bit per page; the switchover digests, 16 bytes per chunk)
+/// grow with the VM, past [`MAX_PAYLOAD`] beyond 256 GiB of RAM. Pure.
+pub fn control_payload_limit(ram_bytes: u64) -> u64 {
+    let pages = ram_bytes / crate::PAGE_SIZE_U64;
+    let bitmap = pages.div_ceil(8);
+    let digests = pages.div_ceil(u64::from(crate::verify::CHUNK_PAGES)) * 16;
+    MAX_PAYLOAD.max(bitmap.max(digests).saturating_add(64 << 10))
+}
 /// Largest string (reasons, URIs) a peer may send.
 pub const MAX_STRING: usize = 4096;
 /// How often each side sends a [`Message::Heartbeat`] on the control connection.
@@ -129,11 +143,13 @@ pub enum ProtocolError {
         /// The kind number.
         kind: u16,
     },
-    /// Payload longer than [`MAX_PAYLOAD`].
-    #[error("frame announces {len} payload bytes, more than the limit of {MAX_PAYLOAD}")]
+    /// Payload longer than the connection allows.
+    #[error("frame announces {len} payload bytes, more than the limit of {max}")]
     TooLong {
         /// Announced length.
         len: u64,
+        /// The limit.
+        max: u64,
     },
     /// The payload does not match its message layout.
     #[error("malformed {kind} message: {problem}")]
@@ -411,6 +427,17 @@ mod tests {
         let (kind, len) = parse_header(&h).unwrap();
         assert_eq!(len, (frame.len() - HEADER_LEN) as u64);
         (kind, &frame[HEADER_LEN..])
+    }
+
+    #[test]
+    fn the_control_limit_grows_with_the_guest() {
+        assert_eq!(control_payload_limit(2 << 30), MAX_PAYLOAD);
+        // 1 TiB: a switch's bitmap is 32 MiB, the digests 8 MiB.
+        assert_eq!(control_payload_limit(1 << 40), (32 << 20) + (64 << 10));
+        assert_eq!(
+            control_payload_limit(u64::MAX),
+            u64::MAX / 4096 / 8 + 1 + (64 << 10)
+        );
     }
 
     #[test]

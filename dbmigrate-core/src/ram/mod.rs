@@ -108,8 +108,9 @@ pub struct Ram<M, W = ()> {
 /// The destination's state of its RAM file.
 pub struct DestWriter {
     prepared: Prepared,
-    /// Writes go through the mapping (only while every page is allocated
-    /// and the guest cannot fault on one being written).
+    /// Writes go through the mapping (only while every page is allocated,
+    /// or its chunk is once allocated in the background, and the guest
+    /// cannot fault on one being written).
     through_map: bool,
     /// The threads allocating the RAM while pages arrive: a page goes
     /// through the mapping only once they are done with it.
@@ -270,10 +271,14 @@ impl Ram<memmap2::MmapMut, DestWriter> {
     /// destination need not wait for it. A page is written through the
     /// mapping once its chunk is done, through the file before.
     /// [`Self::stop_allocating`] ends it and says whether it failed.
-    pub fn zero_and_allocate_in_background(&mut self, threads: usize) -> Result<(), RamError> {
-        self.zero_all()?;
+    ///
+    /// A file whose pages are larger than 4 KiB (hugetlbfs, which has no
+    /// `write(2)` to fill a hole with) is allocated up front instead; true
+    /// if that happened.
+    pub fn zero_and_allocate_in_background(&mut self, threads: usize) -> Result<bool, RamError> {
+        let path = self.path.clone();
         let io = |doing| {
-            let path = self.path.clone();
+            let path = path.clone();
             move |source| RamError::Io {
                 path,
                 doing,
@@ -284,17 +289,21 @@ impl Ram<memmap2::MmapMut, DestWriter> {
             use std::os::unix::fs::MetadataExt;
             self.file.metadata().map_err(io("stat"))?.blksize()
         };
+        if block > PAGE_SIZE_U64 {
+            self.zero_and_allocate()?;
+            return Ok(true);
+        }
+        self.zero_all()?;
         let file = self
             .file
             .try_clone()
             .map_err(io("duplicating the RAM file's descriptor"))?;
-        let chunk = prealloc::chunk_bytes(block);
-        let bg = prealloc::Background::start(file, self.map.len(), chunk, threads)
+        let bg = prealloc::Background::start(file, self.map.len(), threads)
             .map_err(io("starting the threads that allocate the guest's RAM"))?;
         self.writer.background = Some(bg);
         self.writer.prepared = Prepared::ZeroedAllocated;
         self.writer.through_map = true;
-        Ok(())
+        Ok(false)
     }
 
     /// Stops a background allocation, if one runs, and waits for its
@@ -343,7 +352,9 @@ impl Ram<memmap2::MmapMut, DestWriter> {
     }
 
     /// Writes whole pages starting at `page`. Into allocated RAM
-    /// ([`Self::zero_and_allocate`]) through the mapping, a plain copy;
+    /// ([`Self::zero_and_allocate`], or a chunk that
+    /// [`Self::zero_and_allocate_in_background`] has reached) through the
+    /// mapping, a plain copy;
     /// otherwise through the file: a full-page write to a tmpfs hole
     /// allocates the page without zeroing it first, where a store through
     /// the mapping faults, zeroes the page and then copies.
@@ -519,7 +530,10 @@ mod tests {
         f.seek(SeekFrom::Start(9 * PAGE_SIZE_U64)).unwrap();
         f.write_all(&[5u8; PAGE_SIZE]).unwrap();
         let mut dst = DestRam::open(&path, size).unwrap();
-        dst.zero_and_allocate_in_background(2).unwrap();
+        assert!(
+            !dst.zero_and_allocate_in_background(2).unwrap(),
+            "tmpfs: in the background"
+        );
         assert_eq!(dst.prepared(), Prepared::ZeroedAllocated);
         let pages = size / PAGE_SIZE_U64;
         let written: Vec<u64> = (0..pages).step_by(97).collect();

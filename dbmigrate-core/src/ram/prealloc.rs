@@ -4,8 +4,7 @@
 //! project's test host (a nested VM whose host lends memory page by page
 //! on first touch) and delays the moment the destination listens. Done by
 //! a few threads while the first round arrives, it costs no wait: the RAM
-//! is split in chunks (2 MiB, or the file's page size on hugetlbfs if
-//! larger) that the threads claim in ascending order;
+//! is split in 2 MiB chunks that the threads claim in ascending order;
 //! each is allocated (`fallocate`) and touched through a short-lived
 //! mapping of its own. The RAM's owner writes a page through its mapping
 //! once the page's chunk is done and through the file before (a full-page
@@ -26,20 +25,8 @@ use std::time::Instant;
 
 use crate::sys;
 
-/// Bytes allocated and touched at a time, unless the file's pages are
-/// larger ([`chunk_bytes`]).
+/// Bytes allocated and touched at a time.
 pub const CHUNK_BYTES: usize = 2 << 20;
-
-/// The chunk for a file whose block size is `block` (a hugetlbfs file's
-/// is its huge page size, which `fallocate` and mappings must align to):
-/// [`CHUNK_BYTES`] or the block if it is a larger power of two, at most
-/// 1 GiB. Pure.
-pub fn chunk_bytes(block: u64) -> usize {
-    match usize::try_from(block) {
-        Ok(b) if b.is_power_of_two() && b > CHUNK_BYTES && b <= 1 << 30 => b,
-        _ => CHUNK_BYTES,
-    }
-}
 
 /// The allocating threads and what they have done.
 pub(crate) struct Background {
@@ -59,14 +46,16 @@ struct Shared {
     /// Set with `error` by the first thread that failed.
     failed: AtomicBool,
     error: Mutex<Option<io::Error>>,
-    finished: AtomicUsize,
+    /// Threads still working.
+    alive: AtomicUsize,
     started: Instant,
 }
 
 impl Background {
     /// Starts `threads` threads (at least one) allocating `len` bytes of
-    /// `file` (a descriptor of its own) `chunk` bytes at a time.
-    pub(crate) fn start(file: File, len: usize, chunk: usize, threads: usize) -> io::Result<Self> {
+    /// `file` (a descriptor of its own) [`CHUNK_BYTES`] at a time.
+    pub(crate) fn start(file: File, len: usize, threads: usize) -> io::Result<Self> {
+        let chunk = CHUNK_BYTES;
         let chunks = len.div_ceil(chunk);
         let shared = Arc::new(Shared {
             file,
@@ -77,21 +66,27 @@ impl Background {
             stop: AtomicBool::new(false),
             failed: AtomicBool::new(false),
             error: Mutex::new(None),
-            finished: AtomicUsize::new(0),
+            alive: AtomicUsize::new(0),
             started: Instant::now(),
         });
         let n = threads.clamp(1, 16);
         let mut handles = Vec::with_capacity(n);
         for i in 0..n {
             let s = shared.clone();
+            shared.alive.fetch_add(1, Ordering::AcqRel);
             let spawned = std::thread::Builder::new()
                 .name(format!("ram-alloc-{i}"))
-                .spawn(move || s.work(n));
+                .spawn(move || s.work());
             match spawned {
                 Ok(h) => handles.push(h),
-                Err(e) if handles.is_empty() => return Err(e),
-                // Fewer threads only make it slower.
-                Err(_) => break,
+                Err(e) => {
+                    shared.alive.fetch_sub(1, Ordering::AcqRel);
+                    if handles.is_empty() {
+                        return Err(e);
+                    }
+                    // Fewer threads only make it slower.
+                    break;
+                }
             }
         }
         Ok(Self {
@@ -114,31 +109,40 @@ impl Background {
     /// Stops the threads and waits for them; the first error any of them
     /// met, if one did.
     pub(crate) fn stop(mut self) -> io::Result<()> {
-        self.halt();
-        match self.shared.error.lock() {
-            Ok(mut e) => e.take().map_or(Ok(()), Err),
-            Err(_) => Err(io::Error::other("an allocating thread panicked")),
+        let panicked = self.halt();
+        let error = match self.shared.error.lock() {
+            Ok(mut e) => e.take(),
+            Err(_) => None,
+        };
+        match (error, panicked) {
+            (Some(e), _) => Err(e),
+            (None, true) => Err(io::Error::other("an allocating thread panicked")),
+            (None, false) => Ok(()),
         }
     }
 
-    fn halt(&mut self) {
+    /// Stops and joins the threads; true if one of them panicked.
+    fn halt(&mut self) -> bool {
         self.shared.stop.store(true, Ordering::Release);
+        let mut panicked = false;
         for t in self.threads.drain(..) {
             if t.join().is_err() {
                 self.shared.failed.store(true, Ordering::Release);
+                panicked = true;
             }
         }
+        panicked
     }
 }
 
 impl Drop for Background {
     fn drop(&mut self) {
-        self.halt();
+        let _ = self.halt();
     }
 }
 
 impl Shared {
-    fn work(&self, threads: usize) {
+    fn work(&self) {
         while !self.stop.load(Ordering::Acquire) {
             let c = self.next.fetch_add(1, Ordering::Relaxed);
             let Some(flag) = self.done.get(c) else { break };
@@ -156,7 +160,7 @@ impl Shared {
             }
             flag.store(true, Ordering::Release);
         }
-        if self.finished.fetch_add(1, Ordering::AcqRel) + 1 == threads {
+        if self.alive.fetch_sub(1, Ordering::AcqRel) == 1 {
             let done = self
                 .done
                 .iter()
@@ -200,14 +204,5 @@ mod tests {
         assert!(covered(&done, c, 2 * c, c));
         assert!(!covered(&done, c, 3 * c, 4096), "beyond the RAM");
         assert!(covered(&done, c, 5 * c, 0));
-    }
-
-    #[test]
-    fn chunks_follow_huge_pages() {
-        assert_eq!(chunk_bytes(4096), CHUNK_BYTES);
-        assert_eq!(chunk_bytes(2 << 20), CHUNK_BYTES);
-        assert_eq!(chunk_bytes(1 << 30), 1 << 30);
-        assert_eq!(chunk_bytes(3 << 20), CHUNK_BYTES, "not a power of two");
-        assert_eq!(chunk_bytes(2 << 30), CHUNK_BYTES, "beyond 1 GiB");
     }
 }

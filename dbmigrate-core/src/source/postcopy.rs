@@ -309,7 +309,7 @@ impl SourceSession {
                 "control connection already taken".into(),
             ))
         })?;
-        let (mut ctrl_in, reader) = crate::control::spawn_reader(rx, "post-copy");
+        let (mut ctrl_in, reader) = crate::control::spawn_reader(rx, "post-copy", self.ram.len());
         let mut result = self
             .postcopy_loop(&mut sw, handover, on_activated, &mut ctrl_in, &mut stats)
             .await;

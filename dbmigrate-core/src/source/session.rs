@@ -462,10 +462,11 @@ impl SourceSession {
     /// If a data connection failed, the destination has usually said why on
     /// the control connection: prefer that reason.
     pub async fn peer_reason(&mut self) -> Option<String> {
+        let max = protocol::control_payload_limit(self.ram.len());
         let rx = self.ctrl_rx.as_mut()?;
         let reason = async {
             loop {
-                match protocol::read_control(rx, "reading the destination's reason").await {
+                match protocol::read_control(rx, "reading the destination's reason", max).await {
                     Ok((ToSource::Abort { reason }, _)) => return Some(reason),
                     Ok((ToSource::Heartbeat, _)) => {}
                     _ => return None,
@@ -479,6 +480,7 @@ impl SourceSession {
     }
 
     pub(super) async fn read_ctrl(&mut self, doing: &'static str) -> Result<ToSource, SourceError> {
+        let max = protocol::control_payload_limit(self.ram.len());
         let rx = self
             .ctrl_rx
             .as_mut()
@@ -489,7 +491,7 @@ impl SourceSession {
             let (msg, n) = within(
                 self.cfg.peer_timeout,
                 doing,
-                protocol::read_control(rx, doing),
+                protocol::read_control(rx, doing, max),
             )
             .await??;
             self.stats.bytes_received += n;

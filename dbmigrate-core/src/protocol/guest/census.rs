@@ -124,6 +124,9 @@ pub fn encode_census_request(tag: u32) -> [u8; 8] {
 
 /// Encodes a census answer to the request tagged `tag`.
 pub fn encode_census(runs: &[CensusRun], tag: u32) -> Vec<u8> {
+    if let Some(refusal) = super::too_large(runs.len(), tag) {
+        return refusal;
+    }
     let mut out = super::answer_header(CENSUS_MAGIC, runs.len(), tag, runs.len() * CENSUS_RUN_LEN);
     for r in runs {
         out.extend_from_slice(&r.start.0.to_le_bytes());
@@ -137,7 +140,13 @@ pub fn encode_census(runs: &[CensusRun], tag: u32) -> Vec<u8> {
 /// follow, tag).
 pub fn census_header(b: &[u8]) -> Result<(usize, u32), HintFormatError> {
     let (runs, tag) = super::checked_header(b, CENSUS_MAGIC, MAX_CENSUS_RUNS)?;
-    Ok((runs * CENSUS_RUN_LEN, tag))
+    let body = runs
+        .checked_mul(CENSUS_RUN_LEN)
+        .ok_or(HintFormatError::Count {
+            count: runs as u64,
+            bytes: b.len(),
+        })?;
+    Ok((body, tag))
 }
 
 /// Decodes a census (header and body) from an untrusted guest: every run

@@ -71,13 +71,14 @@ pub struct LayoutSet {
 }
 
 /// Most layout bytes a guest of `ram_pages` 4 KiB pages may send: the
-/// files and extents ([`LAYOUT_FILE_BYTES`]) and the frames, at most two
-/// 8-byte entries per page of RAM (a scattered frame's first entry and
-/// one per page). Grows with the VM, never past the format's limit. Pure.
+/// files and extents ([`LAYOUT_FILE_BYTES`]) and the frames, at most one
+/// 8-byte entry per page of RAM ([`frame_entries`]: a contiguous frame's
+/// first page, or each page of a scattered one). Grows with the VM, never
+/// past the format's limit. Pure.
 pub fn max_layout_bytes(ram_pages: u64) -> usize {
     let frames = usize::try_from(ram_pages)
         .unwrap_or(usize::MAX)
-        .saturating_mul(16);
+        .saturating_mul(8);
     LAYOUT_FILE_BYTES
         .saturating_add(frames)
         .min(MAX_LAYOUT_BYTES)
@@ -218,6 +219,9 @@ pub fn encode_layout(set: &LayoutSet, tag: u32) -> Vec<u8> {
     );
     for e in &set.frames {
         body.extend_from_slice(&e.to_le_bytes());
+    }
+    if let Some(refusal) = super::too_large(body.len(), tag) {
+        return refusal;
     }
     let mut out = super::answer_header(LAYOUT_MAGIC, body.len(), tag, body.len());
     out.extend_from_slice(&body);
@@ -407,13 +411,12 @@ mod tests {
 
     #[test]
     fn the_layout_bound_grows_with_the_guest() {
-        // 2 GiB: the files' share and two entries per page.
-        assert_eq!(max_layout_bytes(1 << 19), (16 << 20) + (8 << 20));
-        // 256 GiB: far past the old fixed 16 MiB.
-        assert_eq!(max_layout_bytes(1 << 26), (16 << 20) + (1 << 30));
-        // 1 TiB: at the format's limit (a contiguous pool's frames need a
-        // quarter of it, one entry per 16 KiB frame).
-        assert_eq!(max_layout_bytes(1 << 28), MAX_LAYOUT_BYTES);
+        // 2 GiB: the files' share and an entry per page.
+        assert_eq!(max_layout_bytes(1 << 19), (16 << 20) + (4 << 20));
+        // 1 TiB: far past the old fixed 16 MiB.
+        assert_eq!(max_layout_bytes(1 << 28), (16 << 20) + (2 << 30));
+        // 4 TiB: at the format's limit.
+        assert_eq!(max_layout_bytes(1 << 30), MAX_LAYOUT_BYTES);
         assert_eq!(max_layout_bytes(u64::MAX), MAX_LAYOUT_BYTES);
     }
 

@@ -71,6 +71,9 @@ pub enum HintFormatError {
 /// Encodes hints: 16-byte header {magic, version, reserved, count, tag} then
 /// 40-byte records, little-endian. The tag echoes the request the set answers.
 pub fn encode_hints(hints: &[GuestHint], tag: u32) -> Vec<u8> {
+    if let Some(refusal) = too_large(hints.len(), tag) {
+        return refusal;
+    }
     let mut out = answer_header(HINTS_MAGIC, hints.len(), tag, hints.len() * HINT_RECORD_LEN);
     for h in hints {
         out.extend_from_slice(&h.gpa.0.to_le_bytes());
@@ -187,6 +190,20 @@ pub enum HintAnswer {
     },
 }
 
+/// An error answer in place of one whose `count` a header cannot carry
+/// (a `u32`), so that the header never announces less than follows.
+pub(crate) fn too_large(count: usize, tag: u32) -> Option<Vec<u8>> {
+    (u32::try_from(count).is_err()).then(|| {
+        encode_hint_error(
+            tag,
+            &format!(
+                "the answer would hold {count} records or bytes, more than one answer carries ({})",
+                u32::MAX
+            ),
+        )
+    })
+}
+
 /// Parses the header of a guest's answer, bounding what follows.
 pub fn parse_answer_header(b: &[u8]) -> Result<HintAnswer, HintFormatError> {
     if b.len() >= HINTS_HEADER_LEN && b[..4] == HINT_ERROR_MAGIC.to_le_bytes() {
@@ -262,7 +279,13 @@ pub(crate) fn checked_header(
 /// Checks a hint set's 16-byte header and returns (record bytes that follow, tag).
 pub fn hint_set_header(b: &[u8]) -> Result<(usize, u32), HintFormatError> {
     let (count, tag) = checked_header(b, HINTS_MAGIC, MAX_HINTS)?;
-    Ok((count * HINT_RECORD_LEN, tag))
+    let body = count
+        .checked_mul(HINT_RECORD_LEN)
+        .ok_or(HintFormatError::Count {
+            count: count as u64,
+            bytes: b.len(),
+        })?;
+    Ok((body, tag))
 }
 
 /// Decodes a hint set from an untrusted guest, checking every length first.
