@@ -132,7 +132,7 @@ pub enum Prepared {
 /// The source's read-only view of guest RAM.
 pub type SourceRam = Ram<memmap2::Mmap>;
 /// The destination's writable view of guest RAM.
-pub type DestRam = Ram<memmap2::MmapMut, DestWriter>;
+pub type DestRam = Ram<sys::mmap::SharedMap, DestWriter>;
 
 fn open_checked(path: &Path, write: bool, size: u64) -> Result<(File, usize), RamError> {
     let file = OpenOptions::new()
@@ -206,11 +206,11 @@ impl Ram<memmap2::Mmap, ()> {
     }
 }
 
-impl Ram<memmap2::MmapMut, DestWriter> {
+impl Ram<sys::mmap::SharedMap, DestWriter> {
     /// Maps `path` read-write; it must already be exactly `size` bytes (created by the VMM).
     pub fn open(path: &Path, size: u64) -> Result<Self, RamError> {
         let (file, len) = open_checked(path, true, size)?;
-        let map = sys::mmap::map_shared_rw(&file, len).map_err(mmap_error(path))?;
+        let map = sys::mmap::SharedMap::map(&file, len).map_err(mmap_error(path))?;
         Ok(Self {
             path: path.into(),
             file,
@@ -255,11 +255,15 @@ impl Ram<memmap2::MmapMut, DestWriter> {
             doing: "allocating the guest's RAM (fallocate; is the RAM filesystem, e.g. /dev/shm, big enough for the guest?)",
             source,
         })?;
-        sys::mmap::populate_write(&mut self.map).map_err(|source| RamError::Io {
-            path: self.path.clone(),
-            doing: "faulting in the guest's RAM (MADV_POPULATE_WRITE)",
-            source,
-        })?;
+        let len = self.map.len();
+        self.map
+            .populator()
+            .populate_write(0, len)
+            .map_err(|source| RamError::Io {
+                path: self.path.clone(),
+                doing: "faulting in the guest's RAM (MADV_POPULATE_WRITE)",
+                source,
+            })?;
         self.writer.prepared = Prepared::ZeroedAllocated;
         self.writer.through_map = true;
         Ok(())
@@ -298,7 +302,7 @@ impl Ram<memmap2::MmapMut, DestWriter> {
             .file
             .try_clone()
             .map_err(io("duplicating the RAM file's descriptor"))?;
-        let bg = prealloc::Background::start(file, self.map.len(), threads)
+        let bg = prealloc::Background::start(file, self.map.populator(), self.map.len(), threads)
             .map_err(io("starting the threads that allocate the guest's RAM"))?;
         self.writer.background = Some(bg);
         self.writer.prepared = Prepared::ZeroedAllocated;

@@ -5,10 +5,12 @@
 //! on first touch) and delays the moment the destination listens. Done by
 //! a few threads while the first round arrives, it costs no wait: the RAM
 //! is split in 2 MiB chunks that the threads claim in ascending order;
-//! each is allocated (`fallocate`) and touched through a short-lived
-//! mapping of its own. The RAM's owner writes a page through its mapping
-//! once the page's chunk is done and through the file before (a full-page
-//! write to a tmpfs hole allocates the page without zeroing it first).
+//! each is allocated (`fallocate`) and faulted in through the owner's
+//! mapping (`MADV_POPULATE_WRITE` from the thread, through a
+//! [`Populator`] that never reads or writes the bytes). The RAM's owner
+//! writes a page through its mapping once the page's chunk is done and
+//! through the file before (a full-page write to a tmpfs hole allocates
+//! the page without zeroing it first).
 //! Neither changes what the other wrote: allocation keeps data and
 //! touching a page does not change it.
 //!
@@ -24,6 +26,7 @@ use std::thread::JoinHandle;
 use std::time::Instant;
 
 use crate::sys;
+use crate::sys::mmap::Populator;
 
 /// Bytes allocated and touched at a time.
 pub const CHUNK_BYTES: usize = 2 << 20;
@@ -36,6 +39,7 @@ pub(crate) struct Background {
 
 struct Shared {
     file: File,
+    populator: Populator,
     len: usize,
     chunk: usize,
     /// One flag per chunk: allocated and touched.
@@ -53,12 +57,19 @@ struct Shared {
 
 impl Background {
     /// Starts `threads` threads (at least one) allocating `len` bytes of
-    /// `file` (a descriptor of its own) [`CHUNK_BYTES`] at a time.
-    pub(crate) fn start(file: File, len: usize, threads: usize) -> io::Result<Self> {
+    /// `file` (a descriptor of its own) [`CHUNK_BYTES`] at a time, faulting
+    /// them in through `populator`.
+    pub(crate) fn start(
+        file: File,
+        populator: Populator,
+        len: usize,
+        threads: usize,
+    ) -> io::Result<Self> {
         let chunk = CHUNK_BYTES;
         let chunks = len.div_ceil(chunk);
         let shared = Arc::new(Shared {
             file,
+            populator,
             len,
             chunk,
             done: (0..chunks).map(|_| AtomicBool::new(false)).collect(),
@@ -149,7 +160,7 @@ impl Shared {
             let offset = c * self.chunk;
             let len = self.chunk.min(self.len - offset);
             let r = sys::file::allocate_range(&self.file, offset as u64, len as u64)
-                .and_then(|()| sys::mmap::populate_file_range(&self.file, offset as u64, len));
+                .and_then(|()| self.populator.populate_write(offset, len));
             if let Err(e) = r {
                 if let Ok(mut slot) = self.error.lock() {
                     slot.get_or_insert(e);

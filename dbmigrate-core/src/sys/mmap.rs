@@ -2,6 +2,7 @@
 
 use std::fs::File;
 use std::io;
+use std::sync::Arc;
 
 /// Maps `file` read-only and shared.
 ///
@@ -17,11 +18,62 @@ pub(crate) fn map_shared_ro(file: &File, len: usize) -> io::Result<memmap2::Mmap
     unsafe { memmap2::MmapOptions::new().len(len).map(file) }
 }
 
-/// Maps `file` read-write and shared (destination side).
-pub(crate) fn map_shared_rw(file: &File, len: usize) -> io::Result<memmap2::MmapMut> {
-    // SAFETY: as for `map_shared_ro`; on the destination the VMM does not run
-    // the guest until dbmigrate has finished writing, so nobody else writes.
-    unsafe { memmap2::MmapOptions::new().len(len).map_mut(file) }
+/// The destination's read-write shared mapping of a RAM file. Its owner
+/// reads and writes the bytes; [`Populator`]s made from it fault its
+/// pages in from other threads and never read or write them. The mapping
+/// lives until the owner and every populator are gone.
+pub struct SharedMap(Arc<memmap2::MmapRaw>);
+
+/// Faults pages of a [`SharedMap`] in for writing, from another thread.
+pub struct Populator(Arc<memmap2::MmapRaw>);
+
+impl SharedMap {
+    /// Maps `len` bytes of `file` (opened read-write) shared.
+    pub(crate) fn map(file: &File, len: usize) -> io::Result<Self> {
+        let raw = memmap2::MmapOptions::new().len(len).map_raw(file)?;
+        Ok(Self(Arc::new(raw)))
+    }
+
+    /// A handle that faults this mapping's pages in.
+    pub(crate) fn populator(&self) -> Populator {
+        Populator(self.0.clone())
+    }
+}
+
+impl std::ops::Deref for SharedMap {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        // SAFETY: the pointer and length are those of a live mapping that
+        // this Arc keeps alive; the file is never truncated while mapped.
+        // The VMM writing the file through its own mapping changes bytes
+        // under us, as for every view of live guest memory (see
+        // `map_shared_ro`); populators never access the bytes.
+        unsafe { std::slice::from_raw_parts(self.0.as_ptr(), self.0.len()) }
+    }
+}
+
+impl std::ops::DerefMut for SharedMap {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as for `deref`; `SharedMap` is not Clone, so `&mut self`
+        // is the only way to these bytes in this process (a `Populator`
+        // only asks the kernel to fault pages in, never reading or
+        // writing them), and on the destination the VMM does not run the
+        // guest until dbmigrate has finished writing.
+        unsafe { std::slice::from_raw_parts_mut(self.0.as_mut_ptr(), self.0.len()) }
+    }
+}
+
+impl Populator {
+    /// Faults in `len` bytes at `offset` for writing
+    /// (`MADV_POPULATE_WRITE`, Linux 5.14) without changing them.
+    pub(crate) fn populate_write(&self, offset: usize, len: usize) -> io::Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        self.0
+            .advise_range(memmap2::Advice::PopulateWrite, offset, len)
+    }
 }
 
 /// A small anonymous shared mapping of our own, used by the trackers' self-tests.
@@ -80,47 +132,4 @@ impl Drop for TestMapping {
             libc::munmap(self.ptr, self.len);
         }
     }
-}
-
-/// Faults in every page of `map` for writing, so that later writes land in
-/// memory that is already there (`MADV_POPULATE_WRITE`, Linux 5.14).
-pub(crate) fn populate_write(map: &mut memmap2::MmapMut) -> io::Result<()> {
-    if map.is_empty() {
-        return Ok(());
-    }
-    // SAFETY: the range is exactly our live mapping; MADV_POPULATE_WRITE
-    // only faults pages in (as a write would, without changing their
-    // content) and never unmaps or moves anything.
-    let r = unsafe {
-        libc::madvise(
-            map.as_mut_ptr().cast(),
-            map.len(),
-            libc::MADV_POPULATE_WRITE,
-        )
-    };
-    if r < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
-}
-
-/// Allocates and faults in `len` bytes of `file` at `offset` through a
-/// short-lived mapping of that range alone, so that a thread that does
-/// not own the RAM's mapping can pay the first touch of each page (the
-/// owner's mapping then only maps pages that are already there). The
-/// content of the pages is not changed.
-pub(crate) fn populate_file_range(file: &File, offset: u64, len: usize) -> io::Result<()> {
-    if len == 0 {
-        return Ok(());
-    }
-    // SAFETY: a shared mapping of a range of a regular file we opened,
-    // inside its size (the caller's range is checked against the RAM's
-    // length); it lives only for this call and is never handed out.
-    let mut map = unsafe {
-        memmap2::MmapOptions::new()
-            .offset(offset)
-            .len(len)
-            .map_mut(file)?
-    };
-    populate_write(&mut map)
 }
