@@ -139,14 +139,7 @@ pub fn encode_census(runs: &[CensusRun], tag: u32) -> Vec<u8> {
 /// Checks a census answer's 16-byte header; returns (body bytes that
 /// follow, tag).
 pub fn census_header(b: &[u8]) -> Result<(usize, u32), HintFormatError> {
-    let (runs, tag) = super::checked_header(b, CENSUS_MAGIC, MAX_CENSUS_RUNS)?;
-    let body = runs
-        .checked_mul(CENSUS_RUN_LEN)
-        .ok_or(HintFormatError::Count {
-            count: runs as u64,
-            bytes: b.len(),
-        })?;
-    Ok((body, tag))
+    super::records_header(b, CENSUS_MAGIC, MAX_CENSUS_RUNS, CENSUS_RUN_LEN)
 }
 
 /// Decodes a census (header and body) from an untrusted guest: every run

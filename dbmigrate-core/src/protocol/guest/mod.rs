@@ -276,16 +276,25 @@ pub(crate) fn checked_header(
     Ok((count, u32_at(12)))
 }
 
+/// [`checked_header`] of an answer of `record`-byte records: returns
+/// (record bytes that follow, tag).
+pub(crate) fn records_header(
+    b: &[u8],
+    magic: u32,
+    limit: usize,
+    record: usize,
+) -> Result<(usize, u32), HintFormatError> {
+    let (count, tag) = checked_header(b, magic, limit)?;
+    let body = count.checked_mul(record).ok_or(HintFormatError::Count {
+        count: count as u64,
+        bytes: b.len(),
+    })?;
+    Ok((body, tag))
+}
+
 /// Checks a hint set's 16-byte header and returns (record bytes that follow, tag).
 pub fn hint_set_header(b: &[u8]) -> Result<(usize, u32), HintFormatError> {
-    let (count, tag) = checked_header(b, HINTS_MAGIC, MAX_HINTS)?;
-    let body = count
-        .checked_mul(HINT_RECORD_LEN)
-        .ok_or(HintFormatError::Count {
-            count: count as u64,
-            bytes: b.len(),
-        })?;
-    Ok((body, tag))
+    records_header(b, HINTS_MAGIC, MAX_HINTS, HINT_RECORD_LEN)
 }
 
 /// Decodes a hint set from an untrusted guest, checking every length first.
