@@ -198,7 +198,7 @@ enum Command {
         /// threads allocate and touch it 2 MiB at a time while the first
         /// round arrives, so the agent listens at once and pages land in
         /// memory that is already there once reached. `upfront`: all of it
-        /// before listening (about 2.5 s per GiB on the project's test
+        /// before listening (0.5-2.7 CPU s per GiB on the project's test
         /// host), so that a host short of memory fails before the
         /// migration starts. `off`: pages are allocated as they arrive.
         #[arg(long, value_enum, default_value_t = receive::Prealloc::Background)]

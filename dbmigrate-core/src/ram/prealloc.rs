@@ -1,6 +1,6 @@
 //! Allocating the destination's RAM file in the background.
 //!
-//! Allocating a guest's RAM up front costs about 2.5 s per GiB on this
+//! Allocating a guest's RAM up front costs 0.5-2.7 CPU s per GiB on this
 //! project's test host (a nested VM whose host lends memory page by page
 //! on first touch) and delays the moment the destination listens. Done by
 //! a few threads while the first round arrives, it costs no wait: the RAM
