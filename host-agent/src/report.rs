@@ -117,13 +117,7 @@ pub fn peak_own_memory_bytes() -> Option<u64> {
 
 /// `RssAnon:` plus `VmPTE:` of a `/proc/PID/status` text, in bytes.
 fn parse_own_memory(status: &str) -> Option<u64> {
-    let kib = |key: &str| -> Option<u64> {
-        let line = status.lines().find(|l| l.starts_with(key))?;
-        let mut words = line[key.len()..].split_whitespace();
-        let v: u64 = words.next()?.parse().ok()?;
-        (words.next() == Some("kB")).then_some(v)
-    };
-    Some((kib("RssAnon:")? + kib("VmPTE:")?) * 1024)
+    Some(status_bytes(status, "RssAnon:")? + status_bytes(status, "VmPTE:")?)
 }
 
 /// The destination agent's CPU time when it began to listen, ms.
@@ -151,8 +145,14 @@ pub fn cpu_ms() -> Option<u64> {
 
 /// The `VmHWM:` line of a `/proc/PID/status` text, in bytes.
 fn parse_vm_hwm(status: &str) -> Option<u64> {
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let mut words = line["VmHWM:".len()..].split_whitespace();
+    status_bytes(status, "VmHWM:")
+}
+
+/// The value of a `/proc/PID/status` line starting with `key`, given in
+/// kB, in bytes.
+fn status_bytes(status: &str, key: &str) -> Option<u64> {
+    let line = status.lines().find(|l| l.starts_with(key))?;
+    let mut words = line[key.len()..].split_whitespace();
     let kib: u64 = words.next()?.parse().ok()?;
     (words.next() == Some("kB")).then_some(kib * 1024)
 }

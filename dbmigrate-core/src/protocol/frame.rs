@@ -35,15 +35,7 @@ pub async fn read_message_within<R: AsyncRead + Unpin>(
     doing: &'static str,
     max: u64,
 ) -> Result<(Message, u64), ProtocolError> {
-    let mut h = [0u8; HEADER_LEN];
-    r.read_exact(&mut h).await.map_err(|e| io_error(e, doing))?;
-    let (kind, len) = parse_header_within(&h, max)?;
-    let mut payload = vec![0u8; usize::try_from(len).expect("bounded by the limit")];
-    r.read_exact(&mut payload)
-        .await
-        .map_err(|e| io_error(e, doing))?;
-    let msg = Message::decode(kind, &payload)?;
-    Ok((msg, HEADER_LEN as u64 + len))
+    read_frame(r, doing, &mut Vec::new(), max).await
 }
 
 /// [`read_message`] into a payload buffer the caller keeps between frames:
@@ -54,10 +46,21 @@ pub async fn read_message_with<R: AsyncRead + Unpin>(
     doing: &'static str,
     payload: &mut Vec<u8>,
 ) -> Result<(Message, u64), ProtocolError> {
+    read_frame(r, doing, payload, MAX_PAYLOAD).await
+}
+
+/// Reads one frame of at most `max` payload bytes into `payload` and
+/// decodes it; the length is checked before anything is allocated.
+async fn read_frame<R: AsyncRead + Unpin>(
+    r: &mut R,
+    doing: &'static str,
+    payload: &mut Vec<u8>,
+    max: u64,
+) -> Result<(Message, u64), ProtocolError> {
     let mut h = [0u8; HEADER_LEN];
     r.read_exact(&mut h).await.map_err(|e| io_error(e, doing))?;
-    let (kind, len) = parse_header(&h)?;
-    payload.resize(usize::try_from(len).expect("bounded by MAX_PAYLOAD"), 0);
+    let (kind, len) = parse_header_within(&h, max)?;
+    payload.resize(usize::try_from(len).expect("bounded by the limit"), 0);
     r.read_exact(payload)
         .await
         .map_err(|e| io_error(e, doing))?;

@@ -60,14 +60,7 @@ pub enum RamError {
 }
 
 fn check_size(path: &Path, file: &File, expected: u64) -> Result<usize, RamError> {
-    let actual = file
-        .metadata()
-        .map_err(|source| RamError::Io {
-            path: path.into(),
-            doing: "stat",
-            source,
-        })?
-        .len();
+    let actual = file.metadata().map_err(io_error(path, "stat"))?.len();
     if actual != expected || expected % PAGE_SIZE_U64 != 0 || expected == 0 {
         return Err(RamError::Size {
             path: path.into(),
@@ -85,11 +78,7 @@ fn check_size(path: &Path, file: &File, expected: u64) -> Result<usize, RamError
 /// Pages of `file` that hold data (the rest are holes that read as zeros).
 fn data_pages(path: &Path, file: &File, len: u64) -> Result<PageBitmap, RamError> {
     let mut bm = PageBitmap::new(len / PAGE_SIZE_U64);
-    let extents = sys::file::data_extents(file, len).map_err(|source| RamError::Io {
-        path: path.into(),
-        doing: "SEEK_DATA",
-        source,
-    })?;
+    let extents = sys::file::data_extents(file, len).map_err(io_error(path, "SEEK_DATA"))?;
     for (s, e) in extents {
         bm.set_range(s / PAGE_SIZE_U64, e.div_ceil(PAGE_SIZE_U64));
     }
@@ -147,10 +136,11 @@ fn open_checked(path: &Path, write: bool, size: u64) -> Result<(File, usize), Ra
     Ok((file, len))
 }
 
-fn mmap_error(path: &Path) -> impl FnOnce(io::Error) -> RamError + '_ {
+/// Maps an I/O error met `doing` something on the RAM file at `path`.
+fn io_error<'a>(path: &'a Path, doing: &'static str) -> impl FnOnce(io::Error) -> RamError + 'a {
     move |source| RamError::Io {
         path: path.into(),
-        doing: "mmap",
+        doing,
         source,
     }
 }
@@ -196,7 +186,7 @@ impl Ram<memmap2::Mmap, ()> {
     /// Maps `path` read-only; it must be exactly `size` bytes.
     pub fn open(path: &Path, size: u64) -> Result<Self, RamError> {
         let (file, len) = open_checked(path, false, size)?;
-        let map = sys::mmap::map_shared_ro(&file, len).map_err(mmap_error(path))?;
+        let map = sys::mmap::map_shared_ro(&file, len).map_err(io_error(path, "mmap"))?;
         Ok(Self {
             path: path.into(),
             file,
@@ -210,7 +200,7 @@ impl Ram<sys::mmap::SharedMap, DestWriter> {
     /// Maps `path` read-write; it must already be exactly `size` bytes (created by the VMM).
     pub fn open(path: &Path, size: u64) -> Result<Self, RamError> {
         let (file, len) = open_checked(path, true, size)?;
-        let map = sys::mmap::SharedMap::map(&file, len).map_err(mmap_error(path))?;
+        let map = sys::mmap::SharedMap::map(&file, len).map_err(io_error(path, "mmap"))?;
         Ok(Self {
             path: path.into(),
             file,
@@ -227,11 +217,8 @@ impl Ram<sys::mmap::SharedMap, DestWriter> {
     /// it mapped), so that zero pages never need to be sent.
     pub fn zero_all(&mut self) -> Result<(), RamError> {
         self.stop_allocating()?;
-        sys::file::punch_hole(&self.file, 0, self.len()).map_err(|source| RamError::Io {
-            path: self.path.clone(),
-            doing: "punching holes (fallocate)",
-            source,
-        })?;
+        sys::file::punch_hole(&self.file, 0, self.len())
+            .map_err(io_error(&self.path, "punching holes (fallocate)"))?;
         self.writer.prepared = Prepared::Zeroed;
         self.writer.through_map = false;
         Ok(())
@@ -250,20 +237,15 @@ impl Ram<sys::mmap::SharedMap, DestWriter> {
     /// ([`Self::write_through_file`]).
     pub fn zero_and_allocate(&mut self) -> Result<(), RamError> {
         self.zero_all()?;
-        sys::file::allocate(&self.file, self.len()).map_err(|source| RamError::Io {
-            path: self.path.clone(),
-            doing: "allocating the guest's RAM (fallocate; is the RAM filesystem, e.g. /dev/shm, big enough for the guest?)",
-            source,
-        })?;
+        sys::file::allocate(&self.file, self.len()).map_err(io_error(&self.path, "allocating the guest's RAM (fallocate; is the RAM filesystem, e.g. /dev/shm, big enough for the guest?)"))?;
         let len = self.map.len();
         self.map
             .populator()
             .populate_write(0, len)
-            .map_err(|source| RamError::Io {
-                path: self.path.clone(),
-                doing: "faulting in the guest's RAM (MADV_POPULATE_WRITE)",
-                source,
-            })?;
+            .map_err(io_error(
+                &self.path,
+                "faulting in the guest's RAM (MADV_POPULATE_WRITE)",
+            ))?;
         self.writer.prepared = Prepared::ZeroedAllocated;
         self.writer.through_map = true;
         Ok(())
@@ -280,30 +262,27 @@ impl Ram<sys::mmap::SharedMap, DestWriter> {
     /// `write(2)` to fill a hole with) is allocated up front instead; true
     /// if that happened.
     pub fn zero_and_allocate_in_background(&mut self, threads: usize) -> Result<bool, RamError> {
-        let path = self.path.clone();
-        let io = |doing| {
-            let path = path.clone();
-            move |source| RamError::Io {
-                path,
-                doing,
-                source,
-            }
-        };
         let block = {
             use std::os::unix::fs::MetadataExt;
-            self.file.metadata().map_err(io("stat"))?.blksize()
+            self.file
+                .metadata()
+                .map_err(io_error(&self.path, "stat"))?
+                .blksize()
         };
         if block > PAGE_SIZE_U64 {
             self.zero_and_allocate()?;
             return Ok(true);
         }
         self.zero_all()?;
-        let file = self
-            .file
-            .try_clone()
-            .map_err(io("duplicating the RAM file's descriptor"))?;
+        let file = self.file.try_clone().map_err(io_error(
+            &self.path,
+            "duplicating the RAM file's descriptor",
+        ))?;
         let bg = prealloc::Background::start(file, self.map.populator(), self.map.len(), threads)
-            .map_err(io("starting the threads that allocate the guest's RAM"))?;
+            .map_err(io_error(
+            &self.path,
+            "starting the threads that allocate the guest's RAM",
+        ))?;
         self.writer.background = Some(bg);
         self.writer.prepared = Prepared::ZeroedAllocated;
         self.writer.through_map = true;
@@ -317,11 +296,7 @@ impl Ram<sys::mmap::SharedMap, DestWriter> {
         let Some(bg) = self.writer.background.take() else {
             return Ok(());
         };
-        bg.stop().map_err(|source| RamError::Io {
-            path: self.path.clone(),
-            doing: "allocating the guest's RAM in the background (is the RAM filesystem, e.g. /dev/shm, big enough for the guest?)",
-            source,
-        })
+        bg.stop().map_err(io_error(&self.path, "allocating the guest's RAM in the background (is the RAM filesystem, e.g. /dev/shm, big enough for the guest?)"))
     }
 
     /// From now on writes go through the file: a running guest may fault
@@ -346,13 +321,8 @@ impl Ram<sys::mmap::SharedMap, DestWriter> {
         if page.checked_add(count).is_none_or(|end| end > pages) {
             return Err(RamError::OutOfRange { page, pages });
         }
-        sys::file::punch_hole(&self.file, page * PAGE_SIZE_U64, count * PAGE_SIZE_U64).map_err(
-            |source| RamError::Io {
-                path: self.path.clone(),
-                doing: "punching a zero page (fallocate)",
-                source,
-            },
-        )
+        sys::file::punch_hole(&self.file, page * PAGE_SIZE_U64, count * PAGE_SIZE_U64)
+            .map_err(io_error(&self.path, "punching a zero page (fallocate)"))
     }
 
     /// Writes whole pages starting at `page`. Into allocated RAM
@@ -376,11 +346,7 @@ impl Ram<sys::mmap::SharedMap, DestWriter> {
         use std::os::unix::fs::FileExt;
         self.file
             .write_all_at(data, page * PAGE_SIZE_U64)
-            .map_err(|source| RamError::Io {
-                path: self.path.clone(),
-                doing: "writing pages",
-                source,
-            })
+            .map_err(io_error(&self.path, "writing pages"))
     }
 }
 
