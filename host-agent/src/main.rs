@@ -341,6 +341,8 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // Colour only on a terminal: a log file or a pipe gets plain text.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     // Only the receive: it frees what it decodes on the RAM writer's thread,
     // which glibc would otherwise hand back and fault in again. The source
