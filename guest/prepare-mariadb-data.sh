@@ -11,7 +11,10 @@
 #
 # Cached next to the base image, keyed by this script's hash (plus the
 # TPC-C loader's sources) and the sizes:
-#   <guest dir>/data-<hash>-<tables>x<rows>.img, data-<hash>-tpcc<W>.img
+#   <guest dir>/data-<hash>-<tables>x<rows>[-pool<SIZE>].img, data-<hash>-tpcc<W>.img
+# (the pool in the name when it is not the default 1G: the dump that warms
+# the guest's pool holds what fits in the native server's pool).
+# A data set of more than 16M rows gets a 16 GiB disk (sparse) instead of 8.
 # The last line of stdout is the image path.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -47,7 +50,11 @@ if [ -n "$tpcc" ]; then
 else
   hash=$(cat "$here/prepare-mariadb-data.sh" | sha256sum | cut -c1-12)
   out=$guest/data-$hash-${tables}x${rows}.img
+  [ "$pool" = 1G ] || out=${out%.img}-pool$pool.img
 fi
+case "$pool" in
+  *[!0-9A-Za-z]*) echo "prepare-mariadb-data: --pool takes a size such as 1280M or 5G" >&2; exit 2 ;;
+esac
 if [ -s "$out" ]; then
   echo "$out"
   exit 0
@@ -75,6 +82,11 @@ cleanup() {
 trap cleanup EXIT
 
 cp --sparse=always "$guest/rootfs.img" "$tmp/disk.img"
+if [ -z "$tpcc" ] && [ $((tables * rows)) -gt 16000000 ]; then
+  truncate -s 16G "$tmp/disk.img"
+  e2fsck -fy "$tmp/disk.img" >&2 || [ $? -le 1 ]
+  resize2fs "$tmp/disk.img" >&2
+fi
 mount -o loop "$tmp/disk.img" "$mnt"
 mount -t proc proc "$mnt/proc"
 mount --bind /dev "$mnt/dev"

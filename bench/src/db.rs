@@ -13,7 +13,7 @@ use std::process::{Child, Stdio};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use dbmigrate_testbed::{mariadb_guest, tpcc_guest, DbBed, MariadbGuest, Vm};
+use dbmigrate_testbed::{mariadb_guest_warmed, tpcc_guest, DbBed, MariadbGuest, Vm};
 use serde_json::{json, Value};
 
 use crate::competing::Competing;
@@ -100,7 +100,7 @@ pub fn interleave(methods: &[String], repeat: u32) -> Vec<(u32, &str)> {
 /// The guest image with the data set of `s`'s load.
 pub(crate) fn guest_for(s: &DbSetup) -> Result<MariadbGuest> {
     match s.load {
-        DbLoad::Sysbench => mariadb_guest(s.tables, s.rows),
+        DbLoad::Sysbench => mariadb_guest_warmed(s.tables, s.rows, &s.pool),
         DbLoad::Tpcc { warehouses } => tpcc_guest(warehouses),
     }
 }

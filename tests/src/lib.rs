@@ -188,6 +188,11 @@ pub struct Testbed {
     /// The agents talk plain TCP (`--insecure-plaintext`) instead of mutual
     /// TLS: for measuring what TLS costs.
     pub plaintext_agents: bool,
+    /// Where the VMs' RAM files go: `/dev/shm`, or a hugetlbfs of this
+    /// bed's own after [`Testbed::use_hugepages`].
+    pub ram_dir: PathBuf,
+    /// The 2 MiB pages this bed reserved (given back when it is dropped).
+    hugepages: u64,
 }
 
 impl Testbed {
@@ -207,6 +212,8 @@ impl Testbed {
             dir: std::env::temp_dir().join(format!("dbmigrate-{tag}-{}", std::process::id())),
             agent_dir: bin_dir()?,
             plaintext_agents: false,
+            ram_dir: PathBuf::from("/dev/shm"),
+            hugepages: 0,
             tag,
         };
         tb.teardown_quiet();
@@ -253,6 +260,36 @@ impl Testbed {
         let mut c = Command::new("ip");
         c.args(["netns", "exec", ns]).arg(program);
         c
+    }
+
+    /// Reserves `pages` more 2 MiB pages on this host and puts the VMs'
+    /// RAM files on a hugetlbfs mounted for this bed, as an operator
+    /// backs large guests; both are undone when the bed is dropped.
+    pub fn use_hugepages(&mut self, pages: u64) -> Result<()> {
+        let knob = "/proc/sys/vm/nr_hugepages";
+        let now: u64 = std::fs::read_to_string(knob)?.trim().parse()?;
+        std::fs::write(knob, (now + pages).to_string())?;
+        self.hugepages = pages;
+        let got: u64 = std::fs::read_to_string(knob)?.trim().parse()?;
+        if got < now + pages {
+            bail!(
+                "reserved only {} of {pages} 2 MiB pages (host memory too fragmented or short)",
+                got.saturating_sub(now)
+            );
+        }
+        let dir = self.dir.join("hugepages");
+        std::fs::create_dir_all(&dir)?;
+        sh(&[
+            "mount",
+            "-t",
+            "hugetlbfs",
+            "-o",
+            "pagesize=2M,mode=0700",
+            "none",
+            &dir.to_string_lossy(),
+        ])?;
+        self.ram_dir = dir;
+        Ok(())
     }
 
     /// Runs the agents built with fault injection (`DBMIGRATE_FAILPOINT`).
@@ -338,6 +375,20 @@ impl Testbed {
 impl Drop for Testbed {
     fn drop(&mut self) {
         self.teardown_quiet();
+        if self.hugepages > 0 {
+            // The namespaces' QEMUs are gone: their huge pages are free.
+            let _ = Command::new("umount")
+                .arg("-l")
+                .arg(self.dir.join("hugepages"))
+                .status();
+            let knob = "/proc/sys/vm/nr_hugepages";
+            if let Some(now) = std::fs::read_to_string(knob)
+                .ok()
+                .and_then(|s| s.trim().parse::<u64>().ok())
+            {
+                let _ = std::fs::write(knob, now.saturating_sub(self.hugepages).to_string());
+            }
+        }
         // Logs of a failed or profiled run: DBMIGRATE_KEEP_DIR=1 keeps them.
         if std::env::var_os("DBMIGRATE_KEEP_DIR").is_none() {
             let _ = std::fs::remove_dir_all(&self.dir);
@@ -510,7 +561,7 @@ impl Vm {
         let qmp = tb.dir.join(format!("{name}.qmp"));
         let events = tb.dir.join(format!("{name}.events.qmp"));
         let serial = tb.dir.join(format!("{name}.serial"));
-        let ram = PathBuf::from(format!("/dev/shm/{}-{name}", tb.tag));
+        let ram = tb.ram_dir.join(format!("{}-{name}", tb.tag));
         // A previous VM of the same name may have left these behind.
         for stale in [&ram, &qmp, &events, &serial] {
             let _ = std::fs::remove_file(stale);
@@ -833,10 +884,17 @@ pub struct MariadbGuest {
 
 /// Builds (or finds in the cache) the MariaDB guest with a sysbench data set.
 pub fn mariadb_guest(tables: u32, rows: u32) -> Result<MariadbGuest> {
+    mariadb_guest_warmed(tables, rows, "1G")
+}
+
+/// Like [`mariadb_guest`], with the buffer-pool dump the guest loads at
+/// startup taken from a native server whose pool is `pool`: what fills a
+/// guest pool of that size.
+pub fn mariadb_guest_warmed(tables: u32, rows: u32, pool: &str) -> Result<MariadbGuest> {
     let (tables_s, rows_s) = (tables.to_string(), rows.to_string());
     let image = guest_script(
         "guest/prepare-mariadb-data.sh",
-        &["--tables", &tables_s, "--rows", &rows_s],
+        &["--tables", &tables_s, "--rows", &rows_s, "--pool", pool],
     )?;
     MariadbGuest::with_data(image, tables, rows, None)
 }
