@@ -63,6 +63,28 @@ impl PageBitmap {
         }
     }
 
+    /// Whether any page of `start..end` (clamped to the bitmap) is marked.
+    pub fn any_in(&self, start: u64, end: u64) -> bool {
+        self.iter_range(start, end).next().is_some()
+    }
+
+    /// The marked pages of `start..end` (clamped to the bitmap), ascending.
+    pub fn iter_range(&self, start: u64, end: u64) -> impl Iterator<Item = u64> + '_ {
+        let end = end.min(self.pages);
+        let first = usize::try_from(start / 64).unwrap_or(usize::MAX);
+        let last = usize::try_from(end.div_ceil(64)).unwrap_or(usize::MAX);
+        self.words
+            .get(first.min(self.words.len())..last.min(self.words.len()))
+            .unwrap_or(&[])
+            .iter()
+            .enumerate()
+            .flat_map(move |(i, &word)| {
+                let base = (first + i) as u64 * 64;
+                BitIter(word).map(move |b| base + u64::from(b))
+            })
+            .filter(move |&p| p >= start && p < end)
+    }
+
     /// Whether `page` is marked.
     pub fn get(&self, page: u64) -> bool {
         if page >= self.pages {
@@ -174,6 +196,22 @@ impl Iterator for BitIter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ranges_see_only_their_own_pages() {
+        let mut bm = PageBitmap::new(1100);
+        for p in [3, 511, 512, 600, 1023, 1099] {
+            bm.set(p);
+        }
+        assert_eq!(bm.iter_range(0, 512).collect::<Vec<_>>(), [3, 511]);
+        assert_eq!(
+            bm.iter_range(512, 1024).collect::<Vec<_>>(),
+            [512, 600, 1023]
+        );
+        assert_eq!(bm.iter_range(1024, 4096).collect::<Vec<_>>(), [1099]);
+        assert!(bm.any_in(4, 512) && !bm.any_in(4, 511) && !bm.any_in(601, 1023));
+        assert!(!bm.any_in(600, 600) && !bm.any_in(700, 10) && !bm.any_in(5000, 6000));
+    }
 
     #[test]
     fn set_get_count_iter() {

@@ -14,15 +14,14 @@ use dbmigrate_core::addr::{DiskOffset, PageIndex};
 use dbmigrate_core::bitmap::PageBitmap;
 use dbmigrate_core::dest;
 use dbmigrate_core::dirty::{DirtyError, DirtyTracker, TrackerKind};
-use dbmigrate_core::gate::Gate;
-use dbmigrate_core::protocol::{self, BatchBuilder, Hello, Message, PageEncoding};
+use dbmigrate_core::protocol::{self, BatchBuilder, Message, PageEncoding};
 use dbmigrate_core::ram::{DestRam, SourceRam};
 use dbmigrate_core::source::{Decision, SourceConfig, SourceError, SourceSession};
-use dbmigrate_core::transport::Acceptor;
 use tokio::io::AsyncWriteExt;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 
-const PAGES: u64 = 2048; // 8 MiB
+mod common;
+use common::*;
 
 /// Reports the pages the writer thread recorded since the last call.
 struct Scripted(Arc<Mutex<Vec<u64>>>);
@@ -58,18 +57,6 @@ fn ram_file(tag: &str) -> PathBuf {
         .unwrap();
     f.set_len(PAGES * 4096).unwrap();
     p
-}
-
-fn page_bytes(seed: u64) -> Vec<u8> {
-    let mut s = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..4096)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            s.to_le_bytes()[0]
-        })
-        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -565,6 +552,7 @@ async fn postcopy_to_a_real_userfaultfd(
             uffd,
             base,
             len: PAGES * 4096,
+            unit: 4096,
         };
         let run = match s.receive(ram, None, Some(faults)).await.unwrap() {
             dest::Received::Postcopy(run) => run,
@@ -676,64 +664,6 @@ async fn a_source_silent_after_every_page_is_placed_leaves_the_vm_running_unveri
     assert!(same, "destination RAM differs from the frozen source");
 }
 
-/// A scripted source's switch to post-copy with `pending` (wire bitmap)
-/// and its Commit, checking the destination's answers.
-async fn switch_and_commit(ctrl: &mut TcpStream, pending: Vec<u8>) {
-    protocol::write_message(ctrl, &Message::Switch { pending }, "t")
-        .await
-        .unwrap();
-    let m = next_ctrl(ctrl).await;
-    assert!(matches!(m, Message::Switched), "got {}", m.name());
-    protocol::write_message(ctrl, &Message::Commit, "t")
-        .await
-        .unwrap();
-    let m = next_ctrl(ctrl).await;
-    assert!(matches!(m, Message::Activated), "got {}", m.name());
-}
-
-/// Sends the digests of the `frozen` source RAM's `data_pages` and checks
-/// that the destination found every placed page equal.
-async fn verify_against_frozen(ctrl: &mut TcpStream, frozen: &[u8], data_pages: &PageBitmap) {
-    let digests = dbmigrate_core::verify::ram_digests(
-        frozen,
-        data_pages,
-        dbmigrate_core::verify::CHUNK_PAGES,
-        1,
-    );
-    protocol::write_message(
-        ctrl,
-        &Message::VerifyRequest {
-            chunk_pages: dbmigrate_core::verify::CHUNK_PAGES,
-            digests,
-        },
-        "t",
-    )
-    .await
-    .unwrap();
-    let m = next_ctrl(ctrl).await;
-    assert!(
-        matches!(
-            &m,
-            Message::VerifyResult {
-                mismatched_total: 0,
-                ..
-            }
-        ),
-        "got {}",
-        m.name()
-    );
-}
-
-/// The next message on a control connection that is not a heartbeat.
-async fn next_ctrl(s: &mut TcpStream) -> Message {
-    loop {
-        let (m, _) = protocol::read_message(s, "t").await.unwrap();
-        if m != Message::Heartbeat {
-            return m;
-        }
-    }
-}
-
 /// Heartbeats: a source and a destination that each sit idle for longer
 /// than the other's timeout (the source before its first round and before
 /// Commit, the destination before Activated, as when QEMU moves device
@@ -814,54 +744,6 @@ async fn a_silent_source_is_given_up_on_with_a_clear_error() {
     );
     drop((ctrl, data));
     std::fs::remove_file(dst_path).unwrap();
-}
-
-/// A scripted source's start: Hello on a control connection, the
-/// destination's Welcome, and one data connection announced with its Hello.
-async fn scripted_source(
-    addr: std::net::SocketAddr,
-    session: u64,
-) -> (TcpStream, protocol::Welcome, TcpStream) {
-    let hello = |conn_index| {
-        Message::Hello(Hello {
-            version: protocol::PROTOCOL_VERSION,
-            session,
-            ram_bytes: PAGES * 4096,
-            page_size: 4096,
-            data_connections: 1,
-            conn_index,
-        })
-    };
-    let mut ctrl = TcpStream::connect(addr).await.unwrap();
-    protocol::write_message(&mut ctrl, &hello(0), "t")
-        .await
-        .unwrap();
-    let welcome = match protocol::read_message(&mut ctrl, "t").await.unwrap().0 {
-        Message::Welcome(w) => w,
-        other => panic!("expected Welcome, got {}", other.name()),
-    };
-    let mut data = TcpStream::connect(addr).await.unwrap();
-    protocol::write_message(&mut data, &hello(1), "t")
-        .await
-        .unwrap();
-    (ctrl, welcome, data)
-}
-
-/// The destination side of a session: accepts one source on `listener`
-/// for a RAM of [`PAGES`] pages.
-async fn accept_source(
-    listener: TcpListener,
-    postcopy: bool,
-    timeout: Duration,
-) -> dest::DestSession {
-    dest::accept(&mut plain_gate(listener), PAGES * 4096, postcopy, timeout)
-        .await
-        .unwrap()
-}
-
-/// A gate on `listener` for plain TCP.
-fn plain_gate(listener: TcpListener) -> Gate {
-    Gate::open(listener, Acceptor::InsecurePlaintext)
 }
 
 /// Shared storage that takes `delay` per batch of reads and logs the
@@ -954,6 +836,7 @@ async fn a_fault_on_a_page_whose_storage_read_is_queued_is_read_ahead_of_the_que
             uffd,
             base,
             len: PAGES * 4096,
+            unit: 4096,
         };
         let run = match s.receive(ram, Some(st), Some(faults)).await.unwrap() {
             dest::Received::Postcopy(run) => run,

@@ -6,8 +6,11 @@
 //!
 //! With `DBMIGRATE_POSTCOPY_SOCKET` set (a post-copy destination), it
 //! registers the mapping for missing-page faults instead and offers the
-//! userfaultfd on that unix socket (`SCM_RIGHTS`, with the mapping's address
-//! and length) to the destination agent, which fills pages as they arrive.
+//! userfaultfd on that unix socket (`SCM_RIGHTS`, with the mapping's address,
+//! length and fault unit) to the destination agent, which fills pages as
+//! they arrive. On hugetlbfs it registers for minor faults instead: the
+//! agent fills the file through its own mapping and maps each 2 MiB page
+//! into QEMU once all of it is in.
 //!
 //! Userfaultfd registration must happen inside the process that owns the
 //! mapping, which is why this library exists. It never allocates and never
@@ -167,7 +170,7 @@ fn maybe_track(addr: u64, len: u64, fd: i32) {
     let page = u64::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096);
     let len = len.div_ceil(page.max(1)).saturating_mul(page.max(1));
     if let Some(sock) = postcopy_socket() {
-        serve_postcopy(path, addr, len, sock);
+        serve_postcopy(path, addr, len, huge_page_bytes(fd), sock);
         return;
     }
     match dbmigrate_uffd::register_wp_async(addr, len) {
@@ -183,6 +186,20 @@ fn maybe_track(addr: u64, len: u64, fd: i32) {
             "dbmigrate-preload: cannot write-protect {path}: {e}\n"
         )),
     }
+}
+
+/// The page size of the file behind `fd` if it is on hugetlbfs (its pages
+/// are placed whole), None otherwise.
+fn huge_page_bytes(fd: i32) -> Option<u64> {
+    // SAFETY: an all-zero statfs is a valid value to be overwritten.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: fstatfs writes one `struct statfs`, which we own.
+    if unsafe { libc::fstatfs(fd, &mut st) } != 0 {
+        return None;
+    }
+    (st.f_type == libc::HUGETLBFS_MAGIC)
+        .then(|| u64::try_from(st.f_bsize).ok())
+        .flatten()
 }
 
 /// Waits for the agent that took the descriptor to say it is done ("D":
@@ -240,15 +257,21 @@ fn trusted_uid(uid: u32) -> bool {
 }
 
 /// Post-copy destination: registers the RAM mapping for missing-page faults
-/// and hands the descriptor, with the mapping's address and length, to the
+/// (minor faults on hugetlbfs, whose pages of `huge` bytes can only be
+/// placed whole) and hands the descriptor, with the mapping's address,
+/// length and the size of the unit a fault is served in, to the
 /// first process of a trusted user (`SO_PEERCRED`: root or QEMU's own user)
 /// that connects to `sock` (the destination agent), once: the socket, in a
 /// directory of mode 0700, is then removed. QEMU keeps its own copy open,
 /// so an agent that dies leaves faults blocked, never filled with zeros
 /// behind the guest's back, and this library then stops QEMU.
-fn serve_postcopy(path: &str, addr: u64, len: u64, sock: std::path::PathBuf) {
+fn serve_postcopy(path: &str, addr: u64, len: u64, huge: Option<u64>, sock: std::path::PathBuf) {
     // Not on an allocation path: the RAM file is mapped once, at startup.
-    let uffd = match dbmigrate_uffd::register_missing(addr, len) {
+    let registered = match huge {
+        Some(_) => dbmigrate_uffd::register_minor(addr, len),
+        None => dbmigrate_uffd::register_missing(addr, len),
+    };
+    let uffd = match registered {
         Ok(u) => u,
         Err(e) => {
             say(format_args!(
@@ -284,9 +307,10 @@ fn serve_postcopy(path: &str, addr: u64, len: u64, sock: std::path::PathBuf) {
         addr.wrapping_add(len),
         sock.display()
     ));
-    let mut payload = [0u8; 16];
+    let mut payload = [0u8; 24];
     payload[..8].copy_from_slice(&addr.to_le_bytes());
-    payload[8..].copy_from_slice(&len.to_le_bytes());
+    payload[8..16].copy_from_slice(&len.to_le_bytes());
+    payload[16..].copy_from_slice(&huge.unwrap_or(4096).to_le_bytes());
     let spawned = std::thread::Builder::new()
         .name("dbmigrate-uffd".into())
         .spawn(move || {

@@ -27,6 +27,11 @@ pub const UFFD_FEATURE_WP_ASYNC: u64 = 1 << 15;
 const UFFD_USER_MODE_ONLY: libc::c_int = 1;
 const UFFDIO_REGISTER_MODE_MISSING: u64 = 1 << 0;
 const UFFDIO_REGISTER_MODE_WP: u64 = 1 << 1;
+const UFFDIO_REGISTER_MODE_MINOR: u64 = 1 << 2;
+/// `UFFD_FEATURE_MINOR_HUGETLBFS`: minor faults on hugetlbfs mappings.
+const UFFD_FEATURE_MINOR_HUGETLBFS: u64 = 1 << 9;
+/// `UFFDIO_CONTINUE = _IOWR(0xAA, 0x07, struct uffdio_continue)`.
+const UFFDIO_CONTINUE: u64 = iowr(0xAA, 0x07, 32);
 /// `UFFD_EVENT_PAGEFAULT`.
 const UFFD_EVENT_PAGEFAULT: u8 = 0x12;
 /// Size of `struct uffd_msg`.
@@ -171,6 +176,23 @@ pub fn register_wp_async(addr: u64, len: u64) -> Result<OwnedFd, RegisterError> 
 /// it. Used on a post-copy destination; the descriptor must stay open.
 pub fn register_missing(addr: u64, len: u64) -> Result<OwnedFd, RegisterError> {
     open_and_register(0, UFFDIO_REGISTER_MODE_MISSING, addr, len)
+}
+
+/// Registers `addr..addr+len` of the calling process, a shared mapping of
+/// a hugetlbfs file, for minor faults: from now on, touching a page that the
+/// file holds but this mapping has not mapped yet blocks the toucher until
+/// the descriptor's owner maps it ([`continue_range`]). The owner fills the
+/// file through a mapping of its own first, 4 KiB at a time if it likes; the
+/// toucher sees the page only whole. (Missing-page faults cannot do that
+/// on hugetlbfs: a page is placed in one copy of its 2 MiB.) Used on a
+/// post-copy destination; the descriptor must stay open.
+pub fn register_minor(addr: u64, len: u64) -> Result<OwnedFd, RegisterError> {
+    open_and_register(
+        UFFD_FEATURE_MINOR_HUGETLBFS,
+        UFFDIO_REGISTER_MODE_MINOR,
+        addr,
+        len,
+    )
 }
 
 /// A new userfaultfd with `features`, registered over `addr..addr+len` in `mode`.
@@ -325,6 +347,48 @@ pub fn zeropage(uffd: &OwnedFd, start: u64, len: u64) -> io::Result<bool> {
             Ok(false)
         } else {
             Err(e)
+        };
+    }
+    Ok(true)
+}
+
+#[repr(C)]
+struct UffdioContinue {
+    range: UffdioRange,
+    mode: u64,
+    mapped: i64,
+}
+
+/// Maps the file's pages at `start..start+len` (whole huge pages) into the
+/// registering process and wakes their waiters (minor-fault mode, see
+/// [`register_minor`]). Returns false, doing nothing, if the first page is
+/// mapped there already (placed since the fault was reported): then only
+/// wake. A range whose later pages are mapped is mapped up to them and the
+/// call answers `Interrupted` with the bytes done in the message.
+pub fn continue_range(uffd: &OwnedFd, start: u64, len: u64) -> io::Result<bool> {
+    let mut c = UffdioContinue {
+        range: UffdioRange { start, len },
+        mode: 0,
+        mapped: 0,
+    };
+    // SAFETY: UFFDIO_CONTINUE reads and writes a `struct uffdio_continue` we
+    // own; it only maps pages the file already holds into the registered range.
+    let r = unsafe {
+        libc::ioctl(
+            uffd.as_raw_fd(),
+            UFFDIO_CONTINUE,
+            &mut c as *mut UffdioContinue,
+        )
+    };
+    if r < 0 {
+        let e = io::Error::last_os_error();
+        return match e.raw_os_error() {
+            Some(libc::EEXIST) => Ok(false),
+            Some(libc::EAGAIN) if c.mapped > 0 => Err(io::Error::new(
+                io::ErrorKind::Interrupted,
+                format!("UFFDIO_CONTINUE mapped {} of {len} bytes", c.mapped),
+            )),
+            _ => Err(e),
         };
     }
     Ok(true)

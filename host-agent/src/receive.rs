@@ -107,29 +107,20 @@ pub async fn receive(args: ReceiveArgs) -> Result<dest::DestStats> {
         }
         Prealloc::Background => {
             let threads = prealloc_threads();
-            let t = Instant::now();
-            let upfront = ram
-                .zero_and_allocate_in_background(threads)
+            ram.zero_and_allocate_in_background(threads)
                 .context("starting the allocation of the guest's RAM")?;
-            if upfront {
-                tracing::info!(
-                    ms = dbmigrate_core::stats::millis(t.elapsed()),
-                    bytes = backend.size,
-                    "guest RAM allocated before listening: its file's pages are larger than 4 KiB (hugetlbfs)"
-                );
-            } else {
-                tracing::info!(
-                    threads,
-                    bytes = backend.size,
-                    "allocating the guest's RAM in the background"
-                );
-            }
+            tracing::info!(
+                threads,
+                bytes = backend.size,
+                page_bytes = ram.file_page_bytes(),
+                "allocating the guest's RAM in the background"
+            );
         }
         Prealloc::Off => {}
     }
     let (faults, lease) = match &args.postcopy_socket {
         Some(path) => {
-            let (f, lease) = fault_source(path, backend.size, qmp.pid())?;
+            let (f, lease) = fault_source(path, backend.size, ram.file_page_bytes(), qmp.pid())?;
             (Some(f), Some(lease))
         }
         None => (None, None),
@@ -175,10 +166,12 @@ impl FaultLease {
 }
 
 /// Takes the RAM's userfaultfd from the destination QEMU's preload library;
-/// the process at the other end must be `qemu_pid`.
+/// the process at the other end must be `qemu_pid`, and its fault unit the
+/// RAM file's page size (`file_page`).
 fn fault_source(
     path: &std::path::Path,
     ram_bytes: u64,
+    file_page: u64,
     qemu_pid: Option<u32>,
 ) -> Result<(FaultSource, FaultLease)> {
     let sock = std::os::unix::net::UnixStream::connect(path).with_context(|| {
@@ -214,12 +207,34 @@ fn fault_source(
     if len < ram_bytes {
         bail!("the mapping registered for post-copy is {len} bytes but the RAM backend has {ram_bytes}: DBMIGRATE_TRACK_PATH must name the RAM backend's mem-path");
     }
+    // A library of before hugetlbfs support sends no unit: 4 KiB.
+    let unit = payload
+        .get(16..24)
+        .and_then(|b| b.try_into().ok())
+        .map_or(4096, u64::from_le_bytes);
+    if unit != file_page {
+        bail!("the destination QEMU registered its RAM for faults in units of {unit} bytes, but the RAM file's pages are {file_page} bytes: is the preload library the same dbmigrate version?");
+    }
+    if base % unit != 0 {
+        bail!(
+            "the destination QEMU's RAM mapping at {base:#x} does not start on a {unit}-byte page"
+        );
+    }
     tracing::info!(
         base = format_args!("{base:#x}"),
         len,
+        unit,
         "post-copy fault descriptor received"
     );
-    Ok((FaultSource { uffd, base, len }, FaultLease(sock)))
+    Ok((
+        FaultSource {
+            uffd,
+            base,
+            len,
+            unit,
+        },
+        FaultLease(sock),
+    ))
 }
 
 /// Waits for QEMU to have loaded device state, then resumes the VM.

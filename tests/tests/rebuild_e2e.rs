@@ -225,15 +225,20 @@ fn census_explains_the_pages(report: &Value) {
 fn postcopy_under_load(args: &[&str]) -> (Value, Value) {
     let guest = mariadb_guest(TABLES, ROWS).unwrap();
     let bed = DbBed::new(&guest, 1000, 1000).unwrap();
-    let mut src = bed.start_vm(&guest, true, false, 1024, "256M").unwrap();
+    postcopy_on(&bed, &guest, 1024, args)
+}
+
+/// [`postcopy_under_load`] on `bed`, with guests of `ram_mib`.
+fn postcopy_on(bed: &DbBed, guest: &MariadbGuest, ram_mib: u64, args: &[&str]) -> (Value, Value) {
+    let mut src = bed.start_vm(guest, true, false, ram_mib, "256M").unwrap();
     src.wait_console("DBM-READY pool", Duration::from_secs(300))
         .unwrap();
     let (dst, sock) = bed
-        .start_postcopy_destination(&guest, 1024, "256M")
+        .start_postcopy_destination(guest, ram_mib, "256M")
         .unwrap();
     let (report, recv_log, sysbench) = migrate_under_load(
-        &bed,
-        &guest,
+        bed,
+        guest,
         &src,
         &dst,
         &bed.hints_socket("db-src"),
@@ -241,6 +246,12 @@ fn postcopy_under_load(args: &[&str]) -> (Value, Value) {
         (45, 10),
         Some((&sock, args)),
     );
+    if bed.tb.ram_dir != Path::new("/dev/shm") {
+        assert!(
+            recv_log.contains("unit=2097152"),
+            "the destination did not serve 2 MiB minor faults: {recv_log}"
+        );
+    }
     let dest = dest_stats(&recv_log);
     eprintln!(
         "migrated: total {} ms, downtime {} ms, link {} bytes, pages {}, post-copy {}; destination {dest}",
@@ -252,9 +263,97 @@ fn postcopy_under_load(args: &[&str]) -> (Value, Value) {
         Value::Bool(true),
         "{report:#}"
     );
-    load_survived(&bed, &guest, &mut src, sysbench);
+    load_survived(bed, guest, &mut src, sysbench);
     drop(dst);
     (report, dest)
+}
+
+/// RAM of the hugepage-backed guests.
+const HUGE_RAM_MIB: u64 = 4096;
+
+/// A bed whose guests' RAM files are on hugetlbfs (2 MiB pages), with
+/// pages reserved for a source and a destination guest of [`HUGE_RAM_MIB`].
+fn hugepage_bed(guest: &MariadbGuest) -> DbBed {
+    let mut bed = DbBed::new(guest, 1000, 1000).unwrap();
+    bed.tb.use_hugepages(2 * (HUGE_RAM_MIB / 2) + 8).unwrap();
+    bed
+}
+
+#[test]
+fn a_hugepage_backed_mariadb_vm_migrates_byte_exact_by_precopy() {
+    let guest = mariadb_guest(TABLES, ROWS).unwrap();
+    let bed = hugepage_bed(&guest);
+    let mut src = bed
+        .start_vm(&guest, true, false, HUGE_RAM_MIB, "256M")
+        .unwrap();
+    src.wait_console("DBM-READY pool", Duration::from_secs(300))
+        .unwrap();
+    assert!(
+        src.ram.starts_with(&bed.tb.ram_dir),
+        "{}",
+        src.ram.display()
+    );
+    let dst = bed
+        .start_vm(&guest, false, true, HUGE_RAM_MIB, "256M")
+        .unwrap();
+    let (report, recv_log, sysbench) = migrate_under_load(
+        &bed,
+        &guest,
+        &src,
+        &dst,
+        &bed.hints_socket("db-src"),
+        "host",
+        (45, 10),
+        None,
+    );
+    let dest = dest_stats(&recv_log);
+    eprintln!(
+        "hugepages, pre-copy: total {} ms, downtime {} ms, link {} bytes, pages {}; destination {dest}",
+        report["total_ms"], report["downtime_ms"], report["link_bytes"], report["pages"]
+    );
+    assert_eq!(report["vm_runs_on"], "destination");
+    assert!(
+        dest["rebuilt_pages"].as_u64().unwrap_or(0) > 1000,
+        "{dest:#}"
+    );
+    load_survived(&bed, &guest, &mut src, sysbench);
+    drop(dst);
+}
+
+#[test]
+fn a_hugepage_backed_mariadb_vm_migrates_byte_exact_by_postcopy() {
+    let guest = mariadb_guest(TABLES, ROWS).unwrap();
+    let bed = hugepage_bed(&guest);
+    let (report, dest) = postcopy_on(
+        &bed,
+        &guest,
+        HUGE_RAM_MIB,
+        &["--mode", "postcopy", "--allow-postcopy"],
+    );
+    assert_eq!(report["method"], "dbmigrate-postcopy");
+    assert!(dest["postcopy_pages"].as_u64().unwrap_or(0) > 0, "{dest:#}");
+}
+
+#[test]
+fn a_hugepage_backed_mariadb_vm_migrates_byte_exact_by_hybrid() {
+    let guest = mariadb_guest(TABLES, ROWS).unwrap();
+    let bed = hugepage_bed(&guest);
+    let (report, _) = postcopy_on(
+        &bed,
+        &guest,
+        HUGE_RAM_MIB,
+        &[
+            "--mode",
+            "hybrid",
+            "--allow-postcopy",
+            "--downtime-ms",
+            "1",
+            "--max-rounds",
+            "2",
+        ],
+    );
+    assert_eq!(report["method"], "dbmigrate-hybrid");
+    assert_eq!(report["stats"]["stop_reason"], "round limit reached");
 }
 
 #[test]

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot};
 
-use super::faults::{serve_zero, FaultSource, Post};
+use super::faults::{release, serve_present, FaultSource, Post};
 use super::phase::{self, Event, Phase, Transition};
 use super::storage::{ReadBuffers, ReaderLink, StorageTally};
 use super::{DestError, DestStats};
@@ -90,6 +90,9 @@ pub(super) struct Applier {
     placed: verify::PageHashes,
     /// This side serves post-copy faults.
     faults: Option<Arc<FaultSource>>,
+    /// Huge pages (their first page) mapped into QEMU before the switch,
+    /// when QEMU itself touched them (hugetlbfs: minor faults).
+    mapped_early: Vec<u64>,
     /// Where the migration stands.
     phase: Phase,
     out: mpsc::UnboundedSender<ToSource>,
@@ -112,6 +115,19 @@ impl Applier {
     ) -> Result<Self, DestError> {
         let pages = ram.pages();
         let upages = usize::try_from(pages).expect("RAM pages fit in memory");
+        if let Some(f) = faults.as_ref().filter(|f| f.unit != ram.file_page_bytes()) {
+            return Err(DestError::Faults {
+                doing: "checking the fault unit against the RAM file's page size",
+                source: std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    format!(
+                        "QEMU serves faults in units of {} bytes, the RAM file's pages are {}",
+                        f.unit,
+                        ram.file_page_bytes()
+                    ),
+                ),
+            });
+        }
         let (refs, urgent_reads, storage, read_buffers, disk_sizes) = match readers {
             Some(r) => (Some(r.requests), r.urgent, r.tally, r.buffers, r.disk_sizes),
             None => Default::default(),
@@ -131,6 +147,7 @@ impl Applier {
             need: PageQueue::new(pages),
             placed: verify::PageHashes::zeros(pages),
             faults,
+            mapped_early: Vec::new(),
             phase: Phase::default(),
             out,
             storage,
@@ -148,6 +165,14 @@ impl Applier {
         // the switch, so allocated RAM serves it too.)
         if self.ram.prepared() == Prepared::No {
             self.ram.zero_all()?;
+        }
+        // Minor faults (hugetlbfs) fire only on pages the file holds: one
+        // it does not would be filled by the kernel with zeros for a guest
+        // that touched it, without a fault, even where a page is still due.
+        if self.faults.as_ref().is_some_and(|f| f.minor())
+            && self.ram.prepared() != Prepared::ZeroedAllocated
+        {
+            self.ram.zero_and_allocate()?;
         }
         self.run(inputs)
     }
@@ -248,7 +273,12 @@ impl Applier {
         };
         post.missing.unset(page);
         self.stats.postcopy_pages += 1;
-        if let Some(since) = post.waiting.remove(&page) {
+        let n = post.faults.unit_pages();
+        let first = page - page % n;
+        if n > 1 && post.missing.any_in(first, first + n) {
+            return Ok(()); // its huge page still waits for others
+        }
+        if let Some(since) = post.waiting.remove(&first) {
             let stall = u64::try_from(since.elapsed().as_micros()).unwrap_or(u64::MAX);
             self.stats.longest_stall_us = self.stats.longest_stall_us.max(stall);
             if stall > 20_000 {
@@ -260,11 +290,7 @@ impl Applier {
                 );
             }
             let f = &post.faults;
-            dbmigrate_uffd::wake(&f.uffd, f.base + page * PAGE_SIZE as u64, PAGE_SIZE as u64)
-                .map_err(|source| DestError::Faults {
-                    doing: "waking a faulting vCPU",
-                    source,
-                })?;
+            release(f, f.addr_of(first))?;
         }
         Ok(())
     }
@@ -364,7 +390,11 @@ impl Applier {
                 self.ram.write_through_file()?;
                 punched.union_with(&self.inflight);
             }
-            punch(&mut self.ram, punched.iter())?;
+            // Minor faults (hugetlbfs) need no holes: a page the guest may
+            // not see yet is one the fault server has not mapped.
+            if !self.ram.huge_pages() {
+                punch(&mut self.ram, punched.iter())?;
+            }
             tracing::info!(
                 punched = punched.count(),
                 punch_ms = t.elapsed().as_millis(),
@@ -417,12 +447,23 @@ impl Applier {
         }
         let stale = pending_only.as_ref().unwrap_or(&missing);
         let punch_started = Instant::now();
-        punch(
-            &mut self.ram,
-            stale
-                .iter()
-                .filter(|&p| holes.as_ref().is_none_or(|h| !h.get(p))),
-        )?;
+        if self.ram.huge_pages() {
+            // What QEMU touched before the switch is mapped there: a huge
+            // page of it now missing again must fault once more.
+            let n = faults.unit_pages();
+            for first in std::mem::take(&mut self.mapped_early) {
+                if missing.any_in(first, first + n) {
+                    self.ram.unmap_elsewhere(first)?;
+                }
+            }
+        } else {
+            punch(
+                &mut self.ram,
+                stale
+                    .iter()
+                    .filter(|&p| holes.as_ref().is_none_or(|h| !h.get(p))),
+            )?;
+        }
         let mut requested = PageBitmap::new(missing.len());
         for &p in &need {
             requested.set(p);
@@ -459,64 +500,85 @@ impl Applier {
             // without post-copy, and a later write through the file replaces it.
             if let Some(f) = &self.faults {
                 for a in addrs {
-                    let at = a & !(PAGE_SIZE as u64 - 1);
-                    serve_zero(f, at)?;
+                    let at = f.unit_start(a);
+                    serve_present(f, at)?;
+                    let Some(page) = f.page_at(at, self.ram.pages()) else {
+                        continue;
+                    };
+                    if f.minor() {
+                        self.mapped_early.push(page);
+                    }
                     // The zero page fills the hole.
                     if let Some(h) = self.phase.holes_mut() {
-                        if let Some(page) = f.page_at(at, h.len()) {
-                            h.unset(page);
-                        }
+                        h.unset(page);
                     }
                 }
             }
             return Ok(());
         };
         let f = post.faults.clone();
-        let mut ask = Vec::new();
+        let n = f.unit_pages();
+        let mut due_pages = Vec::new();
         for a in addrs {
-            let at = a & !(PAGE_SIZE as u64 - 1);
-            let Some(page) = f.page_at(at, post.missing.len()) else {
+            let at = f.unit_start(a);
+            let Some(first) = f.page_at(at, post.missing.len()) else {
                 continue; // not in RAM: cannot be ours
             };
             self.stats.faults += 1;
-            if !post.missing.get(page) {
+            let due: Vec<u64> = post.missing.iter_range(first, first + n).collect();
+            if due.is_empty() {
                 self.stats.zero_faults += 1;
-                serve_zero(&f, at)?;
+                serve_present(&f, at)?;
                 continue;
             }
-            post.waiting.entry(page).or_insert_with(Instant::now);
-            if self.inflight.get(page) {
-                self.stats.storage_faults += 1;
-                // Its read may be queued behind thousands of background
-                // reads: read it again at once (the first to land is placed).
-                // Its twin on the ordinary queue wakes an idle reader.
-                if let (Some(req), Some(tx)) = (self.ref_of.remove(&page), &self.refs) {
-                    if let Ok(mut u) = self.urgent_reads.lock() {
-                        u.push(req);
-                        self.outstanding += 1;
-                    }
-                    if tx.send(req).is_ok() {
-                        self.outstanding += 1;
-                    }
-                }
-            } else {
-                self.stats.network_faults += 1;
-                let first_ask = post.requested.set(page);
-                tracing::debug!(
-                    page,
-                    ms_since_switch = post.since.elapsed().as_millis(),
-                    already_asked = !first_ask,
-                    "network-bound fault"
-                );
-                if first_ask {
-                    ask.push(page);
-                }
-            }
+            post.waiting.entry(first).or_insert_with(Instant::now);
+            due_pages.extend(due);
         }
-        if !ask.is_empty() {
-            let _ = self.out.send(ToSource::PageRequest { pages: ask });
+        let mut ask = Vec::new();
+        for page in due_pages {
+            self.fault_on_missing(page, &mut ask);
+        }
+        for chunk in ask.chunks(protocol::MAX_NEED) {
+            let _ = self.out.send(ToSource::PageRequest {
+                pages: chunk.to_vec(),
+            });
         }
         Ok(())
+    }
+
+    /// A vCPU waits for `page`: its storage read goes ahead of the queue,
+    /// or, the first time, it joins `ask` for the source.
+    fn fault_on_missing(&mut self, page: u64, ask: &mut Vec<u64>) {
+        let Some(post) = self.phase.post_mut() else {
+            return;
+        };
+        if self.inflight.get(page) {
+            self.stats.storage_faults += 1;
+            // Its read may be queued behind thousands of background
+            // reads: read it again at once (the first to land is placed).
+            // Its twin on the ordinary queue wakes an idle reader.
+            if let (Some(req), Some(tx)) = (self.ref_of.remove(&page), &self.refs) {
+                if let Ok(mut u) = self.urgent_reads.lock() {
+                    u.push(req);
+                    self.outstanding += 1;
+                }
+                if tx.send(req).is_ok() {
+                    self.outstanding += 1;
+                }
+            }
+        } else {
+            self.stats.network_faults += 1;
+            let first_ask = post.requested.set(page);
+            tracing::debug!(
+                page,
+                ms_since_switch = post.since.elapsed().as_millis(),
+                already_asked = !first_ask,
+                "network-bound fault"
+            );
+            if first_ask {
+                ask.push(page);
+            }
+        }
     }
 
     fn done(&self, ended: usize) -> bool {

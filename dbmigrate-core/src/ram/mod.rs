@@ -104,6 +104,10 @@ pub struct DestWriter {
     /// The threads allocating the RAM while pages arrive: a page goes
     /// through the mapping only once they are done with it.
     background: Option<prealloc::Background>,
+    /// The RAM file's page size: 4 KiB on tmpfs, 2 MiB (or 1 GiB) on
+    /// hugetlbfs, which has no `write(2)`, punches holes only in whole
+    /// pages and zeroes the rest of a partial punch.
+    file_page: u64,
 }
 
 /// What the destination has done to its RAM file before pages arrive.
@@ -200,6 +204,10 @@ impl Ram<sys::mmap::SharedMap, DestWriter> {
     /// Maps `path` read-write; it must already be exactly `size` bytes (created by the VMM).
     pub fn open(path: &Path, size: u64) -> Result<Self, RamError> {
         let (file, len) = open_checked(path, true, size)?;
+        let file_page = {
+            use std::os::unix::fs::MetadataExt;
+            file.metadata().map_err(io_error(path, "stat"))?.blksize()
+        };
         let map = sys::mmap::SharedMap::map(&file, len).map_err(io_error(path, "mmap"))?;
         Ok(Self {
             path: path.into(),
@@ -207,10 +215,22 @@ impl Ram<sys::mmap::SharedMap, DestWriter> {
             map,
             writer: DestWriter {
                 prepared: Prepared::No,
-                through_map: false,
+                // A huge-page file has no write(2): always the mapping.
+                through_map: file_page > PAGE_SIZE_U64,
                 background: None,
+                file_page,
             },
         })
+    }
+
+    /// The RAM file's page size in bytes (4 KiB, or a huge page's on hugetlbfs).
+    pub fn file_page_bytes(&self) -> u64 {
+        self.writer.file_page
+    }
+
+    /// True if the RAM file's pages are larger than 4 KiB (hugetlbfs).
+    pub fn huge_pages(&self) -> bool {
+        self.writer.file_page > PAGE_SIZE_U64
     }
 
     /// Makes every page read as zero without truncating the file (the VMM has
@@ -220,7 +240,7 @@ impl Ram<sys::mmap::SharedMap, DestWriter> {
         sys::file::punch_hole(&self.file, 0, self.len())
             .map_err(io_error(&self.path, "punching holes (fallocate)"))?;
         self.writer.prepared = Prepared::Zeroed;
-        self.writer.through_map = false;
+        self.writer.through_map = self.huge_pages();
         Ok(())
     }
 
@@ -258,21 +278,11 @@ impl Ram<sys::mmap::SharedMap, DestWriter> {
     /// mapping once its chunk is done, through the file before.
     /// [`Self::stop_allocating`] ends it and says whether it failed.
     ///
-    /// A file whose pages are larger than 4 KiB (hugetlbfs, which has no
-    /// `write(2)` to fill a hole with) is allocated up front instead; true
-    /// if that happened.
-    pub fn zero_and_allocate_in_background(&mut self, threads: usize) -> Result<bool, RamError> {
-        let block = {
-            use std::os::unix::fs::MetadataExt;
-            self.file
-                .metadata()
-                .map_err(io_error(&self.path, "stat"))?
-                .blksize()
-        };
-        if block > PAGE_SIZE_U64 {
-            self.zero_and_allocate()?;
-            return Ok(true);
-        }
+    /// On hugetlbfs (no `write(2)`) every page goes through the mapping:
+    /// one written before the threads reach it is allocated by that write,
+    /// and the threads then find it there (allocating never clears a page
+    /// the file holds).
+    pub fn zero_and_allocate_in_background(&mut self, threads: usize) -> Result<(), RamError> {
         self.zero_all()?;
         let file = self.file.try_clone().map_err(io_error(
             &self.path,
@@ -286,7 +296,7 @@ impl Ram<sys::mmap::SharedMap, DestWriter> {
         self.writer.background = Some(bg);
         self.writer.prepared = Prepared::ZeroedAllocated;
         self.writer.through_map = true;
-        Ok(false)
+        Ok(())
     }
 
     /// Stops a background allocation, if one runs, and waits for its
@@ -304,9 +314,22 @@ impl Ram<sys::mmap::SharedMap, DestWriter> {
     /// the page only once written, where a store through our mapping would
     /// first map a zeroed page. Stops a background allocation first: it
     /// would fill the holes about to be punched.
+    ///
+    /// On hugetlbfs (no `write(2)`) writes stay on the mapping: there the
+    /// guest's faults are minor faults, and a page becomes the guest's only
+    /// when the fault server maps it whole.
+    /// There a fault fires only on a page the file holds, so what a
+    /// background allocation had not reached is allocated now.
     pub fn write_through_file(&mut self) -> Result<(), RamError> {
+        let unfinished = self.writer.background.is_some();
         self.stop_allocating()?;
-        self.writer.through_map = false;
+        if self.huge_pages() && unfinished {
+            sys::file::allocate(&self.file, self.len()).map_err(io_error(
+                &self.path,
+                "allocating the rest of the guest's RAM (fallocate; are enough huge pages reserved?)",
+            ))?;
+        }
+        self.writer.through_map = self.huge_pages();
         Ok(())
     }
 
@@ -316,13 +339,47 @@ impl Ram<sys::mmap::SharedMap, DestWriter> {
     }
 
     /// Makes `count` pages from `page` read as zero by punching them out.
+    /// On hugetlbfs they are cleared through the mapping instead: a huge
+    /// page punched whole would be gone from the file, and a guest that
+    /// touched it would get a fresh zero page without a fault, even where
+    /// post-copy still owes it a page.
     pub fn zero_pages(&mut self, page: u64, count: u64) -> Result<(), RamError> {
         let pages = self.pages();
         if page.checked_add(count).is_none_or(|end| end > pages) {
             return Err(RamError::OutOfRange { page, pages });
         }
+        if self.huge_pages() {
+            let at = usize::try_from(page).expect("below pages") * PAGE_SIZE;
+            let n = usize::try_from(count).expect("below pages") * PAGE_SIZE;
+            self.map[at..at + n].fill(0);
+            return Ok(());
+        }
         sys::file::punch_hole(&self.file, page * PAGE_SIZE_U64, count * PAGE_SIZE_U64)
             .map_err(io_error(&self.path, "punching a zero page (fallocate)"))
+    }
+
+    /// Makes the huge page that holds `page` fault again in every process
+    /// that mapped it (hugetlbfs only; a no-op elsewhere): its bytes are
+    /// copied out, the page punched out of the file, which unmaps it
+    /// everywhere, and the bytes written back through this mapping. For a
+    /// post-copy destination whose QEMU touched a page before the switch
+    /// that the switch makes missing again.
+    pub fn unmap_elsewhere(&mut self, page: u64) -> Result<(), RamError> {
+        let pages = self.pages();
+        if page >= pages {
+            return Err(RamError::OutOfRange { page, pages });
+        }
+        if !self.huge_pages() {
+            return Ok(());
+        }
+        let unit = usize::try_from(self.writer.file_page).expect("a page size fits");
+        let at = usize::try_from(page * PAGE_SIZE_U64).expect("below len") / unit * unit;
+        let end = (at + unit).min(self.map.len());
+        let saved = self.map[at..end].to_vec();
+        sys::file::punch_hole(&self.file, at as u64, (end - at) as u64)
+            .map_err(io_error(&self.path, "punching a huge page (fallocate)"))?;
+        self.map[at..end].copy_from_slice(&saved);
+        Ok(())
     }
 
     /// Writes whole pages starting at `page`. Into allocated RAM
@@ -339,7 +396,8 @@ impl Ram<sys::mmap::SharedMap, DestWriter> {
             return Err(RamError::OutOfRange { page, pages });
         }
         let at = usize::try_from(page).expect("below pages") * PAGE_SIZE;
-        if self.writer.through_map && self.allocated(at, data.len())? {
+        let allocated = self.allocated(at, data.len())?;
+        if self.huge_pages() || (self.writer.through_map && allocated) {
             self.map[at..at + data.len()].copy_from_slice(data);
             return Ok(());
         }
@@ -500,10 +558,7 @@ mod tests {
         f.seek(SeekFrom::Start(9 * PAGE_SIZE_U64)).unwrap();
         f.write_all(&[5u8; PAGE_SIZE]).unwrap();
         let mut dst = DestRam::open(&path, size).unwrap();
-        assert!(
-            !dst.zero_and_allocate_in_background(2).unwrap(),
-            "tmpfs: in the background"
-        );
+        dst.zero_and_allocate_in_background(2).unwrap();
         assert_eq!(dst.prepared(), Prepared::ZeroedAllocated);
         let pages = size / PAGE_SIZE_U64;
         let written: Vec<u64> = (0..pages).step_by(97).collect();
