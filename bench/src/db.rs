@@ -60,6 +60,8 @@ pub struct DbSetup {
     pub hosts: Hosts,
     /// Runs of every method, taking turns.
     pub repeat: u32,
+    /// The guests' RAM files on a hugetlbfs (2 MiB pages) instead of /dev/shm.
+    pub hugepages: bool,
 }
 
 impl DbSetup {
@@ -115,6 +117,10 @@ pub fn compare(s: &DbSetup, methods: &[String]) -> Result<(Vec<Run>, MariadbGues
         eprintln!("== mariadb: {m} (repeat {k})");
         let mut bed = DbBed::new(&guest, s.link_mbit, s.storage_mbit)?;
         bed.tb.plaintext_agents = crate::plaintext_agents(m);
+        if s.hugepages {
+            // A source and a destination guest's worth of 2 MiB pages.
+            bed.tb.use_hugepages(s.ram_mib.div_ceil(2) * 2 + 8)?;
+        }
         let mut run = run_one(s, &guest, &bed, m).with_context(|| format!("method {m}"))?;
         run.repeat = Some(k);
         eprintln!(

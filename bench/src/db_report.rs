@@ -64,7 +64,12 @@ pub(crate) fn write_db_report(
         scenario: scenario.clone(),
         link_mbit: setup.link_mbit,
         storage_mbit: Some(setup.storage_mbit),
-        vm: json!({ "ram_mib": setup.ram_mib, "vcpus": 1, "workload": workload }),
+        vm: json!({
+            "ram_mib": setup.ram_mib,
+            "vcpus": 1,
+            "workload": workload,
+            "ram_backing": if setup.hugepages { "hugetlbfs, 2 MiB pages" } else { "tmpfs, 4 KiB pages" },
+        }),
         hosts: Some(setup.hosts.name().into()),
         host_cpus: Some(setup.hosts.layout()),
         runs,

@@ -59,6 +59,10 @@ enum Cmd {
         /// InnoDB buffer pool size (the data set should exceed it).
         #[arg(long, default_value = "1280M")]
         pool: String,
+        /// The guests' RAM files on a hugetlbfs of 2 MiB pages (reserved
+        /// for the run and given back), as large guests are run.
+        #[arg(long)]
+        hugepages: bool,
         /// Congestion: TCP streams (iperf3) competing on the migration link
         /// from 2 s before the migration until its end; 0 for none.
         #[arg(long, default_value_t = 0)]
@@ -236,6 +240,7 @@ impl DbArgs {
             },
             hosts: hosts::Hosts::Shared,
             repeat: 1,
+            hugepages: false,
         }
     }
 }
@@ -523,6 +528,7 @@ fn main() -> Result<()> {
             db,
             ram_mib,
             pool,
+            hugepages,
             competing_streams,
             storage_read_mbyte_s,
             cost,
@@ -547,6 +553,7 @@ fn main() -> Result<()> {
                 },
                 hosts: cost.hosts,
                 repeat: cost.repeat,
+                hugepages,
                 ..db.setup(ram_mib, pool, competing_streams)
             };
             let (runs, guest) = db::compare(&setup, &db.run.methods)?;
