@@ -32,6 +32,10 @@ pub struct RoundStats {
     /// Pages written while the round ran, before it read them: the round
     /// sent them with that write, and the next one does not send them again.
     pub written_before_read: u64,
+    /// Pages reported written whose bytes were those the destination
+    /// holds already: not sent (RAM on huge pages, whose writes are
+    /// tracked 2 MiB at a time).
+    pub unchanged_pages: u64,
     /// Link rate measured over the round, Mbit/s.
     pub rate_mbit: f64,
 }

@@ -103,8 +103,11 @@ async fn a_huge_page_reaches_the_guest_only_once_every_page_of_it_is_placed() {
     let addr = listener.local_addr().unwrap();
     let p2 = path.clone();
     let receiver = tokio::spawn(async move {
-        let ram = DestRam::open(&p2, len).unwrap();
+        let mut ram = DestRam::open(&p2, len).unwrap();
         assert!(ram.huge_pages() && ram.file_page_bytes() == HUGE);
+        // As `receive` has it by default: the file holds no page yet, and
+        // a thread allocates them while pages arrive.
+        ram.zero_and_allocate_in_background(1).unwrap();
         let mut s = accept_source(listener, true, Duration::from_secs(10)).await;
         let faults = dest::FaultSource {
             uffd,
@@ -121,9 +124,18 @@ async fn a_huge_page_reaches_the_guest_only_once_every_page_of_it_is_placed() {
     let (mut ctrl, welcome, mut data) = scripted_source(addr, 21).await;
     assert!(welcome.postcopy);
 
-    // Before the switch: pages 600 and 1500 arrive (huge pages 1 and 2).
-    // At the switch pages 5 and 700 are pending (huge pages 0 and 1).
-    let (early, pending) = ([600u64, 1500], [5u64, 700]);
+    // Before the switch "QEMU" reads page 1100 (huge page 2), maybe before
+    // the file holds its huge page: it is mapped there as it is (zeros).
+    let early_read = tokio::time::timeout(Duration::from_secs(10), touch(&map, 1100))
+        .await
+        .expect("QEMU's own touch before the switch was not served")
+        .unwrap();
+    assert!(early_read.iter().all(|&b| b == 0));
+
+    // Before the switch: pages 600 and 1700 arrive (huge pages 1 and 3).
+    // At the switch pages 5, 700 and 1200 are pending (huge pages 0, 1
+    // and 2, the one QEMU mapped before).
+    let (early, pending) = ([600u64, 1700], [5u64, 700, 1200]);
     let mut frozen = vec![0u8; usize::try_from(len).unwrap()];
     let mut pending_bits = vec![0u8; usize::try_from(PAGES / 8).unwrap()];
     let mut data_pages = PageBitmap::new(PAGES);
@@ -146,24 +158,37 @@ async fn a_huge_page_reaches_the_guest_only_once_every_page_of_it_is_placed() {
         .unwrap();
     switch_and_commit(&mut ctrl, pending_bits).await;
 
-    // Huge page 2 owes nothing: the guest reads it at once. Huge page 1
-    // still owes page 700: the guest reading page 600 of it waits.
-    let free = tokio::time::timeout(Duration::from_secs(10), touch(&map, 1500))
+    // Huge page 3 owes nothing: the guest reads it at once. Huge page 1
+    // still owes page 700: the guest reading page 600 of it waits; so does
+    // one reading page 1100 of huge page 2, unmapped again at the switch.
+    let free = tokio::time::timeout(Duration::from_secs(10), touch(&map, 1700))
         .await
         .expect("a huge page that owes nothing was not mapped")
         .unwrap();
-    assert!(free == page_bytes(1500));
-    let waiting = touch(&map, 600);
+    assert!(free == page_bytes(1700));
+    let waiting = [touch(&map, 600), touch(&map, 1100)];
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(
-        !waiting.is_finished(),
+        !waiting[0].is_finished(),
         "the guest saw a huge page whose page 700 had not arrived"
     );
-    // The fault asked the source for what its huge page owes, only that.
-    match next_ctrl(&mut ctrl).await {
-        Message::PageRequest { pages } => assert_eq!(pages, [700]),
-        other => panic!("expected the request for page 700, got {}", other.name()),
+    assert!(
+        !waiting[1].is_finished(),
+        "the guest saw a huge page, mapped before the switch, whose page 1200 had not arrived"
+    );
+    // The faults asked the source for what their huge pages owe, only that.
+    let mut asked = Vec::new();
+    while asked.len() < 2 {
+        match next_ctrl(&mut ctrl).await {
+            Message::PageRequest { pages } => asked.extend(pages),
+            other => panic!(
+                "expected requests for pages 700 and 1200, got {}",
+                other.name()
+            ),
+        }
     }
+    asked.sort_unstable();
+    assert_eq!(asked, [700, 1200]);
 
     // The push brings both pending pages: the waiting read goes on.
     let mut b = BatchBuilder::new(0);
@@ -171,11 +196,14 @@ async fn a_huge_page_reaches_the_guest_only_once_every_page_of_it_is_placed() {
         b.push(p, PageEncoding::Raw, &page_bytes(p));
     }
     data.write_all(&b.finish()).await.unwrap();
-    let seen = tokio::time::timeout(Duration::from_secs(10), waiting)
-        .await
-        .expect("the faulting read was never served")
-        .unwrap();
-    assert!(seen == page_bytes(600));
+    let [w600, w1100] = waiting;
+    for (w, page, want) in [(w600, 600, page_bytes(600)), (w1100, 1100, vec![0u8; 4096])] {
+        let seen = tokio::time::timeout(Duration::from_secs(10), w)
+            .await
+            .unwrap_or_else(|_| panic!("the faulting read of page {page} was never served"))
+            .unwrap();
+        assert!(seen == want, "page {page} read wrong bytes");
+    }
     protocol::write_message(&mut data, &Message::EndOfStream, "t")
         .await
         .unwrap();

@@ -179,17 +179,19 @@ pub fn register_missing(addr: u64, len: u64) -> Result<OwnedFd, RegisterError> {
 }
 
 /// Registers `addr..addr+len` of the calling process, a shared mapping of
-/// a hugetlbfs file, for minor faults: from now on, touching a page that the
-/// file holds but this mapping has not mapped yet blocks the toucher until
-/// the descriptor's owner maps it ([`continue_range`]). The owner fills the
-/// file through a mapping of its own first, 4 KiB at a time if it likes; the
-/// toucher sees the page only whole. (Missing-page faults cannot do that
-/// on hugetlbfs: a page is placed in one copy of its 2 MiB.) Used on a
+/// a hugetlbfs file, for minor and missing-page faults: from now on,
+/// touching a page that this mapping has not mapped yet blocks the toucher
+/// until the descriptor's owner maps it ([`continue_range`]), whether the
+/// file holds the page (a minor fault) or not (a missing one: the owner
+/// allocates it in the file first). The owner fills the file through a
+/// mapping of its own, 4 KiB at a time if it likes; the toucher sees the
+/// page only whole. (Missing-page faults alone cannot do that on
+/// hugetlbfs: a page is placed in one copy of its 2 MiB.) Used on a
 /// post-copy destination; the descriptor must stay open.
 pub fn register_minor(addr: u64, len: u64) -> Result<OwnedFd, RegisterError> {
     open_and_register(
         UFFD_FEATURE_MINOR_HUGETLBFS,
-        UFFDIO_REGISTER_MODE_MINOR,
+        UFFDIO_REGISTER_MODE_MINOR | UFFDIO_REGISTER_MODE_MISSING,
         addr,
         len,
     )

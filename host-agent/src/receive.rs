@@ -192,34 +192,8 @@ fn fault_source(
         .context("setting a timeout on the fault-descriptor socket")?;
     let (uffd, payload) = dbmigrate_uffd::recv_fd(&sock)
         .with_context(|| format!("receiving the fault descriptor from {}", path.display()))?;
-    let (Some(base), Some(len)) = (
-        payload
-            .get(..8)
-            .and_then(|b| b.try_into().ok())
-            .map(u64::from_le_bytes),
-        payload
-            .get(8..16)
-            .and_then(|b| b.try_into().ok())
-            .map(u64::from_le_bytes),
-    ) else {
-        bail!("the fault descriptor from {} came without its mapping (got {} bytes): is the preload library the same dbmigrate version?", path.display(), payload.len());
-    };
-    if len < ram_bytes {
-        bail!("the mapping registered for post-copy is {len} bytes but the RAM backend has {ram_bytes}: DBMIGRATE_TRACK_PATH must name the RAM backend's mem-path");
-    }
-    // A library of before hugetlbfs support sends no unit: 4 KiB.
-    let unit = payload
-        .get(16..24)
-        .and_then(|b| b.try_into().ok())
-        .map_or(4096, u64::from_le_bytes);
-    if unit != file_page {
-        bail!("the destination QEMU registered its RAM for faults in units of {unit} bytes, but the RAM file's pages are {file_page} bytes: is the preload library the same dbmigrate version?");
-    }
-    if base % unit != 0 {
-        bail!(
-            "the destination QEMU's RAM mapping at {base:#x} does not start on a {unit}-byte page"
-        );
-    }
+    let (base, len, unit) = fault_mapping(&payload, ram_bytes, file_page)
+        .with_context(|| format!("the fault descriptor from {}", path.display()))?;
     tracing::info!(
         base = format_args!("{base:#x}"),
         len,
@@ -235,6 +209,37 @@ fn fault_source(
         },
         FaultLease(sock),
     ))
+}
+
+/// The mapping a fault descriptor came with (`payload`: its address,
+/// length and fault unit, little-endian u64s; a library of before
+/// hugetlbfs support sends no unit: 4 KiB), checked against the RAM
+/// backend: at least `ram_bytes` long, faults served in the RAM file's
+/// pages (`file_page`), starting on one. Pure.
+fn fault_mapping(payload: &[u8], ram_bytes: u64, file_page: u64) -> Result<(u64, u64, u64)> {
+    let field = |i: usize| {
+        payload
+            .get(i * 8..i * 8 + 8)
+            .and_then(|b| b.try_into().ok())
+            .map(u64::from_le_bytes)
+    };
+    let (Some(base), Some(len)) = (field(0), field(1)) else {
+        bail!("came without its mapping (got {} bytes): is the preload library the same dbmigrate version?", payload.len());
+    };
+    let unit = field(2).unwrap_or(4096);
+    if len < ram_bytes {
+        bail!("registers {len} bytes for post-copy but the RAM backend has {ram_bytes}: DBMIGRATE_TRACK_PATH must name the RAM backend's mem-path");
+    }
+    if unit != file_page {
+        bail!("serves faults in units of {unit} bytes, but the RAM file's pages are {file_page} bytes: is the preload library the same dbmigrate version?");
+    }
+    if unit != 4096 && unit != 2 << 20 {
+        bail!("serves faults in units of {unit} bytes: post-copy takes RAM on 4 KiB or 2 MiB pages (a guest on 1 GiB pages can use pre-copy)");
+    }
+    if base % unit != 0 {
+        bail!("maps the RAM at {base:#x}, not on a {unit}-byte page");
+    }
+    Ok((base, len, unit))
 }
 
 /// Waits for QEMU to have loaded device state, then resumes the VM.
@@ -542,4 +547,36 @@ async fn session(
     // while, and before the resume it was part of the downtime.
     let _ = tokio::task::spawn_blocking(move || drop(ram)).await;
     Ok(s.stats.clone())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fault_mapping;
+
+    fn payload(fields: &[u64]) -> Vec<u8> {
+        fields.iter().flat_map(|f| f.to_le_bytes()).collect()
+    }
+
+    #[test]
+    fn a_fault_descriptor_must_fit_the_ram_file() {
+        let huge = 2 << 20;
+        // Today's library: address, length, unit.
+        let ok = fault_mapping(&payload(&[4 * huge, 8 * huge, huge]), 8 * huge, huge);
+        assert_eq!(ok.unwrap(), (4 * huge, 8 * huge, huge));
+        // A library of before hugetlbfs support: 4 KiB.
+        let old = fault_mapping(&payload(&[4096, 1 << 20]), 1 << 20, 4096);
+        assert_eq!(old.unwrap(), (4096, 1 << 20, 4096));
+        let err = |p: &[u64], ram: u64, page: u64| {
+            fault_mapping(&payload(p), ram, page)
+                .unwrap_err()
+                .to_string()
+        };
+        assert!(err(&[0], 4096, 4096).contains("without its mapping"));
+        assert!(err(&[0, 4096], 8192, 4096).contains("RAM backend has 8192"));
+        // A 4 KiB registration over a hugetlbfs file, and the reverse.
+        assert!(err(&[0, huge, 4096], huge, huge).contains("units of 4096"));
+        assert!(err(&[0, huge, huge], huge, 4096).contains("units of 2097152"));
+        assert!(err(&[0, 1 << 30, 1 << 30], 1 << 30, 1 << 30).contains("1 GiB"));
+        assert!(err(&[4096, 2 * huge, huge], 2 * huge, huge).contains("not on a"));
+    }
 }

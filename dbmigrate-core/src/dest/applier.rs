@@ -115,17 +115,14 @@ impl Applier {
     ) -> Result<Self, DestError> {
         let pages = ram.pages();
         let upages = usize::try_from(pages).expect("RAM pages fit in memory");
-        if let Some(f) = faults.as_ref().filter(|f| f.unit != ram.file_page_bytes()) {
-            return Err(DestError::Faults {
-                doing: "checking the fault unit against the RAM file's page size",
-                source: std::io::Error::new(
-                    std::io::ErrorKind::InvalidInput,
-                    format!(
-                        "QEMU serves faults in units of {} bytes, the RAM file's pages are {}",
-                        f.unit,
-                        ram.file_page_bytes()
-                    ),
-                ),
+        if let Some(f) = faults
+            .as_ref()
+            .filter(|f| f.unit != ram.file_page_bytes() || f.base % f.unit != 0)
+        {
+            return Err(DestError::FaultUnit {
+                base: f.base,
+                unit: f.unit,
+                file_page: ram.file_page_bytes(),
             });
         }
         let (refs, urgent_reads, storage, read_buffers, disk_sizes) = match readers {
@@ -165,14 +162,6 @@ impl Applier {
         // the switch, so allocated RAM serves it too.)
         if self.ram.prepared() == Prepared::No {
             self.ram.zero_all()?;
-        }
-        // Minor faults (hugetlbfs) fire only on pages the file holds: one
-        // it does not would be filled by the kernel with zeros for a guest
-        // that touched it, without a fault, even where a page is still due.
-        if self.faults.as_ref().is_some_and(|f| f.minor())
-            && self.ram.prepared() != Prepared::ZeroedAllocated
-        {
-            self.ram.zero_and_allocate()?;
         }
         self.run(inputs)
     }
@@ -265,7 +254,9 @@ impl Applier {
     }
 
     /// Records the hash of what `page` now holds and, after the switch,
-    /// that it is placed: its waiters are woken.
+    /// that it is placed: the waiters on its fault unit go on once
+    /// nothing in the unit is missing (a 4 KiB page on tmpfs, its huge
+    /// page on hugetlbfs).
     fn record_placed(&mut self, page: u64, hash: u64) -> Result<(), DestError> {
         self.placed.set(page, hash);
         let Some(post) = self.phase.post_mut() else {
@@ -392,11 +383,12 @@ impl Applier {
             }
             // Minor faults (hugetlbfs) need no holes: a page the guest may
             // not see yet is one the fault server has not mapped.
-            if !self.ram.huge_pages() {
+            let huge = self.ram.huge_pages();
+            if !huge {
                 punch(&mut self.ram, punched.iter())?;
             }
             tracing::info!(
-                punched = punched.count(),
+                punched = if huge { 0 } else { punched.count() },
                 punch_ms = t.elapsed().as_millis(),
                 "prepared the switch to post-copy"
             );
@@ -408,7 +400,9 @@ impl Applier {
 
     /// The switch to post-copy, once every data connection passed its
     /// marker: pages the source will still send are made missing (their
-    /// stale copies punched out, so that touching them faults), pages with a
+    /// stale copies punched out, so that touching them faults; on
+    /// hugetlbfs their huge pages are simply not mapped into QEMU until
+    /// complete, see [`Applier::unmap_touched_early`]), pages with a
     /// storage read in flight stay missing until it lands, and pages that
     /// storage could not give are asked for at once. `holes`: what the
     /// preparation punched (see [`Applier::prepare_switch`]).
@@ -448,14 +442,7 @@ impl Applier {
         let stale = pending_only.as_ref().unwrap_or(&missing);
         let punch_started = Instant::now();
         if self.ram.huge_pages() {
-            // What QEMU touched before the switch is mapped there: a huge
-            // page of it now missing again must fault once more.
-            let n = faults.unit_pages();
-            for first in std::mem::take(&mut self.mapped_early) {
-                if missing.any_in(first, first + n) {
-                    self.ram.unmap_elsewhere(first)?;
-                }
-            }
+            self.unmap_touched_early(&missing, faults.unit_pages())?;
         } else {
             punch(
                 &mut self.ram,
@@ -490,24 +477,44 @@ impl Applier {
         })
     }
 
-    /// Serves page faults: a page that is not missing is zero (or was
-    /// placed since the fault was reported); a missing one waits for its
-    /// storage read or is asked of the source ahead of the background push.
+    /// A huge page QEMU touched before the switch is mapped there: one
+    /// whose pages the switch makes missing must fault once more.
+    fn unmap_touched_early(&mut self, missing: &PageBitmap, n: u64) -> Result<(), DestError> {
+        let mut early = std::mem::take(&mut self.mapped_early);
+        early.sort_unstable();
+        early.dedup();
+        for first in early {
+            if missing.any_in(first, first + n) {
+                self.ram.unmap_elsewhere(first)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Serves page faults: a fault unit none of whose pages is missing is
+    /// let go at once (a zero page on tmpfs, where it is a hole or was
+    /// placed since the fault was reported; mapped as the file holds it on
+    /// hugetlbfs); one with missing pages waits for their storage reads or
+    /// asks the source for them ahead of the background push.
     fn on_faults(&mut self, addrs: Vec<u64>) -> Result<(), DestError> {
         let Some(post) = self.phase.post_mut() else {
             // Before the switch the VM does not run; QEMU itself touched a
-            // page that holds no data yet: it reads as zero, as it would
-            // without post-copy, and a later write through the file replaces it.
+            // page: on tmpfs one that holds no data yet, which reads as
+            // zero, as it would without post-copy, and a later write through
+            // the file replaces it; on hugetlbfs any page, mapped as it is
+            // (and unmapped again at the switch if it is missing then).
             if let Some(f) = &self.faults {
                 for a in addrs {
                     let at = f.unit_start(a);
-                    serve_present(f, at)?;
-                    let Some(page) = f.page_at(at, self.ram.pages()) else {
-                        continue;
-                    };
-                    if f.minor() {
+                    let page = f.page_at(at, self.ram.pages());
+                    if let Some(page) = page.filter(|_| f.minor()) {
+                        self.ram.hold_huge_page(page)?;
                         self.mapped_early.push(page);
                     }
+                    serve_present(f, at)?;
+                    let Some(page) = page else {
+                        continue;
+                    };
                     // The zero page fills the hole.
                     if let Some(h) = self.phase.holes_mut() {
                         h.unset(page);
@@ -525,6 +532,10 @@ impl Applier {
                 continue; // not in RAM: cannot be ours
             };
             self.stats.faults += 1;
+            if f.minor() {
+                // A missing-page fault: the file lacks the huge page.
+                self.ram.hold_huge_page(first)?;
+            }
             let due: Vec<u64> = post.missing.iter_range(first, first + n).collect();
             if due.is_empty() {
                 self.stats.zero_faults += 1;
@@ -798,7 +809,8 @@ fn apply(
             ram.write_pages(e.page, &e.data).map_err(bad)?;
             Ok(verify::page_hash(&e.data))
         }
-        // A hole reads as zero and costs no memory.
+        // A hole reads as zero and costs no memory (on hugetlbfs the page
+        // is cleared in place, see `DestRam::zero_pages`).
         PageEncoding::Zero => {
             ram.zero_pages(e.page, 1).map_err(bad)?;
             Ok(verify::zero_page_hash())

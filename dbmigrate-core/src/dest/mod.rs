@@ -96,6 +96,16 @@ pub enum DestError {
         #[source]
         source: std::io::Error,
     },
+    /// The fault descriptor's unit does not fit the RAM file.
+    #[error("QEMU's RAM mapping at {base:#x} serves faults in units of {unit} bytes, but the RAM file's pages are {file_page} bytes (or the mapping does not start on one): is the preload library the same dbmigrate version?")]
+    FaultUnit {
+        /// Where the mapping starts.
+        base: u64,
+        /// The unit the fault descriptor was registered for.
+        unit: u64,
+        /// The RAM file's page size.
+        file_page: u64,
+    },
     /// The VM could not be resumed here after the switch to post-copy.
     #[error("the destination VM could not be resumed: {0}")]
     Resume(String),
@@ -127,13 +137,15 @@ pub struct DestStats {
     pub storage_unread: u64,
     /// Time spent hashing at switchover.
     pub verify_ms: u64,
-    /// Post-copy: page faults the VM took on missing pages.
+    /// Post-copy: page faults the VM took (one per 4 KiB page on tmpfs,
+    /// per huge page on hugetlbfs).
     pub faults: u64,
-    /// Post-copy: faults that had to wait for the source (network round trip).
+    /// Post-copy: pages faults had to wait for from the source (network round trip).
     pub network_faults: u64,
-    /// Post-copy: faults served from shared storage.
+    /// Post-copy: pages faults had to wait for from shared storage.
     pub storage_faults: u64,
-    /// Post-copy: faults on pages that are zero (served at once).
+    /// Post-copy: faults that waited for no page (a zero page on tmpfs, a
+    /// huge page complete already on hugetlbfs), served at once.
     pub zero_faults: u64,
     /// Post-copy: longest time a fault waited for its page.
     pub longest_stall_us: u64,

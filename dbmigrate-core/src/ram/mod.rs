@@ -13,6 +13,7 @@ use thiserror::Error;
 use crate::bitmap::PageBitmap;
 use crate::sys;
 
+mod hugetlb;
 mod prealloc;
 use crate::{PAGE_SIZE, PAGE_SIZE_U64};
 
@@ -99,7 +100,8 @@ pub struct DestWriter {
     prepared: Prepared,
     /// Writes go through the mapping (only while every page is allocated,
     /// or its chunk is once allocated in the background, and the guest
-    /// cannot fault on one being written).
+    /// cannot fault on one being written; always on hugetlbfs, which has
+    /// no `write(2)`).
     through_map: bool,
     /// The threads allocating the RAM while pages arrive: a page goes
     /// through the mapping only once they are done with it.
@@ -198,16 +200,24 @@ impl Ram<memmap2::Mmap, ()> {
             writer: (),
         })
     }
+
+    /// True if the RAM file is on hugetlbfs (its writes are tracked a huge
+    /// page at a time); false if that cannot be told.
+    pub fn huge_pages(&self) -> bool {
+        sys::file::huge_page_size(&self.file)
+            .ok()
+            .flatten()
+            .is_some()
+    }
 }
 
 impl Ram<sys::mmap::SharedMap, DestWriter> {
     /// Maps `path` read-write; it must already be exactly `size` bytes (created by the VMM).
     pub fn open(path: &Path, size: u64) -> Result<Self, RamError> {
         let (file, len) = open_checked(path, true, size)?;
-        let file_page = {
-            use std::os::unix::fs::MetadataExt;
-            file.metadata().map_err(io_error(path, "stat"))?.blksize()
-        };
+        let file_page = sys::file::huge_page_size(&file)
+            .map_err(io_error(path, "fstatfs"))?
+            .unwrap_or(PAGE_SIZE_U64);
         let map = sys::mmap::SharedMap::map(&file, len).map_err(io_error(path, "mmap"))?;
         Ok(Self {
             path: path.into(),
@@ -251,10 +261,11 @@ impl Ram<sys::mmap::SharedMap, DestWriter> {
     /// a page costs far more than the copy: the destination's rebuild
     /// spent a quarter of both cores clearing and filling fresh pages.
     /// Done before the source connects, it also makes a host short of
-    /// memory fail before the migration starts, not halfway. Post-copy
-    /// punches the pages it still waits for at the switch
+    /// memory fail before the migration starts, not halfway. On tmpfs
+    /// post-copy punches the pages it still waits for at the switch
     /// ([`Self::zero_pages`]) and writes through the file from then on
-    /// ([`Self::write_through_file`]).
+    /// ([`Self::write_through_file`]); on hugetlbfs it punches nothing
+    /// (the guest sees a huge page only when the fault server maps it).
     pub fn zero_and_allocate(&mut self) -> Result<(), RamError> {
         self.zero_all()?;
         sys::file::allocate(&self.file, self.len()).map_err(io_error(&self.path, "allocating the guest's RAM (fallocate; is the RAM filesystem, e.g. /dev/shm, big enough for the guest?)"))?;
@@ -309,17 +320,17 @@ impl Ram<sys::mmap::SharedMap, DestWriter> {
         bg.stop().map_err(io_error(&self.path, "allocating the guest's RAM in the background (is the RAM filesystem, e.g. /dev/shm, big enough for the guest?)"))
     }
 
-    /// From now on writes go through the file: a running guest may fault
-    /// on a punched page, and a full-page write through the file shows it
-    /// the page only once written, where a store through our mapping would
-    /// first map a zeroed page. Stops a background allocation first: it
-    /// would fill the holes about to be punched.
+    /// Post-copy's switch: from now on writes go through the file: a
+    /// running guest may fault on a punched page, and a full-page write
+    /// through the file shows it the page only once written, where a store
+    /// through our mapping would first map a zeroed page. Stops a
+    /// background allocation first: it would fill the holes about to be
+    /// punched.
     ///
-    /// On hugetlbfs (no `write(2)`) writes stay on the mapping: there the
-    /// guest's faults are minor faults, and a page becomes the guest's only
-    /// when the fault server maps it whole.
-    /// There a fault fires only on a page the file holds, so what a
-    /// background allocation had not reached is allocated now.
+    /// On hugetlbfs (no `write(2)`) writes stay on the mapping: there a
+    /// huge page becomes the guest's only when the fault server maps it
+    /// whole (minor faults), and what a background allocation had not
+    /// reached is allocated now, outside the guest's faults.
     pub fn write_through_file(&mut self) -> Result<(), RamError> {
         let unfinished = self.writer.background.is_some();
         self.stop_allocating()?;
@@ -351,35 +362,12 @@ impl Ram<sys::mmap::SharedMap, DestWriter> {
         if self.huge_pages() {
             let at = usize::try_from(page).expect("below pages") * PAGE_SIZE;
             let n = usize::try_from(count).expect("below pages") * PAGE_SIZE;
+            self.ensure_allocated(at, n)?;
             self.map[at..at + n].fill(0);
             return Ok(());
         }
         sys::file::punch_hole(&self.file, page * PAGE_SIZE_U64, count * PAGE_SIZE_U64)
             .map_err(io_error(&self.path, "punching a zero page (fallocate)"))
-    }
-
-    /// Makes the huge page that holds `page` fault again in every process
-    /// that mapped it (hugetlbfs only; a no-op elsewhere): its bytes are
-    /// copied out, the page punched out of the file, which unmaps it
-    /// everywhere, and the bytes written back through this mapping. For a
-    /// post-copy destination whose QEMU touched a page before the switch
-    /// that the switch makes missing again.
-    pub fn unmap_elsewhere(&mut self, page: u64) -> Result<(), RamError> {
-        let pages = self.pages();
-        if page >= pages {
-            return Err(RamError::OutOfRange { page, pages });
-        }
-        if !self.huge_pages() {
-            return Ok(());
-        }
-        let unit = usize::try_from(self.writer.file_page).expect("a page size fits");
-        let at = usize::try_from(page * PAGE_SIZE_U64).expect("below len") / unit * unit;
-        let end = (at + unit).min(self.map.len());
-        let saved = self.map[at..end].to_vec();
-        sys::file::punch_hole(&self.file, at as u64, (end - at) as u64)
-            .map_err(io_error(&self.path, "punching a huge page (fallocate)"))?;
-        self.map[at..end].copy_from_slice(&saved);
-        Ok(())
     }
 
     /// Writes whole pages starting at `page`. Into allocated RAM
@@ -388,7 +376,8 @@ impl Ram<sys::mmap::SharedMap, DestWriter> {
     /// mapping, a plain copy;
     /// otherwise through the file: a full-page write to a tmpfs hole
     /// allocates the page without zeroing it first, where a store through
-    /// the mapping faults, zeroes the page and then copies.
+    /// the mapping faults, zeroes the page and then copies. On hugetlbfs
+    /// always through the mapping, the huge pages allocated first.
     pub fn write_pages(&mut self, page: u64, data: &[u8]) -> Result<(), RamError> {
         let pages = self.pages();
         let count = (data.len() / PAGE_SIZE) as u64;
@@ -396,8 +385,12 @@ impl Ram<sys::mmap::SharedMap, DestWriter> {
             return Err(RamError::OutOfRange { page, pages });
         }
         let at = usize::try_from(page).expect("below pages") * PAGE_SIZE;
-        let allocated = self.allocated(at, data.len())?;
-        if self.huge_pages() || (self.writer.through_map && allocated) {
+        if self.huge_pages() {
+            self.ensure_allocated(at, data.len())?;
+            self.map[at..at + data.len()].copy_from_slice(data);
+            return Ok(());
+        }
+        if self.writer.through_map && self.allocated(at, data.len())? {
             self.map[at..at + data.len()].copy_from_slice(data);
             return Ok(());
         }

@@ -16,6 +16,7 @@
 //! | `policy` | the pure decisions: when to stop the rounds (Clark et al., NSDI'05), whether to switch to post-copy |
 //! | `session` | [`SourceSession`]: the connections, the rounds, stop-and-copy, verification, Commit |
 //! | `round` | how one round reads, hashes and encodes its pages, references mixed in step with the raw pages |
+//! | `sent` | what the destination holds of each page as last sent (RAM on huge pages: unchanged pages are not sent again) |
 //! | `postcopy` | the switch to post-copy, page requests, the hand-over |
 //! | `push` | post-copy's background push and its pace |
 //! | `adaptive` | the adaptive pace: the guest's vCPU wait against a budget, while the VM runs here |
@@ -25,6 +26,7 @@ mod policy;
 mod postcopy;
 mod push;
 mod round;
+mod sent;
 mod session;
 
 use std::net::SocketAddr;

@@ -9,6 +9,7 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use xxhash_rust::xxh3::xxh3_128;
 
+use super::sent::SentPages;
 use super::session::WriterCmd;
 use crate::addr::PageIndex;
 use crate::bitmap::PageBitmap;
@@ -72,6 +73,10 @@ pub(super) struct RoundJob {
     pub(super) no_ref: PageBitmap,
     /// Where to count what the round sends of each page label.
     pub(super) census: Option<Arc<Census>>,
+    /// What the destination holds already (RAM on huge pages): a page
+    /// whose bytes hash the same is not sent. Lent to the round's thread
+    /// and handed back with its result.
+    pub(super) sent: Option<SentPages>,
 }
 
 /// Batch size of a round's frames.
@@ -272,6 +277,13 @@ pub(super) fn produce_round(
         let Ok(data) = ram.page(page) else { continue };
         rs.pages += 1;
         let c = usize::from(connection_for_page(page, conns) - 1);
+        if let Some(h) = unchanged(job, page, data) {
+            if job.hash_pages {
+                hashes.push((page, h));
+            }
+            rs.unchanged_pages += 1;
+            continue;
+        }
         if is_zero(data) {
             if job.hash_pages {
                 hashes.push((page, verify::zero_page_hash()));
@@ -341,6 +353,18 @@ pub(super) fn produce_round(
         t.census.record(&t.counts);
     }
     Some((rs, hashes))
+}
+
+/// The hash of `page`'s bytes `data` if the destination holds them
+/// already (see [`RoundJob::sent`]).
+fn unchanged(job: &RoundJob, page: u64, data: &[u8]) -> Option<u64> {
+    let sent = job.sent.as_ref()?;
+    let h = if is_zero(data) {
+        verify::zero_page_hash()
+    } else {
+        verify::page_hash(data)
+    };
+    sent.holds(page, h).then_some(h)
 }
 
 /// What a round has sent of each page label so far.

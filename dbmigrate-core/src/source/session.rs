@@ -16,6 +16,7 @@ use super::policy::{decide, references_in_round, Decision, Mode, RoundObservatio
 use super::round::{
     produce_round, read_after_collect, RoundJob, RoundProgress, COLLECT_EVERY, RAW_PASS_NOT_STARTED,
 };
+use super::sent::SentPages;
 use super::{Frozen, SourceConfig, SourceError, Verified, VerifyOutcome};
 use crate::bitmap::PageBitmap;
 use crate::control::{within, ControlWriter};
@@ -63,6 +64,9 @@ pub struct SourceSession {
     pub(super) pending: PageBitmap,
     /// Pages the destination could not rebuild: always sent raw from now on.
     no_ref: PageBitmap,
+    /// What the destination holds of each page, where writes are tracked
+    /// a huge page at a time (RAM on hugetlbfs); None elsewhere.
+    sent: Option<SentPages>,
     round: u32,
     /// Digests kept current while the VM runs (None while a refresh has them).
     pub(super) source_digests: Option<verify::SourceDigests>,
@@ -146,6 +150,7 @@ impl SourceSession {
         }
         let pages = ram.pages();
         let ctrl_tx = ControlWriter::new(ctrl_tx, cfg.peer_timeout);
+        let sent = ram.huge_pages().then(|| SentPages::new(pages));
         Ok(Self {
             ram: Arc::new(ram),
             tracker,
@@ -159,6 +164,7 @@ impl SourceSession {
             history: Vec::new(),
             pending: PageBitmap::new(pages),
             no_ref: PageBitmap::new(pages),
+            sent,
             round: 0,
             source_digests: Some(verify::SourceDigests::new(pages, verify::CHUNK_PAGES)),
             armed: false,
@@ -594,8 +600,13 @@ impl SourceSession {
             disk_sizes: self.cfg.disk_sizes.clone(),
             no_ref: self.no_ref.clone(),
             census: self.cfg.census.clone(),
+            // Round 0 sends every page: nothing is held yet.
+            sent: if round > 0 { self.sent.take() } else { None },
         };
-        let mut producer = tokio::task::spawn_blocking(move || produce_round(&ram, &job, &txs));
+        let mut producer = tokio::task::spawn_blocking(move || {
+            let produced = produce_round(&ram, &job, &txs);
+            (produced, job.sent)
+        });
         let mut written_before_read = 0;
         // Only where a collect is cheap: soft-dirty stops QEMU for each.
         let produced = if live && self.tracker.kind() == TrackerKind::UffdWp {
@@ -626,7 +637,10 @@ impl SourceSession {
         } else {
             producer.await
         };
-        let produced = produced.map_err(|e| SourceError::Worker(e.to_string()))?;
+        let (produced, sent) = produced.map_err(|e| SourceError::Worker(e.to_string()))?;
+        if sent.is_some() {
+            self.sent = sent;
+        }
         let Some((mut rs, hashes)) = produced else {
             return Err(self.writer_error().await);
         };
@@ -639,6 +653,11 @@ impl SourceSession {
         // Before the next collect: a write after a page was read is in it.
         if let Some(d) = self.source_digests.as_mut() {
             d.record(&hashes);
+        }
+        if let Some(s) = self.sent.as_mut() {
+            for &(p, h) in &hashes {
+                s.record(p, h);
+            }
         }
         let mut rs = Some(rs);
         if !drain {
@@ -671,6 +690,9 @@ impl SourceSession {
                 for p in need {
                     self.pending.set(p);
                     self.no_ref.set(p);
+                    if let Some(s) = self.sent.as_mut() {
+                        s.forget(p);
+                    }
                 }
             }
             other => return Err(self.unexpected(other, "Drained for this round")),
