@@ -268,6 +268,18 @@ fn postcopy_on(bed: &DbBed, guest: &MariadbGuest, ram_mib: u64, args: &[&str]) -
     (report, dest)
 }
 
+/// A 1 ms downtime target cannot be met under sysbench: after two rounds
+/// the hybrid hands over by post-copy.
+const HYBRID_AFTER_TWO_ROUNDS: &[&str] = &[
+    "--mode",
+    "hybrid",
+    "--allow-postcopy",
+    "--downtime-ms",
+    "1",
+    "--max-rounds",
+    "2",
+];
+
 /// RAM of the hugepage-backed guests.
 const HUGE_RAM_MIB: u64 = 4096;
 
@@ -347,20 +359,7 @@ fn a_hugepage_backed_mariadb_vm_migrates_byte_exact_by_postcopy() {
 fn a_hugepage_backed_mariadb_vm_migrates_byte_exact_by_hybrid() {
     let guest = mariadb_guest(TABLES, ROWS).unwrap();
     let bed = hugepage_bed(&guest);
-    let (report, _) = postcopy_on(
-        &bed,
-        &guest,
-        HUGE_RAM_MIB,
-        &[
-            "--mode",
-            "hybrid",
-            "--allow-postcopy",
-            "--downtime-ms",
-            "1",
-            "--max-rounds",
-            "2",
-        ],
-    );
+    let (report, _) = postcopy_on(&bed, &guest, HUGE_RAM_MIB, HYBRID_AFTER_TWO_ROUNDS);
     assert_eq!(report["method"], "dbmigrate-hybrid");
     assert_eq!(report["stats"]["stop_reason"], "round limit reached");
 }
@@ -391,17 +390,7 @@ fn mariadb_under_sysbench_migrates_by_postcopy_rebuilding_while_it_runs() {
 
 #[test]
 fn mariadb_under_sysbench_migrates_by_hybrid_when_precopy_cannot_converge() {
-    // A 1 ms downtime target cannot be met under sysbench: after two
-    // rounds the hybrid hands over by post-copy.
-    let (report, dest) = postcopy_under_load(&[
-        "--mode",
-        "hybrid",
-        "--allow-postcopy",
-        "--downtime-ms",
-        "1",
-        "--max-rounds",
-        "2",
-    ]);
+    let (report, dest) = postcopy_under_load(HYBRID_AFTER_TWO_ROUNDS);
     assert_eq!(report["method"], "dbmigrate-hybrid");
     assert_eq!(report["stats"]["stop_reason"], "round limit reached");
     assert!(

@@ -79,6 +79,14 @@ pub(super) struct RoundJob {
     pub(super) sent: Option<SentPages>,
 }
 
+impl RoundJob {
+    /// Whether the round returns the hash of every page it read: for the
+    /// switchover digests, or to tell the next round what went.
+    fn keeps_hashes(&self) -> bool {
+        self.hash_pages || self.sent.is_some()
+    }
+}
+
 /// Batch size of a round's frames.
 const ROUND_BATCH_BYTES: usize = 256 << 10;
 
@@ -260,6 +268,7 @@ pub(super) fn produce_round(
     let referenced = job.progress.referenced.get_or_init(|| done);
     let raw_total = job.pages.count() - referenced.count();
     let mut raw_done = 0;
+    let mut copy = [0u8; PAGE_SIZE];
     for page in job.pages.iter() {
         if referenced.get(page) {
             continue;
@@ -274,18 +283,26 @@ pub(super) fn produce_round(
         // Before the read: a collect that sees `page` here or below keeps
         // the pages it reports at or below it pending.
         job.progress.raw_at.store(page, Ordering::SeqCst);
-        let Ok(data) = ram.page(page) else { continue };
+        let Ok(live) = ram.page(page) else { continue };
         rs.pages += 1;
         let c = usize::from(connection_for_page(page, conns) - 1);
-        if let Some(h) = unchanged(job, page, data) {
-            if job.hash_pages {
-                hashes.push((page, h));
-            }
+        // Where a hash decides whether a page goes (`sent`), it must be of
+        // the very bytes that go: one copy, read once, while the guest may
+        // write the page meanwhile.
+        let data: &[u8] = if job.sent.is_some() {
+            copy.copy_from_slice(live);
+            &copy
+        } else {
+            live
+        };
+        let known = held(job, page, data);
+        if let Some((h, true)) = known {
+            hashes.push((page, h));
             rs.unchanged_pages += 1;
             continue;
         }
         if is_zero(data) {
-            if job.hash_pages {
+            if job.keeps_hashes() {
                 hashes.push((page, verify::zero_page_hash()));
             }
             rs.zero_pages += 1;
@@ -313,7 +330,7 @@ pub(super) fn produce_round(
             rs.ref_pages += 1;
             note(page, Sent::Reference);
             let hash = xxh3_128(data);
-            if job.hash_pages {
+            if job.keeps_hashes() {
                 hashes.push((page, verify::low_half(hash)));
             }
             builders[c].push(
@@ -322,8 +339,9 @@ pub(super) fn produce_round(
                 &protocol::encode_reference(hint, hash),
             );
         } else {
-            if job.hash_pages {
-                hashes.push((page, verify::page_hash(data)));
+            if job.keeps_hashes() {
+                let h = known.map_or_else(|| verify::page_hash(data), |k| k.0);
+                hashes.push((page, h));
             }
             match encoder.push_data(&mut builders[c], page, data) {
                 PageEncoding::Zstd => {
@@ -355,16 +373,17 @@ pub(super) fn produce_round(
     Some((rs, hashes))
 }
 
-/// The hash of `page`'s bytes `data` if the destination holds them
-/// already (see [`RoundJob::sent`]).
-fn unchanged(job: &RoundJob, page: u64, data: &[u8]) -> Option<u64> {
+/// Where the round knows what the destination holds (see
+/// [`RoundJob::sent`]): the hash of `page`'s bytes `data`, and whether the
+/// destination holds them already.
+fn held(job: &RoundJob, page: u64, data: &[u8]) -> Option<(u64, bool)> {
     let sent = job.sent.as_ref()?;
     let h = if is_zero(data) {
         verify::zero_page_hash()
     } else {
         verify::page_hash(data)
     };
-    sent.holds(page, h).then_some(h)
+    Some((h, sent.holds(page, h)))
 }
 
 /// What a round has sent of each page label so far.
