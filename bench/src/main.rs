@@ -17,6 +17,7 @@ mod load;
 mod methods;
 mod qemu;
 mod report;
+mod scale_report;
 mod steady;
 mod storage_probe;
 mod storage_read;
@@ -100,6 +101,16 @@ enum Cmd {
         /// Output directory.
         #[arg(long, default_value = "bench/results/plots")]
         out_dir: PathBuf,
+    },
+    /// One scenario at several guest sizes: each method's median time
+    /// against guest RAM (SVG) and a fit of it against the bytes moved
+    /// (Markdown), from one report per size.
+    Scale {
+        /// Reports of the same load at different RAM sizes.
+        inputs: Vec<PathBuf>,
+        /// Output path without extension (`.svg` and `.md` are written).
+        #[arg(long, default_value = "bench/results/plots/mariadb-sysbench-scale")]
+        out: PathBuf,
     },
     /// One agent connection over loopback, plain TCP against mutual TLS:
     /// what each carries per second on this machine's CPU.
@@ -505,6 +516,12 @@ fn main() -> Result<()> {
         Cmd::StorageProbe { storage, bytes } => storage_probe::probe_here(&storage, bytes),
         Cmd::Transport { mib, repeats, out } => {
             transport::run(mib, repeats, &out.unwrap_or_else(transport::default_out))
+        }
+        Cmd::Scale { inputs, out } => {
+            for p in scale_report::write(&inputs, &out)? {
+                println!("wrote {}", p.display());
+            }
+            Ok(())
         }
         Cmd::Report { inputs, out_dir } => {
             let inputs = if inputs.is_empty() {

@@ -25,9 +25,22 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use dbmigrate_core::source::{SourceConfig, StopPolicy};
 
+/// `--version`: the release and the wire protocol it speaks (both agents
+/// of a migration must speak the same).
+fn version_text() -> &'static str {
+    static TEXT: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    TEXT.get_or_init(|| {
+        format!(
+            "{} (protocol {})",
+            env!("CARGO_PKG_VERSION"),
+            dbmigrate_core::protocol::PROTOCOL_VERSION
+        )
+    })
+}
+
 /// Database-aware live migration for QEMU VMs.
 #[derive(Parser)]
-#[command(name = "dbmigrate", version, about)]
+#[command(name = "dbmigrate", version = version_text(), about)]
 struct Cli {
     /// Log filter (e.g. `info`, `dbmigrate_core=debug`); also RUST_LOG.
     #[arg(long, global = true, default_value = "info")]

@@ -27,3 +27,14 @@ fn the_release_agent_contains_no_failpoint() -> Result<()> {
     }
     Ok(())
 }
+
+#[test]
+fn the_release_agent_names_its_protocol_version() -> Result<()> {
+    let out = std::process::Command::new(bin_dir()?.join("dbmigrate"))
+        .arg("--version")
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let want = format!("(protocol {})", dbmigrate_core::protocol::PROTOCOL_VERSION);
+    assert!(out.status.success() && text.contains(&want), "{text}");
+    Ok(())
+}

@@ -293,6 +293,7 @@ impl SourceSession {
                 pages: rs.pages,
                 elapsed: Duration::from_millis(rs.elapsed_ms),
                 dirty_after: dirty,
+                unchanged: rs.unchanged_pages,
             });
             let d = if first_only {
                 Decision::Stop {
