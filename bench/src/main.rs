@@ -106,8 +106,12 @@ enum Cmd {
     /// against guest RAM (SVG) and a fit of it against the bytes moved
     /// (Markdown), from one report per size.
     Scale {
-        /// Reports of the same load at different RAM sizes.
+        /// Reports of the same load at different RAM sizes (a method at a
+        /// size a later report gives too is taken from the later one).
         inputs: Vec<PathBuf>,
+        /// Only these methods, comma separated (default: all).
+        #[arg(long, value_delimiter = ',')]
+        methods: Vec<String>,
         /// Output path without extension (`.svg` and `.md` are written).
         #[arg(long, default_value = "bench/results/plots/mariadb-sysbench-scale")]
         out: PathBuf,
@@ -517,8 +521,12 @@ fn main() -> Result<()> {
         Cmd::Transport { mib, repeats, out } => {
             transport::run(mib, repeats, &out.unwrap_or_else(transport::default_out))
         }
-        Cmd::Scale { inputs, out } => {
-            for p in scale_report::write(&inputs, &out)? {
+        Cmd::Scale {
+            inputs,
+            methods,
+            out,
+        } => {
+            for p in scale_report::write(&inputs, &methods, &out)? {
                 println!("wrote {}", p.display());
             }
             Ok(())

@@ -181,9 +181,22 @@ fn svg(points: &[Point], title: &str, path: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Reads `inputs` (one report per size), writes `<out>.svg` and
-/// `<out>.md`; returns their paths.
-pub fn write(inputs: &[PathBuf], out: &Path) -> Result<Vec<PathBuf>> {
+/// Adds `new` to `all`: a method at a size a report named earlier gave
+/// is taken from the later one; only `methods` are kept (all if empty) (pure).
+pub fn merge(all: &mut Vec<Point>, new: Vec<Point>, methods: &[String]) {
+    for p in new {
+        if !methods.is_empty() && !methods.contains(&p.method) {
+            continue;
+        }
+        all.retain(|q| !(q.method == p.method && q.ram_gib == p.ram_gib));
+        all.push(p);
+    }
+}
+
+/// Reads `inputs` (reports of the sizes; a method at a size a later report
+/// gives too is taken from the later one), keeps `methods` (all if
+/// empty), writes `<out>.svg` and `<out>.md`; returns their paths.
+pub fn write(inputs: &[PathBuf], methods: &[String], out: &Path) -> Result<Vec<PathBuf>> {
     if inputs.len() < 2 {
         bail!("bench scale takes reports of at least two guest sizes");
     }
@@ -193,7 +206,7 @@ pub fn write(inputs: &[PathBuf], out: &Path) -> Result<Vec<PathBuf>> {
             std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
         let report: Value =
             serde_json::from_str(&text).with_context(|| format!("parsing {}", p.display()))?;
-        all.extend(points(&report));
+        merge(&mut all, points(&report), methods);
     }
     all.sort_by(|a, b| {
         (&a.method, a.ram_gib)
@@ -257,5 +270,17 @@ mod tests {
             md.contains("| qemu-precopy | 8 | 2 | 55.0 | 6.50 | 0.00 |"),
             "{md}"
         );
+        // A later report's figure for the same method and size wins; other
+        // methods than those asked for are left out.
+        let mut all = p.clone();
+        let mut later = p[0].clone();
+        later.total_s = 50.0;
+        merge(&mut all, vec![later], &[]);
+        assert_eq!(all.len(), 2);
+        let q = all.iter().find(|q| q.method == "qemu-precopy").unwrap();
+        assert_eq!(q.total_s, 50.0);
+        let mut only = Vec::new();
+        merge(&mut only, p, &["dbmigrate-precopy".to_string()]);
+        assert_eq!(only.len(), 1);
     }
 }
