@@ -88,14 +88,7 @@ async fn a_huge_page_reaches_the_guest_only_once_every_page_of_it_is_placed() {
     let len = PAGES * 4096;
     let fs = HugeTlbfs::mount(len / HUGE + 1);
     let path = fs.file("ram", len);
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&path)
-        .unwrap();
-    // SAFETY: a shared mapping of the test's own RAM file, standing in for
-    // QEMU's; it lives until the end of the test.
-    let map = Arc::new(unsafe { memmap2::MmapMut::map_mut(&file) }.unwrap());
+    let map = stand_in_qemu_map(&path);
     let base = map.as_ptr() as u64;
     assert_eq!(base % HUGE, 0, "a hugetlbfs mapping starts on a huge page");
     let uffd = dbmigrate_uffd::register_minor(base, len).unwrap();
@@ -220,7 +213,7 @@ async fn a_huge_page_reaches_the_guest_only_once_every_page_of_it_is_placed() {
         map[..] == frozen[..],
         "destination RAM differs from the frozen source"
     );
-    drop((map, ctrl, data, file));
+    drop((map, ctrl, data));
     let _ = std::fs::remove_file(&path);
     drop(fs);
 }

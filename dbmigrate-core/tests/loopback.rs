@@ -532,14 +532,7 @@ async fn postcopy_to_a_real_userfaultfd(
         PostcopyEnding::SilentSource => "silent-post",
         PostcopyEnding::AnswersAfterResult => "after-result",
     });
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&dst_path)
-        .unwrap();
-    // SAFETY: a shared mapping of the test's own RAM file, standing in for
-    // QEMU's; it lives until the end of the test and only the kernel touches it.
-    let map = unsafe { memmap2::MmapMut::map_mut(&file) }.unwrap();
+    let map = stand_in_qemu_map(&dst_path);
     let base = map.as_ptr() as u64;
     let uffd = dbmigrate_uffd::register_missing(base, PAGES * 4096).unwrap();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -813,14 +806,7 @@ async fn a_fault_on_a_page_whose_storage_read_is_queued_is_read_ahead_of_the_que
     });
 
     let dst_path = ram_file("urgent-read");
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&dst_path)
-        .unwrap();
-    // SAFETY: a shared mapping of the test's own RAM file, standing in for
-    // QEMU's; it lives until the end of the test.
-    let map = Arc::new(unsafe { memmap2::MmapMut::map_mut(&file) }.unwrap());
+    let map = stand_in_qemu_map(&dst_path);
     let base = map.as_ptr() as u64;
     let uffd = dbmigrate_uffd::register_missing(base, PAGES * 4096).unwrap();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -170,7 +170,8 @@ fn maybe_track(addr: u64, len: u64, fd: i32) {
     let page = u64::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096);
     let len = len.div_ceil(page.max(1)).saturating_mul(page.max(1));
     if let Some(sock) = postcopy_socket() {
-        serve_postcopy(path, addr, len, huge_page_bytes(fd), sock);
+        let huge = dbmigrate_uffd::hugetlbfs_page_size(&Fd(fd)).ok().flatten();
+        serve_postcopy(path, addr, len, huge, sock);
         return;
     }
     match dbmigrate_uffd::register_wp_async(addr, len) {
@@ -188,18 +189,13 @@ fn maybe_track(addr: u64, len: u64, fd: i32) {
     }
 }
 
-/// The page size of the file behind `fd` if it is on hugetlbfs (its pages
-/// are placed whole), None otherwise.
-fn huge_page_bytes(fd: i32) -> Option<u64> {
-    // SAFETY: an all-zero statfs is a valid value to be overwritten.
-    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-    // SAFETY: fstatfs writes one `struct statfs`, which we own.
-    if unsafe { libc::fstatfs(fd, &mut st) } != 0 {
-        return None;
+/// QEMU's descriptor, borrowed for a call (never closed here).
+struct Fd(i32);
+
+impl std::os::fd::AsRawFd for Fd {
+    fn as_raw_fd(&self) -> i32 {
+        self.0
     }
-    (st.f_type == libc::HUGETLBFS_MAGIC)
-        .then(|| u64::try_from(st.f_bsize).ok())
-        .flatten()
 }
 
 /// Waits for the agent that took the descriptor to say it is done ("D":

@@ -178,6 +178,23 @@ pub fn register_missing(addr: u64, len: u64) -> Result<OwnedFd, RegisterError> {
     open_and_register(0, UFFDIO_REGISTER_MODE_MISSING, addr, len)
 }
 
+/// The page size of the file behind `fd` if it is on hugetlbfs, None for
+/// any other file system: which registration a post-copy mapping of it
+/// takes ([`register_minor`] or [`register_missing`]). The preload library
+/// and the agent decide by this one test, so they agree. No allocation.
+pub fn hugetlbfs_page_size(fd: &impl AsRawFd) -> io::Result<Option<u64>> {
+    // SAFETY: an all-zero statfs is a valid value for fstatfs to overwrite.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: fstatfs on a descriptor the caller owns writes one `struct
+    // statfs`, which we own.
+    if unsafe { libc::fstatfs(fd.as_raw_fd(), &mut st) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok((st.f_type == libc::HUGETLBFS_MAGIC)
+        .then(|| u64::try_from(st.f_bsize).ok())
+        .flatten())
+}
+
 /// Registers `addr..addr+len` of the calling process, a shared mapping of
 /// a hugetlbfs file, for minor and missing-page faults: from now on,
 /// touching a page that this mapping has not mapped yet blocks the toucher

@@ -176,6 +176,16 @@ fn mariadb_under_sysbench_migrates_with_rebuild_from_shared_storage() {
     drop(dst);
 }
 
+/// `field` summed over the report's rounds.
+fn in_rounds(report: &Value, field: &str) -> u64 {
+    report["stats"]["rounds"]
+        .as_array()
+        .expect("the report's rounds")
+        .iter()
+        .map(|r| r[field].as_u64().unwrap_or(0))
+        .sum()
+}
+
 /// The guest's memory census came, covers the guest's RAM, agrees with
 /// the rounds' counts, and puts the rebuilt pages in the buffer pool and
 /// the clean page cache.
@@ -186,16 +196,10 @@ fn census_explains_the_pages(report: &Value) {
     let row = |label: &str| rows.iter().find(|r| r["label"] == label);
     let col = |r: &Value, c: &str| r[c].as_u64().unwrap_or(0);
     let sum = |c: &str| rows.iter().map(|r| col(r, c)).sum::<u64>();
-    let rounds = report["stats"]["rounds"].as_array().unwrap();
-    let in_rounds = |c: &str| {
-        rounds
-            .iter()
-            .map(|r| r[c].as_u64().unwrap_or(0))
-            .sum::<u64>()
-    };
-    assert_eq!(sum("raw_pages"), in_rounds("raw_pages"), "{census:#}");
-    assert_eq!(sum("ref_pages"), in_rounds("ref_pages"), "{census:#}");
-    assert_eq!(sum("zero_pages"), in_rounds("zero_pages"), "{census:#}");
+    let rounds = |c: &str| in_rounds(report, c);
+    assert_eq!(sum("raw_pages"), rounds("raw_pages"), "{census:#}");
+    assert_eq!(sum("ref_pages"), rounds("ref_pages"), "{census:#}");
+    assert_eq!(sum("zero_pages"), rounds("zero_pages"), "{census:#}");
     let ram_pages = sum("pages");
     let unlabelled = row("unlabelled").map_or(0, |r| col(r, "pages"));
     assert!(
@@ -330,12 +334,7 @@ fn a_hugepage_backed_mariadb_vm_migrates_byte_exact_by_precopy() {
     );
     // Writes are seen 2 MiB at a time: the later rounds found pages of
     // written huge pages unchanged and did not send them.
-    let unchanged: u64 = report["stats"]["rounds"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| r["unchanged_pages"].as_u64().unwrap_or(0))
-        .sum();
+    let unchanged: u64 = in_rounds(&report, "unchanged_pages");
     assert!(unchanged > 0, "{:#}", report["stats"]["rounds"]);
     load_survived(&bed, &guest, &mut src, sysbench);
     drop(dst);
@@ -532,12 +531,7 @@ fn wrong_and_hostile_hints_cost_resends_never_correctness() {
         mismatches >= 500,
         "wrong hints were not caught as mismatches: {report:#}"
     );
-    let rejected: u64 = report["stats"]["rounds"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| r["rejected_hints"].as_u64().unwrap_or(0))
-        .sum();
+    let rejected: u64 = in_rounds(&report, "rejected_hints");
     // Off-disk and misaligned hints are rejected when their page is sent,
     // foreign-disk ones as soon as they arrive.
     let dropped = report["hints"]["dropped"].as_u64().unwrap();
@@ -575,12 +569,7 @@ fn a_wrong_file_layout_costs_resends_never_correctness() {
         mismatches >= 100,
         "shifted extents were not caught as mismatches: {report:#}"
     );
-    let rejected: u64 = report["stats"]["rounds"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| r["rejected_hints"].as_u64().unwrap_or(0))
-        .sum();
+    let rejected: u64 = in_rounds(&report, "rejected_hints");
     assert!(
         rejected > 0,
         "pages placed beyond the disk were followed: {report:#}"

@@ -100,8 +100,8 @@ pub struct DestWriter {
     prepared: Prepared,
     /// Writes go through the mapping (only while every page is allocated,
     /// or its chunk is once allocated in the background, and the guest
-    /// cannot fault on one being written; always on hugetlbfs, which has
-    /// no `write(2)`).
+    /// cannot fault on one being written). Not read on hugetlbfs, which
+    /// has no `write(2)`: there every write goes through the mapping.
     through_map: bool,
     /// The threads allocating the RAM while pages arrive: a page goes
     /// through the mapping only once they are done with it.
@@ -204,7 +204,7 @@ impl Ram<memmap2::Mmap, ()> {
     /// True if the RAM file is on hugetlbfs (its writes are tracked a huge
     /// page at a time); false if that cannot be told.
     pub fn huge_pages(&self) -> bool {
-        sys::file::huge_page_size(&self.file)
+        dbmigrate_uffd::hugetlbfs_page_size(&self.file)
             .ok()
             .flatten()
             .is_some()
@@ -215,7 +215,7 @@ impl Ram<sys::mmap::SharedMap, DestWriter> {
     /// Maps `path` read-write; it must already be exactly `size` bytes (created by the VMM).
     pub fn open(path: &Path, size: u64) -> Result<Self, RamError> {
         let (file, len) = open_checked(path, true, size)?;
-        let file_page = sys::file::huge_page_size(&file)
+        let file_page = dbmigrate_uffd::hugetlbfs_page_size(&file)
             .map_err(io_error(path, "fstatfs"))?
             .unwrap_or(PAGE_SIZE_U64);
         let map = sys::mmap::SharedMap::map(&file, len).map_err(io_error(path, "mmap"))?;
@@ -225,8 +225,7 @@ impl Ram<sys::mmap::SharedMap, DestWriter> {
             map,
             writer: DestWriter {
                 prepared: Prepared::No,
-                // A huge-page file has no write(2): always the mapping.
-                through_map: file_page > PAGE_SIZE_U64,
+                through_map: false,
                 background: None,
                 file_page,
             },
@@ -250,7 +249,7 @@ impl Ram<sys::mmap::SharedMap, DestWriter> {
         sys::file::punch_hole(&self.file, 0, self.len())
             .map_err(io_error(&self.path, "punching holes (fallocate)"))?;
         self.writer.prepared = Prepared::Zeroed;
-        self.writer.through_map = self.huge_pages();
+        self.writer.through_map = false;
         Ok(())
     }
 
@@ -340,7 +339,7 @@ impl Ram<sys::mmap::SharedMap, DestWriter> {
                 "allocating the rest of the guest's RAM (fallocate; are enough huge pages reserved?)",
             ))?;
         }
-        self.writer.through_map = self.huge_pages();
+        self.writer.through_map = false;
         Ok(())
     }
 

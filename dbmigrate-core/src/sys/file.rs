@@ -1,5 +1,4 @@
-//! Sparse-file helpers: finding data extents, punching holes, allocating,
-//! and telling a hugetlbfs file.
+//! Sparse-file helpers: finding data extents, punching holes, allocating.
 
 use std::fs::File;
 use std::io;
@@ -41,20 +40,6 @@ pub(crate) fn data_extents(file: &File, len: u64) -> io::Result<Vec<(u64, u64)>>
         pos = end;
     }
     Ok(out)
-}
-
-/// The page size of `file`'s file system if it is hugetlbfs (its pages are
-/// allocated, punched and mapped whole), None for any other.
-pub(crate) fn huge_page_size(file: &File) -> io::Result<Option<u64>> {
-    // SAFETY: an all-zero statfs is a valid value for fstatfs to overwrite.
-    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-    // SAFETY: fstatfs on a descriptor we own writes one `struct statfs`, ours.
-    if unsafe { libc::fstatfs(file.as_raw_fd(), &mut st) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok((st.f_type == libc::HUGETLBFS_MAGIC)
-        .then(|| u64::try_from(st.f_bsize).ok())
-        .flatten())
 }
 
 /// Deallocates `offset..offset+len` so it reads as zeros, keeping the file size.

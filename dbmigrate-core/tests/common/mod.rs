@@ -13,6 +13,20 @@ use tokio::net::{TcpListener, TcpStream};
 
 pub const PAGES: u64 = 2048; // 8 MiB
 
+/// A shared mapping of the RAM file at `path`, standing in for QEMU's (the
+/// descriptor is closed, the mapping stays); it lives as long as the test
+/// holds it, and only the kernel and the "vCPU" threads touch it.
+pub fn stand_in_qemu_map(path: &std::path::Path) -> std::sync::Arc<memmap2::MmapMut> {
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap();
+    // SAFETY: a shared mapping of the test's own RAM file; nothing truncates
+    // the file while the test runs.
+    std::sync::Arc::new(unsafe { memmap2::MmapMut::map_mut(&file) }.unwrap())
+}
+
 pub fn page_bytes(seed: u64) -> Vec<u8> {
     let mut s = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
     (0..4096)
