@@ -1,6 +1,8 @@
 //! `libdbmigrate_preload.so`: loaded into QEMU with `LD_PRELOAD`, it watches
 //! QEMU's `mmap` calls and, when QEMU maps the RAM file named by
-//! `DBMIGRATE_TRACK_PATH`, registers that mapping with userfaultfd
+//! `DBMIGRATE_TRACK_PATH` (a path, or a shell pattern such as libvirt's
+//! `/dev/shm/libvirt/qemu/*-vm1/pc.ram` for a file whose directory changes
+//! at every start), registers that mapping with userfaultfd
 //! asynchronous write-protect. The dbmigrate agent then reads and re-arms the
 //! written-page bits from outside with `PAGEMAP_SCAN` on `/proc/PID/pagemap`.
 //!
@@ -122,6 +124,30 @@ fn fd_path(fd: i32) -> Option<PathBuf> {
     Some(out)
 }
 
+/// Whether `want` (from `DBMIGRATE_TRACK_PATH`) has shell pattern characters.
+fn is_pattern(want: &[u8]) -> bool {
+    want.iter().any(|b| matches!(b, b'*' | b'?' | b'['))
+}
+
+/// Whether the mapped file `got` is the one `want` names: the same path, or
+/// a path the pattern matches (`fnmatch` with `FNM_PATHNAME`: a `*` never
+/// spans a `/`). Both buffers hold a NUL after their length. Pure.
+fn path_matches(want: &PathBuf, got: &PathBuf) -> bool {
+    if !is_pattern(want.bytes()) {
+        return got.bytes() == want.bytes();
+    }
+    // SAFETY: both buffers are NUL-terminated within their arrays (their
+    // lengths are below the array size and the rest is zero); fnmatch only
+    // reads them and does not allocate.
+    unsafe {
+        libc::fnmatch(
+            want.buf.as_ptr().cast(),
+            got.buf.as_ptr().cast(),
+            libc::FNM_PATHNAME,
+        ) == 0
+    }
+}
+
 fn wanted_path() -> Option<PathBuf> {
     // SAFETY: getenv with a NUL-terminated name; the result is read-only and
     // stays valid as long as nobody calls setenv (QEMU does not for this name).
@@ -133,13 +159,21 @@ fn wanted_path() -> Option<PathBuf> {
         buf: [0; 4096],
         len: 0,
     };
-    // SAFETY: realpath writes at most PATH_MAX (4096) bytes into our buffer.
-    let r = unsafe { libc::realpath(v, out.buf.as_mut_ptr().cast()) };
+    // SAFETY: `v` is a NUL-terminated string from the environment.
+    let given = unsafe { std::ffi::CStr::from_ptr(v) }.to_bytes();
+    // A pattern is matched as given; a path is resolved as the kernel
+    // reports the mapped file.
+    let r = if is_pattern(given) {
+        std::ptr::null_mut()
+    } else {
+        // SAFETY: realpath writes at most PATH_MAX (4096) bytes into our buffer.
+        unsafe { libc::realpath(v, out.buf.as_mut_ptr().cast()) }
+    };
     if r.is_null() {
-        // The file may not exist yet (QEMU creates it): use the name as given.
-        // SAFETY: `v` is a NUL-terminated string from the environment.
-        let s = unsafe { std::ffi::CStr::from_ptr(v) }.to_bytes();
-        let n = s.len().min(out.buf.len());
+        // The file may not exist yet (QEMU creates it), or it is a
+        // pattern: use the name as given, keeping the terminating NUL.
+        let s = given;
+        let n = s.len().min(out.buf.len() - 1);
         out.buf[..n].copy_from_slice(&s[..n]);
         out.len = n;
     } else {
@@ -161,15 +195,25 @@ fn say(args: std::fmt::Arguments<'_>) {
 fn maybe_track(addr: u64, len: u64, fd: i32) {
     let Some(want) = wanted_path() else { return };
     let Some(got) = fd_path(fd) else { return };
-    if got.bytes() != want.bytes() {
+    if !path_matches(&want, &got) {
         return;
     }
-    let path = std::str::from_utf8(want.bytes()).unwrap_or("?");
+    let path = std::str::from_utf8(got.bytes()).unwrap_or("?");
     // mmap accepts any length and maps whole pages; userfaultfd wants them whole.
     // SAFETY: sysconf only reads a system constant.
     let page = u64::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096);
     let len = len.div_ceil(page.max(1)).saturating_mul(page.max(1));
     if let Some(sock) = postcopy_socket() {
+        // One descriptor per socket: a pattern that matches a second
+        // mapping (a guest with several memory backends) must not take the
+        // socket from the first.
+        static OFFERED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+        if OFFERED.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            say(format_args!(
+                "dbmigrate-preload: {path} also matches DBMIGRATE_TRACK_PATH, but post-copy serves one RAM mapping; it is left untouched\n"
+            ));
+            return;
+        }
         let huge = dbmigrate_uffd::hugetlbfs_page_size(&Fd(fd)).ok().flatten();
         serve_postcopy(path, addr, len, huge, sock);
         return;
@@ -343,6 +387,54 @@ fn serve_postcopy(path: &str, addr: u64, len: u64, huge: Option<u64>, sock: std:
     if let Err(e) = spawned {
         say(format_args!(
             "dbmigrate-preload: cannot start the post-copy descriptor thread: {e}\n"
+        ));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn buf(s: &str) -> PathBuf {
+        let mut out = PathBuf {
+            buf: [0; 4096],
+            len: s.len(),
+        };
+        out.buf[..s.len()].copy_from_slice(s.as_bytes());
+        out
+    }
+
+    #[test]
+    fn a_path_matches_itself_only() {
+        let want = buf("/dev/shm/vm1");
+        assert!(path_matches(&want, &buf("/dev/shm/vm1")));
+        assert!(!path_matches(&want, &buf("/dev/shm/vm10")));
+        assert!(!path_matches(&want, &buf("/dev/shm/vm")));
+    }
+
+    #[test]
+    fn a_pattern_matches_libvirts_names_within_one_directory_level() {
+        let want = buf("/dev/shm/libvirt/qemu/*-vm1/pc.ram");
+        assert!(path_matches(
+            &want,
+            &buf("/dev/shm/libvirt/qemu/1-vm1/pc.ram")
+        ));
+        assert!(path_matches(
+            &want,
+            &buf("/dev/shm/libvirt/qemu/37-vm1/pc.ram")
+        ));
+        assert!(!path_matches(
+            &want,
+            &buf("/dev/shm/libvirt/qemu/3-vm2/pc.ram")
+        ));
+        // `*` does not cross a `/`.
+        assert!(!path_matches(
+            &want,
+            &buf("/dev/shm/libvirt/qemu/x/1-vm1/pc.ram")
+        ));
+        assert!(!path_matches(
+            &want,
+            &buf("/dev/shm/libvirt/qemu/1-vm1/pc.ram.old")
         ));
     }
 }

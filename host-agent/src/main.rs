@@ -5,6 +5,7 @@ mod census;
 mod devstate;
 mod failpoint;
 mod hints;
+mod libvirt;
 mod priority;
 mod progress;
 mod qemu;
@@ -61,9 +62,11 @@ struct Cli {
 enum Command {
     /// Migrate the VM behind a QMP socket to a destination agent (run on the source host).
     Migrate {
-        /// QMP socket of the running source QEMU.
-        #[arg(long)]
-        qmp: PathBuf,
+        /// QMP socket of the running source QEMU (or --libvirt and --domain).
+        #[arg(long, required_unless_present = "domain")]
+        qmp: Option<PathBuf>,
+        #[command(flatten)]
+        libvirt: libvirt::SourceArgs,
         /// Address of `dbmigrate receive` on the destination host.
         #[arg(long)]
         to: SocketAddr,
@@ -162,9 +165,12 @@ enum Command {
     /// destination host). QEMU is kept paused until the source commits and
     /// takes device state from this agent only, over a private unix socket.
     Receive {
-        /// QMP socket of the waiting destination QEMU.
-        #[arg(long)]
-        qmp: PathBuf,
+        /// QMP socket of the waiting destination QEMU (or --libvirt and
+        /// --domain-xml, which start it).
+        #[arg(long, required_unless_present = "domain_xml")]
+        qmp: Option<PathBuf>,
+        #[command(flatten)]
+        libvirt: libvirt::DestArgs,
         /// Address the source agent connects to.
         #[arg(long)]
         listen: SocketAddr,
@@ -406,6 +412,7 @@ fn run(cli: Cli, rt: &tokio::runtime::Runtime, priority: priority::Priority) -> 
     match cli.command {
         Command::Migrate {
             qmp,
+            libvirt,
             to,
             connections,
             bandwidth,
@@ -428,6 +435,7 @@ fn run(cli: Cli, rt: &tokio::runtime::Runtime, priority: priority::Priority) -> 
             tls_hostname,
             security,
         } => {
+            let (qmp, guest_hints, domain) = libvirt::source_vm(qmp, &libvirt, guest_hints)?;
             if page_census && guest_hints.is_none() {
                 bail!("--page-census asks the guest agent for the census over the hint channel: give --guest-hints too");
             }
@@ -478,6 +486,11 @@ fn run(cli: Cli, rt: &tokio::runtime::Runtime, priority: priority::Priority) -> 
                 page_census,
                 hint_page_cache,
             }));
+            if let Some(d) = &domain {
+                if r.error.is_none() && !keep_source {
+                    r.libvirt = Some(d.finish());
+                }
+            }
             r.agent_peak_rss_bytes = report::peak_rss_bytes();
             r.agent_peak_own_bytes = report::peak_own_memory_bytes();
             r.agent_cpu_ms = report::cpu_ms();
@@ -501,10 +514,15 @@ fn run(cli: Cli, rt: &tokio::runtime::Runtime, priority: priority::Priority) -> 
                     eprintln!("dbmigrate: migration outcome UNKNOWN, source paused: {e}")
                 }
             }
+            if let Some(e) = r.libvirt.as_ref().and_then(|l| l.error.as_ref()) {
+                eprintln!("dbmigrate: libvirt's view is not right: {e}");
+                return Ok(ExitCode::from(4));
+            }
             Ok(ExitCode::from(r.vm_runs_on.exit_code(r.error.is_some())))
         }
         Command::Receive {
             qmp,
+            libvirt,
             listen,
             security,
             timeout,
@@ -520,6 +538,12 @@ fn run(cli: Cli, rt: &tokio::runtime::Runtime, priority: priority::Priority) -> 
                 bail!("--storage-bandwidth paces reads from shared storage: give the VM's disks with --storage too");
             }
             let storage = open_storage(&storage, Duration::from_secs(storage_timeout))?;
+            let domain = libvirt::dest_vm(&libvirt, &security.run_dir, postcopy_socket.as_deref())?;
+            let qmp = match (&domain, qmp) {
+                (Some(d), _) => d.dom.qmp.clone(),
+                (None, Some(q)) => q,
+                (None, None) => bail!("give --qmp, or --libvirt and --domain-xml"),
+            };
             let stats = rt.block_on(receive::receive(receive::ReceiveArgs {
                 qmp,
                 listen,
@@ -533,7 +557,21 @@ fn run(cli: Cli, rt: &tokio::runtime::Runtime, priority: priority::Priority) -> 
                 postcopy_socket,
                 prealloc,
                 priority,
-            }))?;
+            }));
+            let stats = match (stats, &domain) {
+                (Ok(s), Some(d)) => {
+                    d.commit()?;
+                    s
+                }
+                (Ok(s), None) => s,
+                (Err(e), Some(d)) => {
+                    if !keep_qemu {
+                        d.abandon();
+                    }
+                    return Err(e);
+                }
+                (Err(e), None) => return Err(e),
+            };
             tracing::info!(
                 peak_rss_mib = report::peak_rss_bytes().unwrap_or(0) >> 20,
                 "receive done"

@@ -68,6 +68,9 @@ pub struct MigrationReport {
     /// (`--page-census`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub census: Option<crate::census::CensusReport>,
+    /// What was done to libvirt's view of the source domain (`--libvirt`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub libvirt: Option<crate::libvirt::LibvirtReport>,
 }
 
 /// The adaptive pace of a migration.
