@@ -24,6 +24,9 @@ have mmdebstrap || need+=(mmdebstrap)
 have mariadb || need+=(mariadb-client)
 have xz || need+=(xz-utils)
 have iperf3 || need+=(iperf3)
+# libvirt: the libvirt tests run a libvirtd per test host.
+have virsh || need+=(libvirt-clients)
+[ -x /usr/sbin/libvirtd ] || need+=(libvirt-daemon-system libvirt-daemon-driver-qemu)
 
 if [ "$(id -u)" != 0 ]; then
   echo "setup.sh: run as root (network namespaces, tc and QEMU's page tracking need it)" >&2

@@ -264,11 +264,22 @@ pub(crate) fn start_receiver(
     if crate::dbmigrate_mode(method).is_none() {
         return Ok(None);
     }
-    let sl = &bed.slots[slot];
-    let recv_log = receive_log(&bed.tb.dir, &sl.dst_name);
-    let mut recv = s
-        .hosts
-        .wrap(Host::Destination, bed.tb.receive_cmd_on(dst, sl.port)?);
+    let cmd = bed.tb.receive_cmd_on(dst, bed.slots[slot].port)?;
+    spawn_receiver(s, bed, slot, cmd, uffd_sock, method).map(Some)
+}
+
+/// Starts the destination agent `cmd` of VM `slot` with `method`'s
+/// settings and waits until it listens.
+pub(crate) fn spawn_receiver(
+    s: &DbSetup,
+    bed: &DbBed,
+    slot: usize,
+    cmd: std::process::Command,
+    uffd_sock: Option<&Path>,
+    method: &str,
+) -> Result<Child> {
+    let recv_log = receive_log(&bed.tb.dir, &bed.slots[slot].dst_name);
+    let mut recv = s.hosts.wrap(Host::Destination, cmd);
     recv.args(["--storage", &rebuild_storage(bed, slot, method)?]);
     let pace = crate::methods::fixed_pace(method).unwrap_or(s.storage_read_mbyte_s);
     if pace > 0 {
@@ -283,9 +294,24 @@ pub(crate) fn start_receiver(
     if let Some(sock) = uffd_sock {
         recv.arg("--postcopy-socket").arg(sock);
     }
-    Ok(Some(dbmigrate_testbed::spawn_listening(
-        &mut recv, &recv_log,
-    )?))
+    dbmigrate_testbed::spawn_listening(&mut recv, &recv_log)
+}
+
+/// How the source agent reaches the VM: its QMP socket and the guest
+/// channel the bed gave it, or a libvirt domain (its connection, name and
+/// the guest channel its XML names).
+pub(crate) enum SourceVia<'a> {
+    /// The QEMU the bench started.
+    Qemu,
+    /// A libvirt domain.
+    Libvirt {
+        /// libvirtd connection.
+        uri: &'a str,
+        /// Domain.
+        domain: &'a str,
+        /// Guest channel.
+        hints: &'a Path,
+    },
 }
 
 /// Migrates VM `slot` from `src` to `dst` by `method` (a dbmigrate method
@@ -302,6 +328,19 @@ pub(crate) fn migrate_slot(
     recv: Option<Child>,
     method: &str,
 ) -> Result<Run> {
+    migrate_slot_via(s, bed, slot, (src, dst), recv, method, SourceVia::Qemu)
+}
+
+/// [`migrate_slot`] with the source agent reaching the VM `via`.
+pub(crate) fn migrate_slot_via(
+    s: &DbSetup,
+    bed: &DbBed,
+    slot: usize,
+    (src, dst): (&Vm, &Vm),
+    recv: Option<Child>,
+    method: &str,
+    via: SourceVia<'_>,
+) -> Result<Run> {
     let mut run = Run {
         method: method.into(),
         ..Run::default()
@@ -313,12 +352,19 @@ pub(crate) fn migrate_slot(
         let recv = recv.context("a dbmigrate method needs its destination agent")?;
         let storage_cpu_before = bed.storage_server_cpu_ms(slot);
         let report_path = dir.join(format!("dbmigrate-report-{}.json", sl.src_name));
+        let (cmd, hints) = match via {
+            SourceVia::Qemu => (
+                bed.tb.migrate_cmd_to(src, &report_path, sl.port)?,
+                bed.hints_socket(&sl.src_name),
+            ),
+            SourceVia::Libvirt { uri, domain, hints } => (
+                bed.tb.migrate_cmd_libvirt(uri, domain, &report_path),
+                hints.to_path_buf(),
+            ),
+        };
         let out = s
             .hosts
-            .wrap(
-                Host::Source,
-                bed.tb.migrate_cmd_to(src, &report_path, sl.port)?,
-            )
+            .wrap(Host::Source, cmd)
             .args([
                 "--downtime-ms",
                 &s.downtime_ms.to_string(),
@@ -326,7 +372,7 @@ pub(crate) fn migrate_slot(
                 "never",
                 "--guest-hints",
             ])
-            .arg(bed.hints_socket(&sl.src_name))
+            .arg(hints)
             .args(mode)
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(
@@ -390,6 +436,7 @@ pub(crate) fn migrate_slot(
             "guest_impact": r["guest_impact"],
             "pacing": r["stats"]["pacing"],
             "census": r["census"],
+            "libvirt": r["libvirt"],
             "cpu": cpu_detail(&r, &dest, storage_cpu_ms, run.storage_bytes),
         });
     } else {
@@ -497,6 +544,9 @@ fn run_one(s: &DbSetup, guest: &MariadbGuest, bed: &DbBed, method: &str) -> Resu
     if method == CONTROL {
         return control(s, guest, bed);
     }
+    if crate::methods::via_libvirt(method) {
+        return crate::libvirt::run(s, guest, bed, method);
+    }
     let dbm = crate::dbmigrate_mode(method).is_some();
     // The storage side of the physical bound, measured on the idle bed
     // through the path this method's rebuild reads.
@@ -536,7 +586,7 @@ fn run_one(s: &DbSetup, guest: &MariadbGuest, bed: &DbBed, method: &str) -> Resu
 
 /// The run's physical bound with the storage side at the rate `probe`
 /// measured rather than the links' shaping.
-fn with_measured_bound(s: &DbSetup, run: &mut Run, probe: Probe) {
+pub(crate) fn with_measured_bound(s: &DbSetup, run: &mut Run, probe: Probe) {
     let d = &mut run.detail;
     let bytes = |k: &str| d[k].as_u64().unwrap_or(0);
     let bound = physical_bound_ms(
@@ -557,7 +607,7 @@ fn with_measured_bound(s: &DbSetup, run: &mut Run, probe: Probe) {
 
 /// The disk as the destination's rebuild of `method` reads it: the local
 /// block device, or the storage server over NBD.
-fn rebuild_storage(bed: &DbBed, slot: usize, method: &str) -> Result<String> {
+pub(crate) fn rebuild_storage(bed: &DbBed, slot: usize, method: &str) -> Result<String> {
     Ok(if crate::methods::reads_block_device(method) {
         bed.disk_as_block_device(slot)?
             .to_string_lossy()

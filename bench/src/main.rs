@@ -13,6 +13,7 @@ mod dirtier;
 mod fleet;
 mod guest_cost;
 mod hosts;
+mod libvirt;
 mod load;
 mod methods;
 mod qemu;

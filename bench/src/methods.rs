@@ -31,8 +31,9 @@ pub(crate) const METHODS: [&str; 5] = [
 /// `-pagecache-nocensus`, what the hints alone cost and save); dbmigrate's
 /// pre-copy with other storage read gaps ([`READ_GAPS`]); dbmigrate's
 /// pre-copy with the destination's RAM allocated before it listens
-/// ([`prealloc_upfront`]).
-pub(crate) const DB_METHODS: [&str; 15] = [
+/// ([`prealloc_upfront`]); dbmigrate's pre-copy of the VM as a libvirt
+/// domain, each host with its own libvirtd ([`via_libvirt`]).
+pub(crate) const DB_METHODS: [&str; 16] = [
     "dbmigrate-precopy-plaintext",
     "qemu-precopy-tls",
     "qemu-precopy-multifd",
@@ -48,7 +49,15 @@ pub(crate) const DB_METHODS: [&str; 15] = [
     READ_GAPS[1].0,
     READ_GAPS[2].0,
     "dbmigrate-precopy-upfront",
+    "dbmigrate-precopy-libvirt",
 ];
+
+/// Whether `method` runs the VM as a libvirt domain (`migrate --libvirt
+/// --domain`, `receive --libvirt --domain-xml`) instead of a QEMU the
+/// bench starts itself (pure).
+pub(crate) fn via_libvirt(method: &str) -> bool {
+    method == "dbmigrate-precopy-libvirt"
+}
 
 /// Methods that run dbmigrate's pre-copy with another longest stretch one
 /// storage read goes through unasked (`receive --storage-read-gap`, KiB;
@@ -108,7 +117,9 @@ pub(crate) fn dbmigrate_mode(method: &str) -> Option<&'static [&'static str]> {
         "dbmigrate-precopy" | "dbmigrate-precopy-plaintext" => Some(&["--mode", "precopy"]),
         m if fixed_pace(m).is_some() || read_gap(m).is_some() => Some(&["--mode", "precopy"]),
         "dbmigrate-precopy-census" => Some(&["--mode", "precopy", "--page-census"]),
-        "dbmigrate-precopy-blockdev" | "dbmigrate-precopy-upfront" => Some(&["--mode", "precopy"]),
+        "dbmigrate-precopy-blockdev"
+        | "dbmigrate-precopy-upfront"
+        | "dbmigrate-precopy-libvirt" => Some(&["--mode", "precopy"]),
         "dbmigrate-precopy-uncompressed" => Some(&["--mode", "precopy", "--compress", "off"]),
         "dbmigrate-precopy-pagecache" => {
             Some(&["--mode", "precopy", "--hint-page-cache", "--page-census"])

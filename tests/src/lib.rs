@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::{json, Value};
 
+pub mod libvirt;
 mod loopdev;
 pub use loopdev::LoopDevice;
 
@@ -314,9 +315,22 @@ impl Testbed {
     /// [`Testbed::receive_cmd`] on port `port`, so that several
     /// migrations can run side by side.
     pub fn receive_cmd_on(&self, dst: &Vm, port: u16) -> Result<Command> {
+        let mut c = self.receive_base(port);
+        c.arg("--qmp").arg(&dst.qmp);
+        Ok(c)
+    }
+
+    /// `dbmigrate receive` of the libvirt domain in `xml` on the
+    /// destination's libvirtd at `uri`, which the agent starts.
+    pub fn receive_cmd_libvirt(&self, uri: &str, xml: &Path) -> Command {
+        let mut c = self.receive_base(7000);
+        c.args(["--libvirt", uri]).arg("--domain-xml").arg(xml);
+        c
+    }
+
+    fn receive_base(&self, port: u16) -> Command {
         let mut c = self.in_ns(&self.dst_ns, &self.agent_dir.join("dbmigrate"));
-        c.args(["receive", "--qmp"])
-            .arg(&dst.qmp)
+        c.arg("receive")
             .args(["--listen", &format!("{}:{port}", self.dst_ip)])
             .arg("--run-dir")
             .arg(self.dir.join(format!("run-dst-{port}")));
@@ -327,7 +341,7 @@ impl Testbed {
                 .arg(self.tls_dir("dst"))
                 .args(["--tls-allow", "source.test"]);
         }
-        Ok(c)
+        c
     }
 
     /// `dbmigrate migrate` of `src` to the destination agent, writing its report to `report`.
@@ -337,9 +351,22 @@ impl Testbed {
 
     /// [`Testbed::migrate_cmd`] to the destination agent on `port`.
     pub fn migrate_cmd_to(&self, src: &Vm, report: &Path, port: u16) -> Result<Command> {
+        let mut c = self.migrate_base(report, port);
+        c.arg("--qmp").arg(&src.qmp);
+        Ok(c)
+    }
+
+    /// `dbmigrate migrate` of libvirt domain `name` on the source's
+    /// libvirtd at `uri`.
+    pub fn migrate_cmd_libvirt(&self, uri: &str, name: &str, report: &Path) -> Command {
+        let mut c = self.migrate_base(report, 7000);
+        c.args(["--libvirt", uri, "--domain", name]);
+        c
+    }
+
+    fn migrate_base(&self, report: &Path, port: u16) -> Command {
         let mut c = self.in_ns(&self.src_ns, &self.agent_dir.join("dbmigrate"));
-        c.args(["migrate", "--qmp"])
-            .arg(&src.qmp)
+        c.arg("migrate")
             .args(["--to", &format!("{}:{port}", self.dst_ip)])
             .arg("--report")
             .arg(report)
@@ -352,7 +379,7 @@ impl Testbed {
                 .arg(self.tls_dir("src"))
                 .args(["--tls-hostname", "destination.test"]);
         }
-        Ok(c)
+        c
     }
 
     fn teardown_quiet(&self) {
@@ -479,7 +506,15 @@ pub struct Vm {
     pub serial: PathBuf,
     /// RAM backend file.
     pub ram: PathBuf,
-    child: Child,
+    process: VmProcess,
+}
+
+/// Who started a VM's QEMU.
+enum VmProcess {
+    /// The test, as its child.
+    Child(Child),
+    /// A libvirtd (its process id).
+    Libvirt(u32),
 }
 
 /// A VM's QMP events with QEMU's own timestamps (seconds since the epoch),
@@ -639,7 +674,7 @@ impl Vm {
             events,
             serial,
             ram,
-            child,
+            process: VmProcess::Child(child),
         };
         let t = Instant::now();
         while !vm.qmp.exists() {
@@ -661,7 +696,10 @@ impl Vm {
 
     /// QEMU's process id (`ip netns exec` runs QEMU in its own process).
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        match &self.process {
+            VmProcess::Child(c) => c.id(),
+            VmProcess::Libvirt(pid) => *pid,
+        }
     }
 
     /// Serial console text so far.
@@ -717,7 +755,19 @@ impl Vm {
 
     /// Whether the QEMU process has exited.
     pub fn exited(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(Some(_)))
+        match &mut self.process {
+            VmProcess::Child(c) => matches!(c.try_wait(), Ok(Some(_))),
+            // libvirtd reaps its QEMU; a zombie counts as gone.
+            VmProcess::Libvirt(pid) => std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .map(|s| {
+                    s.rsplit(')')
+                        .next()
+                        .unwrap_or("")
+                        .trim_start()
+                        .starts_with('Z')
+                })
+                .unwrap_or(true),
+        }
     }
 
     /// Waits for the process to exit.
@@ -740,8 +790,14 @@ impl Vm {
 
 impl Drop for Vm {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        match &mut self.process {
+            VmProcess::Child(c) => {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+            // Its libvirtd stops it (see `libvirt::LibvirtHost`'s drop).
+            VmProcess::Libvirt(_) => {}
+        }
         let _ = std::fs::remove_file(&self.ram);
     }
 }
