@@ -1,2 +1,3 @@
--- Server facts the guest agent needs: page size, data directory, buffer pool size.
-SELECT @@innodb_page_size, @@datadir, @@innodb_buffer_pool_size
+-- Server facts the guest agent needs: page size and buffer pool size
+-- (the same variables in MariaDB, MySQL and Percona).
+SELECT @@innodb_page_size, @@innodb_buffer_pool_size

@@ -9,13 +9,15 @@
 #![deny(missing_docs)]
 
 pub mod census;
+pub mod discover;
 pub mod disk;
+pub mod login;
 pub mod pagecache;
 pub mod procmem;
 pub mod sys;
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use dbmigrate_core::addr::{DiskOffset, GuestAddr};
 use dbmigrate_core::protocol::guest::GuestHint;
@@ -115,7 +117,6 @@ pub struct Config {
 }
 
 const BUFFER_PAGES_SQL: &str = include_str!("../../sql/buffer_pages.sql");
-const TABLESPACES_SQL: &str = include_str!("../../sql/tablespaces.sql");
 const SERVER_SQL: &str = include_str!("../../sql/server.sql");
 
 /// What the server says about its buffer pool and files: the SQL half of a
@@ -136,16 +137,16 @@ pub struct ServerSnapshot {
     pub sql_ms: u64,
 }
 
-/// The server's page size, pool size and file of each tablespace: the cheap
-/// queries (no buffer-pool listing).
-async fn server_files(
-    conn: &mut mysql_async::Conn,
-) -> Result<(u64, u64, HashMap<u32, PathBuf>), AgentError> {
-    let sql = |what| move |source| AgentError::Sql { what, source };
-    let (page_size, datadir, pool): (u64, String, u64) = conn
+/// The server's page size and buffer pool size (the same variables in
+/// MariaDB, MySQL and Percona).
+async fn server_settings(conn: &mut mysql_async::Conn) -> Result<(u64, u64), AgentError> {
+    let (page_size, pool): (u64, u64) = conn
         .query_first(SERVER_SQL)
         .await
-        .map_err(sql("server settings"))?
+        .map_err(|source| AgentError::Sql {
+            what: "server settings",
+            source,
+        })?
         .ok_or_else(|| AgentError::Sql {
             what: "server settings",
             source: mysql_async::Error::Other("no row".into()),
@@ -153,27 +154,18 @@ async fn server_files(
     if !(page_size.is_power_of_two() && (4096..=65536).contains(&page_size)) {
         return Err(AgentError::PageSize(page_size));
     }
-    let spaces: Vec<(u32, String)> = conn
-        .query(TABLESPACES_SQL)
-        .await
-        .map_err(sql("tablespaces"))?;
-    let files = spaces
-        .into_iter()
-        .map(|(space, name)| {
-            let p = match name.strip_prefix("./") {
-                Some(rel) => Path::new(&datadir).join(rel),
-                None => PathBuf::from(name),
-            };
-            (space, p)
-        })
-        .collect();
-    Ok((page_size, pool, files))
+    Ok((page_size, pool))
 }
 
-/// Runs the queries in `sql/`.
-pub async fn query_server(conn: &mut mysql_async::Conn) -> Result<ServerSnapshot, AgentError> {
+/// Runs the queries in `sql/` (the files of the tablespaces come from
+/// [`discover`], which needs no dictionary table).
+pub async fn query_server(
+    conn: &mut mysql_async::Conn,
+    cfg: &Config,
+) -> Result<ServerSnapshot, AgentError> {
     let sql_started = std::time::Instant::now();
-    let (page_size, pool, files) = server_files(conn).await?;
+    let (page_size, pool) = server_settings(conn).await?;
+    let files = discover::tablespaces(server_pid(cfg)?).files;
     let pages: Vec<(u32, u32, u64, u64)> =
         conn.query(BUFFER_PAGES_SQL)
             .await
@@ -195,26 +187,43 @@ pub async fn query_server(conn: &mut mysql_async::Conn) -> Result<ServerSnapshot
 }
 
 /// Where every tablespace file lies on the VM's disks: the cheap answer, for
-/// a host that finds the frames in guest RAM itself. Files on no VM disk and
-/// the temporary tablespace are left out; only plain extents are listed
-/// (unwritten or encoded ones do not hold the page's bytes).
-pub async fn layout(
-    conn: &mut mysql_async::Conn,
-    cfg: &Config,
-) -> Result<dbmigrate_core::protocol::guest::LayoutSet, AgentError> {
+/// a host that finds the frames in guest RAM itself. No SQL: the files and
+/// the page size come from the server's open files and data directory
+/// ([`discover`]), so any InnoDB server works and no login is needed.
+/// Files on no VM disk, the temporary tablespaces and tablespaces whose
+/// pages on disk never equal their frames (compressed, encrypted) are left
+/// out; only plain extents are listed (unwritten or encoded ones do not
+/// hold the page's bytes).
+pub fn layout(cfg: &Config) -> Result<dbmigrate_core::protocol::guest::LayoutSet, AgentError> {
     use dbmigrate_core::protocol::guest::{FileLayout, LayoutSet};
-    let (page_size, pool, files) = server_files(conn).await?;
-    let frames = pool_frames(cfg, pool, page_size)?;
+    let pid = server_pid(cfg)?;
+    let found = discover::tablespaces(pid);
+    for (file, why) in found.left_out.iter().filter(|(_, w)| discover::notable(w)) {
+        tracing::info!(file = %file.display(), why, "tablespace left out of the hints");
+    }
+    let page_size = found.page_size;
+    // The host tells a clean frame by its header and trailer LSNs, which
+    // only MariaDB's InnoDB keeps apart: elsewhere no frame is offered
+    // (its pages go raw; `--hint-scan guest` asks the server instead).
+    let frames = match discover::flavor(pid) {
+        discover::Flavor::MariaDb => {
+            // The pool's size is not known without SQL: every large
+            // anonymous mapping is a candidate (the host checks each
+            // frame it finds).
+            pool_frames(cfg, u64::MAX, page_size)?
+        }
+        discover::Flavor::MySql => {
+            tracing::warn!("the server is not MariaDB: its modified frames cannot be told from clean ones in memory, so the host-side scan gets no frames (use --hint-scan guest on the host, which asks the server for its clean pages)");
+            Vec::new()
+        }
+    };
     let disks = open_disks(cfg)?;
     let mut out = LayoutSet {
         page_size: u32::try_from(page_size).unwrap_or(0),
         files: Vec::new(),
         frames: dbmigrate_core::protocol::guest::frame_entries(&frames),
     };
-    for (space, file) in files {
-        if space == innodb::TEMP_SPACE {
-            continue;
-        }
+    for (space, file) in found.files {
         // A file that vanished or sits on no VM disk is just not described.
         let Ok(Some(place)) = disks.place(&file) else {
             continue;
@@ -350,7 +359,7 @@ pub fn pool_frames(cfg: &Config, pool: u64, page_size: u64) -> Result<Vec<Vec<u6
 
 /// Collects hints for every clean buffer-pool frame of the server.
 pub async fn collect(conn: &mut mysql_async::Conn, cfg: &Config) -> Result<Collected, AgentError> {
-    let snap = query_server(conn).await?;
+    let snap = query_server(conn, cfg).await?;
     scan(&snap, cfg, true)
 }
 

@@ -17,12 +17,20 @@ struct Cli {
 /// Where the database server and the VM's disks are.
 #[derive(clap::Args)]
 struct ServerArgs {
-    /// Server socket.
-    #[arg(long, default_value = "/run/mysqld/mysqld.sock")]
-    socket: PathBuf,
-    /// SQL user (root authenticates by socket on Debian).
-    #[arg(long, default_value = "root")]
-    user: String,
+    /// Server socket (default: the option file's, else
+    /// /run/mysqld/mysqld.sock). Only the guest-side scan (`--hint-scan
+    /// guest` on the host) and `export` use SQL; the file layout needs none.
+    #[arg(long)]
+    socket: Option<PathBuf>,
+    /// SQL user (default: the option file's, else root, which Debian's
+    /// MariaDB authenticates by the socket's peer).
+    #[arg(long)]
+    user: Option<String>,
+    /// Option file with the login, as MySQL's clients read it: `user`,
+    /// `password` and `socket` of its `[client]` and
+    /// `[dbmigrate-guest-agent]` groups (keep it mode 0600).
+    #[arg(long)]
+    defaults_file: Option<PathBuf>,
     /// The VM's disks in hint order (first = disk 0).
     #[arg(long = "disk", default_value = "/dev/vda")]
     disks: Vec<PathBuf>,
@@ -105,11 +113,14 @@ fn run(cli: Cli) -> Result<()> {
         .enable_all()
         .build()
         .context("starting the runtime")?;
-    let (socket, user, disks, pid, out, json) = match cli.command {
+    let (login, disks, pid, out, json) = match cli.command {
         Command::Census { pid } => return print_census(pid),
         Command::Export { server, out, json } => (
-            server.socket,
-            server.user,
+            guest_agent::login::Login::new(
+                server.socket,
+                server.user,
+                server.defaults_file.as_deref(),
+            )?,
             server.disks,
             server.pid,
             out,
@@ -121,6 +132,7 @@ fn run(cli: Cli) -> Result<()> {
                 ServerArgs {
                     socket,
                     user,
+                    defaults_file,
                     disks,
                     pid,
                 },
@@ -143,8 +155,7 @@ fn run(cli: Cli) -> Result<()> {
             };
             return serve(
                 port,
-                socket,
-                user,
+                guest_agent::login::Login::new(socket, user, defaults_file.as_deref())?,
                 guest_agent::Config { disks, pid },
                 secs(refresh_s, "--refresh-s")?,
                 secs(sql_refresh_s, "--sql-refresh-s")?,
@@ -155,12 +166,7 @@ fn run(cli: Cli) -> Result<()> {
         }
     };
     let collected = rt.block_on(async {
-        let opts = mysql_async::OptsBuilder::default()
-            .socket(Some(socket.to_string_lossy().into_owned()))
-            .user(Some(user));
-        let mut conn = mysql_async::Conn::new(opts)
-            .await
-            .with_context(|| format!("connecting to the server at {}", socket.display()))?;
+        let mut conn = connect(&login).await?;
         let c = guest_agent::collect(&mut conn, &guest_agent::Config { disks, pid }).await?;
         let _ = conn.disconnect().await;
         anyhow::Ok(c)
@@ -187,13 +193,14 @@ fn run(cli: Cli) -> Result<()> {
     Ok(())
 }
 
-async fn connect(socket: &std::path::Path, user: &str) -> Result<mysql_async::Conn> {
-    let opts = mysql_async::OptsBuilder::default()
-        .socket(Some(socket.to_string_lossy().into_owned()))
-        .user(Some(user.to_string()));
-    mysql_async::Conn::new(opts)
-        .await
-        .with_context(|| format!("connecting to the server at {}", socket.display()))
+async fn connect(login: &guest_agent::login::Login) -> Result<mysql_async::Conn> {
+    mysql_async::Conn::new(login.opts()).await.with_context(|| {
+        format!(
+            "connecting to the server at {} as {}",
+            login.socket.display(),
+            login.user
+        )
+    })
 }
 
 /// Scans with `snap` (its "listed" filter applies only if it was taken just
@@ -217,14 +224,14 @@ fn scan_reported(
 
 async fn take_snapshot(
     conn: &mut Option<mysql_async::Conn>,
-    socket: &std::path::Path,
-    user: &str,
+    login: &guest_agent::login::Login,
+    cfg: &guest_agent::Config,
 ) -> Result<(std::time::Instant, guest_agent::ServerSnapshot)> {
     if conn.is_none() {
-        *conn = Some(connect(socket, user).await?);
+        *conn = Some(connect(login).await?);
     }
     let c = conn.as_mut().expect("connected above");
-    match guest_agent::query_server(c).await {
+    match guest_agent::query_server(c, cfg).await {
         Ok(s) => Ok((std::time::Instant::now(), s)),
         Err(e) => {
             *conn = None;
@@ -233,42 +240,21 @@ async fn take_snapshot(
     }
 }
 
-/// Makes the file layout: two small queries, FIEMAP of each file and the
-/// pagemap of the server's buffer pool. A failed query drops the
-/// connection, so that the next attempt makes a new one.
-async fn make_layout(
-    conn: &mut Option<mysql_async::Conn>,
-    socket: &std::path::Path,
-    user: &str,
-    cfg: &guest_agent::Config,
-) -> Result<dbmigrate_core::protocol::guest::LayoutSet> {
-    if conn.is_none() {
-        *conn = Some(connect(socket, user).await?);
-    }
-    let c = conn.as_mut().expect("connected above");
-    let set = guest_agent::layout(c, cfg).await;
-    if set.is_err() {
-        *conn = None;
-    }
-    set.map_err(anyhow::Error::new)
+/// Makes the file layout: the server's tablespace files from /proc (no
+/// SQL), FIEMAP of each file and the pagemap of the server's buffer pool.
+fn make_layout(cfg: &guest_agent::Config) -> Result<dbmigrate_core::protocol::guest::LayoutSet> {
+    guest_agent::layout(cfg).map_err(anyhow::Error::new)
 }
 
 /// The file layout, encoded as the answer to request `tag` (or the reason
 /// there is none): the kept one if there is one young enough, else one made
 /// now.
-async fn answer_layout(
-    kept: Option<&KeptLayout>,
-    conn: &mut Option<mysql_async::Conn>,
-    socket: &std::path::Path,
-    user: &str,
-    cfg: &guest_agent::Config,
-    tag: u32,
-) -> Vec<u8> {
+fn answer_layout(kept: Option<&KeptLayout>, cfg: &guest_agent::Config, tag: u32) -> Vec<u8> {
     let started = std::time::Instant::now();
     let young = kept.and_then(|k| k.young());
     let (result, age_ms) = match young {
         Some((age, set)) => (Ok(set), Some(age.as_millis())),
-        None => (make_layout(conn, socket, user, cfg).await, None),
+        None => (make_layout(cfg), None),
     };
     match result {
         Ok(set) => {
@@ -336,23 +322,12 @@ fn background_runtime(what: &str, nice: i32) -> std::io::Result<tokio::runtime::
 
 /// Keeps `kept` current (see `--layout-refresh-s`), at the background
 /// priority.
-fn layout_keeper(
-    kept: std::sync::Arc<KeptLayout>,
-    socket: PathBuf,
-    user: String,
-    cfg: guest_agent::Config,
-    nice: i32,
-) {
-    let rt = match background_runtime("layout keeper", nice) {
-        Ok(rt) => rt,
-        Err(e) => {
-            tracing::warn!("cannot start the layout keeper (layouts are made on request): {e}");
-            return;
-        }
-    };
+fn layout_keeper(kept: std::sync::Arc<KeptLayout>, cfg: guest_agent::Config, nice: i32) {
+    if let Err(e) = dbmigrate_core::priority::set_this_thread_nice(nice) {
+        tracing::warn!("cannot lower the layout keeper's priority: {e}");
+    }
     const CHECK: std::time::Duration = std::time::Duration::from_secs(1);
     const MIN_INTERVAL: std::time::Duration = std::time::Duration::from_secs(2);
-    let mut conn = None;
     let mut last_try: Option<std::time::Instant> = None;
     loop {
         // No server (yet): nothing to keep; requests say why themselves.
@@ -368,7 +343,7 @@ fn layout_keeper(
             {
                 let started = std::time::Instant::now();
                 last_try = Some(started);
-                match rt.block_on(make_layout(&mut conn, &socket, &user, &cfg)) {
+                match make_layout(&cfg) {
                     Ok(set) => {
                         tracing::info!(
                             ms = started.elapsed().as_millis(),
@@ -400,8 +375,7 @@ struct Latest {
 /// own thread so that answering the host never waits for a collection.
 fn collector(
     shared: std::sync::Arc<(std::sync::Mutex<Latest>, std::sync::Condvar)>,
-    socket: PathBuf,
-    user: String,
+    login: guest_agent::login::Login,
     cfg: guest_agent::Config,
     refresh: std::time::Duration,
     sql_refresh: std::time::Duration,
@@ -428,7 +402,7 @@ fn collector(
                 .as_ref()
                 .is_none_or(|(t, _)| t.elapsed() >= sql_refresh)
             {
-                snap = Some(take_snapshot(&mut conn, &socket, &user).await?);
+                snap = Some(take_snapshot(&mut conn, &login, &cfg).await?);
             }
             scan_reported(snap.as_ref().expect("taken above"), &cfg, started)
         });
@@ -514,8 +488,7 @@ fn answer_page_cache(cfg: &guest_agent::Config, tag: u32) -> Vec<u8> {
 #[allow(clippy::too_many_arguments)]
 fn serve(
     port: PathBuf,
-    socket: PathBuf,
-    user: String,
+    login: guest_agent::login::Login,
     cfg: guest_agent::Config,
     refresh: std::time::Duration,
     sql_refresh: std::time::Duration,
@@ -548,7 +521,7 @@ fn serve(
     let mut snap = None;
     if on_demand {
         // Ready before the first request, so that it waits only for a scan.
-        match rt.block_on(take_snapshot(&mut conn, &socket, &user)) {
+        match rt.block_on(take_snapshot(&mut conn, &login, &cfg)) {
             Ok(s) => snap = Some(s),
             Err(e) => {
                 tracing::warn!("reading the server's view failed (retried on request): {e:#}")
@@ -556,10 +529,10 @@ fn serve(
         }
     } else {
         let bg = shared.clone();
-        let (socket, user, cfg) = (socket.clone(), user.clone(), cfg.clone());
+        let (login, cfg) = (login.clone(), cfg.clone());
         std::thread::Builder::new()
             .name("collector".into())
-            .spawn(move || collector(bg, socket, user, cfg, refresh, sql_refresh, nice))
+            .spawn(move || collector(bg, login, cfg, refresh, sql_refresh, nice))
             .context("starting the collector thread")?;
     }
     let kept = (!layout_refresh.is_zero()).then(|| {
@@ -570,10 +543,10 @@ fn serve(
     });
     if let Some(k) = &kept {
         let k = k.clone();
-        let (socket, user, cfg) = (socket.clone(), user.clone(), cfg.clone());
+        let cfg = cfg.clone();
         std::thread::Builder::new()
             .name("layout".into())
-            .spawn(move || layout_keeper(k, socket, user, cfg, nice))
+            .spawn(move || layout_keeper(k, cfg, nice))
             .context("starting the layout keeper thread")?;
     }
     tracing::info!(port = %port.display(), "serving hint requests");
@@ -608,14 +581,7 @@ fn serve(
                 continue;
             }
             Some(GuestRequest::Layout(tag)) => {
-                let answer = rt.block_on(answer_layout(
-                    kept.as_deref(),
-                    &mut conn,
-                    &socket,
-                    &user,
-                    &cfg,
-                    tag,
-                ));
+                let answer = answer_layout(kept.as_deref(), &cfg, tag);
                 dev.write_all(&answer)
                     .context("writing to the virtio-serial port")?;
                 continue;
@@ -641,7 +607,7 @@ fn serve(
             let started = std::time::Instant::now();
             let answer = rt.block_on(async {
                 if snap.is_none() {
-                    snap = Some(take_snapshot(&mut conn, &socket, &user).await?);
+                    snap = Some(take_snapshot(&mut conn, &login, &cfg).await?);
                 }
                 scan_reported(snap.as_ref().expect("taken above"), &cfg, started)
             });
@@ -651,7 +617,7 @@ fn serve(
             };
             dev.write_all(&answer)
                 .context("writing to the virtio-serial port")?;
-            match rt.block_on(take_snapshot(&mut conn, &socket, &user)) {
+            match rt.block_on(take_snapshot(&mut conn, &login, &cfg)) {
                 Ok(s) => snap = Some(s),
                 Err(e) => tracing::warn!("renewing the server's view failed: {e:#}"),
             }

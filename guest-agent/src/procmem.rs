@@ -19,7 +19,10 @@ pub fn find_server() -> io::Result<Option<u32>> {
     Ok(None)
 }
 
-/// Anonymous read-write mappings of at least `min_len` bytes (buffer pool candidates), from `/proc/PID/maps` text.
+/// Anonymous read-write mappings of at least `min_len` bytes (buffer pool
+/// candidates), from `/proc/PID/maps` text: plain anonymous memory, and a
+/// buffer pool in large pages (`--large-pages`: MariaDB's `MAP_HUGETLB`
+/// mapping, `/anon_hugepage`, or MySQL's `SHM_HUGETLB` segment, `/SYSV...`).
 pub fn anon_rw_mappings(maps: &str, min_len: u64) -> Vec<(u64, u64)> {
     maps.lines()
         .filter_map(|l| {
@@ -27,7 +30,11 @@ pub fn anon_rw_mappings(maps: &str, min_len: u64) -> Vec<(u64, u64)> {
             let range = f.next()?;
             let perms = f.next()?;
             let path = f.nth(3);
-            if !perms.starts_with("rw") || path.is_some() {
+            let anon = match path {
+                None => true,
+                Some(p) => p.starts_with("/anon_hugepage") || p.starts_with("/SYSV"),
+            };
+            if !perms.starts_with("rw") || !anon {
                 return None;
             }
             let (a, b) = range.split_once('-')?;
@@ -155,10 +162,16 @@ mod tests {
 7f1000000000-7f1000001000 rw-p 00000000 00:00 0 
 7f2000000000-7f2008000000 rw-s 00000000 00:05 9 /dev/shm/x
 7f3000000000-7f3008000000 ---p 00000000 00:00 0 
+7f4000000000-7f4008000000 rw-p 00000000 00:0f 5 /anon_hugepage (deleted)
+7f5000000000-7f5008000000 rw-s 00000000 00:01 7 /SYSV00000000 (deleted)
 ";
         assert_eq!(
             anon_rw_mappings(maps, 1 << 20),
-            vec![(0x7f00_0000_0000, 0x7f00_0600_0000)]
+            vec![
+                (0x7f00_0000_0000, 0x7f00_0600_0000),
+                (0x7f40_0000_0000, 0x7f40_0800_0000),
+                (0x7f50_0000_0000, 0x7f50_0800_0000)
+            ]
         );
     }
 }

@@ -13,6 +13,7 @@
 //! and turns them into hints through the guest's file layout.
 
 pub mod scan;
+pub mod space;
 
 /// What a frame's header says.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
