@@ -327,7 +327,9 @@ async fn rebuild_case(tag: &str, pace: Option<u64>) -> (dest::DestStats, Duratio
         };
         hints.insert(PageIndex(p), hint);
     }
-    let storage: Arc<dyn Storage> = Arc::new(FileStorage::open(&[disk_path.as_path()]).unwrap());
+    let storage: Arc<dyn Storage> = Arc::new(
+        FileStorage::open(&[disk_path.as_path()], std::time::Duration::from_secs(10)).unwrap(),
+    );
     let disk_sizes = storage.disk_sizes().to_vec();
 
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -443,7 +445,9 @@ async fn rebuild_throughput() {
             );
         }
     }
-    let storage: Arc<dyn Storage> = Arc::new(FileStorage::open(&[disk_path.as_path()]).unwrap());
+    let storage: Arc<dyn Storage> = Arc::new(
+        FileStorage::open(&[disk_path.as_path()], std::time::Duration::from_secs(10)).unwrap(),
+    );
     let disk_sizes = storage.disk_sizes().to_vec();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();

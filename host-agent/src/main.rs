@@ -185,11 +185,14 @@ enum Command {
         keep_qemu: bool,
         /// The VM's disks on shared storage, in the guest's order (first =
         /// disk 0), for rebuilding pages: `nbd://HOST:PORT[/EXPORT]`, or a
-        /// file or block device path. Repeat for several disks.
+        /// raw file or block device path (a qcow2, LUKS, VMDK or VHDX image
+        /// is refused: export it raw). Repeat for several disks.
         #[arg(long = "storage")]
         storage: Vec<String>,
-        /// Seconds an NBD connect or read may take before it counts as
-        /// failed; the pages are then asked of the source instead.
+        /// Seconds an NBD connect or read, or a read of a local disk, may
+        /// take before it counts as failed; the pages are then asked of the
+        /// source instead (a local read that hangs in the kernel, on a hard
+        /// NFS mount or a device with no path, is abandoned).
         #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=600))]
         storage_timeout: u64,
         /// Pace of the rebuild's reads from shared storage, e.g. `1200mbit`,

@@ -49,6 +49,91 @@ impl Drop for LoopDevice {
     }
 }
 
+/// A loop device over a VM's disk image seen through a FUSE file system
+/// (bindfs, read-only) whose daemon the test can stop: while it is stopped
+/// every read of the device blocks in the kernel, as on a hung SAN path or
+/// a hard NFS mount.
+pub struct StallableDisk {
+    daemon: std::process::Child,
+    mount: PathBuf,
+    dev: Option<LoopDevice>,
+}
+
+impl StallableDisk {
+    /// Mounts `image`'s directory at `mount` through bindfs and attaches
+    /// the image's view there.
+    pub fn attach(image: &Path, mount: &Path) -> Result<Self> {
+        let dir = image.parent().context("the image has no directory")?;
+        let name = image.file_name().context("the image has no name")?;
+        std::fs::create_dir_all(mount)?;
+        let daemon = Command::new("bindfs")
+            .args(["-f", "-r"])
+            .arg(dir)
+            .arg(mount)
+            .stdin(std::process::Stdio::null())
+            .spawn()
+            .context("starting bindfs (scripts/setup.sh installs it)")?;
+        let mut disk = Self {
+            daemon,
+            mount: mount.to_path_buf(),
+            dev: None,
+        };
+        let seen = mount.join(name);
+        let t = std::time::Instant::now();
+        while !seen.exists() {
+            if t.elapsed() > std::time::Duration::from_secs(20) {
+                bail!(
+                    "bindfs did not show {} at {}",
+                    image.display(),
+                    mount.display()
+                );
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        disk.dev = Some(LoopDevice::attach(&seen)?);
+        Ok(disk)
+    }
+
+    /// The device, e.g. `/dev/loop3`.
+    pub fn path(&self) -> &Path {
+        self.dev
+            .as_ref()
+            .map(LoopDevice::path)
+            .unwrap_or(Path::new(""))
+    }
+
+    fn signal(&self, sig: &str) -> Result<()> {
+        let ok = Command::new("kill")
+            .args([sig, &self.daemon.id().to_string()])
+            .status()?
+            .success();
+        if !ok {
+            bail!("kill {sig} of bindfs failed");
+        }
+        Ok(())
+    }
+
+    /// From now on reads block until [`StallableDisk::resume`].
+    pub fn stall(&self) -> Result<()> {
+        self.signal("-STOP")
+    }
+
+    /// Blocked reads complete, new ones are answered.
+    pub fn resume(&self) -> Result<()> {
+        self.signal("-CONT")
+    }
+}
+
+impl Drop for StallableDisk {
+    fn drop(&mut self) {
+        let _ = self.resume();
+        self.dev = None;
+        let _ = Command::new("umount").arg("-l").arg(&self.mount).status();
+        let _ = self.daemon.kill();
+        let _ = self.daemon.wait();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -27,6 +27,9 @@ struct DbCase {
     dst: Vm,
     /// Where the destination QEMU offers its userfaultfd (post-copy cases).
     postcopy_socket: Option<PathBuf>,
+    /// The destination's `--storage` (the storage server over NBD unless
+    /// a case reads a block device).
+    storage: String,
 }
 
 impl DbCase {
@@ -45,6 +48,7 @@ impl DbCase {
             (bed.start_vm(&guest, false, true, 1024, "256M")?, None)
         };
         Ok(Self {
+            storage: bed.nbd_from_dst.clone(),
             guest,
             bed,
             src,
@@ -64,7 +68,7 @@ impl DbCase {
     /// `dbmigrate receive` reading the VM's disk over NBD, with a failpoint.
     fn receive(&self, failpoint: Option<&str>, extra: &[&str]) -> Result<Child> {
         let mut cmd = self.bed.tb.receive_cmd(&self.dst)?;
-        cmd.args(["--storage", &self.bed.nbd_from_dst, "--timeout", "10"])
+        cmd.args(["--storage", &self.storage, "--timeout", "10"])
             .args(extra);
         if let Some(sock) = &self.postcopy_socket {
             cmd.arg("--postcopy-socket").arg(sock);
@@ -221,6 +225,52 @@ fn storage_link_cut_during_a_postcopy_rebuild_asks_the_source_instead() -> Resul
         "{report:#}"
     );
     Ok(())
+}
+
+/// The destination reads the VM's disk as a block device (a loop device
+/// over the image, through a FUSE view), which stops answering for 20 s
+/// from its first read: each read is abandoned at its 3 s deadline, the
+/// pages are asked of the source, and the migration ends byte-exact with
+/// the database intact; reads resume when the device answers again.
+#[test]
+fn a_block_device_that_stops_answering_for_20_s_costs_resends_never_correctness() -> Result<()> {
+    let mut c = DbCase::start(false)?;
+    let disk = c.bed.disk_behind_fuse(0)?;
+    c.storage = disk.path().to_string_lossy().into_owned();
+    let marker = c.path("paused");
+    let recv = c.receive(
+        Some(&marker_spec("dst-storage-read", &marker)),
+        &["--storage-timeout", "3"],
+    )?;
+    let sysbench = c.sysbench()?;
+    let mig = c.migrate(None)?;
+    wait_for("first storage read", Duration::from_secs(120), || {
+        marker.exists()
+    })?;
+    disk.stall()?;
+    let stalled = Instant::now();
+    std::fs::remove_file(&marker)?;
+    wait_for("hung read abandoned", Duration::from_secs(60), || {
+        c.log("receive.log").contains("no answer within 3 s")
+    })?;
+    while stalled.elapsed() < Duration::from_secs(20) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    disk.resume()?;
+    let out = c.finish(mig, "migrate")?;
+    let r = c.finish(recv, "receive")?;
+    ensure!(out.status.success(), "migrate failed");
+    ensure!(r.status.success(), "receive failed");
+    let report = c.report();
+    assert_eq!(report["vm_runs_on"], "destination");
+    assert_eq!(report["ram_verified"], Value::Bool(true), "{report:#}");
+    let dest = dest_stats(&std::fs::read_to_string(c.path("receive.out"))?);
+    eprintln!("destination {dest}");
+    assert!(
+        dest["storage_unread"].as_u64().unwrap_or(0) > 0,
+        "references were not handed back unread: {dest:#}"
+    );
+    c.database_intact(sysbench)
 }
 
 #[test]

@@ -28,6 +28,14 @@ pub enum StorageError {
         #[source]
         source: io::Error,
     },
+    /// The disk is an image whose bytes are not the guest's at their offsets.
+    #[error("shared disk {path} is a {format} image: dbmigrate reads the guest's disk bytes at their offsets, which it does not hold. Give a raw view of it: a block device or raw file, or an NBD export (`qemu-nbd --read-only --persistent --shared=0 --format=qcow2 PATH`, then --storage nbd://HOST:PORT); a LUKS volume opened with cryptsetup")]
+    Format {
+        /// The disk.
+        path: PathBuf,
+        /// Its format.
+        format: &'static str,
+    },
     /// A read failed.
     #[error("reading {len} bytes at {offset} of disk {disk} failed")]
     Read {
@@ -94,7 +102,8 @@ pub enum OpenError {
 }
 
 /// The VM's disks, in order, from `specs`: all `nbd://` addresses (read
-/// over NBD, `timeout` for each reply) or all local paths. None for none.
+/// over NBD) or all local paths, `timeout` for each reply or read. None
+/// for none.
 pub fn open(
     specs: &[String],
     timeout: Duration,
@@ -112,5 +121,7 @@ pub fn open(
         return Err(OpenError::Mixed);
     }
     let paths: Vec<&std::path::Path> = specs.iter().map(std::path::Path::new).collect();
-    Ok(Some(std::sync::Arc::new(FileStorage::open(&paths)?)))
+    Ok(Some(std::sync::Arc::new(FileStorage::open(
+        &paths, timeout,
+    )?)))
 }
