@@ -39,22 +39,51 @@ pub fn image_format(first: &[u8]) -> Option<&'static str> {
         .map(|&(_, name)| name)
 }
 
-/// One batch of reads for a reader thread, and where its bytes go.
-struct Job {
-    work: Box<dyn FnOnce() -> io::Result<Vec<u8>> + Send>,
-    reply: mpsc::SyncSender<io::Result<Vec<u8>>>,
+/// Alignment of `O_DIRECT` buffers, offsets and lengths (every logical
+/// block size up to 4 KiB divides it).
+const DIRECT_ALIGN: usize = 4096;
+
+/// The bytes of a batch: `buf[start..]`, so that they can start on an
+/// `O_DIRECT` boundary inside an ordinary allocation.
+struct Block {
+    buf: Vec<u8>,
+    start: usize,
 }
 
-/// Reads `reads` (offset, length) of `file` into one buffer, in order.
-fn read_batch(file: &File, reads: &[(u64, usize)]) -> io::Result<Vec<u8>> {
-    let total = reads.iter().map(|&(_, len)| len).sum();
-    let mut data = vec![0u8; total];
-    let mut at = 0;
+impl Block {
+    fn bytes(&self) -> &[u8] {
+        &self.buf[self.start..]
+    }
+}
+
+type Work = Box<dyn FnOnce() -> io::Result<Block> + Send>;
+
+/// One batch of reads for a reader thread, and where its bytes go.
+struct Job {
+    work: Work,
+    reply: mpsc::SyncSender<io::Result<Block>>,
+}
+
+/// Reads `reads` (offset, length) of `file` into one buffer, in order,
+/// starting on a [`DIRECT_ALIGN`] boundary.
+fn read_batch(file: &File, reads: &[(u64, usize)]) -> io::Result<Block> {
+    let total: usize = reads.iter().map(|&(_, len)| len).sum();
+    let mut buf = vec![0u8; total + DIRECT_ALIGN];
+    let start = buf.as_ptr().align_offset(DIRECT_ALIGN).min(DIRECT_ALIGN);
+    let mut at = start;
     for &(offset, len) in reads {
-        file.read_exact_at(&mut data[at..at + len], offset)?;
+        file.read_exact_at(&mut buf[at..at + len], offset)?;
         at += len;
     }
-    Ok(data)
+    buf.truncate(at);
+    Ok(Block { buf, start })
+}
+
+/// Whether every read of a batch may go through `O_DIRECT` (pure).
+fn aligned(reads: &[(u64, usize)]) -> bool {
+    reads
+        .iter()
+        .all(|&(o, len)| o % DIRECT_ALIGN as u64 == 0 && len % DIRECT_ALIGN == 0)
 }
 
 /// Reader threads fed from one queue.
@@ -92,17 +121,13 @@ impl Readers {
         file: &Arc<File>,
         reads: Vec<(u64, usize)>,
         deadline: Duration,
-    ) -> io::Result<Vec<u8>> {
+    ) -> io::Result<Block> {
         let file = file.clone();
         self.run(Box::new(move || read_batch(&file, &reads)), deadline)
     }
 
     /// Runs `work` on a reader thread, waiting at most `deadline` for it.
-    fn run(
-        &self,
-        work: Box<dyn FnOnce() -> io::Result<Vec<u8>> + Send>,
-        deadline: Duration,
-    ) -> io::Result<Vec<u8>> {
+    fn run(&self, work: Work, deadline: Duration) -> io::Result<Block> {
         let (reply, answer) = mpsc::sync_channel(1);
         let job = Job { work, reply };
         self.queue
@@ -126,9 +151,38 @@ impl Readers {
     }
 }
 
+/// One disk: opened through the page cache, and with `O_DIRECT` where the
+/// device or file system allows it (a read that bypasses the host's page
+/// cache neither fills it with the guest's disk nor is answered from a
+/// copy cached before the device stopped answering).
+struct Disk {
+    buffered: Arc<File>,
+    direct: Option<Arc<File>>,
+}
+
+impl Disk {
+    /// The handle for `reads`: `O_DIRECT` when it is open and they are aligned.
+    fn for_reads(&self, reads: &[(u64, usize)]) -> &Arc<File> {
+        match &self.direct {
+            Some(d) if aligned(reads) => d,
+            _ => &self.buffered,
+        }
+    }
+}
+
+/// Opens `p` with `O_DIRECT`, None where that is refused.
+fn open_direct(p: &Path) -> Option<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(p)
+        .ok()
+}
+
 /// Disks as files or block devices of this host.
 pub struct FileStorage {
-    files: Vec<Arc<File>>,
+    files: Vec<Disk>,
     sizes: Vec<u64>,
     readers: Readers,
     deadline: Duration,
@@ -163,13 +217,18 @@ impl FileStorage {
                     deadline,
                 )
                 .map_err(open_err)?;
-            if let Some(format) = image_format(&head) {
+            if let Some(format) = image_format(head.bytes()) {
                 return Err(StorageError::Format {
                     path: p.to_path_buf(),
                     format,
                 });
             }
-            files.push(f);
+            let direct = open_direct(p).map(Arc::new);
+            tracing::info!(disk = %p.display(), direct = direct.is_some(), "shared disk opened");
+            files.push(Disk {
+                buffered: f,
+                direct,
+            });
             sizes.push(size);
         }
         Ok(Self {
@@ -204,16 +263,17 @@ impl Storage for FileStorage {
             .files
             .get(usize::from(disk))
             .ok_or_else(|| StorageError::no_such_disk(disk, first, total))?;
-        let want = reads.iter().map(|(o, b)| (o.0, b.len())).collect();
+        let want: Vec<(u64, usize)> = reads.iter().map(|(o, b)| (o.0, b.len())).collect();
         let data = self
             .readers
-            .read(f, want, self.deadline)
+            .read(f.for_reads(&want), want, self.deadline)
             .map_err(|source| StorageError::Read {
                 disk,
                 offset: first,
                 len: total,
                 source,
             })?;
+        let data = data.bytes();
         let mut at = 0;
         for (_, buf) in reads.iter_mut() {
             buf.copy_from_slice(&data[at..at + buf.len()]);
@@ -226,6 +286,14 @@ impl Storage for FileStorage {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_whole_aligned_blocks_go_through_o_direct() {
+        assert!(aligned(&[(0, 4096), (8192, 65536)]));
+        assert!(!aligned(&[(0, 4096), (8193, 4096)]));
+        assert!(!aligned(&[(4096, 16)]));
+        assert!(aligned(&[]));
+    }
 
     #[test]
     fn images_that_are_not_raw_disks_are_named() {
@@ -282,16 +350,23 @@ mod tests {
         let (release, hung) = mpsc::channel::<()>();
         let t = std::time::Instant::now();
         // As a read blocked in the kernel on a hung device.
-        let stuck = Box::new(move || {
+        let block = |b: u8| Block {
+            buf: vec![b],
+            start: 0,
+        };
+        let stuck: Work = Box::new(move || {
             let _ = hung.recv();
-            Ok(vec![1u8])
+            Ok(block(1))
         });
-        let e = readers.run(stuck, Duration::from_millis(200)).unwrap_err();
+        let e = readers
+            .run(stuck, Duration::from_millis(200))
+            .err()
+            .unwrap();
         assert_eq!(e.kind(), io::ErrorKind::TimedOut);
         assert!(t.elapsed() < Duration::from_secs(2));
         // The other readers still answer meanwhile.
-        let ok = readers.run(Box::new(|| Ok(vec![7u8])), Duration::from_secs(5));
-        assert_eq!(ok.unwrap(), vec![7]);
+        let ok = readers.run(Box::new(move || Ok(block(7))), Duration::from_secs(5));
+        assert_eq!(ok.unwrap().bytes(), [7]);
         release.send(()).unwrap();
     }
 }
