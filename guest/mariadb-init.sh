@@ -15,10 +15,13 @@ ip link set lo up
 
 ip_addr=""
 pool=256M
+agent_user=root
 for w in $(cat /proc/cmdline); do
   case "$w" in
     dbm.ip=*) ip_addr=${w#dbm.ip=} ;;
     dbm.pool=*) pool=${w#dbm.pool=} ;;
+    # The SQL user the guest agent logs in as (a test denies it SQL).
+    dbm.agent_user=*) agent_user=${w#dbm.agent_user=} ;;
   esac
 done
 nic=""
@@ -56,10 +59,30 @@ port=""
 for d in /sys/class/virtio-ports/*; do
   [ -e "$d/name" ] && [ "$(cat "$d/name")" = org.dbmigrate.hints ] && port=/dev/${d##*/}
 done
-if [ -x /run/dbmigrate/dbmigrate-guest-agent ] && [ -n "$port" ]; then
+# The guest agent as operators install it: its Debian package (no systemd
+# here to start its unit: this init starts it as the unit does).
+if [ -f /run/dbmigrate/dbmigrate-guest-agent.deb ]; then
+  if dpkg -i /run/dbmigrate/dbmigrate-guest-agent.deb >/run/dbmigrate/dpkg.log 2>&1; then
+    echo "DBM-PACKAGE $(dpkg-query -W dbmigrate-guest-agent | tr '\t' ' ') installed"
+  else
+    echo "DBM-ERROR the guest agent's package did not install:"
+    tail -5 /run/dbmigrate/dpkg.log
+  fi
+fi
+DBMIGRATE_GUEST_AGENT_ARGS=""
+[ -f /etc/default/dbmigrate-guest-agent ] && . /etc/default/dbmigrate-guest-agent
+if [ -x /usr/sbin/dbmigrate-guest-agent ] && [ -n "$port" ]; then
+  # Whether the agent's SQL user gets in (it needs SQL only for the
+  # guest-side scan; the file layout comes from /proc).
+  if mariadb -u "$agent_user" -e 'SELECT 1' >/dev/null 2>&1; then
+    echo "DBM-SQL $agent_user allowed"
+  else
+    echo "DBM-SQL $agent_user denied"
+  fi
   # Collection summaries (DBM-AGENT lines) on the console, logs in /run.
-  /run/dbmigrate/dbmigrate-guest-agent serve --port "$port" --disk /dev/vda \
-    >/dev/console 2>/run/dbmigrate/agent.log &
+  # shellcheck disable=SC2086 # the unit splits the options the same way
+  /usr/sbin/dbmigrate-guest-agent serve --port "$port" $DBMIGRATE_GUEST_AGENT_ARGS \
+    --user "$agent_user" >/dev/console 2>/run/dbmigrate/agent.log &
   echo "DBM-READY agent $port"
 else
   echo "DBM-NOAGENT (port '$port')"

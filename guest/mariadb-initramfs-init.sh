@@ -1,8 +1,9 @@
 #!/bin/busybox sh
 # Initramfs of the MariaDB test guest: load the virtio modules, mount /dev/vda
-# and switch to it. A guest agent appended to this initramfs as a second cpio
-# archive (/dbmigrate-guest-agent) is handed to the root on a tmpfs /run, so
-# a new agent build never needs a new disk image.
+# and switch to it. The guest agent's Debian package appended to this
+# initramfs as a second cpio archive (/dbmigrate-guest-agent.deb) is handed
+# to the root on a tmpfs /run, where the init installs it with dpkg, so a
+# new agent build never needs a new disk image.
 /bin/busybox --install -s /bin
 export PATH=/bin
 mount -t proc proc /proc
@@ -18,9 +19,9 @@ if ! mount -t ext4 /dev/vda /newroot; then
   exec sh
 fi
 mount -t tmpfs -o mode=0755 run /newroot/run
-if [ -x /dbmigrate-guest-agent ]; then
+if [ -f /dbmigrate-guest-agent.deb ]; then
   mkdir -p /newroot/run/dbmigrate
-  cp /dbmigrate-guest-agent /newroot/run/dbmigrate/
+  cp /dbmigrate-guest-agent.deb /newroot/run/dbmigrate/
 fi
 mount --move /dev /newroot/dev
 umount /proc /sys

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# The main demo: two "hosts" (network namespaces src and dst) joined by a
+# The dirtier demo (scripts/demo.sh --dirtier): two "hosts" (network namespaces src and dst) joined by a
 # 1 Gbit/s shaped link; a running guest that keeps rewriting a working set
 # and verifying all of its memory is live-migrated from src to dst with
 # dbmigrate, while QEMU moves only device state. Run as root.
 #
-#   scripts/demo.sh [--ram-mib 1024] [--ws-mib 16] [--link-mbit 1000]
+#   scripts/demo-dirtier.sh [--ram-mib 1024] [--ws-mib 16] [--link-mbit 1000]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RAM_MIB=1024 WS_MIB=16 LINK_MBIT=1000
@@ -13,7 +13,7 @@ while [ $# -gt 0 ]; do
     --ram-mib) RAM_MIB=$2; shift 2 ;;
     --ws-mib) WS_MIB=$2; shift 2 ;;
     --link-mbit) LINK_MBIT=$2; shift 2 ;;
-    *) echo "demo.sh: unknown option $1 (use --ram-mib, --ws-mib, --link-mbit)" >&2; exit 2 ;;
+    *) echo "demo-dirtier.sh: unknown option $1 (use --ram-mib, --ws-mib, --link-mbit)" >&2; exit 2 ;;
   esac
 done
 

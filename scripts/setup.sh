@@ -26,6 +26,8 @@ have xz || need+=(xz-utils)
 have iperf3 || need+=(iperf3)
 # libvirt: the libvirt tests run a libvirtd per test host.
 have virsh || need+=(libvirt-clients)
+# The storage tests stall a disk behind a FUSE view of it.
+have bindfs || need+=(bindfs)
 [ -x /usr/sbin/libvirtd ] || need+=(libvirt-daemon-system libvirt-daemon-driver-qemu)
 
 if [ "$(id -u)" != 0 ]; then
@@ -50,9 +52,9 @@ if [ ${#need[@]} -gt 0 ]; then
   esac
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --allow-downgrades --no-install-recommends "${need[@]}" >&2
 fi
-for cmd in qemu-system-x86_64 qemu-img qemu-nbd sysbench mariadb mmdebstrap iperf3; do
+for cmd in qemu-system-x86_64 qemu-img qemu-nbd sysbench mariadb mmdebstrap iperf3 virsh bindfs; do
   if ! have "$cmd"; then
-    echo "setup.sh: $cmd is still missing after installing packages; install it by hand (apt-get install qemu-utils qemu-system-x86 sysbench mariadb-client mmdebstrap iperf3) and run setup.sh again" >&2
+    echo "setup.sh: $cmd is still missing after installing packages; install it by hand (apt-get install qemu-utils qemu-system-x86 sysbench mariadb-client mmdebstrap iperf3 libvirt-clients bindfs) and run setup.sh again" >&2
     exit 1
   fi
 done

@@ -9,6 +9,8 @@ bash scripts/setup.sh
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --release -- -D warnings
 cargo build --release --workspace --all-targets
+# The Debian packages (the MariaDB test guest installs the guest agent's).
+bash scripts/package.sh target/release >/dev/null
 # The fault tests' agent: fault injection (DBMIGRATE_FAILPOINT) exists only
 # in a build with debug assertions, kept apart from the release binaries.
 CARGO_PROFILE_RELEASE_DEBUG_ASSERTIONS=true cargo build --release -p host-agent \

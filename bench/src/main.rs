@@ -9,6 +9,7 @@ mod competing;
 mod cost_report;
 mod db;
 mod db_report;
+mod demo;
 mod dirtier;
 mod fleet;
 mod guest_cost;
@@ -49,6 +50,17 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// The main demo: the MariaDB VM under sysbench migrated with dbmigrate,
+    /// its clean buffer-pool pages rebuilt from shared storage (with
+    /// --with-qemu, QEMU's own pre-copy of the same VM beside it).
+    Demo {
+        /// Also migrate the same VM with QEMU's own pre-copy, for comparison.
+        #[arg(long)]
+        with_qemu: bool,
+        /// Guest RAM in MiB (the buffer pool takes 5/8 of it).
+        #[arg(long, default_value_t = 2048)]
+        ram_mib: u64,
+    },
     /// Compare migration methods on the dirtier guest.
     Compare(dirtier::DirtierArgs),
     /// Compare migration methods on the MariaDB VM under sysbench oltp_read_write or TPC-C.
@@ -515,8 +527,13 @@ struct Report {
 }
 
 fn main() -> Result<()> {
-    let cli = Cli::parse();
+    run(Cli::parse())
+}
+
+/// Runs one bench command.
+fn run(cli: Cli) -> Result<()> {
     match cli.command {
+        Cmd::Demo { with_qemu, ram_mib } => demo::run(with_qemu, ram_mib),
         Cmd::Tpcc(cmd) => tpcc_cmd(cmd),
         Cmd::StorageProbe { storage, bytes } => storage_probe::probe_here(&storage, bytes),
         Cmd::Transport { mib, repeats, out } => {

@@ -17,7 +17,7 @@ use serde_json::{json, Value};
 
 pub mod libvirt;
 mod loopdev;
-pub use loopdev::LoopDevice;
+pub use loopdev::{LoopDevice, StallableDisk};
 
 /// Repository root.
 pub fn repo_root() -> PathBuf {
@@ -80,15 +80,40 @@ pub fn bin_dir() -> Result<PathBuf> {
         return Ok(PathBuf::from(d));
     }
     let exe = std::env::current_exe()?;
-    for dir in exe.ancestors().skip(1) {
-        if dir.join("dbmigrate").exists() && dir.join("libdbmigrate_preload.so").exists() {
-            return Ok(dir.to_path_buf());
-        }
+    let find = || {
+        exe.ancestors()
+            .skip(1)
+            .find(|dir| {
+                dir.join("dbmigrate").exists() && dir.join("libdbmigrate_preload.so").exists()
+            })
+            .map(Path::to_path_buf)
+    };
+    if let Some(dir) = find() {
+        return Ok(dir);
     }
-    bail!(
-        "dbmigrate and libdbmigrate_preload.so not found above {}: run `cargo build --release --workspace` first (the README's test command does)",
-        exe.display()
-    )
+    // A fresh clone that built only the bench: build the agents it drives.
+    eprintln!("building the agents (cargo build --release -p host-agent -p guest-agent -p dbmigrate-preload)");
+    let built = Command::new("cargo")
+        .args([
+            "build",
+            "--release",
+            "-p",
+            "host-agent",
+            "-p",
+            "guest-agent",
+            "-p",
+            "dbmigrate-preload",
+        ])
+        .current_dir(repo_root())
+        .status()
+        .context("running cargo")?;
+    match find() {
+        Some(dir) if built.success() => Ok(dir),
+        _ => bail!(
+            "dbmigrate and libdbmigrate_preload.so not found above {}: run `cargo build --release --workspace` first (the README's test command does)",
+            exe.display()
+        ),
+    }
 }
 
 /// Fails unless running as root (namespaces, tc and QEMU's RAM tracking need it).
@@ -127,6 +152,53 @@ pub struct GuestImage {
     pub kernel: PathBuf,
     /// Initramfs with busybox and the dirtier.
     pub initrd: PathBuf,
+}
+
+/// Starts `c` with its stdout and stderr in the file `log` and no stdin.
+pub fn spawn_logged(mut c: Command, log: &Path) -> Result<Child> {
+    let f = std::fs::File::create(log)?;
+    c.stdout(f.try_clone()?).stderr(f).stdin(Stdio::null());
+    c.spawn()
+        .with_context(|| format!("starting {:?}", c.get_program()))
+}
+
+/// The guest agent's Debian package of this build
+/// (`dbmigrate-guest-agent_*.deb` beside the binaries, which
+/// `scripts/package.sh target/release` makes); the MariaDB guest installs
+/// it with dpkg at boot.
+pub fn guest_agent_package() -> Result<PathBuf> {
+    let dir = bin_dir()?;
+    let find = || -> Result<Option<PathBuf>> {
+        Ok(std::fs::read_dir(&dir)?
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| {
+                p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with("dbmigrate-guest-agent_") && n.ends_with(".deb"))
+            })
+            .max_by_key(|p| p.metadata().and_then(|m| m.modified()).ok()))
+    };
+    let mut found = find()?;
+    if found.is_none() && std::env::var_os("DBMIGRATE_BIN_DIR").is_none() {
+        // The repository's own build: make the package from it.
+        let script = repo_root().join("scripts/package.sh");
+        let made = Command::new("bash")
+            .arg(&script)
+            .arg(&dir)
+            .stdout(Stdio::null())
+            .status()?;
+        if made.success() {
+            found = find()?;
+        }
+    }
+    found.with_context(|| {
+        format!(
+            "no dbmigrate-guest-agent_*.deb in {}: run scripts/package.sh {}",
+            dir.display(),
+            dir.display()
+        )
+    })
 }
 
 /// Runs a guest build script of the repository; the last line of its
@@ -1026,6 +1098,8 @@ pub struct DbBed {
     pub disk: PathBuf,
     /// Initramfs with this build's guest agent appended.
     pub initrd: PathBuf,
+    /// More kernel command line for the guests (e.g. `dbm.agent_user=x`).
+    pub kernel_extra: String,
     /// Every VM's place on the bed (the fields above are VM 0's).
     pub slots: Vec<DbSlot>,
     nbd: Vec<Child>,
@@ -1179,14 +1253,14 @@ impl DbBed {
         let agent_dir = tb.dir.join("agent-cpio");
         std::fs::create_dir_all(&agent_dir)?;
         std::fs::copy(
-            bin_dir()?.join("dbmigrate-guest-agent"),
-            agent_dir.join("dbmigrate-guest-agent"),
+            guest_agent_package()?,
+            agent_dir.join("dbmigrate-guest-agent.deb"),
         )
-        .context("copying dbmigrate-guest-agent (build the workspace first)")?;
+        .context("copying the guest agent's package")?;
         let cpio = Command::new("sh")
             .arg("-c")
             .arg(format!(
-                "cd {} && echo dbmigrate-guest-agent | cpio -o -H newc --quiet | gzip -1 > ../agent.cpio.gz && cat {} ../agent.cpio.gz > {}",
+                "cd {} && echo dbmigrate-guest-agent.deb | cpio -o -H newc --quiet | gzip -1 > ../agent.cpio.gz && cat {} ../agent.cpio.gz > {}",
                 agent_dir.display(),
                 guest.initrd.display(),
                 initrd.display()
@@ -1233,6 +1307,7 @@ impl DbBed {
             cli_ns,
             disk: first.disk,
             initrd,
+            kernel_extra: String::new(),
             slots,
             nbd,
             loops: Default::default(),
@@ -1372,8 +1447,8 @@ impl DbBed {
             incoming,
             extra,
             append: Some(format!(
-                "console=ttyS0 quiet dbm.ip={}/24 dbm.pool={pool}",
-                sl.vm_ip
+                "console=ttyS0 quiet dbm.ip={}/24 dbm.pool={pool}{}",
+                sl.vm_ip, self.kernel_extra
             )),
             smp: 1,
             postcopy_socket,
@@ -1397,6 +1472,13 @@ impl DbBed {
         let path = dev.path().to_path_buf();
         loops.insert(slot, dev);
         Ok(path)
+    }
+
+    /// VM `slot`'s disk as a loop device behind a FUSE view the test can
+    /// stall ([`StallableDisk`]).
+    pub fn disk_behind_fuse(&self, slot: usize) -> Result<StallableDisk> {
+        let disk = &self.slots.get(slot).context("no such VM slot")?.disk;
+        StallableDisk::attach(disk, &self.tb.dir.join(format!("fuse-{slot}")))
     }
 
     /// CPU time the storage server of VM `slot` (its qemu-nbd) has used so

@@ -277,7 +277,7 @@ impl DbBed {
     <type arch='x86_64' machine='pc'>hvm</type>
     <kernel>{kernel}</kernel>
     <initrd>{initrd}</initrd>
-    <cmdline>console=ttyS0 quiet dbm.ip={ip}/24 dbm.pool={pool}</cmdline>
+    <cmdline>console=ttyS0 quiet dbm.ip={ip}/24 dbm.pool={pool}{extra}</cmdline>
   </os>
   <features><acpi/><apic/></features>
   <cpu mode='maximum' check='none'/>
@@ -317,6 +317,7 @@ impl DbBed {
             kernel = guest.kernel.display(),
             initrd = self.initrd.display(),
             ip = sl.vm_ip,
+            extra = self.kernel_extra,
             emulator = emulator.display(),
             mac = sl.mac,
             tap = sl.tap,

@@ -10,7 +10,7 @@
 //! Needs root.
 
 use std::path::Path;
-use std::process::{Child, Stdio};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
 use dbmigrate_testbed::libvirt::{domain_vm, qemu_log, LibvirtHost};
@@ -19,12 +19,8 @@ use serde_json::Value;
 
 const NAME: &str = "db";
 
-fn spawn_logged(mut c: std::process::Command, log: &Path) -> Child {
-    let f = std::fs::File::create(log).unwrap();
-    c.stdout(f.try_clone().unwrap())
-        .stderr(f)
-        .stdin(Stdio::null());
-    c.spawn().unwrap()
+fn spawn_logged(c: std::process::Command, log: &Path) -> Child {
+    dbmigrate_testbed::spawn_logged(c, log).unwrap()
 }
 
 /// Waits until `host` shows the domain in `want` (None: unknown to it).

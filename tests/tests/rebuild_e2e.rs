@@ -5,7 +5,7 @@
 //! guest image is built by guest/build-mariadb-guest.sh (cached).
 
 use std::path::Path;
-use std::process::{Child, Stdio};
+use std::process::Child;
 use std::time::Duration;
 
 use dbmigrate_testbed::{dest_stats, mariadb_guest, sysbench_result, DbBed, MariadbGuest, Vm};
@@ -14,12 +14,8 @@ use serde_json::Value;
 const TABLES: u32 = 4;
 const ROWS: u32 = 10_000;
 
-fn spawn_logged(mut c: std::process::Command, log: &Path) -> Child {
-    let f = std::fs::File::create(log).unwrap();
-    c.stdout(f.try_clone().unwrap())
-        .stderr(f)
-        .stdin(Stdio::null());
-    c.spawn().unwrap()
+fn spawn_logged(c: std::process::Command, log: &Path) -> Child {
+    dbmigrate_testbed::spawn_logged(c, log).unwrap()
 }
 
 fn boot(bed: &DbBed, guest: &MariadbGuest) -> (Vm, Vm) {
@@ -48,12 +44,28 @@ fn migrate_under_load(
     dst: &Vm,
     hints: &Path,
     scan: &str,
+    load: (u32, u64),
+    postcopy: Option<(&Path, &[&str])>,
+) -> (Value, String, (Child, std::path::PathBuf)) {
+    let nbd = bed.nbd_from_dst.clone();
+    migrate_under_load_from(&nbd, bed, guest, (src, dst), hints, scan, load, postcopy)
+}
+
+/// [`migrate_under_load`] with the destination reading the disk at `storage`.
+#[allow(clippy::too_many_arguments)]
+fn migrate_under_load_from(
+    storage: &str,
+    bed: &DbBed,
+    guest: &MariadbGuest,
+    (src, dst): (&Vm, &Vm),
+    hints: &Path,
+    scan: &str,
     (secs, warmup): (u32, u64),
     postcopy: Option<(&Path, &[&str])>,
 ) -> (Value, String, (Child, std::path::PathBuf)) {
     let dir = bed.tb.dir.clone();
     let mut recv = bed.tb.receive_cmd(dst).unwrap();
-    recv.args(["--storage", &bed.nbd_from_dst]);
+    recv.args(["--storage", storage]);
     if let Some((sock, _)) = postcopy {
         recv.arg("--postcopy-socket").arg(sock);
     }
@@ -172,6 +184,75 @@ fn mariadb_under_sysbench_migrates_with_rebuild_from_shared_storage() {
 
     census_explains_the_pages(&report);
 
+    load_survived(&bed, &guest, &mut src, sysbench);
+    drop(dst);
+}
+
+/// Storage as a SAN gives it: the destination reads the VM's disk as a
+/// block device (a read-only loop device over the image the storage host
+/// exports) instead of from the storage server.
+#[test]
+fn mariadb_migrates_rebuilding_from_a_block_device() {
+    let guest = mariadb_guest(TABLES, ROWS).unwrap();
+    let bed = DbBed::new(&guest, 1000, 1000).unwrap();
+    let (mut src, dst) = boot(&bed, &guest);
+    let dev = bed.disk_as_block_device(0).unwrap();
+    let (report, recv_log, sysbench) = migrate_under_load_from(
+        &dev.to_string_lossy(),
+        &bed,
+        &guest,
+        (&src, &dst),
+        &bed.hints_socket("db-src"),
+        "host",
+        (40, 10),
+        None,
+    );
+    let rebuilt = report["pages"]["rebuilt"].as_u64().unwrap();
+    assert!(
+        rebuilt > 1000,
+        "too few pages rebuilt from the block device: {report:#}"
+    );
+    let dest = dest_stats(&recv_log);
+    assert!(
+        dest["storage_bytes"].as_u64().unwrap_or(0) > 4096 * 1000,
+        "destination stats: {dest:#}"
+    );
+    load_survived(&bed, &guest, &mut src, sysbench);
+    drop(dst);
+}
+
+/// Any InnoDB server: the host's scan takes the file layout from the
+/// server's open files and data directory, identified by their own first
+/// pages, so the rebuild works with no SQL access at all. The guest agent
+/// logs in as a user the server does not know (the guest checks that the
+/// login is refused).
+#[test]
+fn the_rebuild_needs_no_sql_access_in_the_guest() {
+    let guest = mariadb_guest(TABLES, ROWS).unwrap();
+    let mut bed = DbBed::new(&guest, 1000, 1000).unwrap();
+    bed.kernel_extra = " dbm.agent_user=dbm_denied".into();
+    let (mut src, dst) = boot(&bed, &guest);
+    assert!(
+        src.console().contains("DBM-SQL dbm_denied denied"),
+        "the guest agent's SQL login was not refused:\n{}",
+        src.console()
+    );
+    let (report, _recv_log, sysbench) = migrate_under_load(
+        &bed,
+        &guest,
+        &src,
+        &dst,
+        &bed.hints_socket("db-src"),
+        "host",
+        (40, 10),
+        None,
+    );
+    assert_eq!(report["hints"]["finder"], "host", "{report:#}");
+    let rebuilt = report["pages"]["rebuilt"].as_u64().unwrap();
+    assert!(
+        rebuilt > 1000,
+        "too few pages rebuilt without SQL: {report:#}"
+    );
     load_survived(&bed, &guest, &mut src, sysbench);
     drop(dst);
 }

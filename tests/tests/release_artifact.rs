@@ -38,3 +38,84 @@ fn the_release_agent_names_its_protocol_version() -> Result<()> {
     assert!(out.status.success() && text.contains(&want), "{text}");
     Ok(())
 }
+
+/// `scripts/package.sh` into a scratch directory: both packages hold their
+/// files (no failpoint in the packaged agent), the guest agent's unit is
+/// one systemd accepts, and its maintainer scripts do nothing to a system
+/// without systemd running.
+#[test]
+fn the_packages_hold_the_agents_and_a_valid_unit() -> Result<()> {
+    let out = std::env::temp_dir().join(format!("dbm-packages-{}", std::process::id()));
+    let made = std::process::Command::new("bash")
+        .arg(dbmigrate_testbed::repo_root().join("scripts/package.sh"))
+        .arg(&out)
+        .output()?;
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+    let listed = String::from_utf8_lossy(&made.stdout).into_owned();
+    let debs: Vec<&str> = listed.lines().filter(|l| l.ends_with(".deb")).collect();
+    assert_eq!(debs.len(), 2, "{listed}");
+    let contents = |deb: &str| -> Result<String> {
+        let o = std::process::Command::new("dpkg-deb")
+            .args(["--contents", deb])
+            .output()?;
+        Ok(String::from_utf8_lossy(&o.stdout).into_owned())
+    };
+    let host = contents(debs[0])?;
+    for f in [
+        "./usr/bin/dbmigrate",
+        "./usr/lib/dbmigrate/libdbmigrate_preload.so",
+    ] {
+        assert!(host.contains(f), "{f} missing:\n{host}");
+    }
+    let guest = contents(debs[1])?;
+    for f in [
+        "./usr/sbin/dbmigrate-guest-agent",
+        "./lib/systemd/system/dbmigrate-guest-agent.service",
+        "./lib/udev/rules.d/60-dbmigrate-guest-agent.rules",
+        "./etc/default/dbmigrate-guest-agent",
+    ] {
+        assert!(guest.contains(f), "{f} missing:\n{guest}");
+    }
+    // Unpacked: the agent runs, and systemd accepts its unit.
+    let root = out.join("root");
+    for deb in &debs {
+        let x = std::process::Command::new("dpkg-deb")
+            .arg("-x")
+            .arg(deb)
+            .arg(&root)
+            .status()?;
+        assert!(x.success());
+    }
+    let agent = std::process::Command::new(root.join("usr/sbin/dbmigrate-guest-agent"))
+        .arg("--version")
+        .output()?;
+    assert!(agent.status.success());
+    let packaged = std::fs::read(root.join("usr/bin/dbmigrate"))?;
+    assert!(!holds(&packaged, b"DBMIGRATE_FAILPOINT"));
+    let unit = root.join("lib/systemd/system/dbmigrate-guest-agent.service");
+    let text = std::fs::read_to_string(&unit)?.replace(
+        "/usr/sbin/dbmigrate-guest-agent",
+        &root
+            .join("usr/sbin/dbmigrate-guest-agent")
+            .to_string_lossy(),
+    );
+    let check = out.join("dbmigrate-guest-agent.service");
+    std::fs::write(&check, text)?;
+    let verify = std::process::Command::new("systemd-analyze")
+        .args(["verify", "--man=no"])
+        .arg(&check)
+        .output()?;
+    let said = String::from_utf8_lossy(&verify.stderr).into_owned();
+    // The device it binds to exists only in a VM with the port.
+    let problems: Vec<&str> = said
+        .lines()
+        .filter(|l| !l.contains("virtio\\x2dports") && !l.trim().is_empty())
+        .collect();
+    assert!(problems.is_empty(), "systemd-analyze verify: {said}");
+    std::fs::remove_dir_all(&out)?;
+    Ok(())
+}

@@ -1,0 +1,108 @@
+//! `bench demo`: the main demo. The MariaDB VM under sysbench migrates
+//! between two hosts with dbmigrate, its clean buffer-pool pages rebuilt
+//! from shared storage, and (with `--with-qemu`) QEMU's own pre-copy moves
+//! a fresh copy of the same VM over the same link beside it. The runs are
+//! `compare-db`'s (the same bed, load and checks), written to a scratch
+//! report; what the demo prints is read from it.
+
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use serde_json::Value;
+
+/// Runs the demo's methods and prints what happened.
+pub(crate) fn run(with_qemu: bool, ram_mib: u64) -> Result<()> {
+    let out = std::env::temp_dir().join(format!("dbmigrate-demo-{}.json", std::process::id()));
+    let methods = if with_qemu {
+        "qemu-precopy,dbmigrate-precopy"
+    } else {
+        "dbmigrate-precopy"
+    };
+    let pool = format!("{}M", ram_mib * 5 / 8);
+    let args = [
+        "bench",
+        "compare-db",
+        "--scenario",
+        "demo",
+        "--methods",
+        methods,
+        "--ram-mib",
+        &ram_mib.to_string(),
+        "--pool",
+        &pool,
+        "--timeout-s",
+        "40",
+        "--out",
+        &out.to_string_lossy(),
+    ];
+    println!(
+        "== two hosts (network namespaces) joined by a 1 Gbit/s link, a storage host serving the VM's disk over NBD, a client host running sysbench"
+    );
+    println!("== the MariaDB VM ({ram_mib} MiB, buffer pool {pool}) boots on the source; sysbench oltp_read_write runs against it");
+    crate::run(crate::Cli::try_parse_from(args)?)?;
+    summary(&out)
+}
+
+fn summary(path: &Path) -> Result<()> {
+    let r: Value = serde_json::from_str(
+        &std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?,
+    )?;
+    println!();
+    for run in r["runs"].as_array().map(Vec::as_slice).unwrap_or_default() {
+        let method = run["method"].as_str().unwrap_or("?");
+        let who = if method.starts_with("qemu") {
+            "QEMU's own pre-copy"
+        } else {
+            "dbmigrate pre-copy"
+        };
+        if run["completed"] != Value::Bool(true) {
+            println!("{who}: did not complete: {}", run["detail"]["error"]);
+            continue;
+        }
+        let ms = |k: &str| run[k].as_u64().unwrap_or(0);
+        let w = &run["workload"];
+        println!("{who}:");
+        println!(
+            "  total {:.1} s, downtime {} ms, {} MB over the migration link",
+            ms("total_ms") as f64 / 1000.0,
+            ms("downtime_ms"),
+            ms("link_bytes") / 1_000_000
+        );
+        let rebuilt = run["pages"]["rebuilt"].as_u64().unwrap_or(0);
+        if rebuilt > 0 {
+            println!(
+                "  {rebuilt} pages ({} MB) rebuilt on the destination from shared storage ({} MB read there), each checked against the source's hash; {} sent raw",
+                rebuilt * 4096 / 1_000_000,
+                ms("storage_bytes") / 1_000_000,
+                run["pages"]["raw"].as_u64().unwrap_or(0)
+            );
+        }
+        println!(
+            "  RAM byte-exact: {}; database checked on the destination (CHECK TABLE): {}",
+            run["ram_verified"].as_bool().map_or("not checked", yes),
+            run["guest_verified_after"]
+                .as_bool()
+                .map_or("not checked", yes)
+        );
+        println!(
+            "  sysbench kept going: {:.1} transactions/s before, {:.1} during the migration, {} errors",
+            w["tps_before"].as_f64().unwrap_or(0.0),
+            w["tps_during"].as_f64().unwrap_or(0.0),
+            w["errors"].as_u64().unwrap_or(0)
+        );
+    }
+    println!(
+        "\n(full report: {}; `bench compare-db` runs every method, see the README's Benchmarks)",
+        path.display()
+    );
+    Ok(())
+}
+
+fn yes(b: bool) -> &'static str {
+    if b {
+        "yes"
+    } else {
+        "NO"
+    }
+}
