@@ -9,7 +9,8 @@
 #
 #   scripts/package.sh [OUT_DIR]      (default: target/debian)
 #
-# Uses the release binaries (built if missing), stripped. The last lines of
+# Builds the release binaries (cargo: nothing to do when they are current)
+# and packages them stripped. The last lines of
 # stdout are the two package files.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,8 +18,10 @@ out=${1:-target/debian}
 version=$(awk -F'"' '/^\[workspace.package\]/ {p = 1} p && /^version/ {print $2; exit}' Cargo.toml)
 arch=$(dpkg --print-architecture)
 bins=target/release
-if [ ! -x "$bins/dbmigrate" ] || [ ! -x "$bins/dbmigrate-guest-agent" ] || [ ! -f "$bins/libdbmigrate_preload.so" ]; then
-  cargo build --release -p host-agent -p guest-agent -p dbmigrate-preload >&2
+# From the current sources (quick when nothing changed); not when run by a
+# cargo command (a test), which holds the build directory and built them.
+if [ -z "${CARGO:-}" ]; then
+  cargo build --release --locked -p host-agent -p guest-agent -p dbmigrate-preload >&2
 fi
 protocol=$("$bins/dbmigrate" --version | sed -n 's/.*(protocol \([0-9]*\)).*/\1/p')
 work=$(mktemp -d)
@@ -81,7 +84,6 @@ cat > "$g/DEBIAN/postinst" <<'EOS'
 set -e
 if [ "$1" = configure ] && [ -d /run/systemd/system ]; then
   systemctl daemon-reload || true
-  systemctl enable dbmigrate-guest-agent.service || true
   udevadm control --reload-rules || true
   # A VM that already has the port starts the agent now.
   udevadm trigger --subsystem-match=virtio-ports --action=add || true
@@ -92,7 +94,6 @@ cat > "$g/DEBIAN/prerm" <<'EOS'
 set -e
 if [ -d /run/systemd/system ]; then
   systemctl stop dbmigrate-guest-agent.service || true
-  [ "$1" = remove ] && systemctl disable dbmigrate-guest-agent.service || true
 fi
 EOS
 cat > "$g/DEBIAN/postrm" <<'EOS'

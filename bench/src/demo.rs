@@ -14,6 +14,17 @@ use serde_json::Value;
 /// Runs the demo's methods and prints what happened.
 pub(crate) fn run(with_qemu: bool, ram_mib: u64) -> Result<()> {
     let out = std::env::temp_dir().join(format!("dbmigrate-demo-{}.json", std::process::id()));
+    let pool = format!("{}M", ram_mib * 5 / 8);
+    println!(
+        "== two hosts (network namespaces) joined by a 1 Gbit/s link, a storage host serving the VM's disk over NBD, a client host running sysbench"
+    );
+    println!("== the MariaDB VM ({ram_mib} MiB, buffer pool {pool}) boots on the source; sysbench oltp_read_write runs against it");
+    crate::run(command(with_qemu, ram_mib, &out)?)?;
+    summary(&out)
+}
+
+/// The `compare-db` command the demo runs (pure).
+fn command(with_qemu: bool, ram_mib: u64, out: &Path) -> Result<crate::Cli> {
     let methods = if with_qemu {
         "qemu-precopy,dbmigrate-precopy"
     } else {
@@ -36,12 +47,7 @@ pub(crate) fn run(with_qemu: bool, ram_mib: u64) -> Result<()> {
         "--out",
         &out.to_string_lossy(),
     ];
-    println!(
-        "== two hosts (network namespaces) joined by a 1 Gbit/s link, a storage host serving the VM's disk over NBD, a client host running sysbench"
-    );
-    println!("== the MariaDB VM ({ram_mib} MiB, buffer pool {pool}) boots on the source; sysbench oltp_read_write runs against it");
-    crate::run(crate::Cli::try_parse_from(args)?)?;
-    summary(&out)
+    Ok(crate::Cli::try_parse_from(args)?)
 }
 
 fn summary(path: &Path) -> Result<()> {
@@ -104,5 +110,20 @@ fn yes(b: bool) -> &'static str {
         "yes"
     } else {
         "NO"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_demo_runs_a_valid_compare_db_and_summarises_a_report() {
+        assert!(command(false, 2048, Path::new("/tmp/x.json")).is_ok());
+        assert!(command(true, 4096, Path::new("/tmp/x.json")).is_ok());
+        let report =
+            dbmigrate_testbed::repo_root().join("bench/results/mariadb-sysbench-libvirt.json");
+        summary(&report).unwrap();
+        assert!(summary(Path::new("/nonexistent.json")).is_err());
     }
 }

@@ -124,28 +124,56 @@ fn fd_path(fd: i32) -> Option<PathBuf> {
     Some(out)
 }
 
-/// Whether `want` (from `DBMIGRATE_TRACK_PATH`) has shell pattern characters.
+/// Whether `want` (from `DBMIGRATE_TRACK_PATH`) has pattern characters.
 fn is_pattern(want: &[u8]) -> bool {
-    want.iter().any(|b| matches!(b, b'*' | b'?' | b'['))
+    want.iter().any(|b| matches!(b, b'*' | b'?'))
 }
 
 /// Whether the mapped file `got` is the one `want` names: the same path, or
-/// a path the pattern matches (`fnmatch` with `FNM_PATHNAME`: a `*` never
-/// spans a `/`). Both buffers hold a NUL after their length. Pure.
+/// a path the pattern matches, component by component (`*` any run of
+/// characters and `?` any one, never a `/`, as `fnmatch` with
+/// `FNM_PATHNAME`). No allocation: it runs on QEMU's `mmap` path. Pure.
 fn path_matches(want: &PathBuf, got: &PathBuf) -> bool {
     if !is_pattern(want.bytes()) {
         return got.bytes() == want.bytes();
     }
-    // SAFETY: both buffers are NUL-terminated within their arrays (their
-    // lengths are below the array size and the rest is zero); fnmatch only
-    // reads them and does not allocate.
-    unsafe {
-        libc::fnmatch(
-            want.buf.as_ptr().cast(),
-            got.buf.as_ptr().cast(),
-            libc::FNM_PATHNAME,
-        ) == 0
+    let mut w = want.bytes().split(|&b| b == b'/');
+    let mut g = got.bytes().split(|&b| b == b'/');
+    loop {
+        match (w.next(), g.next()) {
+            (None, None) => return true,
+            (Some(p), Some(c)) if component_matches(p, c) => {}
+            _ => return false,
+        }
     }
+}
+
+/// One path component against a pattern of `*` and `?` (the classic
+/// matcher: back to the last `*` on a mismatch, no allocation). Pure.
+fn component_matches(pat: &[u8], text: &[u8]) -> bool {
+    let (mut p, mut t) = (0, 0);
+    let mut star: Option<(usize, usize)> = None;
+    while t < text.len() {
+        match pat.get(p) {
+            Some(b'*') => {
+                star = Some((p, t));
+                p += 1;
+            }
+            Some(&c) if c == b'?' || c == text[t] => {
+                p += 1;
+                t += 1;
+            }
+            _ => match star {
+                Some((sp, st)) => {
+                    p = sp + 1;
+                    t = st + 1;
+                    star = Some((sp, st + 1));
+                }
+                None => return false,
+            },
+        }
+    }
+    pat[p..].iter().all(|&c| c == b'*')
 }
 
 fn wanted_path() -> Option<PathBuf> {
@@ -436,5 +464,24 @@ mod tests {
             &want,
             &buf("/dev/shm/libvirt/qemu/1-vm1/pc.ram.old")
         ));
+        assert!(!path_matches(&want, &buf("/dev/shm/libvirt/qemu/1-vm1")));
+    }
+
+    #[test]
+    fn components_match_stars_and_question_marks() {
+        for (p, t, m) in [
+            ("*", "", true),
+            ("*", "abc", true),
+            ("a*c", "abbbc", true),
+            ("a*c", "abbb", false),
+            ("*-vm1", "12-vm1", true),
+            ("*-vm1", "12-vm10", false),
+            ("a?c", "abc", true),
+            ("a?c", "ac", false),
+            ("*a*b", "xaxxb", true),
+            ("pc.ram", "pc.ram", true),
+        ] {
+            assert_eq!(component_matches(p.as_bytes(), t.as_bytes()), m, "{p} {t}");
+        }
     }
 }

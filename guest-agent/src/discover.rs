@@ -81,12 +81,36 @@ fn walk(dir: &Path, depth: u32, out: &mut Vec<(PathBuf, bool)>) {
     }
 }
 
-fn read_first(path: &Path) -> std::io::Result<Vec<u8>> {
+/// What each file (device, inode) said, so that a layout made every few
+/// seconds reads each tablespace's first pages once, not each time (a
+/// tablespace's id and flags never change; a new file is a new inode).
+static KNOWN: std::sync::Mutex<Option<HashMap<(u64, u64), SpaceFile>>> =
+    std::sync::Mutex::new(None);
+
+/// The identity of the tablespace file at `path`, from its first pages.
+fn identify(path: &Path) -> std::io::Result<Result<SpaceFile, space::NotASpace>> {
+    use std::os::unix::fs::MetadataExt;
+    let f = std::fs::File::open(path)?;
+    let meta = f.metadata()?;
+    let key = (meta.dev(), meta.ino());
+    if let Some(s) = KNOWN
+        .lock()
+        .ok()
+        .and_then(|k| k.as_ref()?.get(&key).copied())
+    {
+        return Ok(Ok(s));
+    }
     let mut buf = Vec::with_capacity(space::PROBE_LEN);
-    std::fs::File::open(path)?
-        .take(space::PROBE_LEN as u64)
-        .read_to_end(&mut buf)?;
-    Ok(buf)
+    f.take(space::PROBE_LEN as u64).read_to_end(&mut buf)?;
+    let found = space::space_file(&buf);
+    if let (Ok(s), Ok(mut known)) = (found, KNOWN.lock()) {
+        let map = known.get_or_insert_with(HashMap::new);
+        if map.len() >= MAX_FILES {
+            map.clear();
+        }
+        map.insert(key, s);
+    }
+    Ok(found)
 }
 
 /// The server `pid`'s tablespaces.
@@ -99,7 +123,7 @@ pub fn tablespaces(pid: u32) -> Tablespaces {
         if seen.insert(real.clone(), ()).is_some() {
             continue;
         }
-        match read_first(&real).map(|b| space::space_file(&b)) {
+        match identify(&real) {
             Ok(Ok(s)) => found.push((real, open, s)),
             Ok(Err(why)) => out
                 .left_out
@@ -186,31 +210,21 @@ pub enum Flavor {
     MySql,
 }
 
-/// The flavor of the server `pid`: its executable's name (`mariadbd`), or
-/// what it says of its version (`mysqld --version` of MariaDB names it).
+/// The flavor of the server `pid`, from its executable's name: MariaDB
+/// 10.5 and later run `mariadbd` (Debian's `mysqld` is a link to it, and
+/// the kernel names the file). Nothing is run: any user may name a process
+/// `mysqld`, and the agent is root. An older MariaDB counts as MySQL,
+/// which costs hints, never bytes.
 pub fn flavor(pid: u32) -> Flavor {
-    let Ok(exe) = std::fs::read_link(format!("/proc/{pid}/exe")) else {
-        return Flavor::MySql;
-    };
-    let version = || {
-        std::process::Command::new(&exe)
-            .arg("--version")
-            .stdin(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .output()
-            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-            .unwrap_or_default()
-    };
-    flavor_of(
-        exe.file_name().and_then(|n| n.to_str()).unwrap_or(""),
-        version,
-    )
+    std::fs::read_link(format!("/proc/{pid}/exe"))
+        .ok()
+        .and_then(|exe| exe.file_name().and_then(|n| n.to_str()).map(flavor_of))
+        .unwrap_or(Flavor::MySql)
 }
 
-/// [`flavor`] from the executable's name, asking for its version only if
-/// the name does not tell (pure but for `version`).
-pub fn flavor_of(exe_name: &str, version: impl FnOnce() -> String) -> Flavor {
-    if exe_name.starts_with("mariadbd") || version().contains("MariaDB") {
+/// [`flavor`] of an executable's file name (pure).
+pub fn flavor_of(exe_name: &str) -> Flavor {
+    if exe_name == "mariadbd" || exe_name.starts_with("mariadbd ") {
         Flavor::MariaDb
     } else {
         Flavor::MySql
@@ -317,22 +331,12 @@ mod tests {
     }
 
     #[test]
-    fn mariadb_is_told_by_its_name_or_its_version() {
-        assert_eq!(flavor_of("mariadbd", || unreachable!()), Flavor::MariaDb);
-        assert_eq!(
-            flavor_of("mysqld", || {
-                "mysqld  Ver 10.11.6-MariaDB-0+deb12u1 for debian-linux-gnu".into()
-            }),
-            Flavor::MariaDb
-        );
-        assert_eq!(
-            flavor_of("mysqld", || {
-                "/usr/sbin/mysqld  Ver 8.0.40 for Linux on x86_64 (MySQL Community Server - GPL)"
-                    .into()
-            }),
-            Flavor::MySql
-        );
-        assert_eq!(flavor_of("mysqld", String::new), Flavor::MySql);
+    fn mariadb_is_told_by_its_executable() {
+        assert_eq!(flavor_of("mariadbd"), Flavor::MariaDb);
+        assert_eq!(flavor_of("mariadbd (deleted)"), Flavor::MariaDb);
+        assert_eq!(flavor_of("mysqld"), Flavor::MySql);
+        assert_eq!(flavor_of("mariadbd-evil"), Flavor::MySql);
+        assert_eq!(flavor_of(""), Flavor::MySql);
     }
 
     #[test]

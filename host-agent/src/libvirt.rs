@@ -21,7 +21,7 @@ const STOPPED: Duration = Duration::from_secs(30);
 pub struct SourceArgs {
     /// libvirt connection of the source domain (e.g. `qemu:///system`):
     /// the QMP socket and guest channel come from its XML (see the README's
-    /// "Using it with libvirt"), and after the move the domain is
+    /// "With libvirt"), and after the move the domain is
     /// undefined here.
     #[arg(long, requires = "domain", conflicts_with = "qmp")]
     pub libvirt: Option<String>,
@@ -96,7 +96,17 @@ impl SourceDomain {
         };
         let step = || -> Result<(String, bool)> {
             let name = &self.dom.name;
-            match self.virsh.wait_stopped(name, STOPPED)? {
+            let stopped = match self.virsh.wait_stopped(name, STOPPED) {
+                Ok(s) => s,
+                // The VM runs on the destination: a source QEMU that did
+                // not quit must not stay (nor start again with the host).
+                Err(e) => {
+                    tracing::warn!(domain = %name, error = %e, "the source QEMU did not stop; destroying it");
+                    self.virsh.destroy(name)?;
+                    self.virsh.wait_stopped(name, STOPPED)?
+                }
+            };
+            match stopped {
                 None => Ok(("gone".into(), false)),
                 Some(_) if self.virsh.is_persistent(name)? => {
                     self.virsh.undefine(name)?;
@@ -152,8 +162,16 @@ impl DestDomain {
                 xml.display()
             );
         }
-        let text = std::fs::read_to_string(xml)
-            .with_context(|| format!("reading --domain-xml {}", xml.display()))?;
+        let mut text = String::new();
+        std::io::Read::read_to_string(
+            &mut std::io::Read::take(
+                std::fs::File::open(xml)
+                    .with_context(|| format!("reading --domain-xml {}", xml.display()))?,
+                domain::MAX_XML_BYTES as u64 + 1,
+            ),
+            &mut text,
+        )
+        .with_context(|| format!("reading --domain-xml {}", xml.display()))?;
         let dom =
             domain::parse(&text).with_context(|| format!("--domain-xml {}", xml.display()))?;
         let name = &dom.name;
@@ -175,15 +193,21 @@ impl DestDomain {
         std::fs::write(&path, incoming).with_context(|| format!("writing {}", path.display()))?;
         // A socket left by an earlier QEMU would look like this one's.
         let _ = std::fs::remove_file(&dom.qmp);
-        virsh
-            .create_paused(&path)
-            .with_context(|| format!("starting domain {name} paused for the incoming VM"))?;
+        let created = virsh.create_paused(&path);
         let d = Self {
             virsh,
             xml: xml.to_path_buf(),
             was_defined,
             dom,
         };
+        if let Err(e) = created {
+            // A virsh given up on may still have had libvirtd start it.
+            d.abandon();
+            return Err(anyhow::Error::new(e).context(format!(
+                "starting domain {} paused for the incoming VM",
+                d.dom.name
+            )));
+        }
         d.wait_qmp()?;
         tracing::info!(domain = %d.dom.name, qmp = %d.dom.qmp.display(), "destination domain waits for the VM");
         Ok(d)
@@ -218,9 +242,24 @@ impl DestDomain {
         })
     }
 
-    /// The move failed: the waiting domain is stopped (libvirt then forgets
-    /// a transient one; a definition that was here before stays).
-    pub fn abandon(&self) {
+    /// The receive failed. A domain that runs here (the VM was resumed
+    /// before the failure, as after a post-copy hand-over) is the VM: it is
+    /// kept and made persistent. Any other is stopped, and libvirt forgets
+    /// a transient one (a definition that was here before stays).
+    pub fn after_failure(&self) {
+        match self.virsh.state(&self.dom.name) {
+            Ok(Some(DomainState::Running)) => {
+                tracing::error!(domain = %self.dom.name, "the receive failed after the VM was resumed here: keeping it, and defining it");
+                if let Err(e) = self.commit() {
+                    tracing::error!("{e:#}");
+                }
+            }
+            _ => self.abandon(),
+        }
+    }
+
+    /// Stops the waiting domain, which never ran the VM.
+    fn abandon(&self) {
         let name = &self.dom.name;
         match self.virsh.state(name) {
             Ok(None | Some(DomainState::ShutOff)) => {}

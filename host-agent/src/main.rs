@@ -569,7 +569,7 @@ fn run(cli: Cli, rt: &tokio::runtime::Runtime, priority: priority::Priority) -> 
                 (Ok(s), None) => s,
                 (Err(e), Some(d)) => {
                     if !keep_qemu {
-                        d.abandon();
+                        d.after_failure();
                     }
                     return Err(e);
                 }

@@ -86,8 +86,12 @@ pub fn space_file(first: &[u8]) -> Result<SpaceFile, NotASpace> {
     if be32(first, 4) != 0 || be32(first, 38) != space || space == u32::MAX {
         return Err(NotASpace::NotHeaderPage);
     }
+    // Largest first: a smaller candidate lands inside page 0, whose bytes
+    // could look like page 1's header by chance; a larger wrong one lands
+    // on page 2 or later, whose number is not 1.
     let page_size = PAGE_SIZES
         .iter()
+        .rev()
         .copied()
         .find(|&ps| {
             first.len() >= ps + 38 && be32(first, ps + 4) == 1 && be32(first, ps + 34) == space
@@ -199,6 +203,12 @@ mod tests {
         let mut f = file(7, 16384, 0);
         f[16384 + 4..16384 + 8].copy_from_slice(&2u32.to_be_bytes());
         assert_eq!(space_file(&f), Err(NotASpace::NoPageSize));
+        // Page 0's bytes 4 KiB in that happen to read as page 1's header
+        // do not make a 16 KiB tablespace a 4 KiB one.
+        let mut f = file(7, 16384, 0);
+        f[4096 + 4..4096 + 8].copy_from_slice(&1u32.to_be_bytes());
+        f[4096 + 34..4096 + 38].copy_from_slice(&7u32.to_be_bytes());
+        assert_eq!(space_file(&f).unwrap().page_size, 16384);
         // A file of zeros: space 0 everywhere, but page 1 does not say 1.
         assert_eq!(
             space_file(&vec![0u8; PROBE_LEN]),

@@ -2,9 +2,10 @@
 //! that waits for the VM on the destination. Pure: text in, values or text
 //! out.
 //!
-//! dbmigrate needs from the XML (see the README's "Using it with libvirt"):
+//! dbmigrate needs from the XML (see the README's "With libvirt"):
 //! - guest RAM in a shared file: `<memoryBacking>` with `<access
-//!   mode='shared'/>` and `<source type='file'/>` (or `<hugepages/>`);
+//!   mode='shared'/>` and `<source type='file'/>` (for huge pages, with
+//!   libvirt's `memory_backing_dir` on a hugetlbfs mount, not `<hugepages/>`);
 //! - a QMP socket of its own beside libvirt's monitor: the first `-qmp
 //!   unix:PATH,...` among the `<qemu:commandline>` arguments;
 //! - optionally the guest agent's virtio-serial channel, a `unix` channel
@@ -49,6 +50,10 @@ pub enum DomainError {
     /// RAM is not a shared file.
     #[error("domain {0} does not keep its RAM in a shared file, which dbmigrate reads and tracks: add <memoryBacking><source type='file'/><access mode='shared'/></memoryBacking> to its XML")]
     NotSharedFile(String),
+    /// `<hugepages/>`: libvirt gives QEMU a directory, where QEMU makes a
+    /// file nobody else can open.
+    #[error("domain {0} has <hugepages/>, for which libvirt lets QEMU make an unlinked file that dbmigrate cannot open: use <source type='file'/> and <access mode='shared'/>, with memory_backing_dir in qemu.conf on a hugetlbfs mount")]
+    HugepagesDirectory(String),
     /// NUMA cells: one memory backend per cell.
     #[error("domain {name} has {cells} NUMA cell(s), each with its own memory backend; dbmigrate moves guests with one RAM backend only so far: remove <numa> from its <cpu>, or migrate it with libvirt")]
     Numa {
@@ -93,6 +98,9 @@ pub enum NameError {
     /// A character libvirt or virsh would read otherwise.
     #[error("`{0}` has a `/`, a control character or a leading `-`, which libvirt does not allow in names or virsh would read as an option")]
     Character(String),
+    /// A number or a UUID, which virsh takes for a domain id or UUID first.
+    #[error("`{0}` is a number or a UUID, which virsh would take for another domain's id or UUID: give the domain a name")]
+    IdLike(String),
 }
 
 /// A libvirt domain name, checked so that it can only ever be a name on
@@ -111,6 +119,20 @@ impl DomainName {
         }
         if s.starts_with('-') || s.chars().any(|c| c == '/' || c.is_control()) {
             return Err(NameError::Character(s.escape_debug().to_string()));
+        }
+        let uuid_like = s.len() == 36
+            && s.chars().enumerate().all(|(i, c)| {
+                if matches!(i, 8 | 13 | 18 | 23) {
+                    c == '-'
+                } else {
+                    c.is_ascii_hexdigit()
+                }
+            });
+        if s.chars().all(|c| c.is_ascii_digit())
+            || uuid_like
+            || (s.len() == 32 && s.chars().all(|c| c.is_ascii_hexdigit()))
+        {
+            return Err(NameError::IdLike(s.to_string()));
         }
         Ok(Self(s.to_string()))
     }
@@ -138,8 +160,6 @@ pub struct Domain {
     pub qmp: PathBuf,
     /// The guest agent's channel socket, if the domain has one.
     pub hints: Option<PathBuf>,
-    /// The RAM is on huge pages (`<hugepages/>`).
-    pub hugepages: bool,
 }
 
 fn parse_doc(xml: &str) -> Result<roxmltree::Document<'_>, DomainError> {
@@ -242,6 +262,9 @@ pub fn parse(xml: &str) -> Result<Domain, DomainError> {
         });
     }
     let (shared_file, hugepages) = ram_is_shared_file(root);
+    if hugepages {
+        return Err(DomainError::HugepagesDirectory(name.to_string()));
+    }
     if !shared_file {
         return Err(DomainError::NotSharedFile(name.to_string()));
     }
@@ -260,7 +283,6 @@ pub fn parse(xml: &str) -> Result<Domain, DomainError> {
         uuid,
         qmp,
         hints: hints_channel(root),
-        hugepages,
     })
 }
 

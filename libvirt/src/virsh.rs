@@ -148,7 +148,10 @@ impl Virsh {
             .map(|a| a.as_ref().to_string_lossy().into_owned())
             .collect::<Vec<_>>()
             .join(" ");
+        use std::os::unix::process::CommandExt;
         let mut child = Command::new("virsh")
+            // Its own process group: a deadline stops an ssh it started too.
+            .process_group(0)
             .arg("-q")
             .arg("-c")
             .arg(&self.uri)
@@ -185,6 +188,11 @@ impl Virsh {
             match child.try_wait().map_err(VirshError::Spawn)? {
                 Some(s) => break s,
                 None if start.elapsed() > self.deadline => {
+                    if let Ok(pgid) = i32::try_from(child.id()) {
+                        // SAFETY: kill(2) of the process group made for this
+                        // child alone; no memory is involved.
+                        unsafe { libc::kill(-pgid, libc::SIGKILL) };
+                    }
                     let _ = child.kill();
                     let _ = child.wait();
                     return Err(VirshError::Timeout {
@@ -259,6 +267,7 @@ impl Virsh {
         self.run(&[
             OsStr::new("create"),
             OsStr::new("--paused"),
+            OsStr::new("--file"),
             xml.as_os_str(),
         ])
         .map(drop)
@@ -267,7 +276,8 @@ impl Virsh {
     /// Defines (or redefines) the persistent configuration from `xml`; a
     /// running transient domain of that name and UUID becomes persistent.
     pub fn define(&self, xml: &Path) -> Result<(), VirshError> {
-        self.run(&[OsStr::new("define"), xml.as_os_str()]).map(drop)
+        self.run(&[OsStr::new("define"), OsStr::new("--file"), xml.as_os_str()])
+            .map(drop)
     }
 
     /// Removes the persistent definition (the domain must be shut off, or

@@ -62,6 +62,9 @@ type Work = Box<dyn FnOnce() -> io::Result<Block> + Send>;
 struct Job {
     work: Work,
     reply: mpsc::SyncSender<io::Result<Block>>,
+    /// Set when its caller stopped waiting: a job still queued behind
+    /// stuck readers is then dropped instead of read for nobody.
+    abandoned: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Reads `reads` (offset, length) of `file` into one buffer, in order,
@@ -105,6 +108,9 @@ impl Readers {
                         Err(_) => return,
                     };
                     let Ok(job) = job else { return };
+                    if job.abandoned.load(std::sync::atomic::Ordering::Relaxed) {
+                        continue;
+                    }
                     let result = (job.work)();
                     // The caller may have given up waiting: nobody to tell.
                     let _ = job.reply.send(result);
@@ -129,7 +135,12 @@ impl Readers {
     /// Runs `work` on a reader thread, waiting at most `deadline` for it.
     fn run(&self, work: Work, deadline: Duration) -> io::Result<Block> {
         let (reply, answer) = mpsc::sync_channel(1);
-        let job = Job { work, reply };
+        let abandoned = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let job = Job {
+            work,
+            reply,
+            abandoned: abandoned.clone(),
+        };
         self.queue
             .lock()
             .map_err(|_| io::Error::other("disk readers gone"))?
@@ -137,13 +148,16 @@ impl Readers {
             .map_err(|_| io::Error::other("disk readers gone"))?;
         match answer.recv_timeout(deadline) {
             Ok(r) => r,
-            Err(mpsc::RecvTimeoutError::Timeout) => Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                format!(
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                abandoned.store(true, std::sync::atomic::Ordering::Relaxed);
+                Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!(
                     "no answer within {} s (the read is abandoned; is the device or mount hung?)",
                     deadline.as_secs_f64()
                 ),
-            )),
+                ))
+            }
             Err(mpsc::RecvTimeoutError::Disconnected) => {
                 Err(io::Error::other("disk reader thread ended"))
             }

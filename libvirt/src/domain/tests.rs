@@ -31,7 +31,6 @@ fn a_source_domain_gives_its_qmp_socket_and_channel() {
     assert_eq!(d.uuid, "6f3c1d0e-5a2b-4c3d-9e8f-0a1b2c3d4e5f");
     assert_eq!(d.qmp, PathBuf::from("/run/dbmigrate/vm1.qmp"));
     assert_eq!(d.hints, Some(PathBuf::from("/run/dbmigrate/vm1.hints")));
-    assert!(!d.hugepages);
 }
 
 #[test]
@@ -45,7 +44,10 @@ fn what_dbmigrate_cannot_use_is_named() {
     let memfd = x.replace("type='file'", "type='memfd'");
     assert_eq!(parse(&memfd), Err(DomainError::NotSharedFile("vm1".into())));
     let huge = x.replace("<source type='file'/>", "<hugepages/>");
-    assert!(parse(&huge).unwrap().hugepages);
+    assert_eq!(
+        parse(&huge),
+        Err(DomainError::HugepagesDirectory("vm1".into()))
+    );
     let no_qmp = x.replace("'-qmp'", "'-S'");
     assert_eq!(parse(&no_qmp), Err(DomainError::NoQmp("vm1".into())));
     let tcp = x.replace("unix:/run/dbmigrate/vm1.qmp", "unix:relative.qmp");
@@ -92,6 +94,19 @@ fn names_that_virsh_would_read_otherwise_are_refused() {
         DomainName::new(&"x".repeat(MAX_NAME_BYTES + 1)),
         Err(NameError::TooLong(_))
     ));
+    // virsh takes these for an id or a UUID before a name.
+    for id_like in [
+        "5",
+        "0042",
+        "6f3c1d0e-5a2b-4c3d-9e8f-0a1b2c3d4e5f",
+        "6f3c1d0e5a2b4c3d9e8f0a1b2c3d4e5f",
+    ] {
+        assert!(
+            matches!(DomainName::new(id_like), Err(NameError::IdLike(_))),
+            "{id_like}"
+        );
+    }
+    assert!(DomainName::new("db5").is_ok());
     let x = source_xml("").replace("<name>vm1</name>", "<name>-c</name>");
     assert!(matches!(parse(&x), Err(DomainError::Name(_))));
 }
