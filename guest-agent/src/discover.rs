@@ -115,12 +115,12 @@ fn identify(path: &Path) -> std::io::Result<Result<SpaceFile, space::NotASpace>>
 
 /// The server `pid`'s tablespaces.
 pub fn tablespaces(pid: u32) -> Tablespaces {
-    let mut seen: HashMap<PathBuf, ()> = HashMap::new();
+    let mut seen: std::collections::HashSet<PathBuf> = std::collections::HashSet::new();
     let mut found: Vec<(PathBuf, bool, SpaceFile)> = Vec::new();
     let mut out = Tablespaces::default();
     for (path, open) in candidates(pid) {
         let real = std::fs::canonicalize(&path).unwrap_or(path);
-        if seen.insert(real.clone(), ()).is_some() {
+        if !seen.insert(real.clone()) {
             continue;
         }
         match identify(&real) {

@@ -243,8 +243,11 @@ fn hints_channel(root: roxmltree::Node<'_, '_>) -> Option<PathBuf> {
 
 /// Reads `xml` and checks that dbmigrate can move the domain.
 pub fn parse(xml: &str) -> Result<Domain, DomainError> {
-    let doc = parse_doc(xml)?;
-    let root = doc.root_element();
+    read_domain(parse_doc(xml)?.root_element())
+}
+
+/// [`parse`] of a document already parsed.
+fn read_domain(root: roxmltree::Node<'_, '_>) -> Result<Domain, DomainError> {
     let name = DomainName::new(&text_of(root, "name").unwrap_or_default())?;
     let uuid = text_of(root, "uuid").ok_or_else(|| DomainError::NoUuid(name.to_string()))?;
     let cells = child(root, "cpu")
@@ -301,9 +304,9 @@ fn attr(s: &str) -> String {
 /// QEMU's environment, added to its `<qemu:commandline>`. The rest of the
 /// text is kept byte for byte. Pure.
 pub fn incoming_xml(xml: &str, env: &[(&str, &str)]) -> Result<String, DomainError> {
-    let dom = parse(xml)?;
     let doc = parse_doc(xml)?;
     let root = doc.root_element();
+    let dom = read_domain(root)?;
     if qemu_args(root).iter().any(|a| a == "-incoming") {
         return Err(DomainError::HasIncoming(dom.name.to_string()));
     }
