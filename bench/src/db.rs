@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use dbmigrate_testbed::{mariadb_guest_warmed, tpcc_guest, DbBed, MariadbGuest, Vm};
 use serde_json::{json, Value};
 
@@ -121,7 +121,9 @@ pub fn compare(s: &DbSetup, methods: &[String]) -> Result<(Vec<Run>, MariadbGues
             // A source and a destination guest's worth of 2 MiB pages.
             bed.tb.use_hugepages(s.ram_mib.div_ceil(2) * 2 + 8)?;
         }
-        let mut run = run_one(s, &guest, &bed, m).with_context(|| format!("method {m}"))?;
+        // One run that fails (a guest that hangs at boot, a method that
+        // errors) is a failed run in the report, not a lost scenario.
+        let mut run = run_one(s, &guest, &bed, m).unwrap_or_else(|e| failed_run(m, &e));
         run.repeat = Some(k);
         eprintln!(
             "   completed={} total_ms={:?} downtime_ms={:?} link_MB={} storage_MB={} warm-up={:?} s (steady {:?}) tps before/during={:?}/{:?} errors={:?}",
@@ -138,8 +140,23 @@ pub fn compare(s: &DbSetup, methods: &[String]) -> Result<(Vec<Run>, MariadbGues
         );
         runs.push(run);
     }
+    if runs.iter().all(|r| r.detail.get("run_error").is_some()) {
+        let first = runs.first().map(|r| r.detail["run_error"].to_string());
+        bail!("every run failed; the first: {}", first.unwrap_or_default());
+    }
     guest_cost::apply(&mut runs, s.timeout.as_secs() * 1000);
     Ok((runs, guest))
+}
+
+/// The report's entry for a run of `method` that could not be carried
+/// out: not completed, with the error (the bed's logs hold the rest).
+fn failed_run(method: &str, e: &anyhow::Error) -> Run {
+    eprintln!("   {method}: the run failed: {e:#}");
+    Run {
+        method: method.into(),
+        detail: json!({ "run_error": format!("{e:#}") }),
+        ..Run::default()
+    }
 }
 
 /// Boots VM `slot`'s source and its waiting destination (ready for
