@@ -12,6 +12,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use dbmigrate_core::protocol::guest::{decode_census, encode_census, CENSUS_RUN_LEN};
+use dbmigrate_core::protocol::guest::{decode_disks, encode_disks, match_disks, MAX_DISKS};
 use dbmigrate_core::protocol::guest::{
     decode_hints, encode_hints, parse_answer_header, parse_guest_request, HintAnswer,
 };
@@ -176,6 +177,19 @@ pub fn guest_answer(data: &[u8]) {
                 assert_eq!(decode_census(&again).expect("own encoding decodes"), runs);
             }
         }
+        Ok(HintAnswer::Disks { tag, .. }) => {
+            if let Ok(disks) = decode_disks(data) {
+                assert!(disks.len() <= MAX_DISKS);
+                let again = encode_disks(&disks, tag);
+                assert_eq!(decode_disks(&again).expect("own encoding decodes"), disks);
+                // Matching untrusted names against any list stays in bounds.
+                let m = match_disks(&disks, &disks[..disks.len() / 2]);
+                assert!(m
+                    .iter()
+                    .flatten()
+                    .all(|&k| usize::from(k) < disks.len() / 2));
+            }
+        }
         Ok(HintAnswer::Error { .. }) | Err(_) => {}
     }
 }
@@ -333,7 +347,22 @@ mod tests {
             },
             9,
         );
-        for seed in [hints, layout] {
+        let disks = encode_disks(
+            &[
+                dbmigrate_core::protocol::guest::DiskId {
+                    bytes: 1 << 30,
+                    serial: "dbm-data".into(),
+                    wwn: String::new(),
+                },
+                dbmigrate_core::protocol::guest::DiskId {
+                    bytes: 0,
+                    serial: String::new(),
+                    wwn: "naa.5000c500a1b2c3d4".into(),
+                },
+            ],
+            3,
+        );
+        for seed in [hints, layout, disks] {
             for data in mutations(&seed, &mut rng, 5000) {
                 guest_answer(&data);
             }

@@ -1,6 +1,7 @@
 //! From a tablespace file offset to a byte offset on one of the VM's disks.
 
 use dbmigrate_core::addr::DiskOffset;
+use dbmigrate_core::protocol::guest::{clean_id, DiskId};
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::MetadataExt;
@@ -117,9 +118,66 @@ impl Disks {
     }
 }
 
+/// Each of the VM's disks (block device paths, by hint index) as the
+/// guest knows it: its size and its serial and WWN from sysfs (virtio-blk
+/// `serial`, SCSI VPD page 0x80 and `wwid`, NVMe `serial` and `wwid`). A
+/// disk that cannot be read is named by nothing (the host then cannot
+/// match it and its pages go raw).
+pub fn identities(paths: &[PathBuf]) -> Vec<DiskId> {
+    paths
+        .iter()
+        .map(|p| identity(p).unwrap_or_default())
+        .collect()
+}
+
+fn identity(dev: &Path) -> Option<DiskId> {
+    let dev = std::fs::canonicalize(dev).ok()?;
+    let sys = Path::new("/sys/class/block").join(dev.file_name()?);
+    let text = |rel: &str| std::fs::read_to_string(sys.join(rel)).ok();
+    let sectors: u64 = text("size")?.trim().parse().ok()?;
+    let serial = text("serial")
+        .or_else(|| text("device/serial"))
+        .or_else(|| {
+            std::fs::read(sys.join("device/vpd_pg80"))
+                .ok()
+                .and_then(|b| vpd_serial(&b))
+        })
+        .unwrap_or_default();
+    let wwn = text("wwid")
+        .or_else(|| text("device/wwid"))
+        .unwrap_or_default();
+    Some(DiskId {
+        bytes: sectors.saturating_mul(512),
+        serial: clean_id(&serial),
+        wwn: clean_id(&wwn),
+    })
+}
+
+/// The serial in a SCSI VPD page 0x80 (unit serial number): 4 header
+/// bytes, the length at byte 3, then the serial (pure).
+pub fn vpd_serial(page: &[u8]) -> Option<String> {
+    let (head, rest) = page.split_first_chunk::<4>()?;
+    if head[1] != 0x80 {
+        return None;
+    }
+    let s = rest.get(..usize::from(head[3]))?;
+    Some(String::from_utf8_lossy(s).into_owned())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn scsi_serials_come_from_vpd_page_0x80() {
+        assert_eq!(
+            vpd_serial(b"\x00\x80\x00\x08drive-01junk").as_deref(),
+            Some("drive-01")
+        );
+        assert_eq!(vpd_serial(b"\x00\x83\x00\x02ab"), None);
+        assert_eq!(vpd_serial(b"\x00\x80\x00\x09short"), None);
+        assert_eq!(vpd_serial(b"\x00"), None);
+    }
 
     #[test]
     fn ranges_map_inside_plain_extents_only() {

@@ -580,6 +580,14 @@ fn serve(
                     .context("writing to the virtio-serial port")?;
                 continue;
             }
+            Some(GuestRequest::Disks(tag)) => {
+                let disks = guest_agent::disk::identities(&cfg.disks);
+                tracing::info!(?disks, "disks named");
+                let answer = dbmigrate_core::protocol::guest::encode_disks(&disks, tag);
+                dev.write_all(&answer)
+                    .context("writing to the virtio-serial port")?;
+                continue;
+            }
             Some(GuestRequest::Layout(tag)) => {
                 let answer = answer_layout(kept.as_deref(), &cfg, tag);
                 dev.write_all(&answer)

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use dbmigrate_core::protocol::guest::{
     decode_census, encode_census_request, CensusRun, CENSUS_RUN_LEN,
 };
+use dbmigrate_core::protocol::guest::{decode_disks, encode_disks_request, match_disks, DiskId};
 use dbmigrate_core::protocol::guest::{
     decode_hints, encode_hint_request, encode_page_cache_request, parse_answer_header, GuestHint,
     HintAnswer, HINTS_HEADER_LEN, HINT_RECORD_LEN,
@@ -61,6 +62,7 @@ enum Answer {
     Hints(Vec<u8>),
     Layout(Vec<u8>),
     Census(Vec<u8>),
+    Disks(Vec<u8>),
 }
 
 pub struct HintChannel {
@@ -99,9 +101,7 @@ impl HintChannel {
         let req = encode_hint_request(self.tag);
         match self.ask(&req, timeout)? {
             Answer::Hints(set) => decode_hints(&set).map_err(|e| self.malformed(e.to_string())),
-            Answer::Layout(_) | Answer::Census(_) => {
-                Err(self.malformed("another answer where hints were asked for".into()))
-            }
+            _ => Err(self.malformed("another answer where hints were asked for".into())),
         }
     }
 
@@ -114,9 +114,7 @@ impl HintChannel {
         let req = encode_page_cache_request(self.tag);
         match self.ask(&req, timeout)? {
             Answer::Hints(set) => decode_hints(&set).map_err(|e| self.malformed(e.to_string())),
-            Answer::Layout(_) | Answer::Census(_) => {
-                Err(self.malformed("another answer where page-cache hints were asked for".into()))
-            }
+            _ => Err(self.malformed("another answer where page-cache hints were asked for".into())),
         }
     }
 
@@ -137,7 +135,7 @@ impl HintChannel {
         let req = encode_census_request(self.tag);
         match self.ask(&req, timeout)? {
             Answer::Census(b) => decode_census(&b).map_err(|e| self.malformed(e.to_string())),
-            Answer::Hints(_) | Answer::Layout(_) => Err(self.malformed(
+            _ => Err(self.malformed(
                 "another answer where a census was asked for (is the guest agent older than the host agent?)"
                     .into(),
             )),
@@ -150,10 +148,21 @@ impl HintChannel {
         let req = encode_layout_request(self.tag);
         match self.ask(&req, timeout)? {
             Answer::Layout(b) => decode_layout(&b).map_err(|e| self.malformed(e.to_string())),
-            Answer::Hints(_) | Answer::Census(_) => Err(self.malformed(
+            _ => Err(self.malformed(
                 "another answer where the layout was asked for (is the guest agent older than the host agent?)"
                     .into(),
             )),
+        }
+    }
+
+    /// Asks for the serial and WWN of each disk the guest's indexes name
+    /// (an older guest agent answers with an error).
+    pub fn fetch_disks(&mut self, timeout: Duration) -> Result<Vec<DiskId>, HintChannelError> {
+        self.tag = self.tag.wrapping_add(1);
+        let req = encode_disks_request(self.tag);
+        match self.ask(&req, timeout)? {
+            Answer::Disks(b) => decode_disks(&b).map_err(|e| self.malformed(e.to_string())),
+            _ => Err(self.malformed("another answer where the disks were asked for".into())),
         }
     }
 
@@ -199,6 +208,8 @@ impl HintChannel {
                 HintAnswer::Census { body, tag } => {
                     (self.per_page(body, CENSUS_RUN_LEN, "census runs")?, tag)
                 }
+                // Bounded by the header's check (MAX_DISKS_BODY).
+                HintAnswer::Disks { body, tag } => (body, tag),
             };
             let mut set = head.to_vec();
             while set.len() < HINTS_HEADER_LEN + body {
@@ -211,6 +222,7 @@ impl HintChannel {
                 return Ok(match answer {
                     HintAnswer::Layout { .. } => Answer::Layout(set),
                     HintAnswer::Census { .. } => Answer::Census(set),
+                    HintAnswer::Disks { .. } => Answer::Disks(set),
                     _ => Answer::Hints(set),
                 });
             }
@@ -291,18 +303,20 @@ impl HintChannel {
 }
 
 /// Turns guest hints into a page → hint table of the RAM file (pure): guest
-/// addresses go through the GPA layout QEMU reported; hints outside it, not
-/// page aligned, or on a disk the VM lacks are dropped and counted.
-pub fn to_table(hints: &[GuestHint], layout: &[GpaRange], disks: usize) -> (PageMap<Hint>, u64) {
+/// addresses go through the GPA layout QEMU reported, the guest's disk
+/// indexes through `disks` (guest index → QEMU's, [`DiskMap`]); hints
+/// outside the layout, not page aligned, or on a disk QEMU lacks are
+/// dropped and counted.
+pub fn to_table(hints: &[GuestHint], layout: &[GpaRange], disks: &DiskMap) -> (PageMap<Hint>, u64) {
     let mut table = PageMap::with_capacity_and_hasher(hints.len(), Default::default());
     let mut dropped = 0;
     for h in hints {
-        match ram_offset(layout, h.gpa) {
-            Some(off) if off.0 % 4096 == 0 && usize::from(h.disk) < disks && h.clean => {
+        match (ram_offset(layout, h.gpa), disks.vmm_index(h.disk)) {
+            (Some(off), Some(disk)) if off.0 % 4096 == 0 && h.clean => {
                 table.insert(
                     off.page(),
                     Hint {
-                        disk: h.disk,
+                        disk,
                         offset: h.disk_offset,
                     },
                 );
@@ -316,6 +330,74 @@ pub fn to_table(hints: &[GuestHint], layout: &[GpaRange], disks: usize) -> (Page
 /// A census as the guest sent it and how long it took (ms), or why there
 /// is none.
 pub type CensusTaken = Result<(Vec<CensusRun>, u64), String>;
+
+/// The guest's disk indexes as QEMU's: the guest names each disk it
+/// indexes by serial or WWN, matched against QEMU's disks
+/// ([`match_disks`]); an older guest agent, or disks without names, keep
+/// their positions.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DiskMap {
+    /// QEMU's index of each guest disk index (None: no disk of QEMU).
+    pub map: Vec<Option<u16>>,
+    /// How many disks QEMU has.
+    pub vmm_count: usize,
+}
+
+impl DiskMap {
+    /// Every guest index as QEMU's, as far as QEMU has disks.
+    pub fn positional(vmm_count: usize) -> Self {
+        Self {
+            map: (0..vmm_count).map(|i| u16::try_from(i).ok()).collect(),
+            vmm_count,
+        }
+    }
+
+    /// Asks the guest for its disks and matches them with `vmm`'s.
+    fn ask(ch: &mut HintChannel, vmm: &[DiskId]) -> Result<Self, HintChannelError> {
+        match ch.fetch_disks(Duration::from_secs(30)) {
+            Ok(guest) => {
+                let map = match_disks(&guest, vmm);
+                tracing::info!(?guest, ?vmm, ?map, "the guest's disks matched to QEMU's");
+                for (i, g) in guest.iter().enumerate() {
+                    if map[i].is_none() {
+                        tracing::warn!(
+                            disk = i,
+                            serial = %g.serial,
+                            wwn = %g.wwn,
+                            "no disk of QEMU has this guest disk's serial or WWN (and size): its pages go raw"
+                        );
+                    }
+                }
+                Ok(Self {
+                    map,
+                    vmm_count: vmm.len(),
+                })
+            }
+            Err(e) => {
+                tracing::warn!("the guest agent names no disks ({e}): its disk indexes are taken as QEMU's order");
+                ch.reconnect()?;
+                Ok(Self::positional(vmm.len()))
+            }
+        }
+    }
+
+    /// QEMU's index of guest disk `guest`.
+    pub fn vmm_index(&self, guest: u16) -> Option<u16> {
+        self.map.get(usize::from(guest)).copied().flatten()
+    }
+
+    /// `set` with QEMU's disk indexes; files on no disk of QEMU left out.
+    pub fn on_layout(&self, mut set: LayoutSet) -> LayoutSet {
+        set.files.retain_mut(|f| match self.vmm_index(f.disk) {
+            Some(d) => {
+                f.disk = d;
+                true
+            }
+            None => false,
+        });
+        set
+    }
+}
 
 /// Counters of the refresher, for the report.
 #[derive(Debug, Default)]
@@ -349,6 +431,8 @@ pub struct LiveHints {
     page_cache: AtomicBool,
     /// The newest page-cache hints and when they came.
     page_cache_table: std::sync::Mutex<Option<(Instant, Arc<PageMap<Hint>>)>>,
+    /// For each of the guest's disk indexes, QEMU's (for the report).
+    pub disk_map: std::sync::Mutex<Vec<Option<u16>>>,
     stop: AtomicBool,
 }
 
@@ -399,7 +483,7 @@ impl LiveHints {
     pub fn start(
         path: &Path,
         layout: Vec<GpaRange>,
-        disks: usize,
+        vmm_disks: &[DiskId],
         every: Duration,
         finder: Finder,
         asks: Asks,
@@ -407,6 +491,10 @@ impl LiveHints {
         let ram_pages = layout.iter().map(|r| r.len / 4096).sum();
         let mut ch = HintChannel::connect(path, ram_pages)?;
         let live = Arc::new(Self::default());
+        let disks = DiskMap::ask(&mut ch, vmm_disks)?;
+        if let Ok(mut m) = live.disk_map.lock() {
+            *m = disks.map.clone();
+        }
         live.page_cache.store(asks.page_cache, Ordering::Relaxed);
         if asks.census {
             let t = Instant::now();
@@ -422,7 +510,7 @@ impl LiveHints {
                 *c = Some(got);
             }
         }
-        live.refresh(&mut ch, &layout, disks, &finder, Duration::from_secs(30))?;
+        live.refresh(&mut ch, &layout, &disks, &finder, Duration::from_secs(30))?;
         let bg = live.clone();
         std::thread::Builder::new()
             .name("hint-refresh".into())
@@ -433,7 +521,7 @@ impl LiveHints {
                         break;
                     }
                     if let Err(e) =
-                        bg.refresh(&mut ch, &layout, disks, &finder, Duration::from_secs(30))
+                        bg.refresh(&mut ch, &layout, &disks, &finder, Duration::from_secs(30))
                     {
                         bg.counters.failures.fetch_add(1, Ordering::Relaxed);
                         tracing::warn!(
@@ -457,7 +545,7 @@ impl LiveHints {
         &self,
         ch: &mut HintChannel,
         layout: &[GpaRange],
-        disks: usize,
+        disks: &DiskMap,
         finder: &Finder,
         timeout: Duration,
     ) -> Result<(), HintChannelError> {
@@ -474,7 +562,7 @@ impl LiveHints {
                 let files = match cached {
                     Some(f) => f,
                     None => {
-                        let f = Arc::new(ch.fetch_layout(timeout)?);
+                        let f = Arc::new(disks.on_layout(ch.fetch_layout(timeout)?));
                         if let Ok(mut l) = self.layout.lock() {
                             *l = Some((Instant::now(), f.clone()));
                         }
@@ -487,8 +575,13 @@ impl LiveHints {
                     doing: "finding the RAM file's holes before scanning it",
                     source: io::Error::other(e.to_string()),
                 })?;
-                let (table, stats) =
-                    dbmigrate_innodb::scan::scan_frames(ram.bytes(), &data, layout, &files, disks);
+                let (table, stats) = dbmigrate_innodb::scan::scan_frames(
+                    ram.bytes(),
+                    &data,
+                    layout,
+                    &files,
+                    disks.vmm_count,
+                );
                 tracing::info!(
                     layout_reused = reused,
                     layout_ms = dbmigrate_core::stats::millis(asked),
@@ -532,7 +625,7 @@ impl LiveHints {
         &self,
         ch: &mut HintChannel,
         layout: &[GpaRange],
-        disks: usize,
+        disks: &DiskMap,
         table: PageMap<Hint>,
         timeout: Duration,
     ) -> PageMap<Hint> {
@@ -625,12 +718,42 @@ mod tests {
             gh(0x4000, 0, false), // dirty
             gh(0x5001, 0, true),  // misaligned
         ];
-        let (t, dropped) = to_table(&hints, &layout, 1);
+        let (t, dropped) = to_table(&hints, &layout, &DiskMap::positional(1));
         assert_eq!(dropped, 4);
         assert_eq!(
             t.get(&PageIndex(1)).map(|h| h.offset),
             Some(DiskOffset(0x10000))
         );
         assert!(t.contains_key(&RamOffset(0xc000_0000 + 0x2000).page()));
+        // The guest's disk 1 is QEMU's disk 0; its disk 0 is no disk of QEMU.
+        let swapped = DiskMap {
+            map: vec![None, Some(0)],
+            vmm_count: 1,
+        };
+        let (t, dropped) = to_table(&hints, &layout, &swapped);
+        assert_eq!(dropped, 5);
+        assert_eq!(t.get(&PageIndex(3)).map(|h| h.disk), Some(0));
+    }
+
+    #[test]
+    fn layouts_take_qemus_disk_indexes() {
+        use dbmigrate_core::protocol::guest::FileLayout;
+        let f = |id, disk| FileLayout {
+            id,
+            disk,
+            extents: Vec::new(),
+        };
+        let set = LayoutSet {
+            page_size: 16384,
+            files: vec![f(1, 0), f(2, 1), f(3, 2)],
+            frames: Vec::new(),
+        };
+        let m = DiskMap {
+            map: vec![Some(1), None, Some(0)],
+            vmm_count: 2,
+        };
+        let out = m.on_layout(set);
+        let got: Vec<_> = out.files.iter().map(|f| (f.id, f.disk)).collect();
+        assert_eq!(got, [(1, 1), (3, 0)]);
     }
 }

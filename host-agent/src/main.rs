@@ -183,10 +183,12 @@ enum Command {
         /// Keep the destination QEMU after a failed attempt.
         #[arg(long)]
         keep_qemu: bool,
-        /// The VM's disks on shared storage, in the guest's order (first =
-        /// disk 0), for rebuilding pages: `nbd://HOST:PORT[/EXPORT]`, or a
-        /// raw file or block device path (a qcow2, LUKS, VMDK or VHDX image
-        /// is refused: export it raw). Repeat for several disks.
+        /// The VM's disks on shared storage, for rebuilding pages:
+        /// `nbd://HOST:PORT[/EXPORT]`, or a raw file or block device path (a
+        /// qcow2, LUKS, VMDK or VHDX image is refused: export it raw).
+        /// Repeat for several disks: in QEMU's order (`query-block`), or
+        /// each named by the disk's serial or WWN, `serial:ID=ADDRESS`,
+        /// `wwn:ID=ADDRESS` (matched with the destination QEMU's disks).
         #[arg(long = "storage")]
         storage: Vec<String>,
         /// Seconds an NBD connect or read, or a read of a local disk, may
@@ -336,12 +338,30 @@ fn parse_gap_kib(s: &str) -> Result<u32, String> {
 
 /// The VM's disks on shared storage (`--storage`), with the fault suite's
 /// storage failpoint around them in a test build.
+/// Addresses named by serial or WWN (`serial:ID=ADDRESS`) are placed at
+/// the disk of that name among the disks the destination QEMU (`qmp`)
+/// lists, the order hints use.
 fn open_storage(
     specs: &[String],
     timeout: Duration,
+    rt: &tokio::runtime::Runtime,
+    qmp: &std::path::Path,
 ) -> Result<Option<std::sync::Arc<dyn dbmigrate_core::storage::Storage>>> {
-    let storage =
-        dbmigrate_core::storage::open(specs, timeout).context("opening shared storage")?;
+    use dbmigrate_core::storage;
+    let vmm = if specs
+        .iter()
+        .any(|s| s.starts_with("serial:") || s.starts_with("wwn:"))
+    {
+        rt.block_on(async {
+            let mut q = qmp::Qmp::connect(qmp).await?;
+            qemu::disks(&mut q).await
+        })
+        .context("asking the destination QEMU for its disks' serials and WWNs")?
+    } else {
+        Vec::new()
+    };
+    let placed = storage::place(specs, &vmm)?;
+    let storage = storage::open_placed(&placed, timeout).context("opening shared storage")?;
     Ok(storage.map(failpoint::around_storage))
 }
 
@@ -540,12 +560,20 @@ fn run(cli: Cli, rt: &tokio::runtime::Runtime, priority: priority::Priority) -> 
             if storage_bandwidth.is_some() && storage.is_empty() {
                 bail!("--storage-bandwidth paces reads from shared storage: give the VM's disks with --storage too");
             }
-            let storage = open_storage(&storage, Duration::from_secs(storage_timeout))?;
             let domain = libvirt::dest_vm(&libvirt, &security.run_dir, postcopy_socket.as_deref())?;
             let qmp = match (&domain, qmp) {
                 (Some(d), _) => d.dom.qmp.clone(),
                 (None, Some(q)) => q,
                 (None, None) => bail!("give --qmp, or --libvirt and --domain-xml"),
+            };
+            let storage = open_storage(&storage, Duration::from_secs(storage_timeout), rt, &qmp);
+            let storage = match (storage, &domain) {
+                (Ok(s), _) => s,
+                (Err(e), Some(d)) => {
+                    d.after_failure();
+                    return Err(e);
+                }
+                (Err(e), None) => return Err(e),
             };
             let stats = rt.block_on(receive::receive(receive::ReceiveArgs {
                 qmp,

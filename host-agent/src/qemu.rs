@@ -49,23 +49,52 @@ pub struct RamBackend {
 
 pub use dbmigrate_core::addr::GpaRange;
 use dbmigrate_core::addr::{GuestAddr, RamOffset};
+use dbmigrate_core::protocol::guest::{clean_id, DiskId};
 
-/// Sizes of the VM's disks with a medium, in QEMU's order (for `-drive
-/// if=virtio` that is the guest's vda, vdb, ...), skipping CD-ROMs.
-pub async fn disk_sizes(qmp: &mut Qmp) -> Result<Vec<u64>, VmError> {
+/// The VM's disks with a medium, in QEMU's order (`query-block`),
+/// skipping CD-ROMs and floppies: each one's size, and its serial and WWN
+/// as the disk device's properties give them (empty where it has none).
+/// Hint disk indexes are indexes in this list.
+pub async fn disks(qmp: &mut Qmp) -> Result<Vec<DiskId>, VmError> {
     let blocks = qmp.execute("query-block", None).await?;
-    Ok(parse_disk_sizes(&blocks))
+    let mut out = Vec::new();
+    for (bytes, qdev) in parse_disks(&blocks) {
+        let mut d = DiskId {
+            bytes,
+            ..DiskId::default()
+        };
+        if let Some(path) = qdev {
+            let get = |prop| json!({"path": path, "property": prop});
+            // A device without the property (virtio-blk has no WWN) answers
+            // with an error: the name is just not known.
+            if let Ok(Value::String(s)) = qmp.execute("qom-get", Some(get("serial"))).await {
+                d.serial = clean_id(&s);
+            }
+            if let Ok(Value::Number(n)) = qmp.execute("qom-get", Some(get("wwn"))).await {
+                d.wwn = n
+                    .as_u64()
+                    .filter(|&w| w != 0)
+                    .map(|w| format!("0x{w:016x}"))
+                    .unwrap_or_default();
+            }
+        }
+        out.push(d);
+    }
+    Ok(out)
 }
 
-/// The pure part of [`disk_sizes`].
-pub fn parse_disk_sizes(blocks: &Value) -> Vec<u64> {
+/// The pure part of [`disks`]: each disk's size and its device's QOM path.
+pub fn parse_disks(blocks: &Value) -> Vec<(u64, Option<String>)> {
     blocks
         .as_array()
         .map(|a| a.as_slice())
         .unwrap_or_default()
         .iter()
         .filter(|b| !b["removable"].as_bool().unwrap_or(false))
-        .filter_map(|b| b["inserted"]["image"]["virtual-size"].as_u64())
+        .filter_map(|b| {
+            let size = b["inserted"]["image"]["virtual-size"].as_u64()?;
+            Some((size, b["qdev"].as_str().map(str::to_string)))
+        })
         .collect()
 }
 
@@ -227,13 +256,18 @@ mod tests {
     #[test]
     fn disk_sizes_skip_cdroms_and_empty_drives() {
         let v = serde_json::json!([
-            {"device": "virtio0", "removable": false, "inserted": {"image": {"virtual-size": 8589934592u64}}},
+            {"device": "virtio0", "qdev": "/machine/peripheral/d0/virtio-backend", "removable": false, "inserted": {"image": {"virtual-size": 8589934592u64}}},
             {"device": "ide1-cd0", "removable": true, "inserted": {"image": {"virtual-size": 1000}}},
             {"device": "floppy0", "removable": true},
             {"device": "virtio1", "removable": false, "inserted": {"image": {"virtual-size": 4096}}}
         ]);
-        assert_eq!(super::parse_disk_sizes(&v), vec![8589934592, 4096]);
-        assert!(super::parse_disk_sizes(&serde_json::json!({"bad": 1})).is_empty());
+        let sizes: Vec<u64> = super::parse_disks(&v).iter().map(|d| d.0).collect();
+        assert_eq!(sizes, vec![8589934592, 4096]);
+        assert_eq!(
+            super::parse_disks(&v)[0].1.as_deref(),
+            Some("/machine/peripheral/d0/virtio-backend")
+        );
+        assert!(super::parse_disks(&serde_json::json!({"bad": 1})).is_empty());
     }
 
     use super::*;

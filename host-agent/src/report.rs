@@ -218,6 +218,9 @@ pub struct HintReport {
     pub finder: &'static str,
     /// What the newest host-side scan found.
     pub last_scan: Option<dbmigrate_innodb::scan::ScanStats>,
+    /// QEMU's index of each of the guest's disk indexes, matched by serial
+    /// or WWN (null: no disk of QEMU is that one).
+    pub disks: Vec<Option<u16>>,
 }
 
 impl From<&crate::hints::LiveHints> for HintReport {
@@ -228,6 +231,7 @@ impl From<&crate::hints::LiveHints> for HintReport {
         Self {
             finder: if last_scan.is_some() { "host" } else { "guest" },
             last_scan,
+            disks: l.disk_map.lock().map(|m| m.clone()).unwrap_or_default(),
             refreshes: c.refreshes.load(Relaxed),
             last_count: c.last_count.load(Relaxed),
             dropped: c.dropped.load(Relaxed),

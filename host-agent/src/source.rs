@@ -314,16 +314,12 @@ async fn run(
     // and dirty tracking is armed.
     let mut hint_task = None;
     if let Some(path) = &args.guest_hints {
-        let disks = qemu::disk_sizes(qmp).await?;
-        if disks.is_empty() {
+        let vmm_disks = qemu::disks(qmp).await?;
+        if vmm_disks.is_empty() {
             bail!("--guest-hints needs the VM's disks, but QEMU reports no disk with a medium");
         }
-        let (path, layout, every, n) = (
-            path.clone(),
-            report.gpa_layout.clone(),
-            args.hints_refresh,
-            disks.len(),
-        );
+        let disks: Vec<u64> = vmm_disks.iter().map(|d| d.bytes).collect();
+        let (path, layout, every) = (path.clone(), report.gpa_layout.clone(), args.hints_refresh);
         let asks = crate::hints::Asks {
             census: args.page_census,
             page_cache: args.hint_page_cache,
@@ -336,7 +332,7 @@ async fn run(
             crate::hints::Finder::Guest
         };
         let task = tokio::task::spawn_blocking(move || {
-            crate::hints::LiveHints::start(&path, layout, n, every, finder, asks)
+            crate::hints::LiveHints::start(&path, layout, &vmm_disks, every, finder, asks)
         });
         hint_task = Some((task, disks));
     }

@@ -1100,6 +1100,10 @@ pub struct DbBed {
     pub initrd: PathBuf,
     /// More kernel command line for the guests (e.g. `dbm.agent_user=x`).
     pub kernel_extra: String,
+    /// Give the VMs a second, empty disk that QEMU lists first but the
+    /// guest sees second, and serials (`dbm-data`, `dbm-scratch`): the
+    /// guest's disk order and QEMU's then differ.
+    pub scratch_disk_first: bool,
     /// Every VM's place on the bed (the fields above are VM 0's).
     pub slots: Vec<DbSlot>,
     nbd: Vec<Child>,
@@ -1308,6 +1312,7 @@ impl DbBed {
             disk: first.disk,
             initrd,
             kernel_extra: String::new(),
+            scratch_disk_first: false,
             slots,
             nbd,
             loops: Default::default(),
@@ -1420,23 +1425,23 @@ impl DbBed {
         };
         let hints = self.hints_socket(name);
         let _ = std::fs::remove_file(&hints);
-        let extra: Vec<String> = [
-            "-drive",
-            &format!("file={nbd},format=raw,if=virtio,cache=none"),
-            "-netdev",
-            &format!("tap,id=n0,ifname={},script=no,downscript=no", sl.tap),
-            "-device",
-            &format!("virtio-net-pci,netdev=n0,mac={}", sl.mac),
-            "-device",
-            "virtio-serial-pci",
-            "-chardev",
-            &format!("socket,id=h0,path={},server=on,wait=off", hints.display()),
-            "-device",
-            "virtserialport,chardev=h0,name=org.dbmigrate.hints",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+        let mut extra = self.disk_args(name, nbd)?;
+        extra.extend(
+            [
+                "-netdev",
+                &format!("tap,id=n0,ifname={},script=no,downscript=no", sl.tap),
+                "-device",
+                &format!("virtio-net-pci,netdev=n0,mac={}", sl.mac),
+                "-device",
+                "virtio-serial-pci",
+                "-chardev",
+                &format!("socket,id=h0,path={},server=on,wait=off", hints.display()),
+                "-device",
+                "virtserialport,chardev=h0,name=org.dbmigrate.hints",
+            ]
+            .iter()
+            .map(|s| s.to_string()),
+        );
         let img = GuestImage {
             kernel: guest.kernel.clone(),
             initrd: self.initrd.clone(),
@@ -1456,6 +1461,31 @@ impl DbBed {
             ..VmOptions::default()
         };
         Vm::start(&self.tb, ns, name, &img, &o)
+    }
+
+    /// QEMU's disk arguments for VM `name` whose disk is at `nbd`: the one
+    /// disk, or with [`DbBed::scratch_disk_first`] an empty scratch disk
+    /// QEMU creates first (its `query-block` lists it first) on a later
+    /// PCI slot (the guest sees it second, as vdb).
+    fn disk_args(&self, name: &str, nbd: &str) -> Result<Vec<String>> {
+        if !self.scratch_disk_first {
+            return Ok(vec![
+                "-drive".into(),
+                format!("file={nbd},format=raw,if=virtio,cache=none"),
+            ]);
+        }
+        let scratch = self.tb.dir.join(format!("{name}-scratch.img"));
+        std::fs::File::create(&scratch)?.set_len(64 << 20)?;
+        Ok(vec![
+            "-drive".into(),
+            format!("if=none,id=scratch,file={},format=raw", scratch.display()),
+            "-drive".into(),
+            format!("if=none,id=data,file={nbd},format=raw,cache=none"),
+            "-device".into(),
+            "virtio-blk-pci,drive=data,serial=dbm-data,addr=0x10".into(),
+            "-device".into(),
+            "virtio-blk-pci,drive=scratch,serial=dbm-scratch,addr=0x11".into(),
+        ])
     }
 
     /// VM `slot`'s disk as a fresh read-only loop device (the one of an

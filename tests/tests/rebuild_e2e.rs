@@ -221,6 +221,52 @@ fn mariadb_migrates_rebuilding_from_a_block_device() {
     drop(dst);
 }
 
+/// Disks matched by serial, not by position: QEMU lists an empty scratch
+/// disk first while the guest sees the database's disk first (vda). The
+/// guest agent names its disks, the source maps the guest's indexes to
+/// QEMU's, and the destination places `--storage serial:dbm-data=...` at
+/// that disk of its QEMU. A serial no disk has is refused at start, naming
+/// the VM's disks.
+#[test]
+fn disks_are_matched_by_serial_not_by_position() {
+    let guest = mariadb_guest(TABLES, ROWS).unwrap();
+    let mut bed = DbBed::new(&guest, 1000, 1000).unwrap();
+    bed.scratch_disk_first = true;
+    let (mut src, dst) = boot(&bed, &guest);
+    let mut wrong = bed.tb.receive_cmd(&dst).unwrap();
+    wrong.args(["--storage", &format!("serial:nope={}", bed.nbd_from_dst)]);
+    let out = wrong.output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success()
+            && err.contains("serial nope")
+            && err.contains("dbm-scratch")
+            && err.contains("dbm-data"),
+        "a serial no disk has: {err}"
+    );
+    let storage = format!("serial:dbm-data={}", bed.nbd_from_dst);
+    let (report, _recv_log, sysbench) = migrate_under_load_from(
+        &storage,
+        &bed,
+        &guest,
+        (&src, &dst),
+        &bed.hints_socket("db-src"),
+        "host",
+        (40, 10),
+        None,
+    );
+    // The guest's disk 0 (vda) is QEMU's disk 1.
+    assert_eq!(
+        report["hints"]["disks"],
+        serde_json::json!([1]),
+        "{report:#}"
+    );
+    let rebuilt = report["pages"]["rebuilt"].as_u64().unwrap();
+    assert!(rebuilt > 1000, "too few pages rebuilt: {report:#}");
+    load_survived(&bed, &guest, &mut src, sysbench);
+    drop(dst);
+}
+
 /// Any InnoDB server: the host's scan takes the file layout from the
 /// server's open files and data directory, identified by their own first
 /// pages, so the rebuild works with no SQL access at all. The guest agent
@@ -508,7 +554,8 @@ fn corrupting_relay(qemu_socket: &Path, listen: &Path) -> std::thread::JoinHandl
             let (body, tag) = match answer {
                 HintAnswer::Hints { body, tag }
                 | HintAnswer::Layout { body, tag }
-                | HintAnswer::Census { body, tag } => (body, tag),
+                | HintAnswer::Census { body, tag }
+                | HintAnswer::Disks { body, tag } => (body, tag),
                 HintAnswer::Error { len, .. } => (len, u32::MAX),
             };
             let mut rest = vec![0u8; body];
@@ -525,7 +572,7 @@ fn corrupting_relay(qemu_socket: &Path, listen: &Path) -> std::thread::JoinHandl
                 }
                 continue;
             }
-            if let HintAnswer::Census { .. } = answer {
+            if let HintAnswer::Census { .. } | HintAnswer::Disks { .. } = answer {
                 if host.write_all(&set).is_err() {
                     return;
                 }

@@ -7,6 +7,7 @@ pub mod file;
 pub mod nbd;
 
 use crate::addr::DiskOffset;
+use crate::protocol::guest::{wwn_digits, DiskId};
 use std::io;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -124,4 +125,253 @@ pub fn open(
     Ok(Some(std::sync::Arc::new(FileStorage::open(
         &paths, timeout,
     )?)))
+}
+
+/// Why `--storage` addresses named by serial or WWN could not be placed
+/// at the VM's disks.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum PlaceError {
+    /// Some addresses are named and some are not.
+    #[error("give every --storage address a name (serial:ID=ADDRESS, wwn:ID=ADDRESS) or none: named and positional addresses do not mix")]
+    Mixed,
+    /// `serial:`/`wwn:` without `=ADDRESS`, or an empty name.
+    #[error("--storage `{0}`: a named address is serial:ID=ADDRESS or wwn:ID=ADDRESS")]
+    Syntax(String),
+    /// No disk of the VM has the name.
+    #[error("--storage names {key}, but no disk of the VM has it (its disks: {disks})")]
+    NotFound {
+        /// The name given.
+        key: String,
+        /// The VM's disks as QEMU names them.
+        disks: String,
+    },
+    /// Two addresses for one disk, or one name for two disks.
+    #[error("--storage names {0} twice, or two disks of the VM carry it")]
+    Ambiguous(String),
+}
+
+/// A `--storage` address and the disk it is for: `serial:ID=ADDRESS`,
+/// `wwn:ID=ADDRESS` or a bare ADDRESS (by position). Pure.
+fn named(spec: &str) -> Result<Option<(DiskId, &str)>, PlaceError> {
+    let (key, rest) = match spec.split_once(':') {
+        Some((k @ ("serial" | "wwn"), rest)) => (k, rest),
+        _ => return Ok(None),
+    };
+    let (id, addr) = rest
+        .split_once('=')
+        .filter(|(id, addr)| !id.is_empty() && !addr.is_empty())
+        .ok_or_else(|| PlaceError::Syntax(spec.to_string()))?;
+    let mut d = DiskId::default();
+    if key == "serial" {
+        d.serial = id.to_string();
+    } else {
+        d.wwn = id.to_string();
+    }
+    Ok(Some((d, addr)))
+}
+
+/// Places the operator's `--storage` addresses at the VM's disks as its
+/// VMM lists them (`vmm`, the index hints use): bare addresses by
+/// position, named ones (`serial:ID=`, `wwn:ID=`) at the disk of that
+/// serial or WWN. A disk with no address gets None (its references are
+/// refused and the pages asked of the source). Pure.
+pub fn place(specs: &[String], vmm: &[DiskId]) -> Result<Vec<Option<String>>, PlaceError> {
+    let parsed = specs
+        .iter()
+        .map(|s| named(s))
+        .collect::<Result<Vec<_>, _>>()?;
+    if parsed.iter().all(Option::is_none) {
+        return Ok(specs.iter().cloned().map(Some).collect());
+    }
+    if parsed.iter().any(Option::is_none) {
+        return Err(PlaceError::Mixed);
+    }
+    let mut out = vec![None; vmm.len()];
+    for (want, addr) in parsed.into_iter().flatten() {
+        let key = if want.serial.is_empty() {
+            format!("wwn {}", want.wwn)
+        } else {
+            format!("serial {}", want.serial)
+        };
+        let hits: Vec<usize> = (0..vmm.len())
+            .filter(|&k| {
+                let v = &vmm[k];
+                (!want.serial.is_empty() && want.serial == v.serial)
+                    || (!want.wwn.is_empty()
+                        && !wwn_digits(&want.wwn).is_empty()
+                        && wwn_digits(&want.wwn) == wwn_digits(&v.wwn))
+            })
+            .collect();
+        match hits[..] {
+            [] => {
+                let disks = vmm
+                    .iter()
+                    .enumerate()
+                    .map(|(i, d)| format!("#{i} serial `{}` wwn `{}`", d.serial, d.wwn))
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                return Err(PlaceError::NotFound { key, disks });
+            }
+            [k] if out[k].is_none() => out[k] = Some(addr.to_string()),
+            _ => return Err(PlaceError::Ambiguous(key)),
+        }
+    }
+    Ok(out)
+}
+
+/// Opens the disks [`place`] placed: those with an address through
+/// [`open`], the others as disks of size 0 (every reference to them is
+/// refused). None when no disk has an address.
+pub fn open_placed(
+    placed: &[Option<String>],
+    timeout: Duration,
+) -> Result<Option<std::sync::Arc<dyn Storage>>, OpenError> {
+    let specs: Vec<String> = placed.iter().flatten().cloned().collect();
+    let Some(inner) = open(&specs, timeout)? else {
+        return Ok(None);
+    };
+    if placed.iter().all(Option::is_some) {
+        return Ok(Some(inner));
+    }
+    let mut index = Vec::with_capacity(placed.len());
+    let mut next = 0u16;
+    for p in placed {
+        index.push(p.as_ref().map(|_| {
+            next += 1;
+            next - 1
+        }));
+    }
+    let sizes = index
+        .iter()
+        .map(|i| i.map_or(0, |i| inner.disk_sizes()[usize::from(i)]))
+        .collect();
+    Ok(Some(std::sync::Arc::new(Gapped {
+        inner,
+        index,
+        sizes,
+    })))
+}
+
+/// Disks of which only some have storage: the VM's disk index to the
+/// index of its storage.
+struct Gapped {
+    inner: std::sync::Arc<dyn Storage>,
+    index: Vec<Option<u16>>,
+    sizes: Vec<u64>,
+}
+
+impl Gapped {
+    fn inner_disk(&self, disk: u16, offset: DiskOffset, len: usize) -> Result<u16, StorageError> {
+        self.index
+            .get(usize::from(disk))
+            .copied()
+            .flatten()
+            .ok_or_else(|| StorageError::no_such_disk(disk, offset, len))
+    }
+}
+
+impl Storage for Gapped {
+    fn disk_sizes(&self) -> &[u64] {
+        &self.sizes
+    }
+    fn read_at(&self, disk: u16, offset: DiskOffset, buf: &mut [u8]) -> Result<(), StorageError> {
+        let d = self.inner_disk(disk, offset, buf.len())?;
+        self.inner.read_at(d, offset, buf)
+    }
+    fn read_many(
+        &self,
+        disk: u16,
+        reads: &mut [(DiskOffset, &mut [u8])],
+    ) -> Result<(), StorageError> {
+        let (offset, len) = reads
+            .first()
+            .map_or((DiskOffset(0), 0), |r| (r.0, r.1.len()));
+        let d = self.inner_disk(disk, offset, len)?;
+        self.inner.read_many(d, reads)
+    }
+}
+
+#[cfg(test)]
+mod place_tests {
+    use super::*;
+
+    fn d(serial: &str, wwn: &str) -> DiskId {
+        DiskId {
+            bytes: 0,
+            serial: serial.into(),
+            wwn: wwn.into(),
+        }
+    }
+    fn specs(s: &[&str]) -> Vec<String> {
+        s.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn named_addresses_go_to_the_disk_of_that_name() {
+        let vmm = [
+            d("scratch", ""),
+            d("dbm-data", ""),
+            d("", "0x5000c500a1b2c3d4"),
+        ];
+        let got = place(
+            &specs(&[
+                "wwn:naa.5000C500A1B2C3D4=/dev/sdb",
+                "serial:dbm-data=nbd://s:1",
+            ]),
+            &vmm,
+        )
+        .unwrap();
+        assert_eq!(
+            got,
+            [None, Some("nbd://s:1".into()), Some("/dev/sdb".into())]
+        );
+        // Positional addresses stay as they are.
+        assert_eq!(
+            place(&specs(&["/a", "/b"]), &vmm).unwrap(),
+            [Some("/a".into()), Some("/b".into())]
+        );
+    }
+
+    #[test]
+    fn names_that_fit_no_disk_or_two_are_refused() {
+        let vmm = [d("a", ""), d("b", "")];
+        assert!(matches!(
+            place(&specs(&["serial:c=/x"]), &vmm),
+            Err(PlaceError::NotFound { .. })
+        ));
+        assert_eq!(
+            place(&specs(&["serial:a=/x", "serial:a=/y"]), &vmm),
+            Err(PlaceError::Ambiguous("serial a".into()))
+        );
+        assert_eq!(
+            place(&specs(&["serial:a=/x", "/y"]), &vmm),
+            Err(PlaceError::Mixed)
+        );
+        assert!(matches!(
+            place(&specs(&["serial:=/x"]), &vmm),
+            Err(PlaceError::Syntax(_))
+        ));
+        assert!(matches!(
+            place(&specs(&["wwn:abc"]), &vmm),
+            Err(PlaceError::Syntax(_))
+        ));
+    }
+
+    #[test]
+    fn a_disk_without_storage_refuses_its_references() {
+        let dir = std::env::temp_dir().join(format!("dbm-gapped-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("disk");
+        std::fs::write(&f, vec![7u8; 8192]).unwrap();
+        let placed = [None, Some(f.display().to_string())];
+        let s = open_placed(&placed, Duration::from_secs(5))
+            .unwrap()
+            .unwrap();
+        assert_eq!(s.disk_sizes(), [0, 8192]);
+        let mut buf = vec![0u8; 4096];
+        s.read_at(1, DiskOffset(4096), &mut buf).unwrap();
+        assert!(buf.iter().all(|&b| b == 7));
+        assert!(s.read_at(0, DiskOffset(0), &mut buf).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

@@ -6,6 +6,7 @@
 //! Everything from the guest is bounded before use.
 
 mod census;
+mod disks;
 mod layout;
 
 use thiserror::Error;
@@ -13,6 +14,7 @@ use thiserror::Error;
 use crate::addr::{DiskOffset, GuestAddr};
 
 pub use census::*;
+pub use disks::*;
 pub use layout::*;
 
 /// One hint as the guest agent exports it: a guest-physical page that should
@@ -131,6 +133,8 @@ pub enum GuestRequest {
     Census(u32),
     /// Hints for the guest's clean page cache.
     PageCache(u32),
+    /// The serial and WWN of each disk the guest's indexes name.
+    Disks(u32),
 }
 
 /// Parses an 8-byte request {magic, tag}; None if the magic is unknown.
@@ -141,6 +145,7 @@ pub fn parse_guest_request(b: &[u8; 8]) -> Option<GuestRequest> {
         layout::LAYOUT_REQUEST_MAGIC => Some(GuestRequest::Layout(tag)),
         census::CENSUS_REQUEST_MAGIC => Some(GuestRequest::Census(tag)),
         PAGE_CACHE_REQUEST_MAGIC => Some(GuestRequest::PageCache(tag)),
+        disks::DISKS_REQUEST_MAGIC => Some(GuestRequest::Disks(tag)),
         _ => None,
     }
 }
@@ -176,6 +181,13 @@ pub enum HintAnswer {
     },
     /// A memory census with this many body bytes following.
     Census {
+        /// Bytes of body that follow.
+        body: usize,
+        /// Request tag.
+        tag: u32,
+    },
+    /// The disks' identities, this many body bytes following.
+    Disks {
         /// Bytes of body that follow.
         body: usize,
         /// Request tag.
@@ -226,6 +238,10 @@ pub fn parse_answer_header(b: &[u8]) -> Result<HintAnswer, HintFormatError> {
     if b.len() >= HINTS_HEADER_LEN && b[..4] == census::CENSUS_MAGIC.to_le_bytes() {
         let (body, tag) = census::census_header(b)?;
         return Ok(HintAnswer::Census { body, tag });
+    }
+    if b.len() >= HINTS_HEADER_LEN && b[..4] == disks::DISKS_MAGIC.to_le_bytes() {
+        let (body, tag) = disks::disks_header(b)?;
+        return Ok(HintAnswer::Disks { body, tag });
     }
     let (body, tag) = hint_set_header(b)?;
     Ok(HintAnswer::Hints { body, tag })
