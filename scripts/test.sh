@@ -22,4 +22,14 @@ cargo test --release --workspace --no-fail-fast -- --test-threads=1 2>&1 | tee "
 # One closing line over all test binaries (cargo prints one per binary).
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i) ~ /^passed;?$/) p += $(i-1); if ($(i) ~ /^failed;?$/) f += $(i-1) } }
      END { printf "tests: %d passed, %d failed\n", p, f }' "$log"
+# The main demo, run as the README runs it (on CI: from a fresh clone); it
+# fails unless the VM moved byte-exact and its database checked out.
+if [ $status -eq 0 ]; then
+  if bash scripts/demo.sh; then
+    echo "demo: ok"
+  else
+    status=$?
+    echo "demo: FAILED"
+  fi
+fi
 exit $status

@@ -20,7 +20,13 @@ pub(crate) fn run(with_qemu: bool, ram_mib: u64) -> Result<()> {
     );
     println!("== the MariaDB VM ({ram_mib} MiB, buffer pool {pool}) boots on the source; sysbench oltp_read_write runs against it");
     crate::run(command(with_qemu, ram_mib, &out)?)?;
-    summary(&out)
+    let failed = summary(&out)?;
+    anyhow::ensure!(
+        failed.is_empty(),
+        "the demo's migration did not come out right: {}",
+        failed.join("; ")
+    );
+    Ok(())
 }
 
 /// The `compare-db` command the demo runs (pure).
@@ -50,7 +56,10 @@ fn command(with_qemu: bool, ram_mib: u64, out: &Path) -> Result<crate::Cli> {
     Ok(crate::Cli::try_parse_from(args)?)
 }
 
-fn summary(path: &Path) -> Result<()> {
+/// Prints each run; returns what went wrong (a run that did not complete,
+/// RAM not byte-exact, the database not checked).
+fn summary(path: &Path) -> Result<Vec<String>> {
+    let mut failed = Vec::new();
     let r: Value = serde_json::from_str(
         &std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?,
     )?;
@@ -63,8 +72,20 @@ fn summary(path: &Path) -> Result<()> {
             "dbmigrate pre-copy"
         };
         if run["completed"] != Value::Bool(true) {
-            println!("{who}: did not complete: {}", run["detail"]["error"]);
+            let d = &run["detail"];
+            let why = if d["run_error"].is_null() {
+                &d["error"]
+            } else {
+                &d["run_error"]
+            };
+            println!("{who}: did not complete: {why}");
+            failed.push(format!("{who} did not complete"));
             continue;
+        }
+        if run["ram_verified"] == Value::Bool(false)
+            || run["guest_verified_after"] != Value::Bool(true)
+        {
+            failed.push(format!("{who}: RAM or database not verified"));
         }
         let ms = |k: &str| run[k].as_u64().unwrap_or(0);
         let w = &run["workload"];
@@ -102,7 +123,7 @@ fn summary(path: &Path) -> Result<()> {
         "\n(full report: {}; `bench compare-db` runs every method, see the README's Benchmarks)",
         path.display()
     );
-    Ok(())
+    Ok(failed)
 }
 
 fn yes(b: bool) -> &'static str {
@@ -123,7 +144,16 @@ mod tests {
         assert!(command(true, 4096, Path::new("/tmp/x.json")).is_ok());
         let report =
             dbmigrate_testbed::repo_root().join("bench/results/mariadb-sysbench-libvirt.json");
-        summary(&report).unwrap();
+        assert_eq!(summary(&report).unwrap(), Vec::<String>::new());
         assert!(summary(Path::new("/nonexistent.json")).is_err());
+        let bad = std::env::temp_dir().join(format!("demo-bad-{}.json", std::process::id()));
+        std::fs::write(
+            &bad,
+            r#"{"runs": [{"method": "dbmigrate-precopy", "completed": false, "detail": {"run_error": "boot hung"}},
+                         {"method": "qemu-precopy", "completed": true, "ram_verified": null, "guest_verified_after": false}]}"#,
+        )
+        .unwrap();
+        assert_eq!(summary(&bad).unwrap().len(), 2);
+        std::fs::remove_file(&bad).unwrap();
     }
 }
