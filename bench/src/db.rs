@@ -140,7 +140,7 @@ pub fn compare(s: &DbSetup, methods: &[String]) -> Result<(Vec<Run>, MariadbGues
         );
         runs.push(run);
     }
-    if runs.iter().all(|r| r.detail.get("run_error").is_some()) {
+    if !runs.is_empty() && runs.iter().all(|r| r.detail.get("run_error").is_some()) {
         let first = runs.first().map(|r| r.detail["run_error"].to_string());
         bail!("every run failed; the first: {}", first.unwrap_or_default());
     }

@@ -112,6 +112,7 @@ fn hello(conn_index: u16) -> Message {
         page_size: 4096,
         data_connections: 1,
         conn_index,
+        disks: Vec::new(),
     })
 }
 

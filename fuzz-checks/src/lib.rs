@@ -271,6 +271,7 @@ mod tests {
                 page_size: 4096,
                 data_connections: 2,
                 conn_index: 0,
+                disks: Vec::new(),
             }),
             Message::Welcome(Welcome {
                 version: protocol::PROTOCOL_VERSION,
@@ -379,6 +380,7 @@ mod tests {
             page_size: 4096,
             data_connections: 2,
             conn_index: 0,
+            disks: Vec::new(),
         };
         let seed = Message::Hello(hello.clone()).encode();
         assert_eq!(

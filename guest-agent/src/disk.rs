@@ -154,13 +154,14 @@ fn identity(dev: &Path) -> Option<DiskId> {
 }
 
 /// The serial in a SCSI VPD page 0x80 (unit serial number): 4 header
-/// bytes, the length at byte 3, then the serial (pure).
+/// bytes, the page length at bytes 2-3 (big-endian), then the serial
+/// (pure).
 pub fn vpd_serial(page: &[u8]) -> Option<String> {
     let (head, rest) = page.split_first_chunk::<4>()?;
     if head[1] != 0x80 {
         return None;
     }
-    let s = rest.get(..usize::from(head[3]))?;
+    let s = rest.get(..usize::from(u16::from_be_bytes([head[2], head[3]])))?;
     Some(String::from_utf8_lossy(s).into_owned())
 }
 
@@ -177,6 +178,7 @@ mod tests {
         assert_eq!(vpd_serial(b"\x00\x83\x00\x02ab"), None);
         assert_eq!(vpd_serial(b"\x00\x80\x00\x09short"), None);
         assert_eq!(vpd_serial(b"\x00"), None);
+        assert_eq!(vpd_serial(b"\x00\x80\x01\x00ab"), None);
     }
 
     #[test]

@@ -373,11 +373,12 @@ impl DiskMap {
                     vmm_count: vmm.len(),
                 })
             }
-            Err(e) => {
+            // An older guest agent answers the unknown request at once.
+            Err(HintChannelError::Guest(e)) => {
                 tracing::warn!("the guest agent names no disks ({e}): its disk indexes are taken as QEMU's order");
-                ch.reconnect()?;
                 Ok(Self::positional(vmm.len()))
             }
+            Err(e) => Err(e),
         }
     }
 

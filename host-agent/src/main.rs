@@ -336,33 +336,42 @@ fn parse_gap_kib(s: &str) -> Result<u32, String> {
     Ok(kib)
 }
 
+/// The VM's disks as storage, if any were given.
+type OpenedStorage = Option<std::sync::Arc<dyn dbmigrate_core::storage::Storage>>;
+
 /// The VM's disks on shared storage (`--storage`), with the fault suite's
-/// storage failpoint around them in a test build.
+/// storage failpoint around them in a test build, indexed as the
+/// destination QEMU (`qmp`) lists its disks, and that list with the disks'
+/// names (the source's order is matched with it once the source says it).
 /// Addresses named by serial or WWN (`serial:ID=ADDRESS`) are placed at
-/// the disk of that name among the disks the destination QEMU (`qmp`)
-/// lists, the order hints use.
+/// the disk of that name.
 fn open_storage(
     specs: &[String],
     timeout: Duration,
     rt: &tokio::runtime::Runtime,
     qmp: &std::path::Path,
-) -> Result<Option<std::sync::Arc<dyn dbmigrate_core::storage::Storage>>> {
+) -> Result<(OpenedStorage, Vec<dbmigrate_core::protocol::guest::DiskId>)> {
     use dbmigrate_core::storage;
-    let vmm = if specs
-        .iter()
-        .any(|s| s.starts_with("serial:") || s.starts_with("wwn:"))
-    {
-        rt.block_on(async {
+    if specs.is_empty() {
+        return Ok((None, Vec::new()));
+    }
+    let asked = rt
+        .block_on(async {
             let mut q = qmp::Qmp::connect(qmp).await?;
             qemu::disks(&mut q).await
         })
-        .context("asking the destination QEMU for its disks' serials and WWNs")?
-    } else {
-        Vec::new()
+        .context("asking the destination QEMU for its disks' serials and WWNs");
+    let vmm = match asked {
+        Ok(v) => v,
+        Err(e) if !storage::has_named(specs) => {
+            tracing::warn!("{e:#}: --storage is taken in the source's disk order");
+            Vec::new()
+        }
+        Err(e) => return Err(e),
     };
     let placed = storage::place(specs, &vmm)?;
     let storage = storage::open_placed(&placed, timeout).context("opening shared storage")?;
-    Ok(storage.map(failpoint::around_storage))
+    Ok((storage.map(failpoint::around_storage), vmm))
 }
 
 fn preload_path() -> Option<PathBuf> {
@@ -566,29 +575,27 @@ fn run(cli: Cli, rt: &tokio::runtime::Runtime, priority: priority::Priority) -> 
                 (None, Some(q)) => q,
                 (None, None) => bail!("give --qmp, or --libvirt and --domain-xml"),
             };
-            let storage = open_storage(&storage, Duration::from_secs(storage_timeout), rt, &qmp);
-            let storage = match (storage, &domain) {
-                (Ok(s), _) => s,
-                (Err(e), Some(d)) => {
-                    d.after_failure();
-                    return Err(e);
-                }
-                (Err(e), None) => return Err(e),
-            };
-            let stats = rt.block_on(receive::receive(receive::ReceiveArgs {
-                qmp,
-                listen,
-                acceptor: security.acceptor()?,
-                run_dir: security.run_dir.clone(),
-                peer_timeout: Duration::from_secs(timeout),
-                keep_qemu,
-                storage,
-                storage_bandwidth,
-                storage_read_gap_blocks: storage_read_gap.map(|kib| kib as usize / 4),
-                postcopy_socket,
-                prealloc,
-                priority,
-            }));
+            // Storage is opened once the destination QEMU runs (names are
+            // placed at its disks); a failure there is a failed receive.
+            let stats = (|| {
+                let (storage, storage_disks) =
+                    open_storage(&storage, Duration::from_secs(storage_timeout), rt, &qmp)?;
+                rt.block_on(receive::receive(receive::ReceiveArgs {
+                    qmp,
+                    listen,
+                    acceptor: security.acceptor()?,
+                    run_dir: security.run_dir.clone(),
+                    peer_timeout: Duration::from_secs(timeout),
+                    keep_qemu,
+                    storage,
+                    storage_disks,
+                    storage_bandwidth,
+                    storage_read_gap_blocks: storage_read_gap.map(|kib| kib as usize / 4),
+                    postcopy_socket,
+                    prealloc,
+                    priority,
+                }))
+            })();
             let stats = match (stats, &domain) {
                 (Ok(s), Some(d)) => {
                     d.commit()?;

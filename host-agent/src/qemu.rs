@@ -64,23 +64,40 @@ pub async fn disks(qmp: &mut Qmp) -> Result<Vec<DiskId>, VmError> {
             ..DiskId::default()
         };
         if let Some(path) = qdev {
-            let get = |prop| json!({"path": path, "property": prop});
-            // A device without the property (virtio-blk has no WWN) answers
-            // with an error: the name is just not known.
-            if let Ok(Value::String(s)) = qmp.execute("qom-get", Some(get("serial"))).await {
+            if let Value::String(s) = device_property(qmp, &path, "serial").await? {
                 d.serial = clean_id(&s);
             }
-            if let Ok(Value::Number(n)) = qmp.execute("qom-get", Some(get("wwn"))).await {
-                d.wwn = n
-                    .as_u64()
-                    .filter(|&w| w != 0)
-                    .map(|w| format!("0x{w:016x}"))
-                    .unwrap_or_default();
+            if let Some(w) = device_property(qmp, &path, "wwn")
+                .await?
+                .as_u64()
+                .filter(|&w| w != 0)
+            {
+                d.wwn = format!("0x{w:016x}");
             }
         }
         out.push(d);
     }
     Ok(out)
+}
+
+/// Property `prop` of the device at `qdev` (a QOM path, or a device id as
+/// `query-block` gives it for a device that has one); null where the
+/// device has no such property (virtio-blk has no WWN). A failed
+/// connection is an error.
+async fn device_property(qmp: &mut Qmp, qdev: &str, prop: &str) -> Result<Value, VmError> {
+    let path = if qdev.starts_with('/') {
+        qdev.to_string()
+    } else {
+        format!("/machine/peripheral/{qdev}")
+    };
+    match qmp
+        .execute("qom-get", Some(json!({"path": path, "property": prop})))
+        .await
+    {
+        Ok(v) => Ok(v),
+        Err(QmpError::Command { .. }) => Ok(Value::Null),
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// The pure part of [`disks`]: each disk's size and its device's QOM path.

@@ -20,6 +20,7 @@ use tokio::net::TcpListener;
 use crate::devstate::{self, PrivateDir};
 use crate::qemu;
 use crate::qmp::Qmp;
+use dbmigrate_core::protocol::guest::{match_disks, DiskId};
 
 /// Settings of one incoming migration.
 pub struct ReceiveArgs {
@@ -35,8 +36,12 @@ pub struct ReceiveArgs {
     pub peer_timeout: Duration,
     /// Keep the destination QEMU after a failed attempt (default: quit it).
     pub keep_qemu: bool,
-    /// The VM's disks, for rebuilding pages from references.
+    /// The VM's disks, for rebuilding pages from references, indexed as
+    /// the destination QEMU lists them.
     pub storage: Option<std::sync::Arc<dyn dbmigrate_core::storage::Storage>>,
+    /// The destination QEMU's disks with their names (empty: not asked),
+    /// matched with the source's when it names its disks.
+    pub storage_disks: Vec<DiskId>,
     /// Pace of the rebuild's background storage reads, bytes/s.
     pub storage_bandwidth: Option<u64>,
     /// Blocks one storage read goes through unasked (None: the engine's default).
@@ -409,6 +414,36 @@ impl Drop for AbortOnDrop {
     }
 }
 
+/// `storage` (indexed as this host's QEMU lists the disks, `here`) indexed
+/// as the source's references are (`source`, the source QEMU's order),
+/// matching the disks by name ([`match_disks`]); as it is when either side
+/// did not name its disks or the orders agree.
+fn in_source_order(
+    storage: std::sync::Arc<dyn dbmigrate_core::storage::Storage>,
+    source: &[DiskId],
+    here: &[DiskId],
+) -> std::sync::Arc<dyn dbmigrate_core::storage::Storage> {
+    if source.is_empty() || here.is_empty() {
+        return storage;
+    }
+    let index = match_disks(source, here);
+    let same = index.len() == here.len()
+        && index
+            .iter()
+            .enumerate()
+            .all(|(i, k)| *k == u16::try_from(i).ok());
+    if same {
+        return storage;
+    }
+    tracing::info!(
+        ?source,
+        ?here,
+        ?index,
+        "the source lists the VM's disks in another order: storage follows its order"
+    );
+    dbmigrate_core::storage::reindex(storage, index)
+}
+
 async fn session(
     args: &ReceiveArgs,
     qmp: &mut Qmp,
@@ -427,12 +462,16 @@ async fn session(
         s.peer(),
         incoming.to_path_buf(),
     )));
+    let storage = args
+        .storage
+        .clone()
+        .map(|st| in_source_order(st, &s.hello().disks, &args.storage_disks));
     s.set_storage_rate(args.storage_bandwidth);
     if let Some(blocks) = args.storage_read_gap_blocks {
         s.set_storage_read_gap(blocks);
     }
     let t = Instant::now();
-    let received = match s.receive(ram, args.storage.clone(), faults).await {
+    let received = match s.receive(ram, storage, faults).await {
         Ok(r) => r,
         Err(e) => {
             s.abort(&chain(&e)).await;

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use dbmigrate_core::dirty;
+use dbmigrate_core::protocol::guest::DiskId;
 use dbmigrate_core::ram::SourceRam;
 use dbmigrate_core::source::{
     switch_to_postcopy, Decision, GuestSignal, Mode, PostcopyError, SourceConfig, SourceError,
@@ -318,7 +319,7 @@ async fn run(
         if vmm_disks.is_empty() {
             bail!("--guest-hints needs the VM's disks, but QEMU reports no disk with a medium");
         }
-        let disks: Vec<u64> = vmm_disks.iter().map(|d| d.bytes).collect();
+        let disks = vmm_disks.clone();
         let (path, layout, every) = (path.clone(), report.gpa_layout.clone(), args.hints_refresh);
         let asks = crate::hints::Asks {
             census: args.page_census,
@@ -445,11 +446,16 @@ async fn prepare_session(
     undo: &mut Undo,
     ram: SourceRam,
     tracker: Box<dyn dbmigrate_core::dirty::DirtyTracker>,
-    hint_task: Option<(HintTask, Vec<u64>)>,
+    hint_task: Option<(HintTask, Vec<DiskId>)>,
 ) -> Result<(SourceSession, Option<Arc<crate::hints::LiveHints>>)> {
+    // The destination places its storage by the disks' names.
+    let mut config = args.config.clone();
+    if let Some((_, disks)) = &hint_task {
+        config.disks = disks.clone();
+    }
     let reserved = async {
         undo.ignore_shared_was = Some(qemu::set_capability(qmp, "x-ignore-shared", true).await?);
-        SourceSession::connect(args.to, ram, tracker, args.config.clone())
+        SourceSession::connect(args.to, ram, tracker, config)
             .await
             .context("reserving the destination")
     }
@@ -490,7 +496,7 @@ async fn prepare_session(
 /// Waits for the first hints (and the disk sizes they go with), if any
 /// were asked for.
 async fn take_hints(
-    hint_task: Option<(HintTask, Vec<u64>)>,
+    hint_task: Option<(HintTask, Vec<DiskId>)>,
 ) -> Result<Option<(Arc<crate::hints::LiveHints>, Vec<u64>)>> {
     let Some((task, disks)) = hint_task else {
         return Ok(None);
@@ -505,7 +511,7 @@ async fn take_hints(
         disks = ?disks,
         "guest hints ready"
     );
-    Ok(Some((live, disks)))
+    Ok(Some((live, disks.iter().map(|d| d.bytes).collect())))
 }
 
 async fn drive(

@@ -1100,15 +1100,24 @@ pub struct DbBed {
     pub initrd: PathBuf,
     /// More kernel command line for the guests (e.g. `dbm.agent_user=x`).
     pub kernel_extra: String,
-    /// Give the VMs a second, empty disk that QEMU lists first but the
-    /// guest sees second, and serials (`dbm-data`, `dbm-scratch`): the
-    /// guest's disk order and QEMU's then differ.
-    pub scratch_disk_first: bool,
+    /// Give the VMs a second, empty disk that the guest sees second
+    /// (vdb), and serials (`dbm-data`, `dbm-scratch`); where QEMU lists it
+    /// (`query-block`) on the source and on the destination.
+    pub scratch_disk: Option<(Scratch, Scratch)>,
     /// Every VM's place on the bed (the fields above are VM 0's).
     pub slots: Vec<DbSlot>,
     nbd: Vec<Child>,
     /// Each VM's disk as a block device, once asked for.
     loops: std::sync::Mutex<HashMap<usize, LoopDevice>>,
+}
+
+/// Where QEMU lists a test VM's scratch disk ([`DbBed::scratch_disk`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scratch {
+    /// Before the VM's own disk.
+    First,
+    /// After it.
+    Last,
 }
 
 /// One VM's place on a [`DbBed`]: its disk, the disk's NBD export, its tap
@@ -1312,7 +1321,7 @@ impl DbBed {
             disk: first.disk,
             initrd,
             kernel_extra: String::new(),
-            scratch_disk_first: false,
+            scratch_disk: None,
             slots,
             nbd,
             loops: Default::default(),
@@ -1425,7 +1434,7 @@ impl DbBed {
         };
         let hints = self.hints_socket(name);
         let _ = std::fs::remove_file(&hints);
-        let mut extra = self.disk_args(name, nbd)?;
+        let mut extra = self.disk_args(name, nbd, on_src)?;
         extra.extend(
             [
                 "-netdev",
@@ -1464,28 +1473,37 @@ impl DbBed {
     }
 
     /// QEMU's disk arguments for VM `name` whose disk is at `nbd`: the one
-    /// disk, or with [`DbBed::scratch_disk_first`] an empty scratch disk
-    /// QEMU creates first (its `query-block` lists it first) on a later
-    /// PCI slot (the guest sees it second, as vdb).
-    fn disk_args(&self, name: &str, nbd: &str) -> Result<Vec<String>> {
-        if !self.scratch_disk_first {
+    /// disk, or with [`DbBed::scratch_disk`] an empty scratch disk on a
+    /// later PCI slot (the guest sees it second, as vdb) that QEMU creates
+    /// (and `query-block` lists) first or last.
+    fn disk_args(&self, name: &str, nbd: &str, on_src: bool) -> Result<Vec<String>> {
+        let Some((src_at, dst_at)) = self.scratch_disk else {
             return Ok(vec![
                 "-drive".into(),
                 format!("file={nbd},format=raw,if=virtio,cache=none"),
             ]);
-        }
+        };
         let scratch = self.tb.dir.join(format!("{name}-scratch.img"));
         std::fs::File::create(&scratch)?.set_len(64 << 20)?;
-        Ok(vec![
-            "-drive".into(),
+        let mut drives = vec![
+            "-drive".to_string(),
             format!("if=none,id=scratch,file={},format=raw", scratch.display()),
             "-drive".into(),
             format!("if=none,id=data,file={nbd},format=raw,cache=none"),
-            "-device".into(),
-            "virtio-blk-pci,drive=data,serial=dbm-data,addr=0x10".into(),
-            "-device".into(),
-            "virtio-blk-pci,drive=scratch,serial=dbm-scratch,addr=0x11".into(),
-        ])
+        ];
+        if (if on_src { src_at } else { dst_at }) == Scratch::Last {
+            drives.swap(1, 3);
+        }
+        Ok([
+            drives,
+            vec![
+                "-device".into(),
+                "virtio-blk-pci,drive=data,serial=dbm-data,addr=0x10".into(),
+                "-device".into(),
+                "virtio-blk-pci,drive=scratch,serial=dbm-scratch,addr=0x11".into(),
+            ],
+        ]
+        .concat())
     }
 
     /// VM `slot`'s disk as a fresh read-only loop device (the one of an

@@ -8,7 +8,9 @@ use std::path::Path;
 use std::process::Child;
 use std::time::Duration;
 
-use dbmigrate_testbed::{dest_stats, mariadb_guest, sysbench_result, DbBed, MariadbGuest, Vm};
+use dbmigrate_testbed::{
+    dest_stats, mariadb_guest, sysbench_result, DbBed, MariadbGuest, Scratch, Vm,
+};
 use serde_json::Value;
 
 const TABLES: u32 = 4;
@@ -221,17 +223,19 @@ fn mariadb_migrates_rebuilding_from_a_block_device() {
     drop(dst);
 }
 
-/// Disks matched by serial, not by position: QEMU lists an empty scratch
-/// disk first while the guest sees the database's disk first (vda). The
-/// guest agent names its disks, the source maps the guest's indexes to
-/// QEMU's, and the destination places `--storage serial:dbm-data=...` at
-/// that disk of its QEMU. A serial no disk has is refused at start, naming
+/// Disks matched by serial, not by position: the source QEMU lists an
+/// empty scratch disk first while the guest sees the database's disk first
+/// (vda), and the destination QEMU lists the scratch disk last. The guest
+/// agent names its disks, the source maps the guest's indexes to its
+/// QEMU's and names its disks in the Hello, and the destination places
+/// `--storage serial:dbm-data=...` at that disk of its QEMU and follows
+/// the source's order. A serial no disk has is refused at start, naming
 /// the VM's disks.
 #[test]
 fn disks_are_matched_by_serial_not_by_position() {
     let guest = mariadb_guest(TABLES, ROWS).unwrap();
     let mut bed = DbBed::new(&guest, 1000, 1000).unwrap();
-    bed.scratch_disk_first = true;
+    bed.scratch_disk = Some((Scratch::First, Scratch::Last));
     let (mut src, dst) = boot(&bed, &guest);
     let mut wrong = bed.tb.receive_cmd(&dst).unwrap();
     wrong.args(["--storage", &format!("serial:nope={}", bed.nbd_from_dst)]);
@@ -245,7 +249,7 @@ fn disks_are_matched_by_serial_not_by_position() {
         "a serial no disk has: {err}"
     );
     let storage = format!("serial:dbm-data={}", bed.nbd_from_dst);
-    let (report, _recv_log, sysbench) = migrate_under_load_from(
+    let (report, recv_log, sysbench) = migrate_under_load_from(
         &storage,
         &bed,
         &guest,
@@ -255,7 +259,9 @@ fn disks_are_matched_by_serial_not_by_position() {
         (40, 10),
         None,
     );
-    // The guest's disk 0 (vda) is QEMU's disk 1.
+    // The guest's disk 0 (vda) is the source QEMU's disk 1, the
+    // destination QEMU's disk 0.
+    assert!(recv_log.contains("another order"), "{recv_log}");
     assert_eq!(
         report["hints"]["disks"],
         serde_json::json!([1]),

@@ -2,10 +2,11 @@
 //! and count from the peer is bounded before it is used.
 
 use super::frame::frame;
+use super::guest;
 use super::{
     BatchBuilder, Hello, Kind, Message, PageEncoding, PageEntry, ProtocolError, Welcome,
-    MAX_BATCH_PAGES, MAX_NEED, MAX_REPORTED_MISMATCHES, MAX_STRING, PROTOCOL_VERSION,
-    REFERENCE_LEN,
+    MAX_BATCH_PAGES, MAX_HELLO_DISKS, MAX_NEED, MAX_REPORTED_MISMATCHES, MAX_STRING,
+    PROTOCOL_VERSION, REFERENCE_LEN,
 };
 use crate::PAGE_SIZE;
 
@@ -52,6 +53,17 @@ impl Message {
                 p.extend_from_slice(&h.page_size.to_le_bytes());
                 p.extend_from_slice(&h.data_connections.to_le_bytes());
                 p.extend_from_slice(&h.conn_index.to_le_bytes());
+                let disks = if h.disks.len() <= MAX_HELLO_DISKS {
+                    &h.disks[..]
+                } else {
+                    &h.disks[..0]
+                };
+                put_len(&mut p, disks.len());
+                for d in disks {
+                    p.extend_from_slice(&d.bytes.to_le_bytes());
+                    put_str(&mut p, &guest::clean_id(&d.serial));
+                    put_str(&mut p, &guest::clean_id(&d.wwn));
+                }
             }
             Message::Welcome(w) => {
                 p.extend_from_slice(&w.version.to_le_bytes());
@@ -290,11 +302,30 @@ impl<'a> Reader<'a> {
             page_size: self.u32()?,
             data_connections: self.u16()?,
             conn_index: self.u16()?,
+            disks: Vec::new(),
         };
         if h.version != PROTOCOL_VERSION {
             return Err(ProtocolError::Version { peer: h.version });
         }
-        Ok(h)
+        // Each disk takes 16 bytes at least (a size and two lengths).
+        let n = self.len(16)?;
+        if n > MAX_HELLO_DISKS {
+            return Err(self.bad(format!("{n} disks, limit {MAX_HELLO_DISKS}")));
+        }
+        let mut disks = Vec::with_capacity(n);
+        for _ in 0..n {
+            let bytes = self.u64()?;
+            let (serial, wwn) = (self.string()?, self.string()?);
+            for s in [&serial, &wwn] {
+                if guest::clean_id(s) != *s {
+                    return Err(
+                        self.bad("a disk's serial or WWN is not a short printable name".into())
+                    );
+                }
+            }
+            disks.push(guest::DiskId { bytes, serial, wwn });
+        }
+        Ok(Hello { disks, ..h })
     }
 
     fn welcome(&mut self) -> Result<Welcome, ProtocolError> {

@@ -68,8 +68,9 @@ async fn read_frame<R: AsyncRead + Unpin>(
     Ok((msg, HEADER_LEN as u64 + len))
 }
 
-/// Largest [`Hello`] payload (it is 28 bytes).
-const MAX_HELLO: u64 = 64;
+/// Largest [`Hello`] payload: 32 bytes and the disks' names, at most
+/// [`super::MAX_HELLO_DISKS`] of 8 + 4 + 64 + 4 + 64 bytes.
+const MAX_HELLO: u64 = 4096;
 
 /// Reads the first frame of a connection, which must be a [`Hello`]: any
 /// other kind, or a longer payload, is refused before the payload is read,

@@ -81,8 +81,11 @@ pub use pages::{
 
 /// First four bytes of every frame: "DMG1" little-endian.
 pub const MAGIC: u32 = u32::from_le_bytes(*b"DMG1");
+/// Most disks a [`Hello`] names (a VM with more sends none, and its
+/// storage is placed by position).
+pub const MAX_HELLO_DISKS: usize = 16;
 /// Protocol version carried in [`Hello`] and [`Welcome`].
-pub const PROTOCOL_VERSION: u32 = 7;
+pub const PROTOCOL_VERSION: u32 = 8;
 /// Size of the fixed frame header.
 pub const HEADER_LEN: usize = 16;
 /// Largest payload a peer may announce; larger frames are refused unread.
@@ -201,6 +204,11 @@ pub struct Hello {
     /// 0 for the control connection, 1..=N for data connections,
     /// [`DEVICE_STATE_CONN`] for the device-state relay.
     pub conn_index: u16,
+    /// The VM's disks in the order references index them (the source
+    /// VMM's), each with its size, serial and WWN, so that the destination
+    /// places its storage by name; empty when not known. At most
+    /// [`MAX_HELLO_DISKS`], names as [`guest::clean_id`] leaves them.
+    pub disks: Vec<guest::DiskId>,
 }
 
 /// Destination's answer to the control [`Hello`]: ready to receive.
@@ -346,6 +354,14 @@ mod tests {
                 page_size: 4096,
                 data_connections: 2,
                 conn_index: 1,
+                disks: vec![
+                    guest::DiskId {
+                        bytes: 8 << 30,
+                        serial: "db-data".into(),
+                        wwn: String::new(),
+                    },
+                    guest::DiskId::default(),
+                ],
             }),
             Message::Welcome(Welcome {
                 version: PROTOCOL_VERSION,
@@ -571,9 +587,28 @@ mod tests {
             page_size: 4096,
             data_connections: 1,
             conn_index: 0,
+            disks: Vec::new(),
         });
         let f = hello.encode();
         assert_eq!(read_hello(&mut &f[..]).await.unwrap().session, 1);
+        // The most disks a Hello names, with the longest names, still fit.
+        let Message::Hello(mut h) = hello else {
+            unreachable!()
+        };
+        h.disks = vec![
+            guest::DiskId {
+                bytes: u64::MAX,
+                serial: "s".repeat(guest::MAX_ID_LEN),
+                wwn: "w".repeat(guest::MAX_ID_LEN),
+            };
+            MAX_HELLO_DISKS
+        ];
+        let f = Message::Hello(h.clone()).encode();
+        assert_eq!(read_hello(&mut &f[..]).await.unwrap(), h);
+        // More disks than that are sent as none.
+        h.disks.push(guest::DiskId::default());
+        let f = Message::Hello(h).encode();
+        assert!(read_hello(&mut &f[..]).await.unwrap().disks.is_empty());
         let commit = Message::Commit.encode();
         assert!(read_hello(&mut &commit[..]).await.is_err());
         // A Hello header announcing a long payload is refused before it is read.
@@ -615,6 +650,7 @@ mod tests {
             page_size: 4096,
             data_connections: 1,
             conn_index: 0,
+            disks: Vec::new(),
         })
         .encode();
         let (k, _) = split(&h);

@@ -138,6 +138,9 @@ pub struct SourceConfig {
     pub hints: Option<Arc<dyn HintSource>>,
     /// Sizes of the VM's disks, by the index hints use.
     pub disk_sizes: Vec<u64>,
+    /// The VM's disks by that index with their names, told to the
+    /// destination (which places its storage by them); empty: not known.
+    pub disks: Vec<crate::protocol::guest::DiskId>,
     /// How connections to the destination are secured. The default is
     /// plain TCP, for tests on loopback; the `dbmigrate` command uses
     /// mutual TLS unless told otherwise by name.
@@ -159,6 +162,7 @@ impl Default for SourceConfig {
             peer_timeout: Duration::from_secs(30),
             hints: None,
             disk_sizes: Vec::new(),
+            disks: Vec::new(),
             connector: Connector::InsecurePlaintext,
             census: None,
         }

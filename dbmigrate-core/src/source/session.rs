@@ -101,7 +101,7 @@ impl SourceSession {
     ) -> Result<Self, SourceError> {
         let conns = cfg.connections.clamp(1, protocol::MAX_DATA_CONNECTIONS);
         let session = session_id();
-        let hello = |conn_index| session_hello(session, ram.len(), conns, conn_index);
+        let hello = |conn_index| session_hello(session, ram.len(), conns, conn_index, &cfg.disks);
         let tcp = connect_retrying(addr, cfg.peer_timeout.min(Duration::from_secs(10))).await?;
         let (mut ctrl_rx, mut ctrl_tx) = cfg.connector.secure(tcp, addr).await?.split();
         let mut stats = MigrationStats::default();
@@ -226,6 +226,7 @@ impl SourceSession {
             self.ram.len(),
             conns,
             protocol::DEVICE_STATE_CONN,
+            &self.cfg.disks,
         );
         protocol::write_message(&mut conn, &hello, "introducing the device-state connection")
             .await?;
@@ -798,8 +799,15 @@ async fn connect_retrying(addr: SocketAddr, patience: Duration) -> Result<TcpStr
 }
 
 /// The Hello that opens each of a session's connections.
-fn session_hello(session: u64, ram_bytes: u64, conns: u16, conn_index: u16) -> Message {
+fn session_hello(
+    session: u64,
+    ram_bytes: u64,
+    conns: u16,
+    conn_index: u16,
+    disks: &[crate::protocol::guest::DiskId],
+) -> Message {
     Message::Hello(Hello {
+        disks: disks.to_vec(),
         version: protocol::PROTOCOL_VERSION,
         session,
         ram_bytes,

@@ -7,7 +7,7 @@ pub mod file;
 pub mod nbd;
 
 use crate::addr::DiskOffset;
-use crate::protocol::guest::{wwn_digits, DiskId};
+use crate::protocol::guest::DiskId;
 use std::io;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -138,7 +138,7 @@ pub enum PlaceError {
     #[error("--storage `{0}`: a named address is serial:ID=ADDRESS or wwn:ID=ADDRESS")]
     Syntax(String),
     /// No disk of the VM has the name.
-    #[error("--storage names {key}, but no disk of the VM has it (its disks: {disks})")]
+    #[error("--storage names {key}, but no disk of the destination QEMU has it (its disks: {disks}); give the disk that name (`-device virtio-blk-pci,...,serial=ID`, `<serial>` in libvirt's `<disk>`) or name it as the QEMU does")]
     NotFound {
         /// The name given.
         key: String,
@@ -170,6 +170,14 @@ fn named(spec: &str) -> Result<Option<(DiskId, &str)>, PlaceError> {
     Ok(Some((d, addr)))
 }
 
+/// Whether any `--storage` address is named by serial or WWN (the
+/// destination QEMU's disks are then needed to place it). Pure.
+pub fn has_named(specs: &[String]) -> bool {
+    specs
+        .iter()
+        .any(|s| matches!(named(s), Ok(Some(_)) | Err(_)))
+}
+
 /// Places the operator's `--storage` addresses at the VM's disks as its
 /// VMM lists them (`vmm`, the index hints use): bare addresses by
 /// position, named ones (`serial:ID=`, `wwn:ID=`) at the disk of that
@@ -194,20 +202,23 @@ pub fn place(specs: &[String], vmm: &[DiskId]) -> Result<Vec<Option<String>>, Pl
             format!("serial {}", want.serial)
         };
         let hits: Vec<usize> = (0..vmm.len())
-            .filter(|&k| {
-                let v = &vmm[k];
-                (!want.serial.is_empty() && want.serial == v.serial)
-                    || (!want.wwn.is_empty()
-                        && !wwn_digits(&want.wwn).is_empty()
-                        && wwn_digits(&want.wwn) == wwn_digits(&v.wwn))
-            })
+            .filter(|&k| want.same_name(&vmm[k]))
             .collect();
         match hits[..] {
             [] => {
                 let disks = vmm
                     .iter()
                     .enumerate()
-                    .map(|(i, d)| format!("#{i} serial `{}` wwn `{}`", d.serial, d.wwn))
+                    .map(|(i, d)| {
+                        let or_none = |s: &str| {
+                            if s.is_empty() {
+                                "none".to_string()
+                            } else {
+                                format!("`{s}`")
+                            }
+                        };
+                        format!("#{i} serial {} wwn {}", or_none(&d.serial), or_none(&d.wwn))
+                    })
                     .collect::<Vec<_>>()
                     .join(", ");
                 return Err(PlaceError::NotFound { key, disks });
@@ -241,15 +252,27 @@ pub fn open_placed(
             next - 1
         }));
     }
+    Ok(Some(reindex(inner, index)))
+}
+
+/// `inner` with its disks at other indexes: disk `i` of the result is
+/// `inner`'s disk `index[i]`, or none (size 0, every read refused).
+pub fn reindex(
+    inner: std::sync::Arc<dyn Storage>,
+    index: Vec<Option<u16>>,
+) -> std::sync::Arc<dyn Storage> {
     let sizes = index
         .iter()
-        .map(|i| i.map_or(0, |i| inner.disk_sizes()[usize::from(i)]))
+        .map(|i| {
+            i.and_then(|i| inner.disk_sizes().get(usize::from(i)).copied())
+                .unwrap_or(0)
+        })
         .collect();
-    Ok(Some(std::sync::Arc::new(Gapped {
+    std::sync::Arc::new(Gapped {
         inner,
         index,
         sizes,
-    })))
+    })
 }
 
 /// Disks of which only some have storage: the VM's disk index to the
@@ -372,6 +395,12 @@ mod place_tests {
         s.read_at(1, DiskOffset(4096), &mut buf).unwrap();
         assert!(buf.iter().all(|&b| b == 7));
         assert!(s.read_at(0, DiskOffset(0), &mut buf).is_err());
+        // Swapped: the file is disk 0 now, disk 1 has no storage.
+        let s = reindex(s, vec![Some(1), None, Some(9)]);
+        assert_eq!(s.disk_sizes(), [8192, 0, 0]);
+        s.read_at(0, DiskOffset(0), &mut buf).unwrap();
+        assert!(s.read_at(1, DiskOffset(0), &mut buf).is_err());
+        assert!(s.read_at(2, DiskOffset(0), &mut buf).is_err());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -111,6 +111,7 @@ pub async fn scripted_source(
             page_size: 4096,
             data_connections: 1,
             conn_index,
+            disks: Vec::new(),
         })
     };
     let mut ctrl = TcpStream::connect(addr).await.unwrap();

@@ -59,27 +59,52 @@ impl DiskId {
 }
 
 /// An identity cleaned for the wire: printable ASCII without spaces at
-/// either end, at most [`MAX_ID_LEN`] bytes; anything else is dropped
+/// either end, cut to [`MAX_ID_LEN`] bytes (a guest that sees 20 bytes of
+/// a longer serial still matches); anything not printable is dropped
 /// (empty). Pure.
 pub fn clean_id(s: &str) -> String {
     let t = s.trim_matches(|c: char| c.is_whitespace() || c == '\0');
-    if t.len() > MAX_ID_LEN || !t.bytes().all(|b| (0x20..0x7f).contains(&b)) {
+    if !t.bytes().all(|b| (0x20..0x7f).contains(&b)) {
         return String::new();
     }
-    t.to_string()
+    t[..t.len().min(MAX_ID_LEN)].trim_end().to_string()
 }
 
-/// A WWN reduced to its hex digits, lower case, without the `naa.`, `eui.`
-/// or `0x` prefix, so that QEMU's number and the guest's text compare.
+/// A WWN as the number QEMU's `wwn` property holds: `0x5000c500a1b2c3d4`,
+/// `naa.5000c500a1b2c3d4` or bare hex, at most 16 digits. None for any
+/// other designator (a 128-bit NAA, `t10.`, `eui.` of another length).
 /// Pure.
-pub fn wwn_digits(s: &str) -> String {
-    let s = s.trim().to_ascii_lowercase();
-    let s = s
+pub fn wwn_value(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let hex = s
         .strip_prefix("naa.")
-        .or_else(|| s.strip_prefix("eui."))
         .or_else(|| s.strip_prefix("0x"))
-        .unwrap_or(&s);
-    s.chars().filter(char::is_ascii_hexdigit).collect()
+        .or_else(|| s.strip_prefix("0X"))
+        .unwrap_or(s);
+    if hex.is_empty() || hex.len() > 16 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    u64::from_str_radix(hex, 16).ok().filter(|&w| w != 0)
+}
+
+impl DiskId {
+    /// Whether `self` and `other` carry the same serial (or one is the
+    /// 20-byte start of the other: what a virtio-blk guest sees of a longer
+    /// serial) or the same WWN. Pure.
+    pub fn same_name(&self, other: &DiskId) -> bool {
+        let (a, b) = (&self.serial, &other.serial);
+        let prefix = |short: &str, long: &str| {
+            short.len() == VIRTIO_SERIAL_LEN && long.len() > short.len() && long.starts_with(short)
+        };
+        let serial = !a.is_empty() && !b.is_empty() && (a == b || prefix(a, b) || prefix(b, a));
+        let wwn = wwn_value(&self.wwn).is_some_and(|w| Some(w) == wwn_value(&other.wwn));
+        serial || wwn
+    }
+
+    /// Whether the sizes do not say these are two disks (0: not known).
+    fn size_agrees(&self, other: &DiskId) -> bool {
+        self.bytes == 0 || other.bytes == 0 || self.bytes == other.bytes
+    }
 }
 
 /// A request for the disks' identities.
@@ -161,41 +186,48 @@ fn take<const N: usize>(b: &[u8], at: usize) -> Result<[u8; N], DisksError> {
 }
 
 /// Whether the guest's view `g` and the VMM's `v` are the same disk: the
-/// same serial (a virtio-blk guest sees the first 20 bytes of a longer
-/// one) or the same WWN, and not two different sizes. Pure.
+/// same name ([`DiskId::same_name`]) and not two different sizes. Pure.
 pub fn same_disk(g: &DiskId, v: &DiskId) -> bool {
-    let serial = !g.serial.is_empty()
-        && (g.serial == v.serial
-            || (g.serial.len() == VIRTIO_SERIAL_LEN && v.serial.starts_with(&g.serial)));
-    let wwn = !g.wwn.is_empty()
-        && !wwn_digits(&g.wwn).is_empty()
-        && wwn_digits(&g.wwn) == wwn_digits(&v.wwn);
-    let sizes_agree = g.bytes == 0 || v.bytes == 0 || g.bytes == v.bytes;
-    (serial || wwn) && sizes_agree
+    g.same_name(v) && g.size_agrees(v)
 }
 
 /// For each of the guest's disk indexes, the VMM's index of the same disk
 /// (None: no disk of the VMM is that one, or another guest disk took it).
-/// When no guest disk carries a serial or WWN (an older guest agent, disks
-/// without serials), indexes are taken as they are, as far as the VMM has
-/// disks. Pure.
+/// Disks are matched by name first (two disks of the VMM with one name
+/// match neither); a guest disk left over takes the VMM's disk at its own
+/// position if that one has no name, is not taken and its size agrees
+/// (an unnamed disk beside named ones; a serial only the guest knows,
+/// such as the one Linux makes up for an IDE disk). When no disk on one
+/// side has a name (an older guest agent, disks without serials), indexes
+/// are positions, as far as the VMM has disks. Pure.
 pub fn match_disks(guest: &[DiskId], vmm: &[DiskId]) -> Vec<Option<u16>> {
-    if !guest.iter().any(DiskId::named) {
+    let index = |k: usize| u16::try_from(k).ok();
+    if !guest.iter().any(DiskId::named) || !vmm.iter().any(DiskId::named) {
         return (0..guest.len())
-            .map(|i| u16::try_from(i).ok().filter(|_| i < vmm.len()))
+            .map(|i| index(i).filter(|_| i < vmm.len()))
             .collect();
     }
     let mut taken = vec![false; vmm.len()];
-    guest
+    let mut out: Vec<Option<u16>> = guest
         .iter()
         .map(|g| {
             let hits: Vec<usize> = (0..vmm.len()).filter(|&k| same_disk(g, &vmm[k])).collect();
-            // Two disks of the VMM with the same name are no match at all.
             let [k] = hits[..] else { return None };
-            let index = u16::try_from(k).ok()?;
-            (!std::mem::replace(&mut taken[k], true)).then_some(index)
+            (!std::mem::replace(&mut taken[k], true))
+                .then(|| index(k))
+                .flatten()
         })
-        .collect()
+        .collect();
+    for (i, g) in guest.iter().enumerate() {
+        let free = vmm
+            .get(i)
+            .is_some_and(|v| !taken[i] && !v.named() && g.size_agrees(v));
+        if out[i].is_none() && free {
+            taken[i] = true;
+            out[i] = index(i);
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -235,9 +267,15 @@ mod tests {
     fn identities_are_cleaned_for_the_wire() {
         assert_eq!(clean_id("  ABC123 \n"), "ABC123");
         assert_eq!(clean_id("a\u{1}b"), "");
-        assert_eq!(clean_id(&"x".repeat(65)), "");
-        assert_eq!(wwn_digits("naa.5000C500A1B2C3D4"), "5000c500a1b2c3d4");
-        assert_eq!(wwn_digits("0x5000c500a1b2c3d4"), "5000c500a1b2c3d4");
+        assert_eq!(clean_id(&"x".repeat(65)), "x".repeat(64));
+        let w = Some(0x5000_c500_a1b2_c3d4);
+        assert_eq!(wwn_value("naa.5000C500A1B2C3D4"), w);
+        assert_eq!(wwn_value("0x5000c500a1b2c3d4"), w);
+        assert_eq!(wwn_value("5000c500a1b2c3d4"), w);
+        assert_eq!(wwn_value("0x1234"), Some(0x1234));
+        assert_eq!(wwn_value("naa.6001405abcdef0123456789abcdef012"), None);
+        assert_eq!(wwn_value("t10.ATA     QEMU HARDDISK"), None);
+        assert_eq!(wwn_value("0x0"), None);
     }
 
     #[test]
@@ -261,6 +299,11 @@ mod tests {
         );
         // Sizes that differ are two disks.
         assert_eq!(match_disks(&[d(1, "s", "")], &[d(2, "s", "")]), [None]);
+        // WWNs compare as numbers.
+        assert_eq!(
+            match_disks(&[d(0, "", "naa.1234")], &[d(0, "", "0x0000000000001234")]),
+            [Some(0)]
+        );
         // A disk of the VMM is taken once; two with one name match none.
         assert_eq!(
             match_disks(&[d(0, "s", ""), d(0, "s", "")], &[d(0, "s", "")]),
@@ -278,6 +321,31 @@ mod tests {
         assert_eq!(
             match_disks(&[d(1, "", ""), d(2, "", ""), d(3, "", "")], &vmm),
             [Some(0), Some(1), None]
+        );
+        // Serials only the guest knows (Linux's for an IDE disk QEMU gave
+        // none): QEMU names no disk, positions stand.
+        let vmm = [d(1, "", ""), d(2, "", "")];
+        assert_eq!(
+            match_disks(&[d(1, "QM00001", ""), d(2, "QM00002", "")], &vmm),
+            [Some(0), Some(1)]
+        );
+        // An unnamed disk beside a named one keeps its position, if that
+        // disk of the VMM has no name and its size agrees.
+        let vmm = [d(1, "", ""), d(2, "data", "")];
+        assert_eq!(
+            match_disks(&[d(1, "", ""), d(2, "data", "")], &vmm),
+            [Some(0), Some(1)]
+        );
+        assert_eq!(
+            match_disks(&[d(5, "", ""), d(2, "data", "")], &vmm),
+            [None, Some(1)]
+        );
+        assert_eq!(
+            match_disks(
+                &[d(2, "", ""), d(0, "y", "")],
+                &[d(2, "x", ""), d(1, "", "")]
+            ),
+            [None, Some(1)]
         );
     }
 }
