@@ -367,7 +367,7 @@ async fn rebuild_case(tag: &str, pace: Option<u64>) -> (dest::DestStats, Duratio
     let cfg = SourceConfig {
         connections: 2,
         hints: Some(Arc::new(hints)),
-        disk_sizes,
+        disks: disks_of(&disk_sizes),
         ..SourceConfig::default()
     };
     let ram = SourceRam::open(&src_path, PAGES * 4096).unwrap();
@@ -471,7 +471,7 @@ async fn rebuild_throughput() {
     let cfg = SourceConfig {
         connections: 2,
         hints: Some(Arc::new(hints)),
-        disk_sizes,
+        disks: disks_of(&disk_sizes),
         ..SourceConfig::default()
     };
     let t = std::time::Instant::now();
@@ -984,4 +984,15 @@ async fn a_page_placed_with_other_bytes_than_the_source_holds_fails_verification
     );
     drop((ctrl, data));
     std::fs::remove_file(dst_path).unwrap();
+}
+
+/// The disks of `sizes`, unnamed, as the source's configuration takes them.
+fn disks_of(sizes: &[u64]) -> Vec<dbmigrate_core::protocol::guest::DiskId> {
+    sizes
+        .iter()
+        .map(|&bytes| dbmigrate_core::protocol::guest::DiskId {
+            bytes,
+            ..Default::default()
+        })
+        .collect()
 }

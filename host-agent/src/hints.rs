@@ -433,7 +433,7 @@ pub struct LiveHints {
     /// The newest page-cache hints and when they came.
     page_cache_table: std::sync::Mutex<Option<(Instant, Arc<PageMap<Hint>>)>>,
     /// For each of the guest's disk indexes, QEMU's (for the report).
-    pub disk_map: std::sync::Mutex<Vec<Option<u16>>>,
+    pub disk_map: Vec<Option<u16>>,
     stop: AtomicBool,
 }
 
@@ -491,11 +491,11 @@ impl LiveHints {
     ) -> Result<Arc<Self>, HintChannelError> {
         let ram_pages = layout.iter().map(|r| r.len / 4096).sum();
         let mut ch = HintChannel::connect(path, ram_pages)?;
-        let live = Arc::new(Self::default());
         let disks = DiskMap::ask(&mut ch, vmm_disks)?;
-        if let Ok(mut m) = live.disk_map.lock() {
-            *m = disks.map.clone();
-        }
+        let live = Arc::new(Self {
+            disk_map: disks.map.clone(),
+            ..Self::default()
+        });
         live.page_cache.store(asks.page_cache, Ordering::Relaxed);
         if asks.census {
             let t = Instant::now();

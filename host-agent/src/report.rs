@@ -231,7 +231,7 @@ impl From<&crate::hints::LiveHints> for HintReport {
         Self {
             finder: if last_scan.is_some() { "host" } else { "guest" },
             last_scan,
-            disks: l.disk_map.lock().map(|m| m.clone()).unwrap_or_default(),
+            disks: l.disk_map.clone(),
             refreshes: c.refreshes.load(Relaxed),
             last_count: c.last_count.load(Relaxed),
             dropped: c.dropped.load(Relaxed),

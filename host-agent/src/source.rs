@@ -463,7 +463,7 @@ async fn prepare_session(
     let mut session = match reserved {
         Ok(s) => s,
         Err(e) => {
-            if let Ok(Some((live, _))) = take_hints(hint_task).await {
+            if let Ok(Some(live)) = take_hints(hint_task).await {
                 live.stop();
             }
             return Err(e);
@@ -473,7 +473,7 @@ async fn prepare_session(
     let ready = match (armed, take_hints(hint_task).await) {
         (Ok(()), hints) => hints,
         (Err(e), hints) => {
-            if let Ok(Some((live, _))) = hints {
+            if let Ok(Some(live)) = hints {
                 live.stop();
             }
             Err(e)
@@ -481,8 +481,8 @@ async fn prepare_session(
     };
     match ready {
         Ok(None) => Ok((session, None)),
-        Ok(Some((live, disks))) => {
-            session.set_hints(live.clone(), disks);
+        Ok(Some(live)) => {
+            session.set_hints(live.clone());
             Ok((session, Some(live)))
         }
         Err(e) => {
@@ -493,11 +493,10 @@ async fn prepare_session(
     }
 }
 
-/// Waits for the first hints (and the disk sizes they go with), if any
-/// were asked for.
+/// Waits for the first hints, if any were asked for.
 async fn take_hints(
     hint_task: Option<(HintTask, Vec<DiskId>)>,
-) -> Result<Option<(Arc<crate::hints::LiveHints>, Vec<u64>)>> {
+) -> Result<Option<Arc<crate::hints::LiveHints>>> {
     let Some((task, disks)) = hint_task else {
         return Ok(None);
     };
@@ -511,7 +510,7 @@ async fn take_hints(
         disks = ?disks,
         "guest hints ready"
     );
-    Ok(Some((live, disks.iter().map(|d| d.bytes).collect())))
+    Ok(Some(live))
 }
 
 async fn drive(

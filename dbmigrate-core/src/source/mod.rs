@@ -136,10 +136,9 @@ pub struct SourceConfig {
     pub peer_timeout: Duration,
     /// Where pages may be rebuilt from shared storage (untrusted; each hint is checked).
     pub hints: Option<Arc<dyn HintSource>>,
-    /// Sizes of the VM's disks, by the index hints use.
-    pub disk_sizes: Vec<u64>,
-    /// The VM's disks by that index with their names, told to the
-    /// destination (which places its storage by them); empty: not known.
+    /// The VM's disks, by the index hints use: their sizes bound every
+    /// hint, and their names are told to the destination (which places
+    /// its storage by them).
     pub disks: Vec<crate::protocol::guest::DiskId>,
     /// How connections to the destination are secured. The default is
     /// plain TCP, for tests on loopback; the `dbmigrate` command uses
@@ -161,7 +160,6 @@ impl Default for SourceConfig {
             verify_threads: 2,
             peer_timeout: Duration::from_secs(30),
             hints: None,
-            disk_sizes: Vec::new(),
             disks: Vec::new(),
             connector: Connector::InsecurePlaintext,
             census: None,

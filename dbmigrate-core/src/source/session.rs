@@ -202,10 +202,10 @@ impl SourceSession {
         Ok(())
     }
 
-    /// Hints for the rounds to come, with the sizes of the disks they name.
-    pub fn set_hints(&mut self, hints: Arc<dyn HintSource>, disk_sizes: Vec<u64>) {
+    /// Hints for the rounds to come, on the disks of
+    /// [`SourceConfig::disks`](super::SourceConfig::disks).
+    pub fn set_hints(&mut self, hints: Arc<dyn HintSource>) {
         self.cfg.hints = Some(hints);
-        self.cfg.disk_sizes = disk_sizes;
     }
 
     /// Counts what the rounds from now on send of each page label in
@@ -599,7 +599,7 @@ impl SourceSession {
                 .hints
                 .clone()
                 .filter(|_| references_in_round(round)),
-            disk_sizes: self.cfg.disk_sizes.clone(),
+            disk_sizes: self.cfg.disks.iter().map(|d| d.bytes).collect(),
             no_ref: self.no_ref.clone(),
             census: self.cfg.census.clone(),
             // Round 0 sends every page: nothing is held yet.
