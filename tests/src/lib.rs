@@ -1050,6 +1050,15 @@ impl MariadbGuest {
     }
 }
 
+/// Builds (or finds in the cache) the systemd guest
+/// (`guest/build-systemd-guest.sh`): MariaDB as Debian's service under
+/// systemd and udev, no tables of its own; its test-only units install the
+/// guest agent's package at boot and kill the agent once.
+pub fn systemd_guest() -> Result<MariadbGuest> {
+    let dir = guest_script("guest/build-systemd-guest.sh", &[])?;
+    MariadbGuest::with_data(dir.join("rootfs.img"), 0, 0, None)
+}
+
 /// Builds (or finds in the cache) the MariaDB guest with a TPC-C database
 /// of `warehouses` warehouses, loaded by this build's `bench tpcc load`.
 pub fn tpcc_guest(warehouses: u32) -> Result<MariadbGuest> {
