@@ -3,7 +3,7 @@
 //! page is stored through this agent's mapping into a huge page allocated
 //! beforehand.
 
-use super::{io_error, DestRam, Prepared, RamError};
+use super::{DestRam, Prepared, RamError};
 use crate::{sys, PAGE_SIZE_U64};
 
 impl DestRam {
@@ -27,10 +27,12 @@ impl DestRam {
             .div_ceil(unit)
             .saturating_mul(unit)
             .min(self.len());
-        sys::file::allocate_range(&self.file, start, end - start).map_err(io_error(
-            &self.path,
+        self.files.each(
+            start,
+            end - start,
             "allocating huge pages (fallocate; are enough huge pages reserved for the guest?)",
-        ))
+            |s, at, n, _| sys::file::allocate_range(&s.file, at, n),
+        )
     }
 
     /// Makes sure the file holds the huge page of `page` (hugetlbfs; a
@@ -68,12 +70,18 @@ impl DestRam {
         let end = (at + unit).min(self.map.len());
         let saved = self.map[at..end].to_vec();
         let (start, len) = (at as u64, (end - at) as u64);
-        sys::file::punch_hole(&self.file, start, len)
-            .map_err(io_error(&self.path, "punching a huge page (fallocate)"))?;
-        sys::file::allocate_range(&self.file, start, len).map_err(io_error(
-            &self.path,
+        self.files.each(
+            start,
+            len,
+            "punching a huge page (fallocate)",
+            |s, at, n, _| sys::file::punch_hole(&s.file, at, n),
+        )?;
+        self.files.each(
+            start,
+            len,
             "allocating a huge page again (fallocate; are enough huge pages reserved?)",
-        ))?;
+            |s, at, n, _| sys::file::allocate_range(&s.file, at, n),
+        )?;
         self.map[at..end].copy_from_slice(&saved);
         Ok(())
     }

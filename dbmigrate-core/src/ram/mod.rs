@@ -1,10 +1,10 @@
-//! Views of a VM's RAM file: read-only on the source, writable on the destination.
+//! Views of a VM's RAM files: read-only on the source, writable on the destination.
 //!
-//! Guest RAM lives in a shared file (tmpfs or hugetlbfs) that the VMM maps.
-//! Offsets here are offsets in that file; translating guest-physical
+//! Guest RAM lives in shared files (tmpfs or hugetlbfs) that the VMM maps,
+//! one per memory backend ([`files`]). Offsets here are offsets in the run
+//! of those files mapped back to back; translating guest-physical
 //! addresses is the VMM integration's job.
 
-use std::fs::{File, OpenOptions};
 use std::io;
 use std::path::{Path, PathBuf};
 
@@ -13,9 +13,12 @@ use thiserror::Error;
 use crate::bitmap::PageBitmap;
 use crate::sys;
 
+mod files;
 mod hugetlb;
 mod prealloc;
 use crate::{PAGE_SIZE, PAGE_SIZE_U64};
+pub use files::RamFile;
+use files::{io_error, RamFiles};
 
 /// Errors opening or using a RAM file.
 #[derive(Debug, Error)]
@@ -50,6 +53,17 @@ pub enum RamError {
         #[source]
         source: io::Error,
     },
+    /// No RAM file was named.
+    #[error("no RAM file to open: the VMM names none (is its RAM a memory-backend-file?)")]
+    NoFiles,
+    /// The RAM files have different page sizes.
+    #[error("RAM files {first} and {other} have different page sizes (one on hugetlbfs, one not?): give every memory backend of the VM the same kind of file")]
+    MixedPageSizes {
+        /// The first file.
+        first: PathBuf,
+        /// A file whose page size differs from the first's.
+        other: PathBuf,
+    },
     /// A page index beyond the RAM.
     #[error("page {page} is beyond the {pages} pages of RAM")]
     OutOfRange {
@@ -60,37 +74,10 @@ pub enum RamError {
     },
 }
 
-fn check_size(path: &Path, file: &File, expected: u64) -> Result<usize, RamError> {
-    let actual = file.metadata().map_err(io_error(path, "stat"))?.len();
-    if actual != expected || expected % PAGE_SIZE_U64 != 0 || expected == 0 {
-        return Err(RamError::Size {
-            path: path.into(),
-            actual,
-            expected,
-        });
-    }
-    usize::try_from(expected).map_err(|_| RamError::Size {
-        path: path.into(),
-        actual,
-        expected,
-    })
-}
-
-/// Pages of `file` that hold data (the rest are holes that read as zeros).
-fn data_pages(path: &Path, file: &File, len: u64) -> Result<PageBitmap, RamError> {
-    let mut bm = PageBitmap::new(len / PAGE_SIZE_U64);
-    let extents = sys::file::data_extents(file, len).map_err(io_error(path, "SEEK_DATA"))?;
-    for (s, e) in extents {
-        bm.set_range(s / PAGE_SIZE_U64, e.div_ceil(PAGE_SIZE_U64));
-    }
-    Ok(bm)
-}
-
-/// A mapped RAM file; [`SourceRam`] maps it read-only, [`DestRam`]
-/// read-write with what the destination did to it (`W`).
+/// The mapped RAM files; [`SourceRam`] maps them read-only, [`DestRam`]
+/// read-write with what the destination did to them (`W`).
 pub struct Ram<M, W = ()> {
-    path: PathBuf,
-    file: File,
+    files: RamFiles,
     map: M,
     writer: W,
 }
@@ -125,31 +112,9 @@ pub enum Prepared {
 }
 
 /// The source's read-only view of guest RAM.
-pub type SourceRam = Ram<memmap2::Mmap>;
+pub type SourceRam = Ram<sys::mmap::ReadMap>;
 /// The destination's writable view of guest RAM.
 pub type DestRam = Ram<sys::mmap::SharedMap, DestWriter>;
-
-fn open_checked(path: &Path, write: bool, size: u64) -> Result<(File, usize), RamError> {
-    let file = OpenOptions::new()
-        .read(true)
-        .write(write)
-        .open(path)
-        .map_err(|source| RamError::Open {
-            path: path.into(),
-            source,
-        })?;
-    let len = check_size(path, &file, size)?;
-    Ok((file, len))
-}
-
-/// Maps an I/O error met `doing` something on the RAM file at `path`.
-fn io_error<'a>(path: &'a Path, doing: &'static str) -> impl FnOnce(io::Error) -> RamError + 'a {
-    move |source| RamError::Io {
-        path: path.into(),
-        doing,
-        source,
-    }
-}
 
 impl<M: std::ops::Deref<Target = [u8]>, W> Ram<M, W> {
     /// Number of pages.
@@ -179,7 +144,16 @@ impl<M: std::ops::Deref<Target = [u8]>, W> Ram<M, W> {
 
     /// Pages that hold data; never-touched RAM is a hole and is skipped without reading it.
     pub fn data_pages(&self) -> Result<PageBitmap, RamError> {
-        data_pages(&self.path, &self.file, self.len())
+        let mut bm = PageBitmap::new(self.pages());
+        for (s, e) in self.files.data_extents()? {
+            bm.set_range(s / PAGE_SIZE_U64, e.div_ceil(PAGE_SIZE_U64));
+        }
+        Ok(bm)
+    }
+
+    /// How many files the RAM is made of (one per memory backend).
+    pub fn file_count(&self) -> usize {
+        self.files.count()
     }
 
     /// The whole mapping.
@@ -188,40 +162,54 @@ impl<M: std::ops::Deref<Target = [u8]>, W> Ram<M, W> {
     }
 }
 
-impl Ram<memmap2::Mmap, ()> {
+impl Ram<sys::mmap::ReadMap, ()> {
     /// Maps `path` read-only; it must be exactly `size` bytes.
     pub fn open(path: &Path, size: u64) -> Result<Self, RamError> {
-        let (file, len) = open_checked(path, false, size)?;
-        let map = sys::mmap::map_shared_ro(&file, len).map_err(io_error(path, "mmap"))?;
-        Ok(Self {
+        Self::open_files(&[RamFile {
             path: path.into(),
-            file,
+            size,
+        }])
+    }
+
+    /// Maps `files` read-only, back to back; each must be exactly its size.
+    pub fn open_files(files: &[RamFile]) -> Result<Self, RamError> {
+        let files = RamFiles::open(files, false)?;
+        let align = usize::try_from(files.page_bytes()?).unwrap_or(PAGE_SIZE);
+        let map = sys::mmap::ReadMap::map(&files.for_mapping(), align)
+            .map_err(io_error(files.first_path(), "mmap"))?;
+        Ok(Self {
+            files,
             map,
             writer: (),
         })
     }
 
-    /// True if the RAM file is on hugetlbfs (its writes are tracked a huge
-    /// page at a time); false if that cannot be told.
+    /// True if the RAM files are on hugetlbfs (their writes are tracked a
+    /// huge page at a time); false if that cannot be told.
     pub fn huge_pages(&self) -> bool {
-        dbmigrate_uffd::hugetlbfs_page_size(&self.file)
-            .ok()
-            .flatten()
-            .is_some()
+        self.files.page_bytes().is_ok_and(|p| p > PAGE_SIZE_U64)
     }
 }
 
 impl Ram<sys::mmap::SharedMap, DestWriter> {
     /// Maps `path` read-write; it must already be exactly `size` bytes (created by the VMM).
     pub fn open(path: &Path, size: u64) -> Result<Self, RamError> {
-        let (file, len) = open_checked(path, true, size)?;
-        let file_page = dbmigrate_uffd::hugetlbfs_page_size(&file)
-            .map_err(io_error(path, "fstatfs"))?
-            .unwrap_or(PAGE_SIZE_U64);
-        let map = sys::mmap::SharedMap::map(&file, len).map_err(io_error(path, "mmap"))?;
-        Ok(Self {
+        Self::open_files(&[RamFile {
             path: path.into(),
-            file,
+            size,
+        }])
+    }
+
+    /// Maps `files` read-write, back to back; each must already be exactly
+    /// its size (created by the VMM).
+    pub fn open_files(files: &[RamFile]) -> Result<Self, RamError> {
+        let files = RamFiles::open(files, true)?;
+        let file_page = files.page_bytes()?;
+        let align = usize::try_from(file_page).unwrap_or(PAGE_SIZE);
+        let map = sys::mmap::SharedMap::map(&files.for_mapping(), align)
+            .map_err(io_error(files.first_path(), "mmap"))?;
+        Ok(Self {
+            files,
             map,
             writer: DestWriter {
                 prepared: Prepared::No,
@@ -246,8 +234,11 @@ impl Ram<sys::mmap::SharedMap, DestWriter> {
     /// it mapped), so that zero pages never need to be sent.
     pub fn zero_all(&mut self) -> Result<(), RamError> {
         self.stop_allocating()?;
-        sys::file::punch_hole(&self.file, 0, self.len())
-            .map_err(io_error(&self.path, "punching holes (fallocate)"))?;
+        let len = self.len();
+        self.files
+            .each(0, len, "punching holes (fallocate)", |s, at, n, _| {
+                sys::file::punch_hole(&s.file, at, n)
+            })?;
         self.writer.prepared = Prepared::Zeroed;
         self.writer.through_map = false;
         Ok(())
@@ -267,13 +258,13 @@ impl Ram<sys::mmap::SharedMap, DestWriter> {
     /// (the guest sees a huge page only when the fault server maps it).
     pub fn zero_and_allocate(&mut self) -> Result<(), RamError> {
         self.zero_all()?;
-        sys::file::allocate(&self.file, self.len()).map_err(io_error(&self.path, "allocating the guest's RAM (fallocate; is the RAM filesystem, e.g. /dev/shm, big enough for the guest?)"))?;
+        self.allocate_all("allocating the guest's RAM (fallocate; is the RAM filesystem, e.g. /dev/shm, big enough for the guest?)")?;
         let len = self.map.len();
         self.map
             .populator()
             .populate_write(0, len)
             .map_err(io_error(
-                &self.path,
+                self.files.first_path(),
                 "faulting in the guest's RAM (MADV_POPULATE_WRITE)",
             ))?;
         self.writer.prepared = Prepared::ZeroedAllocated;
@@ -294,15 +285,12 @@ impl Ram<sys::mmap::SharedMap, DestWriter> {
     /// the file holds).
     pub fn zero_and_allocate_in_background(&mut self, threads: usize) -> Result<(), RamError> {
         self.zero_all()?;
-        let file = self.file.try_clone().map_err(io_error(
-            &self.path,
-            "duplicating the RAM file's descriptor",
-        ))?;
-        let bg = prealloc::Background::start(file, self.map.populator(), self.map.len(), threads)
+        let files = self.files.try_clone()?;
+        let bg = prealloc::Background::start(files, self.map.populator(), self.map.len(), threads)
             .map_err(io_error(
-            &self.path,
-            "starting the threads that allocate the guest's RAM",
-        ))?;
+                self.files.first_path(),
+                "starting the threads that allocate the guest's RAM",
+            ))?;
         self.writer.background = Some(bg);
         self.writer.prepared = Prepared::ZeroedAllocated;
         self.writer.through_map = true;
@@ -316,7 +304,7 @@ impl Ram<sys::mmap::SharedMap, DestWriter> {
         let Some(bg) = self.writer.background.take() else {
             return Ok(());
         };
-        bg.stop().map_err(io_error(&self.path, "allocating the guest's RAM in the background (is the RAM filesystem, e.g. /dev/shm, big enough for the guest?)"))
+        bg.stop()
     }
 
     /// Post-copy's switch: from now on writes go through the file: a
@@ -334,10 +322,9 @@ impl Ram<sys::mmap::SharedMap, DestWriter> {
         let unfinished = self.writer.background.is_some();
         self.stop_allocating()?;
         if self.huge_pages() && unfinished {
-            sys::file::allocate(&self.file, self.len()).map_err(io_error(
-                &self.path,
+            self.allocate_all(
                 "allocating the rest of the guest's RAM (fallocate; are enough huge pages reserved?)",
-            ))?;
+            )?;
         }
         self.writer.through_map = false;
         Ok(())
@@ -365,8 +352,12 @@ impl Ram<sys::mmap::SharedMap, DestWriter> {
             self.map[at..at + n].fill(0);
             return Ok(());
         }
-        sys::file::punch_hole(&self.file, page * PAGE_SIZE_U64, count * PAGE_SIZE_U64)
-            .map_err(io_error(&self.path, "punching a zero page (fallocate)"))
+        self.files.each(
+            page * PAGE_SIZE_U64,
+            count * PAGE_SIZE_U64,
+            "punching a zero page (fallocate)",
+            |s, at, n, _| sys::file::punch_hole(&s.file, at, n),
+        )
     }
 
     /// Writes whole pages starting at `page`. Into allocated RAM
@@ -394,13 +385,28 @@ impl Ram<sys::mmap::SharedMap, DestWriter> {
             return Ok(());
         }
         use std::os::unix::fs::FileExt;
-        self.file
-            .write_all_at(data, page * PAGE_SIZE_U64)
-            .map_err(io_error(&self.path, "writing pages"))
+        let start = page * PAGE_SIZE_U64;
+        self.files.each(
+            start,
+            data.len() as u64,
+            "writing pages",
+            |s, at, n, from| {
+                let i = usize::try_from(from - start).expect("inside data");
+                let n = usize::try_from(n).expect("inside data");
+                s.file.write_all_at(&data[i..i + n], at)
+            },
+        )
     }
 }
 
 impl DestRam {
+    /// Allocates every hole of every file (mode 0 `fallocate`).
+    fn allocate_all(&self, doing: &'static str) -> Result<(), RamError> {
+        self.files.each(0, self.len(), doing, |s, at, n, _| {
+            sys::file::allocate_range(&s.file, at, n)
+        })
+    }
+
     /// True if `offset..offset+len` is allocated: always, unless a
     /// background allocation has not reached it yet. Its failure is
     /// returned at once.
@@ -428,6 +434,7 @@ pub fn is_zero(page: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs::{File, OpenOptions};
     use std::io::Write;
 
     fn temp_file(size: u64) -> (PathBuf, File) {
@@ -498,6 +505,50 @@ mod tests {
         assert!(is_zero(src.page(10).unwrap()));
         assert_eq!(dst.len(), size);
         std::fs::remove_file(path).unwrap();
+    }
+
+    #[test]
+    fn two_files_are_one_run_of_pages() {
+        // A guest with two memory backends: 3 pages, then 5, on tmpfs.
+        let dir = Path::new("/dev/shm");
+        let (a, _fa) = temp_file_in(dir, 3 * PAGE_SIZE_U64);
+        let (b, fb) = temp_file_in(dir, 5 * PAGE_SIZE_U64);
+        let files = [
+            RamFile {
+                path: a.clone(),
+                size: 3 * PAGE_SIZE_U64,
+            },
+            RamFile {
+                path: b.clone(),
+                size: 5 * PAGE_SIZE_U64,
+            },
+        ];
+        let src = SourceRam::open_files(&files).unwrap();
+        let mut dst = DestRam::open_files(&files).unwrap();
+        assert_eq!((src.pages(), src.file_count()), (8, 2));
+        // Pages 2 and 3 straddle the files: through the files, then
+        // through the mapping once allocated.
+        dst.write_pages(2, &[4u8; 2 * PAGE_SIZE]).unwrap();
+        assert_eq!((src.page(2).unwrap()[0], src.page(3).unwrap()[9]), (4, 4));
+        use std::os::unix::fs::FileExt;
+        let mut back = [0u8; PAGE_SIZE];
+        fb.read_exact_at(&mut back, 0).unwrap();
+        assert!(
+            back.iter().all(|&x| x == 4),
+            "page 3 is the second file's page 0"
+        );
+        let data = src.data_pages().unwrap();
+        assert_eq!(data.iter().collect::<Vec<_>>(), vec![2, 3]);
+        dst.zero_pages(2, 2).unwrap();
+        assert!(is_zero(src.page(3).unwrap()));
+        dst.zero_and_allocate().unwrap();
+        assert_eq!(dst.data_pages().unwrap().count(), 8);
+        dst.write_pages(1, &[6u8; 4 * PAGE_SIZE]).unwrap();
+        assert!((1..5).all(|p| src.page(p).unwrap().iter().all(|&x| x == 6)));
+        assert!(is_zero(src.page(5).unwrap()) && is_zero(src.page(0).unwrap()));
+        drop((src, dst));
+        std::fs::remove_file(a).unwrap();
+        std::fs::remove_file(b).unwrap();
     }
 
     #[test]

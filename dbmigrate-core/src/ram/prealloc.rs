@@ -1,4 +1,4 @@
-//! Allocating the destination's RAM file in the background.
+//! Allocating the destination's RAM files in the background.
 //!
 //! Allocating a guest's RAM up front costs 0.5-2.7 CPU s per GiB on this
 //! project's test host (a nested VM whose host lends memory page by page
@@ -18,15 +18,19 @@
 //! most one per thread); the chunks never reached stay holes, allocated
 //! when first written, as without preallocation.
 
-use std::fs::File;
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
+use super::files::{io_error, RamFiles};
+use super::RamError;
 use crate::sys;
 use crate::sys::mmap::Populator;
+
+/// What a failed allocation says it was doing.
+const ALLOCATING: &str = "allocating the guest's RAM in the background (is the RAM filesystem, e.g. /dev/shm, big enough for the guest?)";
 
 /// Bytes allocated and touched at a time.
 pub const CHUNK_BYTES: usize = 2 << 20;
@@ -38,7 +42,7 @@ pub(crate) struct Background {
 }
 
 struct Shared {
-    file: File,
+    files: RamFiles,
     populator: Populator,
     len: usize,
     chunk: usize,
@@ -49,7 +53,7 @@ struct Shared {
     stop: AtomicBool,
     /// Set with `error` by the first thread that failed.
     failed: AtomicBool,
-    error: Mutex<Option<io::Error>>,
+    error: Mutex<Option<RamError>>,
     /// Threads still working.
     alive: AtomicUsize,
     started: Instant,
@@ -57,10 +61,10 @@ struct Shared {
 
 impl Background {
     /// Starts `threads` threads (at least one) allocating `len` bytes of
-    /// `file` (a descriptor of its own) [`CHUNK_BYTES`] at a time, faulting
-    /// them in through `populator`.
+    /// `files` (descriptors of their own) [`CHUNK_BYTES`] at a time,
+    /// faulting them in through `populator`.
     pub(crate) fn start(
-        file: File,
+        files: RamFiles,
         populator: Populator,
         len: usize,
         threads: usize,
@@ -68,7 +72,7 @@ impl Background {
         let chunk = CHUNK_BYTES;
         let chunks = len.div_ceil(chunk);
         let shared = Arc::new(Shared {
-            file,
+            files,
             populator,
             len,
             chunk,
@@ -119,7 +123,7 @@ impl Background {
 
     /// Stops the threads and waits for them; the first error any of them
     /// met, if one did.
-    pub(crate) fn stop(mut self) -> io::Result<()> {
+    pub(crate) fn stop(mut self) -> Result<(), RamError> {
         let panicked = self.halt();
         let error = match self.shared.error.lock() {
             Ok(mut e) => e.take(),
@@ -127,7 +131,11 @@ impl Background {
         };
         match (error, panicked) {
             (Some(e), _) => Err(e),
-            (None, true) => Err(io::Error::other("an allocating thread panicked")),
+            (None, true) => Err(RamError::Io {
+                path: self.shared.files.first_path().into(),
+                doing: ALLOCATING,
+                source: io::Error::other("an allocating thread panicked"),
+            }),
             (None, false) => Ok(()),
         }
     }
@@ -159,8 +167,16 @@ impl Shared {
             let Some(flag) = self.done.get(c) else { break };
             let offset = c * self.chunk;
             let len = self.chunk.min(self.len - offset);
-            let r = sys::file::allocate_range(&self.file, offset as u64, len as u64)
-                .and_then(|()| self.populator.populate_write(offset, len));
+            let r = self
+                .files
+                .each(offset as u64, len as u64, ALLOCATING, |s, at, n, _| {
+                    sys::file::allocate_range(&s.file, at, n)
+                })
+                .and_then(|()| {
+                    self.populator
+                        .populate_write(offset, len)
+                        .map_err(io_error(self.files.first_path(), ALLOCATING))
+                });
             if let Err(e) = r {
                 if let Ok(mut slot) = self.error.lock() {
                     slot.get_or_insert(e);

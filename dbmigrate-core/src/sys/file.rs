@@ -65,13 +65,8 @@ pub(crate) fn punch_hole(file: &File, offset: u64, len: u64) -> io::Result<()> {
     Ok(())
 }
 
-/// Allocates every block of `0..len` that is a hole (mode 0 `fallocate`);
-/// allocated holes read as zeros, and existing data is kept.
-pub(crate) fn allocate(file: &File, len: u64) -> io::Result<()> {
-    allocate_range(file, 0, len)
-}
-
-/// [`allocate`] for `offset..offset+len` only.
+/// Allocates every block of `offset..offset+len` that is a hole (mode 0
+/// `fallocate`); allocated holes read as zeros, and existing data is kept.
 pub(crate) fn allocate_range(file: &File, offset: u64, len: u64) -> io::Result<()> {
     let off = libc::off_t::try_from(offset)
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "offset beyond off_t"))?;

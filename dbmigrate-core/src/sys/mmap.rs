@@ -1,37 +1,171 @@
-//! Shared mappings of a VM's RAM file.
+//! Shared mappings of a VM's RAM files.
 
 use std::fs::File;
 use std::io;
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
 
-/// Maps `file` read-only and shared.
-///
-/// The VMM keeps writing the file through its own mapping while we read: a
-/// torn read is harmless because the dirty tracker reports that page again,
-/// and the final round runs with the VM paused.
-pub(crate) fn map_shared_ro(file: &File, len: usize) -> io::Result<memmap2::Mmap> {
-    // SAFETY: the mapping is of a regular file we opened; its length is checked
-    // by the caller against the file size, and the file is never truncated while
-    // mapped (dbmigrate writes RAM files in place only). Concurrent writes by
-    // the VMM can change bytes under us, which is the documented, intended
-    // behaviour of reading live guest memory.
-    unsafe { memmap2::MmapOptions::new().len(len).map(file) }
+/// Several files mapped shared and back to back in one range of our
+/// address space: a VM's RAM whose memory backends (one per NUMA node) are
+/// separate files, seen as one run of bytes. The range is reserved first
+/// (`PROT_NONE`), aligned to `align` (a huge page on hugetlbfs), and each
+/// file mapped over its part with `MAP_FIXED`; it is unmapped on drop.
+pub(crate) struct Joined {
+    ptr: *mut u8,
+    len: usize,
 }
 
-/// The destination's read-write shared mapping of a RAM file. Its owner
-/// reads and writes the bytes; [`Populator`]s made from it fault its
+// SAFETY: `Joined` owns its mapping (nobody else unmaps it) and is only a
+// pointer and a length; the wrappers below decide who reads and writes the
+// bytes, as for memmap2's mappings.
+unsafe impl Send for Joined {}
+// SAFETY: as above; shared references only hand out reads (see `ReadMap`),
+// or ask the kernel to fault pages in (`Populator`).
+unsafe impl Sync for Joined {}
+
+impl Joined {
+    /// Maps `files` (each with its length, a multiple of `align`) back to
+    /// back, read-only or read-write.
+    pub(crate) fn map(files: &[(&File, usize)], align: usize, write: bool) -> io::Result<Self> {
+        let len = files
+            .iter()
+            .try_fold(0usize, |a, (_, l)| a.checked_add(*l))
+            .filter(|&l| l > 0)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "no RAM to map"))?;
+        let align = align.max(crate::PAGE_SIZE);
+        let reserve = len
+            .checked_add(align)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "RAM too large"))?;
+        // SAFETY: a fresh inaccessible anonymous reservation at an address of
+        // the kernel's choice; nothing else refers to it.
+        let r = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                reserve,
+                libc::PROT_NONE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if r == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let raw = r as usize;
+        let base = raw.next_multiple_of(align);
+        // SAFETY: both pieces lie inside the reservation just made and
+        // outside `base..base + len`, which we keep.
+        unsafe {
+            if base > raw {
+                libc::munmap(r, base - raw);
+            }
+            let tail = raw + reserve - (base + len);
+            if tail > 0 {
+                libc::munmap((base + len) as *mut libc::c_void, tail);
+            }
+        }
+        let joined = Self {
+            ptr: base as *mut u8,
+            len,
+        };
+        let prot = libc::PROT_READ | if write { libc::PROT_WRITE } else { 0 };
+        let mut at = 0;
+        for (file, flen) in files {
+            // SAFETY: `base + at .. + flen` lies inside our reservation (the
+            // lengths sum to `len`), so MAP_FIXED replaces only our own
+            // PROT_NONE pages; the file is a regular file whose length the
+            // caller checked and that is never truncated while mapped
+            // (dbmigrate writes RAM files in place only).
+            let m = unsafe {
+                libc::mmap(
+                    (base + at) as *mut libc::c_void,
+                    *flen,
+                    prot,
+                    libc::MAP_SHARED | libc::MAP_FIXED,
+                    file.as_raw_fd(),
+                    0,
+                )
+            };
+            if m == libc::MAP_FAILED {
+                // `joined` unmaps the whole range when dropped here.
+                return Err(io::Error::last_os_error());
+            }
+            at += flen;
+        }
+        Ok(joined)
+    }
+
+    /// Faults in `len` bytes at `offset` for writing
+    /// (`MADV_POPULATE_WRITE`, Linux 5.14) without changing them.
+    fn populate_write(&self, offset: usize, len: usize) -> io::Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        if offset.checked_add(len).is_none_or(|e| e > self.len) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "populating beyond the RAM",
+            ));
+        }
+        // SAFETY: the range lies inside our live mapping (checked above);
+        // MADV_POPULATE_WRITE only faults pages in, leaving their bytes.
+        let r =
+            unsafe { libc::madvise(self.ptr.add(offset).cast(), len, libc::MADV_POPULATE_WRITE) };
+        if r < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Joined {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly the range this value owns; the wrappers
+        // hand out no reference that outlives it.
+        unsafe {
+            libc::munmap(self.ptr.cast(), self.len);
+        }
+    }
+}
+
+/// The source's read-only view of the RAM files ([`Joined`]).
+///
+/// The VMM keeps writing the files through its own mapping while we read: a
+/// torn read is harmless because the dirty tracker reports that page again,
+/// and the final round runs with the VM paused.
+pub struct ReadMap(Joined);
+
+impl ReadMap {
+    /// Maps `files` read-only, back to back.
+    pub(crate) fn map(files: &[(&File, usize)], align: usize) -> io::Result<Self> {
+        Joined::map(files, align, false).map(Self)
+    }
+}
+
+impl std::ops::Deref for ReadMap {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        // SAFETY: the pointer and length are those of our live mapping.
+        // Concurrent writes by the VMM can change bytes under us, which is
+        // the documented, intended behaviour of reading live guest memory.
+        unsafe { std::slice::from_raw_parts(self.0.ptr, self.0.len) }
+    }
+}
+
+/// The destination's read-write shared mapping of the RAM files. Its
+/// owner reads and writes the bytes; [`Populator`]s made from it fault its
 /// pages in from other threads and never read or write them. The mapping
 /// lives until the owner and every populator are gone.
-pub struct SharedMap(Arc<memmap2::MmapRaw>);
+pub struct SharedMap(Arc<Joined>);
 
 /// Faults pages of a [`SharedMap`] in for writing, from another thread.
-pub struct Populator(Arc<memmap2::MmapRaw>);
+pub struct Populator(Arc<Joined>);
 
 impl SharedMap {
-    /// Maps `len` bytes of `file` (opened read-write) shared.
-    pub(crate) fn map(file: &File, len: usize) -> io::Result<Self> {
-        let raw = memmap2::MmapOptions::new().len(len).map_raw(file)?;
-        Ok(Self(Arc::new(raw)))
+    /// Maps `files` (opened read-write) shared, back to back.
+    pub(crate) fn map(files: &[(&File, usize)], align: usize) -> io::Result<Self> {
+        Joined::map(files, align, true).map(|j| Self(Arc::new(j)))
     }
 
     /// A handle that faults this mapping's pages in.
@@ -45,11 +179,11 @@ impl std::ops::Deref for SharedMap {
 
     fn deref(&self) -> &[u8] {
         // SAFETY: the pointer and length are those of a live mapping that
-        // this Arc keeps alive; the file is never truncated while mapped.
-        // The VMM writing the file through its own mapping changes bytes
+        // this Arc keeps alive; the files are never truncated while mapped.
+        // The VMM writing the files through its own mapping changes bytes
         // under us, as for every view of live guest memory (see
-        // `map_shared_ro`); populators never access the bytes.
-        unsafe { std::slice::from_raw_parts(self.0.as_ptr(), self.0.len()) }
+        // `ReadMap`); populators never access the bytes.
+        unsafe { std::slice::from_raw_parts(self.0.ptr, self.0.len) }
     }
 }
 
@@ -60,7 +194,7 @@ impl std::ops::DerefMut for SharedMap {
         // only asks the kernel to fault pages in, never reading or
         // writing them), and on the destination the VMM does not run the
         // guest until dbmigrate has finished writing.
-        unsafe { std::slice::from_raw_parts_mut(self.0.as_mut_ptr(), self.0.len()) }
+        unsafe { std::slice::from_raw_parts_mut(self.0.ptr, self.0.len) }
     }
 }
 
@@ -68,11 +202,7 @@ impl Populator {
     /// Faults in `len` bytes at `offset` for writing
     /// (`MADV_POPULATE_WRITE`, Linux 5.14) without changing them.
     pub(crate) fn populate_write(&self, offset: usize, len: usize) -> io::Result<()> {
-        if len == 0 {
-            return Ok(());
-        }
-        self.0
-            .advise_range(memmap2::Advice::PopulateWrite, offset, len)
+        self.0.populate_write(offset, len)
     }
 }
 
