@@ -132,7 +132,7 @@ async fn migrate_under_writes(
         let ram = DestRam::open(&dst_path2, PAGES * 4096).unwrap();
         let mut s = dest::accept(
             &mut plain_gate(listener),
-            PAGES * 4096,
+            &[PAGES * 4096],
             false,
             Duration::from_secs(10),
         )
@@ -456,7 +456,7 @@ async fn rebuild_throughput() {
         let ram = DestRam::open(&dst2, N * 4096).unwrap();
         let mut s = dest::accept(
             &mut plain_gate(listener),
-            N * 4096,
+            &[N * 4096],
             false,
             Duration::from_secs(30),
         )

@@ -113,6 +113,7 @@ fn hello(conn_index: u16) -> Message {
         data_connections: 1,
         conn_index,
         disks: Vec::new(),
+        ram_files: vec![PAGES * 4096],
     })
 }
 
@@ -159,7 +160,7 @@ async fn strangers_are_refused_and_the_real_source_then_migrates_byte_exact() {
     let dst2 = dst_path.clone();
     let receiver = tokio::spawn(async move {
         let mut gate = Gate::open(listener, acceptor);
-        let mut s = dest::accept(&mut gate, PAGES * 4096, false, Duration::from_secs(10))
+        let mut s = dest::accept(&mut gate, &[PAGES * 4096], false, Duration::from_secs(10))
             .await
             .unwrap();
         let ram = DestRam::open(&dst2, PAGES * 4096).unwrap();

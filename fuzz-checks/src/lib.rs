@@ -272,6 +272,7 @@ mod tests {
                 data_connections: 2,
                 conn_index: 0,
                 disks: Vec::new(),
+                ram_files: vec![1 << 29, 1 << 29],
             }),
             Message::Welcome(Welcome {
                 version: protocol::PROTOCOL_VERSION,
@@ -381,6 +382,7 @@ mod tests {
             data_connections: 2,
             conn_index: 0,
             disks: Vec::new(),
+            ram_files: vec![1 << 29, 1 << 29],
         };
         let seed = Message::Hello(hello.clone()).encode();
         assert_eq!(

@@ -115,8 +115,14 @@ pub fn parse_disks(blocks: &Value) -> Vec<(u64, Option<String>)> {
         .collect()
 }
 
-/// Finds the machine's RAM backend and checks it is a shared file.
-pub async fn ram_backend(qmp: &mut Qmp) -> Result<RamBackend, VmError> {
+/// Finds the memory backends that hold the guest's RAM and checks that
+/// each is a shared file: the machine's `memory-backend`, or without one
+/// the backends of its NUMA nodes (`-numa node,memdev=`: every memory
+/// backend except those of memory devices such as DIMMs). Several are
+/// given in the order of their lowest guest-physical address, which
+/// both hosts' QEMUs agree on for the same machine options whatever the
+/// backends are named; their pages follow each other in that order.
+pub async fn ram_backends(qmp: &mut Qmp) -> Result<Vec<RamBackend>, VmError> {
     let qmp_socket = qmp.path().to_path_buf();
     let bad = |problem: String| VmError::Backend {
         qmp: qmp_socket.clone(),
@@ -128,16 +134,75 @@ pub async fn ram_backend(qmp: &mut Qmp) -> Result<RamBackend, VmError> {
             Some(json!({"path": "/machine", "property": "memory-backend"})),
         )
         .await;
-    let path = match mb {
-        Ok(Value::String(p)) if !p.is_empty() => p,
-        _ => {
-            return Err(bad(
-                "the machine has no `memory-backend` property set".into()
-            ))
+    if let Ok(Value::String(p)) = &mb {
+        if !p.is_empty() {
+            return Ok(vec![ram_backend(qmp, p).await?]);
         }
+    }
+    let memdevs = qmp.execute("query-memdev", None).await?;
+    let devices = qmp.execute("query-memory-devices", None).await?;
+    let ids = node_memdevs(&memdevs, &devices);
+    if ids.is_empty() {
+        return Err(bad(
+            "the machine has no `memory-backend` property set and no NUMA node has a memdev".into(),
+        ));
+    }
+    let mtree = mtree_text(qmp).await?;
+    let Some(ids) = in_gpa_order(&ids, &mtree) else {
+        return Err(bad(format!(
+            "memory backends {ids:?} are not all mapped into the guest (`info mtree -f`)"
+        )));
+    };
+    let mut out = Vec::with_capacity(ids.len());
+    for id in ids {
+        out.push(ram_backend(qmp, &id).await?);
+    }
+    Ok(out)
+}
+
+/// The memory backends of NUMA nodes: every backend `query-memdev` lists
+/// (`memdevs`) but those `query-memory-devices` (`devices`) uses. Pure.
+pub fn node_memdevs(memdevs: &Value, devices: &Value) -> Vec<String> {
+    let used: Vec<&str> = devices
+        .as_array()
+        .map(|a| a.as_slice())
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|d| d["data"]["memdev"].as_str())
+        .map(|p| p.rsplit('/').next().unwrap_or(p))
+        .collect();
+    memdevs
+        .as_array()
+        .map(|a| a.as_slice())
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|m| m["id"].as_str())
+        .filter(|id| !used.contains(id))
+        .map(str::to_string)
+        .collect()
+}
+
+/// `ids` in the order of the lowest guest-physical address each is mapped
+/// at in `info mtree -f`'s text; None if one is not mapped. Pure.
+pub fn in_gpa_order(ids: &[String], mtree: &str) -> Option<Vec<String>> {
+    let mut at = Vec::with_capacity(ids.len());
+    for id in ids {
+        let first = parse_mtree(mtree, id).first()?.gpa;
+        at.push((first, id.clone()));
+    }
+    at.sort();
+    Some(at.into_iter().map(|(_, id)| id).collect())
+}
+
+/// The backend at QOM path or id `path`, checked to be a shared file.
+async fn ram_backend(qmp: &mut Qmp, path: &str) -> Result<RamBackend, VmError> {
+    let qmp_socket = qmp.path().to_path_buf();
+    let bad = |problem: String| VmError::Backend {
+        qmp: qmp_socket.clone(),
+        problem,
     };
     let path = if path.starts_with('/') {
-        path
+        path.to_string()
     } else {
         format!("/objects/{path}")
     };
@@ -168,15 +233,37 @@ pub async fn ram_backend(qmp: &mut Qmp) -> Result<RamBackend, VmError> {
     })
 }
 
-/// Guest-physical layout of the backend, read from `info mtree -f`.
-pub async fn gpa_layout(qmp: &mut Qmp, backend_id: &str) -> Result<Vec<GpaRange>, VmError> {
+/// QEMU's flat memory map (`info mtree -f`).
+async fn mtree_text(qmp: &mut Qmp) -> Result<String, VmError> {
     let text = qmp
         .execute(
             "human-monitor-command",
             Some(json!({"command-line": "info mtree -f"})),
         )
         .await?;
-    Ok(parse_mtree(text.as_str().unwrap_or(""), backend_id))
+    Ok(text.as_str().unwrap_or("").to_string())
+}
+
+/// Guest-physical layout of the backends, read from `info mtree -f`:
+/// each range's offset is in the run of the backends' files, one after
+/// the other in `backends`' order.
+pub async fn gpa_layout(qmp: &mut Qmp, backends: &[RamBackend]) -> Result<Vec<GpaRange>, VmError> {
+    Ok(run_layout(&mtree_text(qmp).await?, backends))
+}
+
+/// [`parse_mtree`] of each backend, shifted to its place in the run. Pure.
+pub fn run_layout(mtree: &str, backends: &[RamBackend]) -> Vec<GpaRange> {
+    let mut out = Vec::new();
+    let mut start = 0u64;
+    for b in backends {
+        out.extend(parse_mtree(mtree, &b.id).into_iter().map(|r| GpaRange {
+            offset: RamOffset(r.offset.0 + start),
+            ..r
+        }));
+        start += b.size;
+    }
+    out.sort_by_key(|r| r.gpa);
+    out
 }
 
 /// Parses `info mtree -f` lines like
@@ -288,6 +375,46 @@ mod tests {
     }
 
     use super::*;
+
+    /// `info mtree -f` of a two-node pc guest of 4 GiB (3 + 1), QEMU 7.2.
+    const NUMA_MTREE: &str = "FlatView #0\n Root memory region: system\n  0000000000000000-00000000000bffff (prio 0, ram): ram-node0\n  0000000000100000-00000000bfffffff (prio 0, ram): ram-node0 @0000000000100000\n  0000000100000000-000000013fffffff (prio 0, ram): ram-node1\n";
+
+    #[test]
+    fn numa_backends_in_guest_physical_order_and_their_place_in_the_run() {
+        // query-memdev lists them in no useful order; a DIMM's is not a node's.
+        let memdevs = serde_json::json!([
+            {"id": "ram-node1", "size": 1u64 << 30},
+            {"id": "dimm0", "size": 1u64 << 30},
+            {"id": "ram-node0", "size": 3u64 << 30}
+        ]);
+        let devices = serde_json::json!([
+            {"type": "dimm", "data": {"memdev": "/objects/dimm0", "addr": 0}}
+        ]);
+        let ids = node_memdevs(&memdevs, &devices);
+        assert_eq!(ids, vec!["ram-node1", "ram-node0"]);
+        let ordered = in_gpa_order(&ids, NUMA_MTREE).unwrap();
+        assert_eq!(ordered, vec!["ram-node0", "ram-node1"]);
+        assert_eq!(in_gpa_order(&["dimm0".to_string()], NUMA_MTREE), None);
+        let backends: Vec<RamBackend> = [("ram-node0", 3u64 << 30), ("ram-node1", 1 << 30)]
+            .iter()
+            .map(|(id, size)| RamBackend {
+                id: id.to_string(),
+                mem_path: PathBuf::from(format!("/dev/shm/{id}")),
+                size: *size,
+            })
+            .collect();
+        let layout = run_layout(NUMA_MTREE, &backends);
+        assert_eq!(
+            layout.last(),
+            Some(&GpaRange {
+                gpa: GuestAddr(0x1_0000_0000),
+                len: 1 << 30,
+                offset: RamOffset(3 << 30)
+            }),
+            "node 1's memory follows node 0's file"
+        );
+        assert_eq!(layout[1].offset, RamOffset(0x100000));
+    }
 
     #[test]
     fn mtree_ranges_of_the_backend() {

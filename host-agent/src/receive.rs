@@ -12,7 +12,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use dbmigrate_core::dest::{self, DestSession, FaultSource, Received, SessionPeer};
 use dbmigrate_core::gate::Gate;
 use dbmigrate_core::protocol::DEVICE_STATE_CONN;
-use dbmigrate_core::ram::DestRam;
+use dbmigrate_core::ram::{DestRam, RamFile};
 use dbmigrate_core::transport::Acceptor;
 use serde_json::json;
 use tokio::net::TcpListener;
@@ -87,8 +87,25 @@ pub async fn receive(args: ReceiveArgs) -> Result<dest::DestStats> {
     qmp.execute("stop", None)
         .await
         .context("keeping the destination QEMU paused until Commit")?;
-    let backend = qemu::ram_backend(&mut qmp).await?;
-    refuse_shared_ram(&backend.mem_path, qmp.pid())?;
+    let backends = qemu::ram_backends(&mut qmp).await?;
+    for b in &backends {
+        refuse_shared_ram(&b.mem_path, qmp.pid())?;
+    }
+    if args.postcopy_socket.is_some() && backends.len() > 1 {
+        bail!(
+            "--postcopy-socket serves the guest's page faults on one RAM mapping, but this VM's RAM is in {} memory backends ({}); receive it without --postcopy-socket (the source migrates such a VM by pre-copy)",
+            backends.len(),
+            backends.iter().map(|b| b.id.as_str()).collect::<Vec<_>>().join(", ")
+        );
+    }
+    let ram_files: Vec<RamFile> = backends
+        .iter()
+        .map(|b| RamFile {
+            path: b.mem_path.clone(),
+            size: b.size,
+        })
+        .collect();
+    let ram_bytes: u64 = backends.iter().map(|b| b.size).sum();
     qemu::set_capability(&mut qmp, "x-ignore-shared", true).await?;
     let dir = PrivateDir::create(&args.run_dir, "receive", devstate::process_uid(qmp.pid()))?;
     let incoming = dir.path().join("incoming.sock");
@@ -96,8 +113,7 @@ pub async fn receive(args: ReceiveArgs) -> Result<dest::DestStats> {
     qmp.execute("migrate-incoming", Some(json!({"uri": uri})))
         .await
         .context("making the destination QEMU listen for device state")?;
-    let mut ram = DestRam::open(&backend.mem_path, backend.size)
-        .context("mapping the destination RAM file")?;
+    let mut ram = DestRam::open_files(&ram_files).context("mapping the destination RAM file")?;
     match args.prealloc {
         Prealloc::Upfront => {
             let t = Instant::now();
@@ -106,7 +122,7 @@ pub async fn receive(args: ReceiveArgs) -> Result<dest::DestStats> {
             )?;
             tracing::info!(
                 ms = dbmigrate_core::stats::millis(t.elapsed()),
-                bytes = backend.size,
+                bytes = ram_bytes,
                 "guest RAM allocated"
             );
         }
@@ -116,7 +132,7 @@ pub async fn receive(args: ReceiveArgs) -> Result<dest::DestStats> {
                 .context("starting the allocation of the guest's RAM")?;
             tracing::info!(
                 threads,
-                bytes = backend.size,
+                bytes = ram_bytes,
                 page_bytes = ram.file_page_bytes(),
                 "allocating the guest's RAM in the background"
             );
@@ -125,7 +141,7 @@ pub async fn receive(args: ReceiveArgs) -> Result<dest::DestStats> {
     }
     let (faults, lease) = match &args.postcopy_socket {
         Some(path) => {
-            let (f, lease) = fault_source(path, backend.size, ram.file_page_bytes(), qmp.pid())?;
+            let (f, lease) = fault_source(path, ram_bytes, ram.file_page_bytes(), qmp.pid())?;
             (Some(f), Some(lease))
         }
         None => (None, None),
@@ -135,10 +151,10 @@ pub async fn receive(args: ReceiveArgs) -> Result<dest::DestStats> {
         .with_context(|| format!("listening on {} (is another agent using it?)", args.listen))?;
     let gate = Gate::open(listener, args.acceptor.clone());
     crate::report::note_cpu_at_listen();
-    tracing::info!(listen = %args.listen, tls = args.acceptor.is_tls(), %uri, ram = %backend.mem_path.display(), size = backend.size, "waiting for the source agent");
+    tracing::info!(listen = %args.listen, tls = args.acceptor.is_tls(), %uri, ram = %ram_files[0].path.display(), files = ram_files.len(), size = ram_bytes, "waiting for the source agent");
 
     let result = tokio::select! {
-        r = session(&args, &mut qmp, gate, ram, (faults, lease), backend.size, &incoming) => r,
+        r = session(&args, &mut qmp, gate, ram, (faults, lease), &incoming) => r,
         s = crate::interrupted() => Err(anyhow!("interrupted by {s} before the VM was resumed here")),
     };
     if let Err(e) = &result {
@@ -450,11 +466,11 @@ async fn session(
     mut gate: Gate,
     ram: DestRam,
     (faults, mut lease): (Option<FaultSource>, Option<FaultLease>),
-    ram_bytes: u64,
     incoming: &std::path::Path,
 ) -> Result<dest::DestStats> {
     let postcopy = faults.is_some();
-    let mut s: DestSession = dest::accept(&mut gate, ram_bytes, postcopy, args.peer_timeout)
+    let ram_files = ram.file_sizes();
+    let mut s: DestSession = dest::accept(&mut gate, &ram_files, postcopy, args.peer_timeout)
         .await
         .context("accepting the source agent")?;
     let _relay = AbortOnDrop(tokio::spawn(serve_device_state(

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 use dbmigrate_core::dirty;
 use dbmigrate_core::protocol::guest::DiskId;
-use dbmigrate_core::ram::SourceRam;
+use dbmigrate_core::ram::{RamFile, SourceRam};
 use dbmigrate_core::source::{
     switch_to_postcopy, Decision, GuestSignal, Mode, PostcopyError, SourceConfig, SourceError,
     SourceSession, StopReason,
@@ -181,11 +181,7 @@ struct Undo {
 
 /// Runs the migration; always returns a report, with `error` set on failure.
 pub async fn migrate(args: MigrateArgs) -> MigrationReport {
-    let mode = match args.config.mode {
-        Mode::Precopy => "precopy",
-        Mode::Postcopy => "postcopy",
-        Mode::Hybrid => "hybrid",
-    };
+    let mode = mode_name(args.config.mode);
     let mut report = MigrationReport {
         method: format!("dbmigrate-{mode}"),
         vm_runs_on: VmLocation::Source,
@@ -266,6 +262,29 @@ async fn roll_back(qmp: &mut Qmp, undo: &Undo) -> Result<()> {
     Ok(())
 }
 
+/// The mode as `--mode` names it.
+fn mode_name(mode: Mode) -> &'static str {
+    match mode {
+        Mode::Precopy => "precopy",
+        Mode::Postcopy => "postcopy",
+        Mode::Hybrid => "hybrid",
+    }
+}
+
+/// Post-copy serves faults on one RAM mapping: a guest whose RAM is in
+/// several memory backends (NUMA nodes) moves by pre-copy.
+fn refuse_postcopy_of_several(args: &MigrateArgs, backends: &[qemu::RamBackend]) -> Result<()> {
+    if args.config.mode != Mode::Precopy && backends.len() > 1 {
+        bail!(
+            "--mode {} serves the guest's page faults on one RAM mapping, but this VM's RAM is in {} memory backends ({}); migrate it with --mode precopy",
+            mode_name(args.config.mode),
+            backends.len(),
+            backends.iter().map(|b| b.id.as_str()).collect::<Vec<_>>().join(", ")
+        );
+    }
+    Ok(())
+}
+
 async fn run(
     args: &MigrateArgs,
     qmp: &mut Qmp,
@@ -277,20 +296,41 @@ async fn run(
     if status != "running" {
         bail!("the source VM is `{status}`; dbmigrate migrates a running VM (resume it with QMP `cont` first)");
     }
-    let backend = qemu::ram_backend(qmp).await?;
-    let layout = qemu::gpa_layout(qmp, &backend.id).await?;
-    tracing::info!(path = %backend.mem_path.display(), size = backend.size, ranges = layout.len(), "source RAM backend");
+    let backends = qemu::ram_backends(qmp).await?;
+    let layout = qemu::gpa_layout(qmp, &backends).await?;
+    for b in &backends {
+        tracing::info!(id = %b.id, path = %b.mem_path.display(), size = b.size, "source RAM backend");
+    }
+    tracing::info!(ranges = layout.len(), "guest-physical layout");
+    refuse_postcopy_of_several(args, &backends)?;
     report.gpa_layout = layout;
     let pid = qmp
         .pid()
         .context("could not learn QEMU's pid from its QMP socket (SO_PEERCRED)")?;
-    let range = dirty::find_mapping(pid, &backend.mem_path).with_context(|| {
-        format!(
-            "finding {} in QEMU's address space",
-            backend.mem_path.display()
-        )
-    })?;
-    let tracker = dirty::open_tracker(range).context("starting dirty-page tracking")?;
+    let mut ranges = Vec::with_capacity(backends.len());
+    for b in &backends {
+        let range = dirty::find_mapping(pid, &b.mem_path)
+            .with_context(|| format!("finding {} in QEMU's address space", b.mem_path.display()))?;
+        if range.end - range.start != b.size {
+            bail!(
+                "QEMU maps {} bytes of {} but its backend {} has {} bytes",
+                range.end - range.start,
+                b.mem_path.display(),
+                b.id,
+                b.size
+            );
+        }
+        ranges.push(range);
+    }
+    let tracker = dirty::open_run_tracker(&ranges).context("starting dirty-page tracking")?;
+    let ram_files: Vec<RamFile> = backends
+        .iter()
+        .map(|b| RamFile {
+            path: b.mem_path.clone(),
+            size: b.size,
+        })
+        .collect();
+    let ram_bytes: u64 = backends.iter().map(|b| b.size).sum();
     // The guest's wait share over a short look before this agent does
     // anything heavy is its baseline.
     let vcpus = match args.guest_impact_budget {
@@ -307,8 +347,7 @@ async fn run(
     };
     report.tracker = format!("{:?}", tracker.kind());
     tracing::info!(tracker = ?tracker.kind(), pid, "dirty tracking ready");
-    let ram =
-        SourceRam::open(&backend.mem_path, backend.size).context("mapping the source RAM file")?;
+    let ram = SourceRam::open_files(&ram_files).context("mapping the source RAM file")?;
 
     // The guest's hints (the layout from the guest agent, then a scan of
     // RAM: half a second) are fetched while the destination is reserved
@@ -326,7 +365,7 @@ async fn run(
             page_cache: args.hint_page_cache,
         };
         let finder = if args.hint_scan == HintScan::Host {
-            let ram = SourceRam::open(&backend.mem_path, backend.size)
+            let ram = SourceRam::open_files(&ram_files)
                 .context("mapping the source RAM file for the buffer-pool scan")?;
             crate::hints::Finder::Host(ram)
         } else {
@@ -356,14 +395,14 @@ async fn run(
         session.pace_by_guest(Box::new(v), budget, baseline);
     }
 
-    let result = drive(args, qmp, undo, report, start, backend.size, &mut session).await;
+    let result = drive(args, qmp, undo, report, start, ram_bytes, &mut session).await;
     session.stop_pacing();
     if let Some(l) = &live_hints {
         l.stop();
         report.hints = Some(crate::report::HintReport::from(l.as_ref()));
     }
     if let (Some(c), Some(r)) = (&census, report.census.as_mut()) {
-        r.rows = c.table(backend.size / 4096);
+        r.rows = c.table(ram_bytes / 4096);
     }
     report.stats = session.stats.clone();
     let (raw, zero, zstd) = session.stats.page_totals();
@@ -530,7 +569,7 @@ async fn drive(
             bytes = r.bytes, ms = r.elapsed_ms, mbit = r.rate_mbit, dirty_after = r.dirty_after, decision = ?d, "pre-copy round");
     };
     if args.config.mode != Mode::Precopy && !session.destination_postcopy() {
-        bail!("--mode {} needs a destination that can serve post-copy faults: start the destination QEMU with DBMIGRATE_POSTCOPY_SOCKET (see `dbmigrate env --postcopy-socket`) and `dbmigrate receive --postcopy-socket` with the same path", if args.config.mode == Mode::Postcopy { "postcopy" } else { "hybrid" });
+        bail!("--mode {} needs a destination that can serve post-copy faults: start the destination QEMU with DBMIGRATE_POSTCOPY_SOCKET (see `dbmigrate env --postcopy-socket`) and `dbmigrate receive --postcopy-socket` with the same path", mode_name(args.config.mode));
     }
     let decision = session
         .run_live(&mut on_round)

@@ -544,6 +544,11 @@ pub struct VmOptions {
     /// An incoming VM started without `-S`, as an operator might: QEMU
     /// would run the guest as soon as device state has loaded.
     pub autostart: bool,
+    /// NUMA nodes: more than one gives each node a memory backend of its
+    /// own (`ram-node<i>`, file `<ram>-node<i>`, an equal share of the RAM)
+    /// and no machine `memory-backend`, as libvirt does for a domain with
+    /// NUMA cells.
+    pub numa_nodes: u32,
 }
 
 impl Default for VmOptions {
@@ -562,6 +567,7 @@ impl Default for VmOptions {
             postcopy_socket: None,
             qemu_fills: false,
             autostart: false,
+            numa_nodes: 1,
         }
     }
 }
@@ -576,8 +582,10 @@ pub struct Vm {
     pub events: PathBuf,
     /// Serial console log.
     pub serial: PathBuf,
-    /// RAM backend file.
+    /// RAM backend file (the first node's with [`VmOptions::numa_nodes`]).
     pub ram: PathBuf,
+    /// Every RAM backend file, removed on drop.
+    ram_files: Vec<PathBuf>,
     process: VmProcess,
 }
 
@@ -668,33 +676,47 @@ impl Vm {
         let qmp = tb.dir.join(format!("{name}.qmp"));
         let events = tb.dir.join(format!("{name}.events.qmp"));
         let serial = tb.dir.join(format!("{name}.serial"));
-        let ram = tb.ram_dir.join(format!("{}-{name}", tb.tag));
+        let base = tb.ram_dir.join(format!("{}-{name}", tb.tag));
+        let nodes = o.numa_nodes.max(1);
+        let ram_files: Vec<PathBuf> = if nodes == 1 {
+            vec![base.clone()]
+        } else {
+            (0..nodes)
+                .map(|i| PathBuf::from(format!("{}-node{i}", base.display())))
+                .collect()
+        };
+        let ram = ram_files[0].clone();
         // A previous VM of the same name may have left these behind.
-        for stale in [&ram, &qmp, &events, &serial] {
+        for stale in ram_files.iter().chain([&qmp, &events, &serial]) {
             let _ = std::fs::remove_file(stale);
         }
         let mut c = tb.in_ns(ns, Path::new("qemu-system-x86_64"));
         c.args(["-name", name, "-accel", "tcg,thread=single"])
             .args(["-cpu", cpu_model(o.ram_mib)])
             .args(["-smp", &o.smp.to_string()])
-            .args(["-m", &format!("{}M", o.ram_mib)])
-            .args([
-                "-object",
-                &format!(
-                    "memory-backend-file,id=ram0,size={}M,mem-path={},share={}{}",
-                    o.ram_mib,
-                    ram.display(),
-                    if o.share { "on" } else { "off" },
-                    if o.qemu_fills { ",prealloc=on" } else { "" }
-                ),
-            ])
-            .args([
-                "-machine",
-                "pc,memory-backend=ram0",
-                "-nodefaults",
-                "-display",
-                "none",
-            ])
+            .args(["-m", &format!("{}M", o.ram_mib)]);
+        let backend = |id: &str, mib: u64, path: &Path| {
+            format!(
+                "memory-backend-file,id={id},size={mib}M,mem-path={},share={}{}",
+                path.display(),
+                if o.share { "on" } else { "off" },
+                if o.qemu_fills { ",prealloc=on" } else { "" }
+            )
+        };
+        if nodes == 1 {
+            c.args(["-object", &backend("ram0", o.ram_mib, &ram)])
+                .args(["-machine", "pc,memory-backend=ram0"]);
+        } else {
+            for (i, f) in ram_files.iter().enumerate() {
+                c.args([
+                    "-object",
+                    &backend(&format!("ram-node{i}"), o.ram_mib / u64::from(nodes), f),
+                ])
+                .args(["-numa", &format!("node,nodeid={i},memdev=ram-node{i}")]);
+            }
+            c.args(["-machine", "pc"]);
+        }
+        c.args(["-nodefaults", "-display", "none"])
             .args(["-serial", &format!("file:{}", serial.display())])
             .args([
                 "-qmp",
@@ -729,8 +751,14 @@ impl Vm {
         }
         if o.preload || o.postcopy_socket.is_some() {
             let dir = bin_dir()?;
+            // One pattern for every node's file.
+            let track = if nodes == 1 {
+                ram.clone()
+            } else {
+                PathBuf::from(format!("{}-node*", base.display()))
+            };
             c.env("LD_PRELOAD", dir.join("libdbmigrate_preload.so"))
-                .env("DBMIGRATE_TRACK_PATH", &ram);
+                .env("DBMIGRATE_TRACK_PATH", track);
         }
         if let Some(sock) = &o.postcopy_socket {
             c.env("DBMIGRATE_POSTCOPY_SOCKET", sock);
@@ -746,6 +774,7 @@ impl Vm {
             events,
             serial,
             ram,
+            ram_files,
             process: VmProcess::Child(child),
         };
         let t = Instant::now();
@@ -870,7 +899,9 @@ impl Drop for Vm {
             // Its libvirtd stops it (see `libvirt::LibvirtHost`'s drop).
             VmProcess::Libvirt(_) => {}
         }
-        let _ = std::fs::remove_file(&self.ram);
+        for f in &self.ram_files {
+            let _ = std::fs::remove_file(f);
+        }
     }
 }
 

@@ -362,6 +362,8 @@ pub fn domain_vm(host: &LibvirtHost, name: &str, files: &DomainFiles) -> Result<
         events: files.events.clone(),
         serial: files.serial.clone(),
         ram,
+        // libvirt removes its own RAM files.
+        ram_files: Vec::new(),
         process: VmProcess::Libvirt(pid),
     };
     let t = Instant::now();

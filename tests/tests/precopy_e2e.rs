@@ -121,6 +121,78 @@ fn precopy_moves_a_running_guest_byte_exact() -> Result<()> {
     reverified_on(&dst, &src)
 }
 
+/// A guest whose RAM is in two memory backends (two NUMA nodes, a file
+/// each, as libvirt gives a domain with NUMA cells) moves byte-exact by
+/// pre-copy; post-copy of it is refused on both sides with the reason,
+/// and the source keeps running.
+#[test]
+fn a_guest_with_two_numa_nodes_moves_byte_exact() -> Result<()> {
+    let tb = Testbed::new(LINK_MBIT)?;
+    let img = dirtier_guest()?;
+    let numa = VmOptions {
+        ws_mib: 16,
+        numa_nodes: 2,
+        ..VmOptions::default()
+    };
+    let src = Vm::start(&tb, &tb.src_ns, "src", &img, &numa)?;
+    src.wait_console("DIRTIER READY", Duration::from_secs(240))?;
+    src.wait_heartbeat(Duration::from_secs(120), |h| h.passes >= 1 && h.errors == 0)?;
+    let dst_opts = VmOptions {
+        incoming: true,
+        preload: false,
+        ..numa.clone()
+    };
+    let dst = Vm::start(&tb, &tb.dst_ns, "dst", &img, &dst_opts)?;
+
+    // Post-copy serves faults on one mapping: refused before anything moves.
+    let (out, report) = migrate(&tb, &src, &["--mode", "postcopy", "--allow-postcopy"])?;
+    let err = report["error"].as_str().unwrap_or_default().to_string();
+    ensure!(
+        !out.status.success() && err.contains("2 memory backends") && err.contains("precopy"),
+        "post-copy of a NUMA guest: {report}"
+    );
+    let sock = tb.dir.join("dst.uffd");
+    let refused = tb
+        .receive_cmd(&dst)?
+        .arg("--postcopy-socket")
+        .arg(&sock)
+        .output()?;
+    let rerr = String::from_utf8_lossy(&refused.stderr);
+    ensure!(
+        !refused.status.success() && rerr.contains("2 memory backends"),
+        "receive --postcopy-socket of a NUMA guest: {rerr}"
+    );
+    assert_eq!(src.qmp()?.status()?, "running");
+
+    let mut src = src;
+    let mut recv = receive(&tb, &dst)?;
+    let (out, report) = migrate(&tb, &src, &[])?;
+    let recv_ok = recv.wait()?.success();
+    let recv_log = std::fs::read_to_string(tb.dir.join("receive.log")).unwrap_or_default();
+    ensure!(
+        out.status.success() && recv_ok,
+        "migrate: {report}\nreceive: {recv_log}"
+    );
+    assert_eq!(report["ram_verified"], json!(true), "{report}");
+    // Both nodes' memory is in the guest-physical layout, the second
+    // node's at its place in the run (after the first file's 256 MiB).
+    let offsets: Vec<u64> = report["gpa_layout"]
+        .as_array()
+        .context("gpa_layout")?
+        .iter()
+        .filter_map(|r| r["offset"].as_u64())
+        .collect();
+    ensure!(
+        offsets.iter().any(|&o| o >= 256 << 20),
+        "no range of the second node: {report}"
+    );
+    assert!(
+        src.wait_exit(Duration::from_secs(20)),
+        "source QEMU still running"
+    );
+    reverified_on(&dst, &src)
+}
+
 /// Knocks on the destination agent's port for `secs` seconds as strangers
 /// would: connect and close, garbage, a plain-TCP dbmigrate frame, TLS with
 /// a certificate of another CA and with one for a name not allowed, and

@@ -31,12 +31,13 @@ impl SessionPeer {
 
 /// Takes the first connection through `gate` that introduces itself as a
 /// control connection as the source (the gate already dropped strangers),
-/// checks its Hello against `ram_bytes`, answers whether this side can
+/// checks its Hello against this VM's RAM files (`ram_files`, their
+/// sizes in the order their pages follow each other), answers whether this side can
 /// serve post-copy faults, then waits for its data connections. Other
 /// connections meanwhile are dropped with a warning.
 pub async fn accept(
     gate: &mut Gate,
-    ram_bytes: u64,
+    ram_files: &[u64],
     postcopy: bool,
     peer_timeout: Duration,
 ) -> Result<DestSession, DestError> {
@@ -54,7 +55,8 @@ pub async fn accept(
         cert: ctrl.peer_certificate().map(<[u8]>::to_vec),
     };
     let (ctrl_rx, mut ctrl_tx) = ctrl.split();
-    if let Some(reason) = hello_problem(&hello, ram_bytes) {
+    let ram_bytes = ram_files.iter().sum();
+    if let Some(reason) = hello_problem(&hello, ram_files) {
         let _ = protocol::write_message(
             &mut ctrl_tx,
             &Message::Refuse {
@@ -105,11 +107,17 @@ pub async fn accept(
 }
 
 /// Why a source's Hello does not fit this VM, if it does not.
-fn hello_problem(hello: &Hello, ram_bytes: u64) -> Option<String> {
+fn hello_problem(hello: &Hello, ram_files: &[u64]) -> Option<String> {
+    let ram_bytes: u64 = ram_files.iter().sum();
     if hello.ram_bytes != ram_bytes {
         Some(format!(
             "source RAM is {} bytes but the destination VM has {} bytes: start the destination QEMU with the same -m and memory backend size",
             hello.ram_bytes, ram_bytes
+        ))
+    } else if hello.ram_files != ram_files {
+        Some(format!(
+            "source RAM is in memory backends of {:?} bytes but the destination VM's are {:?} bytes: start the destination QEMU with the same memory backends (NUMA nodes) in the same order",
+            hello.ram_files, ram_files
         ))
     } else if hello.page_size as usize != PAGE_SIZE {
         Some(format!(

@@ -43,6 +43,7 @@ pub trait DirtyTracker: Send {
     fn collect(&mut self, dirty: &mut PageBitmap) -> Result<u64, DirtyError>;
 }
 
+mod run;
 mod soft_dirty;
 mod uffd_wp;
 
@@ -50,6 +51,7 @@ use std::path::{Path, PathBuf};
 
 use thiserror::Error;
 
+pub use run::RunTracker;
 pub use soft_dirty::SoftDirtyTracker;
 pub use uffd_wp::UffdWpTracker;
 
@@ -182,6 +184,20 @@ pub fn open_tracker(range: TrackedRange) -> Result<Box<dyn DirtyTracker>, DirtyE
             soft: soft.to_string(),
         }),
     }
+}
+
+/// Opens a tracker for each of `ranges` (the mappings of a RAM made of
+/// several files, in the run's order, see [`RunTracker`]); one range gets
+/// its tracker as it is.
+pub fn open_run_tracker(ranges: &[TrackedRange]) -> Result<Box<dyn DirtyTracker>, DirtyError> {
+    if let [one] = ranges {
+        return open_tracker(*one);
+    }
+    let parts = ranges
+        .iter()
+        .map(|r| Ok((open_tracker(*r)?, (r.end - r.start) / 4096)))
+        .collect::<Result<Vec<_>, DirtyError>>()?;
+    Ok(Box::new(RunTracker::new(parts)))
 }
 
 /// Finds `path` in `/proc/PID/maps`: the address range where it is mapped from offset 0.

@@ -5,8 +5,8 @@ use super::frame::frame;
 use super::guest;
 use super::{
     BatchBuilder, Hello, Kind, Message, PageEncoding, PageEntry, ProtocolError, Welcome,
-    MAX_BATCH_PAGES, MAX_HELLO_DISKS, MAX_NEED, MAX_REPORTED_MISMATCHES, MAX_STRING,
-    PROTOCOL_VERSION, REFERENCE_LEN,
+    MAX_BATCH_PAGES, MAX_HELLO_DISKS, MAX_HELLO_RAM_FILES, MAX_NEED, MAX_REPORTED_MISMATCHES,
+    MAX_STRING, PROTOCOL_VERSION, REFERENCE_LEN,
 };
 use crate::PAGE_SIZE;
 
@@ -63,6 +63,11 @@ impl Message {
                     p.extend_from_slice(&d.bytes.to_le_bytes());
                     put_str(&mut p, &guest::clean_id(&d.serial));
                     put_str(&mut p, &guest::clean_id(&d.wwn));
+                }
+                let files = &h.ram_files[..h.ram_files.len().min(MAX_HELLO_RAM_FILES)];
+                put_len(&mut p, files.len());
+                for f in files {
+                    p.extend_from_slice(&f.to_le_bytes());
                 }
             }
             Message::Welcome(w) => {
@@ -303,6 +308,7 @@ impl<'a> Reader<'a> {
             data_connections: self.u16()?,
             conn_index: self.u16()?,
             disks: Vec::new(),
+            ram_files: Vec::new(),
         };
         if h.version != PROTOCOL_VERSION {
             return Err(ProtocolError::Version { peer: h.version });
@@ -325,7 +331,42 @@ impl<'a> Reader<'a> {
             }
             disks.push(guest::DiskId { bytes, serial, wwn });
         }
-        Ok(Hello { disks, ..h })
+        let ram_files = self.ram_files(&h)?;
+        Ok(Hello {
+            disks,
+            ram_files,
+            ..h
+        })
+    }
+
+    /// The Hello's RAM file sizes: at least one, each a non-zero multiple
+    /// of its page size, summing to its RAM size.
+    fn ram_files(&mut self, h: &Hello) -> Result<Vec<u64>, ProtocolError> {
+        let n = self.len(8)?;
+        if n == 0 || n > MAX_HELLO_RAM_FILES {
+            return Err(self.bad(format!("{n} RAM files, 1 to {MAX_HELLO_RAM_FILES} allowed")));
+        }
+        let mut files = Vec::with_capacity(n);
+        let mut sum = 0u64;
+        for _ in 0..n {
+            let size = self.u64()?;
+            if size == 0 || h.page_size == 0 || size % u64::from(h.page_size) != 0 {
+                return Err(self.bad(format!(
+                    "a RAM file of {size} bytes is not a whole number of pages"
+                )));
+            }
+            sum = sum
+                .checked_add(size)
+                .ok_or_else(|| self.bad("the RAM files' sizes overflow".into()))?;
+            files.push(size);
+        }
+        if sum != h.ram_bytes {
+            return Err(self.bad(format!(
+                "the RAM files hold {sum} bytes, the Hello says {}",
+                h.ram_bytes
+            )));
+        }
+        Ok(files)
     }
 
     fn welcome(&mut self) -> Result<Welcome, ProtocolError> {

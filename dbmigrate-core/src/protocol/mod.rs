@@ -84,8 +84,11 @@ pub const MAGIC: u32 = u32::from_le_bytes(*b"DMG1");
 /// Most disks a [`Hello`] names (a VM with more sends none, and its
 /// storage is placed by position).
 pub const MAX_HELLO_DISKS: usize = 16;
+/// Most RAM files (memory backends) a [`Hello`] names: QEMU allows 128
+/// NUMA nodes, libvirt's domains rarely have more than 8.
+pub const MAX_HELLO_RAM_FILES: usize = 64;
 /// Protocol version carried in [`Hello`] and [`Welcome`].
-pub const PROTOCOL_VERSION: u32 = 8;
+pub const PROTOCOL_VERSION: u32 = 9;
 /// Size of the fixed frame header.
 pub const HEADER_LEN: usize = 16;
 /// Largest payload a peer may announce; larger frames are refused unread.
@@ -209,6 +212,12 @@ pub struct Hello {
     /// places its storage by name; empty when not known. At most
     /// [`MAX_HELLO_DISKS`], names as [`guest::clean_id`] leaves them.
     pub disks: Vec<guest::DiskId>,
+    /// The sizes of the files the RAM is made of (one per memory backend,
+    /// e.g. per NUMA node), in the order their pages follow each other:
+    /// the destination maps its own the same way. At least one and at
+    /// most [`MAX_HELLO_RAM_FILES`]; each a non-zero multiple of the page
+    /// size, summing to `ram_bytes`.
+    pub ram_files: Vec<u64>,
 }
 
 /// Destination's answer to the control [`Hello`]: ready to receive.
@@ -354,6 +363,7 @@ mod tests {
                 page_size: 4096,
                 data_connections: 2,
                 conn_index: 1,
+                ram_files: vec![1 << 29, 1 << 29],
                 disks: vec![
                     guest::DiskId {
                         bytes: 8 << 30,
@@ -588,6 +598,7 @@ mod tests {
             data_connections: 1,
             conn_index: 0,
             disks: Vec::new(),
+            ram_files: vec![1 << 20],
         });
         let f = hello.encode();
         assert_eq!(read_hello(&mut &f[..]).await.unwrap().session, 1);
@@ -603,6 +614,9 @@ mod tests {
             };
             MAX_HELLO_DISKS
         ];
+        // And the most RAM files.
+        h.ram_files = vec![1 << 14; MAX_HELLO_RAM_FILES];
+        h.ram_bytes = (1 << 14) * MAX_HELLO_RAM_FILES as u64;
         let f = Message::Hello(h.clone()).encode();
         assert_eq!(read_hello(&mut &f[..]).await.unwrap(), h);
         // More disks than that are sent as none.
@@ -642,6 +656,40 @@ mod tests {
     }
 
     #[test]
+    fn a_hello_s_ram_files_must_add_up_to_whole_pages() {
+        let hello = |ram_bytes, ram_files: Vec<u64>| {
+            let mut f = Message::Hello(Hello {
+                version: PROTOCOL_VERSION,
+                session: 1,
+                ram_bytes,
+                page_size: 4096,
+                data_connections: 1,
+                conn_index: 0,
+                disks: Vec::new(),
+                ram_files,
+            })
+            .encode();
+            let (k, _) = split(&f);
+            let payload = f.split_off(HEADER_LEN);
+            Message::decode(k, &payload)
+        };
+        assert!(hello(3 << 12, vec![1 << 12, 2 << 12]).is_ok());
+        for (bytes, files) in [
+            (3 << 12, vec![1 << 12, 1 << 12]),
+            (3 << 12, vec![]),
+            (3 << 12, vec![3 << 12, 0]),
+            (3 << 12, vec![100, (3 << 12) - 100]),
+            (u64::MAX, vec![u64::MAX - 4095, 8192]),
+        ] {
+            let e = hello(bytes, files.clone()).unwrap_err();
+            assert!(e.to_string().contains("RAM file"), "{files:?}: {e}");
+        }
+        // More files than a Hello may name are sent as none, and refused.
+        let many = vec![1 << 12; MAX_HELLO_RAM_FILES + 1];
+        assert!(hello((1 << 12) * many.len() as u64, many).is_err());
+    }
+
+    #[test]
     fn rejects_wrong_version() {
         let mut h = Message::Hello(Hello {
             version: 99,
@@ -651,6 +699,7 @@ mod tests {
             data_connections: 1,
             conn_index: 0,
             disks: Vec::new(),
+            ram_files: vec![1],
         })
         .encode();
         let (k, _) = split(&h);

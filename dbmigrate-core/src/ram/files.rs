@@ -73,6 +73,11 @@ impl RamFiles {
         self.segs.len()
     }
 
+    /// Each file's size, in the run's order.
+    pub(crate) fn sizes(&self) -> Vec<u64> {
+        self.segs.iter().map(|s| s.len).collect()
+    }
+
     /// The first file, for errors about the RAM as a whole.
     pub(crate) fn first_path(&self) -> &Path {
         &self.segs[0].path

@@ -156,6 +156,11 @@ impl<M: std::ops::Deref<Target = [u8]>, W> Ram<M, W> {
         self.files.count()
     }
 
+    /// Each file's size, in the order their pages follow each other.
+    pub fn file_sizes(&self) -> Vec<u64> {
+        self.files.sizes()
+    }
+
     /// The whole mapping.
     pub fn bytes(&self) -> &[u8] {
         &self.map

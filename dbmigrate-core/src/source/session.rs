@@ -101,7 +101,8 @@ impl SourceSession {
     ) -> Result<Self, SourceError> {
         let conns = cfg.connections.clamp(1, protocol::MAX_DATA_CONNECTIONS);
         let session = session_id();
-        let hello = |conn_index| session_hello(session, ram.len(), conns, conn_index, &cfg.disks);
+        let files = ram.file_sizes();
+        let hello = |conn_index| session_hello(session, &files, conns, conn_index, &cfg.disks);
         let tcp = connect_retrying(addr, cfg.peer_timeout.min(Duration::from_secs(10))).await?;
         let (mut ctrl_rx, mut ctrl_tx) = cfg.connector.secure(tcp, addr).await?.split();
         let mut stats = MigrationStats::default();
@@ -223,7 +224,7 @@ impl SourceSession {
         let conns = u16::try_from(self.data.len()).expect("at most 16");
         let hello = session_hello(
             self.session_id,
-            self.ram.len(),
+            &self.ram.file_sizes(),
             conns,
             protocol::DEVICE_STATE_CONN,
             &self.cfg.disks,
@@ -801,16 +802,17 @@ async fn connect_retrying(addr: SocketAddr, patience: Duration) -> Result<TcpStr
 /// The Hello that opens each of a session's connections.
 fn session_hello(
     session: u64,
-    ram_bytes: u64,
+    ram_files: &[u64],
     conns: u16,
     conn_index: u16,
     disks: &[crate::protocol::guest::DiskId],
 ) -> Message {
     Message::Hello(Hello {
         disks: disks.to_vec(),
+        ram_files: ram_files.to_vec(),
         version: protocol::PROTOCOL_VERSION,
         session,
-        ram_bytes,
+        ram_bytes: ram_files.iter().sum(),
         page_size: u32::try_from(PAGE_SIZE).expect("4096"),
         data_connections: conns,
         conn_index,

@@ -112,6 +112,7 @@ pub async fn scripted_source(
             data_connections: 1,
             conn_index,
             disks: Vec::new(),
+            ram_files: vec![PAGES * 4096],
         })
     };
     let mut ctrl = TcpStream::connect(addr).await.unwrap();
@@ -136,9 +137,14 @@ pub async fn accept_source(
     postcopy: bool,
     timeout: Duration,
 ) -> dest::DestSession {
-    dest::accept(&mut plain_gate(listener), PAGES * 4096, postcopy, timeout)
-        .await
-        .unwrap()
+    dest::accept(
+        &mut plain_gate(listener),
+        &[PAGES * 4096],
+        postcopy,
+        timeout,
+    )
+    .await
+    .unwrap()
 }
 
 /// A gate on `listener` for plain TCP.
