@@ -54,14 +54,6 @@ pub enum DomainError {
     /// file nobody else can open.
     #[error("domain {0} has <hugepages/>, for which libvirt lets QEMU make an unlinked file that dbmigrate cannot open: use <source type='file'/> and <access mode='shared'/>, with memory_backing_dir in qemu.conf on a hugetlbfs mount")]
     HugepagesDirectory(String),
-    /// NUMA cells: one memory backend per cell.
-    #[error("domain {name} has {cells} NUMA cell(s), each with its own memory backend; dbmigrate moves guests with one RAM backend only so far: remove <numa> from its <cpu>, or migrate it with libvirt")]
-    Numa {
-        /// Domain.
-        name: String,
-        /// Cells.
-        cells: usize,
-    },
     /// No QMP socket for dbmigrate.
     #[error("domain {0} gives dbmigrate no QMP socket (libvirt keeps QEMU's monitor to itself): add <qemu:commandline><qemu:arg value='-qmp'/><qemu:arg value='unix:/run/dbmigrate/{0}.qmp,server=on,wait=off'/></qemu:commandline> (namespace {QEMU_NS})")]
     NoQmp(String),
@@ -250,20 +242,6 @@ pub fn parse(xml: &str) -> Result<Domain, DomainError> {
 fn read_domain(root: roxmltree::Node<'_, '_>) -> Result<Domain, DomainError> {
     let name = DomainName::new(&text_of(root, "name").unwrap_or_default())?;
     let uuid = text_of(root, "uuid").ok_or_else(|| DomainError::NoUuid(name.to_string()))?;
-    let cells = child(root, "cpu")
-        .and_then(|c| child(c, "numa"))
-        .map(|n| {
-            n.children()
-                .filter(|c| c.is_element() && c.tag_name().name() == "cell")
-                .count()
-        })
-        .unwrap_or(0);
-    if cells > 0 {
-        return Err(DomainError::Numa {
-            name: name.to_string(),
-            cells,
-        });
-    }
     let (shared_file, hugepages) = ram_is_shared_file(root);
     if hugepages {
         return Err(DomainError::HugepagesDirectory(name.to_string()));

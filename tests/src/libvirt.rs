@@ -189,11 +189,12 @@ impl LibvirtHost {
         }
     }
 
-    /// The pattern of the RAM file libvirt gives domain `name`
-    /// (`<memory_backing_dir>/libvirt/qemu/<id>-<name>/pc.ram`, the id
-    /// changing at every start) for `DBMIGRATE_TRACK_PATH`.
+    /// The pattern of the RAM files libvirt gives domain `name`
+    /// (`<memory_backing_dir>/libvirt/qemu/<id>-<name>/pc.ram`, or
+    /// `ram-node<i>` per NUMA cell, the id changing at every start) for
+    /// `DBMIGRATE_TRACK_PATH`.
     pub fn ram_pattern(&self, name: &str) -> String {
-        format!("{}/libvirt/qemu/*-{name}/pc.ram", self.ram_dir.display())
+        format!("{}/libvirt/qemu/*-{name}/*", self.ram_dir.display())
     }
 }
 
@@ -222,6 +223,20 @@ pub struct DomainFiles {
     pub serial: PathBuf,
     /// The guest agent's channel.
     pub hints: PathBuf,
+}
+
+/// The `<numa>` element of a domain with `cells` cells sharing `ram_mib`
+/// (none for one cell); the vCPU is in cell 0.
+fn numa_cells(cells: u32, ram_mib: u64) -> String {
+    if cells <= 1 {
+        return String::new();
+    }
+    let each = ram_mib / u64::from(cells);
+    let cell = |i: u32| {
+        let cpus = if i == 0 { " cpus='0'" } else { "" };
+        format!("<cell id='{i}'{cpus} memory='{each}' unit='MiB'/>")
+    };
+    format!("<numa>{}</numa>", (0..cells).map(cell).collect::<String>())
 }
 
 /// A fixed UUID per bed, so that both hosts' XMLs name the same domain.
@@ -280,7 +295,7 @@ impl DbBed {
     <cmdline>console=ttyS0 quiet dbm.ip={ip}/24 dbm.pool={pool}{extra}</cmdline>
   </os>
   <features><acpi/><apic/></features>
-  <cpu mode='maximum' check='none'/>
+  <cpu mode='maximum' check='none'>{numa}</cpu>
   <on_poweroff>destroy</on_poweroff>
   <on_crash>destroy</on_crash>
   <devices>
@@ -327,6 +342,7 @@ impl DbBed {
             events = files.events.display(),
             lib = lib.display(),
             pattern = host.ram_pattern(name),
+            numa = numa_cells(self.numa_cells, ram_mib),
         );
         std::fs::write(&files.xml, xml)?;
         Ok(files)

@@ -194,3 +194,76 @@ fn a_libvirt_domain_moves_with_rebuild_and_libvirt_follows_a_rollback_and_a_succ
     bed.check_sbtest(&guest).unwrap();
     drop(dst);
 }
+
+/// A domain with two NUMA cells: libvirt gives each cell a memory backend
+/// and a file of its own under `memory_backing_dir`; the domain moves by
+/// pre-copy with the rebuild, byte-exact, every table intact, and
+/// libvirt's view follows.
+#[test]
+fn a_libvirt_domain_with_two_numa_cells_moves_byte_exact() {
+    let guest = mariadb_guest(4, 10_000).unwrap();
+    let mut bed = DbBed::new(&guest, 1000, 1000).unwrap();
+    bed.numa_cells = 2;
+    let src_lv = LibvirtHost::start(&bed.tb, &bed.tb.src_ns, "src").unwrap();
+    let dst_lv = LibvirtHost::start(&bed.tb, &bed.tb.dst_ns, "dst").unwrap();
+    let src_files = bed
+        .domain_xml(NAME, &src_lv, &guest, true, 1024, "256M")
+        .unwrap();
+    let dst_files = bed
+        .domain_xml(NAME, &dst_lv, &guest, false, 1024, "256M")
+        .unwrap();
+    let mut src = bed.start_domain(&src_lv, NAME, &src_files).unwrap();
+    src.wait_console("DBM-READY pool", Duration::from_secs(300))
+        .unwrap_or_else(|e| panic!("{e}\n{}", qemu_log(&src_lv, NAME)));
+    let ram_files: Vec<String> = std::fs::read_dir(src_lv.ram_dir.join("libvirt/qemu"))
+        .unwrap()
+        .flatten()
+        .flat_map(|d| std::fs::read_dir(d.path()).into_iter().flatten().flatten())
+        .map(|f| f.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        ram_files.contains(&"ram-node0".to_string())
+            && ram_files.contains(&"ram-node1".to_string()),
+        "libvirt's RAM files: {ram_files:?}"
+    );
+
+    let dir = bed.tb.dir.clone();
+    let mut recv = bed.tb.receive_cmd_libvirt(&dst_lv.uri, &dst_files.xml);
+    recv.args(["--storage", &bed.nbd_from_dst]);
+    let recv = spawn_logged(recv, &dir.join("receive.log"));
+    let report_path = dir.join("report.json");
+    let mut mig = bed.tb.migrate_cmd_libvirt(&src_lv.uri, NAME, &report_path);
+    mig.args(["--progress", "never"]);
+    let out = mig.output().unwrap();
+    let r = recv.wait_with_output().unwrap();
+    assert!(
+        out.status.success() && r.status.success(),
+        "migrate: {}\nreceive: {}\nqemu src: {}\nqemu dst: {}",
+        String::from_utf8_lossy(&out.stderr),
+        read(&dir.join("receive.log")),
+        qemu_log(&src_lv, NAME),
+        qemu_log(&dst_lv, NAME)
+    );
+    let report: Value = serde_json::from_slice(&std::fs::read(&report_path).unwrap()).unwrap();
+    assert_eq!(report["ram_verified"], Value::Bool(true), "{report:#}");
+    assert!(
+        report["pages"]["rebuilt"].as_u64().unwrap_or(0) > 1000,
+        "too few pages rebuilt: {report:#}"
+    );
+    // The second cell's memory is mapped at its place in the run, after
+    // the first cell's 512 MiB file.
+    let second = report["gpa_layout"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|r| r["offset"].as_u64().unwrap_or(0) >= 512 << 20);
+    assert!(second, "no range of the second cell: {report:#}");
+    assert!(
+        src.wait_exit(Duration::from_secs(20)),
+        "source QEMU still running"
+    );
+    assert_eq!(src_lv.state(NAME).unwrap(), None);
+    assert_eq!(dst_lv.state(NAME).unwrap().as_deref(), Some("running"));
+    assert!(dst_lv.persistent(NAME).unwrap());
+    bed.check_sbtest(&guest).unwrap();
+}
