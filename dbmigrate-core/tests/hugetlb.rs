@@ -102,12 +102,7 @@ async fn a_huge_page_reaches_the_guest_only_once_every_page_of_it_is_placed() {
         // a thread allocates them while pages arrive.
         ram.zero_and_allocate_in_background(1).unwrap();
         let mut s = accept_source(listener, true, Duration::from_secs(10)).await;
-        let faults = dest::FaultSource {
-            uffd,
-            base,
-            len,
-            unit: HUGE,
-        };
+        let faults = dest::FaultSource::single(uffd, base, len, HUGE);
         let run = match s.receive(ram, None, Some(faults)).await.unwrap() {
             dest::Received::Postcopy(run) => run,
             dest::Received::Complete { .. } => panic!("no switch to post-copy"),

@@ -545,12 +545,7 @@ async fn postcopy_to_a_real_userfaultfd(
     let receiver = tokio::spawn(async move {
         let ram = DestRam::open(&p2, PAGES * 4096).unwrap();
         let mut s = accept_source(listener, true, Duration::from_secs(3)).await;
-        let faults = dest::FaultSource {
-            uffd,
-            base,
-            len: PAGES * 4096,
-            unit: 4096,
-        };
+        let faults = dest::FaultSource::single(uffd, base, PAGES * 4096, 4096);
         let run = match s.receive(ram, None, Some(faults)).await.unwrap() {
             dest::Received::Postcopy(run) => run,
             dest::Received::Complete { .. } => panic!("no switch to post-copy"),
@@ -822,12 +817,7 @@ async fn a_fault_on_a_page_whose_storage_read_is_queued_is_read_ahead_of_the_que
         // still waits for, or the touch below would read zeros, not fault.
         ram.zero_and_allocate().unwrap();
         let mut s = accept_source(listener, true, Duration::from_secs(10)).await;
-        let faults = dest::FaultSource {
-            uffd,
-            base,
-            len: PAGES * 4096,
-            unit: 4096,
-        };
+        let faults = dest::FaultSource::single(uffd, base, PAGES * 4096, 4096);
         let run = match s.receive(ram, Some(st), Some(faults)).await.unwrap() {
             dest::Received::Postcopy(run) => run,
             dest::Received::Complete { .. } => panic!("no switch to post-copy"),

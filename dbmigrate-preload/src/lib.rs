@@ -7,10 +7,11 @@
 //! written-page bits from outside with `PAGEMAP_SCAN` on `/proc/PID/pagemap`.
 //!
 //! With `DBMIGRATE_POSTCOPY_SOCKET` set (a post-copy destination), it
-//! registers the mapping for missing-page faults instead and offers the
-//! userfaultfd on that unix socket (`SCM_RIGHTS`, with the mapping's address,
-//! length and fault unit) to the destination agent, which fills pages as
-//! they arrive. On hugetlbfs it registers for minor faults instead: the
+//! registers the mapping for missing-page faults instead (every matching
+//! mapping, one per memory backend, with one userfaultfd) and offers the
+//! userfaultfd on that unix socket (`SCM_RIGHTS`, with each mapping's
+//! address and length and the fault unit) to the destination agent, which
+//! fills pages as they arrive. On hugetlbfs it registers for minor faults instead: the
 //! agent fills the file through its own mapping and maps each 2 MiB page
 //! into QEMU once all of it is in.
 //!
@@ -20,7 +21,7 @@
 //! stderr and leaves the mapping untouched (the agent then refuses to start).
 
 use std::io::Write;
-use std::os::fd::IntoRawFd;
+use std::os::fd::{AsRawFd, IntoRawFd};
 
 type Off = libc::off_t;
 
@@ -232,17 +233,15 @@ fn maybe_track(addr: u64, len: u64, fd: i32) {
     let page = u64::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096);
     let len = len.div_ceil(page.max(1)).saturating_mul(page.max(1));
     if let Some(sock) = postcopy_socket() {
-        // One descriptor per socket: a pattern that matches a second
-        // mapping (a guest with several memory backends) must not take the
-        // socket from the first.
-        static OFFERED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-        if OFFERED.swap(true, std::sync::atomic::Ordering::SeqCst) {
-            say(format_args!(
-                "dbmigrate-preload: {path} also matches DBMIGRATE_TRACK_PATH, but post-copy serves one RAM mapping; it is left untouched\n"
-            ));
+        let huge = dbmigrate_uffd::hugetlbfs_page_size(&Fd(fd)).ok().flatten();
+        // One descriptor per socket: a further mapping that matches (a
+        // guest with several memory backends, e.g. NUMA nodes) is
+        // registered with the first one's descriptor.
+        let first = POSTCOPY_UFFD.load(Ordering::SeqCst);
+        if first >= 0 {
+            postcopy_also(path, first, addr, len, huge);
             return;
         }
-        let huge = dbmigrate_uffd::hugetlbfs_page_size(&Fd(fd)).ok().flatten();
         serve_postcopy(path, addr, len, huge, sock);
         return;
     }
@@ -259,6 +258,72 @@ fn maybe_track(addr: u64, len: u64, fd: i32) {
             "dbmigrate-preload: cannot write-protect {path}: {e}\n"
         )),
     }
+}
+
+use std::sync::atomic::{AtomicI32, AtomicU64, AtomicUsize, Ordering};
+
+/// The post-copy descriptor once made (its number; -1 before), for the RAM
+/// files that QEMU maps after the first.
+static POSTCOPY_UFFD: AtomicI32 = AtomicI32::new(-1);
+/// Most RAM mappings one post-copy descriptor serves.
+const MAX_POSTCOPY_MAPPINGS: usize = 64;
+/// The mappings registered with the post-copy descriptor, in the order
+/// QEMU mapped them: address and length each (no allocation on QEMU's
+/// mmap path).
+static POSTCOPY_MAPS: [(AtomicU64, AtomicU64); MAX_POSTCOPY_MAPPINGS] =
+    [const { (AtomicU64::new(0), AtomicU64::new(0)) }; MAX_POSTCOPY_MAPPINGS];
+static POSTCOPY_COUNT: AtomicUsize = AtomicUsize::new(0);
+
+/// Notes a mapping registered with the post-copy descriptor; false if
+/// there is no room for it.
+fn note_postcopy_map(addr: u64, len: u64) -> bool {
+    let i = POSTCOPY_COUNT.load(Ordering::SeqCst);
+    let Some((a, l)) = POSTCOPY_MAPS.get(i) else {
+        return false;
+    };
+    a.store(addr, Ordering::SeqCst);
+    l.store(len, Ordering::SeqCst);
+    POSTCOPY_COUNT.store(i + 1, Ordering::SeqCst);
+    true
+}
+
+/// Registers a further RAM mapping with the post-copy descriptor `uffd`.
+fn postcopy_also(path: &str, uffd: i32, addr: u64, len: u64, huge: Option<u64>) {
+    if POSTCOPY_COUNT.load(Ordering::SeqCst) >= MAX_POSTCOPY_MAPPINGS {
+        say(format_args!(
+            "dbmigrate-preload: {path} is left out of post-copy: one descriptor serves at most {MAX_POSTCOPY_MAPPINGS} RAM files\n"
+        ));
+        return;
+    }
+    match dbmigrate_uffd::register_more(&Fd(uffd), huge.is_some(), addr, len) {
+        Ok(()) => {
+            note_postcopy_map(addr, len);
+            say(format_args!(
+                "dbmigrate-preload: post-copy also for {path} at {addr:#x}-{:#x}\n",
+                addr.wrapping_add(len)
+            ));
+        }
+        // The agent finds the file missing from the offer and refuses.
+        Err(e) => say(format_args!(
+            "dbmigrate-preload: cannot register {path} for post-copy: {e}\n"
+        )),
+    }
+}
+
+/// The offer sent with the descriptor: the first mapping's address and
+/// length, the fault unit, then each further mapping's address and length
+/// (little-endian u64s).
+fn postcopy_offer(unit: u64) -> Vec<u8> {
+    let n = POSTCOPY_COUNT.load(Ordering::SeqCst);
+    let mut out = Vec::with_capacity(8 + 16 * n);
+    for (i, (a, l)) in POSTCOPY_MAPS.iter().take(n).enumerate() {
+        out.extend_from_slice(&a.load(Ordering::SeqCst).to_le_bytes());
+        out.extend_from_slice(&l.load(Ordering::SeqCst).to_le_bytes());
+        if i == 0 {
+            out.extend_from_slice(&unit.to_le_bytes());
+        }
+    }
+    out
 }
 
 /// QEMU's descriptor, borrowed for a call (never closed here).
@@ -375,10 +440,12 @@ fn serve_postcopy(path: &str, addr: u64, len: u64, huge: Option<u64>, sock: std:
         addr.wrapping_add(len),
         sock.display()
     ));
-    let mut payload = [0u8; 24];
-    payload[..8].copy_from_slice(&addr.to_le_bytes());
-    payload[8..16].copy_from_slice(&len.to_le_bytes());
-    payload[16..].copy_from_slice(&huge.unwrap_or(4096).to_le_bytes());
+    // Further RAM files are registered with the same descriptor as QEMU
+    // maps them (before the agent connects: QEMU maps its memory
+    // backends at startup), and the offer is made when the agent comes.
+    POSTCOPY_UFFD.store(uffd.as_raw_fd(), Ordering::SeqCst);
+    note_postcopy_map(addr, len);
+    let unit = huge.unwrap_or(4096);
     let spawned = std::thread::Builder::new()
         .name("dbmigrate-uffd".into())
         .spawn(move || {
@@ -399,7 +466,7 @@ fn serve_postcopy(path: &str, addr: u64, len: u64, huge: Option<u64>, sock: std:
                     }
                     Err(_) => continue,
                 }
-                if let Err(e) = dbmigrate_uffd::send_fd(&conn, &uffd, &payload) {
+                if let Err(e) = dbmigrate_uffd::send_fd(&conn, &uffd, &postcopy_offer(unit)) {
                     say(format_args!(
                         "dbmigrate-preload: handing over the post-copy descriptor failed: {e}\n"
                     ));
@@ -413,6 +480,8 @@ fn serve_postcopy(path: &str, addr: u64, len: u64, huge: Option<u64>, sock: std:
             watch_agent(conn);
         });
     if let Err(e) = spawned {
+        // The descriptor is closed with the closure that failed to start.
+        POSTCOPY_UFFD.store(-1, Ordering::SeqCst);
         say(format_args!(
             "dbmigrate-preload: cannot start the post-copy descriptor thread: {e}\n"
         ));

@@ -230,6 +230,34 @@ fn open_and_register(
     // SAFETY: UFFDIO_API reads and writes a `struct uffdio_api` we own.
     let r = unsafe { libc::ioctl(uffd.as_raw_fd(), UFFDIO_API, &mut api as *mut UffdioApi) };
     step("UFFDIO_API", libc::c_long::from(r), ())?;
+    register_range(&uffd, mode, addr, len)?;
+    Ok(uffd)
+}
+
+/// Registers one more range of the calling process with `uffd` (made by
+/// [`register_missing`] or [`register_minor`]) in the same way: a RAM made
+/// of several files, each mapped on its own, served by one descriptor.
+/// `huge`: a hugetlbfs mapping (the mode of [`register_minor`]).
+pub fn register_more(
+    uffd: &impl AsRawFd,
+    huge: bool,
+    addr: u64,
+    len: u64,
+) -> Result<(), RegisterError> {
+    let mode = if huge {
+        UFFDIO_REGISTER_MODE_MINOR | UFFDIO_REGISTER_MODE_MISSING
+    } else {
+        UFFDIO_REGISTER_MODE_MISSING
+    };
+    register_range(uffd, mode, addr, len)
+}
+
+fn register_range(
+    uffd: &impl AsRawFd,
+    mode: u64,
+    addr: u64,
+    len: u64,
+) -> Result<(), RegisterError> {
     let mut reg = UffdioRegister {
         range: UffdioRange { start: addr, len },
         mode,
@@ -244,8 +272,7 @@ fn open_and_register(
             &mut reg as *mut UffdioRegister,
         )
     };
-    step("UFFDIO_REGISTER", libc::c_long::from(r), ())?;
-    Ok(uffd)
+    step("UFFDIO_REGISTER", libc::c_long::from(r), ())
 }
 
 fn open_uffd() -> Result<OwnedFd, RegisterError> {
@@ -420,9 +447,15 @@ pub fn unregister(uffd: &OwnedFd, start: u64, len: u64) -> io::Result<()> {
     range_ioctl(uffd, UFFDIO_UNREGISTER, start, len)
 }
 
-/// Sends `fd` and `payload` (at most 64 bytes) over a unix stream socket.
+/// Most payload bytes sent beside a descriptor: the post-copy offer of a
+/// RAM of up to 64 files (a mapping's address and length each, 16 bytes,
+/// after 8 bytes of fault unit and count... see the preload library).
+pub const MAX_FD_PAYLOAD: usize = 1088;
+
+/// Sends `fd` and `payload` (at most [`MAX_FD_PAYLOAD`] bytes) over a unix
+/// stream socket.
 pub fn send_fd(sock: &impl AsRawFd, fd: &impl AsRawFd, payload: &[u8]) -> io::Result<()> {
-    let payload = &payload[..payload.len().min(64)];
+    let payload = &payload[..payload.len().min(MAX_FD_PAYLOAD)];
     let mut iov = libc::iovec {
         iov_base: payload.as_ptr() as *mut libc::c_void,
         iov_len: payload.len(),
@@ -493,7 +526,7 @@ pub fn peer_cred(sock: &impl AsRawFd) -> io::Result<PeerCred> {
 
 /// Receives a descriptor and its payload sent with [`send_fd`].
 pub fn recv_fd(sock: &impl AsRawFd) -> io::Result<(OwnedFd, Vec<u8>)> {
-    let mut payload = [0u8; 64];
+    let mut payload = [0u8; MAX_FD_PAYLOAD];
     let mut iov = libc::iovec {
         iov_base: payload.as_mut_ptr().cast(),
         iov_len: payload.len(),

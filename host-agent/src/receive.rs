@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
-use dbmigrate_core::dest::{self, DestSession, FaultSource, Received, SessionPeer};
+use dbmigrate_core::dest::{self, DestSession, FaultRange, FaultSource, Received, SessionPeer};
 use dbmigrate_core::gate::Gate;
 use dbmigrate_core::protocol::DEVICE_STATE_CONN;
 use dbmigrate_core::ram::{DestRam, RamFile};
@@ -91,13 +91,6 @@ pub async fn receive(args: ReceiveArgs) -> Result<dest::DestStats> {
     for b in &backends {
         refuse_shared_ram(&b.mem_path, qmp.pid())?;
     }
-    if args.postcopy_socket.is_some() && backends.len() > 1 {
-        bail!(
-            "--postcopy-socket serves the guest's page faults on one RAM mapping, but this VM's RAM is in {} memory backends ({}); receive it without --postcopy-socket (the source migrates such a VM by pre-copy)",
-            backends.len(),
-            backends.iter().map(|b| b.id.as_str()).collect::<Vec<_>>().join(", ")
-        );
-    }
     let ram_files: Vec<RamFile> = backends
         .iter()
         .map(|b| RamFile {
@@ -141,7 +134,7 @@ pub async fn receive(args: ReceiveArgs) -> Result<dest::DestStats> {
     }
     let (faults, lease) = match &args.postcopy_socket {
         Some(path) => {
-            let (f, lease) = fault_source(path, ram_bytes, ram.file_page_bytes(), qmp.pid())?;
+            let (f, lease) = fault_source(path, &ram_files, ram.file_page_bytes(), qmp.pid())?;
             (Some(f), Some(lease))
         }
         None => (None, None),
@@ -187,11 +180,12 @@ impl FaultLease {
 }
 
 /// Takes the RAM's userfaultfd from the destination QEMU's preload library;
-/// the process at the other end must be `qemu_pid`, and its fault unit the
-/// RAM file's page size (`file_page`).
+/// the process at the other end must be `qemu_pid`, its fault unit the RAM
+/// files' page size (`file_page`), and every RAM file (`files`, in the
+/// run's order) registered with it.
 fn fault_source(
     path: &std::path::Path,
-    ram_bytes: u64,
+    files: &[RamFile],
     file_page: u64,
     qemu_pid: Option<u32>,
 ) -> Result<(FaultSource, FaultLease)> {
@@ -213,31 +207,43 @@ fn fault_source(
         .context("setting a timeout on the fault-descriptor socket")?;
     let (uffd, payload) = dbmigrate_uffd::recv_fd(&sock)
         .with_context(|| format!("receiving the fault descriptor from {}", path.display()))?;
-    let (base, len, unit) = fault_mapping(&payload, ram_bytes, file_page)
+    let (maps, unit) = registered(&payload)
+        .with_context(|| format!("the fault descriptor from {}", path.display()))?;
+    // One file: the mapping the library registered first. Several: each
+    // file's mapping as QEMU's address space shows it.
+    let files: Vec<(u64, u64)> = match files {
+        [one] => vec![(maps[0].0, one.size)],
+        _ => files
+            .iter()
+            .map(|f| {
+                let r =
+                    dbmigrate_core::dirty::find_mapping(qemu_pid, &f.path).with_context(|| {
+                        format!(
+                            "finding {} in the destination QEMU's address space",
+                            f.path.display()
+                        )
+                    })?;
+                Ok((r.start, f.size))
+            })
+            .collect::<Result<_>>()?,
+    };
+    let ranges = fault_ranges(&maps, unit, &files, file_page)
         .with_context(|| format!("the fault descriptor from {}", path.display()))?;
     tracing::info!(
-        base = format_args!("{base:#x}"),
-        len,
+        base = format_args!("{:#x}", ranges[0].base),
+        mappings = ranges.len(),
         unit,
         "post-copy fault descriptor received"
     );
-    Ok((
-        FaultSource {
-            uffd,
-            base,
-            len,
-            unit,
-        },
-        FaultLease(sock),
-    ))
+    Ok((FaultSource { uffd, ranges, unit }, FaultLease(sock)))
 }
 
-/// The mapping a fault descriptor came with (`payload`: its address,
-/// length and fault unit, little-endian u64s; a library of before
-/// hugetlbfs support sends no unit: 4 KiB), checked against the RAM
-/// backend: at least `ram_bytes` long, faults served in the RAM file's
-/// pages (`file_page`), starting on one. Pure.
-fn fault_mapping(payload: &[u8], ram_bytes: u64, file_page: u64) -> Result<(u64, u64, u64)> {
+/// The mappings a fault descriptor came with (`payload`: the first
+/// mapping's address and length and the fault unit, little-endian u64s,
+/// then the address and length of each further mapping registered with it;
+/// a library of before hugetlbfs support sends no unit: 4 KiB), and that
+/// unit. Pure.
+fn registered(payload: &[u8]) -> Result<(Vec<(u64, u64)>, u64)> {
     let field = |i: usize| {
         payload
             .get(i * 8..i * 8 + 8)
@@ -248,19 +254,52 @@ fn fault_mapping(payload: &[u8], ram_bytes: u64, file_page: u64) -> Result<(u64,
         bail!("came without its mapping (got {} bytes): is the preload library the same dbmigrate version?", payload.len());
     };
     let unit = field(2).unwrap_or(4096);
-    if len < ram_bytes {
-        bail!("registers {len} bytes for post-copy but the RAM backend has {ram_bytes}: DBMIGRATE_TRACK_PATH must name the RAM backend's mem-path");
+    let mut maps = vec![(base, len)];
+    let mut i = 3;
+    while let (Some(b), Some(l)) = (field(i), field(i + 1)) {
+        maps.push((b, l));
+        i += 2;
     }
+    Ok((maps, unit))
+}
+
+/// The fault ranges of the RAM files (`files`: each one's mapping address
+/// in QEMU and size, in the run's order), each checked to be registered
+/// with the descriptor (`maps`, in `unit`s) at that address and at least
+/// that long, faults served in the RAM files' pages (`file_page`),
+/// starting on one. Pure.
+fn fault_ranges(
+    maps: &[(u64, u64)],
+    unit: u64,
+    files: &[(u64, u64)],
+    file_page: u64,
+) -> Result<Vec<FaultRange>> {
     if unit != file_page {
         bail!("serves faults in units of {unit} bytes, but the RAM file's pages are {file_page} bytes: is the preload library the same dbmigrate version?");
     }
     if unit != 4096 && unit != 2 << 20 {
         bail!("serves faults in units of {unit} bytes: post-copy takes RAM on 4 KiB or 2 MiB pages (a guest on 1 GiB pages can use pre-copy)");
     }
-    if base % unit != 0 {
-        bail!("maps the RAM at {base:#x}, not on a {unit}-byte page");
+    let mut out = Vec::with_capacity(files.len());
+    let mut start = 0;
+    for &(base, size) in files {
+        let Some(&(_, len)) = maps.iter().find(|m| m.0 == base) else {
+            bail!("does not cover QEMU's RAM mapping at {base:#x} ({} of {} RAM files registered): DBMIGRATE_TRACK_PATH must match every memory backend's mem-path", maps.len(), files.len());
+        };
+        if len < size {
+            bail!("registers {len} bytes for post-copy but the RAM backend has {size}: DBMIGRATE_TRACK_PATH must name the RAM backend's mem-path");
+        }
+        if base % unit != 0 {
+            bail!("maps the RAM at {base:#x}, not on a {unit}-byte page");
+        }
+        out.push(FaultRange {
+            base,
+            len: size,
+            start,
+        });
+        start += size;
     }
-    Ok((base, len, unit))
+    Ok(out)
 }
 
 /// Waits for QEMU to have loaded device state, then resumes the VM.
@@ -606,10 +645,46 @@ async fn session(
 
 #[cfg(test)]
 mod tests {
-    use super::fault_mapping;
+    use super::{fault_ranges, registered, FaultRange};
+    use anyhow::Result;
 
     fn payload(fields: &[u64]) -> Vec<u8> {
         fields.iter().flat_map(|f| f.to_le_bytes()).collect()
+    }
+
+    /// The one file's check, as for a RAM of one file of `ram` bytes.
+    fn fault_mapping(payload: &[u8], ram: u64, page: u64) -> Result<(u64, u64, u64)> {
+        let (maps, unit) = registered(payload)?;
+        let r = fault_ranges(&maps, unit, &[(maps[0].0, ram)], page)?;
+        Ok((r[0].base, maps[0].1, unit))
+    }
+
+    #[test]
+    fn every_ram_file_must_be_registered() {
+        let p = 4096;
+        let (maps, unit) =
+            registered(&payload(&[0x9000_0000, 3 * p, p, 0x1000_0000, 5 * p])).unwrap();
+        assert_eq!(maps, vec![(0x9000_0000, 3 * p), (0x1000_0000, 5 * p)]);
+        let files = [(0x9000_0000, 3 * p), (0x1000_0000, 5 * p)];
+        assert_eq!(
+            fault_ranges(&maps, unit, &files, p).unwrap(),
+            vec![
+                FaultRange {
+                    base: 0x9000_0000,
+                    len: 3 * p,
+                    start: 0
+                },
+                FaultRange {
+                    base: 0x1000_0000,
+                    len: 5 * p,
+                    start: 3 * p
+                }
+            ]
+        );
+        // A second file the library did not register (an older library,
+        // or a pattern that matches one file only).
+        let e = fault_ranges(&maps[..1], unit, &files, p).unwrap_err();
+        assert!(e.to_string().contains("1 of 2 RAM files"), "{e}");
     }
 
     #[test]

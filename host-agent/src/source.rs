@@ -271,20 +271,6 @@ fn mode_name(mode: Mode) -> &'static str {
     }
 }
 
-/// Post-copy serves faults on one RAM mapping: a guest whose RAM is in
-/// several memory backends (NUMA nodes) moves by pre-copy.
-fn refuse_postcopy_of_several(args: &MigrateArgs, backends: &[qemu::RamBackend]) -> Result<()> {
-    if args.config.mode != Mode::Precopy && backends.len() > 1 {
-        bail!(
-            "--mode {} serves the guest's page faults on one RAM mapping, but this VM's RAM is in {} memory backends ({}); migrate it with --mode precopy",
-            mode_name(args.config.mode),
-            backends.len(),
-            backends.iter().map(|b| b.id.as_str()).collect::<Vec<_>>().join(", ")
-        );
-    }
-    Ok(())
-}
-
 async fn run(
     args: &MigrateArgs,
     qmp: &mut Qmp,
@@ -302,7 +288,6 @@ async fn run(
         tracing::info!(id = %b.id, path = %b.mem_path.display(), size = b.size, "source RAM backend");
     }
     tracing::info!(ranges = layout.len(), "guest-physical layout");
-    refuse_postcopy_of_several(args, &backends)?;
     report.gpa_layout = layout;
     let pid = qmp
         .pid()

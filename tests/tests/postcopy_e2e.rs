@@ -7,7 +7,7 @@ use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
-use dbmigrate_testbed::{start_dirtier_pair, Testbed, Vm};
+use dbmigrate_testbed::{dirtier_guest, start_dirtier_pair, Testbed, Vm, VmOptions};
 use serde_json::{json, Value};
 
 const LINK_MBIT: u32 = 1000;
@@ -160,6 +160,47 @@ fn postcopy_runs_the_guest_on_the_destination_and_places_every_page_exactly() ->
         "source QEMU still running"
     );
     assert_eq!(p.dst.qmp()?.status()?, "running");
+    guest_intact_after(&p)
+}
+
+/// A guest whose RAM is in two memory backends (two NUMA nodes, a file
+/// each): the destination QEMU's preload library registers both mappings
+/// with one descriptor, the agent serves faults on either, and the guest
+/// re-verifies all of its memory on the destination.
+#[test]
+fn postcopy_serves_faults_on_every_numa_node() -> Result<()> {
+    let tb = Testbed::new(LINK_MBIT)?;
+    let img = dirtier_guest()?;
+    let numa = VmOptions {
+        ws_mib: 64,
+        numa_nodes: 2,
+        ..VmOptions::default()
+    };
+    let src = Vm::start(&tb, &tb.src_ns, "src", &img, &numa)?;
+    src.wait_console("DIRTIER READY", Duration::from_secs(240))?;
+    src.wait_heartbeat(Duration::from_secs(120), |h| h.passes >= 1 && h.errors == 0)?;
+    let sock = tb.dir.join("dst.uffd");
+    let dst_opts = VmOptions {
+        incoming: true,
+        preload: false,
+        postcopy_socket: Some(sock.clone()),
+        ..numa.clone()
+    };
+    let dst = Vm::start(&tb, &tb.dst_ns, "dst", &img, &dst_opts)?;
+    let mut p = Pair { src, dst, sock };
+    let (r, d) = migrate(&tb, &p, &["--mode", "postcopy", "--allow-postcopy"])?;
+    assert_eq!(r["vm_runs_on"], json!("destination"));
+    assert_eq!(r["postcopy"]["ram_verified"], json!(true), "{r}");
+    assert!(
+        d["faults"].as_u64().unwrap_or(0) > 0,
+        "the running guest faulted on missing pages: {d}"
+    );
+    let log = receive_log(&tb);
+    assert!(log.contains("mappings=2"), "{log}");
+    assert!(
+        p.src.wait_exit(Duration::from_secs(20)),
+        "source QEMU still running"
+    );
     guest_intact_after(&p)
 }
 

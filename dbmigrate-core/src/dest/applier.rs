@@ -115,15 +115,15 @@ impl Applier {
     ) -> Result<Self, DestError> {
         let pages = ram.pages();
         let upages = usize::try_from(pages).expect("RAM pages fit in memory");
-        if let Some(f) = faults
-            .as_ref()
-            .filter(|f| f.unit != ram.file_page_bytes() || f.base % f.unit != 0)
-        {
-            return Err(DestError::FaultUnit {
-                base: f.base,
-                unit: f.unit,
-                file_page: ram.file_page_bytes(),
-            });
+        if let Some(f) = faults.as_ref() {
+            let misaligned = f.misaligned();
+            if f.unit != ram.file_page_bytes() || misaligned.is_some() {
+                return Err(DestError::FaultUnit {
+                    base: misaligned.unwrap_or(f.ranges.first().map_or(0, |r| r.base)),
+                    unit: f.unit,
+                    file_page: ram.file_page_bytes(),
+                });
+            }
         }
         let (refs, urgent_reads, storage, read_buffers, disk_sizes) = match readers {
             Some(r) => (Some(r.requests), r.urgent, r.tally, r.buffers, r.disk_sizes),
@@ -281,7 +281,9 @@ impl Applier {
                 );
             }
             let f = &post.faults;
-            release(f, f.addr_of(first))?;
+            if let Some(at) = f.addr_of(first) {
+                release(f, at)?;
+            }
         }
         Ok(())
     }
@@ -688,12 +690,14 @@ impl Applier {
         // holes are zero pages, and nobody will serve their faults once
         // this agent is gone.)
         if let Some(f) = &self.faults {
-            dbmigrate_uffd::unregister(&f.uffd, f.base, f.len).map_err(|source| {
-                DestError::Faults {
-                    doing: "ending fault handling",
-                    source,
-                }
-            })?;
+            for r in &f.ranges {
+                dbmigrate_uffd::unregister(&f.uffd, r.base, r.len).map_err(|source| {
+                    DestError::Faults {
+                        doing: "ending fault handling",
+                        source,
+                    }
+                })?;
+            }
         }
         let t = Instant::now();
         let digests = self.placed.fold(verify::CHUNK_PAGES);

@@ -15,16 +15,26 @@ use super::DestError;
 use crate::bitmap::PageBitmap;
 use crate::PAGE_SIZE;
 
+/// One of QEMU's RAM mappings registered with the descriptor: a RAM
+/// file's, whose bytes sit at `start` in the run of the RAM files.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FaultRange {
+    /// Address of the mapping in QEMU.
+    pub base: u64,
+    /// Its length.
+    pub len: u64,
+    /// Where its first byte is in the run of RAM files.
+    pub start: u64,
+}
+
 /// The VM's page faults, for post-copy: the userfaultfd registered over
-/// QEMU's RAM mapping and that mapping's address, length and fault unit.
+/// QEMU's RAM mappings (one per RAM file), the mappings, and the fault unit.
 #[derive(Debug)]
 pub struct FaultSource {
     /// The descriptor.
     pub uffd: OwnedFd,
-    /// Address of the RAM mapping in QEMU.
-    pub base: u64,
-    /// Its length.
-    pub len: u64,
+    /// The mappings, in the run's order.
+    pub ranges: Vec<FaultRange>,
     /// The bytes one fault is served in: 4 KiB on tmpfs (missing-page
     /// faults: a page is filled through the file, then its waiter woken), a
     /// huge page on hugetlbfs (minor faults: every 4 KiB of the huge page
@@ -34,18 +44,41 @@ pub struct FaultSource {
 }
 
 impl FaultSource {
-    /// The RAM page a fault address in QEMU's mapping falls in, if it is
+    /// A RAM of one file, mapped at `base` for `len` bytes.
+    pub fn single(uffd: OwnedFd, base: u64, len: u64, unit: u64) -> Self {
+        Self {
+            uffd,
+            ranges: vec![FaultRange {
+                base,
+                len,
+                start: 0,
+            }],
+            unit,
+        }
+    }
+
+    /// The mapping that holds address `a`.
+    fn range_of(&self, a: u64) -> Option<&FaultRange> {
+        self.ranges
+            .iter()
+            .find(|r| a >= r.base && a - r.base < r.len)
+    }
+
+    /// The RAM page a fault address in QEMU's mappings falls in, if it is
     /// one of the first `pages`.
     pub(super) fn page_at(&self, at: u64, pages: u64) -> Option<u64> {
-        at.checked_sub(self.base)
-            .map(|o| o / PAGE_SIZE as u64)
+        self.range_of(at)
+            .map(|r| (r.start + (at - r.base)) / PAGE_SIZE as u64)
             .filter(|&p| p < pages)
     }
 
-    /// The start of the fault unit holding address `a` (the mapping starts
-    /// on a unit boundary).
+    /// The start of the fault unit holding address `a` (each mapping
+    /// starts on a unit boundary); `a` itself outside the mappings.
     pub(super) fn unit_start(&self, a: u64) -> u64 {
-        a - a.wrapping_sub(self.base) % self.unit.max(1)
+        match self.range_of(a) {
+            Some(r) => a - (a - r.base) % self.unit.max(1),
+            None => a,
+        }
     }
 
     /// 4 KiB pages per fault unit.
@@ -58,9 +91,22 @@ impl FaultSource {
         self.unit > PAGE_SIZE as u64
     }
 
-    /// The address of the fault unit whose first page is `first`.
-    pub(super) fn addr_of(&self, first: u64) -> u64 {
-        self.base + first * PAGE_SIZE as u64
+    /// The address in QEMU of the fault unit whose first page is `first`,
+    /// if a mapping holds it.
+    pub(super) fn addr_of(&self, first: u64) -> Option<u64> {
+        let at = first * PAGE_SIZE as u64;
+        self.ranges
+            .iter()
+            .find(|r| at >= r.start && at - r.start < r.len)
+            .map(|r| r.base + (at - r.start))
+    }
+
+    /// A mapping that does not start on a fault unit, if one does not.
+    pub(super) fn misaligned(&self) -> Option<u64> {
+        self.ranges
+            .iter()
+            .map(|r| r.base)
+            .find(|b| b % self.unit.max(1) != 0)
     }
 }
 
@@ -155,13 +201,46 @@ impl Post {
             requested: PageBitmap::new(missing.len()),
             missing,
             waiting: HashMap::new(),
-            faults: Arc::new(FaultSource {
-                uffd: fd.into(),
-                base: 0,
-                len: 0,
-                unit: PAGE_SIZE as u64,
-            }),
+            faults: Arc::new(FaultSource::single(fd.into(), 0, 0, PAGE_SIZE as u64)),
             since: Instant::now(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fault_addresses_of_two_mappings_are_pages_of_one_run() {
+        let fd: OwnedFd = std::fs::File::open("/dev/null").unwrap().into();
+        let p = PAGE_SIZE as u64;
+        // File 0 (3 pages) mapped high, file 1 (5 pages) mapped low.
+        let f = FaultSource {
+            uffd: fd,
+            ranges: vec![
+                FaultRange {
+                    base: 0x9000_0000,
+                    len: 3 * p,
+                    start: 0,
+                },
+                FaultRange {
+                    base: 0x1000_0000,
+                    len: 5 * p,
+                    start: 3 * p,
+                },
+            ],
+            unit: p,
+        };
+        assert_eq!(f.page_at(0x9000_0000 + 2 * p + 5, 8), Some(2));
+        assert_eq!(f.page_at(0x1000_0000, 8), Some(3));
+        assert_eq!(f.page_at(0x1000_0000 + 4 * p, 8), Some(7));
+        assert_eq!(f.page_at(0x1000_0000 + 5 * p, 8), None, "past file 1");
+        assert_eq!(f.page_at(0x5000, 8), None);
+        assert_eq!(f.addr_of(3), Some(0x1000_0000));
+        assert_eq!(f.addr_of(1), Some(0x9000_0000 + p));
+        assert_eq!(f.addr_of(8), None);
+        assert_eq!(f.unit_start(0x1000_0000 + p + 7), 0x1000_0000 + p);
+        assert_eq!(f.misaligned(), None);
     }
 }

@@ -32,7 +32,7 @@ use crate::protocol::ProtocolError;
 use crate::ram::RamError;
 
 pub use accept::{accept, SessionPeer};
-pub use faults::FaultSource;
+pub use faults::{FaultRange, FaultSource};
 pub use phase::PhaseError;
 pub use postcopy::PostcopyOutcome;
 pub use session::{DestSession, PostcopyRun, Received};
