@@ -2,12 +2,13 @@
 //! `dbmigrate-precopy`, run as a libvirt domain on a libvirtd per host
 //! (the test bed's [`LibvirtHost`]), moved with `migrate --libvirt
 //! --domain` and `receive --libvirt --domain-xml`: what going through
-//! libvirt costs a migration.
+//! libvirt costs a migration. `dbmigrate-precopy-libvirt-numa`: the same
+//! domain with two NUMA cells (a memory backend and file each).
 
 use std::time::Duration;
 
 use anyhow::Result;
-use dbmigrate_testbed::libvirt::{domain_vm, LibvirtHost};
+use dbmigrate_testbed::libvirt::{domain_vm, DomainMemory, LibvirtHost};
 use dbmigrate_testbed::{DbBed, MariadbGuest};
 use serde_json::json;
 
@@ -22,8 +23,16 @@ pub(crate) fn run(s: &DbSetup, guest: &MariadbGuest, bed: &DbBed, method: &str) 
     let probe = crate::storage_probe::probe(s, bed, &db::rebuild_storage(bed, 0, method)?);
     let src_lv = LibvirtHost::start(&bed.tb, &bed.tb.src_ns, "src")?;
     let dst_lv = LibvirtHost::start(&bed.tb, &bed.tb.dst_ns, "dst")?;
-    let src_files = bed.domain_xml(DOMAIN, &src_lv, guest, true, s.ram_mib, &s.pool)?;
-    let dst_files = bed.domain_xml(DOMAIN, &dst_lv, guest, false, s.ram_mib, &s.pool)?;
+    let mem = DomainMemory {
+        numa_cells: if method == crate::methods::LIBVIRT_NUMA {
+            2
+        } else {
+            1
+        },
+        ..DomainMemory::new(s.ram_mib, &s.pool)
+    };
+    let src_files = bed.domain_xml(DOMAIN, &src_lv, guest, true, mem)?;
+    let dst_files = bed.domain_xml(DOMAIN, &dst_lv, guest, false, mem)?;
     let src = bed.start_domain(&src_lv, DOMAIN, &src_files)?;
     s.hosts.pin_bed(bed)?;
     src.wait_console("DBM-READY pool", Duration::from_secs(900))?;

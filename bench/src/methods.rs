@@ -33,7 +33,7 @@ pub(crate) const METHODS: [&str; 5] = [
 /// pre-copy with the destination's RAM allocated before it listens
 /// ([`prealloc_upfront`]); dbmigrate's pre-copy of the VM as a libvirt
 /// domain, each host with its own libvirtd ([`via_libvirt`]).
-pub(crate) const DB_METHODS: [&str; 16] = [
+pub(crate) const DB_METHODS: [&str; 17] = [
     "dbmigrate-precopy-plaintext",
     "qemu-precopy-tls",
     "qemu-precopy-multifd",
@@ -50,13 +50,17 @@ pub(crate) const DB_METHODS: [&str; 16] = [
     READ_GAPS[2].0,
     "dbmigrate-precopy-upfront",
     "dbmigrate-precopy-libvirt",
+    LIBVIRT_NUMA,
 ];
+
+/// The libvirt method whose domain has two NUMA cells.
+pub(crate) const LIBVIRT_NUMA: &str = "dbmigrate-precopy-libvirt-numa";
 
 /// Whether `method` runs the VM as a libvirt domain (`migrate --libvirt
 /// --domain`, `receive --libvirt --domain-xml`) instead of a QEMU the
 /// bench starts itself (pure).
 pub(crate) fn via_libvirt(method: &str) -> bool {
-    method == "dbmigrate-precopy-libvirt"
+    method == "dbmigrate-precopy-libvirt" || method == LIBVIRT_NUMA
 }
 
 /// Methods that run dbmigrate's pre-copy with another longest stretch one
@@ -119,7 +123,8 @@ pub(crate) fn dbmigrate_mode(method: &str) -> Option<&'static [&'static str]> {
         "dbmigrate-precopy-census" => Some(&["--mode", "precopy", "--page-census"]),
         "dbmigrate-precopy-blockdev"
         | "dbmigrate-precopy-upfront"
-        | "dbmigrate-precopy-libvirt" => Some(&["--mode", "precopy"]),
+        | "dbmigrate-precopy-libvirt"
+        | LIBVIRT_NUMA => Some(&["--mode", "precopy"]),
         "dbmigrate-precopy-uncompressed" => Some(&["--mode", "precopy", "--compress", "off"]),
         "dbmigrate-precopy-pagecache" => {
             Some(&["--mode", "precopy", "--hint-page-cache", "--page-census"])

@@ -238,6 +238,12 @@ fn maybe_track(addr: u64, len: u64, fd: i32) {
         // guest with several memory backends, e.g. NUMA nodes) is
         // registered with the first one's descriptor.
         let first = POSTCOPY_UFFD.load(Ordering::SeqCst);
+        if first == POSTCOPY_OVER {
+            say(format_args!(
+                "dbmigrate-preload: {path} matches DBMIGRATE_TRACK_PATH after post-copy ended; it is left untouched\n"
+            ));
+            return;
+        }
         if first >= 0 {
             postcopy_also(path, first, addr, len, huge);
             return;
@@ -265,6 +271,9 @@ use std::sync::atomic::{AtomicI32, AtomicU64, AtomicUsize, Ordering};
 /// The post-copy descriptor once made (its number; -1 before), for the RAM
 /// files that QEMU maps after the first.
 static POSTCOPY_UFFD: AtomicI32 = AtomicI32::new(-1);
+/// [`POSTCOPY_UFFD`] once the agent said every page is in place and the
+/// descriptor is closed: later mappings are left alone.
+const POSTCOPY_OVER: i32 = -2;
 /// Most RAM mappings one post-copy descriptor serves.
 const MAX_POSTCOPY_MAPPINGS: usize = 64;
 /// The mappings registered with the post-copy descriptor, in the order
@@ -275,7 +284,9 @@ static POSTCOPY_MAPS: [(AtomicU64, AtomicU64); MAX_POSTCOPY_MAPPINGS] =
 static POSTCOPY_COUNT: AtomicUsize = AtomicUsize::new(0);
 
 /// Notes a mapping registered with the post-copy descriptor; false if
-/// there is no room for it.
+/// there is no room for it. Called from QEMU's thread that maps its RAM
+/// only; the count is raised after the entry is written, so that the
+/// thread that makes the offer never reads an entry half written.
 fn note_postcopy_map(addr: u64, len: u64) -> bool {
     let i = POSTCOPY_COUNT.load(Ordering::SeqCst);
     let Some((a, l)) = POSTCOPY_MAPS.get(i) else {
@@ -478,10 +489,15 @@ fn serve_postcopy(path: &str, addr: u64, len: u64, huge: Option<u64>, sock: std:
             drop(listener);
             let _ = std::fs::remove_file(&sock);
             watch_agent(conn);
+            // Every page is in place; the descriptor closes with this
+            // thread, and a later mapping must not be registered with it.
+            POSTCOPY_UFFD.store(POSTCOPY_OVER, Ordering::SeqCst);
         });
     if let Err(e) = spawned {
-        // The descriptor is closed with the closure that failed to start.
+        // The descriptor is closed with the closure that failed to start:
+        // neither it nor the mapping registered with it may be offered.
         POSTCOPY_UFFD.store(-1, Ordering::SeqCst);
+        POSTCOPY_COUNT.store(0, Ordering::SeqCst);
         say(format_args!(
             "dbmigrate-preload: cannot start the post-copy descriptor thread: {e}\n"
         ));

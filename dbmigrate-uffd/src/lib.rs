@@ -447,9 +447,10 @@ pub fn unregister(uffd: &OwnedFd, start: u64, len: u64) -> io::Result<()> {
     range_ioctl(uffd, UFFDIO_UNREGISTER, start, len)
 }
 
-/// Most payload bytes sent beside a descriptor: the post-copy offer of a
-/// RAM of up to 64 files (a mapping's address and length each, 16 bytes,
-/// after 8 bytes of fault unit and count... see the preload library).
+/// Most payload bytes sent beside a descriptor: room for the post-copy
+/// offer of a RAM of up to 64 files (the first mapping's address and
+/// length and the fault unit, 24 bytes, then 16 bytes per further
+/// mapping: 1032 bytes; see the preload library).
 pub const MAX_FD_PAYLOAD: usize = 1088;
 
 /// Sends `fd` and `payload` (at most [`MAX_FD_PAYLOAD`] bytes) over a unix

@@ -50,6 +50,7 @@ pub struct RamBackend {
 pub use dbmigrate_core::addr::GpaRange;
 use dbmigrate_core::addr::{GuestAddr, RamOffset};
 use dbmigrate_core::protocol::guest::{clean_id, DiskId};
+use dbmigrate_core::protocol::MAX_HELLO_RAM_FILES;
 
 /// The VM's disks with a medium, in QEMU's order (`query-block`),
 /// skipping CD-ROMs and floppies: each one's size, and its serial and WWN
@@ -117,17 +118,28 @@ pub fn parse_disks(blocks: &Value) -> Vec<(u64, Option<String>)> {
 
 /// Finds the memory backends that hold the guest's RAM and checks that
 /// each is a shared file: the machine's `memory-backend`, or without one
-/// the backends of its NUMA nodes (`-numa node,memdev=`: every memory
-/// backend except those of memory devices such as DIMMs). Several are
-/// given in the order of their lowest guest-physical address, which
-/// both hosts' QEMUs agree on for the same machine options whatever the
-/// backends are named; their pages follow each other in that order.
+/// the backends of its NUMA nodes (`-numa node,memdev=`: the memory
+/// backends mapped into the guest except those of memory devices such as
+/// DIMMs, together the guest's base memory). Several are given in the
+/// order of their lowest guest-physical address, which both hosts' QEMUs
+/// agree on for the same machine options whatever the backends are named;
+/// their pages follow each other in that order. A memory device on a
+/// shared backend is refused: QEMU with `x-ignore-shared` would not move
+/// it, and dbmigrate moves the base memory only.
 pub async fn ram_backends(qmp: &mut Qmp) -> Result<Vec<RamBackend>, VmError> {
-    let qmp_socket = qmp.path().to_path_buf();
-    let bad = |problem: String| VmError::Backend {
-        qmp: qmp_socket.clone(),
-        problem,
-    };
+    let devices = qmp.execute("query-memory-devices", None).await?;
+    for id in device_memdevs(&devices) {
+        if qmp
+            .execute(
+                "qom-get",
+                Some(json!({"path": format!("/objects/{id}"), "property": "share"})),
+            )
+            .await?
+            == Value::Bool(true)
+        {
+            return Err(backend_error(qmp, format!("memory device backend {id} is shared (share=on): QEMU's migration with x-ignore-shared would leave its contents behind and dbmigrate moves the guest's base memory only; give memory devices (DIMMs) backends with share=off")));
+        }
+    }
     let mb = qmp
         .execute(
             "qom-get",
@@ -140,67 +152,102 @@ pub async fn ram_backends(qmp: &mut Qmp) -> Result<Vec<RamBackend>, VmError> {
         }
     }
     let memdevs = qmp.execute("query-memdev", None).await?;
-    let devices = qmp.execute("query-memory-devices", None).await?;
-    let ids = node_memdevs(&memdevs, &devices);
+    let mtree = mtree_text(qmp).await?;
+    let candidates = node_memdevs(&memdevs, &devices);
+    let (ids, unmapped) = in_gpa_order(&candidates, &mtree);
+    if !unmapped.is_empty() {
+        tracing::warn!(
+            ?unmapped,
+            "memory backends not mapped into the guest are not its RAM: left out"
+        );
+    }
     if ids.is_empty() {
-        return Err(bad(
+        return Err(backend_error(
+            qmp,
             "the machine has no `memory-backend` property set and no NUMA node has a memdev".into(),
         ));
     }
-    let mtree = mtree_text(qmp).await?;
-    let Some(ids) = in_gpa_order(&ids, &mtree) else {
-        return Err(bad(format!(
-            "memory backends {ids:?} are not all mapped into the guest (`info mtree -f`)"
-        )));
-    };
+    if ids.len() > MAX_HELLO_RAM_FILES {
+        return Err(backend_error(qmp, format!("the guest's RAM is in {} memory backends; dbmigrate moves at most {MAX_HELLO_RAM_FILES}", ids.len())));
+    }
     let mut out = Vec::with_capacity(ids.len());
-    for id in ids {
-        out.push(ram_backend(qmp, &id).await?);
+    for id in &ids {
+        out.push(ram_backend(qmp, id).await?);
+    }
+    let summary = qmp.execute("query-memory-size-summary", None).await?;
+    let base = summary["base-memory"].as_u64();
+    let sum: u64 = out.iter().map(|b| b.size).sum();
+    if base.is_some_and(|b| b != sum) {
+        return Err(backend_error(qmp, format!("the memory backends {ids:?} hold {sum} bytes but the guest's base memory is {} bytes: one of them is not a NUMA node's (an ivshmem region?); dbmigrate moves the nodes' backends only", base.unwrap_or(0))));
     }
     Ok(out)
 }
 
-/// The memory backends of NUMA nodes: every backend `query-memdev` lists
-/// (`memdevs`) but those `query-memory-devices` (`devices`) uses. Pure.
-pub fn node_memdevs(memdevs: &Value, devices: &Value) -> Vec<String> {
-    let used: Vec<&str> = devices
+/// The ids of the backends memory devices (DIMMs, virtio-mem...) use,
+/// from `query-memory-devices`. Pure.
+pub fn device_memdevs(devices: &Value) -> Vec<String> {
+    devices
         .as_array()
         .map(|a| a.as_slice())
         .unwrap_or_default()
         .iter()
         .filter_map(|d| d["data"]["memdev"].as_str())
-        .map(|p| p.rsplit('/').next().unwrap_or(p))
-        .collect();
+        .map(|p| p.rsplit('/').next().unwrap_or(p).to_string())
+        .collect()
+}
+
+/// The RAM files of `backends`, in their order.
+pub fn ram_files(backends: &[RamBackend]) -> Vec<dbmigrate_core::ram::RamFile> {
+    backends
+        .iter()
+        .map(|b| dbmigrate_core::ram::RamFile {
+            path: b.mem_path.clone(),
+            size: b.size,
+        })
+        .collect()
+}
+
+/// A [`VmError::Backend`] for the QEMU behind `qmp`.
+fn backend_error(qmp: &Qmp, problem: String) -> VmError {
+    VmError::Backend {
+        qmp: qmp.path().to_path_buf(),
+        problem,
+    }
+}
+
+/// The memory backends that may be NUMA nodes': every backend
+/// `query-memdev` lists (`memdevs`) but those `query-memory-devices`
+/// (`devices`) uses. Pure.
+pub fn node_memdevs(memdevs: &Value, devices: &Value) -> Vec<String> {
+    let used = device_memdevs(devices);
     memdevs
         .as_array()
         .map(|a| a.as_slice())
         .unwrap_or_default()
         .iter()
         .filter_map(|m| m["id"].as_str())
-        .filter(|id| !used.contains(id))
+        .filter(|id| !used.iter().any(|u| u == id))
         .map(str::to_string)
         .collect()
 }
 
 /// `ids` in the order of the lowest guest-physical address each is mapped
-/// at in `info mtree -f`'s text; None if one is not mapped. Pure.
-pub fn in_gpa_order(ids: &[String], mtree: &str) -> Option<Vec<String>> {
+/// at in `info mtree -f`'s text, and apart those mapped nowhere. Pure.
+pub fn in_gpa_order(ids: &[String], mtree: &str) -> (Vec<String>, Vec<String>) {
     let mut at = Vec::with_capacity(ids.len());
+    let mut unmapped = Vec::new();
     for id in ids {
-        let first = parse_mtree(mtree, id).first()?.gpa;
-        at.push((first, id.clone()));
+        match parse_mtree(mtree, id).first() {
+            Some(r) => at.push((r.gpa, id.clone())),
+            None => unmapped.push(id.clone()),
+        }
     }
     at.sort();
-    Some(at.into_iter().map(|(_, id)| id).collect())
+    (at.into_iter().map(|(_, id)| id).collect(), unmapped)
 }
 
 /// The backend at QOM path or id `path`, checked to be a shared file.
 async fn ram_backend(qmp: &mut Qmp, path: &str) -> Result<RamBackend, VmError> {
-    let qmp_socket = qmp.path().to_path_buf();
-    let bad = |problem: String| VmError::Backend {
-        qmp: qmp_socket.clone(),
-        problem,
-    };
     let path = if path.starts_with('/') {
         path.to_string()
     } else {
@@ -210,22 +257,24 @@ async fn ram_backend(qmp: &mut Qmp, path: &str) -> Result<RamBackend, VmError> {
     let mem_path = match qmp.execute("qom-get", Some(get("mem-path"))).await {
         Ok(Value::String(p)) => PathBuf::from(p),
         _ => {
-            return Err(bad(format!(
-                "backend {path} is not a memory-backend-file (no mem-path)"
-            )))
+            return Err(backend_error(
+                qmp,
+                format!("backend {path} is not a memory-backend-file (no mem-path)"),
+            ))
         }
     };
     let share = qmp.execute("qom-get", Some(get("share"))).await?;
     if share != Value::Bool(true) {
-        return Err(bad(format!(
-            "backend {path} has share=off, so the RAM file does not see guest writes"
-        )));
+        return Err(backend_error(
+            qmp,
+            format!("backend {path} has share=off, so the RAM file does not see guest writes"),
+        ));
     }
     let size = qmp
         .execute("qom-get", Some(get("size")))
         .await?
         .as_u64()
-        .ok_or_else(|| bad(format!("backend {path} reports no size")))?;
+        .ok_or_else(|| backend_error(qmp, format!("backend {path} reports no size")))?;
     Ok(RamBackend {
         id: path.rsplit('/').next().unwrap_or(&path).to_string(),
         mem_path,
@@ -392,9 +441,12 @@ mod tests {
         ]);
         let ids = node_memdevs(&memdevs, &devices);
         assert_eq!(ids, vec!["ram-node1", "ram-node0"]);
-        let ordered = in_gpa_order(&ids, NUMA_MTREE).unwrap();
+        let (ordered, unmapped) = in_gpa_order(&ids, NUMA_MTREE);
         assert_eq!(ordered, vec!["ram-node0", "ram-node1"]);
-        assert_eq!(in_gpa_order(&["dimm0".to_string()], NUMA_MTREE), None);
+        assert!(unmapped.is_empty());
+        let (none, unmapped) = in_gpa_order(&["spare".to_string()], NUMA_MTREE);
+        assert!(none.is_empty() && unmapped == vec!["spare"]);
+        assert_eq!(device_memdevs(&devices), vec!["dimm0"]);
         let backends: Vec<RamBackend> = [("ram-node0", 3u64 << 30), ("ram-node1", 1 << 30)]
             .iter()
             .map(|(id, size)| RamBackend {

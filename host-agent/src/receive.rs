@@ -91,13 +91,7 @@ pub async fn receive(args: ReceiveArgs) -> Result<dest::DestStats> {
     for b in &backends {
         refuse_shared_ram(&b.mem_path, qmp.pid())?;
     }
-    let ram_files: Vec<RamFile> = backends
-        .iter()
-        .map(|b| RamFile {
-            path: b.mem_path.clone(),
-            size: b.size,
-        })
-        .collect();
+    let ram_files = qemu::ram_files(&backends);
     let ram_bytes: u64 = backends.iter().map(|b| b.size).sum();
     qemu::set_capability(&mut qmp, "x-ignore-shared", true).await?;
     let dir = PrivateDir::create(&args.run_dir, "receive", devstate::process_uid(qmp.pid()))?;
@@ -279,6 +273,9 @@ fn fault_ranges(
     }
     if unit != 4096 && unit != 2 << 20 {
         bail!("serves faults in units of {unit} bytes: post-copy takes RAM on 4 KiB or 2 MiB pages (a guest on 1 GiB pages can use pre-copy)");
+    }
+    if maps.len() > files.len() {
+        bail!("registers {} mappings with the descriptor but the VM's RAM is in {} file(s): DBMIGRATE_TRACK_PATH also matches a shared file that is not a memory backend of the VM's RAM; narrow it to their mem-paths", maps.len(), files.len());
     }
     let mut out = Vec::with_capacity(files.len());
     let mut start = 0;
@@ -685,6 +682,10 @@ mod tests {
         // or a pattern that matches one file only).
         let e = fault_ranges(&maps[..1], unit, &files, p).unwrap_err();
         assert!(e.to_string().contains("1 of 2 RAM files"), "{e}");
+        // A registered mapping that is no RAM file (the pattern matches
+        // another shared file) would leave its faults unserved.
+        let e = fault_ranges(&maps, unit, &files[..1], p).unwrap_err();
+        assert!(e.to_string().contains("narrow it"), "{e}");
     }
 
     #[test]

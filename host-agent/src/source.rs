@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 use dbmigrate_core::dirty;
 use dbmigrate_core::protocol::guest::DiskId;
-use dbmigrate_core::ram::{RamFile, SourceRam};
+use dbmigrate_core::ram::SourceRam;
 use dbmigrate_core::source::{
     switch_to_postcopy, Decision, GuestSignal, Mode, PostcopyError, SourceConfig, SourceError,
     SourceSession, StopReason,
@@ -298,7 +298,7 @@ async fn run(
             .with_context(|| format!("finding {} in QEMU's address space", b.mem_path.display()))?;
         if range.end - range.start != b.size {
             bail!(
-                "QEMU maps {} bytes of {} but its backend {} has {} bytes",
+                "QEMU maps {} bytes of {} but its backend {} has {} bytes: is that file another VM's too? Give each VM's memory backends files of their own",
                 range.end - range.start,
                 b.mem_path.display(),
                 b.id,
@@ -308,13 +308,7 @@ async fn run(
         ranges.push(range);
     }
     let tracker = dirty::open_run_tracker(&ranges).context("starting dirty-page tracking")?;
-    let ram_files: Vec<RamFile> = backends
-        .iter()
-        .map(|b| RamFile {
-            path: b.mem_path.clone(),
-            size: b.size,
-        })
-        .collect();
+    let ram_files = qemu::ram_files(&backends);
     let ram_bytes: u64 = backends.iter().map(|b| b.size).sum();
     // The guest's wait share over a short look before this agent does
     // anything heavy is its baseline.

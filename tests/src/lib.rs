@@ -1144,10 +1144,6 @@ pub struct DbBed {
     /// (vdb), and serials (`dbm-data`, `dbm-scratch`); where QEMU lists it
     /// (`query-block`) on the source and on the destination.
     pub scratch_disk: Option<(Scratch, Scratch)>,
-    /// NUMA cells of the VMs as libvirt domains (`DbBed::domain_xml`):
-    /// more than one gives each cell an equal share of the RAM (a memory
-    /// backend each); the cells after the first have no vCPU.
-    pub numa_cells: u32,
     /// Every VM's place on the bed (the fields above are VM 0's).
     pub slots: Vec<DbSlot>,
     nbd: Vec<Child>,
@@ -1366,7 +1362,6 @@ impl DbBed {
             initrd,
             kernel_extra: String::new(),
             scratch_disk: None,
-            numa_cells: 1,
             slots,
             nbd,
             loops: Default::default(),

@@ -239,6 +239,30 @@ fn numa_cells(cells: u32, ram_mib: u64) -> String {
     format!("<numa>{}</numa>", (0..cells).map(cell).collect::<String>())
 }
 
+/// A domain's memory ([`DbBed::domain_xml`]).
+#[derive(Clone, Copy, Debug)]
+pub struct DomainMemory<'a> {
+    /// RAM, MiB.
+    pub ram_mib: u64,
+    /// The guest's buffer pool (`dbm.pool=`).
+    pub pool: &'a str,
+    /// NUMA cells: more than one gives each cell an equal share of the RAM
+    /// (a memory backend and file each); the cells after the first have
+    /// no vCPU.
+    pub numa_cells: u32,
+}
+
+impl<'a> DomainMemory<'a> {
+    /// `ram_mib` of RAM in one piece, a `pool` buffer pool.
+    pub fn new(ram_mib: u64, pool: &'a str) -> Self {
+        Self {
+            ram_mib,
+            pool,
+            numa_cells: 1,
+        }
+    }
+}
+
 /// A fixed UUID per bed, so that both hosts' XMLs name the same domain.
 fn uuid_of(tb: &Testbed) -> String {
     let n: u32 = tb.tag.trim_start_matches("dbm").parse().unwrap_or(0);
@@ -255,9 +279,9 @@ impl DbBed {
         host: &LibvirtHost,
         guest: &MariadbGuest,
         on_src: bool,
-        ram_mib: u64,
-        pool: &str,
+        mem: DomainMemory<'_>,
     ) -> Result<DomainFiles> {
+        let (ram_mib, pool) = (mem.ram_mib, mem.pool);
         let sl = &self.slots[0];
         let label = &host.label;
         let dir = &self.tb.dir;
@@ -342,7 +366,7 @@ impl DbBed {
             events = files.events.display(),
             lib = lib.display(),
             pattern = host.ram_pattern(name),
-            numa = numa_cells(self.numa_cells, ram_mib),
+            numa = numa_cells(mem.numa_cells, ram_mib),
         );
         std::fs::write(&files.xml, xml)?;
         Ok(files)
@@ -368,7 +392,7 @@ pub fn domain_vm(host: &LibvirtHost, name: &str, files: &DomainFiles) -> Result<
         .ok()
         .and_then(|d| {
             d.flatten()
-                .map(|e| e.path().join("pc.ram"))
+                .flat_map(|e| ["pc.ram", "ram-node0"].map(|f| e.path().join(f)))
                 .find(|p| p.exists())
         })
         .unwrap_or_default();

@@ -13,7 +13,7 @@ use std::path::Path;
 use std::process::Child;
 use std::time::{Duration, Instant};
 
-use dbmigrate_testbed::libvirt::{domain_vm, qemu_log, LibvirtHost};
+use dbmigrate_testbed::libvirt::{domain_vm, qemu_log, DomainMemory, LibvirtHost};
 use dbmigrate_testbed::{mariadb_guest, sh, sysbench_result, DbBed};
 use serde_json::Value;
 
@@ -45,14 +45,11 @@ fn a_libvirt_domain_moves_with_rebuild_and_libvirt_follows_a_rollback_and_a_succ
     let mut bed = DbBed::new(&guest, 1000, 1000).unwrap();
     // The first attempt is made to fail at a chosen point.
     bed.tb.use_failpoint_agents().unwrap();
+    let mem = DomainMemory::new(1024, "256M");
     let src_lv = LibvirtHost::start(&bed.tb, &bed.tb.src_ns, "src").unwrap();
     let dst_lv = LibvirtHost::start(&bed.tb, &bed.tb.dst_ns, "dst").unwrap();
-    let src_files = bed
-        .domain_xml(NAME, &src_lv, &guest, true, 1024, "256M")
-        .unwrap();
-    let dst_files = bed
-        .domain_xml(NAME, &dst_lv, &guest, false, 1024, "256M")
-        .unwrap();
+    let src_files = bed.domain_xml(NAME, &src_lv, &guest, true, mem).unwrap();
+    let dst_files = bed.domain_xml(NAME, &dst_lv, &guest, false, mem).unwrap();
     let mut src = bed.start_domain(&src_lv, NAME, &src_files).unwrap();
     src.wait_console("DBM-READY pool", Duration::from_secs(300))
         .unwrap_or_else(|e| panic!("{e}\n{}", qemu_log(&src_lv, NAME)));
@@ -202,16 +199,15 @@ fn a_libvirt_domain_moves_with_rebuild_and_libvirt_follows_a_rollback_and_a_succ
 #[test]
 fn a_libvirt_domain_with_two_numa_cells_moves_byte_exact() {
     let guest = mariadb_guest(4, 10_000).unwrap();
-    let mut bed = DbBed::new(&guest, 1000, 1000).unwrap();
-    bed.numa_cells = 2;
+    let bed = DbBed::new(&guest, 1000, 1000).unwrap();
+    let mem = DomainMemory {
+        numa_cells: 2,
+        ..DomainMemory::new(1024, "256M")
+    };
     let src_lv = LibvirtHost::start(&bed.tb, &bed.tb.src_ns, "src").unwrap();
     let dst_lv = LibvirtHost::start(&bed.tb, &bed.tb.dst_ns, "dst").unwrap();
-    let src_files = bed
-        .domain_xml(NAME, &src_lv, &guest, true, 1024, "256M")
-        .unwrap();
-    let dst_files = bed
-        .domain_xml(NAME, &dst_lv, &guest, false, 1024, "256M")
-        .unwrap();
+    let src_files = bed.domain_xml(NAME, &src_lv, &guest, true, mem).unwrap();
+    let dst_files = bed.domain_xml(NAME, &dst_lv, &guest, false, mem).unwrap();
     let mut src = bed.start_domain(&src_lv, NAME, &src_files).unwrap();
     src.wait_console("DBM-READY pool", Duration::from_secs(300))
         .unwrap_or_else(|e| panic!("{e}\n{}", qemu_log(&src_lv, NAME)));

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot};
 
-use super::faults::{release, serve_present, FaultSource, Post};
+use super::faults::{release, FaultSource, Post};
 use super::phase::{self, Event, Phase, Transition};
 use super::storage::{ReadBuffers, ReaderLink, StorageTally};
 use super::{DestError, DestStats};
@@ -21,6 +21,8 @@ use crate::ram::{DestRam, Prepared};
 use crate::rebuild::{self, RefRequest};
 use crate::verify;
 use crate::PAGE_SIZE;
+
+mod faulting;
 
 /// What the RAM owner thread hands back once every stream ended.
 pub(super) struct Applied {
@@ -281,9 +283,11 @@ impl Applier {
                 );
             }
             let f = &post.faults;
-            if let Some(at) = f.addr_of(first) {
-                release(f, at)?;
-            }
+            let at = f.addr_of(first).ok_or_else(|| DestError::Faults {
+                doing: "finding a waiting page in QEMU's RAM mappings",
+                source: std::io::Error::other(format!("page {first} is in none of them")),
+            })?;
+            release(f, at)?;
         }
         Ok(())
     }
@@ -477,121 +481,6 @@ impl Applier {
             faults,
             since: Instant::now(),
         })
-    }
-
-    /// A huge page QEMU touched before the switch is mapped there: one
-    /// whose pages the switch makes missing must fault once more.
-    fn unmap_touched_early(&mut self, missing: &PageBitmap, n: u64) -> Result<(), DestError> {
-        let mut early = std::mem::take(&mut self.mapped_early);
-        early.sort_unstable();
-        early.dedup();
-        for first in early {
-            if missing.any_in(first, first + n) {
-                self.ram.unmap_elsewhere(first)?;
-            }
-        }
-        Ok(())
-    }
-
-    /// Serves page faults: a fault unit none of whose pages is missing is
-    /// let go at once (a zero page on tmpfs, where it is a hole or was
-    /// placed since the fault was reported; mapped as the file holds it on
-    /// hugetlbfs); one with missing pages waits for their storage reads or
-    /// asks the source for them ahead of the background push.
-    fn on_faults(&mut self, addrs: Vec<u64>) -> Result<(), DestError> {
-        let Some(post) = self.phase.post_mut() else {
-            // Before the switch the VM does not run; QEMU itself touched a
-            // page: on tmpfs one that holds no data yet, which reads as
-            // zero, as it would without post-copy, and a later write through
-            // the file replaces it; on hugetlbfs any page, mapped as it is
-            // (and unmapped again at the switch if it is missing then).
-            if let Some(f) = &self.faults {
-                for a in addrs {
-                    let at = f.unit_start(a);
-                    let page = f.page_at(at, self.ram.pages());
-                    if let Some(page) = page.filter(|_| f.minor()) {
-                        self.ram.hold_huge_page(page)?;
-                        self.mapped_early.push(page);
-                    }
-                    serve_present(f, at)?;
-                    let Some(page) = page else {
-                        continue;
-                    };
-                    // The zero page fills the hole.
-                    if let Some(h) = self.phase.holes_mut() {
-                        h.unset(page);
-                    }
-                }
-            }
-            return Ok(());
-        };
-        let f = post.faults.clone();
-        let n = f.unit_pages();
-        let mut due_pages = Vec::new();
-        for a in addrs {
-            let at = f.unit_start(a);
-            let Some(first) = f.page_at(at, post.missing.len()) else {
-                continue; // not in RAM: cannot be ours
-            };
-            self.stats.faults += 1;
-            if f.minor() {
-                // A missing-page fault: the file lacks the huge page.
-                self.ram.hold_huge_page(first)?;
-            }
-            let due: Vec<u64> = post.missing.iter_range(first, first + n).collect();
-            if due.is_empty() {
-                self.stats.zero_faults += 1;
-                serve_present(&f, at)?;
-                continue;
-            }
-            post.waiting.entry(first).or_insert_with(Instant::now);
-            due_pages.extend(due);
-        }
-        let mut ask = Vec::new();
-        for page in due_pages {
-            self.fault_on_missing(page, &mut ask);
-        }
-        for chunk in ask.chunks(protocol::MAX_NEED) {
-            let _ = self.out.send(ToSource::PageRequest {
-                pages: chunk.to_vec(),
-            });
-        }
-        Ok(())
-    }
-
-    /// A vCPU waits for `page`: its storage read goes ahead of the queue,
-    /// or, the first time, it joins `ask` for the source.
-    fn fault_on_missing(&mut self, page: u64, ask: &mut Vec<u64>) {
-        let Some(post) = self.phase.post_mut() else {
-            return;
-        };
-        if self.inflight.get(page) {
-            self.stats.storage_faults += 1;
-            // Its read may be queued behind thousands of background
-            // reads: read it again at once (the first to land is placed).
-            // Its twin on the ordinary queue wakes an idle reader.
-            if let (Some(req), Some(tx)) = (self.ref_of.remove(&page), &self.refs) {
-                if let Ok(mut u) = self.urgent_reads.lock() {
-                    u.push(req);
-                    self.outstanding += 1;
-                }
-                if tx.send(req).is_ok() {
-                    self.outstanding += 1;
-                }
-            }
-        } else {
-            self.stats.network_faults += 1;
-            let first_ask = post.requested.set(page);
-            tracing::debug!(
-                page,
-                ms_since_switch = post.since.elapsed().as_millis(),
-                already_asked = !first_ask,
-                "network-bound fault"
-            );
-            if first_ask {
-                ask.push(page);
-            }
-        }
     }
 
     fn done(&self, ended: usize) -> bool {

@@ -80,10 +80,22 @@ pub enum DirtyError {
         path: PathBuf,
     },
     /// The mapping is not registered for async write-protect.
-    #[error("QEMU (pid {pid}) has no userfaultfd write-protect registration on its RAM mapping: start QEMU with `LD_PRELOAD=<dir>/libdbmigrate_preload.so DBMIGRATE_TRACK_PATH=<ram file>` (see `dbmigrate env`), on Linux 6.7 or newer")]
+    #[error("QEMU (pid {pid}) has no userfaultfd write-protect registration on its RAM mapping: start QEMU with `LD_PRELOAD=<dir>/libdbmigrate_preload.so DBMIGRATE_TRACK_PATH=<ram file, or a pattern matching every memory backend's file>` (see `dbmigrate env`), on Linux 6.7 or newer")]
     NotRegistered {
         /// Process.
         pid: u32,
+    },
+    /// One of several RAM mappings has no userfaultfd write-protect.
+    #[error("QEMU (pid {pid}) has no userfaultfd write-protect registration on RAM mapping {index} of {of} ({why}): a VM with several memory backends needs every one registered by the preload library, so DBMIGRATE_TRACK_PATH must be a pattern that matches every backend's mem-path (e.g. /dev/shm/vm1-node*), on Linux 6.7 or newer; soft-dirty cannot track several mappings apart")]
+    NotAllRegistered {
+        /// Process.
+        pid: u32,
+        /// Which mapping, in the run's order.
+        index: usize,
+        /// How many.
+        of: usize,
+        /// What the attempt said.
+        why: String,
     },
     /// `PAGEMAP_SCAN` failed.
     #[error("PAGEMAP_SCAN on process {pid} failed (needs Linux 6.7 or newer)")]
@@ -189,14 +201,23 @@ pub fn open_tracker(range: TrackedRange) -> Result<Box<dyn DirtyTracker>, DirtyE
 /// Opens a tracker for each of `ranges` (the mappings of a RAM made of
 /// several files, in the run's order, see [`RunTracker`]); one range gets
 /// its tracker as it is.
+/// Several ranges take userfaultfd write-protect each: soft-dirty bits are
+/// cleared for the whole process at once, so trackers of several ranges
+/// would wipe each other's writes.
 pub fn open_run_tracker(ranges: &[TrackedRange]) -> Result<Box<dyn DirtyTracker>, DirtyError> {
     if let [one] = ranges {
         return open_tracker(*one);
     }
-    let parts = ranges
-        .iter()
-        .map(|r| Ok((open_tracker(*r)?, (r.end - r.start) / 4096)))
-        .collect::<Result<Vec<_>, DirtyError>>()?;
+    let mut parts: Vec<(Box<dyn DirtyTracker>, u64)> = Vec::with_capacity(ranges.len());
+    for (i, r) in ranges.iter().enumerate() {
+        let t = UffdWpTracker::open(*r).map_err(|e| DirtyError::NotAllRegistered {
+            pid: r.pid,
+            index: i,
+            of: ranges.len(),
+            why: e.to_string(),
+        })?;
+        parts.push((Box::new(t), (r.end - r.start) / 4096));
+    }
     Ok(Box::new(RunTracker::new(parts)))
 }
 

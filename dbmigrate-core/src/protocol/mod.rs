@@ -684,7 +684,8 @@ mod tests {
             let e = hello(bytes, files.clone()).unwrap_err();
             assert!(e.to_string().contains("RAM file"), "{files:?}: {e}");
         }
-        // More files than a Hello may name are sent as none, and refused.
+        // Of more files than a Hello may name only the first are sent, and
+        // the Hello is refused: they do not add up to the RAM.
         let many = vec![1 << 12; MAX_HELLO_RAM_FILES + 1];
         assert!(hello((1 << 12) * many.len() as u64, many).is_err());
     }

@@ -134,6 +134,40 @@ impl RamFiles {
         Ok(())
     }
 
+    /// Allocates every hole of `offset..offset + len` (mode 0 `fallocate`).
+    pub(crate) fn allocate(
+        &self,
+        offset: u64,
+        len: u64,
+        doing: &'static str,
+    ) -> Result<(), RamError> {
+        self.each(offset, len, doing, |s, at, n, _| {
+            sys::file::allocate_range(&s.file, at, n)
+        })
+    }
+
+    /// Punches `offset..offset + len` out (it reads as zeros).
+    pub(crate) fn punch(&self, offset: u64, len: u64, doing: &'static str) -> Result<(), RamError> {
+        self.each(offset, len, doing, |s, at, n, _| {
+            sys::file::punch_hole(&s.file, at, n)
+        })
+    }
+
+    /// The file that holds byte `offset` of the run (the last one past the end).
+    pub(crate) fn path_at(&self, offset: u64) -> &Path {
+        self.segs
+            .iter()
+            .find(|s| offset < s.start + s.len)
+            .unwrap_or(&self.segs[self.segs.len() - 1])
+            .path
+            .as_path()
+    }
+
+    /// The `i`th file (the last one past the end).
+    pub(crate) fn path(&self, i: usize) -> &Path {
+        &self.segs[i.min(self.segs.len() - 1)].path
+    }
+
     /// Byte ranges of the run that hold data (holes read as zeros).
     pub(crate) fn data_extents(&self) -> Result<Vec<(u64, u64)>, RamError> {
         let mut out = Vec::new();

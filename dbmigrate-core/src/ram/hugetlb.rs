@@ -4,7 +4,7 @@
 //! beforehand.
 
 use super::{DestRam, Prepared, RamError};
-use crate::{sys, PAGE_SIZE_U64};
+use crate::PAGE_SIZE_U64;
 
 impl DestRam {
     /// Makes sure the file holds the huge pages under `at..at+len` before
@@ -27,11 +27,10 @@ impl DestRam {
             .div_ceil(unit)
             .saturating_mul(unit)
             .min(self.len());
-        self.files.each(
+        self.files.allocate(
             start,
             end - start,
             "allocating huge pages (fallocate; are enough huge pages reserved for the guest?)",
-            |s, at, n, _| sys::file::allocate_range(&s.file, at, n),
         )
     }
 
@@ -70,17 +69,12 @@ impl DestRam {
         let end = (at + unit).min(self.map.len());
         let saved = self.map[at..end].to_vec();
         let (start, len) = (at as u64, (end - at) as u64);
-        self.files.each(
-            start,
-            len,
-            "punching a huge page (fallocate)",
-            |s, at, n, _| sys::file::punch_hole(&s.file, at, n),
-        )?;
-        self.files.each(
+        self.files
+            .punch(start, len, "punching a huge page (fallocate)")?;
+        self.files.allocate(
             start,
             len,
             "allocating a huge page again (fallocate; are enough huge pages reserved?)",
-            |s, at, n, _| sys::file::allocate_range(&s.file, at, n),
         )?;
         self.map[at..end].copy_from_slice(&saved);
         Ok(())

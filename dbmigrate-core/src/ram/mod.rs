@@ -181,7 +181,7 @@ impl Ram<sys::mmap::ReadMap, ()> {
         let files = RamFiles::open(files, false)?;
         let align = usize::try_from(files.page_bytes()?).unwrap_or(PAGE_SIZE);
         let map = sys::mmap::ReadMap::map(&files.for_mapping(), align)
-            .map_err(io_error(files.first_path(), "mmap"))?;
+            .map_err(|(i, e)| io_error(files.path(i), "mmap")(e))?;
         Ok(Self {
             files,
             map,
@@ -212,7 +212,7 @@ impl Ram<sys::mmap::SharedMap, DestWriter> {
         let file_page = files.page_bytes()?;
         let align = usize::try_from(file_page).unwrap_or(PAGE_SIZE);
         let map = sys::mmap::SharedMap::map(&files.for_mapping(), align)
-            .map_err(io_error(files.first_path(), "mmap"))?;
+            .map_err(|(i, e)| io_error(files.path(i), "mmap")(e))?;
         Ok(Self {
             files,
             map,
@@ -239,11 +239,8 @@ impl Ram<sys::mmap::SharedMap, DestWriter> {
     /// it mapped), so that zero pages never need to be sent.
     pub fn zero_all(&mut self) -> Result<(), RamError> {
         self.stop_allocating()?;
-        let len = self.len();
         self.files
-            .each(0, len, "punching holes (fallocate)", |s, at, n, _| {
-                sys::file::punch_hole(&s.file, at, n)
-            })?;
+            .punch(0, self.len(), "punching holes (fallocate)")?;
         self.writer.prepared = Prepared::Zeroed;
         self.writer.through_map = false;
         Ok(())
@@ -357,11 +354,10 @@ impl Ram<sys::mmap::SharedMap, DestWriter> {
             self.map[at..at + n].fill(0);
             return Ok(());
         }
-        self.files.each(
+        self.files.punch(
             page * PAGE_SIZE_U64,
             count * PAGE_SIZE_U64,
             "punching a zero page (fallocate)",
-            |s, at, n, _| sys::file::punch_hole(&s.file, at, n),
         )
     }
 
@@ -407,9 +403,7 @@ impl Ram<sys::mmap::SharedMap, DestWriter> {
 impl DestRam {
     /// Allocates every hole of every file (mode 0 `fallocate`).
     fn allocate_all(&self, doing: &'static str) -> Result<(), RamError> {
-        self.files.each(0, self.len(), doing, |s, at, n, _| {
-            sys::file::allocate_range(&s.file, at, n)
-        })
+        self.files.allocate(0, self.len(), doing)
     }
 
     /// True if `offset..offset+len` is allocated: always, unless a

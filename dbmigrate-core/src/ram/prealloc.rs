@@ -26,7 +26,6 @@ use std::time::Instant;
 
 use super::files::{io_error, RamFiles};
 use super::RamError;
-use crate::sys;
 use crate::sys::mmap::Populator;
 
 /// What a failed allocation says it was doing.
@@ -169,13 +168,11 @@ impl Shared {
             let len = self.chunk.min(self.len - offset);
             let r = self
                 .files
-                .each(offset as u64, len as u64, ALLOCATING, |s, at, n, _| {
-                    sys::file::allocate_range(&s.file, at, n)
-                })
+                .allocate(offset as u64, len as u64, ALLOCATING)
                 .and_then(|()| {
                     self.populator
                         .populate_write(offset, len)
-                        .map_err(io_error(self.files.first_path(), ALLOCATING))
+                        .map_err(io_error(self.files.path_at(offset as u64), ALLOCATING))
                 });
             if let Err(e) = r {
                 if let Ok(mut slot) = self.error.lock() {

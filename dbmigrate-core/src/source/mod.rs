@@ -22,6 +22,7 @@
 //! | `adaptive` | the adaptive pace: the guest's vCPU wait against a budget, while the VM runs here |
 
 mod adaptive;
+mod hello;
 mod policy;
 mod postcopy;
 mod push;

@@ -7,11 +7,11 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 use super::adaptive::{GuestSignal, Pacing};
+use super::hello::{connect_retrying, session_hello, session_id};
 use super::policy::{decide, references_in_round, Decision, Mode, RoundObservation, StopReason};
 use super::round::{
     produce_round, read_after_collect, RoundJob, RoundProgress, COLLECT_EVERY, RAW_PASS_NOT_STARTED,
@@ -23,8 +23,7 @@ use crate::control::{within, ControlWriter};
 use crate::dirty::{DirtyTracker, TrackerKind};
 use crate::limiter::RateLimiter;
 use crate::protocol::{
-    self, Control, DataFrame, DataMessage, Hello, Message, ProtocolError, ToDestination, ToSource,
-    Welcome,
+    self, Control, DataFrame, DataMessage, Message, ProtocolError, ToDestination, ToSource, Welcome,
 };
 use crate::ram::{RamError, SourceRam};
 use crate::rebuild::HintSource;
@@ -780,45 +779,4 @@ async fn data_writer(
         source,
     })?;
     Ok(sent)
-}
-
-/// Connects, retrying while the destination agent is not listening yet
-/// (both agents are often started at the same moment).
-async fn connect_retrying(addr: SocketAddr, patience: Duration) -> Result<TcpStream, SourceError> {
-    let t = Instant::now();
-    loop {
-        match TcpStream::connect(addr).await {
-            Ok(s) => return Ok(s),
-            Err(e)
-                if e.kind() == std::io::ErrorKind::ConnectionRefused && t.elapsed() < patience =>
-            {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            Err(source) => return Err(SourceError::Connect { addr, source }),
-        }
-    }
-}
-
-/// The Hello that opens each of a session's connections.
-fn session_hello(
-    session: u64,
-    ram_files: &[u64],
-    conns: u16,
-    conn_index: u16,
-    disks: &[crate::protocol::guest::DiskId],
-) -> Message {
-    Message::Hello(Hello {
-        disks: disks.to_vec(),
-        ram_files: ram_files.to_vec(),
-        version: protocol::PROTOCOL_VERSION,
-        session,
-        ram_bytes: ram_files.iter().sum(),
-        page_size: u32::try_from(PAGE_SIZE).expect("4096"),
-        data_connections: conns,
-        conn_index,
-    })
-}
-
-fn session_id() -> u64 {
-    crate::transport::random_id()
 }

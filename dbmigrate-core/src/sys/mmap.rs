@@ -25,17 +25,30 @@ unsafe impl Sync for Joined {}
 
 impl Joined {
     /// Maps `files` (each with its length, a multiple of `align`) back to
-    /// back, read-only or read-write.
-    pub(crate) fn map(files: &[(&File, usize)], align: usize, write: bool) -> io::Result<Self> {
+    /// back, read-only or read-write. An error says which file it met
+    /// (its index; 0 for the reservation).
+    pub(crate) fn map(
+        files: &[(&File, usize)],
+        align: usize,
+        write: bool,
+    ) -> Result<Self, (usize, io::Error)> {
         let len = files
             .iter()
             .try_fold(0usize, |a, (_, l)| a.checked_add(*l))
             .filter(|&l| l > 0)
-            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "no RAM to map"))?;
+            .ok_or_else(|| {
+                (
+                    0,
+                    io::Error::new(io::ErrorKind::InvalidInput, "no RAM to map"),
+                )
+            })?;
         let align = align.max(crate::PAGE_SIZE);
-        let reserve = len
-            .checked_add(align)
-            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "RAM too large"))?;
+        let reserve = len.checked_add(align).ok_or_else(|| {
+            (
+                0,
+                io::Error::new(io::ErrorKind::InvalidInput, "RAM too large"),
+            )
+        })?;
         // SAFETY: a fresh inaccessible anonymous reservation at an address of
         // the kernel's choice; nothing else refers to it.
         let r = unsafe {
@@ -49,7 +62,7 @@ impl Joined {
             )
         };
         if r == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
+            return Err((0, io::Error::last_os_error()));
         }
         let raw = r as usize;
         let base = raw.next_multiple_of(align);
@@ -70,7 +83,7 @@ impl Joined {
         };
         let prot = libc::PROT_READ | if write { libc::PROT_WRITE } else { 0 };
         let mut at = 0;
-        for (file, flen) in files {
+        for (i, (file, flen)) in files.iter().enumerate() {
             // SAFETY: `base + at .. + flen` lies inside our reservation (the
             // lengths sum to `len`), so MAP_FIXED replaces only our own
             // PROT_NONE pages; the file is a regular file whose length the
@@ -87,8 +100,24 @@ impl Joined {
                 )
             };
             if m == libc::MAP_FAILED {
-                // `joined` unmaps the whole range when dropped here.
-                return Err(io::Error::last_os_error());
+                let e = io::Error::last_os_error();
+                // A failed MAP_FIXED may have unmapped its piece already,
+                // and another thread may have mapped something there
+                // since: unmap the files mapped before it and the
+                // reservation after it, and leave that piece alone.
+                std::mem::forget(joined);
+                // SAFETY: both ranges lie inside our reservation and
+                // outside the failed piece `base + at .. + flen`.
+                unsafe {
+                    if at > 0 {
+                        libc::munmap(base as *mut libc::c_void, at);
+                    }
+                    let after = at + flen;
+                    if after < len {
+                        libc::munmap((base + after) as *mut libc::c_void, len - after);
+                    }
+                }
+                return Err((i, e));
             }
             at += flen;
         }
@@ -136,8 +165,8 @@ impl Drop for Joined {
 pub struct ReadMap(Joined);
 
 impl ReadMap {
-    /// Maps `files` read-only, back to back.
-    pub(crate) fn map(files: &[(&File, usize)], align: usize) -> io::Result<Self> {
+    /// Maps `files` read-only, back to back (see [`Joined::map`]).
+    pub(crate) fn map(files: &[(&File, usize)], align: usize) -> Result<Self, (usize, io::Error)> {
         Joined::map(files, align, false).map(Self)
     }
 }
@@ -163,8 +192,9 @@ pub struct SharedMap(Arc<Joined>);
 pub struct Populator(Arc<Joined>);
 
 impl SharedMap {
-    /// Maps `files` (opened read-write) shared, back to back.
-    pub(crate) fn map(files: &[(&File, usize)], align: usize) -> io::Result<Self> {
+    /// Maps `files` (opened read-write) shared, back to back (see
+    /// [`Joined::map`]).
+    pub(crate) fn map(files: &[(&File, usize)], align: usize) -> Result<Self, (usize, io::Error)> {
         Joined::map(files, align, true).map(|j| Self(Arc::new(j)))
     }
 

@@ -59,7 +59,7 @@ fn what_dbmigrate_cannot_use_is_named() {
         "<cpu><numa><cell id='0' cpus='0' memory='1' unit='GiB'/><cell id='1' cpus='1' memory='1' unit='GiB'/></numa></cpu><devices>",
     );
     // A memory backend per cell, each a file under memory_backing_dir:
-    // moved by pre-copy like one.
+    // moved as one run of pages.
     assert_eq!(parse(&numa).unwrap().name.to_string(), "vm1");
     assert!(matches!(parse("<domain"), Err(DomainError::Parse(_))));
     assert_eq!(
