@@ -13,8 +13,8 @@ use std::path::Path;
 use std::process::Child;
 use std::time::{Duration, Instant};
 
-use dbmigrate_testbed::libvirt::{domain_vm, qemu_log, DomainMemory, LibvirtHost};
-use dbmigrate_testbed::{mariadb_guest, sh, sysbench_result, DbBed};
+use dbmigrate_testbed::libvirt::{domain_vm, qemu_log, DomainFiles, DomainMemory, LibvirtHost};
+use dbmigrate_testbed::{mariadb_guest, sh, sysbench_result, DbBed, MariadbGuest, Vm};
 use serde_json::Value;
 
 const NAME: &str = "db";
@@ -39,20 +39,43 @@ fn read(path: &Path) -> String {
     std::fs::read_to_string(path).unwrap_or_default()
 }
 
+/// A libvirtd per host, the destination's domain XML, and the domain
+/// running on the source with its pool warm.
+struct Domains {
+    src_lv: LibvirtHost,
+    dst_lv: LibvirtHost,
+    dst_files: DomainFiles,
+    src: Vm,
+}
+
+fn boot_domain(bed: &DbBed, guest: &MariadbGuest, mem: DomainMemory<'_>) -> Domains {
+    let src_lv = LibvirtHost::start(&bed.tb, &bed.tb.src_ns, "src").unwrap();
+    let dst_lv = LibvirtHost::start(&bed.tb, &bed.tb.dst_ns, "dst").unwrap();
+    let src_files = bed.domain_xml(NAME, &src_lv, guest, true, mem).unwrap();
+    let dst_files = bed.domain_xml(NAME, &dst_lv, guest, false, mem).unwrap();
+    let src = bed.start_domain(&src_lv, NAME, &src_files).unwrap();
+    src.wait_console("DBM-READY pool", Duration::from_secs(300))
+        .unwrap_or_else(|e| panic!("{e}\n{}", qemu_log(&src_lv, NAME)));
+    Domains {
+        src_lv,
+        dst_lv,
+        dst_files,
+        src,
+    }
+}
+
 #[test]
 fn a_libvirt_domain_moves_with_rebuild_and_libvirt_follows_a_rollback_and_a_success() {
     let guest = mariadb_guest(4, 10_000).unwrap();
     let mut bed = DbBed::new(&guest, 1000, 1000).unwrap();
     // The first attempt is made to fail at a chosen point.
     bed.tb.use_failpoint_agents().unwrap();
-    let mem = DomainMemory::new(1024, "256M");
-    let src_lv = LibvirtHost::start(&bed.tb, &bed.tb.src_ns, "src").unwrap();
-    let dst_lv = LibvirtHost::start(&bed.tb, &bed.tb.dst_ns, "dst").unwrap();
-    let src_files = bed.domain_xml(NAME, &src_lv, &guest, true, mem).unwrap();
-    let dst_files = bed.domain_xml(NAME, &dst_lv, &guest, false, mem).unwrap();
-    let mut src = bed.start_domain(&src_lv, NAME, &src_files).unwrap();
-    src.wait_console("DBM-READY pool", Duration::from_secs(300))
-        .unwrap_or_else(|e| panic!("{e}\n{}", qemu_log(&src_lv, NAME)));
+    let Domains {
+        src_lv,
+        dst_lv,
+        dst_files,
+        mut src,
+    } = boot_domain(&bed, &guest, DomainMemory::new(1024, "256M"));
     assert!(
         src.console().contains("DBM-READY agent"),
         "{}",
@@ -204,13 +227,12 @@ fn a_libvirt_domain_with_two_numa_cells_moves_byte_exact() {
         numa_cells: 2,
         ..DomainMemory::new(1024, "256M")
     };
-    let src_lv = LibvirtHost::start(&bed.tb, &bed.tb.src_ns, "src").unwrap();
-    let dst_lv = LibvirtHost::start(&bed.tb, &bed.tb.dst_ns, "dst").unwrap();
-    let src_files = bed.domain_xml(NAME, &src_lv, &guest, true, mem).unwrap();
-    let dst_files = bed.domain_xml(NAME, &dst_lv, &guest, false, mem).unwrap();
-    let mut src = bed.start_domain(&src_lv, NAME, &src_files).unwrap();
-    src.wait_console("DBM-READY pool", Duration::from_secs(300))
-        .unwrap_or_else(|e| panic!("{e}\n{}", qemu_log(&src_lv, NAME)));
+    let Domains {
+        src_lv,
+        dst_lv,
+        dst_files,
+        mut src,
+    } = boot_domain(&bed, &guest, mem);
     let ram_files: Vec<String> = std::fs::read_dir(src_lv.ram_dir.join("libvirt/qemu"))
         .unwrap()
         .flatten()
