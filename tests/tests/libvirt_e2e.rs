@@ -64,6 +64,18 @@ fn boot_domain(bed: &DbBed, guest: &MariadbGuest, mem: DomainMemory<'_>) -> Doma
     }
 }
 
+/// After a move: the source QEMU is gone, libvirt knows the domain on the
+/// destination only, running and persistent.
+fn moved_for_libvirt(src: &mut Vm, src_lv: &LibvirtHost, dst_lv: &LibvirtHost) {
+    assert!(
+        src.wait_exit(Duration::from_secs(20)),
+        "source QEMU still running"
+    );
+    assert_eq!(src_lv.state(NAME).unwrap(), None);
+    assert_eq!(dst_lv.state(NAME).unwrap().as_deref(), Some("running"));
+    assert!(dst_lv.persistent(NAME).unwrap());
+}
+
 #[test]
 fn a_libvirt_domain_moves_with_rebuild_and_libvirt_follows_a_rollback_and_a_success() {
     let guest = mariadb_guest(4, 10_000).unwrap();
@@ -191,13 +203,7 @@ fn a_libvirt_domain_moves_with_rebuild_and_libvirt_follows_a_rollback_and_a_succ
 
     // libvirt's view: only the destination has the domain, running and
     // persistent with the operator's XML (no -incoming in it).
-    assert!(
-        src.wait_exit(Duration::from_secs(20)),
-        "source QEMU still running"
-    );
-    assert_eq!(src_lv.state(NAME).unwrap(), None);
-    assert_eq!(dst_lv.state(NAME).unwrap().as_deref(), Some("running"));
-    assert!(dst_lv.persistent(NAME).unwrap());
+    moved_for_libvirt(&mut src, &src_lv, &dst_lv);
     let inactive = dst_lv.virsh_ok(&["dumpxml", "--inactive", NAME]).unwrap();
     assert!(!inactive.contains("-incoming"), "{inactive}");
     let dst = domain_vm(&dst_lv, NAME, &dst_files).unwrap();
@@ -276,12 +282,6 @@ fn a_libvirt_domain_with_two_numa_cells_moves_byte_exact() {
         .iter()
         .any(|r| r["offset"].as_u64().unwrap_or(0) >= 512 << 20);
     assert!(second, "no range of the second cell: {report:#}");
-    assert!(
-        src.wait_exit(Duration::from_secs(20)),
-        "source QEMU still running"
-    );
-    assert_eq!(src_lv.state(NAME).unwrap(), None);
-    assert_eq!(dst_lv.state(NAME).unwrap().as_deref(), Some("running"));
-    assert!(dst_lv.persistent(NAME).unwrap());
+    moved_for_libvirt(&mut src, &src_lv, &dst_lv);
     bed.check_sbtest(&guest).unwrap();
 }
