@@ -1974,17 +1974,21 @@ pub fn start_dirtier_pair(
 /// [`start_dirtier_pair`] with the destination's options (made incoming,
 /// without the preload library unless it has a post-copy socket).
 pub fn start_dirtier_pair_with(tb: &Testbed, ws_mib: u64, dst: VmOptions) -> Result<(Vm, Vm)> {
+    let src = VmOptions {
+        ws_mib,
+        ..VmOptions::default()
+    };
+    start_dirtier_pair_as(tb, src, dst)
+}
+
+/// The dirtier guest started with `src`'s options on the source, running
+/// and through one verification pass, and a destination for it with
+/// `dst`'s (made incoming, with the source's working set, without the
+/// preload library unless it has a post-copy socket).
+pub fn start_dirtier_pair_as(tb: &Testbed, src: VmOptions, dst: VmOptions) -> Result<(Vm, Vm)> {
     let img = dirtier_guest()?;
-    let src = Vm::start(
-        tb,
-        &tb.src_ns,
-        "src",
-        &img,
-        &VmOptions {
-            ws_mib,
-            ..VmOptions::default()
-        },
-    )?;
+    let ws_mib = src.ws_mib;
+    let src = Vm::start(tb, &tb.src_ns, "src", &img, &src)?;
     src.wait_console("DIRTIER READY", Duration::from_secs(240))?;
     src.wait_heartbeat(Duration::from_secs(120), |h| h.passes >= 1 && h.errors == 0)?;
     let dst = Vm::start(

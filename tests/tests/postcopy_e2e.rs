@@ -7,7 +7,7 @@ use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
-use dbmigrate_testbed::{dirtier_guest, start_dirtier_pair, Testbed, Vm, VmOptions};
+use dbmigrate_testbed::{start_dirtier_pair, start_dirtier_pair_as, Testbed, Vm, VmOptions};
 use serde_json::{json, Value};
 
 const LINK_MBIT: u32 = 1000;
@@ -170,23 +170,17 @@ fn postcopy_runs_the_guest_on_the_destination_and_places_every_page_exactly() ->
 #[test]
 fn postcopy_serves_faults_on_every_numa_node() -> Result<()> {
     let tb = Testbed::new(LINK_MBIT)?;
-    let img = dirtier_guest()?;
     let numa = VmOptions {
         ws_mib: 64,
         numa_nodes: 2,
         ..VmOptions::default()
     };
-    let src = Vm::start(&tb, &tb.src_ns, "src", &img, &numa)?;
-    src.wait_console("DIRTIER READY", Duration::from_secs(240))?;
-    src.wait_heartbeat(Duration::from_secs(120), |h| h.passes >= 1 && h.errors == 0)?;
     let sock = tb.dir.join("dst.uffd");
-    let dst_opts = VmOptions {
-        incoming: true,
-        preload: false,
+    let dst = VmOptions {
         postcopy_socket: Some(sock.clone()),
         ..numa.clone()
     };
-    let dst = Vm::start(&tb, &tb.dst_ns, "dst", &img, &dst_opts)?;
+    let (src, dst) = start_dirtier_pair_as(&tb, numa, dst)?;
     let mut p = Pair { src, dst, sock };
     let (r, d) = migrate(&tb, &p, &["--mode", "postcopy", "--allow-postcopy"])?;
     assert_eq!(r["vm_runs_on"], json!("destination"));

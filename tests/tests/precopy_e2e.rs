@@ -6,7 +6,9 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
-use dbmigrate_testbed::{bin_dir, dirtier_guest, start_dirtier_pair, Testbed, Vm, VmOptions};
+use dbmigrate_testbed::{
+    bin_dir, dirtier_guest, start_dirtier_pair, start_dirtier_pair_as, Testbed, Vm, VmOptions,
+};
 use serde_json::{json, Value};
 
 const LINK_MBIT: u32 = 1000;
@@ -127,22 +129,12 @@ fn precopy_moves_a_running_guest_byte_exact() -> Result<()> {
 #[test]
 fn a_guest_with_two_numa_nodes_moves_byte_exact() -> Result<()> {
     let tb = Testbed::new(LINK_MBIT)?;
-    let img = dirtier_guest()?;
     let numa = VmOptions {
         ws_mib: 16,
         numa_nodes: 2,
         ..VmOptions::default()
     };
-    let src = Vm::start(&tb, &tb.src_ns, "src", &img, &numa)?;
-    src.wait_console("DIRTIER READY", Duration::from_secs(240))?;
-    src.wait_heartbeat(Duration::from_secs(120), |h| h.passes >= 1 && h.errors == 0)?;
-    let dst_opts = VmOptions {
-        incoming: true,
-        preload: false,
-        ..numa.clone()
-    };
-    let dst = Vm::start(&tb, &tb.dst_ns, "dst", &img, &dst_opts)?;
-    let mut src = src;
+    let (mut src, dst) = start_dirtier_pair_as(&tb, numa.clone(), numa)?;
     let mut recv = receive(&tb, &dst)?;
     let (out, report) = migrate(&tb, &src, &[])?;
     let recv_ok = recv.wait()?.success();
