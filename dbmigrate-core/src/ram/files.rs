@@ -78,11 +78,6 @@ impl RamFiles {
         self.segs.iter().map(|s| s.len).collect()
     }
 
-    /// The first file, for errors about the RAM as a whole.
-    pub(crate) fn first_path(&self) -> &Path {
-        &self.segs[0].path
-    }
-
     /// Each file with its length, for mapping them back to back.
     pub(crate) fn for_mapping(&self) -> Vec<(&File, usize)> {
         self.segs
@@ -163,7 +158,8 @@ impl RamFiles {
             .as_path()
     }
 
-    /// The `i`th file (the last one past the end).
+    /// The `i`th file (the last one past the end); file 0 names the RAM
+    /// as a whole in errors.
     pub(crate) fn path(&self, i: usize) -> &Path {
         &self.segs[i.min(self.segs.len() - 1)].path
     }

@@ -266,7 +266,7 @@ impl Ram<sys::mmap::SharedMap, DestWriter> {
             .populator()
             .populate_write(0, len)
             .map_err(io_error(
-                self.files.first_path(),
+                self.files.path(0),
                 "faulting in the guest's RAM (MADV_POPULATE_WRITE)",
             ))?;
         self.writer.prepared = Prepared::ZeroedAllocated;
@@ -290,7 +290,7 @@ impl Ram<sys::mmap::SharedMap, DestWriter> {
         let files = self.files.try_clone()?;
         let bg = prealloc::Background::start(files, self.map.populator(), self.map.len(), threads)
             .map_err(io_error(
-                self.files.first_path(),
+                self.files.path(0),
                 "starting the threads that allocate the guest's RAM",
             ))?;
         self.writer.background = Some(bg);

@@ -131,7 +131,7 @@ impl Background {
         match (error, panicked) {
             (Some(e), _) => Err(e),
             (None, true) => Err(RamError::Io {
-                path: self.shared.files.first_path().into(),
+                path: self.shared.files.path(0).into(),
                 doing: ALLOCATING,
                 source: io::Error::other("an allocating thread panicked"),
             }),
